@@ -1,0 +1,53 @@
+# pmoves-e2b: one command to set up and start the stack (make e2b-up), one to test it (make test).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/pmoves-e2b
+# The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
+BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates
+
+.PHONY: sysdeps venv build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
+
+sysdeps: ## install the Debian packages the stack needs (idempotent, fast when present)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+templates: sysdeps venv ## build the sandbox templates (cached; rebuilt only when their inputs change)
+	$(CLI) template build --all
+
+build-e2b: sysdeps venv templates
+
+e2b-up: build-e2b
+	$(CLI) up
+
+e2b-down:
+	$(CLI) down
+
+e2b-logs:
+	$(CLI) logs -f
+
+e2b-health:
+	$(CLI) health
+
+test: build-e2b
+	$(PY) -m pytest
+
+bench: build-e2b
+	$(PY) -m bench
+
+proto: venv
+	$(PY) -m pmoves_e2b.envd.codegen
+
+proto-check: venv
+	$(PY) -m pmoves_e2b.envd.codegen --check

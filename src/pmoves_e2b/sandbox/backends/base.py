@@ -1,0 +1,100 @@
+"""The interface between the control plane and an isolation backend.
+
+The control plane (``sandbox/lifecycle.py``) decides *what* runs and *when*; a backend
+decides *how* it is isolated. Handles are plain data so they can be stored in the database
+and re-adopted by a restarted e2b-sandbox process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+ENVD_PORT = 49983
+
+
+@dataclass(frozen=True)
+class TemplateImage:
+    """A built template, as the backend needs it."""
+
+    name: str
+    # Read-only rootfs layers, topmost first (overlayfs lowerdir order).
+    layers: tuple[str, ...]
+    # Command envd should start once initialised, e.g. the code interpreter; may be empty.
+    start_cmd: str = ""
+    # Port that must answer HTTP GET /health before the sandbox counts as ready (0 = none).
+    ready_port: int = 0
+    user: str = "user"
+    workdir: str = "/home/user"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    sandbox_id: str
+    template: TemplateImage
+    memory_mb: int
+    cpu_count: float
+    disk_mb: int
+    allow_internet: bool = True
+    # Secret envd requires on POST /init (so only the host can configure it).
+    init_secret: str = ""
+
+
+@dataclass
+class SandboxHandle:
+    """Everything needed to reach, control and clean up one running sandbox."""
+
+    sandbox_id: str
+    backend: str
+    address: str  # IP the host reaches envd and other sandbox ports on
+    init_secret: str
+    state: str = "running"  # running | paused
+    # Backend-private details (pids, uid base, netns, cgroup paths, mount points).
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxHandle:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    cpu_count: float
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+
+
+class BackendError(RuntimeError):
+    """A backend operation failed; the message says what to do next."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        """Start the sandbox; return once envd accepts connections on ``handle.address``."""
+
+    async def pause(self, handle: SandboxHandle) -> None:
+        """Freeze every process of the sandbox (memory is kept)."""
+
+    async def resume(self, handle: SandboxHandle) -> None:
+        """Thaw a paused sandbox."""
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        """Kill everything and remove every trace: processes, mounts, netns, cgroups, nft rules, disk."""
+
+    async def stats(self, handle: SandboxHandle) -> SandboxStats:
+        """Current resource use of the sandbox."""
+
+    async def is_alive(self, handle: SandboxHandle) -> bool:
+        """True while the sandbox's processes exist (used to re-adopt after a restart)."""
+
+    async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
+        """Remove remains (mounts, netns, cgroups, rules, dirs) of sandboxes not in ``known_ids``."""
