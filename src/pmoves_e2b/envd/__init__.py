@@ -1,0 +1,1 @@
+"""envd: the in-sandbox daemon (placeholder, filled in next commits)."""
