@@ -1,0 +1,152 @@
+"""The one NATS connection helper every service uses.
+
+``connect(settings, name)`` returns at once: the connection is made in the background and
+re-made forever (NATS is a soft dependency; a service never waits for it to start).
+Credentials travel in ``NATS_URL`` (``nats://user:pass@host:4222``); the URL is never logged.
+Callbacks registered with ``on_connect`` run after every (re)connection, e.g. to ensure the
+JetStream stream exists or to announce the service again after a NATS restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import nats
+from nats.aio.client import Client
+
+from pmoves_e2b.config import Settings
+
+log = logging.getLogger(__name__)
+
+ConnectHook = Callable[[Client], Awaitable[None]]
+
+
+def redact_url(url: str) -> str:
+    """``nats://user:pass@host:4222`` -> ``nats://host:4222`` (for logs and status output)."""
+    parts = []
+    for server in url.split(","):
+        split = urlsplit(server.strip())
+        host = split.hostname or ""
+        port = f":{split.port}" if split.port else ""
+        parts.append(f"{split.scheme}://{host}{port}")
+    return ",".join(parts)
+
+
+class EventConnection:
+    """A NATS client that keeps (re)connecting in the background until closed."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self.client = Client()
+        self._hooks: list[ConnectHook] = []
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._reported_error = False
+
+    @property
+    def connected(self) -> bool:
+        return self.client.is_connected
+
+    @property
+    def status(self) -> str:
+        return "connected" if self.connected else "disconnected"
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        self._hooks.append(hook)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._connect_forever(), name=f"nats-connect-{self.name}")
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return self.connected
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if not self.client.is_closed:
+            try:
+                await asyncio.wait_for(self.client.close(), 2)
+            except (asyncio.TimeoutError, nats.errors.Error, OSError):
+                log.debug("nats close did not finish cleanly")
+
+    async def _connect_forever(self) -> None:
+        # max_reconnect_attempts=-1 makes nats-py retry the *initial* connect forever too.
+        await self.client.connect(
+            servers=[s.strip() for s in self.url.split(",")],
+            name=self.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        log.info("connected to NATS", extra={"nats": redact_url(self.url)})
+        self._reported_error = False
+        self._connected.set()
+        await self._run_hooks()
+
+    async def _run_hooks(self) -> None:
+        for hook in self._hooks:
+            try:
+                await hook(self.client)
+            except Exception:  # a failing hook must not kill the connection
+                log.exception("NATS on-connect hook failed")
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Reported once per outage: reconnect attempts repeat every second.
+        if not self._reported_error:
+            self._reported_error = True
+            log.warning("NATS unreachable, retrying in the background: %s", exc, extra={"nats": redact_url(self.url)})
+
+    async def _on_disconnected(self) -> None:
+        if self._connected.is_set():
+            log.warning("disconnected from NATS")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS", extra={"nats": redact_url(self.url)})
+        self._reported_error = False
+        await self._run_hooks()
+
+
+def connect(settings: Settings, name: str) -> EventConnection:
+    """Start a background connection to ``NATS_URL`` (or the embedded server). Call in a running loop."""
+    connection = EventConnection(settings.nats_server_url, name)
+    connection.start()
+    return connection
+
+
+async def probe(url: str, timeout: float = 1.0) -> str | None:
+    """One-shot reachability check: None when the server answers a PING, else the reason."""
+    client = Client()
+    try:
+        await asyncio.wait_for(
+            client.connect(servers=[s.strip() for s in url.split(",")], allow_reconnect=False,
+                           connect_timeout=timeout, max_reconnect_attempts=0, error_cb=_ignore_error),
+            timeout,
+        )
+        await client.flush(timeout=timeout)
+        return None
+    except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        if not client.is_closed:
+            try:
+                await asyncio.wait_for(client.close(), 1)
+            except (asyncio.TimeoutError, nats.errors.Error, OSError):
+                pass
+
+
+async def _ignore_error(_: Exception) -> None:
+    return None

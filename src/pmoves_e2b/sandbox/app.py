@@ -1,0 +1,20 @@
+"""e2b-sandbox: E2B control plane (REST API) and data-plane proxy.
+
+Only the shared frame (health, metrics, NATS announce) so far; the service's routers are
+added to `routers()` as they land.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from pmoves_e2b.config import Settings, get_settings
+from pmoves_e2b.service import make_service_app
+
+
+def routers() -> list[APIRouter]:
+    return []
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    return make_service_app("sandbox", settings or get_settings(), routers=routers())
