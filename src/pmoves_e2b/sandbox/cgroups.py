@@ -1,0 +1,207 @@
+"""Per-sandbox cgroups on this machine's hybrid hierarchy (the only module touching /sys/fs/cgroup).
+
+Limits live in cgroup v1 (memory, cpu, pids); a cgroup2 leaf under /sys/fs/cgroup/unified gives
+``cgroup.kill``, ``cgroup.freeze`` and ``cgroup.events`` (liveness). Every group is created under
+``<this process's own path>/<parent_name>/<sandbox id>`` in each hierarchy: the daemon runs in a
+non-root memory cgroup here, and nesting under it keeps an OOM inside the sandbox's group.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "cpu", "pids")
+UNIFIED = "unified"
+CFS_PERIOD_US = 100_000
+
+
+class CgroupError(RuntimeError):
+    pass
+
+
+def _own_paths() -> dict[str, str]:
+    """Controller (or "unified") → this process's cgroup path, from /proc/self/cgroup."""
+    paths: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            paths[UNIFIED] = path
+        for controller in controllers.split(","):
+            paths[controller] = path
+    return paths
+
+
+def parent_dirs(parent_name: str) -> dict[str, Path]:
+    """Where this process puts the sandbox groups, one dir per hierarchy."""
+    own = _own_paths()
+    dirs = {}
+    for hierarchy in (*V1_CONTROLLERS, UNIFIED):
+        dirs[hierarchy] = CGROUP_ROOT / hierarchy / own.get(hierarchy, "/").lstrip("/") / parent_name
+    return dirs
+
+
+@dataclass(frozen=True)
+class SandboxCgroups:
+    """The four groups of one sandbox, by absolute path (stored in the handle, so re-adoptable)."""
+
+    memory: Path
+    cpu: Path
+    pids: Path
+    unified: Path
+
+    @classmethod
+    def under(cls, parents: dict[str, Path], sandbox_id: str) -> SandboxCgroups:
+        return cls(**{h: parents[h] / sandbox_id for h in (*V1_CONTROLLERS, UNIFIED)})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> SandboxCgroups:
+        return cls(**{key: Path(value) for key, value in data.items()})
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: str(value) for key, value in self.__dict__.items()}
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.memory, self.cpu, self.pids, self.unified)
+
+    # --- creation -------------------------------------------------------------------------
+
+    def create(self, memory_mb: int, cpu_count: float, pids_max: int) -> None:
+        for path in self.all():
+            path.parent.mkdir(exist_ok=True)
+            path.mkdir(exist_ok=True)
+        limit = str(memory_mb * 1024 * 1024)
+        _write(self.memory / "memory.limit_in_bytes", limit)
+        memsw = self.memory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # no swap for sandboxes: memory+swap == memory
+            _write(memsw, limit)
+        _write(self.memory / "memory.swappiness", "0")
+        _write(self.cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+        _write(self.cpu / "cpu.cfs_quota_us", str(max(1000, int(cpu_count * CFS_PERIOD_US))))
+        _write(self.pids / "pids.max", str(pids_max))
+
+    def procs_files(self) -> tuple[Path, ...]:
+        """The cgroup.procs files a new process writes its pid into to join every group."""
+        return tuple(path / "cgroup.procs" for path in self.all())
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _events(self) -> dict[str, str]:
+        try:
+            text = (self.unified / "cgroup.events").read_text()
+        except FileNotFoundError:
+            return {}
+        return dict(line.split(" ", 1) for line in text.splitlines())
+
+    def populated(self) -> bool:
+        return self._events().get("populated") == "1"
+
+    def freeze(self, frozen: bool, timeout: float = 5.0) -> None:
+        want = "1" if frozen else "0"
+        _write(self.unified / "cgroup.freeze", want)
+        if not _wait(lambda: self._events().get("frozen") == want, timeout):
+            raise CgroupError(f"cgroup {self.unified} did not reach frozen={want} within {timeout}s")
+
+    def kill(self, timeout: float = 5.0) -> bool:
+        """SIGKILL every process (frozen ones too) and wait until the groups are empty."""
+        try:
+            _write(self.unified / "cgroup.kill", "1")
+        except FileNotFoundError:
+            pass
+        return _wait(lambda: not self.populated() and not self._v1_tasks(), timeout)
+
+    def _v1_tasks(self) -> bool:
+        for path in (self.memory, self.cpu, self.pids):
+            try:
+                if (path / "cgroup.procs").read_text().strip():
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    def pids_in(self) -> list[int]:
+        try:
+            return [int(pid) for pid in (self.pids / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def remove(self, timeout: float = 2.0) -> None:
+        """rmdir every group; EBUSY while the last processes exit is retried until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for path in self.all():
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise CgroupError(f"cannot remove cgroup {path}: {exc}") from exc
+                    time.sleep(0.002)
+
+    # --- usage ----------------------------------------------------------------------------
+
+    def cpu_usage_usec(self) -> int:
+        for line in (self.unified / "cpu.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "usage_usec":
+                return int(value)
+        return 0
+
+    def memory_usage(self) -> tuple[int, int]:
+        """(bytes used without page cache reclaimable by the kernel, limit in bytes)."""
+        stat = dict(line.split() for line in (self.memory / "memory.stat").read_text().splitlines())
+        usage = int((self.memory / "memory.usage_in_bytes").read_text())
+        reclaimable = int(stat.get("total_inactive_file", 0))
+        limit = int((self.memory / "memory.limit_in_bytes").read_text())
+        return max(0, usage - reclaimable), limit
+
+    def oom_kills(self) -> int:
+        for line in (self.memory / "memory.oom_control").read_text().splitlines():
+            key, value = line.split()
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+
+def child_names(parents: dict[str, Path]) -> set[str]:
+    """Names of the sandbox groups under our parents, in any hierarchy."""
+    names: set[str] = set()
+    for parent in parents.values():
+        try:
+            names.update(entry.name for entry in os.scandir(parent) if entry.is_dir())
+        except FileNotFoundError:
+            continue
+    return names
+
+
+def remove_parents(parents: dict[str, Path]) -> None:
+    """Remove the (empty) parent groups; a parent that still has sandboxes stays."""
+    for parent in parents.values():
+        try:
+            parent.rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                raise
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(value)
+
+
+def _wait(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)

@@ -1,0 +1,227 @@
+"""Sandbox networking: one netns per sandbox, a routed veth /30 to the host, nftables policy.
+
+The only module that runs ``ip`` and ``nft`` (a few batched execs per sandbox).
+
+Policy (table ``inet pmoves_e2b``, shared by every backend instance on the host):
+- the host may connect into any sandbox (to envd and every other port);
+- a sandbox cannot reach the host (input from sandbox veths is dropped except replies),
+  other sandboxes, or private / link-local / loopback / CGNAT ranges;
+- a sandbox reaches the internet (masqueraded via the host's default route) only while its
+  address is in the ``internet4`` set. Sandboxes get no IPv6 at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import ipaddress
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+TABLE = "pmoves_e2b"
+# Bump when the rules below change: an older table is then replaced on start.
+RULES_VERSION = "v1"
+SANDBOX_NET = ipaddress.IPv4Network("10.77.0.0/16")
+HOST_VETH_PREFIX = "e2bh"
+NETNS_PREFIX = "e2b-"
+NETNS_DIR = Path("/run/netns")
+LOCK_FILE = Path("/run/pmoves-e2b/nft.lock")
+MAX_SLOTS = SANDBOX_NET.num_addresses // 4
+
+BLOCKED_V4 = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+)  # fmt: skip
+
+RULESET = f"""
+table inet {TABLE} {{
+  chain {RULES_VERSION} {{ }}
+  set internet4 {{ type ipv4_addr; }}
+  set blocked4 {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED_V4)} }} }}
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    iifname "{HOST_VETH_PREFIX}*" ct state established,related accept
+    iifname "{HOST_VETH_PREFIX}*" drop
+  }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    iifname "{HOST_VETH_PREFIX}*" meta nfproto ipv6 drop
+    iifname "{HOST_VETH_PREFIX}*" ip daddr @blocked4 drop
+    iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 accept
+    iifname "{HOST_VETH_PREFIX}*" drop
+    oifname "{HOST_VETH_PREFIX}*" ct state established,related accept
+    oifname "{HOST_VETH_PREFIX}*" drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname != "{HOST_VETH_PREFIX}*" ip saddr @internet4 masquerade
+  }}
+}}
+"""
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SandboxNet:
+    """The network of one sandbox; everything derives from its slot number and id."""
+
+    slot: int
+    netns: str
+
+    @classmethod
+    def for_slot(cls, slot: int, sandbox_id: str) -> SandboxNet:
+        if not 0 <= slot < MAX_SLOTS:
+            raise NetworkError(f"slot {slot} is outside the sandbox network {SANDBOX_NET}")
+        return cls(slot=slot, netns=NETNS_PREFIX + sandbox_id)
+
+    @property
+    def host_veth(self) -> str:
+        return f"{HOST_VETH_PREFIX}{self.slot}"
+
+    @property
+    def host_address(self) -> str:
+        return str(SANDBOX_NET.network_address + 4 * self.slot + 1)
+
+    @property
+    def address(self) -> str:
+        return str(SANDBOX_NET.network_address + 4 * self.slot + 2)
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+
+def _run(argv: list[str], stdin: str = "") -> None:
+    proc = subprocess.run(argv, input=stdin.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise NetworkError(f"{' '.join(argv)} failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def _table_state() -> str:
+    proc = subprocess.run(["nft", "list", "table", "inet", TABLE], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "missing"
+    return "current" if f"chain {RULES_VERSION} " in proc.stdout else "outdated"
+
+
+def ensure_host_setup() -> None:
+    """Create the nft table (once per host, under a lock) and enable IPv4 forwarding."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = _table_state()
+        if state != "current":
+            drop_old = f"delete table inet {TABLE}\n" if state == "outdated" else ""
+            _run(["nft", "-f", "-"], drop_old + RULESET)
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+
+
+def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
+    """Write /proc/sys/net values inside a netns from a throwaway thread (setns is per thread)."""
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {netns_path}")
+            finally:
+                os.close(fd)
+            for key, value in values.items():
+                Path("/proc/sys", key.replace(".", "/")).write_text(value)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors.append(exc)
+
+    # The thread ends right after, so its switched netns never leaks into other work.
+    thread = threading.Thread(target=worker, name="netns-sysctl")
+    thread.start()
+    thread.join()
+    if errors:
+        raise NetworkError(f"sysctls in {netns_path}: {errors[0]}")
+
+
+def create(net: SandboxNet, allow_internet: bool) -> None:
+    """netns + veth /30 + routes + sysctls (+ internet set element): 2 ip execs (+1 nft)."""
+    _run(
+        ["ip", "-batch", "-"],
+        f"netns add {net.netns}\n"
+        f"link add {net.host_veth} type veth peer name eth0 netns {net.netns}\n"
+        f"addr add {net.host_address}/30 dev {net.host_veth}\n"
+        f"link set {net.host_veth} up\n",
+    )
+    Path(f"/proc/sys/net/ipv6/conf/{net.host_veth}/disable_ipv6").write_text("1")
+    _run(
+        ["ip", "-n", net.netns, "-batch", "-"],
+        f"addr add {net.address}/30 dev eth0\n"
+        "link set eth0 up\n"
+        "link set lo up\n"
+        f"route add default via {net.host_address}\n",
+    )
+    _write_sysctls_in_netns(
+        net.netns_path,
+        {
+            # root inside the sandbox may bind low ports and open ICMP echo sockets
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "net.ipv4.ping_group_range": "0 2147483647",
+            "net.ipv6.conf.all.disable_ipv6": "1",
+            "net.ipv6.conf.default.disable_ipv6": "1",
+        },
+    )
+    if allow_internet:
+        set_internet(net, True)
+
+
+def set_internet(net: SandboxNet, allowed: bool) -> None:
+    verb = "add" if allowed else "delete"
+    _run(["nft", verb, "element", "inet", TABLE, "internet4", f"{{ {net.address} }}"])
+
+
+def destroy(net: SandboxNet) -> None:
+    """Remove the set element, the veth and the netns; tolerant of parts already gone (~30 ms)."""
+    if net.address in internet_addresses():
+        set_internet(net, False)
+    commands = []
+    if Path(f"/sys/class/net/{net.host_veth}").exists():
+        commands.append(f"link del {net.host_veth}\n")
+    if net.netns_path.exists():
+        commands.append(f"netns del {net.netns}\n")
+    if commands:
+        _run(["ip", "-force", "-batch", "-"], "".join(commands))
+
+
+def internet_addresses() -> set[str]:
+    proc = subprocess.run(
+        ["nft", "list", "set", "inet", TABLE, "internet4"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return set()
+    text = proc.stdout
+    if "elements = {" not in text:
+        return set()
+    body = text.split("elements = {", 1)[1].split("}", 1)[0]
+    return {item.strip() for item in body.replace("\n", " ").split(",") if item.strip()}
+
+
+def list_netns() -> list[str]:
+    """Names of the sandbox network namespaces on this host (any backend instance)."""
+    try:
+        return sorted(name for name in os.listdir(NETNS_DIR) if name.startswith(NETNS_PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def slot_of_address(address: str) -> int | None:
+    ip = ipaddress.IPv4Address(address)
+    if ip not in SANDBOX_NET:
+        return None
+    return (int(ip) - int(SANDBOX_NET.network_address)) // 4
