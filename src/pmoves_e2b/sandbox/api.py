@@ -1,0 +1,344 @@
+"""The E2B control-plane REST API, as the stock SDKs call it (v1 and v2 paths).
+
+Every error is ``{"code": int, "message": str}``; non-retryable ones carry
+``Should-Retry: false`` so SDK retries don't hammer a request that cannot succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pmoves_e2b.envd import ENVD_VERSION
+from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
+from pmoves_e2b.store import repo
+from pmoves_e2b.store.db import Database
+from pmoves_e2b.store.models import SandboxRow
+
+MAX_BODY_BYTES = 1 << 20
+MAX_PAGE = 100
+CLIENT_ID = "pmoves"
+_IDEMPOTENCY_KEY = re.compile(r"^[a-z0-9-]{1,255}$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retryable = status, message, retryable
+
+
+def error_response(status: int, message: str, retryable: bool = False) -> JSONResponse:
+    headers = {} if retryable else {"Should-Retry": "false"}
+    return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
+
+
+# --- request bodies (unknown fields are ignored, as E2B's API does) ----------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class NewSandbox(_Body):
+    template_id: str = Field("base", alias="templateID", min_length=1, max_length=128)
+    timeout: int | None = Field(None, ge=0)
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = Field(None, alias="envVars")
+    allow_internet_access: bool | None = None
+    auto_pause: bool | None = Field(None, alias="autoPause")
+
+
+class ConnectBody(_Body):
+    timeout: int | None = Field(None, ge=0)
+
+
+class TimeoutBody(_Body):
+    timeout: int = Field(ge=0)
+
+
+class RefreshBody(_Body):
+    duration: int | None = Field(None, ge=0)
+
+
+async def parse_body(request: Request, model: type[_Body], required: bool = True) -> Any:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "request body is missing: send a JSON object")
+        raw = b"{}"
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"invalid field '{where}': {first['msg']}") from None
+
+
+# --- response shapes ---------------------------------------------------------------------
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+class Shapes:
+    def __init__(self, public_domain: str) -> None:
+        self.domain = public_domain
+
+    def sandbox(self, row: SandboxRow) -> dict[str, Any]:
+        return {
+            "templateID": row.template_id,
+            "sandboxID": row.sandbox_id,
+            "alias": row.template_id,
+            "clientID": CLIENT_ID,
+            "envdVersion": ENVD_VERSION,
+            "envdAccessToken": row.envd_access_token,
+            "trafficAccessToken": None,
+            "domain": self.domain,
+        }
+
+    def listed(self, row: SandboxRow) -> dict[str, Any]:
+        return {
+            "templateID": row.template_id,
+            "alias": row.template_id,
+            "sandboxID": row.sandbox_id,
+            "clientID": CLIENT_ID,
+            "startedAt": _iso(row.started_at),
+            "endAt": _iso(row.end_at),
+            "cpuCount": _cpu(row.cpu_count),
+            "memoryMB": row.memory_mb,
+            "diskSizeMB": row.disk_mb,
+            "metadata": row.metadata_ or {},
+            "state": row.state,
+            "envdVersion": ENVD_VERSION,
+        }
+
+    def detail(self, row: SandboxRow) -> dict[str, Any]:
+        return {
+            **self.listed(row),
+            "envdAccessToken": row.envd_access_token,
+            "domain": self.domain,
+            "allowInternetAccess": row.allow_internet,
+            "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},
+        }
+
+
+def _cpu(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+# --- auth --------------------------------------------------------------------------------
+
+class ApiKeys:
+    """The configured E2B_API_KEY plus keys made with `pmoves-e2b keys create` (stored hashed)."""
+
+    def __init__(self, db: Database, configured_key: str | None) -> None:
+        self.db = db
+        self.configured = configured_key
+
+    def authenticate(self, request: Request) -> str:
+        key = request.headers.get("x-api-key") or request.headers.get("x-e2b-api-key")
+        if not key:
+            raise ApiError(401, "missing API key: send it in the X-API-KEY header (E2B_API_KEY)")
+        if self.configured and hmac.compare_digest(key.encode(), self.configured.encode()):
+            return "configured"
+        key_id = repo.find_api_key(self.db, key)
+        if key_id is None:
+            raise ApiError(401, "invalid API key: use the key printed by `pmoves-e2b up` or one from `pmoves-e2b keys create`")
+        return key_id
+
+
+# --- routes ------------------------------------------------------------------------------
+
+def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> APIRouter:
+    router = APIRouter()
+    shapes = Shapes(public_domain)
+    idempotency_locks: dict[str, asyncio.Lock] = {}
+
+    async def create(request: Request) -> Response:
+        key_id = keys.authenticate(request)
+        body: NewSandbox = await parse_body(request, NewSandbox)
+        idem_key = request.headers.get("idempotency-key")
+        if idem_key is None:
+            return await _create(body, key_id)
+        if not _IDEMPOTENCY_KEY.match(idem_key):
+            raise ApiError(400, "Idempotency-Key must be 1-255 characters of a-z, 0-9 and '-'")
+        body_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+        lock = idempotency_locks.setdefault(f"{key_id}:{idem_key}", asyncio.Lock())
+        async with lock:
+            seen = repo.get_idempotent(manager.db, key_id, idem_key)
+            if seen is not None:
+                if seen.request_hash != body_hash:
+                    raise ApiError(409, "this Idempotency-Key was already used with a different request body")
+                return Response(seen.response, status_code=seen.status_code, media_type="application/json")
+            response = await _create(body, key_id)
+            repo.put_idempotent(manager.db, key_id, idem_key, body_hash, response.status_code, bytes(response.body).decode())
+            return response
+
+    async def _create(body: NewSandbox, key_id: str) -> JSONResponse:
+        row = await manager.create(CreateRequest(
+            template_id=body.template_id,
+            timeout_s=body.timeout,
+            metadata=body.metadata or {},
+            env_vars=body.env_vars or {},
+            allow_internet=body.allow_internet_access is not False,
+            auto_pause=bool(body.auto_pause),
+            api_key_id=key_id,
+        ))
+        return JSONResponse(shapes.sandbox(row), status_code=201)
+
+    async def connect(request: Request, sandbox_id: str) -> JSONResponse:
+        keys.authenticate(request)
+        body: ConnectBody = await parse_body(request, ConnectBody, required=False)
+        row, resumed = await manager.connect(sandbox_id, body.timeout)
+        return JSONResponse(shapes.sandbox(row), status_code=201 if resumed else 200)
+
+    async def resume(request: Request, sandbox_id: str) -> JSONResponse:
+        keys.authenticate(request)
+        body: ConnectBody = await parse_body(request, ConnectBody, required=False)
+        row = manager.get(sandbox_id)
+        if row.state != "paused":
+            raise ApiError(409, f"sandbox '{sandbox_id}' is already running")
+        row, _ = await manager.connect(sandbox_id, body.timeout)
+        return JSONResponse(shapes.sandbox(row), status_code=201)
+
+    async def kill(request: Request, sandbox_id: str) -> Response:
+        actor = keys.authenticate(request)
+        await manager.kill(sandbox_id, actor=actor)
+        return Response(status_code=204)
+
+    async def set_timeout(request: Request, sandbox_id: str) -> Response:
+        keys.authenticate(request)
+        body: TimeoutBody = await parse_body(request, TimeoutBody)
+        manager.set_timeout(sandbox_id, body.timeout)
+        return Response(status_code=204)
+
+    async def refresh(request: Request, sandbox_id: str) -> Response:
+        keys.authenticate(request)
+        body: RefreshBody = await parse_body(request, RefreshBody, required=False)
+        row = manager.get(sandbox_id)
+        remaining = (row.end_at - repo.utcnow()).total_seconds()
+        manager.set_timeout(sandbox_id, max(int(remaining), body.duration or 0))
+        return Response(status_code=204)
+
+    async def info(request: Request, sandbox_id: str) -> JSONResponse:
+        keys.authenticate(request)
+        return JSONResponse(shapes.detail(manager.get(sandbox_id)))
+
+    async def pause(request: Request, sandbox_id: str) -> Response:
+        keys.authenticate(request)
+        await manager.pause(sandbox_id)
+        return Response(status_code=204)
+
+    async def sandbox_metrics(request: Request, sandbox_id: str) -> JSONResponse:
+        keys.authenticate(request)
+        start, end = _int_query(request, "start"), _int_query(request, "end")
+        samples = manager.samples(sandbox_id)
+        if not samples or manager.get(sandbox_id).state == "running":
+            samples.append(await manager.sample_now(sandbox_id))
+        chosen = [s for s in samples if (start is None or s["timestampUnix"] >= start)
+                  and (end is None or s["timestampUnix"] <= end)]
+        return JSONResponse(chosen)
+
+    def _filtered(request: Request, default_states: set[str]) -> list[SandboxRow]:
+        wanted_meta = dict(parse_qsl(request.query_params.get("metadata", ""), keep_blank_values=True))
+        states_param = request.query_params.get("state")
+        states = set(states_param.split(",")) if states_param else default_states
+        if not states <= {"running", "paused"}:
+            raise ApiError(400, "state must be a comma-separated list of 'running' and 'paused'")
+        template = request.query_params.get("template")
+        rows = [
+            r for r in manager.list()
+            if r.state in states
+            and (template is None or r.template_id == template)
+            and all((r.metadata_ or {}).get(k) == v for k, v in wanted_meta.items())
+        ]
+        rows.sort(key=lambda r: (r.started_at, r.sandbox_id), reverse=request.query_params.get("order") == "desc")
+        return rows
+
+    async def list_v1(request: Request) -> JSONResponse:
+        keys.authenticate(request)
+        return JSONResponse([shapes.listed(r) for r in _filtered(request, {"running"})])
+
+    async def list_v2(request: Request) -> JSONResponse:
+        keys.authenticate(request)
+        rows = _filtered(request, {"running", "paused"})
+        limit = _int_query(request, "limit") or MAX_PAGE
+        if not 1 <= limit <= MAX_PAGE:
+            raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
+        offset = _decode_token(request.query_params.get("nextToken"))
+        page = rows[offset : offset + limit]
+        headers = {}
+        if offset + limit < len(rows):
+            headers["x-next-token"] = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+        return JSONResponse([shapes.listed(r) for r in page], headers=headers)
+
+    add = router.add_api_route
+    add("/v2/sandboxes", create, methods=["POST"], status_code=201, summary="Create a sandbox")
+    add("/sandboxes", create, methods=["POST"], status_code=201, summary="Create a sandbox (v1)")
+    add("/v2/sandboxes", list_v2, methods=["GET"], summary="List sandboxes with filters and paging")
+    add("/sandboxes", list_v1, methods=["GET"], summary="List running sandboxes (v1)")
+    add("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"], summary="Connect; resumes a paused sandbox")
+    add("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"], summary="Connect (v1)")
+    add("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"], summary="Resume a paused sandbox")
+    add("/sandboxes/{sandbox_id}", info, methods=["GET"], summary="Sandbox details")
+    add("/sandboxes/{sandbox_id}", kill, methods=["DELETE"], status_code=204, summary="Kill a sandbox")
+    add("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"], status_code=204, summary="Set the timeout")
+    add("/sandboxes/{sandbox_id}/refreshes", refresh, methods=["POST"], status_code=204, summary="Keep alive")
+    add("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"], status_code=204, summary="Pause (freeze) a sandbox")
+    add("/sandboxes/{sandbox_id}/metrics", sandbox_metrics, methods=["GET"], summary="Resource metrics")
+    return router
+
+
+def _int_query(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"query parameter '{name}' must be an integer") from None
+
+
+def _decode_token(token: str | None) -> int:
+    if not token:
+        return 0
+    try:
+        offset = int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "nextToken is not valid: pass the x-next-token of the previous page") from None
+    if offset < 0:
+        raise ApiError(400, "nextToken is not valid: pass the x-next-token of the previous page")
+    return offset
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure to E2B's ``{code, message}``."""
+
+    async def api_error(_: Request, exc: ApiError | SandboxError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.retryable)
+
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(SandboxError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

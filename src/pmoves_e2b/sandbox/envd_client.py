@@ -1,0 +1,99 @@
+"""The control plane's own calls to a sandbox's envd: /init, starting the template's
+start command, and waiting for a port to answer.
+
+These go straight to the sandbox address from the host (never through the public proxy,
+which refuses /init).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from typing import Any
+
+import httpx
+
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError
+
+_CONNECT_JSON = "application/connect+json"
+
+
+class EnvdClient:
+    def __init__(self) -> None:
+        # One pooled client for every sandbox; sandboxes are on host-routed addresses.
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def init(self, address: str, init_secret: str, body: dict[str, Any]) -> None:
+        res = await self._http.post(
+            f"http://{address}:{ENVD_PORT}/init",
+            json=body,
+            headers={"X-Envd-Init-Secret": init_secret},
+        )
+        if res.status_code >= 300:
+            raise BackendError(f"envd /init answered {res.status_code}: {res.text[:200]}")
+
+    async def start_background(self, address: str, access_token: str | None, cmd: str, user: str,
+                               tag: str = "template-start", envs: dict[str, str] | None = None) -> int:
+        """Start ``cmd`` under bash as ``user``; return its pid once envd reports the start.
+
+        The process outlives this request (envd keeps processes whose client went away).
+        """
+        message = {
+            "process": {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": envs or {}},
+            "tag": tag,
+            "stdin": False,
+        }
+        payload = json.dumps(message).encode()
+        headers = {
+            "Content-Type": _CONNECT_JSON,
+            "Connect-Protocol-Version": "1",
+            # Basic auth with an empty password selects the user, as the SDK does.
+            "Authorization": "Basic " + _b64(f"{user}:"),
+        }
+        if access_token:
+            headers["X-Access-Token"] = access_token
+        url = f"http://{address}:{ENVD_PORT}/process.Process/Start"
+        body = struct.pack(">BI", 0, len(payload)) + payload
+        async with self._http.stream("POST", url, content=body, headers=headers) as res:
+            if res.status_code != 200:
+                raise BackendError(f"envd Start answered {res.status_code}: {(await res.aread())[:200]!r}")
+            buf = b""
+            async for chunk in res.aiter_bytes():
+                buf += chunk
+                while len(buf) >= 5:
+                    flags, size = struct.unpack(">BI", buf[:5])
+                    if len(buf) < 5 + size:
+                        break
+                    frame, buf = json.loads(buf[5 : 5 + size] or b"{}"), buf[5 + size :]
+                    if flags & 0x02:
+                        raise BackendError(f"envd refused to start {cmd!r}: {frame.get('error')}")
+                    start = frame.get("event", {}).get("start")
+                    if start is not None:
+                        return int(start.get("pid", 0))
+        raise BackendError(f"envd closed the Start stream for {cmd!r} without a start event")
+
+    async def wait_http_ok(self, address: str, port: int, path: str, timeout_s: float) -> None:
+        """Poll ``GET http://address:port/path`` until it answers 2xx."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                res = await self._http.get(f"http://{address}:{port}{path}", timeout=2.0)
+                if res.status_code < 300:
+                    return
+                last = f"HTTP {res.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            await asyncio.sleep(0.02)
+        raise BackendError(f"port {port} of the sandbox did not become ready in {timeout_s:.0f} s ({last})")
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()

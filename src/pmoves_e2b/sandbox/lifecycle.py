@@ -1,0 +1,504 @@
+"""Sandbox lifecycle: create, connect/resume, pause, timeout, kill, warm pool, re-adoption.
+
+The database is the source of truth for which sandboxes exist; the backend only knows how
+to run them. Killing e2b-sandbox leaves sandboxes running: ``start()`` re-adopts every live
+one and cleans up the remains of the dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import string
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pmoves_e2b.sandbox import metrics
+from pmoves_e2b.sandbox.backends.base import (
+    Backend,
+    BackendError,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStats,
+    TemplateImage,
+)
+from pmoves_e2b.sandbox.envd_client import EnvdClient
+from pmoves_e2b.store import repo
+from pmoves_e2b.store.db import Database
+from pmoves_e2b.store.models import SandboxRow
+
+log = logging.getLogger(__name__)
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+DEFAULT_TIMEOUT_S = 300
+READY_TIMEOUT_S = 120.0
+METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
+
+# publish(kind, row, reason) -> None; kinds: created paused resumed killed timeout failed
+LifecyclePublisher = Callable[[str, SandboxRow, str | None], Awaitable[None]]
+TemplateLoader = Callable[[str], TemplateImage]
+
+
+class SandboxError(Exception):
+    """An error the API turns into ``{code, message}``."""
+
+    status = 500
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(SandboxError):
+    status = 404
+    retryable = False
+
+
+class Conflict(SandboxError):
+    status = 409
+    retryable = False
+
+
+class LimitReached(SandboxError):
+    status = 429
+    retryable = False
+
+
+class BadRequest(SandboxError):
+    status = 400
+    retryable = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sandboxes: int
+    memory_mb: int
+    cpu_count: float
+    max_timeout_s: int
+    disk_mb: int = 2048
+
+
+@dataclass
+class CreateRequest:
+    template_id: str
+    timeout_s: int | None
+    metadata: dict[str, str]
+    env_vars: dict[str, str]
+    allow_internet: bool
+    auto_pause: bool
+    api_key_id: str
+
+
+@dataclass
+class _Pooled:
+    handle: SandboxHandle
+    spec: SandboxSpec
+
+
+@dataclass
+class _Live:
+    """In-memory companion of a database row: the handle and recent metrics."""
+
+    handle: SandboxHandle
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def new_sandbox_id() -> str:
+    # E2B ids are [a-z0-9]; the host-routing parser splits on '-' so none may appear.
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        db: Database,
+        backend: Backend,
+        load_template: TemplateLoader,
+        limits: Limits,
+        publish: LifecyclePublisher,
+        pool_size: int = 0,
+        pool_templates: tuple[str, ...] = (),
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.load_template = load_template
+        self.limits = limits
+        self.publish = publish
+        self.pool_size = pool_size
+        self.pool_templates = pool_templates
+        self.envd = EnvdClient()
+        self._live: dict[str, _Live] = {}
+        self._pool: dict[str, list[_Pooled]] = {}
+        self._pool_wakeup = asyncio.Event()
+        self._reaper_wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._create_slots = asyncio.Lock()
+        self._reserved = 0  # creates in flight, counted against the limit
+
+    # --- service start / stop -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._readopt()
+        self._tasks = [
+            asyncio.create_task(self._reaper(), name="sandbox-reaper"),
+            asyncio.create_task(self._sampler(), name="sandbox-sampler"),
+        ]
+        if self.pool_size > 0 and self.pool_templates:
+            self._tasks.append(asyncio.create_task(self._pool_filler(), name="sandbox-pool"))
+
+    async def stop(self) -> None:
+        """Stop background work. User sandboxes keep running; pooled ones are destroyed."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        pooled = [p for items in self._pool.values() for p in items]
+        self._pool.clear()
+        await asyncio.gather(*(self._destroy_quietly(p.handle) for p in pooled))
+        if self._background:
+            await asyncio.wait(self._background, timeout=30)
+        await self.envd.close()
+
+    async def _readopt(self) -> None:
+        known: set[str] = set()
+        for row in repo.live_sandboxes(self.db):
+            handle = SandboxHandle.from_dict(row.handle) if row.handle else None
+            if handle is not None and await self.backend.is_alive(handle):
+                handle.state = row.state
+                self._live[row.sandbox_id] = _Live(handle)
+                known.add(row.sandbox_id)
+                log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
+                continue
+            repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="lost")
+            log.warning("sandbox died while the service was down", extra={"sandbox_id": row.sandbox_id})
+            await self.publish("killed", row, "lost")
+        removed = await self.backend.cleanup_orphans(known)
+        if removed:
+            log.info("cleaned up remains of dead sandboxes", extra={"count": len(removed)})
+        metrics.SANDBOXES_ACTIVE.set(len(self._live))
+
+    # --- create -------------------------------------------------------------------------
+
+    async def create(self, req: CreateRequest) -> SandboxRow:
+        timeout_s = self._check_timeout(req.timeout_s if req.timeout_s is not None else DEFAULT_TIMEOUT_S)
+        template = self._template(req.template_id)
+        started = time.perf_counter()
+        async with self._create_slots:
+            # Count and reserve under one lock so concurrent creates cannot overshoot the limit.
+            if repo.count_live_sandboxes(self.db) + self._reserved >= self.limits.max_sandboxes:
+                raise LimitReached(
+                    f"You have reached the maximum number of concurrent sandboxes ({self.limits.max_sandboxes}). "
+                    "Kill a sandbox or raise E2B_MAX_SANDBOXES."
+                )
+            self._reserved += 1
+        try:
+            pooled = self._claim_pooled(template.name, req.allow_internet)
+            if pooled is not None:
+                handle, spec = pooled.handle, pooled.spec
+            else:
+                spec = self._spec(new_sandbox_id(), template, req.allow_internet)
+                handle = await self._boot(spec)
+            access_token = secrets.token_urlsafe(24)
+            try:
+                await self.envd.init(handle.address, handle.init_secret, {
+                    "envVars": req.env_vars,
+                    "accessToken": access_token,
+                    "defaultUser": template.user,
+                    "defaultWorkdir": template.workdir,
+                    "timestamp": repo.utcnow().isoformat(),
+                })
+            except Exception as exc:
+                await self._destroy_quietly(handle)
+                raise SandboxError(f"the sandbox did not accept its configuration: {exc}") from exc
+            now = repo.utcnow()
+            row = SandboxRow(
+                sandbox_id=spec.sandbox_id, template_id=template.name, state="running",
+                started_at=now, end_at=now + timedelta(seconds=timeout_s), paused_remaining_s=None,
+                cpu_count=spec.cpu_count, memory_mb=spec.memory_mb, disk_mb=spec.disk_mb,
+                allow_internet=req.allow_internet, auto_pause=req.auto_pause, metadata_=req.metadata,
+                env_vars=req.env_vars, envd_access_token=access_token, api_key_id=req.api_key_id,
+                handle=handle.to_dict(),
+            )
+            repo.add_sandbox(self.db, row)
+            self._live[row.sandbox_id] = _Live(handle)
+        finally:
+            self._reserved -= 1
+        elapsed = time.perf_counter() - started
+        metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
+        metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
+        metrics.SANDBOXES_ACTIVE.set(len(self._live))
+        repo.audit(self.db, req.api_key_id, "sandbox.create", row.sandbox_id, template=template.name,
+                   pooled=pooled is not None, seconds=round(elapsed, 4))
+        self._reaper_wakeup.set()
+        self._pool_wakeup.set()
+        self._spawn(self.publish("created", row, None))
+        return row
+
+    def _template(self, template_id: str) -> TemplateImage:
+        try:
+            return self.load_template(template_id)
+        except KeyError as exc:
+            raise NotFound(f"template '{template_id}' not found; build it with `pmoves-e2b template build`") from exc
+
+    def _check_timeout(self, timeout_s: int) -> int:
+        if timeout_s < 0:
+            raise BadRequest("timeout must be a non-negative number of seconds")
+        if timeout_s > self.limits.max_timeout_s:
+            raise BadRequest(
+                f"timeout {timeout_s} s is longer than the maximum sandbox lifetime "
+                f"({self.limits.max_timeout_s} s, E2B_SANDBOX_TIMEOUT_SEC)"
+            )
+        return timeout_s
+
+    def _spec(self, sandbox_id: str, template: TemplateImage, allow_internet: bool) -> SandboxSpec:
+        return SandboxSpec(
+            sandbox_id=sandbox_id, template=template, memory_mb=self.limits.memory_mb,
+            cpu_count=self.limits.cpu_count, disk_mb=self.limits.disk_mb,
+            allow_internet=allow_internet, init_secret=secrets.token_urlsafe(24),
+        )
+
+    async def _boot(self, spec: SandboxSpec) -> SandboxHandle:
+        """Start a sandbox and its template's start command; return once it is ready."""
+        try:
+            handle = await self.backend.create(spec)
+        except BackendError as exc:
+            raise SandboxError(f"could not start the sandbox: {exc}") from exc
+        template = spec.template
+        try:
+            await self.envd.wait_http_ok(handle.address, 49983, "/health", READY_TIMEOUT_S)
+            if template.start_cmd:
+                await self.envd.start_background(handle.address, None, template.start_cmd, template.user)
+            if template.ready_port:
+                await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
+        except Exception as exc:
+            await self._destroy_quietly(handle)
+            raise SandboxError(f"the sandbox started but did not become ready: {exc}") from exc
+        return handle
+
+    # --- warm pool ----------------------------------------------------------------------
+
+    def _claim_pooled(self, template: str, allow_internet: bool) -> _Pooled | None:
+        items = self._pool.get(template)
+        if not items:
+            return None
+        for i, pooled in enumerate(items):
+            if pooled.spec.allow_internet == allow_internet:
+                return items.pop(i)
+        return None
+
+    async def _pool_filler(self) -> None:
+        while True:
+            for name in self.pool_templates:
+                try:
+                    template = self.load_template(name)
+                except KeyError:
+                    continue  # not built: nothing to pool
+                items = self._pool.setdefault(name, [])
+                while len(items) < self.pool_size:
+                    spec = self._spec(new_sandbox_id(), template, True)
+                    try:
+                        handle = await self._boot(spec)
+                    except SandboxError as exc:
+                        log.warning("warm pool could not start a sandbox", extra={"template": name, "error": str(exc)})
+                        await asyncio.sleep(5)
+                        break
+                    items.append(_Pooled(handle, spec))
+                    metrics.POOL_READY.labels(template=name).set(len(items))
+                metrics.POOL_READY.labels(template=name).set(len(items))
+            self._pool_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool_wakeup.wait(), timeout=30)
+
+    # --- queries ------------------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> SandboxRow:
+        row = repo.get_sandbox(self.db, sandbox_id)
+        if row is None or row.state == "killed" or sandbox_id not in self._live:
+            raise NotFound(f"sandbox '{sandbox_id}' not found")
+        return row
+
+    def list(self) -> list[SandboxRow]:
+        return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
+
+    def address(self, sandbox_id: str) -> tuple[str, str] | None:
+        """(address, state) of a live sandbox, for the proxy."""
+        live = self._live.get(sandbox_id)
+        if live is None:
+            return None
+        return live.handle.address, live.handle.state
+
+    # --- connect / timeout / pause ------------------------------------------------------
+
+    async def connect(self, sandbox_id: str, timeout_s: int | None) -> tuple[SandboxRow, bool]:
+        """Resume if paused; extend the end time. Returns (row, resumed)."""
+        row = self.get(sandbox_id)
+        live = self._live[sandbox_id]
+        resumed = False
+        async with live.lock:
+            row = self.get(sandbox_id)
+            now = repo.utcnow()
+            if row.state == "paused":
+                await self.backend.resume(live.handle)
+                live.handle.state = "running"
+                remaining = row.paused_remaining_s or 0
+                end_at = now + timedelta(seconds=remaining)
+                if timeout_s is not None:
+                    end_at = now + timedelta(seconds=self._check_timeout(timeout_s))
+                row = repo.update_sandbox(self.db, sandbox_id, state="running", end_at=end_at,
+                                          paused_remaining_s=None, handle=live.handle.to_dict()) or row
+                resumed = True
+            elif timeout_s is not None:
+                end_at = max(row.end_at, now + timedelta(seconds=self._check_timeout(timeout_s)))
+                end_at = min(end_at, row.started_at + timedelta(seconds=self.limits.max_timeout_s))
+                row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
+        self._reaper_wakeup.set()
+        if resumed:
+            self._spawn(self.publish("resumed", row, None))
+        return row, resumed
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRow:
+        row = self.get(sandbox_id)
+        timeout_s = self._check_timeout(timeout_s)
+        if row.state == "paused":
+            row = repo.update_sandbox(self.db, sandbox_id, paused_remaining_s=float(timeout_s)) or row
+        else:
+            row = repo.update_sandbox(self.db, sandbox_id, end_at=repo.utcnow() + timedelta(seconds=timeout_s)) or row
+        self._reaper_wakeup.set()
+        return row
+
+    async def pause(self, sandbox_id: str, reason: str | None = None) -> SandboxRow:
+        row = self.get(sandbox_id)
+        live = self._live[sandbox_id]
+        async with live.lock:
+            row = self.get(sandbox_id)
+            if row.state == "paused":
+                raise Conflict(f"sandbox '{sandbox_id}' is already paused")
+            await self.backend.pause(live.handle)
+            live.handle.state = "paused"
+            remaining = max(0.0, (row.end_at - repo.utcnow()).total_seconds())
+            row = repo.update_sandbox(self.db, sandbox_id, state="paused", paused_remaining_s=remaining,
+                                      handle=live.handle.to_dict()) or row
+        self._spawn(self.publish("paused", row, reason))
+        return row
+
+    # --- kill ---------------------------------------------------------------------------
+
+    async def kill(self, sandbox_id: str, reason: str = "killed", actor: str = "api") -> None:
+        row = self.get(sandbox_id)
+        live = self._live.pop(sandbox_id)
+        row = repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason=reason) or row
+        metrics.SANDBOXES_ACTIVE.set(len(self._live))
+        metrics.forget_sandbox(sandbox_id)
+        repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
+        # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
+        self._spawn(self._destroy_quietly(live.handle))
+        self._spawn(self.publish("timeout" if reason == "timeout" else "killed", row, reason))
+
+    async def kill_all(self) -> None:
+        for row in self.list():
+            with contextlib.suppress(SandboxError):
+                await self.kill(row.sandbox_id, reason="shutdown", actor="system")
+
+    async def _destroy_quietly(self, handle: SandboxHandle) -> None:
+        try:
+            await self.backend.destroy(handle)
+        except Exception:
+            log.exception("sandbox teardown failed", extra={"sandbox_id": handle.sandbox_id})
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- timeouts -----------------------------------------------------------------------
+
+    async def _reaper(self) -> None:
+        while True:
+            now = repo.utcnow()
+            next_deadline: datetime | None = None
+            for row in self.list():
+                if row.state != "running":
+                    continue
+                if row.end_at <= now:
+                    try:
+                        if row.auto_pause:
+                            await self.pause(row.sandbox_id, reason="timeout")
+                        else:
+                            await self.kill(row.sandbox_id, reason="timeout", actor="system")
+                    except SandboxError:
+                        pass
+                    except Exception:
+                        log.exception("could not end an expired sandbox", extra={"sandbox_id": row.sandbox_id})
+                elif next_deadline is None or row.end_at < next_deadline:
+                    next_deadline = row.end_at
+            wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - repo.utcnow()).total_seconds()))
+            self._reaper_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reaper_wakeup.wait(), timeout=wait)
+
+    # --- metrics ------------------------------------------------------------------------
+
+    async def stats(self, sandbox_id: str) -> SandboxStats:
+        self.get(sandbox_id)
+        return await self.backend.stats(self._live[sandbox_id].handle)
+
+    def samples(self, sandbox_id: str) -> list[dict[str, Any]]:
+        self.get(sandbox_id)
+        return list(self._live[sandbox_id].samples)
+
+    async def sample_now(self, sandbox_id: str) -> dict[str, Any]:
+        stats = await self.stats(sandbox_id)
+        sample = _sample(stats)
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            live.samples.append(sample)
+            del live.samples[:-METRICS_KEEP]
+        metrics.SANDBOX_MEMORY.labels(sandbox_id=sandbox_id).set(stats.mem_used_bytes)
+        return sample
+
+    async def _sampler(self) -> None:
+        while True:
+            for sandbox_id, live in list(self._live.items()):
+                if live.handle.state != "running":
+                    continue
+                with contextlib.suppress(Exception):
+                    await self.sample_now(sandbox_id)
+            await asyncio.sleep(5)
+
+
+def _sample(stats: SandboxStats) -> dict[str, Any]:
+    now = repo.utcnow()
+    return {
+        "timestamp": now.isoformat(),
+        "timestampUnix": int(now.timestamp()),
+        "cpuCount": stats.cpu_count,
+        "cpuUsedPct": round(stats.cpu_used_pct, 2),
+        "memUsed": stats.mem_used_bytes,
+        "memTotal": stats.mem_total_bytes,
+        "memCache": 0,
+        "diskUsed": stats.disk_used_bytes,
+        "diskTotal": stats.disk_total_bytes,
+    }
+
+
+def template_dir_loader(templates_dir: Path) -> TemplateLoader:
+    """Adapter from the template store to ``TemplateLoader`` (unknown names raise KeyError)."""
+    from pmoves_e2b.sandbox import templates
+
+    def load(name: str) -> TemplateImage:
+        try:
+            return templates.load_template(name, templates_dir)
+        except templates.TemplateNotFound as exc:
+            raise KeyError(name) from exc
+
+    return load

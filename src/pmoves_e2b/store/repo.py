@@ -1,0 +1,122 @@
+"""Queries the services use; everything else goes through these functions."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from pmoves_e2b.store.db import Database
+from pmoves_e2b.store.models import ApiKeyRow, AuditEventRow, IdempotencyRow, SandboxRow, TemplateRow
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# --- API keys ---------------------------------------------------------------------------
+
+def create_api_key(db: Database, name: str) -> tuple[str, str]:
+    """Create a key; return (key_id, key). The key is shown once and stored only hashed."""
+    key = "e2b_" + secrets.token_hex(20)
+    key_id = "key_" + secrets.token_hex(6)
+    with db.session() as s:
+        s.add(ApiKeyRow(key_id=key_id, name=name, key_hash=hash_secret(key), prefix=key[:8], created_at=utcnow()))
+    return key_id, key
+
+
+def list_api_keys(db: Database) -> list[ApiKeyRow]:
+    with db.session() as s:
+        return list(s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+
+
+def revoke_api_key(db: Database, key_id: str) -> bool:
+    with db.session() as s:
+        row = s.get(ApiKeyRow, key_id)
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = utcnow()
+        return True
+
+
+def find_api_key(db: Database, key: str) -> str | None:
+    """The id of the live key matching ``key`` (looked up by hash), else None."""
+    with db.session() as s:
+        row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == hash_secret(key)))
+        if row is None or row.revoked_at is not None:
+            return None
+        return row.key_id
+
+
+# --- sandboxes --------------------------------------------------------------------------
+
+def add_sandbox(db: Database, row: SandboxRow) -> None:
+    with db.session() as s:
+        s.add(row)
+        tmpl = s.get(TemplateRow, row.template_id)
+        if tmpl is None:
+            s.add(TemplateRow(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1))
+        else:
+            tmpl.sandboxes_created += 1
+
+
+def get_sandbox(db: Database, sandbox_id: str) -> SandboxRow | None:
+    with db.session() as s:
+        return s.get(SandboxRow, sandbox_id)
+
+
+def live_sandboxes(db: Database) -> list[SandboxRow]:
+    with db.session() as s:
+        return list(s.scalars(select(SandboxRow).where(SandboxRow.state != "killed").order_by(SandboxRow.started_at)))
+
+
+def count_live_sandboxes(db: Database) -> int:
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(SandboxRow).where(SandboxRow.state != "killed")) or 0
+
+
+def update_sandbox(db: Database, sandbox_id: str, **changes: Any) -> SandboxRow | None:
+    with db.session() as s:
+        row = s.get(SandboxRow, sandbox_id)
+        if row is None:
+            return None
+        for name, value in changes.items():
+            setattr(row, name, value)
+        return row
+
+
+# --- audit and idempotency --------------------------------------------------------------
+
+def audit(db: Database, actor: str, action: str, sandbox_id: str | None = None, **detail: Any) -> None:
+    with db.session() as s:
+        s.add(AuditEventRow(ts=utcnow(), actor=actor, action=action, sandbox_id=sandbox_id, detail=detail))
+
+
+def audit_events(db: Database, sandbox_id: str | None = None) -> Sequence[AuditEventRow]:
+    with db.session() as s:
+        query = select(AuditEventRow).order_by(AuditEventRow.event_id)
+        if sandbox_id is not None:
+            query = query.where(AuditEventRow.sandbox_id == sandbox_id)
+        return list(s.scalars(query))
+
+
+def get_idempotent(db: Database, api_key_id: str, key: str) -> IdempotencyRow | None:
+    with db.session() as s:
+        s.execute(delete(IdempotencyRow).where(IdempotencyRow.created_at < utcnow() - IDEMPOTENCY_TTL))
+        return s.get(IdempotencyRow, (api_key_id, key))
+
+
+def put_idempotent(db: Database, api_key_id: str, key: str, request_hash: str, status_code: int, response: str) -> None:
+    with db.session() as s:
+        s.merge(IdempotencyRow(api_key_id=api_key_id, key=key, request_hash=request_hash,
+                               status_code=status_code, response=response, created_at=utcnow()))

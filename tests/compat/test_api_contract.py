@@ -1,0 +1,104 @@
+"""The REST contract the SDKs rely on, checked with raw HTTP: auth, errors, limits, idempotency."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture()
+def api(running_stack):  # type: ignore[no-untyped-def]
+    with httpx.Client(base_url=running_stack.sandbox_url, timeout=60, headers={"X-API-KEY": running_stack.api_key}) as client:
+        yield client
+
+
+def kill(api: httpx.Client, sandbox_id: str) -> None:
+    api.delete(f"/sandboxes/{sandbox_id}")
+
+
+def test_health_needs_no_key_and_everything_else_does(running_stack) -> None:  # type: ignore[no-untyped-def]
+    assert httpx.get(running_stack.sandbox_url + "/health").status_code == 200
+    missing = httpx.get(running_stack.sandbox_url + "/v2/sandboxes")
+    assert missing.status_code == 401
+    assert missing.json()["code"] == 401 and "X-API-KEY" in missing.json()["message"]
+    wrong = httpx.get(running_stack.sandbox_url + "/v2/sandboxes", headers={"X-API-KEY": "e2b_wrong"})
+    assert wrong.status_code == 401
+    assert wrong.headers["Should-Retry"] == "false"
+
+
+def test_pmoves_header_is_accepted(running_stack) -> None:  # type: ignore[no-untyped-def]
+    res = httpx.get(running_stack.sandbox_url + "/v2/sandboxes", headers={"X-E2B-API-Key": running_stack.api_key})
+    assert res.status_code == 200 and isinstance(res.json(), list)
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"templateID": 5}', "templateID"),
+        (b'{"templateID": "base", "timeout": "soon"}', "timeout"),
+        (b'{"templateID": "base", "metadata": {"a": 1}}', "metadata"),
+        (b'{"templateID": "base", "timeout": 99999999}', "maximum"),
+    ],
+)
+def test_bad_create_bodies_get_400_with_a_message(api: httpx.Client, body: bytes, needle: str) -> None:
+    res = api.post("/v2/sandboxes", content=body, headers={"Content-Type": "application/json"})
+    assert res.status_code == 400, res.text
+    assert needle in res.json()["message"]
+
+
+def test_huge_body_is_refused(api: httpx.Client) -> None:
+    res = api.post("/v2/sandboxes", content=b'{"metadata": {"a": "' + b"x" * (2 << 20) + b'"}}')
+    assert res.status_code == 413
+
+
+def test_unknown_sandbox_is_404_json(api: httpx.Client) -> None:
+    for method, path in [("GET", "/sandboxes/nope"), ("DELETE", "/sandboxes/nope"),
+                         ("POST", "/sandboxes/nope/pause"), ("POST", "/v2/sandboxes/nope/connect")]:
+        res = api.request(method, path, json={})
+        assert res.status_code == 404, (method, path, res.text)
+        assert res.json()["code"] == 404
+
+
+def test_unknown_template_is_404(api: httpx.Client) -> None:
+    res = api.post("/v2/sandboxes", json={"templateID": "nope"})
+    assert res.status_code == 404 and "nope" in res.json()["message"]
+
+
+def test_idempotency_key_returns_the_same_sandbox(api: httpx.Client) -> None:
+    headers = {"Idempotency-Key": "compat-idem-1"}
+    first = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60}, headers=headers)
+    second = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60}, headers=headers)
+    try:
+        assert first.status_code == second.status_code == 201
+        assert first.json()["sandboxID"] == second.json()["sandboxID"]
+        other = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 61}, headers=headers)
+        assert other.status_code == 409
+    finally:
+        kill(api, first.json()["sandboxID"])
+
+
+def test_concurrency_limit_answers_429(api: httpx.Client, running_stack) -> None:  # type: ignore[no-untyped-def]
+    created: list[str] = []
+    try:
+        while True:
+            res = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60})
+            if res.status_code != 201:
+                break
+            created.append(res.json()["sandboxID"])
+            assert len(created) <= running_stack.max_sandboxes
+        assert res.status_code == 429
+        assert "E2B_MAX_SANDBOXES" in res.json()["message"]
+        assert len(api.get("/v2/sandboxes").json()) == running_stack.max_sandboxes
+    finally:
+        for sandbox_id in created:
+            kill(api, sandbox_id)
+
+
+def test_openapi_document_lists_the_e2b_paths(running_stack) -> None:  # type: ignore[no-untyped-def]
+    doc = httpx.get(running_stack.sandbox_url + "/openapi.json").json()
+    for path in ("/v2/sandboxes", "/sandboxes/{sandbox_id}", "/sandboxes/{sandbox_id}/pause"):
+        assert path in doc["paths"]

@@ -1,0 +1,109 @@
+"""Commands, PTY, files and watch through our proxy, with the stock `e2b` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from e2b import AsyncSandbox, FilesystemEventType, Sandbox
+from e2b.exceptions import CommandExitException
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def sbx(sdk_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    box = Sandbox.create(timeout=600)
+    yield box
+    box.kill()
+
+
+def test_commands_stdout_stderr_exit_codes_and_root(sbx: Sandbox) -> None:
+    out = sbx.commands.run("echo out; echo err >&2")
+    assert (out.stdout, out.stderr, out.exit_code) == ("out\n", "err\n", 0)
+    with pytest.raises(CommandExitException) as failed:
+        sbx.commands.run("exit 3")
+    assert failed.value.exit_code == 3
+    assert sbx.commands.run("id -u", user="root").stdout.strip() == "0"
+    assert sbx.commands.run("id -u").stdout.strip() == "1000"
+    assert sbx.commands.run("pwd", cwd="/tmp").stdout.strip() == "/tmp"
+
+
+def test_background_command_list_and_kill(sbx: Sandbox) -> None:
+    handle = sbx.commands.run("sleep 300", background=True)
+    assert handle.pid in {p.pid for p in sbx.commands.list()}
+    assert sbx.commands.kill(handle.pid) is True
+    assert handle.pid not in {p.pid for p in sbx.commands.list()}
+    assert sbx.commands.kill(handle.pid) is False
+
+
+def test_pty_takes_input_and_resizes(sbx: Sandbox) -> None:
+    chunks: list[bytes] = []
+    from e2b import PtySize
+
+    pty = sbx.pty.create(PtySize(rows=24, cols=80), on_data=chunks.append)
+    sbx.pty.resize(pty.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(pty.pid, b"stty size; exit\n")
+    pty.wait()
+    assert b"30 100" in b"".join(chunks)
+
+
+def test_files_roundtrip_list_and_remove(sbx: Sandbox) -> None:
+    sbx.files.write("/home/user/dir/a.txt", "alpha")
+    sbx.files.write("/home/user/dir/b.bin", b"\x00\x01\x02")
+    assert sbx.files.read("/home/user/dir/a.txt") == "alpha"
+    assert sbx.files.read("/home/user/dir/b.bin", format="bytes") == b"\x00\x01\x02"
+    names = sorted(e.name for e in sbx.files.list("/home/user/dir"))
+    assert names == ["a.txt", "b.bin"]
+    assert sbx.commands.run("stat -c %U /home/user/dir/a.txt").stdout.strip() == "user"
+    sbx.files.remove("/home/user/dir")
+    assert not sbx.files.exists("/home/user/dir/a.txt")
+    big = b"x" * (8 << 20)
+    sbx.files.write("/tmp/big", big)
+    assert sbx.files.read("/tmp/big", format="bytes") == big
+
+
+def test_watch_dir_sees_new_files(sbx: Sandbox) -> None:
+    sbx.files.make_dir("/home/user/watched")
+    handle = sbx.files.watch_dir("/home/user/watched")
+    try:
+        sbx.files.write("/home/user/watched/new.txt", "x")
+        deadline = time.monotonic() + 10
+        seen: list = []
+        while time.monotonic() < deadline and not any(e.name == "new.txt" for e in seen):
+            seen += handle.get_new_events()
+            time.sleep(0.1)
+        assert any(e.name == "new.txt" and e.type in (FilesystemEventType.CREATE, FilesystemEventType.WRITE) for e in seen)
+    finally:
+        handle.stop()
+
+
+def test_async_watch_dir_recursive(sdk_env: dict[str, str]) -> None:
+    async def main() -> list[str]:
+        box = await AsyncSandbox.create(timeout=60)
+        try:
+            await box.files.make_dir("/home/user/w/sub")
+            events: list[str] = []
+            handle = await box.files.watch_dir("/home/user/w", on_event=lambda e: events.append(e.name), recursive=True)
+            await box.files.write("/home/user/w/sub/deep.txt", "x")
+            for _ in range(100):
+                if any(name.endswith("deep.txt") for name in events):
+                    break
+                await asyncio.sleep(0.1)
+            await handle.stop()
+            return events
+        finally:
+            await box.kill()
+
+    assert any(name.endswith("deep.txt") for name in asyncio.run(main()))
+
+
+def test_download_and_upload_urls_work_over_plain_http(sbx: Sandbox) -> None:
+    import httpx
+
+    sbx.files.write("/home/user/shared.txt", "via url")
+    assert httpx.get(sbx.download_url("/home/user/shared.txt"), timeout=10).text == "via url"
+    res = httpx.post(sbx.upload_url("/home/user/up.txt"), files={"file": ("up.txt", b"uploaded")}, timeout=10)
+    assert res.status_code == 200
+    assert sbx.files.read("/home/user/up.txt") == "uploaded"

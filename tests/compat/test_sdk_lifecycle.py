@@ -1,0 +1,135 @@
+"""The stock `e2b` SDK (2.63.0) against the running stack: lifecycle of sandboxes.
+
+Nothing here talks to our code except through the SDK, configured the way a user would
+configure it: E2B_API_KEY, E2B_API_URL and E2B_SANDBOX_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import NotFoundException, SandboxException
+
+pytestmark = pytest.mark.stack
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_create_with_metadata_envs_and_timeout_is_visible_in_info(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(metadata={"owner": "compat", "case": "meta"}, envs={"GREETING": "hello"}, timeout=120)
+    try:
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert info.metadata == {"owner": "compat", "case": "meta"}
+        assert info.template_id == "base"
+        assert info.state == SandboxState.RUNNING
+        assert 100 <= (info.end_at - info.started_at).total_seconds() <= 121
+        result = sbx.commands.run("echo $GREETING from $(whoami) in $(pwd)")
+        assert result.stdout.strip() == "hello from user in /home/user"
+    finally:
+        assert sbx.kill() is True
+
+
+def test_kill_twice_returns_false_and_unknown_ids_are_not_found(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    assert sbx.is_running()
+    assert sbx.kill() is True
+    assert Sandbox.kill(sbx.sandbox_id) is False
+    assert not sbx.is_running()
+    with pytest.raises(NotFoundException):
+        Sandbox.connect("doesnotexist0000000")
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info("doesnotexist0000000")
+
+
+def test_unknown_template_is_a_clear_error(sdk_env: dict[str, str]) -> None:
+    with pytest.raises(SandboxException, match="not built|not found"):
+        Sandbox.create(template="no-such-template", timeout=30)
+
+
+def test_list_filters_by_metadata_and_state_and_pages(sdk_env: dict[str, str]) -> None:
+    tag = f"list-{time.monotonic_ns()}"
+    boxes = [Sandbox.create(metadata={"suite": tag, "n": str(i)}, timeout=120) for i in range(3)]
+    try:
+        boxes[0].pause()
+        query = SandboxQuery(metadata={"suite": tag})
+        everything = Sandbox.list(query=query, limit=2)
+        first = everything.next_items()
+        assert len(first) == 2 and everything.has_next
+        second = everything.next_items()
+        assert {s.sandbox_id for s in first + second} == {b.sandbox_id for b in boxes}
+        assert not everything.has_next
+        running = Sandbox.list(query=SandboxQuery(metadata={"suite": tag}, state=[SandboxState.RUNNING])).next_items()
+        assert {s.sandbox_id for s in running} == {b.sandbox_id for b in boxes[1:]}
+        paused = Sandbox.list(query=SandboxQuery(metadata={"suite": tag}, state=[SandboxState.PAUSED])).next_items()
+        assert [s.sandbox_id for s in paused] == [boxes[0].sandbox_id]
+        assert Sandbox.list(query=SandboxQuery(metadata={"suite": tag, "n": "2"})).next_items()[0].sandbox_id == boxes[2].sandbox_id
+    finally:
+        for b in boxes:
+            Sandbox.kill(b.sandbox_id)
+
+
+def test_set_timeout_moves_the_end_and_expiry_kills(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+        sbx.set_timeout(2)
+        assert wait_until(lambda: not sbx.is_running(), timeout=20), "sandbox outlived its timeout"
+        with pytest.raises(NotFoundException):
+            sbx.get_info()
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.files.write("/home/user/state.txt", "kept")
+        counter = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done", background=True)
+        time.sleep(0.3)
+        assert sbx.pause() is True
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+        assert sbx.pause() is False  # already paused: 409 -> False
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        first = int(resumed.files.read("/tmp/n"))
+        time.sleep(0.3)
+        assert int(resumed.files.read("/tmp/n")) > first, "processes did not run again after resume"
+        assert resumed.files.read("/home/user/state.txt") == "kept"
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        counter.kill()
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_get_metrics_reports_memory_and_disk(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+        metrics = sbx.get_metrics()
+        assert metrics, "no metrics"
+        last = metrics[-1]
+        assert last.mem_total > 0 and 0 < last.mem_used <= last.mem_total
+        assert last.disk_total > 0
+        assert last.cpu_count >= 1
+    finally:
+        sbx.kill()
+
+
+def test_async_sandbox_runs_commands_concurrently(sdk_env: dict[str, str]) -> None:
+    async def main() -> list[str]:
+        boxes = await asyncio.gather(*(AsyncSandbox.create(timeout=60) for _ in range(3)))
+        try:
+            results = await asyncio.gather(*(b.commands.run(f"echo box{i}") for i, b in enumerate(boxes)))
+            return [r.stdout.strip() for r in results]
+        finally:
+            await asyncio.gather(*(b.kill() for b in boxes))
+
+    assert asyncio.run(main()) == ["box0", "box1", "box2"]
