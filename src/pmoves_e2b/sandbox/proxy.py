@@ -1,0 +1,663 @@
+"""Data-plane proxy: routes sandbox traffic arriving on the e2b-sandbox listener to a sandbox port.
+
+``SandboxProxy`` is pure ASGI middleware placed in front of the control-plane app. A request is
+data plane when its ``Host`` is ``{port}-{sandboxId}.{domain}``, or when it carries the
+``E2b-Sandbox-Id`` / ``E2b-Sandbox-Port`` headers and its ``Host`` is an IP, ``localhost`` or
+``sandbox.{domain}`` (the two ways the stock E2B SDKs address a sandbox); anything else goes to
+the wrapped app.
+
+Forwarding is HTTP/1.1 over raw asyncio streams framed by ``h11``, with a keep-alive pool per
+sandbox port. Bodies stream both ways as they arrive (chunked uploads, hour-long server streams,
+100 MB files); WebSocket upgrades are relayed message by message. The upstream address always
+comes from ``resolve()``, never from the request, so clients cannot point the proxy elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import posixpath
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as websocket_connect
+
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+SANDBOX_ID_RE = re.compile(r"[a-z0-9]{1,64}")
+PORT_RE = re.compile(r"[0-9]{1,5}")
+# envd paths only the host may call (configuration, pause support); never proxied from clients.
+ENVD_INTERNAL_PATHS = frozenset({"init", "freeze", "unfreeze", "fsfreeze", "fsthaw", "collapse", "upgrade"})
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the
+# ASGI server already acted on (Expect) or that we set ourselves (framing).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+    }
+)
+# The websocket client sets these itself for the upstream handshake.
+WEBSOCKET_HANDSHAKE = frozenset(
+    {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol", b"origin", b"user-agent"}
+)
+READ_SIZE = 256 * 1024
+# Bodies up to this size are kept so a request can be replayed when a pooled
+# connection turns out to have been closed by the sandbox meanwhile.
+REPLAY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a sandbox is reachable, as the control plane knows it."""
+
+    address: str  # the sandbox's IP (never a host name)
+    state: str = "running"  # running | paused
+
+
+Resolver = Callable[[str], Awaitable[Target | None]]
+
+
+@dataclass(frozen=True)
+class Route:
+    sandbox_id: str
+    port_text: str  # unvalidated: checked by ``parse_port``
+
+
+class Refusal(Exception):
+    """The proxy answers the request itself with a JSON error."""
+
+    def __init__(self, status: int, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.payload = {**fields, "message": message, "code": status}
+
+
+def not_found(sandbox_id: str) -> Refusal:
+    return Refusal(502, "The sandbox was not found", sandboxId=sandbox_id)
+
+
+def port_not_open(sandbox_id: str, port: int, detail: str = "") -> Refusal:
+    message = "The sandbox is running but port is not open"
+    return Refusal(502, f"{message} ({detail})" if detail else message, sandboxId=sandbox_id, port=port)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing
+
+
+def split_host(host: str) -> str:
+    """The host name of a Host header value, lower-cased, without port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str) -> Route | None:
+    """The sandbox a request is for, or None for control-plane requests."""
+    host = sandbox_id = port = None
+    for name, value in headers:
+        if name == b"host":
+            host = split_host(value.decode("latin-1"))
+        elif name == b"e2b-sandbox-id" and sandbox_id is None:
+            sandbox_id = value.decode("latin-1").strip()
+        elif name == b"e2b-sandbox-port" and port is None:
+            port = value.decode("latin-1").strip()
+    if host is None:
+        return None
+    suffix = "." + domain
+    if host.endswith(suffix):
+        label = host[: -len(suffix)]
+        if "." not in label and "-" in label:
+            port_text, _, label_id = label.partition("-")
+            return Route(label_id, port_text)
+    if sandbox_id is not None and port is not None:
+        if host == "localhost" or host == "sandbox" + suffix or is_ip(host):
+            return Route(sandbox_id, port)
+    return None
+
+
+def parse_port(text: str) -> int:
+    if PORT_RE.fullmatch(text) and 1 <= int(text) <= 65535:
+        return int(text)
+    raise Refusal(400, f"Invalid sandbox port {text[:32]!r}: expected an integer from 1 to 65535")
+
+
+def is_internal_envd_path(path: str) -> bool:
+    """True for envd's host-only endpoints, however the path is spelled."""
+    normal = posixpath.normpath("/" + path.lower()).lstrip("/")
+    return normal.split("/", 1)[0] in ENVD_INTERNAL_PATHS
+
+
+def check_address(address: str) -> str:
+    """Refuse resolved addresses a sandbox cannot have (defence against a resolver bug)."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast:
+        raise ValueError(f"{address} is not a sandbox address")
+    return str(ip)
+
+
+def request_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """Headers to send upstream, and whether the request has a chunked (streamed) body."""
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    drop = set(HOP_BY_HOP)
+    chunked = False
+    for name, value in raw:
+        if name == b"connection":
+            drop.update(token.strip().lower() for token in value.split(b","))
+        elif name == b"transfer-encoding":
+            chunked = True
+    headers = [(n, v) for n, v in raw if n not in drop]
+    if chunked:
+        headers = [(n, v) for n, v in headers if n != b"content-length"]
+        headers.append((b"transfer-encoding", b"chunked"))
+    return headers, chunked
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    raw = list(raw)
+    drop = set(HOP_BY_HOP)
+    for name, value in raw:
+        if name == b"connection":
+            drop.update(token.strip().lower() for token in value.split(b","))
+    return [(n, v) for n, v in raw if n not in drop]
+
+
+def request_target(scope: Scope) -> bytes:
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    return path + b"?" + query if query else path
+
+
+# ----------------------------------------------------------------------------------------------
+# Upstream HTTP/1.1 connections
+
+
+class UpstreamError(Exception):
+    """The sandbox's server failed or closed the connection mid-exchange."""
+
+
+class Upstream:
+    """One HTTP/1.1 connection to a sandbox port, reusable after a complete exchange."""
+
+    def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.key = key
+        self.reader = reader
+        self.writer = writer
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self.idle_since = 0.0
+        self.reused = False
+
+    def write(self, event: h11.Event) -> None:
+        data = self.http.send(event)
+        if data:
+            self.writer.write(data)
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except OSError as exc:
+                raise UpstreamError(f"read failed: {exc}") from exc
+            self.http.receive_data(data)
+
+    def reusable(self) -> bool:
+        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE and not self.reader.at_eof()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def open_stream(address: str, port: int, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port, limit=READ_SIZE), timeout)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:  # asyncio sets it too; explicit because latency depends on it
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+class UpstreamPool:
+    """Keep-alive connections per (address, port), so a proxied request usually skips the handshake."""
+
+    def __init__(self, *, connect_timeout: float, max_idle_per_target: int, idle_expiry: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_idle_per_target = max_idle_per_target
+        # Below the 5 s keep-alive of uvicorn-based sandbox servers, so that a pooled
+        # connection is rarely closed by the other side just as it is reused.
+        self.idle_expiry = idle_expiry
+        self._idle: dict[tuple[str, int], list[Upstream]] = {}
+        self._last_sweep = time.monotonic()
+
+    async def acquire(self, address: str, port: int, *, fresh: bool = False) -> Upstream:
+        key = (address, port)
+        now = time.monotonic()
+        idle = self._idle.get(key)
+        while idle and not fresh:
+            upstream = idle.pop()
+            if now - upstream.idle_since < self.idle_expiry and not upstream.reader.at_eof():
+                upstream.reused = True
+                return upstream
+            upstream.abort()
+        reader, writer = await open_stream(address, port, self.connect_timeout)
+        return Upstream(key, reader, writer)
+
+    def release(self, upstream: Upstream) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep > self.idle_expiry:
+            self._sweep(now)
+        idle = self._idle.setdefault(upstream.key, [])
+        if not upstream.reusable() or len(idle) >= self.max_idle_per_target:
+            upstream.abort()
+            return
+        upstream.http.start_next_cycle()
+        upstream.idle_since = now
+        upstream.reused = False
+        idle.append(upstream)
+
+    def _sweep(self, now: float) -> None:
+        """Close expired idle connections, e.g. to sandboxes that are gone."""
+        self._last_sweep = now
+        for key, idle in list(self._idle.items()):
+            keep = [u for u in idle if now - u.idle_since < self.idle_expiry]
+            for upstream in idle:
+                if upstream not in keep:
+                    upstream.abort()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for upstream in idle:
+                upstream.abort()
+        self._idle.clear()
+
+
+class RequestBody:
+    """Streams the client's request body upstream and then watches for the client leaving."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.kept: list[bytes] | None = []  # for replay; None once over REPLAY_LIMIT
+        self.kept_size = 0
+        self.complete = False
+        self.client_gone = False
+
+    async def pump(self, upstream: Upstream) -> None:
+        try:
+            for chunk in self.kept or ():
+                upstream.write(h11.Data(data=chunk))
+            while not self.complete:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    self._client_left(upstream)
+                    return
+                # Set before any await: a cancelled pump must not leave a consumed end unrecorded.
+                self.complete = not message.get("more_body", False)
+                body = message.get("body", b"")
+                if body:
+                    self._keep(body)
+                    upstream.write(h11.Data(data=body))
+                    await upstream.writer.drain()
+            upstream.write(h11.EndOfMessage())
+            await upstream.writer.drain()
+        except (OSError, h11.LocalProtocolError):
+            # The sandbox stopped reading (it answered early or closed): the response side decides.
+            return
+        if (await self.receive())["type"] == "http.disconnect":
+            self._client_left(upstream)
+
+    def _keep(self, body: bytes) -> None:
+        if self.kept is None:
+            return
+        self.kept_size += len(body)
+        if self.kept_size > REPLAY_LIMIT:
+            self.kept = None
+        else:
+            self.kept.append(body)
+
+    def _client_left(self, upstream: Upstream) -> None:
+        self.client_gone = True
+        upstream.abort()
+
+    @property
+    def replayable(self) -> bool:
+        return self.complete and self.kept is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# The middleware
+
+
+class SandboxProxy:
+    """ASGI middleware: data-plane requests go to the sandbox, everything else to ``app``.
+
+    ``resolve(sandbox_id)`` returns the sandbox's ``Target`` (resuming a paused sandbox if the
+    control plane wants to) or None when there is no such sandbox.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        resolve: Resolver,
+        domain: str,
+        connect_timeout: float = 5.0,
+        max_idle_per_target: int = 32,
+        idle_expiry: float = 3.0,
+    ) -> None:
+        if not callable(resolve):
+            raise TypeError("resolve must be an async callable: resolve(sandbox_id) -> Target | None")
+        host = split_host(domain)
+        if not host or "/" in host:
+            raise ValueError(f"domain {domain!r} is not a host name such as 'e2b.localhost' or 'e2b.localhost:7443'")
+        self.app = app
+        self.resolve = resolve
+        self.domain = host
+        self.connect_timeout = connect_timeout
+        self.pool = UpstreamPool(
+            connect_timeout=connect_timeout, max_idle_per_target=max_idle_per_target, idle_expiry=idle_expiry
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, receive, self._closing_on_shutdown(send))
+            return
+        route = route_request(scope["headers"], self.domain) if kind in ("http", "websocket") else None
+        if route is None:
+            await self.app(scope, receive, send)
+        elif kind == "http":
+            await self._proxy_http(scope, receive, send, route)
+        else:
+            await self._proxy_websocket(scope, receive, send, route)
+
+    def close(self) -> None:
+        """Close pooled upstream connections (also done on lifespan shutdown)."""
+        self.pool.close()
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        async def wrapped(message: Message) -> None:
+            if message["type"].startswith("lifespan.shutdown"):
+                self.close()
+            await send(message)
+
+        return wrapped
+
+    async def _target(self, scope: Scope, route: Route) -> tuple[str, int]:
+        port = parse_port(route.port_text)
+        if port == ENVD_PORT and is_internal_envd_path(scope["path"]):
+            raise Refusal(403, "This envd path is internal to the sandbox host and cannot be reached through the proxy")
+        if not SANDBOX_ID_RE.fullmatch(route.sandbox_id):
+            raise not_found(route.sandbox_id[:64])
+        try:
+            target = await self.resolve(route.sandbox_id)
+        except Exception:
+            log.exception("resolving sandbox %s failed", route.sandbox_id)
+            raise Refusal(502, "The sandbox could not be looked up; try again", sandboxId=route.sandbox_id) from None
+        if target is None or target.state != "running":
+            raise not_found(route.sandbox_id)
+        try:
+            return check_address(target.address), port
+        except ValueError:
+            log.error("resolver returned address %r for sandbox %s; refusing to connect", target.address, route.sandbox_id)
+            raise not_found(route.sandbox_id) from None
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+        try:
+            address, port = await self._target(scope, route)
+            headers, _ = request_headers(scope)
+            request = h11.Request(method=scope["method"], target=request_target(scope), headers=headers)
+        except Refusal as refusal:
+            await send_json(send, refusal.status, refusal.payload)
+            return
+        except h11.LocalProtocolError as exc:
+            await send_json(send, 400, {"message": f"Request cannot be forwarded: {exc}", "code": 400})
+            return
+        body = RequestBody(receive)
+        fresh = False
+        while True:
+            try:
+                upstream = await self.pool.acquire(address, port, fresh=fresh)
+            except ConnectionRefusedError:
+                await send_json(send, 502, port_not_open(route.sandbox_id, port).payload)
+                return
+            except (OSError, asyncio.TimeoutError) as exc:
+                detail = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc.strerror or exc)
+                await send_json(send, 502, port_not_open(route.sandbox_id, port, detail).payload)
+                return
+            try:
+                await self._exchange(upstream, request, body, send)
+                return
+            except StaleConnection:
+                # A pooled connection the sandbox had closed: replay once on a new one.
+                if body.client_gone or not body.replayable:
+                    await send_json(send, 502, port_not_open(route.sandbox_id, port, "connection closed").payload)
+                    return
+                fresh = True
+            except UpstreamError as exc:
+                if not body.client_gone:
+                    message = f"The sandbox closed the connection without answering ({exc})"
+                    await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": message, "code": 502})
+                return
+
+    async def _exchange(self, upstream: Upstream, request: h11.Request, body: RequestBody, send: Send) -> None:
+        """One request/response over ``upstream``; the connection goes back to the pool if clean."""
+        started = False
+        pump: asyncio.Task[None] | None = None
+        try:
+            upstream.write(request)
+            pump = asyncio.create_task(body.pump(upstream))
+            while True:
+                try:
+                    event = await upstream.next_event()
+                    if isinstance(event, h11.ConnectionClosed):
+                        raise UpstreamError("connection closed before the response ended")
+                except (h11.RemoteProtocolError, UpstreamError) as exc:
+                    if body.client_gone:
+                        return
+                    if started:
+                        # Returning without ending the response makes the ASGI server drop the
+                        # client connection, so the client sees a truncated body, not a short one.
+                        log.warning("sandbox %s:%s broke off a response: %s", *upstream.key, exc)
+                        return
+                    if upstream.reused:
+                        raise StaleConnection from exc
+                    raise UpstreamError(str(exc)) from exc
+                if isinstance(event, h11.Response):
+                    started = True
+                    headers = response_headers(event.headers)
+                    await send({"type": "http.response.start", "status": event.status_code, "headers": headers})
+                elif isinstance(event, h11.Data):
+                    await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+                elif isinstance(event, h11.EndOfMessage):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                # InformationalResponse (100 Continue): the ASGI server already answered the client.
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            self.pool.release(upstream)
+
+    # -- WebSocket -------------------------------------------------------------------------------
+
+    async def _proxy_websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        try:
+            address, port = await self._target(scope, route)
+            upstream = await self._open_websocket(scope, address, port, route.sandbox_id)
+        except Refusal as refusal:
+            await refuse_websocket(scope, send, refusal)
+            return
+        except websockets.InvalidStatus as exc:
+            await forward_refused_handshake(scope, send, exc.response)
+            return
+        async with upstream:
+            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+            await relay_websocket(upstream, receive, send)
+
+    async def _open_websocket(self, scope: Scope, address: str, port: int, sandbox_id: str) -> ClientConnection:
+        headers = request_headers(scope)[0]
+        passed = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n not in WEBSOCKET_HANDSHAKE]
+        original = dict(headers)
+        uri = f"ws://{address if ':' not in address else f'[{address}]'}:{port}{request_target(scope).decode('latin-1')}"
+        try:
+            return await websocket_connect(
+                uri,
+                additional_headers=passed,
+                origin=original[b"origin"].decode("latin-1") if b"origin" in original else None,  # type: ignore[arg-type]
+                user_agent_header=original.get(b"user-agent", b"").decode("latin-1") or None,
+                subprotocols=scope.get("subprotocols") or None,
+                compression=None,  # the client hop negotiates its own compression
+                max_size=None,
+                ping_interval=None,
+                proxy=None,  # never route through an environment-configured proxy
+                open_timeout=self.connect_timeout,
+            )
+        except ConnectionRefusedError:
+            raise port_not_open(sandbox_id, port) from None
+        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+            if isinstance(exc, websockets.InvalidStatus):
+                raise
+            raise port_not_open(sandbox_id, port, type(exc).__name__) from None
+
+
+class StaleConnection(Exception):
+    """A reused pooled connection was closed by the sandbox before answering."""
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def refuse_websocket(scope: Scope, send: Send, refusal: Refusal) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps(refusal.payload).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1011, "reason": refusal.payload["message"][:120]})
+
+
+async def forward_refused_handshake(scope: Scope, send: Send, response: Any) -> None:
+    """The sandbox's server declined the upgrade: show the client its HTTP answer."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1011, "reason": f"upstream answered {response.status_code}"})
+        return
+    headers = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in response.headers.raw_items()]
+    headers = [(n, v) for n, v in response_headers(headers) if n != b"content-length"]
+    await send({"type": "websocket.http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": bytes(response.body or b""), "more_body": False})
+
+
+async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+    """Copy messages both ways until either side closes, then close the other side alike."""
+
+    async def client_to_sandbox() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                data = message.get("bytes")
+                await upstream.send(data if data is not None else message.get("text", ""))
+            elif message["type"] == "websocket.disconnect":
+                code = message.get("code", 1000)
+                await upstream.close(code if code not in (1005, 1006) else 1000, message.get("reason") or "")
+                return
+
+    async def sandbox_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, bytes):
+                    await send({"type": "websocket.send", "bytes": data})
+                else:
+                    await send({"type": "websocket.send", "text": data})
+        except websockets.ConnectionClosed:
+            pass
+        code = upstream.close_code if upstream.close_code not in (None, 1005, 1006) else 1000
+        await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
+
+    tasks = [asyncio.create_task(client_to_sandbox()), asyncio.create_task(sandbox_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ready check
+
+
+async def wait_port(address: str, port: int, path: str = "/health", timeout: float = 10.0) -> bool:
+    """Poll ``GET http://address:port/path`` until it answers 2xx; False if ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            if await asyncio.wait_for(_probe(address, port, path), min(remaining, 2.0)):
+                return True
+        except (OSError, asyncio.TimeoutError, h11.ProtocolError, UpstreamError):
+            pass
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)
+
+
+async def _probe(address: str, port: int, path: str) -> bool:
+    reader, writer = await open_stream(address, port, 2.0)
+    upstream = Upstream((address, port), reader, writer)
+    try:
+        host = f"[{address}]" if ":" in address else address
+        upstream.write(h11.Request(method="GET", target=path, headers=[("host", f"{host}:{port}"), ("connection", "close")]))
+        upstream.write(h11.EndOfMessage())
+        event = await upstream.next_event()
+        return isinstance(event, h11.Response) and 200 <= event.status_code < 300
+    finally:
+        upstream.abort()

@@ -1,0 +1,197 @@
+"""A small real server that plays a sandbox's ports in the proxy tests and bench.
+
+Run inside the test network namespace: ``upstream_server.py <address> <port>[,<port>...]``.
+Prints ``ready`` once every port is bound. Endpoints:
+
+- ``GET /health`` 204; ``/init``, ``/freeze`` ... 200 ``{"internal": true}`` (must never be reached)
+- ``GET /headers``: the request as seen here (headers, raw path, query, client)
+- ``POST /echo``: streams the body back as it arrives
+- ``POST /chunks``: answers at once, then one line per body chunk received, then ``end <total>``
+- ``POST /sink``: ``{"size", "sha256"}`` of the body
+- ``GET /download?size=N``: N bytes of a fixed pattern, streamed
+- ``GET /stream``: ``first`` at once, then holds the response open until the client leaves
+- ``GET /stats``: counters (stream disconnects)
+- WebSocket ``/ws``: echo; ``"headers?"`` answers the handshake headers; ``"close-me"`` closes 4001
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import sys
+from typing import Any
+from urllib.parse import parse_qs
+
+import uvicorn
+
+PATTERN = bytes(range(256)) * 4096  # 1 MiB
+STATS = {"stream_disconnects": 0, "streams_open": 0}
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "websocket":
+        await websocket_echo(scope, receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    handler = HANDLERS.get(path)
+    if handler is None:
+        await respond(send, 404, {"message": f"no route {path}"})
+        return
+    await handler(scope, receive, send)
+
+
+async def respond(send: Any, status: int, payload: Any = None) -> None:
+    body = b"" if payload is None else json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def start_stream(send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/octet-stream")]})
+
+
+async def health(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def internal(scope: Any, receive: Any, send: Any) -> None:
+    await respond(send, 200, {"internal": True})
+
+
+async def headers(scope: Any, receive: Any, send: Any) -> None:
+    await respond(
+        send,
+        200,
+        {
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]],
+            "method": scope["method"],
+            "raw_path": scope["raw_path"].decode("latin-1"),
+            "query": scope["query_string"].decode("latin-1"),
+            "client": list(scope["client"]),
+        },
+    )
+
+
+async def echo(scope: Any, receive: Any, send: Any) -> None:
+    await start_stream(send)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        await send({"type": "http.response.body", "body": message.get("body", b""), "more_body": True})
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def chunks(scope: Any, receive: Any, send: Any) -> None:
+    await start_stream(send)
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body = message.get("body", b"")
+        total += len(body)
+        if body:
+            await send({"type": "http.response.body", "body": f"{len(body)}\n".encode(), "more_body": True})
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.body", "body": f"end {total}\n".encode()})
+
+
+async def sink(scope: Any, receive: Any, send: Any) -> None:
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        message = await receive()
+        body = message.get("body", b"")
+        digest.update(body)
+        size += len(body)
+        if not message.get("more_body"):
+            break
+    await respond(send, 200, {"size": size, "sha256": digest.hexdigest()})
+
+
+async def download(scope: Any, receive: Any, send: Any) -> None:
+    size = int(parse_qs(scope["query_string"].decode()).get("size", ["0"])[0])
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]}
+    )
+    while size > 0:
+        piece = PATTERN[: min(size, len(PATTERN))]
+        size -= len(piece)
+        await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
+
+
+async def stream(scope: Any, receive: Any, send: Any) -> None:
+    await start_stream(send)
+    await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+    STATS["streams_open"] += 1
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    finally:
+        STATS["streams_open"] -= 1
+    STATS["stream_disconnects"] += 1
+
+
+async def stats(scope: Any, receive: Any, send: Any) -> None:
+    await respond(send, 200, STATS)
+
+
+async def websocket_echo(scope: Any, receive: Any, send: Any) -> None:
+    await receive()  # websocket.connect
+    offered = scope.get("subprotocols") or []
+    await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text == "headers?":
+            seen = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+            await send({"type": "websocket.send", "text": json.dumps(seen)})
+        elif text == "close-me":
+            await send({"type": "websocket.close", "code": 4001, "reason": "bye"})
+            return
+        elif text is not None:
+            await send({"type": "websocket.send", "text": text})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+
+
+HANDLERS = {
+    "/health": health,
+    "/headers": headers,
+    "/echo": echo,
+    "/chunks": chunks,
+    "/sink": sink,
+    "/download": download,
+    "/stream": stream,
+    "/stats": stats,
+    **{f"/{name}": internal for name in ("init", "freeze", "unfreeze", "fsfreeze", "fsthaw", "collapse", "upgrade")},
+}
+
+
+def main() -> None:
+    address, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
+    sockets = []
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sockets.append(sock)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    print("ready", flush=True)
+    asyncio.run(server.serve(sockets=sockets))
+
+
+if __name__ == "__main__":
+    main()
