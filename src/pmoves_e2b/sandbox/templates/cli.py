@@ -1,0 +1,101 @@
+"""`pmoves-e2b template build|list`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .builder import TemplateBuilder
+from .definitions import TEMPLATES
+from .errors import TemplateError
+from .store import default_templates_dir, list_templates, read_record
+
+app = typer.Typer(help="Build and list sandbox templates (rootfs layers).", no_args_is_help=True)
+console = Console(stderr=True)
+
+TemplatesDirOption = Annotated[
+    Optional[Path], typer.Option("--templates-dir", help="Default: E2B_TEMPLATES_DIR (data dir/templates).")
+]
+
+
+class RichReporter:
+    """One progress row per build step, a line per cached layer."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[tuple[str, int], TaskID] = {}
+
+    def waiting_for_lock(self, path: Path) -> None:
+        console.print(f"[yellow]another build holds {path}; waiting for it[/]")
+
+    def layer_cached(self, layer: str, path: Path) -> None:
+        console.print(f"[green]✓[/] layer [bold]{layer}[/] up to date ({path.name})")
+
+    def layer_started(self, layer: str, steps: Sequence[str]) -> None:
+        console.print(f"[cyan]●[/] building layer [bold]{layer}[/]")
+        for index, title in enumerate(steps):
+            self.tasks[(layer, index)] = self.progress.add_task(f"{layer}: {title}", total=1, start=False)
+
+    def step_started(self, layer: str, index: int, title: str) -> None:
+        self.progress.start_task(self.tasks[(layer, index)])
+
+    def step_finished(self, layer: str, index: int, title: str, seconds: float) -> None:
+        self.progress.update(self.tasks[(layer, index)], completed=1)
+        self.progress.stop_task(self.tasks[(layer, index)])
+
+    def layer_finished(self, layer: str, path: Path, seconds: float, size_bytes: int) -> None:
+        console.print(f"[green]✓[/] layer [bold]{layer}[/] built in {seconds:.0f} s, {size_bytes / 1e6:.0f} MB ({path.name})")
+
+
+@app.command()
+def build(
+    name: Annotated[Optional[str], typer.Argument(help="Template to build.")] = None,
+    all_templates: Annotated[bool, typer.Option("--all", help="Build every built-in template.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even the layers that are up to date.")] = False,
+    templates_dir: TemplatesDirOption = None,
+) -> None:
+    """Build a template (only the layers whose inputs changed)."""
+    if os.geteuid() != 0:
+        raise typer.BadParameter("template builds need root (debootstrap, chroot, overlay mounts)")
+    if all_templates == (name is not None):
+        raise typer.BadParameter(f"give one template name or --all (templates: {', '.join(TEMPLATES)})")
+    names = list(TEMPLATES) if all_templates else [name or ""]
+    if name is not None and name not in TEMPLATES:
+        raise typer.BadParameter(f"unknown template '{name}' (templates: {', '.join(TEMPLATES)})")
+    root = templates_dir or default_templates_dir()
+    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(bar_width=20),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        builder = TemplateBuilder(root, reporter=RichReporter(progress))
+        for template in names:
+            try:
+                builder.build(template, force=force)
+            except TemplateError as exc:
+                progress.stop()
+                console.print(f"[red]template {template}: {exc}[/]")
+                raise typer.Exit(1) from None
+    for template in names:
+        console.print(f"[green]template {template} ready[/] in {root}")
+
+
+@app.command("list")
+def list_command(templates_dir: TemplatesDirOption = None) -> None:
+    """Show the built templates."""
+    root = templates_dir or default_templates_dir()
+    table = Table("template", "layers (topmost first)", "size", "built at", "start command")
+    built = {image.name: image for image in list_templates(root)}
+    for name in sorted(set(built) | set(TEMPLATES)):
+        if name not in built:
+            table.add_row(name, "[yellow]not built[/]", "", "", "")
+            continue
+        record = read_record(root, name)
+        table.add_row(name, "\n".join(record["layers"]), f"{record.get('size_bytes', 0) / 1e6:.0f} MB",
+                      record.get("built_at", ""), record.get("start_cmd", ""))
+    Console().print(table)

@@ -1,0 +1,291 @@
+"""The built-in templates and the layers they are made of.
+
+    base                 = envd + os
+    code-interpreter-v1  = interpreter + kernels + envd + os      (topmost first)
+
+``os`` is Debian bookworm from the host's apt mirror; ``envd`` holds only the in-sandbox
+daemon and its dependencies, so a change to envd rebuilds that small layer alone;
+``kernels`` (Jupyter kernels and the data stack, built on ``os``) does not depend on envd
+or on the interpreter server, which has a small layer of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pmoves_e2b
+
+from .errors import TemplateBuildError
+from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
+
+PACKAGE_DIR = Path(pmoves_e2b.__file__).resolve().parent
+SUITE = "bookworm"
+OS_PACKAGES = "python3 ca-certificates git curl sudo procps iproute2 less nodejs"
+NPM_VERSION = "10.9.9"  # the newest npm that still runs on Debian's Node 18
+SANDBOX_USER, SANDBOX_UID = "user", 1000
+HOSTNAME = "sandbox"
+
+ENVD_SITE = "/opt/pmoves/site"
+ENVD_BIN = "/opt/pmoves/bin/envd"
+# envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
+ENVD_REQUIREMENTS = ("connectrpc>=0.12,<0.14", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1")
+TARGET_PYTHON = "3.11"
+# pip does not widen --platform: name every manylinux tag bookworm's glibc 2.36 accepts.
+TARGET_PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 37)))
+
+VENV = "/opt/venv"
+VENV_SITE = f"{VENV}/lib/python3.11/site-packages"
+KERNEL_PACKAGES = "ipykernel jupyter_client e2b-charts bash_kernel nbformat"
+SERVER_PACKAGES = "fastapi 'uvicorn[standard]' httpx orjson"
+DATA_PACKAGES = (
+    "numpy pandas matplotlib seaborn scipy scikit-learn requests beautifulsoup4 openpyxl pillow sympy plotly"
+)
+DENO_VERSION = "2.9.6"
+INTERPRETER_PORT = 49999
+
+
+# ---- layer os -----------------------------------------------------------------------------
+
+
+def _debootstrap(ctx: BuildContext) -> None:
+    if not shutil.which("debootstrap"):
+        raise TemplateBuildError("debootstrap is not installed: run `make sysdeps` (apt-get install debootstrap)")
+    # Own mount namespace: debootstrap mounts /proc and /sys inside the target.
+    ctx.run(["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+             "debootstrap", "--variant=minbase", SUITE, str(ctx.target), ctx.host.mirror])
+
+
+def _apt_config(ctx: BuildContext) -> None:
+    if ctx.host.apt_files:
+        (ctx.target / "etc/apt/sources.list").unlink(missing_ok=True)
+    for path, content in ctx.host.apt_files.items():
+        _write(ctx.target, path, content)
+    # No services start inside a build or a sandbox.
+    _write(ctx.target, "/usr/sbin/policy-rc.d", b"#!/bin/sh\nexit 101\n", mode=0o755)
+
+
+def _apt_install(ctx: BuildContext) -> None:
+    ctx.chroot(f"apt-get update -q && apt-get install -y -q --no-install-recommends {OS_PACKAGES}")
+
+
+def _trust_host_cas(ctx: BuildContext) -> None:
+    for name, pem in ctx.host.ca_certs.items():
+        _write(ctx.target, f"/usr/local/share/ca-certificates/{name}", pem)
+    ctx.chroot("update-ca-certificates")
+
+
+def _npm(ctx: BuildContext) -> None:
+    # Debian's npm package pulls 363 packages (gcc included); the registry's npm is pure JS.
+    if not shutil.which("npm"):
+        raise TemplateBuildError("npm is needed on the host to put npm into the rootfs: apt-get install npm")
+    ctx.run(["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix", str(ctx.target / "usr/local"),
+             f"npm@{NPM_VERSION}"])
+    _write(ctx.target, "/usr/local/etc/npmrc", ctx.host.npmrc.encode())
+
+
+def _user(ctx: BuildContext) -> None:
+    ctx.chroot(f"useradd -m -u {SANDBOX_UID} -U -s /bin/bash {SANDBOX_USER}")
+    _write(ctx.target, f"/etc/sudoers.d/{SANDBOX_USER}", f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n".encode(), mode=0o440)
+    _write(ctx.target, "/etc/hostname", f"{HOSTNAME}\n".encode())
+    _write(ctx.target, "/etc/hosts", (
+        f"127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n").encode())
+    _write(ctx.target, "/etc/resolv.conf", ctx.host.resolv_conf)
+
+
+def _clean_os(ctx: BuildContext) -> None:
+    ctx.chroot("apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
+               "/var/log/dpkg.log /var/cache/debconf/*-old /root/.npm")
+    # debootstrap leaves its log and the package list it used.
+    shutil.rmtree(ctx.target / "debootstrap", ignore_errors=True)
+
+
+OS_LAYER = LayerSpec(
+    name="os",
+    steps=(
+        Step("debootstrap Debian bookworm (minbase)", _debootstrap, f"{SUITE} minbase"),
+        Step("apt sources and options from the host", _apt_config, "policy-rc.d 101"),
+        Step("apt install base packages", _apt_install, OS_PACKAGES),
+        Step("trust the host's CA certificates", _trust_host_cas, "update-ca-certificates"),
+        Step("npm from the npm registry", _npm, NPM_VERSION),
+        Step("user 'user' (uid 1000, sudo), hostname, hosts", _user, f"{SANDBOX_USER} {SANDBOX_UID} {HOSTNAME} v1"),
+        Step("clean apt caches", _clean_os, "v1"),
+    ),
+    # A new proxy CA must reach the rootfs trust store; the mirror itself does not matter.
+    inputs=lambda host: host.ca_fingerprint().encode() + host.npmrc.encode(),
+)
+
+
+# ---- layer envd ---------------------------------------------------------------------------
+
+
+def _envd_deps(ctx: BuildContext) -> None:
+    ctx.run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade",
+             "--target", str(ctx.target / ENVD_SITE.lstrip("/")), "--only-binary=:all:",
+             "--python-version", TARGET_PYTHON, "--implementation", "cp",
+             *(arg for platform in TARGET_PLATFORMS for arg in ("--platform", platform)),
+             *ENVD_REQUIREMENTS])
+
+
+def _envd_sources(ctx: BuildContext) -> None:
+    _copy_package(ctx.target / ENVD_SITE.lstrip("/"), "envd")
+    ctx.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(ctx.target / ENVD_SITE.lstrip("/"))])
+
+
+def _envd_launcher(ctx: BuildContext) -> None:
+    script = f'#!/bin/sh\nPYTHONPATH={ENVD_SITE} exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n'
+    _write(ctx.target, ENVD_BIN, script.encode(), mode=0o755)
+
+
+ENVD_LAYER = LayerSpec(
+    name="envd",
+    steps=(
+        Step("envd dependencies (wheels for python 3.11)", _envd_deps, " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS)),
+        Step("envd sources", _envd_sources, ENVD_SITE),
+        Step("envd launcher", _envd_launcher, ENVD_BIN + " v1"),
+    ),
+    inputs=lambda host: _package_digest("envd"),
+)
+
+
+# ---- layer kernels (on os) ----------------------------------------------------------------
+
+BASH_FAST = '''\
+"""bash_kernel without pexpect's 50 ms delay before every send (3 s start -> 0.8 s, 110 -> 7 ms per cell)."""
+import pexpect.spawnbase
+
+_init = pexpect.spawnbase.SpawnBase.__init__
+
+
+def _init_without_delay(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.delaybeforesend = None
+
+
+pexpect.spawnbase.SpawnBase.__init__ = _init_without_delay
+
+from bash_kernel.kernel import BashKernel  # noqa: E402
+from ipykernel.kernelapp import IPKernelApp  # noqa: E402
+
+IPKernelApp.launch_instance(kernel_class=BashKernel)
+'''
+
+
+def _kernel_apt(ctx: BuildContext) -> None:
+    ctx.chroot("apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv r-base-core "
+               "r-cran-irkernel && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin")
+
+
+def _venv(ctx: BuildContext) -> None:
+    ctx.chroot(f"python3 -m venv {VENV} && {VENV}/bin/pip install -q -U pip")
+
+
+def _pip_kernels(ctx: BuildContext) -> None:
+    ctx.chroot(f"pip install -q {KERNEL_PACKAGES} {SERVER_PACKAGES}")
+
+
+def _pip_data(ctx: BuildContext) -> None:
+    ctx.chroot(f"pip install -q {DATA_PACKAGES}")
+
+
+def _kernelspecs(ctx: BuildContext) -> None:
+    ctx.chroot("python -m ipykernel install --sys-prefix && python -m bash_kernel.install --sys-prefix")
+    bash_dir = ctx.target / VENV.lstrip("/") / "share/jupyter/kernels/bash"
+    (bash_dir / "bash_fast.py").write_text(BASH_FAST)
+    spec = json.loads((bash_dir / "kernel.json").read_text())
+    spec["argv"] = [f"{VENV}/bin/python", f"{VENV}/share/jupyter/kernels/bash/bash_fast.py", "-f", "{connection_file}"]
+    (bash_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+
+
+def _deno(ctx: BuildContext) -> None:
+    ctx.chroot(f"npm install -g --no-audit --no-fund deno@{DENO_VERSION} && npm cache clean --force")
+    # SIGINT kills deno's kernel: interrupts must go as messages. NO_COLOR keeps text/plain clean.
+    spec = {
+        "argv": ["/usr/local/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+        "display_name": "Deno (JavaScript, TypeScript)",
+        "language": "typescript",
+        "interrupt_mode": "message",
+        "env": {"NO_COLOR": "1", "DENO_TLS_CA_STORE": "system"},
+    }
+    _write(ctx.target, "/usr/local/share/jupyter/kernels/deno/kernel.json", json.dumps(spec, indent=1).encode())
+
+
+def _r_kernel(ctx: BuildContext) -> None:
+    ctx.chroot("R -q -e 'IRkernel::installspec(user = FALSE, name = \"ir\", displayname = \"R\")'")
+
+
+def _warm_caches(ctx: BuildContext) -> None:
+    # matplotlib builds its font cache under $HOME on first import: do it once per user.
+    warm = "MPLBACKEND=Agg python -c 'import matplotlib.pyplot'"
+    ctx.chroot(f"{warm} && runuser -u {SANDBOX_USER} -- env HOME=/home/{SANDBOX_USER} PATH=$PATH bash -c \"{warm}\" "
+               "&& rm -rf /root/.npm /root/.cache/pip /tmp/*")
+
+
+KERNELS_LAYER = LayerSpec(
+    name="kernels",
+    build_on=("os",),
+    steps=(
+        Step("apt install python3-venv, R and IRkernel", _kernel_apt, "python3-venv r-base-core r-cran-irkernel"),
+        Step("python venv /opt/venv", _venv, VENV),
+        Step("pip install Jupyter kernels and server deps", _pip_kernels, KERNEL_PACKAGES + SERVER_PACKAGES),
+        Step("pip install the data stack", _pip_data, DATA_PACKAGES),
+        Step("kernelspecs python3 and bash (fast launcher)", _kernelspecs, BASH_FAST),
+        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " message NO_COLOR"),
+        Step("IRkernel kernelspec", _r_kernel, "ir"),
+        Step("font caches, clean up", _warm_caches, "v1"),
+    ),
+)
+
+
+# ---- layer interpreter --------------------------------------------------------------------
+
+
+def _interpreter_sources(ctx: BuildContext) -> None:
+    site = ctx.target / VENV_SITE.lstrip("/")
+    _copy_package(site, "interpreter")
+    ctx.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(site)])
+
+
+INTERPRETER_LAYER = LayerSpec(
+    name="interpreter",
+    steps=(Step("interpreter server sources", _interpreter_sources, VENV_SITE),),
+    inputs=lambda host: _package_digest("interpreter"),
+)
+
+LAYERS: dict[str, LayerSpec] = {spec.name: spec for spec in (OS_LAYER, ENVD_LAYER, KERNELS_LAYER, INTERPRETER_LAYER)}
+
+TEMPLATES: dict[str, TemplateSpec] = {
+    "base": TemplateSpec(name="base", layers=("envd", "os")),
+    "code-interpreter-v1": TemplateSpec(
+        name="code-interpreter-v1",
+        layers=("interpreter", "kernels", "envd", "os"),
+        start_cmd=f"{VENV}/bin/python -m pmoves_e2b.interpreter --host 0.0.0.0 --port {INTERPRETER_PORT}",
+        ready_port=INTERPRETER_PORT,
+    ),
+}
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _write(root: Path, path: str, content: bytes, mode: int = 0o644) -> None:
+    dest = root / path.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(content)
+    dest.chmod(mode)
+
+
+def _copy_package(site: Path, subpackage: str) -> None:
+    """``pmoves_e2b/__init__.py`` plus one in-sandbox subpackage, without caches."""
+    dest = site / "pmoves_e2b"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(PACKAGE_DIR / "__init__.py", dest / "__init__.py")
+    shutil.copytree(PACKAGE_DIR / subpackage, dest / subpackage,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+
+
+def _package_digest(subpackage: str) -> bytes:
+    return tree_digest(PACKAGE_DIR / subpackage) + (PACKAGE_DIR / "__init__.py").read_bytes()
