@@ -252,6 +252,7 @@ def serve(service: str = typer.Argument(..., help="sandbox, mcp, surf or desktop
 SUBCOMMAND_GROUPS: dict[str, tuple[str, str, str]] = {
     "template": ("pmoves_e2b.sandbox.templates.cli", "app", "Build and list sandbox templates."),
     "keys": ("pmoves_e2b.keys_cli", "app", "Create, list and revoke API keys."),
+    "mcp": ("pmoves_e2b.mcp.cli", "app", "Serve the MCP tools over stdio (pmoves-e2b mcp --stdio)."),
 }
 
 

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # Network.
     e2b_bind: str = "127.0.0.1"
     e2b_domain: str = "e2b.localhost"
+    # Extra Host names the MCP endpoints accept (comma-separated, `host` or `host:port`);
+    # loopback is always allowed. The SDK's DNS-rebinding check refuses any other Host/Origin.
+    e2b_mcp_allowed_hosts: str = "e2b-mcp-server"
     e2b_sandbox_port: Port = Field(7070, ge=1, le=65535)
     e2b_sandbox_tls_port: Port = Field(7443, ge=1, le=65535)
     e2b_mcp_port: Port = Field(7073, ge=1, le=65535)
