@@ -1,6 +1,6 @@
 """A small real server that plays a sandbox's ports in the proxy tests and bench.
 
-Run inside the test network namespace: ``upstream_server.py <address> <port>[,<port>...]``.
+Run inside the test network namespace: ``proxy_upstream_server.py <address> <port>[,<port>...]``.
 Prints ``ready`` once every port is bound. Endpoints:
 
 - ``GET /health`` 204; ``/init``, ``/freeze`` ... 200 ``{"internal": true}`` (must never be reached)

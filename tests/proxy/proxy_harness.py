@@ -1,7 +1,7 @@
 """Real parts for the proxy tests and bench: a network namespace playing a sandbox, and uvicorn.
 
 ``SandboxNetns`` creates ``e2b-test-proxy-<hex>`` with a veth to the host and runs
-``upstream_server.py`` inside it; ``ServedApp`` serves an ASGI app with uvicorn on a free loopback
+``proxy_upstream_server.py`` inside it; ``ServedApp`` serves an ASGI app with uvicorn on a free loopback
 port in a background thread. Both clean up completely on ``close()``.
 """
 
@@ -29,6 +29,7 @@ from pmoves_e2b.sandbox.proxy import SandboxProxy, Target, wait_port
 HERE = Path(__file__).resolve().parent
 UPSTREAM_PORTS = (49983, 8080, 49999)
 KNOWN_ID = "sbxtest1"
+DOMAIN = "e2b.localhost"
 
 
 def can_make_netns() -> str | None:
@@ -89,7 +90,7 @@ class SandboxNetns:
     def _start_server(self) -> None:
         ports = ",".join(str(p) for p in UPSTREAM_PORTS)
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, str(HERE / "upstream_server.py"), self.address, ports],
+            ["ip", "netns", "exec", self.name, sys.executable, str(HERE / "proxy_upstream_server.py"), self.address, ports],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -165,3 +166,62 @@ class ServedApp:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+def host_for(port: int, sandbox_id: str = KNOWN_ID, suffix: str = "") -> dict[str, str]:
+    """Headers that address a sandbox port by host routing."""
+    return {"Host": f"{port}-{sandbox_id}.{DOMAIN}{suffix}"}
+
+
+def via_headers(port: int | str, sandbox_id: str = KNOWN_ID) -> dict[str, str]:
+    """Headers that address a sandbox port by header routing."""
+    return {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port)}
+
+
+def raw_request(port: int, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request over a plain socket, sent exactly as written."""
+    lines = [f"{method} {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall("\r\n".join(lines).encode() + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
+
+
+class ConnectionRecorder:
+    """Listens on one port of several host addresses and records every connection it gets."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.accepted: list[tuple[str, int]] = []
+        self.stopped = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.port = 0
+        for address in addresses:
+            sock = socket.socket()
+            sock.bind((address, self.port))
+            self.port = sock.getsockname()[1]
+            sock.listen(16)
+            sock.settimeout(0.1)
+            self.sockets.append(sock)
+        self.threads = [threading.Thread(target=self._accept, args=(s,), daemon=True) for s in self.sockets]
+        for thread in self.threads:
+            thread.start()
+
+    def _accept(self, sock: socket.socket) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, peer = sock.accept()
+            except OSError:  # includes the accept timeout
+                continue
+            self.accepted.append(peer)
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        for sock in self.sockets:
+            sock.close()
