@@ -1,0 +1,153 @@
+"""Code contexts: each one a kernel with its own working directory and state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .kernel import Kernel, KernelStartError
+from .kernelspecs import KernelCatalog, KernelChoice
+
+logger = logging.getLogger(__name__)
+
+# Run in a namespace of its own so that nothing it defines shows up in the user's variables.
+_PYTHON_SETUP_SOURCE = Path(__file__).with_name("python_setup.py").read_text() + "\ninstall(get_ipython())\n"
+PYTHON_SETUP_CELL = f"exec(compile({_PYTHON_SETUP_SOURCE!r}, '<pmoves-e2b setup>', 'exec'), {{}})"
+
+__all__ = ["Context", "ContextRegistry", "KernelStartError"]
+
+
+def kernel_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # matplotlib's inline backend sends figures as display_data (PNG + e2b/chart).
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return env
+
+
+@dataclass
+class Context:
+    id: str
+    language: str
+    cwd: str
+    choice: KernelChoice
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Sandbox env vars (from envd) once applied in this kernel; None until then.
+    sandbox_envs: dict[str, str] | None = None
+    _kernel_task: asyncio.Task[Kernel] | None = None
+
+    def as_json(self) -> dict[str, str]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+    def start(self) -> asyncio.Task[Kernel]:
+        self._kernel_task = asyncio.create_task(self._start_kernel())
+        return self._kernel_task
+
+    async def kernel(self) -> Kernel:
+        assert self._kernel_task is not None, "context used before start()"
+        return await self._kernel_task
+
+    async def restart(self) -> None:
+        """Replace the kernel: the state is lost, a running cell ends with ContextRestarting."""
+        old_task = self._kernel_task
+        self.sandbox_envs = None
+        new_task = self.start()
+        if old_task is not None:
+            await _shutdown(old_task, "ContextRestarting", "Context was restarted")
+        await new_task
+
+    async def close(self) -> None:
+        if self._kernel_task is not None:
+            await _shutdown(self._kernel_task, "ContextRemoved", "Context was removed")
+
+    async def _start_kernel(self) -> Kernel:
+        kernel = await Kernel.start(self.choice, self.cwd, kernel_environment())
+        if self.choice.runtime == "python":
+            await kernel.run_silent(PYTHON_SETUP_CELL)
+        return kernel
+
+
+async def _shutdown(task: asyncio.Task[Kernel], error_name: str, error_value: str) -> None:
+    try:
+        kernel = await task
+    except (KernelStartError, asyncio.CancelledError):
+        return
+    kernel.fail_runs(error_name, error_value)
+    await kernel.shutdown()
+
+
+class ContextRegistry:
+    def __init__(self, catalog: KernelCatalog, default_cwd: str) -> None:
+        self.catalog = catalog
+        self.default_cwd = default_cwd
+        self._contexts: dict[str, Context] = {}
+        # kernelspec name -> context id of the default context that `language=` runs in
+        self._defaults: dict[str, str] = {}
+        self._default_locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, context_id: str) -> Context | None:
+        return self._contexts.get(context_id)
+
+    def all(self) -> list[Context]:
+        return list(self._contexts.values())
+
+    async def create(self, language: str | None, cwd: str | None) -> Context:
+        """Start a new context; raises UnknownLanguageError, NotADirectoryError or KernelStartError."""
+        choice = self.catalog.resolve(language)
+        directory = cwd or self.default_cwd
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(f"cwd {directory!r} is not an existing directory")
+        context = Context(id=str(uuid.uuid4()), language=choice.language, cwd=directory, choice=choice)
+        await context.start()
+        self._contexts[context.id] = context
+        return context
+
+    async def default_for(self, language: str | None) -> Context:
+        """The shared context for a language, started on first use."""
+        choice = self.catalog.resolve(language)
+        lock = self._default_locks.setdefault(choice.kernel_name, asyncio.Lock())
+        async with lock:
+            context = self._contexts.get(self._defaults.get(choice.kernel_name, ""))
+            if context is None:
+                context = await self.create(choice.language, None)
+                self._defaults[choice.kernel_name] = context.id
+            return context
+
+    async def start_defaults(self, languages: list[str]) -> None:
+        """Start default contexts for the languages whose kernel is installed, all at once."""
+        wanted = []
+        for language in languages:
+            with contextlib.suppress(LookupError):
+                self.catalog.resolve(language)
+                wanted.append(language)
+        results = await asyncio.gather(*(self.default_for(lang) for lang in wanted), return_exceptions=True)
+        for language, result in zip(wanted, results):
+            if isinstance(result, BaseException):
+                logger.error("default %s context failed to start: %s", language, result)
+
+    async def restart(self, context_id: str) -> bool:
+        context = self._contexts.get(context_id)
+        if context is None:
+            return False
+        await context.restart()
+        return True
+
+    async def remove(self, context_id: str) -> bool:
+        context = self._contexts.pop(context_id, None)
+        if context is None:
+            return False
+        for name, default_id in list(self._defaults.items()):
+            if default_id == context_id:
+                del self._defaults[name]
+        await context.close()
+        return True
+
+    async def close_all(self) -> None:
+        contexts, self._contexts = list(self._contexts.values()), {}
+        self._defaults.clear()
+        await asyncio.gather(*(context.close() for context in contexts), return_exceptions=True)

@@ -1,0 +1,205 @@
+"""One Jupyter kernel process, driven directly over ZMQ with jupyter_client.
+
+Two reader tasks (iopub and shell) hand every message to the `CellRun` it belongs to, found by the
+parent message id, so several cells (set-up, the user's code, env clean-up) share one kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+from .kernelspecs import KernelChoice
+
+logger = logging.getLogger(__name__)
+
+KERNEL_READY_TIMEOUT_SECONDS = 60.0
+SILENT_CELL_TIMEOUT_SECONDS = 30.0
+
+Message = dict[str, Any]
+OutputHandler = Callable[[Message], None]
+
+
+class KernelStartError(RuntimeError):
+    pass
+
+
+class CellRun:
+    """One execute_request: done once the kernel is idle again and its reply has arrived."""
+
+    def __init__(self, msg_id: str, on_output: OutputHandler | None, on_done: Callable[[], None] | None) -> None:
+        self.msg_id = msg_id
+        self.reply: Message | None = None
+        self.failure: tuple[str, str] | None = None
+        self.done = asyncio.Event()
+        self._on_output = on_output
+        self._on_done = on_done
+        self._idle = False
+
+    def handle_iopub(self, msg: Message) -> None:
+        if msg["msg_type"] == "status":
+            if msg["content"].get("execution_state") == "idle":
+                self._idle = True
+                self._check_done()
+        elif self._on_output is not None:
+            self._on_output(msg)
+
+    def handle_reply(self, msg: Message) -> None:
+        self.reply = msg["content"]
+        self._check_done()
+
+    def fail(self, name: str, value: str) -> None:
+        """End the run without the kernel's word (kernel restarted, died or removed)."""
+        if not self.done.is_set():
+            self.failure = (name, value)
+            self._finish()
+
+    def _check_done(self) -> None:
+        if self._idle and self.reply is not None and not self.done.is_set():
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done.set()
+        if self._on_done is not None:
+            self._on_done()
+
+
+class Kernel:
+    def __init__(self, manager: AsyncKernelManager, client: AsyncKernelClient, choice: KernelChoice) -> None:
+        self.choice = choice
+        self._manager = manager
+        self._client = client
+        self._runs: dict[str, CellRun] = {}
+        self._readers: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @classmethod
+    async def start(cls, choice: KernelChoice, cwd: str, env: dict[str, str]) -> Kernel:
+        manager = AsyncKernelManager(kernel_name=choice.kernel_name)
+        # The JavaScript kernels do not work over IPC, so every kernel uses TCP on loopback.
+        manager.transport = "tcp"
+        manager.ip = "127.0.0.1"
+        try:
+            await manager.start_kernel(cwd=cwd, env=env)
+        except Exception as error:
+            raise KernelStartError(f"kernel {choice.kernel_name!r} failed to start: {error}") from error
+        client = manager.client()
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        kernel = cls(manager, client, choice)
+        try:
+            await client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT_SECONDS)
+        except (RuntimeError, TimeoutError) as error:
+            await kernel.shutdown()
+            raise KernelStartError(f"kernel {choice.kernel_name!r} did not become ready: {error}") from error
+        kernel._readers = [
+            asyncio.create_task(kernel._read(client.iopub_channel.socket, kernel._dispatch_iopub)),
+            asyncio.create_task(kernel._read(client.shell_channel.socket, kernel._dispatch_reply)),
+        ]
+        return kernel
+
+    @property
+    def pid(self) -> int | None:
+        provisioner = self._manager.provisioner
+        process = getattr(provisioner, "process", None)
+        return getattr(process, "pid", None)
+
+    def execute(
+        self,
+        code: str,
+        *,
+        silent: bool = False,
+        on_output: OutputHandler | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> CellRun:
+        if self._closed:
+            run = CellRun("", on_output, on_done)
+            run.fail("ContextRestarting", "The kernel was shut down")
+            return run
+        msg_id = self._client.execute(
+            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
+        )
+        run = CellRun(msg_id, on_output, on_done)
+        self._runs[msg_id] = run
+        return run
+
+    def forget(self, run: CellRun) -> None:
+        self._runs.pop(run.msg_id, None)
+
+    async def run_silent(self, code: str, timeout: float = SILENT_CELL_TIMEOUT_SECONDS) -> bool:
+        """Run set-up code with no output; True when the kernel ran it without an error."""
+        run = self.execute(code, silent=True)
+        try:
+            async with asyncio.timeout(timeout):
+                await run.done.wait()
+        except TimeoutError:
+            logger.warning("set-up cell timed out in kernel %s", self.choice.kernel_name)
+            return False
+        finally:
+            self.forget(run)
+        ok = run.failure is None and run.reply is not None and run.reply.get("status") == "ok"
+        if not ok:
+            logger.warning("set-up cell failed in kernel %s: %s", self.choice.kernel_name, run.reply)
+        return ok
+
+    async def interrupt(self) -> None:
+        # Signal or interrupt_request message, as the kernelspec's interrupt_mode says.
+        with contextlib.suppress(Exception):
+            await self._manager.interrupt_kernel()
+
+    async def is_alive(self) -> bool:
+        return bool(await self._manager.is_alive())
+
+    def fail_runs(self, name: str, value: str) -> None:
+        for run in list(self._runs.values()):
+            run.fail(name, value)
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for reader in self._readers:
+            reader.cancel()
+        pid = self.pid
+        self._client.stop_channels()
+        with contextlib.suppress(Exception):
+            await self._manager.shutdown_kernel(now=True)
+        if pid is not None:
+            # The kernel leads its own session; take its children (bash, node...) down with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+    async def _read(self, socket: zmq.asyncio.Socket, dispatch: Callable[[Message], None]) -> None:
+        session = self._client.session
+        while True:
+            try:
+                frames = await socket.recv_multipart()
+                _, signed = session.feed_identities(frames)
+                msg = session.deserialize(signed)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return  # socket closed at shutdown
+            except Exception:
+                logger.exception("dropping an unreadable message from kernel %s", self.choice.kernel_name)
+                continue
+            dispatch(msg)
+
+    def _dispatch_iopub(self, msg: Message) -> None:
+        run = self._runs.get(msg["parent_header"].get("msg_id", ""))
+        if run is not None:
+            run.handle_iopub(msg)
+
+    def _dispatch_reply(self, msg: Message) -> None:
+        if msg["msg_type"] != "execute_reply":
+            return
+        run = self._runs.get(msg["parent_header"].get("msg_id", ""))
+        if run is not None:
+            run.handle_reply(msg)

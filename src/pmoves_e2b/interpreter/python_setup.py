@@ -1,0 +1,59 @@
+"""Set-up run inside every Python kernel when its context starts (sent as source, not imported).
+
+It makes IPython behave as E2B's code interpreter does: tracebacks without ANSI colours, full
+sequence reprs, matplotlib figures also sent as ``e2b/chart`` (E2B's chart schema, built by the
+``e2b-charts`` package) and pandas DataFrames also sent as ``e2b/data``.
+"""
+
+import sys
+import warnings
+
+from IPython import get_ipython  # noqa: F401 - used by the line the server appends
+from IPython.core.formatters import BaseFormatter
+from traitlets import Unicode
+
+# DataFrames bigger than this are sent without the e2b/data copy: it would repeat the whole table.
+MAX_DATA_CELLS = 100_000
+
+
+class ChartFormatter(BaseFormatter):
+    format_type = Unicode("e2b/chart")
+
+    def __call__(self, obj):
+        figure_module = sys.modules.get("matplotlib.figure")
+        if figure_module is None or not isinstance(obj, figure_module.Figure):
+            return None
+        try:
+            from e2b_charts import chart_figure_to_dict
+
+            # pydantic warns about numpy tick types; the warning would land in the cell's stderr.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return chart_figure_to_dict(obj) or None
+        except Exception:  # a figure e2b-charts cannot read still gets its PNG
+            return None
+
+
+class DataFrameFormatter(BaseFormatter):
+    format_type = Unicode("e2b/data")
+
+    def __call__(self, obj):
+        pandas = sys.modules.get("pandas")
+        if pandas is None or not isinstance(obj, pandas.DataFrame) or obj.size > MAX_DATA_CELLS:
+            return None
+        try:
+            columns = obj.to_dict(orient="list")
+            return {
+                str(name): [v.isoformat() if isinstance(v, pandas.Timestamp) else v for v in values]
+                for name, values in columns.items()
+            }
+        except Exception:
+            return None
+
+
+def install(shell) -> None:
+    shell.colors = "nocolor"
+    display = shell.display_formatter
+    display.formatters["text/plain"].max_seq_length = 0
+    display.formatters["e2b/chart"] = ChartFormatter(parent=display)
+    display.formatters["e2b/data"] = DataFrameFormatter(parent=display)
