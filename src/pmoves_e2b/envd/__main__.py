@@ -1,0 +1,43 @@
+"""``python -m pmoves_e2b.envd --host 0.0.0.0 --port 49983``.
+
+Environment: ``ENVD_INIT_SECRET`` (when set, ``POST /init`` needs header
+``X-Envd-Init-Secret`` equal to it), ``ENVD_DEFAULT_USER`` (default ``user`` if it exists, else
+``root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pmoves_e2b.envd", description="E2B-compatible envd")
+    parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 - the sandbox's own interface
+    parser.add_argument("--port", type=int, default=49983)
+    parser.add_argument("--log-level", default="warning")
+    options = parser.parse_args(argv)
+
+    import uvicorn
+
+    from .app import EnvdApp
+
+    uvicorn.run(
+        EnvdApp(),
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        access_log=False,
+        # Prefer the C parser when the template has it; plain h11 works too.
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        loop="auto",
+        lifespan="on",
+        # SDK connection pools keep idle connections for up to 300 s.
+        timeout_keep_alive=650,
+        # Processes are killed at shutdown; do not wait for streams that never end.
+        timeout_graceful_shutdown=1,
+    )
+
+
+if __name__ == "__main__":
+    main()

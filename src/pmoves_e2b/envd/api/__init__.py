@@ -1,0 +1,1 @@
+"""envd's plain HTTP endpoints (``/health``, ``/files``, ``/envs``, ``/metrics``, ``/init``)."""

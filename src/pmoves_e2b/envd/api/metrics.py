@@ -1,0 +1,120 @@
+"""``GET /metrics``: this sandbox's CPU, memory and disk as seen from inside.
+
+Prefers the sandbox's own cgroup (v2 ``cpu.stat``/``memory.current``/``memory.max``, or v1
+``cpuacct``/``memory``) when it is mounted, else falls back to ``/proc`` (host-wide numbers).
+CPU use is the average since the previous call (or over a short sample on the first call).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_FIRST_SAMPLE_SECONDS = 0.05
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text.split()[0])
+    except ValueError:
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return values
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return values
+
+
+def _cpu_count() -> int:
+    quota = _CGROUP_ROOT / "cpu.max"
+    try:
+        limit, period = quota.read_text().split()
+        if limit != "max":
+            return max(1, round(int(limit) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+
+
+def _cpu_usage_seconds() -> float:
+    """Cumulative CPU seconds of this sandbox (cgroup) or of the whole machine (/proc/stat)."""
+    stat = _read_keyed(_CGROUP_ROOT / "cpu.stat")
+    if "usage_usec" in stat:
+        return stat["usage_usec"] / 1e6
+    for v1 in ("cpuacct/cpuacct.usage", "cpu,cpuacct/cpuacct.usage"):
+        nanos = _read_int(_CGROUP_ROOT / v1)
+        if nanos is not None:
+            return nanos / 1e9
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4))  # minus idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _memory() -> tuple[int, int, int]:
+    """(total, used, cache) in bytes."""
+    meminfo = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        meminfo[key] = int(rest.split()[0]) * 1024
+    host_total = meminfo.get("MemTotal", 0)
+    used = _read_int(_CGROUP_ROOT / "memory.current")
+    if used is not None:
+        limit = _read_int(_CGROUP_ROOT / "memory.max") or host_total
+        cache = _read_keyed(_CGROUP_ROOT / "memory.stat").get("file", 0)
+        return min(limit, host_total), max(used - cache, 0), cache
+    used_v1 = _read_int(_CGROUP_ROOT / "memory" / "memory.usage_in_bytes")
+    if used_v1 is not None:
+        limit = _read_int(_CGROUP_ROOT / "memory" / "memory.limit_in_bytes") or host_total
+        cache = _read_keyed(_CGROUP_ROOT / "memory" / "memory.stat").get("total_cache", 0)
+        return min(limit, host_total), max(used_v1 - cache, 0), cache
+    cache = meminfo.get("Cached", 0) + meminfo.get("Buffers", 0)
+    return host_total, host_total - meminfo.get("MemAvailable", 0), cache
+
+
+class MetricsSampler:
+    def __init__(self) -> None:
+        self._last: tuple[float, float] | None = None
+
+    def _cpu_percent(self, cpu_count: int) -> float:
+        if self._last is None:
+            self._last = (time.monotonic(), _cpu_usage_seconds())
+            time.sleep(_FIRST_SAMPLE_SECONDS)
+        now, used = time.monotonic(), _cpu_usage_seconds()
+        then, used_before = self._last
+        self._last = (now, used)
+        elapsed = max(now - then, 1e-6)
+        return round(max(0.0, min(100.0, (used - used_before) / elapsed / cpu_count * 100)), 2)
+
+    def sample(self) -> dict[str, float | int]:
+        cpu_count = _cpu_count()
+        mem_total, mem_used, mem_cache = _memory()
+        disk = os.statvfs("/")
+        disk_total = disk.f_blocks * disk.f_frsize
+        return {
+            "ts": int(time.time()),
+            "cpu_count": cpu_count,
+            "cpu_used_pct": self._cpu_percent(cpu_count),
+            "mem_total": mem_total,
+            "mem_used": mem_used,
+            "mem_cache": mem_cache,
+            "mem_total_mib": mem_total // (1 << 20),
+            "mem_used_mib": mem_used // (1 << 20),
+            "disk_total": disk_total,
+            "disk_used": disk_total - disk.f_bfree * disk.f_frsize,
+        }

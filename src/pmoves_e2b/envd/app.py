@@ -1,0 +1,102 @@
+"""The envd ASGI app: Connect services and plain HTTP endpoints behind one access check.
+
+Routing is by path prefix: ``/process.Process/*`` and ``/filesystem.Filesystem/*`` go to the
+connectrpc applications (generated stubs in ``gen/``), everything else to ``api/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .api import files, routes
+from .api.http import HTTPError, Receive, Request, Scope, Send, send_error, send_json
+from .api.metrics import MetricsSampler
+from .auth import ACCESS_TOKEN_HEADER, TOKEN_EXEMPT, secrets_equal
+from .filesystem.service import FilesystemService
+from .gen.filesystem.filesystem_connect import FilesystemASGIApplication
+from .gen.process.process_connect import ProcessASGIApplication
+from .process.service import ProcessService
+from .rpc import codecs
+from .state import EnvdState
+
+logger = logging.getLogger("pmoves_e2b.envd")
+
+# Largest single Connect message (a SendInput chunk, a request); file bodies go over /files.
+RPC_READ_MAX_BYTES = 16 << 20
+
+
+class EnvdApp:
+    def __init__(self, state: EnvdState | None = None) -> None:
+        self.state = state or EnvdState.from_environment()
+        self.processes = ProcessService(self.state)
+        self.filesystem = FilesystemService(self.state)
+        self._metrics = MetricsSampler()
+        options: dict[str, Any] = {"codecs": codecs(), "compressions": (), "read_max_bytes": RPC_READ_MAX_BYTES}
+        self._rpc = {
+            "/process.Process/": ProcessASGIApplication(self.processes, **options),  # type: ignore[arg-type]
+            "/filesystem.Filesystem/": FilesystemASGIApplication(self.filesystem, **options),  # type: ignore[arg-type]
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if not self._token_ok(scope):
+            await send_error(send, 401, "unauthorized access, please provide a valid access token or method signing if supported")
+            return
+        for prefix, rpc_app in self._rpc.items():
+            if path.startswith(prefix):
+                await rpc_app(scope, receive, send)  # type: ignore[arg-type]
+                return
+        request = Request(scope, receive)
+        try:
+            await self._route(request, send)
+        except HTTPError as exc:
+            await send_error(send, exc.status, exc.message)
+
+    def _token_ok(self, scope: Scope) -> bool:
+        token = self.state.access_token
+        if token is None or (scope["method"], scope["path"]) in TOKEN_EXEMPT:
+            return True
+        for key, value in scope.get("headers", ()):
+            if key.lower() == ACCESS_TOKEN_HEADER.encode():
+                return secrets_equal(token, value.decode("latin-1"))
+        return False
+
+    async def _route(self, request: Request, send: Send) -> None:
+        match (request.method, request.path):
+            case ("GET", "/health"):
+                await routes.health(send)
+            case ("GET", "/files"):
+                await files.download(self.state, request, send)
+            case ("POST", "/files"):
+                await send_json(send, 200, await files.upload(self.state, request))
+            case ("GET", "/envs"):
+                await routes.envs(self.state, send)
+            case ("GET", "/metrics"):
+                await routes.metrics(self._metrics, send)
+            case ("POST", "/init"):
+                await routes.init(self.state, request, send)
+            case (_, "/health" | "/files" | "/envs" | "/metrics" | "/init"):
+                raise HTTPError(405, f"method {request.method} not allowed on {request.path}")
+            case _:
+                raise HTTPError(404, f"no such endpoint: {request.path}")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.processes.kill_all()
+                self.filesystem.close_all()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app() -> EnvdApp:
+    return EnvdApp()

@@ -1,0 +1,1 @@
+"""filesystem.Filesystem: stat, list, make, move, remove and watch paths."""

@@ -1,0 +1,1 @@
+"""process.Process: start, stream, signal and feed processes (one module per concern)."""
