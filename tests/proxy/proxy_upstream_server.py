@@ -147,6 +147,9 @@ async def stats(scope: Any, receive: Any, send: Any) -> None:
 
 async def websocket_echo(scope: Any, receive: Any, send: Any) -> None:
     await receive()  # websocket.connect
+    if scope["path"] != "/ws":
+        await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+        return
     offered = scope.get("subprotocols") or []
     await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
     while True:
