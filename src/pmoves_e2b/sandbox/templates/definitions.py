@@ -27,6 +27,17 @@ OS_PACKAGES = "python3 ca-certificates git curl sudo procps iproute2 less nodejs
 NPM_VERSION = "10.9.9"  # the newest npm that still runs on Debian's Node 18
 SANDBOX_USER, SANDBOX_UID = "user", 1000
 HOSTNAME = "sandbox"
+# Docs, man pages and translations are a fifth of the rootfs and nobody reads them in a sandbox.
+DPKG_SLIM = b"""\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
 
 ENVD_SITE = "/opt/pmoves/site"
 ENVD_BIN = "/opt/pmoves/bin/envd"
@@ -63,6 +74,7 @@ def _apt_config(ctx: BuildContext) -> None:
         (ctx.target / "etc/apt/sources.list").unlink(missing_ok=True)
     for path, content in ctx.host.apt_files.items():
         _write(ctx.target, path, content)
+    _write(ctx.target, "/etc/dpkg/dpkg.cfg.d/pmoves-slim", DPKG_SLIM)
     # No services start inside a build or a sandbox.
     _write(ctx.target, "/usr/sbin/policy-rc.d", b"#!/bin/sh\nexit 101\n", mode=0o755)
 
@@ -98,7 +110,10 @@ def _user(ctx: BuildContext) -> None:
 
 def _clean_os(ctx: BuildContext) -> None:
     ctx.chroot("apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
-               "/var/log/dpkg.log /var/cache/debconf/*-old /root/.npm")
+               "/var/log/dpkg.log /var/cache/debconf/*-old /root/.npm /usr/share/man/* /usr/share/info/* "
+               "/usr/share/groff/* /usr/share/lintian/* "
+               "&& find /usr/share/doc -type f ! -name copyright -delete "
+               "&& find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +")
     # debootstrap leaves its log and the package list it used.
     shutil.rmtree(ctx.target / "debootstrap", ignore_errors=True)
 
@@ -107,12 +122,12 @@ OS_LAYER = LayerSpec(
     name="os",
     steps=(
         Step("debootstrap Debian bookworm (minbase)", _debootstrap, f"{SUITE} minbase"),
-        Step("apt sources and options from the host", _apt_config, "policy-rc.d 101"),
+        Step("apt sources and options from the host", _apt_config, "policy-rc.d 101" + DPKG_SLIM.decode()),
         Step("apt install base packages", _apt_install, OS_PACKAGES),
         Step("trust the host's CA certificates", _trust_host_cas, "update-ca-certificates"),
         Step("npm from the npm registry", _npm, NPM_VERSION),
         Step("user 'user' (uid 1000, sudo), hostname, hosts", _user, f"{SANDBOX_USER} {SANDBOX_UID} {HOSTNAME} v1"),
-        Step("clean apt caches", _clean_os, "v1"),
+        Step("clean apt caches, docs, translations", _clean_os, "v2"),
     ),
     # A new proxy CA must reach the rootfs trust store; the mirror itself does not matter.
     inputs=lambda host: host.ca_fingerprint().encode() + host.npmrc.encode(),
