@@ -6,8 +6,9 @@ storage. It is created with ``no_ack``: otherwise JetStream answers every NATS *
 on an ``e2b.>`` subject with its own PubAck, racing the real responder of request subjects
 such as ``e2b.spell.execute.v1``. Messages are still stored; publishers use core publish.
 
-Publishing never raises into the caller: when NATS is down the event is logged and counted
-(``nats_publish_failures_total``).
+Publishing never raises into the caller because of NATS: when NATS is down the event is
+logged and counted (``nats_publish_failures_total``). A payload that breaks its subject's
+contract (``contracts/``) raises ``ContractError``: that is a bug in the caller, not an outage.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from pmoves_e2b.events import envelope, subjects
+from pmoves_e2b.events import envelope, schemas, subjects
 from pmoves_e2b.events.connection import EventConnection
 from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED, NATS_PUBLISHED
 
@@ -82,6 +83,7 @@ class EventPublisher:
             topic, payload, self.source,
             correlation_id=correlation_id, parent_id=parent_id, actor=actor, labels=labels,
         )
+        schemas.check_envelope(event)
         if not self.connection.connected:
             self._dropped(topic, "not connected")
             return None
