@@ -17,6 +17,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=49999)
     parser.add_argument("--cwd", default=Settings.default_cwd, help="working directory of new contexts")
     parser.add_argument("--envd-url", default=Settings.envd_url, help="envd base URL for GET /envs ('' to skip)")
+    parser.add_argument("--keepalive-seconds", type=float, default=Settings.keepalive_seconds,
+                        help="send a keepalive line after this long without output")
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -35,7 +37,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(default_cwd=args.cwd, envd_url=args.envd_url)
+    settings = Settings(default_cwd=args.cwd, envd_url=args.envd_url, keepalive_seconds=args.keepalive_seconds)
     config = uvicorn.Config(
         build_app(settings),
         log_level=args.log_level,
