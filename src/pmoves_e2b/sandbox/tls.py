@@ -41,12 +41,6 @@ class TlsFiles:
     key: Path  # server key (for uvicorn's ssl_keyfile)
     bundle: Path  # system CAs + ours: what clients put in SSL_CERT_FILE
 
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.cert, self.key)
-        context.set_alpn_protocols(["http/1.1"])
-        return context
-
 
 def tls_files(tls_dir: Path) -> TlsFiles:
     return TlsFiles(tls_dir / "ca.pem", tls_dir / "ca-key.pem", tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "bundle.pem")
