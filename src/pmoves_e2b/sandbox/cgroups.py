@@ -100,11 +100,26 @@ class SandboxCgroups:
     def populated(self) -> bool:
         return self._events().get("populated") == "1"
 
+    def frozen(self) -> bool:
+        return self._events().get("frozen") == "1"
+
+    def contains(self, pid: int) -> bool:
+        """True if ``pid`` is a process of this sandbox (guards against pid reuse)."""
+        try:
+            text = Path(f"/proc/{pid}/cgroup").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        own = "0::/" + str(self.unified.relative_to(CGROUP_ROOT / UNIFIED))
+        return own in text.splitlines()
+
     def freeze(self, frozen: bool, timeout: float = 5.0) -> None:
         want = "1" if frozen else "0"
         _write(self.unified / "cgroup.freeze", want)
         if not _wait(lambda: self._events().get("frozen") == want, timeout):
             raise CgroupError(f"cgroup {self.unified} did not reach frozen={want} within {timeout}s")
+
+    def wait_empty(self, timeout: float) -> bool:
+        return _wait(lambda: not self.populated(), timeout)
 
     def kill(self, timeout: float = 5.0) -> bool:
         """SIGKILL every process (frozen ones too) and wait until the groups are empty."""

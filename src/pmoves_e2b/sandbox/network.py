@@ -199,6 +199,12 @@ def destroy(net: SandboxNet) -> None:
         _run(["ip", "-force", "-batch", "-"], "".join(commands))
 
 
+def destroy_netns(name: str) -> None:
+    """Remove a sandbox netns known only by name (its veth goes with it)."""
+    if (NETNS_DIR / name).exists():
+        _run(["ip", "netns", "del", name])
+
+
 def internet_addresses() -> set[str]:
     proc = subprocess.run(
         ["nft", "list", "set", "inet", TABLE, "internet4"], capture_output=True, text=True

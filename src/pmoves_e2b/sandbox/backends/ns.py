@@ -1,0 +1,576 @@
+"""The default isolation backend ("ns"): bubblewrap + idmapped overlayfs + cgroups + netns.
+
+    backend = NsBackend(runtime_dir=data_dir / "sandboxes")
+    handle = await backend.create(spec)      # returns once envd accepts TCP on handle.address:49983
+    ...
+    await backend.destroy(handle)
+
+``NsBackend(runtime_dir, *, init_argv=ENVD_ARGV, pids_max=1024, ready_timeout=15.0)``:
+- ``runtime_dir``: parent of the per-sandbox dirs ``<runtime_dir>/<sandbox_id>/`` (normally
+  ``$E2B_DATA_DIR/sandboxes``). It is bind-mounted onto itself as a *shared* mount on first use so
+  that the overlay, mounted after bwrap has cloned its mount namespace, propagates into it.
+  Cgroup parents are named after it (``pmoves-e2b-<hash of runtime_dir>``), so several backends
+  (the service, tests) never touch each other's sandboxes.
+- ``init_argv``: the sandbox's first process (envd); started with ``ENVD_INIT_SECRET`` in its env.
+- ``pids_max``: pids.max (and RLIMIT_NPROC) per sandbox.
+
+What one sandbox is (recipe and measurements: reference/isolation-on-this-machine.md):
+- a slot ``k`` from a host-wide registry (/run/pmoves-e2b/slots) gives root-inside the host uid
+  range ``200000 + 65536*k`` and the routed /30 ``10.77.0.0/16 + 4k`` (see ``network.py``);
+- ``/`` is an overlayfs: the template layers, idmapped into the sandbox's own user namespace,
+  under an upper dir on a private tmpfs of ``spec.disk_mb``; envd's log is on that tmpfs too;
+- bwrap runs as host uid B in the sandbox's netns and cgroups (joined before exec, so the
+  cgroup namespace is rooted at the sandbox's group) with new user/pid/mount/ipc/uts/cgroup
+  namespaces, Docker's default capabilities, no_new_privs and the seccomp denylist;
+- it runs in its own session and is not tied to this process: a restarted service re-adopts a
+  handle (``is_alive``), and ``destroy`` reaps the launcher when it is our child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pmoves_e2b.sandbox import cgroups, network, seccomp
+from pmoves_e2b.sandbox.backends.base import (
+    ENVD_PORT,
+    BackendError,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStats,
+)
+from pmoves_e2b.sandbox.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.network import SandboxNet
+
+ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))
+UID_BASE = 200_000
+UID_RANGE = 65_536
+SLOTS_DIR = Path("/run/pmoves-e2b/slots")
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Docker's default set (0xa00405fb); everything else is dropped from the bounding set.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+)  # fmt: skip
+# Runs (as host root, inside the netns) between nsenter and setpriv: join the four cgroups so that
+# bwrap and everything it starts are accounted from the first instruction, then lower rlimits
+# (root here lacks CAP_SYS_RESOURCE, so they can only be set on the way down).
+JOIN_AND_LIMIT = (
+    'for f in "$1" "$2" "$3" "$4"; do echo $$ > "$f"; done; shift 4; '
+    'ulimit -c 0; ulimit -n "$NOFILE"; ulimit -p "$NPROC"; unset NOFILE NPROC; exec "$@"'
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+MS_NOSUID, MS_NODEV, MS_BIND, MS_SHARED = 0x2, 0x4, 0x1000, 1 << 20
+MNT_DETACH = 0x2
+SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
+AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
+MOUNT_ATTR_IDMAP = 0x100000
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(), str(target).encode(), fstype.encode() if fstype else None, flags,
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )  # fmt: skip
+
+
+def _umount(target: Path) -> None:
+    if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _idmapped_tree(path: str, userns_fd: int) -> int:
+    """A detached clone of ``path`` whose owners are shifted into the given user namespace."""
+    tree = _check(
+        _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
+        f"open_tree {path}",
+    )
+    attr = struct.pack("QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    try:
+        _check(
+            _libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, len(attr)),
+            f"idmap {path}",
+        )
+    except OSError:
+        os.close(tree)
+        raise
+    return tree
+
+
+def _is_shared_mountpoint(path: Path) -> bool:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(path):
+            optional = fields[6 : fields.index("-")]
+            return any(tag.startswith("shared:") for tag in optional)
+    return False
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class SlotRegistry:
+    """Host-wide slots; slot k = uid range + /30. A slot file holds its owner, made with O_EXCL."""
+
+    def __init__(self, directory: Path = SLOTS_DIR) -> None:
+        self.directory = directory
+
+    def allocate(self, sandbox_id: str, runtime_dir: Path) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        used = {int(name) for name in os.listdir(self.directory) if name.isdigit()}
+        owner = json.dumps({"sandbox_id": sandbox_id, "runtime_dir": str(runtime_dir)}).encode()
+        for slot in range(network.MAX_SLOTS):
+            if slot in used:
+                continue
+            try:
+                fd = os.open(self.directory / str(slot), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "wb") as out:
+                out.write(owner)
+            return slot
+        raise BackendError("no free sandbox slot (uid range / network) left on this host")
+
+    def owners(self) -> dict[int, dict[str, str]]:
+        result = {}
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return {}
+        for name in names:
+            if name.isdigit():
+                try:
+                    result[int(name)] = json.loads((self.directory / name).read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+        return result
+
+    def release(self, slot: int) -> None:
+        (self.directory / str(slot)).unlink(missing_ok=True)
+
+
+class NsBackend:
+    name = "ns"
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        *,
+        init_argv: tuple[str, ...] = ENVD_ARGV,
+        pids_max: int = 1024,
+        ready_timeout: float = 15.0,
+        slots: SlotRegistry | None = None,
+    ) -> None:
+        self.runtime_dir = Path(runtime_dir).resolve()
+        self.init_argv = tuple(init_argv)
+        self.pids_max = pids_max
+        self.ready_timeout = ready_timeout
+        self.slots = slots or SlotRegistry()
+        tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
+        self.cgroup_parents = cgroups.parent_dirs(f"pmoves-e2b-{tag}")
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._cpu_samples: dict[str, tuple[float, int]] = {}
+        self._setup_lock = threading.Lock()
+        self._host_ready = False
+
+    # --- host setup -------------------------------------------------------------------------
+
+    def _ensure_host_setup(self) -> None:
+        with self._setup_lock:
+            if self._host_ready:
+                return
+            self.runtime_dir.mkdir(parents=True, exist_ok=True)
+            self.runtime_dir.chmod(0o711)  # bwrap (host uid B) must traverse it
+            for ancestor in self.runtime_dir.parents:
+                if not ancestor.stat().st_mode & 0o001:
+                    raise BackendError(
+                        f"{ancestor} is not searchable by other users (mode o+x), so sandboxes under "
+                        f"{self.runtime_dir} cannot reach their root; chmod o+x {ancestor}"
+                    )
+            if not _is_shared_mountpoint(self.runtime_dir):
+                _mount(str(self.runtime_dir), self.runtime_dir, None, MS_BIND)
+                _mount("none", self.runtime_dir, None, MS_SHARED)
+            network.ensure_host_setup()
+            seccomp.denylist_bpf()
+            self._host_ready = True
+
+    def close(self) -> None:
+        """Undo the host setup of this runtime dir if no sandbox is left in it (tests, shutdown)."""
+        with self._setup_lock:
+            if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
+                return
+            cgroups.remove_parents(self.cgroup_parents)
+            if _is_shared_mountpoint(self.runtime_dir):
+                _umount(self.runtime_dir)
+            self._host_ready = False
+
+    # --- the Backend interface ---------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        return await asyncio.to_thread(self.create_sync, spec)
+
+    async def pause(self, handle: SandboxHandle) -> None:
+        await asyncio.to_thread(self._cgroups(handle).freeze, True)
+        handle.state = "paused"
+
+    async def resume(self, handle: SandboxHandle) -> None:
+        await asyncio.to_thread(self._cgroups(handle).freeze, False)
+        handle.state = "running"
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        await asyncio.to_thread(self.destroy_sync, handle)
+
+    async def stats(self, handle: SandboxHandle) -> SandboxStats:
+        return await asyncio.to_thread(self.stats_sync, handle)
+
+    async def is_alive(self, handle: SandboxHandle) -> bool:
+        return self._cgroups(handle).populated()
+
+    async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
+        return await asyncio.to_thread(self.cleanup_orphans_sync, known_ids)
+
+    # --- create ------------------------------------------------------------------------------
+
+    def create_sync(self, spec: SandboxSpec) -> SandboxHandle:
+        if not SANDBOX_ID.match(spec.sandbox_id):
+            raise BackendError(f"invalid sandbox id {spec.sandbox_id!r}: use 1-63 of [A-Za-z0-9_-]")
+        if not spec.template.layers:
+            raise BackendError(f"template {spec.template.name!r} has no layers")
+        for layer in spec.template.layers:
+            if not Path(layer).is_dir():
+                raise BackendError(f"template {spec.template.name!r}: layer {layer} is not a directory")
+        if spec.memory_mb < 16 or spec.disk_mb < 1 or spec.cpu_count <= 0:
+            raise BackendError("memory_mb must be >= 16, disk_mb >= 1 and cpu_count > 0")
+        self._ensure_host_setup()
+
+        sandbox_dir = self.runtime_dir / spec.sandbox_id
+        try:
+            sandbox_dir.mkdir(mode=0o711)
+        except FileExistsError:
+            raise BackendError(f"sandbox {spec.sandbox_id} already exists") from None
+        details: dict[str, Any] = {"runtime_dir": str(sandbox_dir), "created_at": time.time()}
+        try:
+            slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
+            net = SandboxNet.for_slot(slot, spec.sandbox_id)
+            cg = SandboxCgroups.under(self.cgroup_parents, spec.sandbox_id)
+            details.update(
+                slot=slot,
+                uid_base=UID_BASE + UID_RANGE * slot,
+                netns=net.netns,
+                host_veth=net.host_veth,
+                host_address=net.host_address,
+                cgroups=cg.to_dict(),
+                allow_internet=spec.allow_internet,
+                memory_mb=spec.memory_mb,
+                cpu_count=spec.cpu_count,
+                disk_mb=spec.disk_mb,
+            )
+            _write_json(sandbox_dir / "state.json", details)
+            cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
+            network.create(net, spec.allow_internet)
+            self._launch(spec, details, sandbox_dir, cg, net)
+            _write_json(sandbox_dir / "state.json", details)
+            self._wait_ready(spec.sandbox_id, net.address, sandbox_dir)
+        except BaseException as exc:
+            log_tail = _tail(sandbox_dir / "rw" / "envd.log")
+            self._teardown(spec.sandbox_id, details)
+            if isinstance(exc, BackendError):
+                raise BackendError(f"{exc}{log_tail}") from exc
+            if isinstance(exc, Exception):
+                raise BackendError(f"sandbox {spec.sandbox_id} failed to start: {exc}{log_tail}") from exc
+            raise
+        return SandboxHandle(
+            sandbox_id=spec.sandbox_id,
+            backend=self.name,
+            address=net.address,
+            init_secret=spec.init_secret,
+            details=details,
+        )
+
+    def _launch(
+        self, spec: SandboxSpec, details: dict[str, Any], sandbox_dir: Path, cg: SandboxCgroups, net: SandboxNet
+    ) -> None:
+        uid_base = details["uid_base"]
+        merged, rw = sandbox_dir / "m", sandbox_dir / "rw"
+        merged.mkdir()
+        rw.mkdir(mode=0o700)
+        _mount("tmpfs", rw, "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec.disk_mb}m,mode=0700")
+        upper, work = rw / "u", rw / "w"
+        upper.mkdir()
+        work.mkdir()
+        os.chown(upper, uid_base, uid_base)
+        upper.chmod(0o755)
+
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        seccomp_r = seccomp.bpf_pipe()
+        nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        nproc = min(self.pids_max, resource.getrlimit(resource.RLIMIT_NPROC)[1])
+        caps = [arg for cap in CAPABILITIES for arg in ("--cap-add", cap)]
+        argv = [
+            "/usr/bin/nsenter", f"--net={net.netns_path}", "--",
+            "/bin/sh", "-c", JOIN_AND_LIMIT, "sh", *map(str, cg.procs_files()),
+            "/usr/bin/setpriv", f"--reuid={uid_base}", f"--regid={uid_base}", "--clear-groups", "--",
+            "/usr/bin/bwrap",
+            "--unshare-user", "--uid", "0", "--gid", "0",
+            "--info-fd", str(info_w), "--userns-block-fd", str(block_r), "--seccomp", str(seccomp_r),
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+            "--hostname", "e2b",
+            "--bind", str(merged), "/", "--proc", "/proc", "--dev", "/dev",
+            "--cap-drop", "ALL", *caps,
+            "--new-session", "--chdir", "/",
+            "--", *self.init_argv,
+        ]  # fmt: skip
+        env = {
+            "PATH": SANDBOX_PATH,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "ENVD_INIT_SECRET": spec.init_secret,
+            "NOFILE": str(nofile),
+            "NPROC": str(nproc),
+        }
+        log_fd = os.open(rw / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(info_w, block_r, seccomp_r),
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            for fd in (log_fd, info_w, block_r, seccomp_r):
+                os.close(fd)
+        self._children[spec.sandbox_id] = proc
+        details["pid"] = proc.pid
+        try:
+            info = _read_until_eof(info_r, timeout=self.ready_timeout)
+            if not info:
+                raise BackendError(f"sandbox {spec.sandbox_id}: bwrap exited before creating the sandbox")
+            child = int(json.loads(info)["child-pid"])
+            details["child_pid"] = child
+            for name in ("uid_map", "gid_map"):
+                Path(f"/proc/{child}/{name}").write_text(f"0 {uid_base} {UID_RANGE}\n")
+            userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            trees: list[int] = []
+            try:
+                for layer in spec.template.layers:
+                    trees.append(_idmapped_tree(layer, userns))
+                lower = ":".join(f"/proc/self/fd/{tree}" for tree in trees)
+                _mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+            finally:
+                for fd in (userns, *trees):
+                    os.close(fd)
+            os.write(block_w, b"1")  # bwrap continues: mounts, pivot_root, exec of envd
+        finally:
+            os.close(info_r)
+            os.close(block_w)
+
+    def _wait_ready(self, sandbox_id: str, address: str, sandbox_dir: Path) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        proc = self._children.get(sandbox_id)
+        delay = 0.001
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+                try:
+                    sock.connect((address, ENVD_PORT))
+                    return
+                except OSError:
+                    pass
+            if proc is not None and proc.poll() is not None:
+                raise BackendError(f"sandbox {sandbox_id}: envd exited before listening (rc {proc.returncode})")
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"sandbox {sandbox_id}: envd did not listen on {address}:{ENVD_PORT} "
+                    f"within {self.ready_timeout:.0f}s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.01)
+
+    # --- destroy / cleanup -------------------------------------------------------------------
+
+    def destroy_sync(self, handle: SandboxHandle) -> None:
+        self._teardown(handle.sandbox_id, handle.details)
+
+    def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
+        """Remove every trace; each step tolerates parts that are already gone (idempotent)."""
+        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
+        if "cgroups" in details:
+            cg = SandboxCgroups.from_dict(details["cgroups"])
+        else:
+            cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
+        if self._kill_init(cg, details.get("child_pid")):
+            cg.wait_empty(timeout=1.0)
+        cg.kill()
+        self._reap(sandbox_id, details.get("pid"))
+        cg.remove()
+        self._cpu_samples.pop(sandbox_id, None)
+        _umount(sandbox_dir / "m")
+        _umount(sandbox_dir / "rw")
+        slot = details.get("slot")
+        if slot is not None:
+            network.destroy(SandboxNet.for_slot(slot, sandbox_id))
+        else:
+            network.destroy_netns(network.NETNS_PREFIX + sandbox_id)
+        if sandbox_dir.exists():
+            for mountpoint in (sandbox_dir / "m", sandbox_dir / "rw"):
+                if os.path.ismount(mountpoint):
+                    raise BackendError(f"{mountpoint} is still mounted; not removing {sandbox_dir}")
+            shutil.rmtree(sandbox_dir)
+        if slot is not None:
+            self.slots.release(slot)
+
+    @staticmethod
+    def _kill_init(cg: SandboxCgroups, child_pid: int | None) -> bool:
+        """SIGKILL the sandbox's pid 1 first: the kernel ends its whole pid namespace and bwrap
+        (its parent, outside) reaps it and exits, so no zombie is left to a lazy host init."""
+        if child_pid is None or not cg.contains(child_pid):
+            return False  # gone, or the pid now belongs to an unrelated process
+        if cg.frozen():
+            cg.freeze(False)  # bwrap must run to reap its child
+        try:
+            os.kill(child_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _reap(self, sandbox_id: str, pid: int | None) -> None:
+        """Collect the exited launcher if it is our child (ours, or re-parented to us)."""
+        proc = self._children.pop(sandbox_id, None)
+        if proc is not None:
+            proc.wait()
+            return
+        if pid is None:
+            return
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+    def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
+        """Tear down what belongs to this runtime dir but to no known sandbox."""
+        self._ensure_host_setup()
+        candidates: set[str] = set()
+        if self.runtime_dir.exists():
+            candidates.update(entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir())
+        candidates.update(cgroups.child_names(self.cgroup_parents))
+        my_slots: dict[str, int] = {}
+        for slot, owner in self.slots.owners().items():
+            if owner.get("runtime_dir") == str(self.runtime_dir):
+                my_slots[owner["sandbox_id"]] = slot
+        candidates.update(my_slots)
+        removed = []
+        for sandbox_id in sorted(candidates - known_ids):
+            details = self._load_details(sandbox_id)
+            if "slot" not in details and sandbox_id in my_slots:
+                details["slot"] = my_slots[sandbox_id]
+            self._teardown(sandbox_id, details)
+            removed.append(sandbox_id)
+        return removed
+
+    def _load_details(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def stats_sync(self, handle: SandboxHandle) -> SandboxStats:
+        """CPU % (of the sandbox's CPUs) since the previous call, or since creation on the first one."""
+        cg = self._cgroups(handle)
+        cpu_count = float(handle.details.get("cpu_count", 1))
+        now, usage = time.time(), cg.cpu_usage_usec()
+        last_time, last_usage = self._cpu_samples.get(
+            handle.sandbox_id, (float(handle.details.get("created_at", now)), 0)
+        )
+        self._cpu_samples[handle.sandbox_id] = (now, usage)
+        elapsed = max(now - last_time, 1e-3)
+        cpu_pct = min(100.0, max(0.0, (usage - last_usage) / 1e6 / elapsed / cpu_count * 100))
+        mem_used, mem_total = cg.memory_usage()
+        disk = os.statvfs(Path(handle.details["runtime_dir"]) / "rw")
+        return SandboxStats(
+            cpu_count=cpu_count,
+            cpu_used_pct=round(cpu_pct, 2),
+            mem_used_bytes=mem_used,
+            mem_total_bytes=mem_total,
+            disk_used_bytes=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+            disk_total_bytes=disk.f_blocks * disk.f_frsize,
+        )
+
+    def _cgroups(self, handle: SandboxHandle) -> SandboxCgroups:
+        try:
+            return SandboxCgroups.from_dict(handle.details["cgroups"])
+        except KeyError:
+            raise BackendError(f"handle of sandbox {handle.sandbox_id} has no cgroups (not from the ns backend?)")
+
+
+def _read_until_eof(fd: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendError(f"bwrap did not report its child within {timeout:.0f}s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - limit))
+            text = log.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"\n--- envd log (tail) ---\n{text}" if text else ""

@@ -1,0 +1,73 @@
+"""What a sandbox of the ns backend can and cannot see or do (real namespaces, as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import Sandboxes, listening_socket_in_netns, Responder
+
+from pmoves_e2b.sandbox.backends.ns import UID_BASE, UID_RANGE
+
+CAPS_DOCKER_DEFAULT = 0xA00405FB
+
+
+def _status(sandboxes: Sandboxes, handle, uid: int) -> dict[str, str]:
+    out = sandboxes.run(handle, "/bin/cat", "/proc/self/status", uid=uid)["stdout"]
+    return dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+
+
+def test_sandbox_sees_only_its_own_processes_and_files(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    marker = tmp_path / "host-only-marker"
+    marker.write_text("secret")
+    handle = sandboxes.create()
+
+    pids = sandboxes.python(handle, "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    inside = json.loads(pids["stdout"])
+    # pid 1 (bwrap's init), the agent, the python just started: nothing from the host
+    assert 1 in inside and len(inside) <= 5, inside
+    ps = sandboxes.run(handle, "/bin/ps", "-e", "-o", "comm=")["stdout"].split()
+    assert "pytest" not in " ".join(ps) and "process_api" not in ps, ps
+
+    seen = sandboxes.python(
+        handle,
+        f"import os; print(os.path.exists('/work'), os.path.exists({str(marker)!r}), os.path.exists('/run/netns'))",
+    )["stdout"].split()
+    assert seen == ["False", "False", "False"]
+    assert sandboxes.run(handle, "/bin/hostname")["stdout"].strip() != os.uname().nodename
+
+
+def test_root_inside_is_not_host_root(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    uid_base = handle.details["uid_base"]
+    assert uid_base >= UID_BASE and (uid_base - UID_BASE) % UID_RANGE == 0
+
+    # on the host every sandbox process runs under the mapped, unprivileged uid range
+    cgroup_procs = Path(handle.details["cgroups"]["pids"], "cgroup.procs").read_text().split()
+    host_uids = {int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]) for pid in cgroup_procs}
+    assert host_uids and all(uid_base <= uid < uid_base + UID_RANGE for uid in host_uids), host_uids
+
+    root = _status(sandboxes, handle, uid=0)
+    assert root["Uid"].split()[0] == "0"
+    assert int(root["CapEff"], 16) == CAPS_DOCKER_DEFAULT
+    assert int(root["CapBnd"], 16) == CAPS_DOCKER_DEFAULT
+    assert root["NoNewPrivs"] == "1" and root["Seccomp"] == "2"
+    user = _status(sandboxes, handle, uid=1000)
+    assert int(user["CapEff"], 16) == 0 and user["Uid"].split()[0] == "1000"
+
+    # root inside may change its own rootfs ...
+    assert sandboxes.run(handle, "/bin/sh", "-c", "echo 10.9.9.9 extra >> /etc/hosts")["rc"] == 0
+    # ... but not the kernel, mounts or namespaces
+    sysctl = sandboxes.run(handle, "/bin/sh", "-c", "echo sandbox > /proc/sys/kernel/hostname")
+    assert sysctl["rc"] != 0
+    mount = sandboxes.run(handle, "/bin/mount", "-t", "tmpfs", "none", "/mnt")
+    assert mount["rc"] != 0 and "denied" in mount["stderr"].lower() or "not permitted" in mount["stderr"].lower()
+    unshare = sandboxes.run(handle, "/usr/bin/unshare", "-U", "-r", "/bin/true")
+    assert unshare["rc"] != 0
+    # the template (shared by every sandbox) is never written: the change lives in the upper layer
+    for layer in sandboxes.template.layers:
+        assert "10.9.9.9" not in (Path(layer) / "etc/hosts").read_text() if (Path(layer) / "etc/hosts").exists() else True
+    upper_hosts = Path(handle.details["runtime_dir"], "rw/u/etc/hosts")
+    assert "10.9.9.9" in upper_hosts.read_text()
+    assert upper_hosts.stat().st_uid == uid_base

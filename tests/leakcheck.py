@@ -1,0 +1,70 @@
+"""What a sandbox backend may leave behind on the host, for tests to assert on.
+
+``ns_leftovers`` lists remains of ns-backend sandboxes that belong to one runtime dir (and the
+slots the test used): netns, veths, mounts, dirs, cgroups, slot files, nft set elements and
+processes running under the slots' uid ranges. An empty list means nothing leaked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pmoves_e2b.sandbox import network
+from pmoves_e2b.sandbox.backends.ns import SLOTS_DIR, UID_BASE, UID_RANGE, SlotRegistry
+
+
+def _mountpoints_under(root: Path) -> list[str]:
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mountpoint = line.split()[4]
+        if mountpoint.startswith(f"{root}/"):
+            found.append(mountpoint)
+    return found
+
+
+def _processes_in_uid_ranges(slots: set[int]) -> list[str]:
+    ranges = [(UID_BASE + UID_RANGE * s, UID_BASE + UID_RANGE * (s + 1)) for s in slots]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = int(fields["Uid"].split()[0])
+        # a zombie holds nothing but its pid and is reaped by its parent (the host's init here)
+        zombie = fields["State"].split()[0] == "Z"
+        if not zombie and any(low <= uid < high for low, high in ranges):
+            found.append(f"process {entry} uid {uid}")
+    return found
+
+
+def ns_leftovers(
+    runtime_dir: Path,
+    cgroup_parents: dict[str, Path],
+    id_prefix: str,
+    slots: set[int],
+    include_host_setup: bool = False,
+) -> list[str]:
+    """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``."""
+    runtime_dir = runtime_dir.resolve()
+    left: list[str] = []
+    left += [f"netns {name}" for name in network.list_netns() if name.startswith(network.NETNS_PREFIX + id_prefix)]
+    left += [f"veth e2bh{s}" for s in slots if Path(f"/sys/class/net/e2bh{s}").exists()]
+    left += [f"mount {m}" for m in _mountpoints_under(runtime_dir)]
+    if runtime_dir.exists():
+        left += [f"dir {p}" for p in runtime_dir.iterdir()]
+    left += [f"cgroup {p / n}" for p in cgroup_parents.values() if p.exists() for n in os.listdir(p) if (p / n).is_dir()]
+    if include_host_setup:
+        left += [f"cgroup parent {p}" for p in cgroup_parents.values() if p.exists()]
+        if any(line.split()[4] == str(runtime_dir) for line in Path("/proc/self/mountinfo").read_text().splitlines()):
+            left.append(f"mount {runtime_dir}")
+    owners = SlotRegistry(SLOTS_DIR).owners()
+    left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
+    addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
+    left += [f"nft internet4 {a}" for a in sorted(addresses & network.internet_addresses())]
+    left += _processes_in_uid_ranges(slots)
+    return left
