@@ -21,7 +21,7 @@ from .definitions import LAYERS, TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, TemplateSpec, layer_id
-from .rootfs import remove_tree
+from .rootfs import remove_tree, run_in_layers
 from .store import layers_dir, write_record
 
 LOG_TAIL_LINES = 25
@@ -101,6 +101,9 @@ class TemplateBuilder:
         spec = self.spec(template)
         with self._lock():
             results = {name: self._ensure_layer(name, force) for name in self.build_order(template)}
+            layer_paths = [str(results[name].path) for name in spec.layers]
+            if spec.check and any(result.built for result in results.values()):
+                self._check(template, spec.check, layer_paths)
             write_record(self.templates_dir, template, {
                 "name": spec.name,
                 "layers": [self.layer_id(name) for name in spec.layers],
@@ -113,7 +116,21 @@ class TemplateBuilder:
             })
         return [results[name] for name in self.build_order(template)]
 
+    def check(self, template: str) -> None:
+        """Run the template's check in its built rootfs (raises TemplateBuildError)."""
+        spec = self.spec(template)
+        if spec.check:
+            self._check(template, spec.check, [str(layers_dir(self.templates_dir) / self.layer_id(n)) for n in spec.layers])
+
     # ---- internals ----
+
+    def _check(self, template: str, command: str, layers: Sequence[str]) -> None:
+        result = run_in_layers(command, layers)
+        if result.returncode != 0:
+            raise TemplateBuildError(
+                f"template {template}: the built rootfs fails its check (exit {result.returncode}):\n"
+                f"{command}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

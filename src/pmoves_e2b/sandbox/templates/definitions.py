@@ -42,7 +42,9 @@ path-include /usr/share/locale/locale.alias
 ENVD_SITE = "/opt/pmoves/site"
 ENVD_BIN = "/opt/pmoves/bin/envd"
 # envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
-ENVD_REQUIREMENTS = ("connectrpc>=0.12,<0.14", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1")
+# httptools and uvloop: envd's uvicorn picks them up when present (faster HTTP parsing and loop).
+ENVD_REQUIREMENTS = ("connectrpc>=0.12,<0.14", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1", "httptools>=0.6,<1",
+                     "uvloop>=0.19,<1")
 TARGET_PYTHON = "3.11"
 # pip does not widen --platform: name every manylinux tag bookworm's glibc 2.36 accepts.
 TARGET_PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 37)))
@@ -272,13 +274,20 @@ INTERPRETER_LAYER = LayerSpec(
 
 LAYERS: dict[str, LayerSpec] = {spec.name: spec for spec in (OS_LAYER, ENVD_LAYER, KERNELS_LAYER, INTERPRETER_LAYER)}
 
+ENVD_CHECK = (f"test -x {ENVD_BIN} && PYTHONPATH={ENVD_SITE} python3 -c 'import pmoves_e2b.envd, uvicorn, connectrpc' "
+              f"&& id -u {SANDBOX_USER} | grep -qx {SANDBOX_UID} && runuser -u {SANDBOX_USER} -- sudo -n true "
+              "&& node --version && npm --version && git --version && curl --version")
+KERNEL_NAMES = ("python3", "bash", "deno", "ir")
+
 TEMPLATES: dict[str, TemplateSpec] = {
-    "base": TemplateSpec(name="base", layers=("envd", "os")),
+    "base": TemplateSpec(name="base", layers=("envd", "os"), check=ENVD_CHECK),
     "code-interpreter-v1": TemplateSpec(
         name="code-interpreter-v1",
         layers=("interpreter", "kernels", "envd", "os"),
         start_cmd=f"{VENV}/bin/python -m pmoves_e2b.interpreter --host 0.0.0.0 --port {INTERPRETER_PORT}",
         ready_port=INTERPRETER_PORT,
+        check=f"{ENVD_CHECK} && {VENV}/bin/python -c 'import pmoves_e2b.interpreter' && jupyter kernelspec list "
+              f"| awk '{{print $1}}' > /tmp/kernels && for k in {' '.join(KERNEL_NAMES)}; do grep -qx $k /tmp/kernels; done",
     ),
 }
 

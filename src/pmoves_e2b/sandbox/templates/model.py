@@ -58,6 +58,8 @@ class TemplateSpec:
     ready_port: int = 0
     user: str = "user"
     workdir: str = "/home/user"
+    # Bash run as root in the finished rootfs after a build; non-zero exit fails the build.
+    check: str = ""
 
 
 def layer_id(spec: LayerSpec, host: HostConfig, parent_ids: Sequence[str]) -> str:
