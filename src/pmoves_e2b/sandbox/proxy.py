@@ -220,6 +220,7 @@ class Upstream:
         self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.idle_since = 0.0
         self.reused = False
+        self.closed = False
 
     def write(self, event: h11.Event) -> None:
         data = self.http.send(event)
@@ -238,9 +239,11 @@ class Upstream:
             self.http.receive_data(data)
 
     def reusable(self) -> bool:
-        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE and not self.reader.at_eof()
+        done = self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+        return done and not self.closed and not self.reader.at_eof()
 
     def abort(self) -> None:
+        self.closed = True
         self.writer.transport.abort()
 
 
@@ -319,6 +322,9 @@ class RequestBody:
         self.kept_size = 0
         self.complete = False
         self.client_gone = False
+        # Set once the response is fully handed to the ASGI server, which from then on
+        # answers receive() with http.disconnect although the client is still there.
+        self.response_done = False
 
     async def pump(self, upstream: Upstream) -> None:
         try:
@@ -354,8 +360,9 @@ class RequestBody:
             self.kept.append(body)
 
     def _client_left(self, upstream: Upstream) -> None:
-        self.client_gone = True
-        upstream.abort()
+        if not self.response_done:
+            self.client_gone = True
+            upstream.abort()
 
     @property
     def replayable(self) -> bool:
@@ -510,6 +517,7 @@ class SandboxProxy:
                 elif isinstance(event, h11.Data):
                     await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
                 elif isinstance(event, h11.EndOfMessage):
+                    body.response_done = True
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
                 # InformationalResponse (100 Continue): the ASGI server already answered the client.
@@ -597,16 +605,20 @@ async def forward_refused_handshake(scope: Scope, send: Send, response: Any) -> 
 async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Send) -> None:
     """Copy messages both ways until either side closes, then close the other side alike."""
 
-    async def client_to_sandbox() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.receive":
-                data = message.get("bytes")
-                await upstream.send(data if data is not None else message.get("text", ""))
-            elif message["type"] == "websocket.disconnect":
-                code = message.get("code", 1000)
-                await upstream.close(code if code not in (1005, 1006) else 1000, message.get("reason") or "")
-                return
+    async def client_to_sandbox() -> bool:
+        """Returns True when the client left, False when the sandbox side broke."""
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.receive":
+                    data = message.get("bytes")
+                    await upstream.send(data if data is not None else message.get("text", ""))
+                elif message["type"] == "websocket.disconnect":
+                    code = message.get("code", 1000)
+                    await upstream.close(code if code not in (1005, 1006) else 1000, message.get("reason") or "")
+                    return True
+        except websockets.ConnectionClosed:
+            return False
 
     async def sandbox_to_client() -> None:
         try:
@@ -620,13 +632,17 @@ async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Se
         code = upstream.close_code if upstream.close_code not in (None, 1005, 1006) else 1000
         await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
 
-    tasks = [asyncio.create_task(client_to_sandbox()), asyncio.create_task(sandbox_to_client())]
+    to_sandbox = asyncio.create_task(client_to_sandbox())
+    to_client = asyncio.create_task(sandbox_to_client())
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((to_sandbox, to_client), return_when=asyncio.FIRST_COMPLETED)
+        if to_sandbox.done() and not to_sandbox.result():
+            # The sandbox closed while the client was sending: pass its close code on.
+            await asyncio.wait((to_client,), timeout=5)
     finally:
-        for task in tasks:
+        for task in (to_sandbox, to_client):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(to_sandbox, to_client, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------------------------
