@@ -54,7 +54,11 @@ import pytest
 from pmoves_e2b.config import SERVICES, SERVICES_BY_KEY, default_data_dir
 
 # Extra settings for every test stack (name -> value). Keep it small: each entry changes every stack test.
-STACK_TEST_ENV: dict[str, str] = {}
+STACK_TEST_ENV: dict[str, str] = {
+    # e2b-mcp-server's health probes Agent Zero; the default (agent-zero:8080) would send DNS
+    # queries off the machine. A closed loopback port answers "unreachable" at once.
+    "AGENT_ZERO_URL": "http://127.0.0.1:9",
+}
 
 PORT_VARS = {
     "sandbox": "E2B_SANDBOX_PORT",
