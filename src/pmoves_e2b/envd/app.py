@@ -7,7 +7,11 @@ connectrpc applications (generated stubs in ``gen/``), everything else to ``api/
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 
 from .api import files, routes
 from .api.http import HTTPError, Receive, Request, Scope, Send, send_error, send_json
@@ -17,7 +21,7 @@ from .filesystem.service import FilesystemService
 from .gen.filesystem.filesystem_connect import FilesystemASGIApplication
 from .gen.process.process_connect import ProcessASGIApplication
 from .process.service import ProcessService
-from .rpc import codecs
+from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
 
 logger = logging.getLogger("pmoves_e2b.envd")
@@ -50,13 +54,32 @@ class EnvdApp:
             return
         for prefix, rpc_app in self._rpc.items():
             if path.startswith(prefix):
-                await rpc_app(scope, receive, send)  # type: ignore[arg-type]
+                await self._serve_rpc(rpc_app, scope, receive, send)
                 return
         request = Request(scope, receive)
         try:
             await self._route(request, send)
         except HTTPError as exc:
             await send_error(send, exc.status, exc.message)
+
+    @staticmethod
+    async def _serve_rpc(rpc_app: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        callbacks: list[Callable[[], None]] = []
+        DISCONNECT_CALLBACKS.set(callbacks)
+
+        async def watched_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                for callback in callbacks:
+                    callback()
+            return message
+
+        try:
+            await rpc_app(scope, watched_receive, send)
+        except ConnectError as exc:
+            # A stream cut by the client or by shutdown: the response is already finished.
+            if exc.code != Code.CANCELED:
+                raise
 
     def _token_ok(self, scope: Scope) -> bool:
         token = self.state.access_token

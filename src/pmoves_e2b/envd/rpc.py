@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from connectrpc.code import Code
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
     from connectrpc.request import RequestContext
 
     from .state import EnvdState
+
+# Callbacks run when the client of the current request disconnects (set per request by app.py):
+# connectrpc notices a gone client only when the next message is sent, so idle streams
+# (a quiet process, a watch) register here to end at once instead of at the next keepalive.
+DISCONNECT_CALLBACKS: ContextVar[list[Callable[[], None]] | None] = ContextVar("envd_disconnect", default=None)
 
 KEEPALIVE_HEADER = "keepalive-ping-interval"
 DEFAULT_KEEPALIVE_SECONDS = 90.0
@@ -99,3 +106,9 @@ def keepalive_interval(ctx: RequestContext) -> float:
     except ValueError:
         return DEFAULT_KEEPALIVE_SECONDS
     return seconds if seconds > 0 else DEFAULT_KEEPALIVE_SECONDS
+
+
+def on_client_disconnect(callback: Callable[[], None]) -> None:
+    callbacks = DISCONNECT_CALLBACKS.get()
+    if callbacks is not None:
+        callbacks.append(callback)

@@ -36,7 +36,7 @@ from ..gen.filesystem.filesystem_pb import (
     WatchDirRequest,
     WatchDirResponse,
 )
-from ..rpc import connect_error, keepalive_interval, request_user, resolve
+from ..rpc import connect_error, keepalive_interval, on_client_disconnect, request_user, resolve
 from ..users import ensure_dirs
 from .entry import entry_info
 from .watch import Watcher, is_network_mount
@@ -147,8 +147,9 @@ class FilesystemService:
 
     async def watch_dir(self, request: WatchDirRequest, ctx: RequestContext) -> AsyncIterator[WatchDirResponse]:
         path = self._path(request.path, ctx)
-        queue: asyncio.Queue[FilesystemEvent] = asyncio.Queue()
+        queue: asyncio.Queue[FilesystemEvent | None] = asyncio.Queue()
         watcher = self._watch(path, request.recursive, request.include_entry, request.allow_network_mounts, queue.put_nowait)
+        on_client_disconnect(lambda: queue.put_nowait(None))
         interval = keepalive_interval(ctx)
         try:
             yield WatchDirResponse(event=Oneof("start", WatchDirResponse.StartEvent()))
@@ -159,6 +160,8 @@ class FilesystemService:
                 except TimeoutError:
                     yield WatchDirResponse(event=Oneof("keepalive", WatchDirResponse.KeepAlive()))
                     continue
+                if event is None:
+                    return
                 yield WatchDirResponse(event=Oneof("filesystem", event))
         finally:
             watcher.close()

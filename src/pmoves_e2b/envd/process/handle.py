@@ -90,7 +90,7 @@ class ProcessHandle:
         self.config = config
         self.tag = tag
         self._loop = asyncio.get_running_loop()
-        self._subscribers: set[asyncio.Queue[ProcessEvent]] = set()
+        self._subscribers: set[asyncio.Queue[ProcessEvent | None]] = set()
         self._outputs: dict[int, str] = {}
         self._stdin_fd: int | None = None
         self._pty_fd: int | None = None
@@ -151,12 +151,12 @@ class ProcessHandle:
 
     # --- subscriptions -------------------------------------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[ProcessEvent]:
-        queue: asyncio.Queue[ProcessEvent] = asyncio.Queue()
+    def subscribe(self) -> asyncio.Queue[ProcessEvent | None]:
+        queue: asyncio.Queue[ProcessEvent | None] = asyncio.Queue()
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[ProcessEvent]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[ProcessEvent | None]) -> None:
         self._subscribers.discard(queue)
 
     def on_end(self, callback: Callable[[ProcessHandle], None]) -> None:

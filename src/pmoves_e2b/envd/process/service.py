@@ -35,7 +35,7 @@ from ..gen.process.process_pb import (
     UpdateRequest,
     UpdateResponse,
 )
-from ..rpc import connect_error, keepalive_interval, request_user, resolve
+from ..rpc import connect_error, keepalive_interval, on_client_disconnect, request_user, resolve
 from .handle import InputError, ProcessHandle, SpawnSpec, build_env
 
 if TYPE_CHECKING:
@@ -98,9 +98,10 @@ class ProcessService:
 
     @staticmethod
     async def _events(
-        handle: ProcessHandle, queue: asyncio.Queue[ProcessEvent], interval: float
+        handle: ProcessHandle, queue: asyncio.Queue[ProcessEvent | None], interval: float
     ) -> AsyncIterator[ProcessEvent]:
-        """Yield the start event, then data/keepalive until the end event."""
+        """Yield the start event, then data/keepalive until the end event or the client leaves."""
+        on_client_disconnect(lambda: queue.put_nowait(None))
         yield ProcessEvent(event=Oneof("start", ProcessEvent.StartEvent(pid=handle.pid)))
         try:
             while True:
@@ -113,6 +114,8 @@ class ProcessService:
                     except TimeoutError:
                         yield ProcessEvent(event=_KEEPALIVE)
                         continue
+                if event is None:
+                    return
                 yield event
                 if event.event is not None and event.event.field == "end":
                     return
