@@ -43,7 +43,8 @@ ENVD_SITE = "/opt/pmoves/site"
 ENVD_BIN = "/opt/pmoves/bin/envd"
 # envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
 # httptools and uvloop: envd's uvicorn picks them up when present (faster HTTP parsing and loop).
-ENVD_REQUIREMENTS = ("connectrpc>=0.12,<0.14", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1", "httptools>=0.6,<1",
+# connectrpc is pinned to the version that generated envd/gen (its MethodInfo changed in 0.13).
+ENVD_REQUIREMENTS = ("connectrpc==0.12.1", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1", "httptools>=0.6,<1",
                      "uvloop>=0.19,<1")
 TARGET_PYTHON = "3.11"
 # pip does not widen --platform: name every manylinux tag bookworm's glibc 2.36 accepts.
@@ -97,7 +98,8 @@ def _npm(ctx: BuildContext) -> None:
         raise TemplateBuildError("npm is needed on the host to put npm into the rootfs: apt-get install npm")
     ctx.run(["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix", str(ctx.target / "usr/local"),
              f"npm@{NPM_VERSION}"])
-    _write(ctx.target, "/usr/local/etc/npmrc", ctx.host.npmrc.encode())
+    # npm's global prefix follows node (/usr/bin/node): global installs and its config live under /usr.
+    _write(ctx.target, "/usr/etc/npmrc", ctx.host.npmrc.encode())
 
 
 def _user(ctx: BuildContext) -> None:
@@ -127,7 +129,7 @@ OS_LAYER = LayerSpec(
         Step("apt sources and options from the host", _apt_config, "policy-rc.d 101" + DPKG_SLIM.decode()),
         Step("apt install base packages", _apt_install, OS_PACKAGES),
         Step("trust the host's CA certificates", _trust_host_cas, "update-ca-certificates"),
-        Step("npm from the npm registry", _npm, NPM_VERSION),
+        Step("npm from the npm registry", _npm, NPM_VERSION + " /usr/etc/npmrc"),
         Step("user 'user' (uid 1000, sudo), hostname, hosts", _user, f"{SANDBOX_USER} {SANDBOX_UID} {HOSTNAME} v1"),
         Step("clean apt caches, docs, translations", _clean_os, "v2"),
     ),
@@ -221,7 +223,7 @@ def _deno(ctx: BuildContext) -> None:
     ctx.chroot(f"npm install -g --no-audit --no-fund deno@{DENO_VERSION} && npm cache clean --force")
     # SIGINT kills deno's kernel: interrupts must go as messages. NO_COLOR keeps text/plain clean.
     spec = {
-        "argv": ["/usr/local/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
+        "argv": ["/usr/bin/deno", "jupyter", "--kernel", "--conn", "{connection_file}"],
         "display_name": "Deno (JavaScript, TypeScript)",
         "language": "typescript",
         "interrupt_mode": "message",
@@ -250,7 +252,7 @@ KERNELS_LAYER = LayerSpec(
         Step("pip install Jupyter kernels and server deps", _pip_kernels, KERNEL_PACKAGES + SERVER_PACKAGES),
         Step("pip install the data stack", _pip_data, DATA_PACKAGES),
         Step("kernelspecs python3 and bash (fast launcher)", _kernelspecs, BASH_FAST),
-        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " message NO_COLOR"),
+        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " /usr/bin message NO_COLOR"),
         Step("IRkernel kernelspec", _r_kernel, "ir"),
         Step("font caches, clean up", _warm_caches, "v1"),
     ),
