@@ -342,7 +342,8 @@ class NsBackend:
         block_r, block_w = os.pipe()
         seccomp_r = seccomp.bpf_pipe()
         nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
-        nproc = min(self.pids_max, resource.getrlimit(resource.RLIMIT_NPROC)[1])
+        # pids.max is the per-sandbox cap; RLIMIT_NPROC (per uid) only bounds a single user inside
+        nproc = min(max(4096, self.pids_max), resource.getrlimit(resource.RLIMIT_NPROC)[1])
         caps = [arg for cap in CAPABILITIES for arg in ("--cap-add", cap)]
         argv = [
             "/usr/bin/nsenter", f"--net={net.netns_path}", "--",

@@ -1,0 +1,165 @@
+"""Lifecycle of ns sandboxes: pause/resume, survival of the creating process, re-adoption,
+orphan cleanup, stats and clean failures."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Sandboxes
+
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, TemplateImage
+from pmoves_e2b.sandbox.backends.ns import NsBackend
+
+COUNTER = (
+    "import time\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    open('/tmp/counter.tmp', 'w').write(str(n))\n"
+    "    __import__('os').replace('/tmp/counter.tmp', '/tmp/counter')\n"
+    "    time.sleep(0.01)\n"
+)
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_pause_freezes_and_resume_thaws(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    started = sandboxes.run(
+        handle, "/bin/sh", "-c", f"/usr/bin/python3 -c \"{COUNTER}\" </dev/null >/dev/null 2>&1 &"
+    )
+    assert started["rc"] == 0, started
+    counter = Path(handle.details["runtime_dir"], "rw/u/tmp/counter")  # the upper layer, seen from the host
+
+    def value() -> int:
+        try:
+            return int(counter.read_text() or 0)
+        except FileNotFoundError:
+            return 0
+
+    assert wait_for(lambda: value() > 3)
+    backend = sandboxes.backend
+    asyncio.run(backend.pause(handle))
+    assert handle.state == "paused"
+    frozen_at = value()
+    time.sleep(0.3)  # an observation window, not a synchronisation
+    assert value() == frozen_at
+    assert asyncio.run(backend.is_alive(handle))
+    asyncio.run(backend.resume(handle))
+    assert handle.state == "running"
+    assert wait_for(lambda: value() > frozen_at + 3)
+
+
+def test_destroy_of_a_paused_sandbox_leaves_nothing(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    asyncio.run(sandboxes.backend.pause(handle))
+    sandboxes.destroy(handle)
+    assert not asyncio.run(sandboxes.backend.is_alive(handle))
+
+
+CREATOR = """
+import asyncio, json, sys, time
+from pathlib import Path
+from pmoves_e2b.sandbox.backends.base import SandboxSpec, TemplateImage
+from pmoves_e2b.sandbox.backends.ns import NsBackend
+args = json.loads(sys.argv[1])
+spec = SandboxSpec(**{**args["spec"], "template": TemplateImage(**args["template"])})
+handle = asyncio.run(NsBackend(Path(args["runtime_dir"])).create(spec))
+print(json.dumps(handle.to_dict()), flush=True)
+time.sleep(600)
+"""
+
+
+def test_sandbox_survives_sigkill_of_its_creator_and_is_adopted(sandboxes: Sandboxes) -> None:
+    spec = sandboxes.spec()
+    template = dataclasses.asdict(spec.template)
+    payload = {
+        "runtime_dir": str(sandboxes.backend.runtime_dir),
+        "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "template"},
+        "template": {**template, "layers": list(template["layers"])},
+    }
+    creator = subprocess.Popen(
+        [sys.executable, "-c", CREATOR, json.dumps(payload)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        line = creator.stdout.readline()
+        assert line, creator.stderr.read().decode()
+        handle = SandboxHandle.from_dict(json.loads(line))
+        sandboxes.track(handle)
+    finally:
+        creator.send_signal(signal.SIGKILL)
+        creator.wait(timeout=10)
+        creator.stdout.close()
+        creator.stderr.close()
+
+    # a new backend instance (a restarted service) finds it alive and working
+    adopter = NsBackend(sandboxes.backend.runtime_dir)
+    assert asyncio.run(adopter.is_alive(handle))
+    assert sandboxes.run(handle, "/bin/echo", "still here")["stdout"].strip() == "still here"
+    asyncio.run(adopter.destroy(handle))
+    assert not asyncio.run(adopter.is_alive(handle))
+
+
+def test_cleanup_orphans_removes_only_unknown_sandboxes(sandboxes: Sandboxes) -> None:
+    kept = sandboxes.create()
+    orphan = sandboxes.create(allow_internet=True)
+    removed = asyncio.run(NsBackend(sandboxes.backend.runtime_dir).cleanup_orphans({kept.sandbox_id}))
+    assert removed == [orphan.sandbox_id]
+    assert not asyncio.run(sandboxes.backend.is_alive(orphan))
+    assert asyncio.run(sandboxes.backend.is_alive(kept))
+    with socket.create_connection((kept.address, ENVD_PORT), timeout=5):
+        pass
+
+
+def test_stats_report_cpu_memory_and_disk(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create(memory_mb=256, cpu_count=1.0, disk_mb=64)
+    backend = sandboxes.backend
+    asyncio.run(backend.stats(handle))  # starts the CPU window
+    busy = sandboxes.python(
+        handle,
+        "import time\nx = bytearray(30 * 1024 * 1024)\nx[::4096] = b'y' * len(x[::4096])\n"
+        "open('/tmp/blob', 'wb').write(b'z' * 5 * 1024 * 1024)\n"
+        "end = time.time() + 0.3\nwhile time.time() < end: pass",
+    )
+    assert busy["rc"] == 0, busy
+    stats = asyncio.run(backend.stats(handle))
+    assert stats.cpu_count == 1.0 and 0 < stats.cpu_used_pct <= 100
+    assert stats.mem_total_bytes == 256 * 1024 * 1024 and 0 < stats.mem_used_bytes < stats.mem_total_bytes
+    assert stats.disk_total_bytes == 64 * 1024 * 1024 and stats.disk_used_bytes >= 5 * 1024 * 1024
+
+
+def test_create_failures_are_clear_and_leave_nothing(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    backend = sandboxes.backend
+    with pytest.raises(BackendError, match="invalid sandbox id"):
+        asyncio.run(backend.create(sandboxes.spec(sandbox_id="../escape")))
+    missing = TemplateImage(name="gone", layers=(str(tmp_path / "missing"),))
+    with pytest.raises(BackendError, match="not a directory"):
+        asyncio.run(backend.create(sandboxes.spec(template=missing)))
+    # a template whose envd exits at once: the error carries envd's log
+    broken_layer = tmp_path / "broken"
+    envd = broken_layer / "opt/pmoves/bin/envd"
+    envd.parent.mkdir(parents=True)
+    envd.write_text("#!/bin/sh\necho envd-cannot-start >&2\nexit 3\n")
+    envd.chmod(0o755)
+    broken = TemplateImage(name="broken", layers=(str(broken_layer), *sandboxes.template.layers[1:]))
+    with pytest.raises(BackendError, match="envd-cannot-start"):
+        asyncio.run(backend.create(sandboxes.spec(template=broken)))
+    assert sandboxes.handles == []
+    assert os.listdir(backend.runtime_dir) == []

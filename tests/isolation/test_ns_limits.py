@@ -1,0 +1,70 @@
+"""Resource limits of ns sandboxes: memory, pids and disk are contained inside the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from conftest import Sandboxes
+
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+from pmoves_e2b.sandbox.backends.ns import NsBackend
+from pmoves_e2b.sandbox.cgroups import SandboxCgroups
+
+
+def agent_answers(handle) -> bool:
+    with socket.create_connection((handle.address, ENVD_PORT), timeout=5):
+        return True
+
+
+def test_memory_limit_kills_inside_only(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create(memory_mb=128)
+    neighbour = sandboxes.create()
+    hog = sandboxes.python(handle, "x = b'x' * (400 * 1024 * 1024); print(len(x))")
+    assert hog["rc"] == -9, hog  # SIGKILL by the OOM killer of the sandbox's memory cgroup
+    assert SandboxCgroups.from_dict(handle.details["cgroups"]).oom_kills() >= 1
+    # the sandbox itself, its neighbour and the host carry on
+    assert agent_answers(handle) and agent_answers(neighbour)
+    fits = sandboxes.python(handle, "x = b'x' * (40 * 1024 * 1024); print(len(x))")
+    assert fits["rc"] == 0 and fits["stdout"].strip() == str(40 * 1024 * 1024)
+
+
+def test_fork_bomb_is_contained(sandboxes: Sandboxes) -> None:
+    small = NsBackend(sandboxes.backend.runtime_dir, pids_max=64)
+    handle = sandboxes.create(backend=small)
+    bomb = """
+import os, signal, time
+children = []
+try:
+    while len(children) < 1000:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+except OSError as exc:
+    print(len(children), type(exc).__name__)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+"""
+    result = sandboxes.python(handle, bomb, uid=1000)
+    count, error = result["stdout"].split()
+    assert int(count) < 64 and error == "BlockingIOError", result
+    events = Path(handle.details["cgroups"]["pids"], "pids.events").read_text()
+    assert int(events.split()[1]) >= 1
+    assert agent_answers(handle)
+    assert sandboxes.run(handle, "/bin/true")["rc"] == 0
+
+
+def test_disk_limit_gives_enospc(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create(disk_mb=32)
+    fill = sandboxes.run(handle, "/bin/dd", "if=/dev/zero", "of=/home/user/fill", "bs=1M", "count=100", uid=1000)
+    assert fill["rc"] != 0 and "No space left on device" in fill["stderr"], fill
+    stats = asyncio.run(sandboxes.backend.stats(handle))
+    assert stats.disk_total_bytes == 32 * 1024 * 1024
+    assert stats.disk_used_bytes >= 30 * 1024 * 1024
+    # the host's disk is untouched: the upper layer is the sandbox's own tmpfs
+    assert sandboxes.run(handle, "/bin/rm", "/home/user/fill")["rc"] == 0
+    assert sandboxes.run(handle, "/bin/sh", "-c", "echo ok > /tmp/ok")["rc"] == 0

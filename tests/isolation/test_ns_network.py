@@ -1,0 +1,103 @@
+"""Network policy of ns sandboxes: the host reaches in; sandboxes reach neither the host, nor each
+other, nor private ranges, and the (fake) internet only with allow_internet."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+from conftest import FAKE_INTERNET_HOST_IP, FAKE_INTERNET_SERVER_IP, Responder, Sandboxes, listening_socket_in_netns
+
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+
+PROBE = """
+import json, socket, sys
+results = []
+for host, port in json.loads(sys.argv[1]):
+    try:
+        with socket.create_connection((host, port), timeout=1.5) as sock:
+            sock.settimeout(1.5)
+            results.append("open:" + sock.recv(100).decode().strip())
+    except OSError as exc:
+        results.append(type(exc).__name__)
+print(json.dumps(results))
+"""
+
+
+def probe(sandboxes: Sandboxes, handle, targets: list[tuple[str, int]]) -> list[str]:
+    result = sandboxes.run(handle, "/usr/bin/python3", "-c", PROBE, json.dumps(targets))
+    assert result["rc"] == 0, result
+    return json.loads(result["stdout"])
+
+
+def test_sandbox_cannot_reach_host_services(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    loopback = Responder(listening_socket_in_netns(None, "127.0.0.1"))
+    anywhere = Responder(listening_socket_in_netns(None, "0.0.0.0"))
+    try:
+        results = probe(
+            sandboxes,
+            handle,
+            [
+                ("127.0.0.1", loopback.port),  # the sandbox's own loopback, not the host's
+                (handle.details["host_address"], anywhere.port),  # the host end of its veth
+                (handle.details["host_address"], loopback.port),
+            ],
+        )
+        assert not any(r.startswith("open") for r in results), results
+        assert loopback.peers == [] and anywhere.peers == []
+    finally:
+        loopback.close()
+        anywhere.close()
+
+
+def test_sandboxes_cannot_reach_each_other_but_the_host_reaches_both(sandboxes: Sandboxes) -> None:
+    first = sandboxes.create()
+    second = sandboxes.create()
+    assert first.address != second.address
+    for handle in (first, second):
+        with socket.create_connection((handle.address, ENVD_PORT), timeout=5):
+            pass
+    results = probe(sandboxes, first, [(second.address, ENVD_PORT), (second.details["host_address"], ENVD_PORT)])
+    assert not any(r.startswith("open") for r in results), results
+
+
+def test_host_reaches_any_port_and_root_binds_low_ports(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    server = (
+        "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        "s.bind(('0.0.0.0', 80)); s.listen(1); print('listening', flush=True); c, _ = s.accept(); "
+        "c.sendall(b'from-sandbox'); c.close()"
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(sandboxes.python(handle, server, timeout=20)))
+    thread.start()
+    try:
+        received = b""
+        for _ in range(200):  # bounded: the server needs a moment to start
+            try:
+                with socket.create_connection((handle.address, 80), timeout=2) as sock:
+                    received = sock.recv(100)
+                break
+            except ConnectionRefusedError:
+                threading.Event().wait(0.02)
+        assert received == b"from-sandbox"
+    finally:
+        thread.join(timeout=30)
+    assert result.get("rc") == 0, result
+
+
+def test_internet_only_when_allowed(sandboxes: Sandboxes, fake_internet: Responder) -> None:
+    target = [(FAKE_INTERNET_SERVER_IP, fake_internet.port)]
+    offline = sandboxes.create(allow_internet=False)
+    online = sandboxes.create(allow_internet=True)
+
+    assert not probe(sandboxes, offline, target)[0].startswith("open")
+    # the fake internet sees the host's address (masquerade), never the sandbox's
+    assert probe(sandboxes, online, target) == [f"open:hello {FAKE_INTERNET_HOST_IP}"]
+    assert fake_internet.peers == [FAKE_INTERNET_HOST_IP]
+
+    # internet access does not open the host or other sandboxes
+    results = probe(sandboxes, online, [(offline.address, ENVD_PORT), (online.details["host_address"], ENVD_PORT)])
+    assert not any(r.startswith("open") for r in results), results
