@@ -73,7 +73,8 @@ class EventConnection:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if not self.client.is_closed:
+        # nats-py can only close a client whose first connect completed.
+        if self._connected.is_set() and not self.client.is_closed:
             try:
                 await asyncio.wait_for(self.client.close(), 2)
             except (asyncio.TimeoutError, nats.errors.Error, OSError):

@@ -1,0 +1,162 @@
+"""events/: envelope, background connection, JetStream stream, publisher (real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+from conftest import free_ports
+
+from pmoves_e2b.config import load_settings
+from pmoves_e2b.events import envelope
+from pmoves_e2b.events.connection import EventConnection, connect, redact_url
+from pmoves_e2b.events.embedded import server_args
+from pmoves_e2b.events.publisher import STREAM_NAME, EventPublisher, ensure_stream
+from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED
+
+
+class NatsServer:
+    def __init__(self, tmp_path: Path) -> None:
+        port, monitor = free_ports(2)
+        self.settings = load_settings(e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(server_args(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        url = f"http://127.0.0.1:{self.settings.e2b_nats_monitor_port}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise TimeoutError("nats-server did not become ready")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture()
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_envelope_round_trip_has_the_contract_fields() -> None:
+    event = envelope.build("e2b.sandbox.created.v1", {"sandbox_id": "abc"}, "e2b-sandbox",
+                           correlation_id="req-1", labels=["ci"])
+    data = json.loads(event.to_bytes())
+    assert set(data) == {"id", "topic", "ts", "version", "source", "payload", "correlation_id", "labels"}
+    assert data["version"] == "v1" and data["ts"].endswith("Z")
+    assert envelope.parse(event.to_bytes(), "ignored") == event
+
+
+def test_flat_legacy_request_is_wrapped_with_its_request_id() -> None:
+    raw = b'{"request_id": "r-42", "agent_id": "agent-zero", "duration": 3600, "memory_mb": 2048}'
+    event = envelope.parse(raw, "e2b.desktop.request.v1")
+    assert event.legacy and event.topic == "e2b.desktop.request.v1"
+    assert event.correlation_id == "r-42" and event.actor == "agent-zero"
+    assert event.payload["duration"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"id": "1", "topic": "t", "ts": "x", "version": "v9", "source": "s", "payload": {}}', "unsupported envelope version"),
+        (b'{"topic": "t", "version": "v1", "payload": {}}', "missing id, ts, source"),
+        (b'{"id": "1", "topic": "t", "ts": "x", "version": "v1", "source": "s", "payload": {}, "x": 1}', "unknown field(s) x"),
+    ],
+)
+def test_malformed_messages_are_rejected_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(envelope.EnvelopeError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        envelope.parse(raw, "e2b.spell.execute.v1")
+
+
+def test_redact_url_drops_credentials() -> None:
+    assert redact_url("nats://u:p@nats:4222,nats://x:y@other:4223") == "nats://nats:4222,nats://other:4223"
+
+
+def test_publishing_while_nats_is_down_never_raises(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        connection = EventConnection(f"nats://127.0.0.1:{free_ports(1)[0]}", "test")
+        connection.start()
+        try:
+            publisher = EventPublisher(connection, "test")
+            before = NATS_PUBLISH_FAILED.labels("e2b.sandbox.killed.v1")._value.get()
+            assert await publisher.publish_lifecycle("killed", "sbx1", "base", {}) is None
+            assert NATS_PUBLISH_FAILED.labels("e2b.sandbox.killed.v1")._value.get() == before + 1
+        finally:
+            await connection.close()
+
+    asyncio.run(scenario())
+
+
+def test_connection_made_before_the_server_starts_connects_later(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path)
+
+    async def scenario() -> None:
+        connection = connect(server.settings, "late-test")
+        try:
+            assert not connection.connected
+            await asyncio.to_thread(server.start)
+            assert await connection.wait_connected(timeout=15)
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_responder(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        connection = connect(nats_server.settings, "e2b-sandbox")
+        connection.on_connect(ensure_stream)
+        client = await nats.connect(nats_server.settings.nats_server_url)
+        try:
+            assert await connection.wait_connected(timeout=10)
+            await ensure_stream(connection.client)  # idempotent, also when it exists already
+            publisher = EventPublisher(connection, "e2b-sandbox")
+            sent = await publisher.publish_lifecycle("timeout", "sbx-1", "base", {"owner": "ci"}, reason="timeout reached",
+                                                     correlation_id="req-9")
+            assert sent is not None
+            js = client.jetstream()
+            info = await js.stream_info(STREAM_NAME)
+            assert info.config.max_age == 7 * 24 * 3600 and info.config.max_bytes == 1024**3
+            # A consumer that was not running when the event was published still gets it.
+            subscription = await js.pull_subscribe("e2b.sandbox.>", durable="late-consumer", stream=STREAM_NAME)
+            [message] = await subscription.fetch(1, timeout=5)
+            event = envelope.parse(message.data, message.subject)
+            assert message.subject == "e2b.sandbox.timeout.v1" and event.id == sent.id
+            assert event.payload == {"sandbox_id": "sbx-1", "template": "base", "metadata": {"owner": "ci"},
+                                     "reason": "timeout reached"}
+            assert event.correlation_id == "req-9" and event.source == "e2b-sandbox"
+
+            async def respond(msg: nats.aio.msg.Msg) -> None:
+                await msg.respond(b"answered")
+
+            await client.subscribe("e2b.spell.execute.v1", queue="spells", cb=respond)
+            reply = await client.request("e2b.spell.execute.v1", b"{}", timeout=5)
+            assert reply.data == b"answered"  # not a JetStream PubAck
+        finally:
+            await client.close()
+            await connection.close()
+
+    asyncio.run(scenario())
