@@ -23,6 +23,7 @@ from .gen.process.process_connect import ProcessASGIApplication
 from .process.service import ProcessService
 from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
+from .users import UnknownUserError, lookup_user, username_from_basic_auth
 
 logger = logging.getLogger("pmoves_e2b.envd")
 
@@ -64,6 +65,10 @@ class EnvdApp:
 
     @staticmethod
     async def _serve_rpc(rpc_app: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = _basic_auth_refusal(scope)
+        if refusal is not None:
+            await send_json(send, 401, {"code": "unauthenticated", "message": refusal})
+            return
         callbacks: list[Callable[[], None]] = []
         DISCONNECT_CALLBACKS.set(callbacks)
 
@@ -119,6 +124,19 @@ class EnvdApp:
                 self.filesystem.close_all()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _basic_auth_refusal(scope: Scope) -> str | None:
+    """Like E2B's authn middleware: a named user must exist, for every RPC."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"authorization":
+            try:
+                name = username_from_basic_auth(value.decode("latin-1"))
+                if name is not None:
+                    lookup_user(name)
+            except UnknownUserError as exc:
+                return str(exc)
+    return None
 
 
 def create_app() -> EnvdApp:

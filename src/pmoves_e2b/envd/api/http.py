@@ -40,7 +40,8 @@ class Request:
             self.raw_headers.append((name, text))
         try:
             query = scope.get("query_string", b"").decode()
-            self.query = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+            parsed = parse_qs(query, keep_blank_values=True, errors="strict")
+            self.query = {k: v[-1] for k, v in parsed.items()}
         except UnicodeDecodeError:
             self.query = {}
             self.bad_query = True
