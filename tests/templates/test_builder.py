@@ -219,3 +219,18 @@ def test_builtin_envd_change_moves_only_the_envd_layer_id(tmp_path: Path, monkey
     (package / "interpreter" / "__init__.py").write_text("# changed too\n")
     assert {name for name in order if TemplateBuilder(tmp_path, host=host).layer_id(name) != ids[name]} == {
         "envd", "interpreter"}
+
+
+def test_stale_layers_and_prune_of_older_builds(world) -> None:
+    inputs, builder, root = world
+    builder().build("mini")
+    old = load_template("mini", root)
+    (inputs / "top.txt").write_text("top v2")
+    record_layers = [Path(p).name for p in old.layers]
+    assert builder().stale_layers("mini", record_layers) == ["top"]
+    builder().build("mini")
+    assert builder().prune() == [Path(old.layers[0])]
+    assert not Path(old.layers[0]).exists()
+    new = load_template("mini", root)
+    assert all(Path(p).is_dir() for p in new.layers)
+    assert builder().prune() == []

@@ -122,6 +122,32 @@ class TemplateBuilder:
         if spec.check:
             self._check(template, spec.check, [str(layers_dir(self.templates_dir) / self.layer_id(n)) for n in spec.layers])
 
+    def stale_layers(self, template: str, record_layers: Sequence[str]) -> list[str]:
+        """Names of the template's layers whose inputs changed since ``record_layers`` were built."""
+        return [name for name in self.spec(template).layers if self.layer_id(name) not in record_layers]
+
+    def prune(self) -> list[Path]:
+        """Delete layers no template record points at (older builds) and return them.
+
+        Only safe while no sandbox still runs on such a layer: the control plane keeps no
+        lock on layers, so run it when sandboxes of older builds are gone.
+        """
+        root = layers_dir(self.templates_dir)
+        removed: list[Path] = []
+        with self._lock():
+            referenced = {
+                layer
+                for path in self.templates_dir.glob("*.json")
+                for layer in json.loads(path.read_text()).get("layers", [])
+            }
+            for path in sorted(root.iterdir()) if root.is_dir() else []:
+                if path.is_dir() and not path.name.startswith(".") and path.name not in referenced:
+                    remove_tree(path)
+                    path.with_name(f"{path.name}.json").unlink(missing_ok=True)
+                    (self.templates_dir / "logs" / f"{path.name}.log").unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
+
     # ---- internals ----
 
     def _check(self, template: str, command: str, layers: Sequence[str]) -> None:

@@ -89,13 +89,26 @@ def build(
 def list_command(templates_dir: TemplatesDirOption = None) -> None:
     """Show the built templates."""
     root = templates_dir or default_templates_dir()
-    table = Table("template", "layers (topmost first)", "size", "built at", "start command")
+    table = Table("template", "status", "layers (topmost first)", "size", "built at", "start command")
     built = {image.name: image for image in list_templates(root)}
+    builder = TemplateBuilder(root)
     for name in sorted(set(built) | set(TEMPLATES)):
         if name not in built:
-            table.add_row(name, "[yellow]not built[/]", "", "", "")
+            table.add_row(name, "[yellow]not built[/]", "", "", "", "")
             continue
         record = read_record(root, name)
-        table.add_row(name, "\n".join(record["layers"]), f"{record.get('size_bytes', 0) / 1e6:.0f} MB",
+        stale = builder.stale_layers(name, record["layers"]) if name in TEMPLATES else []
+        status = f"[yellow]stale: {', '.join(stale)} changed[/]" if stale else "[green]up to date[/]"
+        table.add_row(name, status, "\n".join(record["layers"]), f"{record.get('size_bytes', 0) / 1e6:.0f} MB",
                       record.get("built_at", ""), record.get("start_cmd", ""))
     Console().print(table)
+
+
+@app.command()
+def prune(templates_dir: TemplatesDirOption = None) -> None:
+    """Delete layers of older builds that no template uses (stop sandboxes of older builds first)."""
+    root = templates_dir or default_templates_dir()
+    removed = TemplateBuilder(root).prune()
+    for path in removed:
+        console.print(f"removed {path.name}")
+    console.print(f"{len(removed)} unused layer(s) removed from {root}")

@@ -1,0 +1,117 @@
+"""The real templates, checked from inside their layered rootfs (overlay + chroot).
+
+They are built in the shared templates dir (`make build-e2b` does it before the tests; here
+the build is a no-op when nothing changed, and only the changed layers otherwise).
+"""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pmoves_e2b.sandbox.templates.builder import TemplateBuilder
+from pmoves_e2b.sandbox.templates.rootfs import mounts_under, run_in_layers
+from pmoves_e2b.sandbox.templates.store import default_templates_dir, load_template
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def templates_dir() -> Path:
+    root = default_templates_dir()
+    builder = TemplateBuilder(root)
+    for name in ("base", "code-interpreter-v1"):
+        builder.build(name)
+    return root
+
+
+def run(template: str, templates_dir: Path, command: str, timeout: float = 120) -> str:
+    result = run_in_layers(command, load_template(template, templates_dir).layers, timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    assert not mounts_under(Path("/tmp")) or all("pmoves-verify" not in m for m in mounts_under(Path("/tmp")))
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_base_has_user_1000_with_passwordless_sudo(templates_dir: Path) -> None:
+    out = run("base", templates_dir, "getent passwd user; id -g user; runuser -u user -- sudo -n id -u")
+    assert out.splitlines() == ["user:x:1000:1000::/home/user:/bin/bash", "1000", "0"]
+
+
+def test_base_has_the_tools_users_expect(templates_dir: Path) -> None:
+    out = run("base", templates_dir, "python3 --version; node --version; npm --version; git --version; "
+              "curl --version | head -1; ps --version; ip -V; cat /etc/hostname")
+    for expected in ("Python 3.11", "v18.", "10.9.9", "git version", "curl 7", "procps-ng", "iproute2", "sandbox"):
+        assert expected in out
+
+
+def test_base_trusts_the_hosts_ca_certificates(templates_dir: Path) -> None:
+    host_certs = sorted(p.name for p in Path("/usr/local/share/ca-certificates").glob("*.crt"))
+    out = run("base", templates_dir, "ls /usr/local/share/ca-certificates; ls /etc/ssl/certs | wc -l")
+    assert out.split()[:-1] == host_certs
+
+
+def test_envd_starts_from_its_launcher_and_answers_http(templates_dir: Path) -> None:
+    port = free_port()
+    out = run("base", templates_dir, textwrap.dedent(f"""\
+        /opt/pmoves/bin/envd --host 127.0.0.1 --port {port} >/tmp/envd.log 2>&1 &
+        for i in $(seq 100); do
+          code=$(curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/health || true)
+          [ "$code" != 000 ] && break; sleep 0.1
+        done
+        echo "health $code"; kill %1
+        """))
+    assert out.split()[-1] in ("200", "204"), out
+
+
+def test_code_interpreter_has_the_kernels_and_the_server(templates_dir: Path) -> None:
+    image = load_template("code-interpreter-v1", templates_dir)
+    assert image.ready_port == 49999 and "pmoves_e2b.interpreter" in image.start_cmd
+    assert image.layers[-2:] == load_template("base", templates_dir).layers  # built on base
+    out = run("code-interpreter-v1", templates_dir,
+              "jupyter kernelspec list; python -c 'import pmoves_e2b.interpreter, numpy, pandas, scipy, sklearn, "
+              "matplotlib, seaborn, plotly, sympy, bs4, openpyxl, PIL, requests, orjson, nbformat, e2b_charts'")
+    kernels = {line.split()[0] for line in out.splitlines()[1:]}
+    assert {"python3", "bash", "deno", "ir"} <= kernels
+
+
+KERNEL_SMOKE = '''
+import sys
+from jupyter_client.manager import start_new_kernel
+
+cells = {"python3": "6*7", "bash": "echo $((6*7))", "deno": "const x: number = 6; x * 7", "ir": "cat(6*7)"}
+for name, code in cells.items():
+    km, kc = start_new_kernel(kernel_name=name, startup_timeout=60)
+    try:
+        texts = []
+        kc.execute(code, allow_stdin=False)
+        while True:
+            msg = kc.get_iopub_msg(timeout=30)
+            content = msg["content"]
+            if msg["msg_type"] == "stream":
+                texts.append(content["text"])
+            elif msg["msg_type"] in ("execute_result", "display_data"):
+                texts.append(content["data"].get("text/plain", ""))
+            elif msg["msg_type"] == "status" and content["execution_state"] == "idle" and texts:
+                break
+        print(name, "".join(texts).strip())
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+'''
+
+
+def test_every_kernel_runs_a_cell_as_the_sandbox_user(templates_dir: Path) -> None:
+    out = run("code-interpreter-v1", templates_dir,
+              f"cd /home/user && runuser -u user -- env HOME=/home/user PATH=$PATH python - <<'EOF'\n{KERNEL_SMOKE}\nEOF",
+              timeout=300)
+    results = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0] in ("python3", "bash", "deno", "ir"))
+    assert results == {"python3": "42", "bash": "42", "deno": "42", "ir": "42"}, out
