@@ -10,8 +10,9 @@ Prints ``ready`` once every port is bound. Endpoints:
 - ``POST /sink``: ``{"size", "sha256"}`` of the body
 - ``GET /download?size=N``: N bytes of a fixed pattern, streamed
 - ``GET /stream``: ``first`` at once, then holds the response open until the client leaves
-- ``GET /stats``: counters (stream disconnects)
+- ``GET /stats``: counters (clients that left a stream or an upload)
 - WebSocket ``/ws``: echo; ``"headers?"`` answers the handshake headers; ``"close-me"`` closes 4001
+- port 8081: answers one request per connection, then drops the connection at the next one
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from urllib.parse import parse_qs
 import uvicorn
 
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
-STATS = {"stream_disconnects": 0, "streams_open": 0}
+STATS = {"stream_disconnects": 0, "streams_open": 0, "upload_disconnects": 0}
+FLAKY_PORT = 8081
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -95,6 +97,7 @@ async def chunks(scope: Any, receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            STATS["upload_disconnects"] += 1
             return
         body = message.get("body", b"")
         total += len(body)
@@ -182,18 +185,38 @@ HANDLERS = {
 }
 
 
-def main() -> None:
-    address, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
+async def answer_once_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive in name only: answers the first request, then drops the connection at the
+    next one without answering -- what a sandbox server closing an idle connection looks like
+    to a proxy that reuses it at that moment."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        body = await reader.readexactly(length)
+        answer = json.dumps({"request": head.split(b"\r\n")[0].decode(), "body": body.decode()}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+        await reader.readuntil(b"\r\n\r\n")  # the second request on this connection
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+
+
+async def serve(address: str, ports: list[int]) -> None:
     sockets = []
     for port in ports:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
         sockets.append(sock)
+    flaky = await asyncio.start_server(answer_once_per_connection, address, FLAKY_PORT)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
-    server = uvicorn.Server(config)
     print("ready", flush=True)
-    asyncio.run(server.serve(sockets=sockets))
+    async with flaky:
+        await uvicorn.Server(config).serve(sockets=sockets)
+
+
+def main() -> None:
+    asyncio.run(serve(sys.argv[1], [int(p) for p in sys.argv[2].split(",")]))
 
 
 if __name__ == "__main__":

@@ -150,3 +150,12 @@ def test_wait_port(sandbox_netns: SandboxNetns) -> None:
     assert asyncio.run(wait_port(sandbox_netns.address, 49983, "/health", timeout=5))
     assert not asyncio.run(wait_port(sandbox_netns.address, 3000, "/health", timeout=0.3))
     assert not asyncio.run(wait_port(sandbox_netns.address, 8080, "/nowhere", timeout=0.3))  # 404 is not ready
+
+
+def test_pooled_connection_dropped_by_the_sandbox_is_retried(client: httpx.Client) -> None:
+    # Port 8081 answers one request per connection and drops the connection at the next:
+    # every second request hits a dead pooled connection and must be replayed on a new one.
+    for i in range(4):
+        assert client.get(f"/get{i}", headers=host_for(8081)).json()["request"] == f"GET /get{i} HTTP/1.1"
+        response = client.post(f"/post{i}", content=b"payload", headers=host_for(8081))
+        assert response.json() == {"request": f"POST /post{i} HTTP/1.1", "body": "payload"}

@@ -61,16 +61,29 @@ def test_chunked_upload_reaches_the_sandbox_before_it_ends(proxy_port: int) -> N
         assert response is not None and response.line() == b"end 70305"
 
 
+def wait_for_stat(client: httpx.Client, name: str, above: int) -> None:
+    deadline = time.monotonic() + 10
+    while client.get("/stats", headers=host_for(8080)).json()[name] <= above:
+        assert time.monotonic() < deadline, f"the sandbox never saw the client leave ({name})"
+        time.sleep(0.02)
+
+
+def test_client_leaving_mid_upload_reaches_the_sandbox(client: httpx.Client, proxy_port: int) -> None:
+    before = client.get("/stats", headers=host_for(8080)).json()["upload_disconnects"]
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        head = f"POST /chunks HTTP/1.1\r\nHost: 8080-{KNOWN_ID}.e2b.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head.encode() + b"3\r\nabc\r\n")
+        assert ChunkedResponse(sock).line() == b"3"
+    wait_for_stat(client, "upload_disconnects", before)
+
+
 def test_server_stream_is_not_buffered_and_ends_when_client_leaves(client: httpx.Client) -> None:
     before = client.get("/stats", headers=host_for(8080)).json()["stream_disconnects"]
     with client.stream("GET", "/stream", headers=host_for(8080), timeout=10) as response:
         assert response.status_code == 200
         first = next(response.iter_raw())  # the sandbox holds the rest: only arrives if unbuffered
         assert first == b"first\n"
-    deadline = time.monotonic() + 10
-    while client.get("/stats", headers=host_for(8080)).json()["stream_disconnects"] == before:
-        assert time.monotonic() < deadline, "the sandbox never saw the client leave"
-        time.sleep(0.02)
+    wait_for_stat(client, "stream_disconnects", before)
 
 
 def pattern(total: int) -> Iterator[bytes]:

@@ -66,8 +66,8 @@ WEBSOCKET_HANDSHAKE = frozenset(
     {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol", b"origin", b"user-agent"}
 )
 READ_SIZE = 256 * 1024
-# Bodies up to this size are kept so a request can be replayed when a pooled
-# connection turns out to have been closed by the sandbox meanwhile.
+# Bodies up to this size are read whole before forwarding, so a request can be replayed
+# when a pooled connection turns out to have been closed by the sandbox meanwhile.
 REPLAY_LIMIT = 64 * 1024
 
 
@@ -196,6 +196,13 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     return [(n, v) for n, v in raw if n not in drop]
 
 
+def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def request_target(scope: Scope) -> bytes:
     path = scope.get("raw_path") or scope["path"].encode()
     query = scope.get("query_string", b"")
@@ -314,33 +321,46 @@ class UpstreamPool:
 
 
 class RequestBody:
-    """Streams the client's request body upstream and then watches for the client leaving."""
+    """The client's request body on its way upstream; afterwards, a watch for the client leaving.
 
-    def __init__(self, receive: Receive) -> None:
+    Small bodies of known length are read whole before the request goes out, so that it can
+    be replayed on a new connection when a pooled one turns out to be closed. Chunked and
+    large bodies go out as they arrive, on a fresh connection (which cannot be stale).
+    """
+
+    def __init__(self, receive: Receive, *, streamed: bool) -> None:
         self.receive = receive
-        self.kept: list[bytes] | None = []  # for replay; None once over REPLAY_LIMIT
-        self.kept_size = 0
+        self.streamed = streamed
+        self.chunks: list[bytes] = []
         self.complete = False
         self.client_gone = False
         # Set once the response is fully handed to the ASGI server, which from then on
         # answers receive() with http.disconnect although the client is still there.
         self.response_done = False
 
+    async def prefetch(self) -> bool:
+        """Read a small body whole; False if the client left meanwhile."""
+        while not self.complete:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return False
+            self.complete = not message.get("more_body", False)
+            if message.get("body"):
+                self.chunks.append(message["body"])
+        return True
+
     async def pump(self, upstream: Upstream) -> None:
         try:
-            for chunk in self.kept or ():
+            for chunk in self.chunks:
                 upstream.write(h11.Data(data=chunk))
             while not self.complete:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
                     self._client_left(upstream)
                     return
-                # Set before any await: a cancelled pump must not leave a consumed end unrecorded.
                 self.complete = not message.get("more_body", False)
-                body = message.get("body", b"")
-                if body:
-                    self._keep(body)
-                    upstream.write(h11.Data(data=body))
+                if message.get("body"):
+                    upstream.write(h11.Data(data=message["body"]))
                     await upstream.writer.drain()
             upstream.write(h11.EndOfMessage())
             await upstream.writer.drain()
@@ -350,23 +370,10 @@ class RequestBody:
         if (await self.receive())["type"] == "http.disconnect":
             self._client_left(upstream)
 
-    def _keep(self, body: bytes) -> None:
-        if self.kept is None:
-            return
-        self.kept_size += len(body)
-        if self.kept_size > REPLAY_LIMIT:
-            self.kept = None
-        else:
-            self.kept.append(body)
-
     def _client_left(self, upstream: Upstream) -> None:
         if not self.response_done:
             self.client_gone = True
             upstream.abort()
-
-    @property
-    def replayable(self) -> bool:
-        return self.complete and self.kept is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +459,7 @@ class SandboxProxy:
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         try:
             address, port = await self._target(scope, route)
-            headers, _ = request_headers(scope)
+            headers, chunked = request_headers(scope)
             request = h11.Request(method=scope["method"], target=request_target(scope), headers=headers)
         except Refusal as refusal:
             await send_json(send, refusal.status, refusal.payload)
@@ -460,8 +467,10 @@ class SandboxProxy:
         except h11.LocalProtocolError as exc:
             await send_json(send, 400, {"message": f"Request cannot be forwarded: {exc}", "code": 400})
             return
-        body = RequestBody(receive)
-        fresh = False
+        body = RequestBody(receive, streamed=chunked or declared_length(headers) > REPLAY_LIMIT)
+        if not body.streamed and not await body.prefetch():
+            return  # the client left
+        fresh = body.streamed
         while True:
             try:
                 upstream = await self.pool.acquire(address, port, fresh=fresh)
@@ -477,7 +486,7 @@ class SandboxProxy:
                 return
             except StaleConnection:
                 # A pooled connection the sandbox had closed: replay once on a new one.
-                if body.client_gone or not body.replayable:
+                if body.client_gone or body.streamed:
                     await send_json(send, 502, port_not_open(route.sandbox_id, port, "connection closed").payload)
                     return
                 fresh = True
