@@ -1,20 +1,123 @@
-"""e2b-sandbox: E2B control plane (REST API) and data-plane proxy.
+"""e2b-sandbox: the E2B control plane (REST API) and the data-plane proxy on one port.
 
-Only the shared frame (health, metrics, NATS announce) so far; the service's routers are
-added to `routers()` as they land.
+Requests for a sandbox (``E2b-Sandbox-Id`` headers or ``{port}-{id}.{domain}`` hosts) are
+forwarded by ``SandboxProxy``; everything else is the REST API. The same app also listens
+with TLS on E2B_SANDBOX_TLS_PORT for host routing without deprecated SDK options.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
-from pmoves_e2b.service import make_service_app
+from pmoves_e2b.sandbox import tls
+from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
+from pmoves_e2b.sandbox.backends.ns import NsBackend
+from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
+from pmoves_e2b.sandbox.proxy import SandboxProxy, Target
+from pmoves_e2b.service import DependencyCheck, make_service_app
+from pmoves_e2b.store.db import Database
+from pmoves_e2b.store.models import SandboxRow
+
+log = logging.getLogger(__name__)
+
+POOLED_TEMPLATES = ("base", "code-interpreter-v1")
 
 
-def routers() -> list[APIRouter]:
-    return []
+def public_domain(settings: Settings) -> str:
+    """The domain SDKs build ``{port}-{id}.{domain}`` hosts from (TLS listener's port included)."""
+    port = settings.e2b_sandbox_tls_port
+    return settings.e2b_domain if port == 443 else f"{settings.e2b_domain}:{port}"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    return make_service_app("sandbox", settings or get_settings(), routers=routers())
+def create_app(settings: Settings | None = None) -> Any:
+    settings = settings or get_settings()
+    assert settings.e2b_database_url and settings.e2b_templates_dir  # derived by Settings
+    db = Database(settings.e2b_database_url)
+    backend = NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes")
+    manager = SandboxManager(
+        db=db,
+        backend=backend,
+        load_template=template_dir_loader(settings.e2b_templates_dir),
+        limits=Limits(
+            max_sandboxes=settings.e2b_max_sandboxes,
+            memory_mb=settings.e2b_sandbox_memory_mb,
+            cpu_count=settings.e2b_sandbox_cpu_limit,
+            max_timeout_s=settings.e2b_sandbox_timeout_sec,
+        ),
+        publish=_publisher(lambda: getattr(app.state, "publisher", None)),
+        pool_size=settings.e2b_pool_size,
+        pool_templates=POOLED_TEMPLATES,
+    )
+    api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
+    keys = ApiKeys(db, api_key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        tls_server = asyncio.create_task(_serve_tls(settings, outer), name="tls-listener")
+        try:
+            yield
+        finally:
+            tls_server.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tls_server
+            await manager.stop()
+            db.close()
+
+    async def database_up() -> bool:
+        return await asyncio.to_thread(db.ping)
+
+    app = make_service_app(
+        "sandbox",
+        settings,
+        health_checks=[DependencyCheck("database", database_up, hard=True)],
+        routers=[build_router(manager, keys, public_domain(settings))],
+        lifespan=lifespan,
+        title="pmoves-e2b sandbox API (E2B-compatible)",
+    )
+    install_error_handlers(app)
+    app.state.manager = manager
+
+    async def resolve(sandbox_id: str) -> Target | None:
+        found = manager.address(sandbox_id)
+        if found is None or found[1] != "running":
+            return None  # paused sandboxes answer "not found" until connect resumes them
+        return Target(address=found[0], state=found[1])
+
+    outer = SandboxProxy(app, resolve=resolve, domain=public_domain(settings))
+    return outer
+
+
+def _publisher(get_publisher: Any) -> Any:
+    async def publish(kind: str, row: SandboxRow, reason: str | None) -> None:
+        publisher = get_publisher()
+        if publisher is None:
+            return
+        await publisher.publish_lifecycle(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason)
+
+    return publish
+
+
+async def _serve_tls(settings: Settings, app: Any) -> None:
+    """Second listener with the local CA's wildcard certificate (lifespan runs only once)."""
+    try:
+        paths = tls.ensure_tls(settings.e2b_data_dir / "tls", settings.e2b_domain)
+    except Exception:
+        log.exception("TLS listener disabled: could not make certificates")
+        return
+    config = uvicorn.Config(
+        app, host=settings.e2b_bind, port=settings.e2b_sandbox_tls_port, lifespan="off",
+        ssl_certfile=str(paths.cert), ssl_keyfile=str(paths.key), log_config=None, access_log=False,
+        timeout_keep_alive=640,
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    await server.serve()

@@ -248,7 +248,7 @@ class SandboxManager:
         try:
             return self.load_template(template_id)
         except KeyError as exc:
-            raise NotFound(f"template '{template_id}' not found; build it with `pmoves-e2b template build`") from exc
+            raise NotFound(exc.args[0] if exc.args else f"template '{template_id}' not found") from exc
 
     def _check_timeout(self, timeout_s: int) -> int:
         if timeout_s < 0:
@@ -493,12 +493,13 @@ def _sample(stats: SandboxStats) -> dict[str, Any]:
 
 def template_dir_loader(templates_dir: Path) -> TemplateLoader:
     """Adapter from the template store to ``TemplateLoader`` (unknown names raise KeyError)."""
-    from pmoves_e2b.sandbox import templates
+    from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+    from pmoves_e2b.sandbox.templates.store import load_template
 
     def load(name: str) -> TemplateImage:
         try:
-            return templates.load_template(name, templates_dir)
-        except templates.TemplateNotFound as exc:
-            raise KeyError(name) from exc
+            return load_template(name, templates_dir)
+        except TemplateNotFound as exc:
+            raise KeyError(str(exc)) from exc
 
     return load
