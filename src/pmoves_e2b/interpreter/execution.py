@@ -15,7 +15,7 @@ from typing import Any
 from . import envvars
 from .contexts import Context
 from .kernel import CellRun, Kernel
-from .outputs import END_OF_EXECUTION, OutputBuffer, encode, error_line, output_line
+from .outputs import END_OF_EXECUTION, OutputBuffer, droppable_size, encode, error_line, output_line
 
 logger = logging.getLogger(__name__)
 
@@ -123,15 +123,17 @@ class Execution:
                 await self.context.restart()
 
     def _on_output(self, msg: dict[str, Any]) -> None:
-        mapped = output_line(msg)
-        if mapped is None:
+        size = droppable_size(msg)
+        if size is not None and not self.output.has_room(size):
             return
-        line, droppable = mapped
+        line = output_line(msg)
+        if line is None:
+            return
         if line["type"] == "error":
             if self._error_sent:
                 return
             self._error_sent = True
-        self.output.put(encode(line), droppable)
+        self.output.put(encode(line))
 
     def _report_outcome(self, run: CellRun) -> None:
         if run.failure is not None:

@@ -63,20 +63,30 @@ def error_line(name: str, value: str, traceback: list[str] | str) -> dict[str, A
     return {"type": "error", "name": name, "value": value, "traceback": text}
 
 
-def output_line(msg: dict[str, Any]) -> tuple[dict[str, Any], bool] | None:
-    """The NDJSON line for an iopub message and whether it may be dropped, or None to skip it."""
+def droppable_size(msg: dict[str, Any]) -> int | None:
+    """About how many bytes an output message will take, or None if it must never be dropped."""
+    kind = msg["msg_type"]
+    if kind == "stream":
+        return len(msg["content"].get("text", "")) + 100
+    if kind in ("execute_result", "display_data"):
+        data = msg["content"].get("data") or {}
+        return sum(len(v) if isinstance(v, str) else 1000 for v in data.values()) + 200
+    return None
+
+
+def output_line(msg: dict[str, Any]) -> dict[str, Any] | None:
+    """The NDJSON line for an iopub message, or None for messages the client does not get."""
     kind = msg["msg_type"]
     content = msg["content"]
     if kind == "stream":
         name = "stderr" if content.get("name") == "stderr" else "stdout"
-        return {"type": name, "text": content.get("text", ""), "timestamp": _timestamp(msg)}, True
+        return {"type": name, "text": content.get("text", ""), "timestamp": _timestamp(msg)}
     if kind in ("execute_result", "display_data"):
-        return result_line(dict(content.get("data") or {}), kind == "execute_result"), True
+        return result_line(dict(content.get("data") or {}), kind == "execute_result")
     if kind == "error":
-        line = error_line(content.get("ename", ""), content.get("evalue", ""), content.get("traceback") or [])
-        return line, False
+        return error_line(content.get("ename", ""), content.get("evalue", ""), content.get("traceback") or [])
     if kind == "execute_input":
-        return {"type": "number_of_executions", "execution_count": content.get("execution_count")}, False
+        return {"type": "number_of_executions", "execution_count": content.get("execution_count")}
     return None
 
 
@@ -84,8 +94,9 @@ class OutputBuffer:
     """Lines between the kernel reader and the HTTP writer, bounded in bytes.
 
     A cell that prints forever must not grow the server: past `limit_bytes` waiting to be sent,
-    droppable lines (streams, results) are counted and dropped, and the client is told how much
-    it missed. Once the client is gone, everything is dropped.
+    streams and results are counted and dropped (checked with `has_room` before they are even
+    encoded), and the client is told how much it missed. Once the client is gone, everything is
+    dropped.
     """
 
     def __init__(self, limit_bytes: int) -> None:
@@ -97,11 +108,17 @@ class OutputBuffer:
         self._closed = False
         self._ready = asyncio.Event()
 
-    def put(self, line: bytes, droppable: bool = False) -> None:
+    def has_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit; if not, they count as dropped (call before encoding)."""
         if self._closed:
-            return
-        if droppable and self._size + len(line) > self._limit:
-            self._dropped_bytes += len(line)
+            return False
+        if self._size + size > self._limit:
+            self._dropped_bytes += size
+            return False
+        return True
+
+    def put(self, line: bytes) -> None:
+        if self._closed:
             return
         self._lines.append(line)
         self._size += len(line)

@@ -51,7 +51,15 @@ class DataFrameFormatter(BaseFormatter):
             return None
 
 
+# ipykernel batches prints for 0.2 s: a print loop then makes 40 MB messages. Flushing more often
+# keeps each message (and the server's memory per message) small, and output shows up sooner.
+STREAM_FLUSH_SECONDS = 0.05
+
+
 def install(shell) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "flush_interval"):
+            stream.flush_interval = STREAM_FLUSH_SECONDS
     shell.colors = "nocolor"
     display = shell.display_formatter
     display.formatters["text/plain"].max_seq_length = 0
