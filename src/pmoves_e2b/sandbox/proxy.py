@@ -128,9 +128,11 @@ def is_ip(host: str) -> bool:
 
 def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str) -> Route | None:
     """The sandbox a request is for, or None for control-plane requests."""
-    host = sandbox_id = port = None
+    host: str | None = None
+    sandbox_id: str | None = None
+    port: str | None = None
     for name, value in headers:
-        if name == b"host":
+        if name == b"host" and host is None:
             host = split_host(value.decode("latin-1"))
         elif name == b"e2b-sandbox-id" and sandbox_id is None:
             sandbox_id = value.decode("latin-1").strip()
@@ -220,7 +222,9 @@ class UpstreamError(Exception):
 class Upstream:
     """One HTTP/1.1 connection to a sandbox port, reusable after a complete exchange."""
 
-    def __init__(self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, key: tuple[asyncio.AbstractEventLoop, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.key = key
         self.reader = reader
         self.writer = writer
@@ -229,8 +233,9 @@ class Upstream:
         self.reused = False
         self.closed = False
 
-    def write(self, event: h11.Event) -> None:
-        data = self.http.send(event)
+    def write(self, *events: h11.Event) -> None:
+        """Send events in one write, so a small request leaves as one segment."""
+        data = b"".join(self.http.send(event) or b"" for event in events)
         if data:
             self.writer.write(data)
 
@@ -271,11 +276,12 @@ class UpstreamPool:
         # Below the 5 s keep-alive of uvicorn-based sandbox servers, so that a pooled
         # connection is rarely closed by the other side just as it is reused.
         self.idle_expiry = idle_expiry
-        self._idle: dict[tuple[str, int], list[Upstream]] = {}
+        self._idle: dict[tuple[asyncio.AbstractEventLoop, str, int], list[Upstream]] = {}
         self._last_sweep = time.monotonic()
 
     async def acquire(self, address: str, port: int, *, fresh: bool = False) -> Upstream:
-        key = (address, port)
+        # Keyed by event loop too: one proxy may serve listeners running in different loops.
+        key = (asyncio.get_running_loop(), address, port)
         now = time.monotonic()
         idle = self._idle.get(key)
         while idle and not fresh:
@@ -349,24 +355,28 @@ class RequestBody:
                 self.chunks.append(message["body"])
         return True
 
+    def events(self) -> list[h11.Event]:
+        """A prefetched body as h11 events, sent right behind the request head."""
+        return [*(h11.Data(data=chunk) for chunk in self.chunks), h11.EndOfMessage()]
+
     async def pump(self, upstream: Upstream) -> None:
-        try:
-            for chunk in self.chunks:
-                upstream.write(h11.Data(data=chunk))
-            while not self.complete:
-                message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    self._client_left(upstream)
-                    return
-                self.complete = not message.get("more_body", False)
-                if message.get("body"):
-                    upstream.write(h11.Data(data=message["body"]))
-                    await upstream.writer.drain()
-            upstream.write(h11.EndOfMessage())
-            await upstream.writer.drain()
-        except (OSError, h11.LocalProtocolError):
-            # The sandbox stopped reading (it answered early or closed): the response side decides.
-            return
+        """Stream the body upstream if it was not prefetched, then watch for the client leaving."""
+        if self.streamed:
+            try:
+                while not self.complete:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        self._client_left(upstream)
+                        return
+                    self.complete = not message.get("more_body", False)
+                    if message.get("body"):
+                        upstream.write(h11.Data(data=message["body"]))
+                        await upstream.writer.drain()
+                upstream.write(h11.EndOfMessage())
+                await upstream.writer.drain()
+            except (OSError, h11.LocalProtocolError):
+                # The sandbox stopped reading (it answered early or closed): the response side decides.
+                return
         if (await self.receive())["type"] == "http.disconnect":
             self._client_left(upstream)
 
@@ -501,7 +511,7 @@ class SandboxProxy:
         started = False
         pump: asyncio.Task[None] | None = None
         try:
-            upstream.write(request)
+            upstream.write(request, *([] if body.streamed else body.events()))
             pump = asyncio.create_task(body.pump(upstream))
             while True:
                 try:
@@ -514,7 +524,7 @@ class SandboxProxy:
                     if started:
                         # Returning without ending the response makes the ASGI server drop the
                         # client connection, so the client sees a truncated body, not a short one.
-                        log.warning("sandbox %s:%s broke off a response: %s", *upstream.key, exc)
+                        log.warning("sandbox %s:%s broke off a response: %s", *upstream.key[1:], exc)
                         return
                     if upstream.reused:
                         raise StaleConnection from exc
@@ -677,11 +687,11 @@ async def wait_port(address: str, port: int, path: str = "/health", timeout: flo
 
 async def _probe(address: str, port: int, path: str) -> bool:
     reader, writer = await open_stream(address, port, 2.0)
-    upstream = Upstream((address, port), reader, writer)
+    upstream = Upstream((asyncio.get_running_loop(), address, port), reader, writer)
     try:
         host = f"[{address}]" if ":" in address else address
-        upstream.write(h11.Request(method="GET", target=path, headers=[("host", f"{host}:{port}"), ("connection", "close")]))
-        upstream.write(h11.EndOfMessage())
+        head = h11.Request(method="GET", target=path, headers=[("host", f"{host}:{port}"), ("connection", "close")])
+        upstream.write(head, h11.EndOfMessage())
         event = await upstream.next_event()
         return isinstance(event, h11.Response) and 200 <= event.status_code < 300
     finally:
