@@ -163,3 +163,35 @@ def test_create_failures_are_clear_and_leave_nothing(sandboxes: Sandboxes, tmp_p
         asyncio.run(backend.create(sandboxes.spec(template=broken)))
     assert sandboxes.handles == []
     assert os.listdir(backend.runtime_dir) == []
+
+
+def test_create_returns_once_the_templates_envd_answers(sandboxes: Sandboxes, base_template: TemplateImage) -> None:
+    """The real base template and envd: create returns when envd listens; it got the init secret."""
+    spec = sandboxes.spec(template=base_template)
+    handle = asyncio.run(sandboxes.backend.create(spec))
+    sandboxes.track(handle)
+    assert handle.init_secret == spec.init_secret and handle.backend == "ns"
+    with socket.create_connection((handle.address, ENVD_PORT), timeout=5) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: {handle.address}\r\nConnection: close\r\n\r\n".encode())
+        status = sock.recv(100).split(b"\r\n", 1)[0]
+    assert status.split()[1] in (b"200", b"204"), status
+    # the secret reached envd's environment but appears in no host-visible command line
+    for pid in Path(handle.details["cgroups"]["pids"], "cgroup.procs").read_text().split():
+        assert spec.init_secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_concurrent_creates_get_distinct_ranges_and_addresses(sandboxes: Sandboxes) -> None:
+    backend = sandboxes.backend
+
+    async def create_many() -> list[SandboxHandle]:
+        return await asyncio.gather(*(backend.create(sandboxes.spec()) for _ in range(6)), return_exceptions=True)
+
+    results = asyncio.run(create_many())
+    handles = [r for r in results if isinstance(r, SandboxHandle)]
+    for handle in handles:
+        sandboxes.track(handle)
+    assert len(handles) == 6, [r for r in results if not isinstance(r, SandboxHandle)]
+    assert len({h.address for h in handles}) == 6
+    assert len({h.details["uid_base"] for h in handles}) == 6
+    for handle in handles:
+        assert sandboxes.run(handle, "/bin/true")["rc"] == 0

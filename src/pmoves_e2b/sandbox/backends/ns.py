@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -44,8 +45,10 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pmoves_e2b.sandbox import cgroups, network, seccomp
 from pmoves_e2b.sandbox.backends.base import (
@@ -58,6 +61,7 @@ from pmoves_e2b.sandbox.backends.base import (
 from pmoves_e2b.sandbox.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.network import SandboxNet
 
+T = TypeVar("T")
 ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))
 UID_BASE = 200_000
 UID_RANGE = 65_536
@@ -208,6 +212,7 @@ class NsBackend:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._cpu_samples: dict[str, tuple[float, int]] = {}
         self._setup_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ns-backend")
         self._host_ready = False
 
     # --- host setup -------------------------------------------------------------------------
@@ -244,31 +249,53 @@ class NsBackend:
     # --- the Backend interface ---------------------------------------------------------------
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
-        return await asyncio.to_thread(self.create_sync, spec)
+        handle = await self._in_thread(self._start, spec)
+        try:
+            await self._wait_ready_async(handle)
+        except BaseException as exc:
+            await asyncio.shield(self._in_thread(self._fail, handle.sandbox_id, handle.details, exc))
+            raise
+        return handle
 
     async def pause(self, handle: SandboxHandle) -> None:
-        await asyncio.to_thread(self._cgroups(handle).freeze, True)
+        await self._in_thread(self._cgroups(handle).freeze, True)
         handle.state = "paused"
 
     async def resume(self, handle: SandboxHandle) -> None:
-        await asyncio.to_thread(self._cgroups(handle).freeze, False)
+        await self._in_thread(self._cgroups(handle).freeze, False)
         handle.state = "running"
 
     async def destroy(self, handle: SandboxHandle) -> None:
-        await asyncio.to_thread(self.destroy_sync, handle)
+        await self._in_thread(self.destroy_sync, handle)
 
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
-        return await asyncio.to_thread(self.stats_sync, handle)
+        return await self._in_thread(self.stats_sync, handle)
 
     async def is_alive(self, handle: SandboxHandle) -> bool:
         return self._cgroups(handle).populated()
 
     async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
-        return await asyncio.to_thread(self.cleanup_orphans_sync, known_ids)
+        return await self._in_thread(self.cleanup_orphans_sync, known_ids)
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        # An own pool: the default one has only cpu+4 threads, and creates must not queue behind
+        # slow destroys (netns teardown ~30 ms each).
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(func, *args))
 
     # --- create ------------------------------------------------------------------------------
 
     def create_sync(self, spec: SandboxSpec) -> SandboxHandle:
+        """``create`` for callers without an event loop (bench, scripts)."""
+        handle = self._start(spec)
+        try:
+            self._wait_ready(handle)
+        except BaseException as exc:
+            self._fail(handle.sandbox_id, handle.details, exc)
+            raise
+        return handle
+
+    def _start(self, spec: SandboxSpec) -> SandboxHandle:
+        """Everything up to envd's exec: validate, allocate, cgroups, network, mounts, launch."""
         if not SANDBOX_ID.match(spec.sandbox_id):
             raise BackendError(f"invalid sandbox id {spec.sandbox_id!r}: use 1-63 of [A-Za-z0-9_-]")
         if not spec.template.layers:
@@ -307,14 +334,8 @@ class NsBackend:
             network.create(net, spec.allow_internet)
             self._launch(spec, details, sandbox_dir, cg, net)
             _write_json(sandbox_dir / "state.json", details)
-            self._wait_ready(spec.sandbox_id, net.address, sandbox_dir)
         except BaseException as exc:
-            log_tail = _tail(sandbox_dir / "rw" / "envd.log")
-            self._teardown(spec.sandbox_id, details)
-            if isinstance(exc, BackendError):
-                raise BackendError(f"{exc}{log_tail}") from exc
-            if isinstance(exc, Exception):
-                raise BackendError(f"sandbox {spec.sandbox_id} failed to start: {exc}{log_tail}") from exc
+            self._fail(spec.sandbox_id, details, exc)
             raise
         return SandboxHandle(
             sandbox_id=spec.sandbox_id,
@@ -406,26 +427,55 @@ class NsBackend:
             os.close(info_r)
             os.close(block_w)
 
-    def _wait_ready(self, sandbox_id: str, address: str, sandbox_dir: Path) -> None:
+    def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
+        """Tear down a sandbox that did not start, then raise a BackendError with envd's log tail."""
+        log_tail = _tail(Path(details["runtime_dir"]) / "rw" / "envd.log")
+        self._teardown(sandbox_id, details)
+        if isinstance(exc, Exception):
+            message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
+            raise BackendError(f"{message}{log_tail}") from exc
+
+    def _not_ready_reason(self, handle: SandboxHandle, deadline: float) -> str | None:
+        """None while it is worth trying again; else why envd will not come up."""
+        proc = self._children.get(handle.sandbox_id)
+        if proc is not None and proc.poll() is not None:
+            return f"sandbox {handle.sandbox_id}: envd exited before listening (rc {proc.returncode})"
+        if time.monotonic() > deadline:
+            return (
+                f"sandbox {handle.sandbox_id}: envd did not listen on {handle.address}:{ENVD_PORT} "
+                f"within {self.ready_timeout:.0f}s"
+            )
+        return None
+
+    def _wait_ready(self, handle: SandboxHandle) -> None:
         deadline = time.monotonic() + self.ready_timeout
-        proc = self._children.get(sandbox_id)
         delay = 0.001
         while True:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+                sock.settimeout(1.0)
                 try:
-                    sock.connect((address, ENVD_PORT))
+                    sock.connect((handle.address, ENVD_PORT))
                     return
                 except OSError:
                     pass
-            if proc is not None and proc.poll() is not None:
-                raise BackendError(f"sandbox {sandbox_id}: envd exited before listening (rc {proc.returncode})")
-            if time.monotonic() > deadline:
-                raise BackendError(
-                    f"sandbox {sandbox_id}: envd did not listen on {address}:{ENVD_PORT} "
-                    f"within {self.ready_timeout:.0f}s"
-                )
+            if reason := self._not_ready_reason(handle, deadline):
+                raise BackendError(reason)
             time.sleep(delay)
+            delay = min(delay * 1.5, 0.01)
+
+    async def _wait_ready_async(self, handle: SandboxHandle) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        delay = 0.001
+        while True:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(handle.address, ENVD_PORT), 1.0)
+                writer.close()
+                return
+            except (OSError, asyncio.TimeoutError):
+                pass
+            if reason := self._not_ready_reason(handle, deadline):
+                raise BackendError(reason)
+            await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.01)
 
     # --- destroy / cleanup -------------------------------------------------------------------
