@@ -3,8 +3,13 @@ layer, atomic results, locking, clear failures, the loader. Runs in a temp templ
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from pmoves_e2b.sandbox.templates.builder import TemplateBuilder
 from pmoves_e2b.sandbox.templates.errors import TemplateBuildError, TemplateNotFound
 from pmoves_e2b.sandbox.templates.hostconfig import read_host_config
 from pmoves_e2b.sandbox.templates.model import BuildContext, LayerSpec, Step, TemplateSpec
+from pmoves_e2b.sandbox.templates.rootfs import mounts_under
 from pmoves_e2b.sandbox.templates.store import list_templates, load_template
 
 
@@ -234,3 +240,28 @@ def test_stale_layers_and_prune_of_older_builds(world) -> None:
     new = load_template("mini", root)
     assert all(Path(p).is_dir() for p in new.layers)
     assert builder().prune() == []
+
+
+def test_a_killed_builder_leaves_no_build_process_and_no_mount(tmp_path: Path) -> None:
+    marker = tmp_path / "mnt"
+    marker.mkdir()
+    code = ("import sys; from pmoves_e2b.sandbox.templates.rootfs import run_private; "
+            f"run_private('mount -t tmpfs tmpfs {marker} && touch {marker}/inside && exec sleep 4243', sys.stdout)")
+    builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+
+    def sleepers() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", "sleep 4243"], capture_output=True, text=True).stdout
+        return out.split()
+
+    deadline = time.monotonic() + 30
+    while not sleepers():
+        assert time.monotonic() < deadline, "the build command never started"
+        time.sleep(0.05)
+    os.kill(builder.pid, signal.SIGKILL)
+    builder.wait(10)
+    deadline = time.monotonic() + 10
+    while sleepers():
+        assert time.monotonic() < deadline, "build processes outlived the builder"
+        time.sleep(0.05)
+    assert mounts_under(marker) == []
+    assert list(marker.iterdir()) == []  # the tmpfs was only ever mounted in the build's namespace

@@ -22,7 +22,7 @@ from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
-from .store import layers_dir, write_record
+from .store import layers_dir, read_record, write_record
 
 LOG_TAIL_LINES = 25
 
@@ -101,12 +101,12 @@ class TemplateBuilder:
         spec = self.spec(template)
         with self._lock():
             results = {name: self._ensure_layer(name, force) for name in self.build_order(template)}
-            layer_paths = [str(results[name].path) for name in spec.layers]
-            if spec.check and any(result.built for result in results.values()):
-                self._check(template, spec.check, layer_paths)
+            layer_ids = [self.layer_id(name) for name in spec.layers]
+            if spec.check and (any(r.built for r in results.values()) or self._recorded_layers(template) != layer_ids):
+                self._check(template, spec.check, [str(results[name].path) for name in spec.layers])
             write_record(self.templates_dir, template, {
                 "name": spec.name,
-                "layers": [self.layer_id(name) for name in spec.layers],
+                "layers": layer_ids,
                 "start_cmd": spec.start_cmd,
                 "ready_port": spec.ready_port,
                 "user": spec.user,
@@ -149,6 +149,12 @@ class TemplateBuilder:
         return removed
 
     # ---- internals ----
+
+    def _recorded_layers(self, template: str) -> list[str]:
+        try:
+            return list(read_record(self.templates_dir, template)["layers"])
+        except (TemplateNotFound, KeyError):
+            return []
 
     def _check(self, template: str, command: str, layers: Sequence[str]) -> None:
         result = run_in_layers(command, layers)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from .builder import TemplateBuilder
 from .definitions import TEMPLATES
@@ -89,7 +89,8 @@ def build(
 def list_command(templates_dir: TemplatesDirOption = None) -> None:
     """Show the built templates."""
     root = templates_dir or default_templates_dir()
-    table = Table("template", "status", "layers (topmost first)", "size", "built at", "start command")
+    table = Table("status", "layers (topmost first)", "size", "built at", "start command")
+    table.columns.insert(0, Column("template", no_wrap=True))
     built = {image.name: image for image in list_templates(root)}
     builder = TemplateBuilder(root)
     for name in sorted(set(built) | set(TEMPLATES)):

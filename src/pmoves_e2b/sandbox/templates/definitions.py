@@ -20,6 +20,7 @@ import pmoves_e2b
 
 from .errors import TemplateBuildError
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
+from .rootfs import PRIVATE_NAMESPACES
 
 PACKAGE_DIR = Path(pmoves_e2b.__file__).resolve().parent
 SUITE = "bookworm"
@@ -68,8 +69,7 @@ def _debootstrap(ctx: BuildContext) -> None:
     if not shutil.which("debootstrap"):
         raise TemplateBuildError("debootstrap is not installed: run `make sysdeps` (apt-get install debootstrap)")
     # Own mount namespace: debootstrap mounts /proc and /sys inside the target.
-    ctx.run(["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
-             "debootstrap", "--variant=minbase", SUITE, str(ctx.target), ctx.host.mirror])
+    ctx.run([*PRIVATE_NAMESPACES, "debootstrap", "--variant=minbase", SUITE, str(ctx.target), ctx.host.mirror])
 
 
 def _apt_config(ctx: BuildContext) -> None:

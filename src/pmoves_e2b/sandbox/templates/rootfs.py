@@ -9,8 +9,10 @@ with a live /dev rbind inside must never be removed recursively.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +24,15 @@ from .errors import TemplateBuildError
 from .hostconfig import BUILD_CONFIG_DIR, HOST_MOUNT_PREFIX, HostConfig
 
 CHROOT_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A fresh mount + pid namespace; --kill-child ends the whole pid namespace when unshare dies.
+PRIVATE_NAMESPACES = ("unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_builder() -> None:
+    """preexec_fn: the child gets SIGKILL if the builder dies, so no build runs on orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -51,7 +62,7 @@ def run_host(argv: Sequence[str], log: IO[str], *, env: Mapping[str, str] | None
     log.write(f"$ {shlex.join(argv)}\n")
     log.flush()
     result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=die_with_builder)
     if result.returncode != 0:
         raise TemplateBuildError(f"{argv[0]} exited with {result.returncode}")
 
@@ -60,8 +71,9 @@ def run_private(script: str, log: IO[str]) -> None:
     """A bash script in a fresh mount + pid namespace: its mounts and processes die with it."""
     log.write(f"$ {script}\n")
     log.flush()
-    argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "bash", "-euo", "pipefail", "-c", script]
-    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    argv = [*PRIVATE_NAMESPACES, "bash", "-euo", "pipefail", "-c", script]
+    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=die_with_builder)
     if result.returncode != 0:
         raise TemplateBuildError(f"build command exited with {result.returncode}")
 
@@ -153,5 +165,6 @@ def run_in_layers(command: str, layers: Sequence[str | Path], *, timeout: float 
             f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",
             f"chroot {q(root)} /usr/bin/env -i PATH={CHROOT_PATH} HOME=/root LANG=C.UTF-8 /bin/bash -c {q(command)}",
         ])
-        argv = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "bash", "-eu", "-c", script]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        argv = [*PRIVATE_NAMESPACES, "bash", "-eu", "-c", script]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              preexec_fn=die_with_builder)

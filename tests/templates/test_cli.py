@@ -1,0 +1,34 @@
+"""`pmoves-e2b template ...` as a user calls it (a child process, a temp templates dir)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pmoves_e2b.cli", "template", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_list_shows_unbuilt_templates(tmp_path: Path) -> None:
+    result = cli("list", "--templates-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "base" in result.stdout and "code-interpreter-v1" in result.stdout
+    assert result.stdout.count("not built") == 2
+
+
+def test_build_of_an_unknown_template_fails_clearly(tmp_path: Path) -> None:
+    result = cli("build", "no-such-template", "--templates-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown template 'no-such-template'" in result.stderr
+    assert "base" in result.stderr
+    assert not (tmp_path / "layers").exists()
+
+
+def test_build_needs_a_name_or_all(tmp_path: Path) -> None:
+    result = cli("build", "--templates-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--all" in result.stderr
