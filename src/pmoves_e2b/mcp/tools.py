@@ -124,8 +124,10 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
         template: Annotated[
             str, Field(description="'code-interpreter-v1' (run_code and run_command) or 'base' (commands only)")
         ] = CODE_INTERPRETER_TEMPLATE,
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
-        return await ops.create(template=template, timeout_s=timeout_seconds)
+        async with keepalive(ctx, "sandbox_create"):
+            return await ops.create(template=template, timeout_s=timeout_seconds)
 
     @server.tool(description="List running sandboxes.", annotations=ToolAnnotations(read_only_hint=True))
     @_as_tool_error
@@ -156,8 +158,8 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
         timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = execution_timeout_s,
         ctx: Context | None = None,
     ) -> CallToolResult:
-        sandbox_id, created = await sandbox_for(sandbox_id, CODE_INTERPRETER_TEMPLATE)
         async with keepalive(ctx, "run_code") as progress:
+            sandbox_id, created = await sandbox_for(sandbox_id, CODE_INTERPRETER_TEMPLATE)
             result = await ops.run_code(sandbox_id, code, language, timeout_seconds, on_output=progress.note_output)
         return code_result(sandbox_id, created, result)
 
@@ -174,8 +176,8 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
         cwd: Annotated[str | None, Field(description="Working directory (default /home/user)")] = None,
         ctx: Context | None = None,
     ) -> dict[str, Any]:
-        sandbox_id, _ = await sandbox_for(sandbox_id, BASE_TEMPLATE)
         async with keepalive(ctx, "run_command"):
+            sandbox_id, _ = await sandbox_for(sandbox_id, BASE_TEMPLATE)
             result = await ops.run_command(sandbox_id, command, timeout_seconds, background, cwd)
         return {"sandbox_id": sandbox_id, **result}
 
