@@ -47,10 +47,14 @@ def ns_leftovers(
     cgroup_parents: dict[str, Path],
     id_prefix: str,
     slots: set[int],
-    include_host_setup: bool = False,
+    host_setup_mounts: tuple[Path, ...] = (),
 ) -> list[str]:
-    """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``."""
+    """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``; with
+    ``host_setup_mounts`` also the backend's own mounts and cgroup parents (after ``close()``)."""
     runtime_dir = runtime_dir.resolve()
+    owners = SlotRegistry(SLOTS_DIR).owners()
+    # a released slot may already serve another backend's sandbox (shared host): not ours to judge
+    slots = {s for s in slots if owners.get(s, {}).get("runtime_dir", str(runtime_dir)) == str(runtime_dir)}
     left: list[str] = []
     left += [f"netns {name}" for name in network.list_netns() if name.startswith(network.NETNS_PREFIX + id_prefix)]
     left += [f"veth e2bh{s}" for s in slots if Path(f"/sys/class/net/e2bh{s}").exists()]
@@ -58,11 +62,10 @@ def ns_leftovers(
     if runtime_dir.exists():
         left += [f"dir {p}" for p in runtime_dir.iterdir()]
     left += [f"cgroup {p / n}" for p in cgroup_parents.values() if p.exists() for n in os.listdir(p) if (p / n).is_dir()]
-    if include_host_setup:
+    if host_setup_mounts:
         left += [f"cgroup parent {p}" for p in cgroup_parents.values() if p.exists()]
-        if any(line.split()[4] == str(runtime_dir) for line in Path("/proc/self/mountinfo").read_text().splitlines()):
-            left.append(f"mount {runtime_dir}")
-    owners = SlotRegistry(SLOTS_DIR).owners()
+        mounted = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+        left += [f"mount {m}" for m in host_setup_mounts if str(m) in mounted]
     left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
     addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
     left += [f"nft internet4 {a}" for a in sorted(addresses & network.internet_addresses())]

@@ -60,7 +60,6 @@ def test_template(base_template: TemplateImage, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="session")
 def runtime_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="pmoves-e2b-iso-")) / "sandboxes"
-    path.parent.chmod(0o711)  # sandbox launchers run as their own uid and must traverse it
     yield path
     shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -121,7 +120,9 @@ def ns_backend(runtime_dir: Path) -> Iterator[NsBackend]:
     yield backend
     asyncio.run(backend.cleanup_orphans(set()))
     backend.close()
-    left = ns_leftovers(runtime_dir, backend.cgroup_parents, ID_PREFIX, set(), include_host_setup=True)
+    left = ns_leftovers(
+        runtime_dir, backend.cgroup_parents, ID_PREFIX, set(), host_setup_mounts=(runtime_dir, backend.launch_root)
+    )
     assert not left, f"left behind at session end: {left}"
 
 

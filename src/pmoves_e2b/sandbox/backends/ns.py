@@ -66,6 +66,7 @@ ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--po
 UID_BASE = 200_000
 UID_RANGE = 65_536
 SLOTS_DIR = Path("/run/pmoves-e2b/slots")
+LAUNCH_ROOTS = Path("/run/pmoves-e2b/roots")
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default set (0xa00405fb); everything else is dropped from the bounding set.
@@ -209,6 +210,7 @@ class NsBackend:
         self.slots = slots or SlotRegistry()
         tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
         self.cgroup_parents = cgroups.parent_dirs(f"pmoves-e2b-{tag}")
+        self.launch_root = LAUNCH_ROOTS / tag
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._cpu_samples: dict[str, tuple[float, int]] = {}
         self._setup_lock = threading.Lock()
@@ -222,16 +224,16 @@ class NsBackend:
             if self._host_ready:
                 return
             self.runtime_dir.mkdir(parents=True, exist_ok=True)
-            self.runtime_dir.chmod(0o711)  # bwrap (host uid B) must traverse it
-            for ancestor in self.runtime_dir.parents:
-                if not ancestor.stat().st_mode & 0o001:
-                    raise BackendError(
-                        f"{ancestor} is not searchable by other users (mode o+x), so sandboxes under "
-                        f"{self.runtime_dir} cannot reach their root; chmod o+x {ancestor}"
-                    )
+            self.runtime_dir.chmod(0o711)
             if not _is_shared_mountpoint(self.runtime_dir):
                 _mount(str(self.runtime_dir), self.runtime_dir, None, MS_BIND)
                 _mount("none", self.runtime_dir, None, MS_SHARED)
+            # bwrap runs as host uid B and must walk to the overlay; the data dir's ancestors may be
+            # private (0700), so it gets a peer of the runtime dir under world-searchable /run.
+            if not _is_shared_mountpoint(self.launch_root):
+                for directory in (*reversed(self.launch_root.parents[:2]), self.launch_root):
+                    directory.mkdir(mode=0o711, exist_ok=True)
+                _mount(str(self.runtime_dir), self.launch_root, None, MS_BIND)
             network.ensure_host_setup()
             seccomp.denylist_bpf()
             self._host_ready = True
@@ -242,8 +244,13 @@ class NsBackend:
             if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
                 return
             cgroups.remove_parents(self.cgroup_parents)
-            if _is_shared_mountpoint(self.runtime_dir):
-                _umount(self.runtime_dir)
+            for mountpoint in (self.launch_root, self.runtime_dir):
+                if _is_shared_mountpoint(mountpoint):
+                    _umount(mountpoint)
+            try:
+                self.launch_root.rmdir()
+            except FileNotFoundError:
+                pass
             self._host_ready = False
 
     # --- the Backend interface ---------------------------------------------------------------
@@ -375,7 +382,7 @@ class NsBackend:
             "--info-fd", str(info_w), "--userns-block-fd", str(block_r), "--seccomp", str(seccomp_r),
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
             "--hostname", "e2b",
-            "--bind", str(merged), "/", "--proc", "/proc", "--dev", "/dev",
+            "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
             "--cap-drop", "ALL", *caps,
             "--new-session", "--chdir", "/",
             "--", *self.init_argv,
