@@ -159,3 +159,17 @@ def test_pooled_connection_dropped_by_the_sandbox_is_retried(client: httpx.Clien
         assert client.get(f"/get{i}", headers=host_for(8081)).json()["request"] == f"GET /get{i} HTTP/1.1"
         response = client.post(f"/post{i}", content=b"payload", headers=host_for(8081))
         assert response.json() == {"request": f"POST /post{i} HTTP/1.1", "body": "payload"}
+
+
+def test_concurrent_requests_get_their_own_answers(proxy_port: int) -> None:
+    async def run() -> list[tuple[str, str]]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}", timeout=30, trust_env=False) as http:
+
+            async def one(i: int) -> tuple[str, str]:
+                headers = host_for(8080) | {"X-Request": str(i)}
+                body = (await http.get("/headers", params={"i": i}, headers=headers)).json()
+                return body["query"], dict(body["headers"])["x-request"]
+
+            return await asyncio.gather(*(one(i) for i in range(60)))
+
+    assert asyncio.run(run()) == [(f"i={i}", str(i)) for i in range(60)]
