@@ -24,9 +24,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 templates: sysdeps venv ## build the sandbox templates (cached; rebuilt only when their inputs change)
-	@# Guard until `pmoves-e2b template` lands; remove it then.
-	@if $(CLI) template --help >/dev/null 2>&1; then $(CLI) template build --all; \
-	else echo "templates: 'pmoves-e2b template' is not available yet, skipping"; fi
+	$(CLI) template build --all
 
 build-e2b: sysdeps venv templates
 
