@@ -150,8 +150,8 @@ def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
         raise NetworkError(f"sysctls in {netns_path}: {errors[0]}")
 
 
-def create(net: SandboxNet, allow_internet: bool) -> None:
-    """netns + veth /30 + routes + sysctls (+ internet set element): 2 ip execs (+1 nft)."""
+def create_link(net: SandboxNet) -> None:
+    """The netns and the host end of the veth (enough for a process to join the netns)."""
     _run(
         ["ip", "-batch", "-"],
         f"netns add {net.netns}\n"
@@ -160,6 +160,11 @@ def create(net: SandboxNet, allow_internet: bool) -> None:
         f"link set {net.host_veth} up\n",
     )
     Path(f"/proc/sys/net/ipv6/conf/{net.host_veth}/disable_ipv6").write_text("1")
+
+
+def configure_inside(net: SandboxNet, allow_internet: bool) -> None:
+    """Address, routes and sysctls inside the netns, and the internet policy (may run in parallel
+    with the sandbox's start: it only has to be done before the sandbox is handed out)."""
     _run(
         ["ip", "-n", net.netns, "-batch", "-"],
         f"addr add {net.address}/30 dev eth0\n"

@@ -338,8 +338,12 @@ class NsBackend:
             )
             _write_json(sandbox_dir / "state.json", details)
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
-            network.create(net, spec.allow_internet)
-            self._launch(spec, details, sandbox_dir, cg, net)
+            network.create_link(net)
+            inside = _Background(network.configure_inside, net, spec.allow_internet)
+            try:
+                self._launch(spec, details, sandbox_dir, cg, net)
+            finally:
+                inside.result()
             _write_json(sandbox_dir / "state.json", details)
         except BaseException as exc:
             self._fail(spec.sandbox_id, details, exc)
@@ -606,6 +610,28 @@ class NsBackend:
             return SandboxCgroups.from_dict(handle.details["cgroups"])
         except KeyError:
             raise BackendError(f"handle of sandbox {handle.sandbox_id} has no cgroups (not from the ns backend?)")
+
+
+class _Background:
+    """Run a function in a plain thread (not the pool: a pooled worker waiting on the pool could
+    deadlock it) and hand back its result or exception."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                func(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="ns-backend-bg")
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _read_until_eof(fd: int, timeout: float) -> bytes:
