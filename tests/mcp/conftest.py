@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mcp_harness import McpService, mcp122_python, run_service  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mcp_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McpService]:
     """e2b-mcp-server on a free port with no reachable sandbox backend (auth, validation, transports)."""
     with run_service(tmp_path_factory.mktemp("mcp")) as service:
