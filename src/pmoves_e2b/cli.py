@@ -253,6 +253,7 @@ SUBCOMMAND_GROUPS: dict[str, tuple[str, str, str]] = {
     "template": ("pmoves_e2b.sandbox.templates.cli", "app", "Build and list sandbox templates."),
     "keys": ("pmoves_e2b.keys_cli", "app", "Create, list and revoke API keys."),
     "mcp": ("pmoves_e2b.mcp.cli", "app", "Serve the MCP tools over stdio (pmoves-e2b mcp --stdio)."),
+    "spell": ("pmoves_e2b.spells.cli", "app", "List, show and run spells (code recipes run in sandboxes)."),
 }
 
 

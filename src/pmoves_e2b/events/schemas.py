@@ -49,7 +49,7 @@ def describe(error: Any, prefix: str = "") -> str:
     where = field_path(error.absolute_path)
     if prefix:
         where = prefix if where == "(root)" else f"{prefix}.{where}"
-    return f"{where}: {error.message}"
+    return error.message if where == "(root)" else f"{where}: {error.message}"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
 from pmoves_e2b.mcp.tools import build_mcp_server
 from pmoves_e2b.service import DependencyCheck, make_service_app
+from pmoves_e2b.spells import mcp_tools as spell_tools
+from pmoves_e2b.spells import rest as spell_rest
+from pmoves_e2b.spells.bus import serve_spells
 
 # SSE streams (both transports) send a comment line this often when idle, so a client with a
 # short read timeout (Agent Zero: 10 s) never sees a silent stream. sse-starlette's default is 15 s.
@@ -92,19 +95,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     config, ops = build_ops(settings)
     server = build_server(settings, ops)
+    spell_tools.register(server, settings)
     mcp_routes = _mcp_routes(server, settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # The streamable HTTP transport's task group lives as long as the service.
-        async with server.session_manager.run():
+    async def lifespan(service_app: FastAPI) -> AsyncIterator[None]:
+        # The streamable HTTP transport's task group lives as long as the service;
+        # the e2b.spell.execute.v1 consumer too.
+        async with server.session_manager.run(), serve_spells(service_app):
             yield
 
     app = make_service_app(
         "mcp",
         settings,
         health_checks=health_checks(settings, config),
-        routers=[build_router(ops, server, settings)],
+        routers=[build_router(ops, server, settings), spell_rest.router(settings)],
         lifespan=lifespan,
     )
     app.router.routes.extend(mcp_routes)

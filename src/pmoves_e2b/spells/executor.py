@@ -39,7 +39,7 @@ from e2b.sandbox.commands.command_handle import CommandExitException
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import best_match
 
-from pmoves_e2b.client import SdkConfig, build_sdk_config
+from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events.schemas import describe
 from pmoves_e2b.spells.format import Spell
@@ -383,8 +383,7 @@ def executor_for(settings: Settings) -> SpellExecutor:
     executor = _executors.get(id(settings))
     if executor is None:
         registry = SpellRegistry(settings.e2b_spells_dir)
-        sdk = build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "")
-        executor = SpellExecutor(registry, sdk, max_concurrent=max(1, min(4, settings.e2b_max_sandboxes - 1)),
+        executor = SpellExecutor(registry, sdk_config(settings), max_concurrent=max(1, min(4, settings.e2b_max_sandboxes - 1)),
                                  max_timeout=settings.e2b_spells_timeout)
         _executors[id(settings)] = executor
     return executor
