@@ -121,7 +121,7 @@ def test_cleanup_orphans_removes_only_unknown_sandboxes(sandboxes: Sandboxes) ->
     kept = sandboxes.create()
     orphan = sandboxes.create(allow_internet=True)
     removed = asyncio.run(NsBackend(sandboxes.backend.runtime_dir).cleanup_orphans({kept.sandbox_id}))
-    assert removed == [orphan.sandbox_id]
+    assert orphan.sandbox_id in removed and kept.sandbox_id not in removed
     assert not asyncio.run(sandboxes.backend.is_alive(orphan))
     assert asyncio.run(sandboxes.backend.is_alive(kept))
     with socket.create_connection((kept.address, ENVD_PORT), timeout=5):
@@ -195,3 +195,17 @@ def test_concurrent_creates_get_distinct_ranges_and_addresses(sandboxes: Sandbox
     assert len({h.details["uid_base"] for h in handles}) == 6
     for handle in handles:
         assert sandboxes.run(handle, "/bin/true")["rc"] == 0
+
+
+def test_cleanup_orphans_releases_slots_of_vanished_runtime_dirs(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    from pmoves_e2b.sandbox import network
+
+    gone = tmp_path / "deleted-data-dir" / "sandboxes"
+    sandbox_id = f"{sandboxes.spec().sandbox_id}-gone"
+    slot = sandboxes.backend.slots.allocate(sandbox_id, gone)
+    net = network.SandboxNet.for_slot(slot, sandbox_id)
+    network.create_link(net)
+    removed = asyncio.run(sandboxes.backend.cleanup_orphans(set()))
+    assert sandbox_id in removed
+    assert net.netns not in network.list_netns()
+    assert slot not in sandboxes.backend.slots.owners()

@@ -566,7 +566,7 @@ class NsBackend:
             if owner.get("runtime_dir") == str(self.runtime_dir):
                 my_slots[owner["sandbox_id"]] = slot
         candidates.update(my_slots)
-        removed = []
+        removed = self._release_slots_of_vanished_runtime_dirs()
         for sandbox_id in sorted(candidates - known_ids):
             details = self._load_details(sandbox_id)
             if "slot" not in details and sandbox_id in my_slots:
@@ -574,6 +574,19 @@ class NsBackend:
             self._teardown(sandbox_id, details)
             removed.append(sandbox_id)
         return removed
+
+    def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
+        """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted
+        test data dir): nothing of such a sandbox can still run, as its root lived there."""
+        released = []
+        for slot, owner in self.slots.owners().items():
+            runtime_dir, sandbox_id = owner.get("runtime_dir"), owner.get("sandbox_id", "")
+            if not runtime_dir or Path(runtime_dir).exists() or not SANDBOX_ID.match(sandbox_id):
+                continue
+            network.destroy(SandboxNet.for_slot(slot, sandbox_id))
+            self.slots.release(slot)
+            released.append(sandbox_id)
+        return released
 
     def _load_details(self, sandbox_id: str) -> dict[str, Any]:
         try:
