@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pmoves_e2b.config import Settings, get_settings
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT
 
 # Hosts E2B runs its public API on; a URL under one of them means "cloud mode".
 CLOUD_DOMAINS = ("e2b.app", "e2b.dev")
@@ -37,6 +38,9 @@ class SdkConfig:
     sandbox_url: str | None
     # Cloud: the E2B domain (e2b.app / e2b.dev). Self-hosted: None.
     domain: str | None
+    # Self-hosted: the domain (with TLS port) under which e2b-sandbox routes
+    # ``{port}-{id}.<domain>`` hosts; what URLs handed to other programs must use.
+    public_domain: str | None = None
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for every SDK call (create, connect, list, kill, set_timeout)."""
@@ -48,6 +52,16 @@ class SdkConfig:
         if self.domain:
             opts["domain"] = self.domain
         return opts
+
+    def public_sandbox_url(self, sandbox_id: str, port: int = ENVD_PORT) -> str | None:
+        """Base URL reaching a sandbox port without SDK headers (signed file URLs), self-hosted only.
+
+        The SDK builds such URLs from ``sandbox_url``, which routes only with the
+        ``E2b-Sandbox-Id`` header; a plain HTTP client needs the host-routed form.
+        """
+        if self.mode != "self-hosted" or not self.public_domain:
+            return None
+        return f"https://{port}-{sandbox_id}.{self.public_domain}"
 
     @property
     def health_url(self) -> str | None:
@@ -64,11 +78,12 @@ def cloud_domain(url: str) -> str | None:
     return None
 
 
-def build_sdk_config(sandbox_url: str, api_key: str) -> SdkConfig:
+def build_sdk_config(sandbox_url: str, api_key: str, public_domain: str | None = None) -> SdkConfig:
     base = sandbox_url.rstrip("/")
     domain = cloud_domain(base)
     if domain is None:
-        return SdkConfig("self-hosted", api_key, api_url=base, sandbox_url=base, domain=None)
+        return SdkConfig("self-hosted", api_key, api_url=base, sandbox_url=base, domain=None,
+                         public_domain=public_domain)
     # The SDK reads E2B_SANDBOX_URL / E2B_API_URL from the environment whenever an option is
     # not passed; PMOVES sets E2B_SANDBOX_URL to the *API* URL in cloud mode, which the SDK
     # would misuse as the sandbox proxy. Drop them so the SDK's own cloud endpoints apply.
@@ -80,4 +95,6 @@ def build_sdk_config(sandbox_url: str, api_key: str) -> SdkConfig:
 def sdk_config(settings: Settings | None = None) -> SdkConfig:
     """The SDK configuration from the service settings (E2B_SANDBOX_URL, E2B_API_KEY)."""
     settings = settings or get_settings()
-    return build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "")
+    tls_port = settings.e2b_sandbox_tls_port
+    public_domain = settings.e2b_domain if tls_port == 443 else f"{settings.e2b_domain}:{tls_port}"
+    return build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "", public_domain)

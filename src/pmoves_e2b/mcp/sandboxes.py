@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from e2b import AsyncSandbox as BaseAsyncSandbox
@@ -219,6 +220,11 @@ class SandboxOps:
         make_url = sandbox.upload_url if direction == "upload" else sandbox.download_url
         async with self._translate(sandbox_id, path):
             url = make_url(path, use_signature_expiration=expires_s if sandbox._envd_access_token else None)
+        public_base = self.config.public_sandbox_url(sandbox_id)
+        if public_base:
+            # Same signed path and query, on a host e2b-sandbox routes without SDK headers.
+            parts = urlsplit(url)
+            url = public_base + parts.path + (f"?{parts.query}" if parts.query else "")
         how = (
             "POST the file as multipart/form-data (field 'file') to this URL"
             if direction == "upload"
