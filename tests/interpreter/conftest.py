@@ -93,7 +93,8 @@ def start_server(root: Path, extra_args: list[str] | None = None) -> Interpreter
     home.mkdir(exist_ok=True)
     port = free_port()
     env = dict(os.environ)
-    env["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
+    # Kernelspecs already on JUPYTER_PATH (e.g. a Deno or R kernel) come after ours.
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(prefix / "share" / "jupyter"), env.get("JUPYTER_PATH")]))
     env["IPYTHONDIR"] = str(root / "ipython")  # no startup files from the machine's profile
     env.pop("MPLBACKEND", None)
     log_path = root / "server.log"

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 LIVENESS_CHECK_SECONDS = 1.0
 INTERRUPT_GRACE_SECONDS = 5.0
+# Deno forwards console output on its own task: now and then it lands after the idle status.
+LATE_OUTPUT_RUNTIMES = frozenset({"deno"})
 
 
 class Execution:
@@ -93,6 +95,10 @@ class Execution:
         run = kernel.execute(self._code, on_output=self._on_output, on_done=self._wake.set)
         try:
             await self._wait(kernel, run)
+            if kernel.choice.runtime in LATE_OUTPUT_RUNTIMES and run.failure is None and not self._abandoned:
+                # Output that arrives behind the idle status still belongs to this cell: wait
+                # for an empty cell to round-trip before letting go of it.
+                await kernel.run_silent("")
         finally:
             kernel.forget(run)
         if self._abandoned:
