@@ -48,8 +48,10 @@ def ns_leftovers(
     id_prefix: str,
     slots: set[int],
     host_setup_mounts: tuple[Path, ...] = (),
+    peer_roots: tuple[Path, ...] = (),
 ) -> list[str]:
-    """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``; with
+    """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``; mounts are
+    looked for under ``runtime_dir`` and ``peer_roots`` (its peer mounts); with
     ``host_setup_mounts`` also the backend's own mounts and cgroup parents (after ``close()``)."""
     runtime_dir = runtime_dir.resolve()
     owners = SlotRegistry(SLOTS_DIR).owners()
@@ -58,7 +60,7 @@ def ns_leftovers(
     left: list[str] = []
     left += [f"netns {name}" for name in network.list_netns() if name.startswith(network.NETNS_PREFIX + id_prefix)]
     left += [f"veth e2bh{s}" for s in slots if Path(f"/sys/class/net/e2bh{s}").exists()]
-    left += [f"mount {m}" for m in _mountpoints_under(runtime_dir)]
+    left += [f"mount {m}" for root in (runtime_dir, *peer_roots) for m in _mountpoints_under(root)]
     if runtime_dir.exists():
         left += [f"dir {p}" for p in runtime_dir.iterdir()]
     left += [f"cgroup {p / n}" for p in cgroup_parents.values() if p.exists() for n in os.listdir(p) if (p / n).is_dir()]
