@@ -7,7 +7,7 @@ Fixtures
     temp data dir, every port free-picked, ``E2B_TEMPLATES_DIR`` = the shared default templates
     dir (``$E2B_TEMPLATES_DIR`` if set when pytest starts, else ``/var/lib/pmoves-e2b/templates``
     as root) so templates are built once. Stopped with ``pmoves-e2b down`` at the end; teardown
-    fails if a process still mentions the data dir or a mount is left under it.
+    fails if a process or a mount tied to the data dir is left (after cleaning them up).
     Mark tests that use it ``@pytest.mark.stack``.
 
 ``sdk_env`` (function scope) -> ``dict[str, str]``
@@ -58,6 +58,10 @@ STACK_TEST_ENV: dict[str, str] = {
     # e2b-mcp-server's health probes Agent Zero; the default (agent-zero:8080) would send DNS
     # queries off the machine. A closed loopback port answers "unreachable" at once.
     "AGENT_ZERO_URL": "http://127.0.0.1:9",
+    # The compatibility suite runs 20 sandboxes at once.
+    "E2B_MAX_SANDBOXES": "24",
+    # One warm sandbox per template keeps creates fast without crowding the 2-core CI machine.
+    "E2B_POOL_SIZE": "1",
 }
 
 PORT_VARS = {
@@ -92,11 +96,27 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(OWN_VAR_PREFIXES)}
 
 
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve())
+def mounts_of(data_dir: Path) -> list[str]:
+    """Mount points tied to a data dir: under it, bind-mounted from it, or overlays writing into it."""
+    prefix = str(data_dir.resolve())
+
+    def inside(path: str) -> bool:
+        return path == prefix or path.startswith(prefix + "/")
+
+    points = []
     with open("/proc/self/mountinfo") as mountinfo:
-        points = [line.split()[4] for line in mountinfo]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+        for line in mountinfo:
+            fields = line.split()
+            root, point = fields[3], fields[4]
+            if inside(point) or inside(root) or f"={prefix}/" in fields[-1]:
+                points.append(point)
+    return points
+
+
+def unmount_all(points: list[str]) -> None:
+    """Lazy-unmount, deepest first (only used to clean up after a leak was recorded)."""
+    for point in sorted(points, key=lambda p: p.count("/"), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
 def processes_of(data_dir: Path) -> list[int]:
@@ -274,8 +294,9 @@ def stop_and_clean(stack: RunningStack) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    mounts = mounts_under(stack.data_dir)
-    if not mounts:
+    mounts = mounts_of(stack.data_dir)
+    unmount_all(mounts)  # leave the machine clean even when the stack leaked; the leak still fails below
+    if not mounts_of(stack.data_dir):
         shutil.rmtree(stack.data_dir, ignore_errors=True)
     assert result.returncode == 0, f"pmoves-e2b down failed: {result.stdout}{result.stderr}"
     assert not leftovers, f"processes left after down: {leftovers}"

@@ -308,7 +308,10 @@ def stop_stack(settings: Settings, timeout: float = STOP_GRACE_SECONDS + 10) -> 
     supervisor = pids.pop(SUPERVISOR)
     if supervisor is not None:
         os.kill(supervisor, signal.SIGTERM)
-        wait_until_gone([supervisor], timeout)
+        if wait_until_gone([supervisor], timeout):
+            log.warning("supervisor %d did not stop within %.0f s; killing it", supervisor, timeout)
+            os.kill(supervisor, signal.SIGKILL)
+            wait_until_gone([supervisor], 5)
     # Orphans (supervisor killed hard, or it failed to stop them): stop them directly.
     leftovers = [pid for c, pid in pids.items() if pid is not None and read_pid(settings, c) == pid]
     for pid in leftovers:

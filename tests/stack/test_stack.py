@@ -24,6 +24,8 @@ from pmoves_e2b.config import SERVICES
 pytestmark = pytest.mark.stack
 
 SERVICE_NAMES = {s.name for s in SERVICES}
+# Extra stacks of these tests exercise the frame, not sandboxes: no warm pool (keeps them fast).
+LEAN = {"E2B_POOL_SIZE": "0"}
 
 
 def test_five_components_are_healthy_with_pmoves_health_json(running_stack) -> None:  # type: ignore[no-untyped-def]
@@ -125,7 +127,7 @@ def _ports(count: int) -> list[int]:
 def test_external_nats_with_credentials_gets_all_announcements(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, port = _start_nats(tmp_path, "pmoves", "s3cret-pass")
     url = f"nats://pmoves:s3cret-pass@127.0.0.1:{port}"
-    stack = stack_factory({"NATS_URL": url}, start=False)
+    stack = stack_factory({**LEAN, "NATS_URL": url}, start=False)
 
     async def collect() -> tuple[list[dict], object]:
         client = await nats.connect(url)
@@ -164,7 +166,7 @@ def test_external_nats_with_credentials_gets_all_announcements(stack_factory, tm
 
 def test_nats_outage_degrades_health_but_services_stay_up(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, port = _start_nats(tmp_path, "u", "p")
-    stack = stack_factory({"NATS_URL": f"nats://u:p@127.0.0.1:{port}"})
+    stack = stack_factory({**LEAN, "NATS_URL": f"nats://u:p@127.0.0.1:{port}"})
     server.terminate()
     server.wait(timeout=10)
     deadline = time.monotonic() + 30
@@ -180,7 +182,7 @@ def test_nats_outage_degrades_health_but_services_stay_up(stack_factory, tmp_pat
 
 
 def test_down_stops_everything_and_leaves_no_process(stack_factory) -> None:  # type: ignore[no-untyped-def]
-    stack = stack_factory()
+    stack = stack_factory(LEAN)
     pids = [stack.service_pid(c) for c in ("supervisor", "nats", "sandbox", "mcp", "surf", "desktop")]
     assert all(pids), pids
     assert set(pids) <= set(stack.processes())
@@ -243,3 +245,32 @@ def test_busy_port_is_reported_before_anything_starts(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{port} (E2B_SANDBOX_PORT)" in result.stderr
     assert not (tmp_path / "run" / "supervisor.pid").exists()
+
+
+def test_nats_server_crash_is_restarted_and_services_reconnect(running_stack) -> None:  # type: ignore[no-untyped-def]
+    old_pid = running_stack.service_pid("nats")
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid = running_stack.service_pid("nats")
+        if pid not in (None, old_pid) and all(
+            running_stack.health(s.key)[1]["dependencies"]["nats"] == "connected" for s in SERVICES
+        ):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("services did not reconnect to the restarted nats-server")
+    assert running_stack.cli("health").returncode == 0
+
+
+def test_supervisor_killed_hard_takes_its_children_along_and_down_cleans_up(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory(LEAN)
+    children = [stack.service_pid(c) for c in ("nats", "sandbox", "mcp", "surf", "desktop")]
+    os.kill(stack.service_pid("supervisor"), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and set(children) & set(stack.processes()):
+        time.sleep(0.1)
+    assert not set(children) & set(stack.processes())
+    result = stack.down()
+    assert result.returncode == 0, result.stderr
+    assert stack.processes() == [] and list((stack.data_dir / "run").glob("*.pid")) == []
