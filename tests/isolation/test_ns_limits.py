@@ -68,3 +68,13 @@ def test_disk_limit_gives_enospc(sandboxes: Sandboxes) -> None:
     # the host's disk is untouched: the upper layer is the sandbox's own tmpfs
     assert sandboxes.run(handle, "/bin/rm", "/home/user/fill")["rc"] == 0
     assert sandboxes.run(handle, "/bin/sh", "-c", "echo ok > /tmp/ok")["rc"] == 0
+
+
+def test_cpu_quota_throttles(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create(cpu_count=0.2)
+    cpu_dir = Path(handle.details["cgroups"]["cpu"])
+    assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "20000"
+    busy = sandboxes.python(handle, "import time\nend = time.time() + 0.5\nwhile time.time() < end: pass")
+    assert busy["rc"] == 0
+    stat = dict(line.split() for line in (cpu_dir / "cpu.stat").read_text().splitlines())
+    assert int(stat["nr_throttled"]) > 0, stat
