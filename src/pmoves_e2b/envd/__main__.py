@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
+import types
+
+
+def _skip_connectrpc_version_lookup() -> None:
+    # connectrpc computes its __version__ (used only in client User-Agents) through
+    # importlib.metadata, which costs ~60 ms of envd's start; the server never needs it.
+    if "connectrpc._version" not in sys.modules:
+        stub = types.ModuleType("connectrpc._version")
+        stub.__version__ = "0.12.1"  # type: ignore[attr-defined] - the pinned version (pyproject)
+        sys.modules["connectrpc._version"] = stub
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="warning")
     options = parser.parse_args(argv)
 
+    _skip_connectrpc_version_lookup()
     import uvicorn
 
     from .app import EnvdApp

@@ -6,7 +6,6 @@ connectrpc applications (generated stubs in ``gen/``), everything else to ``api/
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +23,6 @@ from .process.service import ProcessService
 from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
 from .users import UnknownUserError, lookup_user, username_from_basic_auth
-
-logger = logging.getLogger("pmoves_e2b.envd")
 
 # Largest single Connect message (a SendInput chunk, a request); file bodies go over /files.
 RPC_READ_MAX_BYTES = 16 << 20
