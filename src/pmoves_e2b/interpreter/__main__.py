@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 
 import uvicorn
@@ -37,13 +38,19 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(default_cwd=args.cwd, envd_url=args.envd_url, keepalive_seconds=args.keepalive_seconds)
+    cwd = args.cwd
+    if not os.path.isdir(cwd):
+        cwd = os.path.expanduser("~")
+        logging.getLogger(__name__).warning("--cwd %s does not exist; contexts start in %s", args.cwd, cwd)
+    settings = Settings(default_cwd=cwd, envd_url=args.envd_url, keepalive_seconds=args.keepalive_seconds)
     config = uvicorn.Config(
         build_app(settings),
         log_level=args.log_level,
         access_log=False,
         timeout_keep_alive=640,  # as E2B's server: the SDK keeps its connection across cells
         lifespan="on",
+        # A cell may stream forever; at shutdown its request is cut, not waited for.
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     server.run(sockets=[listening_socket(args.host, args.port)])
