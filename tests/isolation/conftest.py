@@ -144,8 +144,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
 
-def listening_socket_in_netns(netns_path: Path | None, address: str) -> socket.socket:
-    """A TCP listener on ``address`` (port 0) created inside a netns (None = the host's)."""
+def listening_socket_in_netns(netns_path: Path | None, address: str, port: int = 0) -> socket.socket:
+    """A TCP listener on ``address`` (port 0: any free one) created inside a netns (None = the host's)."""
     result: list[Any] = []
 
     def worker() -> None:
@@ -159,7 +159,7 @@ def listening_socket_in_netns(netns_path: Path | None, address: str) -> socket.s
                     os.close(fd)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address, 0))
+            sock.bind((address, port))
             sock.listen(16)
             result.append(sock)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
+from pathlib import Path
 
-from conftest import FAKE_INTERNET_HOST_IP, FAKE_INTERNET_SERVER_IP, Responder, Sandboxes, listening_socket_in_netns
+from conftest import (
+    FAKE_INTERNET_HOST_IP,
+    FAKE_INTERNET_HOST_VETH,
+    FAKE_INTERNET_NETNS,
+    FAKE_INTERNET_SERVER_IP,
+    Responder,
+    Sandboxes,
+    listening_socket_in_netns,
+)
 
+from pmoves_e2b.sandbox import network
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT
 
 PROBE = """
@@ -101,3 +112,28 @@ def test_internet_only_when_allowed(sandboxes: Sandboxes, fake_internet: Respond
     # internet access does not open the host or other sandboxes
     results = probe(sandboxes, online, [(offline.address, ENVD_PORT), (online.details["host_address"], ENVD_PORT)])
     assert not any(r.startswith("open") for r in results), results
+
+
+def test_online_sandboxes_may_use_the_hosts_resolvers_even_in_private_ranges(
+    sandboxes: Sandboxes, fake_internet: Responder
+) -> None:
+    # a stand-in "resolver" at a private address, reached through the fake internet's netns
+    resolver = "172.31.255.53"
+    netns_path = Path("/run/netns") / FAKE_INTERNET_NETNS
+    subprocess.run(["ip", "-n", FAKE_INTERNET_NETNS, "addr", "add", f"{resolver}/32", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "route", "add", f"{resolver}/32", "via", FAKE_INTERNET_SERVER_IP, "dev", FAKE_INTERNET_HOST_VETH], check=True)
+    element = ["inet", network.TABLE, "resolvers4", f"{{ {resolver} }}"]
+    dns = Responder(listening_socket_in_netns(netns_path, resolver, 53))
+    other = Responder(listening_socket_in_netns(netns_path, resolver))
+    subprocess.run(["nft", "add", "element", *element], check=True)
+    try:
+        online = sandboxes.create(allow_internet=True)
+        offline = sandboxes.create(allow_internet=False)
+        assert probe(sandboxes, online, [(resolver, 53)])[0].startswith("open")
+        assert not probe(sandboxes, online, [(resolver, other.port)])[0].startswith("open")
+        assert not probe(sandboxes, offline, [(resolver, 53)])[0].startswith("open")
+    finally:
+        subprocess.run(["nft", "delete", "element", *element], check=False)
+        subprocess.run(["ip", "route", "del", f"{resolver}/32"], check=False)
+        dns.close()
+        other.close()

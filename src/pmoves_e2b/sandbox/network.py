@@ -7,7 +7,9 @@ Policy (table ``inet pmoves_e2b``, shared by every backend instance on the host)
 - a sandbox cannot reach the host (input from sandbox veths is dropped except replies),
   other sandboxes, or private / link-local / loopback / CGNAT ranges;
 - a sandbox reaches the internet (masqueraded via the host's default route) only while its
-  address is in the ``internet4`` set. Sandboxes get no IPv6 at all.
+  address is in the ``internet4`` set; such a sandbox may also use the host's DNS resolvers
+  (``resolvers4``, from /etc/resolv.conf) even when they sit in a private range. Sandboxes get no
+  IPv6 at all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 TABLE = "pmoves_e2b"
 # Bump when the rules below change: an older table is then replaced on start.
-RULES_VERSION = "v1"
+RULES_VERSION = "v2"
 SANDBOX_NET = ipaddress.IPv4Network("10.77.0.0/16")
 HOST_VETH_PREFIX = "e2bh"
 NETNS_PREFIX = "e2b-"
@@ -40,6 +42,7 @@ RULESET = f"""
 table inet {TABLE} {{
   chain {RULES_VERSION} {{ }}
   set internet4 {{ type ipv4_addr; }}
+  set resolvers4 {{ type ipv4_addr; }}
   set blocked4 {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED_V4)} }} }}
   chain input {{
     type filter hook input priority -10; policy accept;
@@ -49,6 +52,7 @@ table inet {TABLE} {{
   chain forward {{
     type filter hook forward priority -10; policy accept;
     iifname "{HOST_VETH_PREFIX}*" meta nfproto ipv6 drop
+    iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept
     iifname "{HOST_VETH_PREFIX}*" ip daddr @blocked4 drop
     iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 accept
     iifname "{HOST_VETH_PREFIX}*" drop
@@ -114,7 +118,8 @@ def _table_state() -> str:
 
 
 def ensure_host_setup() -> None:
-    """Create the nft table (once per host, under a lock) and enable IPv4 forwarding."""
+    """Create the nft table (once per host, under a lock), refresh the resolver set from
+    /etc/resolv.conf and enable IPv4 forwarding."""
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -122,7 +127,29 @@ def ensure_host_setup() -> None:
         if state != "current":
             drop_old = f"delete table inet {TABLE}\n" if state == "outdated" else ""
             _run(["nft", "-f", "-"], drop_old + RULESET)
+        resolvers = host_resolvers()
+        elements = f"add element inet {TABLE} resolvers4 {{ {', '.join(resolvers)} }}\n" if resolvers else ""
+        _run(["nft", "-f", "-"], f"flush set inet {TABLE} resolvers4\n{elements}")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+
+
+def host_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """IPv4 name servers of the host that a sandbox could reach by routing (not loopback)."""
+    found = []
+    try:
+        lines = resolv_conf.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                address = ipaddress.IPv4Address(parts[1])
+            except ValueError:
+                continue
+            if not address.is_loopback and not address.is_unspecified:
+                found.append(str(address))
+    return found
 
 
 def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
