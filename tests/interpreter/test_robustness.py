@@ -109,3 +109,15 @@ def test_keepalive_lines_flow_while_the_cell_is_silent(server: InterpreterServer
 def test_health_is_ok(server: InterpreterServer) -> None:
     response = httpx.get(f"{server.url}/health")
     assert response.status_code == 200 and response.json() == "OK"
+
+
+def test_a_kernel_that_dies_is_reported_and_replaced(sandbox: Sandbox) -> None:
+    context = sandbox.create_code_context()
+    try:
+        sandbox.run_code("lost = True", context=context)
+        died = sandbox.run_code("import os; os._exit(1)", context=context, timeout=60)
+        assert died.error is not None and died.error.name == "UnexpectedEndOfExecution"
+        after = sandbox.run_code("'lost' in globals()", context=context, timeout=60)
+        assert after.text == "False", "a fresh kernel replaces the dead one"
+    finally:
+        sandbox.remove_code_context(context)
