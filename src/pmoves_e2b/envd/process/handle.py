@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,8 +125,7 @@ class ProcessHandle:
         self.end: ProcessEvent.EndEvent | None = None
         self._popen = self._spawn(spec)
         self.pid: int = self._popen.pid
-        self._pidfd = os.pidfd_open(self.pid)
-        self._loop.add_reader(self._pidfd, self._on_exit)
+        self._watch_exit()
         for fd in self._outputs:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._on_readable, fd)
@@ -220,10 +220,27 @@ class ProcessHandle:
                     break
                 self._publish(_data_event(self._outputs[fd], data))
 
-    def _on_exit(self) -> None:
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
+    def _watch_exit(self) -> None:
+        """Get told when the process exits: a pidfd on the loop, or a waiting thread where
+        pidfd_open is unavailable (old kernel, seccomp)."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            threading.Thread(target=self._wait_in_thread, name=f"wait-{self.pid}", daemon=True).start()
+            return
+        self._loop.add_reader(pidfd, self._reap_pidfd, pidfd)
+
+    def _wait_in_thread(self) -> None:
         _, status = os.waitpid(self.pid, 0)
+        self._loop.call_soon_threadsafe(self._on_exit, status)
+
+    def _reap_pidfd(self, pidfd: int) -> None:
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        self._on_exit(status)
+
+    def _on_exit(self, status: int) -> None:
         self._popen.returncode = status  # reaped here; keeps Popen from waiting again
         if self._kill_timer is not None:
             self._kill_timer.cancel()
