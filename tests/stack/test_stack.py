@@ -274,3 +274,30 @@ def test_supervisor_killed_hard_takes_its_children_along_and_down_cleans_up(stac
     result = stack.down()
     assert result.returncode == 0, result.stderr
     assert stack.processes() == [] and list((stack.data_dir / "run").glob("*.pid")) == []
+
+
+def test_logs_command_prints_a_component_log_and_rejects_unknown_ones(running_stack) -> None:  # type: ignore[no-untyped-def]
+    result = running_stack.cli("logs", "desktop", "-n", "3")
+    assert result.returncode == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["service"] == "e2b-desktop" for line in lines)
+    unknown = running_stack.cli("logs", "nosuch")
+    assert unknown.returncode == 1 and "unknown service 'nosuch'" in unknown.stderr
+
+
+def test_foreground_supervisor_stops_everything_on_ctrl_c(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory(LEAN, start=False)
+    supervisor = subprocess.Popen([sys.executable, "-m", "pmoves_e2b.cli", "up", "--foreground"], env=stack.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        stack.wait_healthy(timeout=120)
+        assert stack.service_pid("supervisor") == supervisor.pid
+        children = [stack.service_pid(c) for c in ("nats", "sandbox", "mcp", "surf", "desktop")]
+        os.killpg(supervisor.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+        assert supervisor.wait(timeout=60) == 0
+        assert not set(children) & set(stack.processes())
+        assert list((stack.data_dir / "run").glob("*.pid")) == []
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
