@@ -136,6 +136,13 @@ def _idmapped_tree(path: str, userns_fd: int) -> int:
     return tree
 
 
+def _unmount_sandbox(sandbox_dir: Path) -> None:
+    for mountpoint in (sandbox_dir / "m", sandbox_dir / "rw"):
+        _umount(mountpoint)
+        if os.path.ismount(mountpoint):
+            raise BackendError(f"{mountpoint} is still mounted")
+
+
 def _is_shared_mountpoint(path: Path) -> bool:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
@@ -495,32 +502,48 @@ class NsBackend:
         self._teardown(handle.sandbox_id, handle.details)
 
     def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
-        """Remove every trace; each step tolerates parts that are already gone (idempotent)."""
+        """Remove every trace; each step tolerates parts that are already gone (idempotent).
+
+        A failed step does not stop the others; the sandbox dir (with state.json) and the slot
+        are then kept so that a later destroy or cleanup_orphans can finish the job."""
         sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
         if "cgroups" in details:
             cg = SandboxCgroups.from_dict(details["cgroups"])
         else:
             cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
-        if self._kill_init(cg, details.get("child_pid")):
-            cg.wait_empty(timeout=1.0)
-        cg.kill()
-        self._reap(sandbox_id, details.get("pid"))
-        cg.remove()
-        self._cpu_samples.pop(sandbox_id, None)
-        _umount(sandbox_dir / "m")
-        _umount(sandbox_dir / "rw")
         slot = details.get("slot")
+        errors: list[str] = []
+
+        def step(what: str, func: Callable[..., Any], *args: Any) -> None:
+            try:
+                func(*args)
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(f"{what}: {exc}")
+
+        step("stop processes", self._stop_processes, sandbox_id, details, cg)
+        step("remove cgroups", cg.remove)
+        step("unmount", _unmount_sandbox, sandbox_dir)
         if slot is not None:
-            network.destroy(SandboxNet.for_slot(slot, sandbox_id))
+            step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
         else:
-            network.destroy_netns(network.NETNS_PREFIX + sandbox_id)
+            step("remove network", network.destroy_netns, network.NETNS_PREFIX + sandbox_id)
+        self._cpu_samples.pop(sandbox_id, None)
+        if errors:
+            raise BackendError(
+                f"sandbox {sandbox_id} was not fully removed ({'; '.join(errors)}); "
+                f"{sandbox_dir} is kept so that destroy or cleanup_orphans can retry"
+            )
         if sandbox_dir.exists():
-            for mountpoint in (sandbox_dir / "m", sandbox_dir / "rw"):
-                if os.path.ismount(mountpoint):
-                    raise BackendError(f"{mountpoint} is still mounted; not removing {sandbox_dir}")
             shutil.rmtree(sandbox_dir)
         if slot is not None:
             self.slots.release(slot)
+
+    def _stop_processes(self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups) -> None:
+        if self._kill_init(cg, details.get("child_pid")):
+            cg.wait_empty(timeout=1.0)
+        if not cg.kill():
+            raise BackendError(f"processes still in {cg.unified} after cgroup.kill")
+        self._reap(sandbox_id, details.get("pid"))
 
     @staticmethod
     def _kill_init(cg: SandboxCgroups, child_pid: int | None) -> bool:
