@@ -122,6 +122,13 @@ def up(
     busy = _busy_ports(settings)
     if busy:
         raise _fail(f"port(s) in use: {', '.join(busy)}. Stop what uses them or set those variables to free ports.")
+    if settings.embedded_nats:
+        from pmoves_e2b.events.embedded import nats_server_binary
+
+        try:
+            nats_server_binary()
+        except FileNotFoundError as exc:
+            raise _fail(str(exc)) from None
     for directory in (settings.e2b_data_dir, settings.run_dir, settings.logs_dir):
         directory.mkdir(parents=True, exist_ok=True)
     secret_paths = ensure_secrets(settings)
