@@ -48,32 +48,35 @@ def timed(action: Callable[[], object], runs: int, warmup: int = 20) -> list[flo
     return samples
 
 
-async def direct_kernel_samples(runs: int, warmup: int = 20) -> list[float]:
-    manager = AsyncKernelManager(kernel_name="python3")
-    await manager.start_kernel()
-    client = manager.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=60)
-        samples = []
-        for index in range(warmup + runs):
-            start = time.perf_counter()
-            msg_id = client.execute(CELL, allow_stdin=False)
-            idle = replied = False
-            while not (idle and replied):
-                if not idle:
-                    msg = await client.get_iopub_msg()
-                    if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status":
-                        idle = msg["content"]["execution_state"] == "idle"
-                else:
-                    reply = await client.get_shell_msg()
-                    replied = reply["parent_header"].get("msg_id") == msg_id
-            if index >= warmup:
-                samples.append((time.perf_counter() - start) * 1000)
-        return samples
-    finally:
-        client.stop_channels()
-        await manager.shutdown_kernel(now=True)
+class DirectKernel:
+    """The baseline: the same kernelspec driven directly with jupyter_client, on its own loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._manager = AsyncKernelManager(kernel_name="python3")
+        self._loop.run_until_complete(self._manager.start_kernel())
+        self._client = self._manager.client()
+        self._client.start_channels()
+        self._loop.run_until_complete(self._client.wait_for_ready(timeout=60))
+
+    async def _execute(self) -> None:
+        msg_id = self._client.execute(CELL, allow_stdin=False)
+        idle = replied = False
+        while not idle:
+            msg = await self._client.get_iopub_msg()
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status":
+                idle = msg["content"]["execution_state"] == "idle"
+        while not replied:
+            reply = await self._client.get_shell_msg()
+            replied = reply["parent_header"].get("msg_id") == msg_id
+
+    def execute(self) -> None:
+        self._loop.run_until_complete(self._execute())
+
+    def close(self) -> None:
+        self._client.stop_channels()
+        self._loop.run_until_complete(self._manager.shutdown_kernel(now=True))
+        self._loop.close()
 
 
 def free_port() -> int:
@@ -115,10 +118,42 @@ def report(name: str, samples: list[float], baseline_p50: float | None = None) -
     print(f"{name:<44} p50 {p50:7.2f} ms  p95 {p95:7.2f} ms{ratio}")
 
 
+def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pmoves_e2b.interpreter", "--host", "127.0.0.1", "--port", str(port),
+         "--cwd", str(root / "home"), "--envd-url", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url, (time.perf_counter() - started) * 1000
+        except httpx.TransportError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                stop_server(server)
+                raise SystemExit("interpreter server did not become healthy") from None
+        time.sleep(0.02)
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=300, help="samples per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="variants alternate this many times")
     args = parser.parse_args()
+    per_round = max(1, args.runs // args.rounds)
 
     with tempfile.TemporaryDirectory(prefix="bench-interpreter-") as tmp:
         root = Path(tmp)
@@ -127,48 +162,35 @@ def main() -> None:
         os.environ["JUPYTER_PATH"] = str(root / "prefix" / "share" / "jupyter")
         os.environ.pop("MPLBACKEND", None)
 
-        baseline = asyncio.run(direct_kernel_samples(args.runs))
-        report("baseline: ipykernel via jupyter_client", baseline)
-
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "pmoves_e2b.interpreter", "--host", "127.0.0.1", "--port", str(port),
-             "--cwd", str(root / "home"), "--envd-url", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        server, url, healthy_ms = start_server(root)
+        direct = DirectKernel()
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("interpreter server did not become healthy") from None
-                time.sleep(0.02)
-            healthy_ms = (time.perf_counter() - started) * 1000
-
             sandbox = Sandbox.create(debug=True, sandbox_url=url, api_key="bench")
             first = time.perf_counter()
             assert sandbox.run_code(CELL).text == "2"
             first_ms = (time.perf_counter() - first) * 1000
-
-            def sdk_run() -> None:
-                sandbox.run_code(CELL)
-
-            report("server: stock SDK Sandbox.run_code", timed(sdk_run, args.runs), statistics.median(baseline))
-
+            body = {"code": CELL, "context_id": None, "language": None, "env_vars": None}
             with httpx.Client() as client:
-                body = {"code": CELL, "context_id": None, "language": None, "env_vars": None}
 
                 def raw_run() -> None:
                     with client.stream("POST", f"{url}/execute", json=body) as response:
                         for _ in response.iter_lines():
                             pass
 
-                report("server: bare httpx POST /execute", timed(raw_run, args.runs), statistics.median(baseline))
+                variants: dict[str, Callable[[], object]] = {
+                    "baseline: ipykernel via jupyter_client": direct.execute,
+                    "server: stock SDK Sandbox.run_code": lambda: sandbox.run_code(CELL),
+                    "server: bare httpx POST /execute": raw_run,
+                }
+                samples: dict[str, list[float]] = {name: [] for name in variants}
+                # Alternate the variants so that load from other jobs hits them alike.
+                for _ in range(args.rounds):
+                    for name, action in variants.items():
+                        samples[name] += timed(action, per_round, warmup=5)
+
+            baseline_p50 = statistics.median(samples["baseline: ipykernel via jupyter_client"])
+            for name, values in samples.items():
+                report(name, values, None if name.startswith("baseline") else baseline_p50)
 
             time.sleep(1)
             tree = process_tree(server.pid)
@@ -177,12 +199,8 @@ def main() -> None:
             print(f"first run_code after healthy                  {first_ms:7.1f} ms")
             print(f"idle PSS, server + default python kernel      {total_kib / 1024:7.1f} MiB ({len(tree)} processes)")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            direct.close()
+            stop_server(server)
 
 
 if __name__ == "__main__":
