@@ -170,3 +170,9 @@ async def test_async_files_round_trip(async_sandbox: AsyncSandbox, workdir: str)
     await async_sandbox.files.write(f"{workdir}/async.txt", "a")
     assert await async_sandbox.files.read(f"{workdir}/async.txt") == "a"
     assert [e.name for e in await async_sandbox.files.list(workdir)] == ["async.txt"]
+
+
+def test_user_root_writes_root_owned_files(sandbox: Sandbox, workdir: str) -> None:
+    sandbox.files.write(f"{workdir}/as-root.txt", "r", user="root")
+    assert os.stat(f"{workdir}/as-root.txt").st_uid == 0
+    assert sandbox.files.read(f"{workdir}/as-root.txt", user="root") == "r"

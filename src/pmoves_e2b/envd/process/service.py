@@ -112,7 +112,7 @@ class ProcessService:
                         async with asyncio.timeout(interval):
                             event = await queue.get()
                     except TimeoutError:
-                        yield ProcessEvent(event=_KEEPALIVE)
+                        yield ProcessEvent(event=Oneof("keepalive", _KEEPALIVE))
                         continue
                 if event is None:
                     return
