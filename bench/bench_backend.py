@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,7 +94,8 @@ def main() -> None:
         fork_exec = timed(lambda: spawn_and_wait(["/bin/true"]), args.runs)
         base = percentiles(fork_exec)[0]
         row("fork+exec /bin/true", fork_exec)
-        row("bwrap --unshare-all /bin/true (template rootfs)", timed(lambda: spawn_and_wait([*bwrap, "/bin/true"]), args.runs), base)
+        bwrap_true = timed(lambda: spawn_and_wait([*bwrap, "/bin/true"]), args.runs)
+        row("bwrap --unshare-all /bin/true (template rootfs)", bwrap_true, base)
         python_pass = timed(lambda: spawn_and_wait([*bwrap, "/usr/bin/python3", "-c", "pass"]), args.runs)
         row("bwrap ... python3 -c pass", python_pass, base)
 

@@ -63,7 +63,9 @@ def ns_leftovers(
     left += [f"mount {m}" for root in (runtime_dir, *peer_roots) for m in _mountpoints_under(root)]
     if runtime_dir.exists():
         left += [f"dir {p}" for p in runtime_dir.iterdir()]
-    left += [f"cgroup {p / n}" for p in cgroup_parents.values() if p.exists() for n in os.listdir(p) if (p / n).is_dir()]
+    for parent in cgroup_parents.values():
+        if parent.exists():
+            left += [f"cgroup {parent / name}" for name in os.listdir(parent) if (parent / name).is_dir()]
     if host_setup_mounts:
         left += [f"cgroup parent {p}" for p in cgroup_parents.values() if p.exists()]
         mounted = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}

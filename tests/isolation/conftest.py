@@ -219,7 +219,10 @@ def fake_internet() -> Iterator[Responder]:
     try:
         subprocess.run(
             ["ip", "-n", FAKE_INTERNET_NETNS, "-batch", "-"],
-            input=f"addr add {FAKE_INTERNET_SERVER_IP}/24 dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {FAKE_INTERNET_HOST_IP}\n".encode(),
+            input=(
+                f"addr add {FAKE_INTERNET_SERVER_IP}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
+                f"route add default via {FAKE_INTERNET_HOST_IP}\n"
+            ).encode(),
             check=True,
         )
         responder = Responder(listening_socket_in_netns(Path("/run/netns") / FAKE_INTERNET_NETNS, "0.0.0.0"))

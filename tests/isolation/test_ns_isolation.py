@@ -40,7 +40,8 @@ def test_sandbox_sees_only_its_own_processes_and_files(sandboxes: Sandboxes, tmp
     for layer in sandboxes.template.layers:
         if Path(layer, "root").is_dir():
             template_root |= set(os.listdir(Path(layer, "root")))
-    inside_root = set(json.loads(sandboxes.python(handle, "import os, json; print(json.dumps(os.listdir('/root')))")["stdout"]))
+    listing = sandboxes.python(handle, "import os, json; print(json.dumps(os.listdir('/root')))")
+    inside_root = set(json.loads(listing["stdout"]))
     host_only = set(os.listdir("/root")) - template_root
     assert not inside_root & host_only, inside_root & host_only
     assert sandboxes.run(handle, "/bin/hostname")["stdout"].strip() != os.uname().nodename

@@ -121,7 +121,10 @@ def test_online_sandboxes_may_use_the_hosts_resolvers_even_in_private_ranges(
     resolver = "172.31.255.53"
     netns_path = Path("/run/netns") / FAKE_INTERNET_NETNS
     subprocess.run(["ip", "-n", FAKE_INTERNET_NETNS, "addr", "add", f"{resolver}/32", "dev", "eth0"], check=True)
-    subprocess.run(["ip", "route", "add", f"{resolver}/32", "via", FAKE_INTERNET_SERVER_IP, "dev", FAKE_INTERNET_HOST_VETH], check=True)
+    subprocess.run(
+        ["ip", "route", "add", f"{resolver}/32", "via", FAKE_INTERNET_SERVER_IP, "dev", FAKE_INTERNET_HOST_VETH],
+        check=True,
+    )
     element = ["inet", network.TABLE, "resolvers4", f"{{ {resolver} }}"]
     dns = Responder(listening_socket_in_netns(netns_path, resolver, 53))
     other = Responder(listening_socket_in_netns(netns_path, resolver))

@@ -52,7 +52,8 @@ table inet {TABLE} {{
   chain forward {{
     type filter hook forward priority -10; policy accept;
     iifname "{HOST_VETH_PREFIX}*" meta nfproto ipv6 drop
-    iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept
+    iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 ip daddr @resolvers4 meta l4proto {{ tcp, udp }} \
+      th dport 53 accept
     iifname "{HOST_VETH_PREFIX}*" ip daddr @blocked4 drop
     iifname "{HOST_VETH_PREFIX}*" ip saddr @internet4 accept
     iifname "{HOST_VETH_PREFIX}*" drop
