@@ -73,7 +73,7 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
     console.print("secrets (values are never printed):")
     for name in SECRET_NAMES:
         where = secret_paths.get(name)
-        console.print(f"  {name}: {where if where else 'from the environment'}")
+        console.print(f"  {name}: {where if where else 'from the environment'}", highlight=False, soft_wrap=True)
     key_source = secret_paths.get("E2B_API_KEY")
     sandbox_url = settings.service_url(SERVICES_BY_KEY["sandbox"])
     console.print("use the stock E2B SDK with:")

@@ -182,7 +182,15 @@ def test_nats_outage_degrades_health_but_services_stay_up(stack_factory, tmp_pat
 
 
 def test_down_stops_everything_and_leaves_no_process(stack_factory) -> None:  # type: ignore[no-untyped-def]
-    stack = stack_factory(LEAN)
+    stack = stack_factory(LEAN, start=False)
+    result = stack.cli("up", timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # `up` tells where the secrets are and how to use the SDK, never the values.
+    output = " ".join((result.stdout + result.stderr).split())
+    assert str(stack.data_dir / "secrets" / "E2B_API_KEY") in output
+    assert f"export E2B_API_URL={stack.sandbox_url}" in output and f"export E2B_SANDBOX_URL={stack.sandbox_url}" in output
+    for secret in (stack.api_key, stack.mcp_token, stack.desktop_token):
+        assert secret not in output
     pids = [stack.service_pid(c) for c in ("supervisor", "nats", "sandbox", "mcp", "surf", "desktop")]
     assert all(pids), pids
     assert set(pids) <= set(stack.processes())
