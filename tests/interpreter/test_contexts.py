@@ -103,3 +103,20 @@ def test_file_written_in_a_context_lands_in_its_cwd(sandbox: Sandbox, server: In
         assert (Path(workdir) / "out.txt").read_text() == "hi"
     finally:
         sandbox.remove_code_context(context)
+
+
+def test_default_contexts_start_with_the_server_and_others_on_first_use(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from e2b_code_interpreter import Sandbox as SDKSandbox
+
+    from .conftest import start_server, stop_server
+
+    server = start_server(tmp_path_factory.mktemp("defaults"), ["--default-languages", "bash"])
+    try:
+        sandbox = SDKSandbox.create(debug=True, sandbox_url=server.url, api_key="test-key")
+        assert [c.language for c in sandbox.list_code_contexts()] == ["bash"]
+        assert sandbox.run_code("1 + 1").text == "2"
+        assert sorted(c.language for c in sandbox.list_code_contexts()) == ["bash", "python"]
+    finally:
+        stop_server(server)

@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--envd-url", default=Settings.envd_url, help="envd base URL for GET /envs ('' to skip)")
     parser.add_argument("--keepalive-seconds", type=float, default=Settings.keepalive_seconds,
                         help="send a keepalive line after this long without output")
+    parser.add_argument("--default-languages", default=",".join(Settings.default_languages),
+                        help="comma-separated languages whose context starts with the server ('' for none)")
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isdir(cwd):
         cwd = os.path.expanduser("~")
         logging.getLogger(__name__).warning("--cwd %s does not exist; contexts start in %s", args.cwd, cwd)
-    settings = Settings(default_cwd=cwd, envd_url=args.envd_url, keepalive_seconds=args.keepalive_seconds)
+    settings = Settings(
+        default_cwd=cwd,
+        envd_url=args.envd_url,
+        keepalive_seconds=args.keepalive_seconds,
+        default_languages=tuple(filter(None, (lang.strip() for lang in args.default_languages.split(",")))),
+    )
     config = uvicorn.Config(
         build_app(settings),
         log_level=args.log_level,

@@ -25,7 +25,6 @@ from .kernelspecs import KernelCatalog, UnknownLanguageError
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
-DEFAULT_LANGUAGES = ["python", "javascript"]
 
 
 @dataclass
@@ -34,6 +33,8 @@ class Settings:
     envd_url: str = "http://127.0.0.1:49983"
     keepalive_seconds: float = 5.0
     output_buffer_bytes: int = 8 * 1024 * 1024
+    # Languages whose default context starts with the server (skipped when no kernel is installed).
+    default_languages: tuple[str, ...] = ("python", "javascript")
 
 
 class BadRequest(Exception):
@@ -208,7 +209,7 @@ def build_app(settings: Settings, catalog: KernelCatalog | None = None) -> Starl
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Started before the server answers /health, so the first run_code finds a warm kernel.
-        await registry.start_defaults(DEFAULT_LANGUAGES)
+        await registry.start_defaults(list(settings.default_languages))
         try:
             yield
         finally:
