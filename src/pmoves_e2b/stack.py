@@ -28,6 +28,7 @@ import httpx
 from pmoves_e2b.config import SERVICES, ConfigError, Settings, get_settings
 from pmoves_e2b.events import embedded
 from pmoves_e2b.events.connection import probe as probe_nats
+from pmoves_e2b.events.connection import redact_url
 from pmoves_e2b.observability.logging import configure_logging
 
 log = logging.getLogger("pmoves_e2b.stack")
@@ -129,8 +130,6 @@ async def _nats_health(client: httpx.AsyncClient, settings: Settings) -> Compone
                                    "" if ok else response.text[:120])
         except httpx.HTTPError as exc:
             return ComponentHealth(NATS, "nats-server", False, "unreachable", url, type(exc).__name__)
-    from pmoves_e2b.events.connection import redact_url
-
     url = redact_url(settings.nats_server_url)
     error = await probe_nats(settings.nats_server_url, timeout=1.5)
     return ComponentHealth(NATS, "nats (external)", error is None, "healthy" if error is None else "unreachable",
