@@ -132,6 +132,11 @@ def test_force_rebuilds_everything_in_place(world) -> None:
     assert rec.built() == ["bottom", "top"]
     assert load_template("mini", root) == old
     assert all(Path(p).is_dir() for p in old.layers)
+    # The replaced builds stay until pruned: sandboxes may still run on them.
+    replaced = sorted(p.name.split("~")[0] for p in (root / "layers").glob("*~replaced-*"))
+    assert replaced == sorted(Path(p).name for p in old.layers)
+    assert len(builder().prune()) == 2
+    assert load_template("mini", root) == old
 
 
 def test_a_failing_step_leaves_no_layer_and_says_where_the_log_is(world) -> None:

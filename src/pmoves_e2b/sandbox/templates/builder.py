@@ -182,7 +182,7 @@ class TemplateBuilder:
         root = layers_dir(self.templates_dir)
         if root.is_dir():
             for path in root.iterdir():
-                if path.name.startswith((".tmp-", ".old-")):
+                if path.name.startswith(".tmp-"):
                     remove_tree(path)
 
     def _ensure_layer(self, name: str, force: bool) -> LayerResult:
@@ -229,11 +229,11 @@ class TemplateBuilder:
             "layer": name, "id": lid, "seconds": round(seconds, 1), "size_bytes": size,
             "steps": step_seconds, "built_on": [self.layer_id(p) for p in spec.build_on],
         }, indent=1) + "\n")
-        if final.exists():  # --force: swap in the new build, then drop the old one
-            old = final.with_name(f".old-{lid}")
-            final.rename(old)
+        if final.exists():
+            # --force: sandboxes may still run on the old build, so it is only set aside
+            # (under a name no template points at: `template prune` removes it later).
+            final.rename(final.with_name(f"{lid}~replaced-{int(time.time())}"))
             tmp.rename(final)
-            remove_tree(old)
         else:
             tmp.rename(final)
         self.reporter.layer_finished(name, final, seconds, size)

@@ -27,7 +27,8 @@ SUITE = "bookworm"
 OS_PACKAGES = "python3 ca-certificates git curl sudo procps iproute2 less nodejs"
 NPM_VERSION = "10.9.9"  # the newest npm that still runs on Debian's Node 18
 SANDBOX_USER, SANDBOX_UID = "user", 1000
-HOSTNAME = "sandbox"
+# The sandbox backend sets this hostname; /etc/hosts must resolve it or every sudo complains.
+HOSTNAME = "e2b"
 # Docs, man pages and translations are a fifth of the rootfs and nobody reads them in a sandbox.
 DPKG_SLIM = b"""\
 path-exclude /usr/share/doc/*
@@ -107,7 +108,7 @@ def _user(ctx: BuildContext) -> None:
     _write(ctx.target, f"/etc/sudoers.d/{SANDBOX_USER}", f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n".encode(), mode=0o440)
     _write(ctx.target, "/etc/hostname", f"{HOSTNAME}\n".encode())
     _write(ctx.target, "/etc/hosts", (
-        f"127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        f"127.0.0.1\tlocalhost {HOSTNAME} {HOSTNAME}.local\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n").encode())
     _write(ctx.target, "/etc/resolv.conf", ctx.host.resolv_conf)
 
