@@ -24,8 +24,10 @@ from .errors import TemplateBuildError
 from .hostconfig import BUILD_CONFIG_DIR, HOST_MOUNT_PREFIX, HostConfig
 
 CHROOT_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# A fresh mount + pid namespace; --kill-child ends the whole pid namespace when unshare dies.
-PRIVATE_NAMESPACES = ("unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private")
+# Fresh mount, pid, uts and ipc namespaces (nothing in a build can rename the host);
+# --kill-child ends the whole pid namespace when unshare dies.
+PRIVATE_NAMESPACES = ("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--kill-child",
+                      "--propagation", "private")
 _PR_SET_PDEATHSIG = 1
 
 
