@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 LIVENESS_CHECK_SECONDS = 1.0
 INTERRUPT_GRACE_SECONDS = 5.0
+# The idle status normally follows the reply within milliseconds; past this it was lost.
+IDLE_AFTER_REPLY_SECONDS = 2.0
 # Deno forwards console output on its own task: now and then it lands after the idle status.
 LATE_OUTPUT_RUNTIMES = frozenset({"deno"})
 
@@ -120,7 +122,9 @@ class Execution:
             self._wake.clear()
             if run.done.is_set():
                 return
-            if not await kernel.is_alive():
+            if run.replied_at is not None and loop.time() - run.replied_at > IDLE_AFTER_REPLY_SECONDS:
+                run.end_without_idle()
+            elif not await kernel.is_alive():
                 logger.warning("kernel of context %s died; restarting it", self.context.id)
                 run.fail("UnexpectedEndOfExecution", "The kernel died while running the code; the context was restarted")
                 await self.context.restart()
