@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from e2b import AsyncSandbox as BaseAsyncSandbox
 from e2b import exceptions as e2b_errors
 from e2b.sandbox.commands.command_handle import CommandExitException
 from e2b.sandbox.sandbox_api import SandboxInfo
@@ -33,6 +32,10 @@ IMPLICIT_SANDBOX_TIMEOUT_S = 600
 # Result formats copied from the code interpreter into our JSON (images stay base64).
 RESULT_FORMATS = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript")
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
+# Metadata on every sandbox this service creates (visible in sandbox_list and the E2B API).
+CREATED_BY = {"created_by": "e2b-mcp-server"}
+# Connected SDK objects kept for reuse.
+MAX_CONNECTED = 256
 
 OutputCallback = Callable[[str], Awaitable[None] | None]
 
@@ -65,17 +68,12 @@ class SandboxOps:
 
     # ----- lifecycle -------------------------------------------------------------------
 
-    async def create(
-        self,
-        template: str = CODE_INTERPRETER_TEMPLATE,
-        timeout_s: int = 3600,
-        metadata: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
+    async def create(self, template: str = CODE_INTERPRETER_TEMPLATE, timeout_s: int = 3600) -> dict[str, Any]:
         async with self._translate(None):
             sandbox = await AsyncSandbox.create(
-                template=template, timeout=timeout_s, metadata=metadata or {}, **self.config.options()
+                template=template, timeout=timeout_s, metadata=dict(CREATED_BY), **self.config.options()
             )
-        self._connected[sandbox.sandbox_id] = _Connected(sandbox, template)
+        self._remember(sandbox.sandbox_id, _Connected(sandbox, template))
         return {"sandbox_id": sandbox.sandbox_id, "template": template, "timeout_seconds": timeout_s}
 
     async def list(self) -> list[dict[str, Any]]:
@@ -242,8 +240,13 @@ class SandboxOps:
             info = await AsyncSandbox.get_info(sandbox_id, **self.config.options())
             sandbox = await AsyncSandbox.connect(sandbox_id, **self.config.options())
         connected = _Connected(sandbox, info.name or info.template_id)
-        self._connected[sandbox_id] = connected
+        self._remember(sandbox_id, connected)
         return connected
+
+    def _remember(self, sandbox_id: str, connected: _Connected) -> None:
+        if len(self._connected) >= MAX_CONNECTED:  # forget the oldest; it reconnects on use
+            self._connected.pop(next(iter(self._connected)))
+        self._connected[sandbox_id] = connected
 
     def _translate(self, sandbox_id: str | None, path: str | None = None) -> _Translate:
         return _Translate(self, sandbox_id, path)
@@ -251,7 +254,7 @@ class SandboxOps:
     async def is_gone(self, sandbox_id: str) -> bool:
         """True when the backend no longer knows the sandbox (killed or expired)."""
         try:
-            await BaseAsyncSandbox.get_info(sandbox_id, **self.config.options())
+            await AsyncSandbox.get_info(sandbox_id, **self.config.options())
         except e2b_errors.NotFoundException:
             return True
         except Exception:
