@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pmoves_e2b.sandbox import network
+from pmoves_e2b.sandbox import cgroups, network
 from pmoves_e2b.sandbox.backends.ns import SLOTS_DIR, UID_BASE, UID_RANGE, SlotRegistry
 
 
@@ -44,7 +44,7 @@ def _processes_in_uid_ranges(slots: set[int]) -> list[str]:
 
 def ns_leftovers(
     runtime_dir: Path,
-    cgroup_parents: dict[str, Path],
+    cgroup_parent_name: str,
     id_prefix: str,
     slots: set[int],
     host_setup_mounts: tuple[Path, ...] = (),
@@ -63,11 +63,11 @@ def ns_leftovers(
     left += [f"mount {m}" for root in (runtime_dir, *peer_roots) for m in _mountpoints_under(root)]
     if runtime_dir.exists():
         left += [f"dir {p}" for p in runtime_dir.iterdir()]
-    for parent in cgroup_parents.values():
-        if parent.exists():
-            left += [f"cgroup {parent / name}" for name in os.listdir(parent) if (parent / name).is_dir()]
+    parents = cgroups.existing_parent_dirs(cgroup_parent_name)
+    for parent in parents:
+        left += [f"cgroup {parent / name}" for name in os.listdir(parent) if (parent / name).is_dir()]
     if host_setup_mounts:
-        left += [f"cgroup parent {p}" for p in cgroup_parents.values() if p.exists()]
+        left += [f"cgroup parent {p}" for p in parents]
         mounted = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
         left += [f"mount {m}" for m in host_setup_mounts if str(m) in mounted]
     left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]

@@ -121,7 +121,7 @@ def ns_backend(runtime_dir: Path) -> Iterator[NsBackend]:
     asyncio.run(backend.cleanup_orphans(set()))
     backend.close()
     left = ns_leftovers(
-        runtime_dir, backend.cgroup_parents, ID_PREFIX, set(), host_setup_mounts=(runtime_dir, backend.launch_root)
+        runtime_dir, backend.cgroup_parent_name, ID_PREFIX, set(), host_setup_mounts=(runtime_dir, backend.launch_root)
     )
     assert not left, f"left behind at session end: {left}"
 
@@ -133,7 +133,7 @@ def sandboxes(ns_backend: NsBackend, test_template: TemplateImage) -> Iterator[S
     for handle in box.handles:
         asyncio.run(ns_backend.destroy(handle))
     left = ns_leftovers(
-        ns_backend.runtime_dir, ns_backend.cgroup_parents, ID_PREFIX, box.slots, peer_roots=(ns_backend.launch_root,)
+        ns_backend.runtime_dir, ns_backend.cgroup_parent_name, ID_PREFIX, box.slots, peer_roots=(ns_backend.launch_root,)
     )
     assert not left, f"left behind after the test: {left}"
 

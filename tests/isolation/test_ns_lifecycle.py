@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import Sandboxes
 
+from pmoves_e2b.sandbox import cgroups
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, TemplateImage
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 
@@ -75,8 +76,10 @@ def test_destroy_of_a_paused_sandbox_leaves_nothing(sandboxes: Sandboxes) -> Non
 
 
 CREATOR = """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from pathlib import Path
+# run like a service that lives in another memory cgroup than the one cleaning up later
+Path(sys.argv[2], "cgroup.procs").write_text(str(os.getpid()))
 from pmoves_e2b.sandbox.backends.base import SandboxSpec, TemplateImage
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 args = json.loads(sys.argv[1])
@@ -95,8 +98,13 @@ def test_sandbox_survives_sigkill_of_its_creator_and_is_adopted(sandboxes: Sandb
         "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "template"},
         "template": {**template, "layers": list(template["layers"])},
     }
+    own_memory = cgroups.parent_dirs("x")["memory"].parent
+    other_memory = own_memory / f"e2b-test-other-memcg-{os.getpid()}"
+    other_memory.mkdir()
     creator = subprocess.Popen(
-        [sys.executable, "-c", CREATOR, json.dumps(payload)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", CREATOR, json.dumps(payload), str(other_memory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         line = creator.stdout.readline()
@@ -113,8 +121,16 @@ def test_sandbox_survives_sigkill_of_its_creator_and_is_adopted(sandboxes: Sandb
     adopter = NsBackend(sandboxes.backend.runtime_dir)
     assert asyncio.run(adopter.is_alive(handle))
     assert sandboxes.run(handle, "/bin/echo", "still here")["stdout"].strip() == "still here"
+    assert Path(handle.details["cgroups"]["memory"]).is_relative_to(other_memory)
     asyncio.run(adopter.destroy(handle))
     assert not asyncio.run(adopter.is_alive(handle))
+    # close() finds the parent group the creator made in its own memory cgroup
+    sandboxes.backend.close()
+    left = [path for path in other_memory.iterdir() if path.is_dir()]
+    for path in left:
+        path.rmdir()
+    other_memory.rmdir()
+    assert left == []
 
 
 def test_cleanup_orphans_removes_only_unknown_sandboxes(sandboxes: Sandboxes) -> None:

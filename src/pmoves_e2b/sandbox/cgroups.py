@@ -184,20 +184,58 @@ class SandboxCgroups:
         return 0
 
 
-def child_names(parents: dict[str, Path]) -> set[str]:
-    """Names of the sandbox groups under our parents, in any hierarchy."""
-    names: set[str] = set()
-    for parent in parents.values():
+def existing_parent_dirs(parent_name: str, max_depth: int = 4) -> list[Path]:
+    """Every group named ``parent_name`` in any hierarchy: the service that made a sandbox may
+    have run in another memory cgroup than the process cleaning up (e.g. ``pmoves-e2b down``)."""
+    found: list[Path] = []
+    for hierarchy in (*V1_CONTROLLERS, UNIFIED):
+        level = [CGROUP_ROOT / hierarchy]
+        for _ in range(max_depth):
+            next_level = []
+            for directory in level:
+                try:
+                    entries = [entry for entry in os.scandir(directory) if entry.is_dir()]
+                except OSError:
+                    continue
+                for entry in entries:
+                    if entry.name == parent_name:
+                        found.append(Path(entry.path))
+                    elif not entry.name.startswith("pmoves-e2b-"):  # never walk into sandbox groups
+                        next_level.append(Path(entry.path))
+            level = next_level
+    return found
+
+
+def children(parents: list[Path]) -> dict[str, list[Path]]:
+    """Sandbox id → its groups under the given parents."""
+    groups: dict[str, list[Path]] = {}
+    for parent in parents:
         try:
-            names.update(entry.name for entry in os.scandir(parent) if entry.is_dir())
+            entries = [entry for entry in os.scandir(parent) if entry.is_dir()]
         except FileNotFoundError:
             continue
-    return names
+        for entry in entries:
+            groups.setdefault(entry.name, []).append(Path(entry.path))
+    return groups
 
 
-def remove_parents(parents: dict[str, Path]) -> None:
+def kill_and_remove(groups: list[Path], timeout: float = 5.0) -> None:
+    """End every process of a sandbox known only by its groups, then remove the groups."""
+    for group in groups:
+        if (group / "cgroup.kill").exists():
+            _write(group / "cgroup.kill", "1")
+            if not _wait(lambda g=group: "populated 0" in (g / "cgroup.events").read_text(), timeout):
+                raise CgroupError(f"processes still in {group} after cgroup.kill")
+    for group in groups:
+        try:
+            group.rmdir()
+        except FileNotFoundError:
+            pass
+
+
+def remove_parents(parents: list[Path]) -> None:
     """Remove the (empty) parent groups; a parent that still has sandboxes stays."""
-    for parent in parents.values():
+    for parent in parents:
         try:
             parent.rmdir()
         except OSError as exc:

@@ -216,7 +216,8 @@ class NsBackend:
         self.ready_timeout = ready_timeout
         self.slots = slots or SlotRegistry()
         tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
-        self.cgroup_parents = cgroups.parent_dirs(f"pmoves-e2b-{tag}")
+        self.cgroup_parent_name = f"pmoves-e2b-{tag}"
+        self.cgroup_parents = cgroups.parent_dirs(self.cgroup_parent_name)
         self.launch_root = LAUNCH_ROOTS / tag
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._cpu_samples: dict[str, tuple[float, int]] = {}
@@ -250,7 +251,7 @@ class NsBackend:
         with self._setup_lock:
             if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
                 return
-            cgroups.remove_parents(self.cgroup_parents)
+            cgroups.remove_parents(cgroups.existing_parent_dirs(self.cgroup_parent_name))
             for mountpoint in (self.launch_root, self.runtime_dir):
                 if _is_shared_mountpoint(mountpoint):
                     _umount(mountpoint)
@@ -580,22 +581,28 @@ class NsBackend:
     def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
         """Tear down what belongs to this runtime dir but to no known sandbox."""
         self._ensure_host_setup()
+        removed = self._release_slots_of_vanished_runtime_dirs()
         candidates: set[str] = set()
         if self.runtime_dir.exists():
             candidates.update(entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir())
-        candidates.update(cgroups.child_names(self.cgroup_parents))
         my_slots: dict[str, int] = {}
         for slot, owner in self.slots.owners().items():
             if owner.get("runtime_dir") == str(self.runtime_dir):
                 my_slots[owner["sandbox_id"]] = slot
         candidates.update(my_slots)
-        removed = self._release_slots_of_vanished_runtime_dirs()
+        groups = cgroups.children(cgroups.existing_parent_dirs(self.cgroup_parent_name))
         for sandbox_id in sorted(candidates - known_ids):
             details = self._load_details(sandbox_id)
             if "slot" not in details and sandbox_id in my_slots:
                 details["slot"] = my_slots[sandbox_id]
             self._teardown(sandbox_id, details)
             removed.append(sandbox_id)
+        # groups whose sandbox dir is gone (or lived in another memory cgroup than ours)
+        for sandbox_id, paths in sorted(groups.items()):
+            if sandbox_id not in known_ids and any(path.exists() for path in paths):
+                cgroups.kill_and_remove(paths)
+                if sandbox_id not in removed:
+                    removed.append(sandbox_id)
         return removed
 
     def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
