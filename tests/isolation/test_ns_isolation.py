@@ -11,6 +11,13 @@ from conftest import Sandboxes
 from pmoves_e2b.sandbox.backends.ns import UID_BASE, UID_RANGE
 
 CAPS_DOCKER_DEFAULT = 0xA00405FB
+SYSCALL_PROBE = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+for name, number in (("bpf", 321), ("keyctl", 250), ("io_uring_setup", 425), ("perf_event_open", 298), ("clone3", 435)):
+    result = libc.syscall(number, 0, 0, 0, 0, 0)
+    print(f"{name}:{ctypes.get_errno() if result == -1 else 'allowed'}")
+"""
 
 
 def _status(sandboxes: Sandboxes, handle, uid: int) -> dict[str, str]:
@@ -75,6 +82,11 @@ def test_root_inside_is_not_host_root(sandboxes: Sandboxes) -> None:
     assert sandboxes.run(handle, "/bin/sh", "-c", "grep -c ' /mnt ' /proc/self/mounts")["stdout"].strip() == "0"
     unshare = sandboxes.run(handle, "/usr/bin/unshare", "-U", "-r", "/bin/true")
     assert unshare["rc"] != 0
+    # the seccomp denylist: dangerous syscalls fail with EPERM, clone3 with ENOSYS (glibc falls back)
+    syscalls = sandboxes.python(handle, SYSCALL_PROBE)["stdout"].split()
+    assert syscalls == ["bpf:1", "keyctl:1", "io_uring_setup:1", "perf_event_open:1", "clone3:38"], syscalls
+    threads = sandboxes.python(handle, "import threading; t = threading.Thread(target=print, args=('ok',)); t.start()")
+    assert threads["stdout"].strip() == "ok"
     # the template (shared by every sandbox) is never written: the change lives in the upper layer
     for layer in sandboxes.template.layers:
         hosts = Path(layer, "etc/hosts")
