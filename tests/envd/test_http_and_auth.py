@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import time
 
@@ -194,3 +195,12 @@ def test_envd_survives_a_client_dropping_mid_upload(envd: RunningEnvd, sandbox: 
     while time.monotonic() < deadline and httpx.get(f"{envd.url}/health").status_code != 204:
         time.sleep(0.05)
     assert sandbox.commands.run("echo alive").stdout == "alive\n"
+
+
+def test_fifo_paths_are_refused_without_hanging(envd: RunningEnvd, tmp_path_factory: pytest.TempPathFactory) -> None:
+    fifo = tmp_path_factory.mktemp("fifo") / "pipe"
+    os.mkfifo(fifo)
+    assert httpx.get(f"{envd.url}/files", params={"path": str(fifo)}, timeout=5).status_code == 400
+    upload = httpx.post(f"{envd.url}/files", params={"path": str(fifo)}, content=b"x",
+                        headers={"Content-Type": "application/octet-stream"}, timeout=5)
+    assert upload.status_code == 400

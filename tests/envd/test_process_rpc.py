@@ -79,3 +79,21 @@ def test_missing_command_is_invalid_argument(client: ProcessClientSync) -> None:
     with pytest.raises(ConnectError) as info:
         list(client.start(StartRequest(process=ProcessConfig(cmd=""))))
     assert info.value.code.value == "invalid_argument"
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status", encoding="ascii"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_stream_applies_backpressure_instead_of_buffering(envd: RunningEnvd) -> None:
+    before = _rss_mib(envd.process.pid)
+    with ProcessClientSync(envd.url, codec=proto_json_codec(), send_compression=None, accept_compression=()) as rpc:
+        stream = iter(rpc.start(StartRequest(process=ProcessConfig(cmd="/usr/bin/yes"))))
+        pid = next(stream).event.event.value.pid
+        time.sleep(1.5)  # the client reads nothing: envd must stop reading `yes`, not buffer it
+        grown = _rss_mib(envd.process.pid) - before
+        rpc.send_signal(SendSignalRequest(process=ProcessSelector(selector=Oneof("pid", pid)), signal=Signal.SIGKILL))
+    assert grown < 100, f"envd grew by {grown:.0f} MiB"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -53,7 +54,7 @@ def _authorize(state: EnvdState, request: Request, operation: str) -> None:
 def _os_error(exc: OSError, path: str) -> HTTPError:
     if exc.errno == errno.ENOENT:
         return HTTPError(404, f"path '{path}' does not exist")
-    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO):
         return HTTPError(400, f"invalid path '{path}': {exc.strerror}")
     if exc.errno in (errno.EACCES, errno.EPERM):
         return HTTPError(401, f"permission denied for '{path}'")
@@ -88,13 +89,18 @@ async def download(state: EnvdState, request: Request, send: Send) -> None:
         raise HTTPError(400, "path query parameter is required")
     path = _resolve(raw_path, user, state)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not hang envd; only regular files are served.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except (OSError, ValueError) as exc:
         raise _os_error(exc, path) if isinstance(exc, OSError) else HTTPError(400, str(exc)) from exc
     try:
-        size = os.fstat(fd).st_size
-        if os.path.isdir(path):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
             raise HTTPError(400, f"path '{path}' is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise HTTPError(400, f"path '{path}' is not a regular file")
+        os.set_blocking(fd, True)
+        size = info.st_size
         gzip = _wants_gzip(request.headers.get("accept-encoding", ""))
         name = os.path.basename(path).replace('"', "%22")
         headers = [
@@ -136,10 +142,22 @@ class _FileWriter:
         if os.path.isdir(path):
             raise HTTPError(400, f"path is a directory: {path}")
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-            chown_to(path, user)
+            # O_NONBLOCK first: a FIFO in the way must not hang envd (ENXIO without a reader).
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
         except OSError as exc:
             raise _os_error(exc, path) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise HTTPError(400, f"path is not a regular file: {path}")
+            os.set_blocking(self._fd, True)
+            os.ftruncate(self._fd, 0)
+            chown_to(path, user)
+        except OSError as exc:
+            self.close()
+            raise _os_error(exc, path) from exc
+        except HTTPError:
+            self.close()
+            raise
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -27,6 +27,8 @@ from ..users import User
 
 STD_CHUNK = 32 << 10
 PTY_CHUNK = 16 << 10
+HIGH_WATER_CHUNKS = 64
+LOW_WATER_CHUNKS = 16
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 class InputError(RuntimeError):
@@ -122,6 +124,7 @@ class ProcessHandle:
         self._write_lock = asyncio.Lock()
         self._on_end: list[Callable[[ProcessHandle], None]] = []
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._paused = False
         self.end: ProcessEvent.EndEvent | None = None
         self._popen = self._spawn(spec)
         self.pid: int = self._popen.pid
@@ -153,7 +156,10 @@ class ProcessHandle:
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
         try:
             popen = subprocess.Popen(  # noqa: S603
-                argv, stdin=in_r, stdout=out_w, stderr=err_w, cwd=spec.cwd, env=spec.env, **credentials,  # type: ignore[arg-type]
+                argv, stdin=in_r, stdout=out_w, stderr=err_w, cwd=spec.cwd, env=spec.env,
+                # Own session and process group: a user's `kill 0` cannot reach envd, and
+                # shutdown can end a command with everything it started.
+                start_new_session=True, **credentials,  # type: ignore[arg-type]
             )
         except BaseException:
             for fd in (out_r, err_r, in_w):
@@ -179,6 +185,7 @@ class ProcessHandle:
 
     def unsubscribe(self, queue: asyncio.Queue[ProcessEvent | None]) -> None:
         self._subscribers.discard(queue)
+        self.resume_if_drained()
 
     def on_end(self, callback: Callable[[ProcessHandle], None]) -> None:
         self._on_end.append(callback)
@@ -186,6 +193,22 @@ class ProcessHandle:
     def _publish(self, event: ProcessEvent) -> None:
         for queue in self._subscribers:
             queue.put_nowait(event)
+            if queue.qsize() > HIGH_WATER_CHUNKS and not self._paused:
+                self._pause_reading()
+
+    # Backpressure: a slow stream stops envd reading the process's output, so the pipe fills
+    # and the process blocks (as with E2B's bounded channels) instead of envd buffering it all.
+
+    def _pause_reading(self) -> None:
+        self._paused = True
+        for fd in self._outputs:
+            self._loop.remove_reader(fd)
+
+    def resume_if_drained(self) -> None:
+        if self._paused and all(q.qsize() <= LOW_WATER_CHUNKS for q in self._subscribers):
+            self._paused = False
+            for fd in self._outputs:
+                self._loop.add_reader(fd, self._on_readable, fd)
 
     # --- output and exit -----------------------------------------------------------------
 
@@ -259,6 +282,14 @@ class ProcessHandle:
     def signal(self, sig: int) -> None:
         if self.end is None:
             os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything in its process group (envd shutdown)."""
+        if self.end is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def kill_after(self, seconds: float) -> None:
         """Enforce a Connect deadline: SIGKILL the process when it passes."""

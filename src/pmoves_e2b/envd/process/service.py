@@ -116,6 +116,7 @@ class ProcessService:
                         continue
                 if event is None:
                     return
+                handle.resume_if_drained()
                 yield event
                 if event.event is not None and event.event.field == "end":
                     return
@@ -205,9 +206,6 @@ class ProcessService:
             raise ConnectError(Code.FAILED_PRECONDITION, str(exc)) from exc
 
     def kill_all(self) -> None:
-        """SIGKILL every process envd started (daemon shutdown)."""
+        """SIGKILL every process envd started, with its process group (daemon shutdown)."""
         for handle in list(self._processes.values()):
-            try:
-                handle.signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            handle.kill_group()
