@@ -31,6 +31,9 @@ Fixtures
     code, JSON), ``wait_healthy(key=None, timeout=60)`` (None = all five), ``log(component)`` -> str,
     ``processes()`` -> live pids tied to the data dir (command line, cwd or E2B_DATA_DIR in env).
 
+Helpers (``from conftest import free_ports``): ``free_ports(n)``, ``clean_environ()`` (os.environ
+without our settings), ``processes_of(data_dir)``, ``mounts_of(data_dir)``.
+
 Settings every stack of the session shares go into ``STACK_TEST_ENV`` below (edit with care).
 """
 
