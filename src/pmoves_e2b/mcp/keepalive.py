@@ -11,11 +11,17 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import AsyncIterator
 
 from mcp.server.mcpserver import Context
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 KEEPALIVE_INTERVAL_S = 3.0
+
+# Log notifications are deprecated from protocol 2026-07-28 on, but they are how a
+# handshake-era client without a progress token (Agent Zero's mcp 1.22) hears from us.
+warnings.filterwarnings("ignore", message="The logging capability is deprecated", category=MCPDeprecationWarning)
 
 log = logging.getLogger(__name__)
 
