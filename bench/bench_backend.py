@@ -59,6 +59,27 @@ def pss_kib(pid: str) -> int:
     return 0
 
 
+BARE_LISTENER = (
+    "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 49983)); s.listen(); time.sleep(1e9)"
+)
+
+
+def create_destroy_loop(
+    backend: NsBackend, spec: Callable[[], SandboxSpec], runs: int, warmup: int = 3
+) -> tuple[list[float], list[float]]:
+    creates, destroys = [], []
+    for i in range(runs + warmup):
+        start = time.perf_counter()
+        handle = backend.create_sync(spec())
+        created = time.perf_counter()
+        backend.destroy_sync(handle)
+        done = time.perf_counter()
+        if i >= warmup:
+            creates.append((created - start) * 1000)
+            destroys.append((done - created) * 1000)
+    return creates, destroys
+
+
 def row(name: str, samples: list[float], baseline: float | None = None) -> None:
     p50, p95 = percentiles(samples)
     ratio = f"  ×{p50 / baseline:.1f} of fork+exec" if baseline else ""
@@ -100,16 +121,11 @@ def main() -> None:
         row("bwrap ... python3 -c pass", python_pass, base)
 
         print("backend:")
-        creates, destroys = [], []
-        for i in range(args.runs + 3):
-            start = time.perf_counter()
-            handle = backend.create_sync(spec())
-            created = time.perf_counter()
-            backend.destroy_sync(handle)
-            done = time.perf_counter()
-            if i >= 3:  # warm-up
-                creates.append((created - start) * 1000)
-                destroys.append((done - created) * 1000)
+        # the backend's own share: the same sandbox whose first process is a bare python listener
+        listener = NsBackend(work / "sandboxes", init_argv=("/usr/bin/python3", "-S", "-c", BARE_LISTENER))
+        bare, _ = create_destroy_loop(listener, spec, args.runs)
+        row("create → bare python3 -S listener", bare, base)
+        creates, destroys = create_destroy_loop(backend, spec, args.runs)
         row("create → envd listening", creates, base)
         p50_create, p50_python = percentiles(creates)[0], percentiles(python_pass)[0]
         print(f"  {'':<44} = python3 -c pass ×{p50_create / p50_python:.1f}")
