@@ -145,3 +145,12 @@ def test_json_result_is_an_object(sandbox: Sandbox) -> None:
 def test_explicit_python_language_runs_in_the_default_context(sandbox: Sandbox) -> None:
     sandbox.run_code("shared_value = 'default'")
     assert sandbox.run_code("shared_value", language="python").text == "default"
+
+
+def test_dict_and_list_results_also_come_back_as_json(sandbox: Sandbox) -> None:
+    main = next(r for r in sandbox.run_code("{'a': [1, 2], 'b': None}").results if r.is_main_result)
+    assert main.json == {"a": [1, 2], "b": None}
+    assert main.text == "{'a': [1, 2], 'b': None}"
+    numpy_list = next(r for r in sandbox.run_code("import numpy as np\n[np.int64(3), np.arange(2)]").results)
+    assert numpy_list.json == [3, [0, 1]]
+    assert sandbox.run_code("{object(): 1}").results[0].json is None, "not JSON-able: text only"

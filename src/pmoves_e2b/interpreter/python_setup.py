@@ -2,14 +2,16 @@
 
 It makes IPython behave as E2B's code interpreter does: tracebacks without ANSI colours, full
 sequence reprs, matplotlib figures also sent as ``e2b/chart`` (E2B's chart schema, built by the
-``e2b-charts`` package) and pandas DataFrames also sent as ``e2b/data``.
+``e2b-charts`` package), pandas DataFrames also sent as ``e2b/data``, and lists and dicts also
+sent as ``application/json``.
 """
 
+import json
 import sys
 import warnings
 
 from IPython import get_ipython  # noqa: F401 - used by the line the server appends
-from IPython.core.formatters import BaseFormatter
+from IPython.core.formatters import BaseFormatter, JSONFormatter
 from traitlets import Unicode
 
 # DataFrames bigger than this are sent without the e2b/data copy: it would repeat the whole table.
@@ -56,6 +58,22 @@ class DataFrameFormatter(BaseFormatter):
 STREAM_FLUSH_SECONDS = 0.05
 
 
+def _array_to_list(value):
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class ContainerJSONFormatter(JSONFormatter):
+    def __call__(self, obj):
+        if isinstance(obj, (list, dict)):
+            try:
+                return json.loads(json.dumps(obj, default=_array_to_list)), {"expanded": True}
+            except (TypeError, ValueError):
+                pass
+        return super().__call__(obj)
+
+
 def install(shell) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "flush_interval"):
@@ -65,3 +83,4 @@ def install(shell) -> None:
     display.formatters["text/plain"].max_seq_length = 0
     display.formatters["e2b/chart"] = ChartFormatter(parent=display)
     display.formatters["e2b/data"] = DataFrameFormatter(parent=display)
+    display.formatters["application/json"] = ContainerJSONFormatter(parent=display)
