@@ -16,8 +16,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="run the benches")
     parser.add_argument("--only", help="run only bench_<ONLY>.py")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the bench (with --only)")
-    options = parser.parse_args()
+    options, bench_args = parser.parse_known_args()
     benches = sorted(BENCH_DIR.glob("bench_*.py"))
     if options.only:
         benches = [b for b in benches if b.stem == f"bench_{options.only}"]
@@ -26,7 +25,7 @@ def main() -> int:
     failed = []
     for bench in benches:
         print(f"=== {bench.stem} ===", flush=True)
-        extra = options.args if options.only else []
+        extra = bench_args if options.only else []
         if subprocess.run([sys.executable, str(bench), *extra], check=False).returncode != 0:  # noqa: S603
             failed.append(bench.stem)
     if failed:

@@ -235,41 +235,43 @@ class RawFilesClient:
             raise RuntimeError("raw round trip changed the data")
 
 
+def mibs(value: float) -> str:
+    return f"{value:8.1f} MiB/s"
+
+
+def file_round_trips(sandbox: object, raw: RawFilesClient, workdir: str, size: int, count: int) -> tuple[float, float, float]:
+    """Median seconds of write+read via the SDK, via raw HTTP, and on the local disk."""
+    payload = os.urandom(size)
+    path = f"{workdir}/bench-{size}"
+    local = Path(f"{workdir}/local-{size}")
+
+    def via_sdk() -> None:
+        sandbox.files.write(path, payload)  # type: ignore[attr-defined]
+        if bytes(sandbox.files.read(path, format="bytes")) != payload:  # type: ignore[attr-defined]
+            raise RuntimeError("round trip changed the data")
+
+    def via_disk() -> None:
+        local.write_bytes(payload)
+        if local.read_bytes() != payload:
+            raise RuntimeError("disk round trip changed the data")
+
+    return (
+        statistics.median(timed(via_sdk, count)),
+        statistics.median(timed(lambda: raw.round_trip(path, payload), count)),
+        statistics.median(timed(via_disk, count)),
+    )
+
+
 def bench_files(sandbox: object, port: int, workdir: str, runs: int) -> None:
     raw = RawFilesClient(port)
-
-    def throughput(size: int, seconds: float) -> float:
-        return size / seconds / MIB
-
-    def mibs(value: float) -> str:
-        return f"{value:8.1f} MiB/s"
-
-    for size, label, count in ((1024, "1 KB", runs), (100 * MIB, "100 MB", 3)):
-        payload = os.urandom(size)
-        path = f"{workdir}/bench-{size}"
-        local = f"{workdir}/local-{size}"
-
-        def via_envd() -> None:
-            sandbox.files.write(path, payload)  # type: ignore[attr-defined]
-            if bytes(sandbox.files.read(path, format="bytes")) != payload:  # type: ignore[attr-defined]
-                raise RuntimeError("round trip changed the data")
-
-        def via_disk() -> None:
-            Path(local).write_bytes(payload)
-            if Path(local).read_bytes() != payload:
-                raise RuntimeError("disk round trip changed the data")
-
-        envd_t = statistics.median(timed(via_envd, count))
-        raw_t = statistics.median(timed(lambda: raw.round_trip(path, payload), count))
-        disk_t = statistics.median(timed(via_disk, count))
-        if size < MIB:
-            row(f"files.write+read {label} (SDK, median latency)", envd_t, disk_t)
-            row(f"POST+GET /files {label} (raw HTTP, median latency)", raw_t, disk_t)
-        else:
-            row(f"files.write+read {label} (SDK, throughput)", throughput(2 * size, envd_t),
-                throughput(2 * size, disk_t), mibs)
-            row(f"POST+GET /files {label} (raw HTTP, throughput)", throughput(2 * size, raw_t),
-                throughput(2 * size, disk_t), mibs)
+    sdk_t, raw_t, disk_t = file_round_trips(sandbox, raw, workdir, 1024, runs)
+    row("files.write+read 1 KB (SDK, median latency)", sdk_t, disk_t)
+    row("POST+GET /files 1 KB (raw HTTP, median latency)", raw_t, disk_t)
+    size = 100 * MIB
+    sdk_t, raw_t, disk_t = file_round_trips(sandbox, raw, workdir, size, 3)
+    disk_rate = 2 * size / disk_t / MIB
+    row("files.write+read 100 MB (SDK, throughput)", 2 * size / sdk_t / MIB, disk_rate, mibs)
+    row("POST+GET /files 100 MB (raw HTTP, throughput)", 2 * size / raw_t / MIB, disk_rate, mibs)
 
 
 def main() -> None:
