@@ -175,3 +175,11 @@ async def test_async_sdk_runs_commands(async_sandbox) -> None:  # type: ignore[n
     assert result.stdout == "async\n"
     handle = await async_sandbox.commands.run("sleep 30", background=True)
     assert await async_sandbox.commands.kill(handle.pid) is True
+
+
+def test_blocked_stdin_write_fails_cleanly_when_the_process_exits(sandbox: Sandbox) -> None:
+    # `sleep` never reads stdin: the pipe fills, the write waits, then the process ends.
+    handle = sandbox.commands.run("sleep 1", background=True, stdin=True)
+    with pytest.raises(Exception):  # noqa: B017 - any clean SDK error; the point is no hang
+        sandbox.commands.send_stdin(handle.pid, b"x" * (4 << 20), request_timeout=10)
+    assert sandbox.commands.run("echo still-serving").stdout == "still-serving\n"

@@ -125,6 +125,7 @@ class ProcessHandle:
         self._on_end: list[Callable[[ProcessHandle], None]] = []
         self._kill_timer: asyncio.TimerHandle | None = None
         self._paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
         self.end: ProcessEvent.EndEvent | None = None
         self._popen = self._spawn(spec)
         self.pid: int = self._popen.pid
@@ -268,10 +269,7 @@ class ProcessHandle:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self._drain()
-        for fd in (self._stdin_fd, self._pty_fd):
-            if fd is not None:
-                os.close(fd)
-        self._stdin_fd = self._pty_fd = None
+        self._close_input()
         self.end = _exit_info(status)
         self._publish(ProcessEvent(event=Oneof("end", self.end)))
         for callback in self._on_end:
@@ -313,9 +311,19 @@ class ProcessHandle:
     def close_stdin(self) -> None:
         if self._pty_fd is not None:
             raise InputError("cannot close stdin for PTY process: send Ctrl+D (0x04) instead")
-        if self._stdin_fd is not None:
-            os.close(self._stdin_fd)
-            self._stdin_fd = None
+        self._close_input()
+
+    def _close_input(self) -> None:
+        """Close stdin / the PTY master, first waking a writer waiting on it (it then fails)."""
+        for fd in (self._stdin_fd, self._pty_fd):
+            if fd is None:
+                continue
+            if self._write_waiter is not None:
+                self._loop.remove_writer(fd)
+                if not self._write_waiter.done():
+                    self._write_waiter.set_result(None)
+            os.close(fd)
+        self._stdin_fd = self._pty_fd = None
 
     async def _write(self, current_fd: Callable[[], int | None], data: bytes, closed: str) -> None:
         async with self._write_lock:
@@ -332,9 +340,12 @@ class ProcessHandle:
                     raise InputError("process closed its input") from exc
 
     async def _wait_writable(self, fd: int) -> None:
-        ready = self._loop.create_future()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._write_waiter = ready
         self._loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
         finally:
-            self._loop.remove_writer(fd)
+            self._write_waiter = None
+            if fd in (self._stdin_fd, self._pty_fd):
+                self._loop.remove_writer(fd)
