@@ -19,9 +19,6 @@ logger = logging.getLogger(__name__)
 _PYTHON_SETUP_SOURCE = Path(__file__).with_name("python_setup.py").read_text() + "\ninstall(get_ipython())\n"
 PYTHON_SETUP_CELL = f"exec(compile({_PYTHON_SETUP_SOURCE!r}, '<pmoves-e2b setup>', 'exec'), {{}})"
 
-__all__ = ["Context", "ContextRegistry", "KernelStartError"]
-
-
 def kernel_environment() -> dict[str, str]:
     env = dict(os.environ)
     # matplotlib's inline backend sends figures as display_data (PNG + e2b/chart).
@@ -49,7 +46,8 @@ class Context:
         return self._kernel_task
 
     async def kernel(self) -> Kernel:
-        assert self._kernel_task is not None, "context used before start()"
+        if self._kernel_task is None:
+            raise RuntimeError(f"context {self.id} used before start()")
         return await self._kernel_task
 
     async def restart(self) -> None:
