@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -150,9 +151,21 @@ def up(
     unhealthy = [r for r in results if not r.healthy]
     if unhealthy or supervisor.poll() is not None:
         _health_table(results)
+        for component in [SUPERVISOR] + [r.component for r in unhealthy]:
+            _print_log_tail(log_file(settings, component))
         raise _fail(f"the stack did not become healthy within {timeout:.0f} s; "
                     f"see `pmoves-e2b logs` ({settings.logs_dir}); `pmoves-e2b down` stops what started")
     _print_access(settings, secret_paths)
+
+
+def _print_log_tail(path: Path, lines: int = 8) -> None:
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    err_console.print(f"--- last lines of {path}", highlight=False, soft_wrap=True)
+    for line in tail:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -244,7 +257,11 @@ def serve(service: str = typer.Argument(..., help="sandbox, mcp, surf or desktop
         raise _fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES_BY_KEY)}")
     configure_logging(info.name, settings.log_level, settings.log_format)
     module_name, factory = info.app.split(":")
-    application = getattr(importlib.import_module(module_name), factory)(settings)
+    try:
+        application = getattr(importlib.import_module(module_name), factory)(settings)
+    except Exception:  # logged as one JSON record (with the traceback) instead of raw stderr
+        logging.getLogger("pmoves_e2b.serve").exception("%s failed to start", info.name)
+        raise typer.Exit(EXIT_FAILED) from None
     uvicorn.run(
         application, host=settings.e2b_bind, port=settings.service_port(info), log_config=None,
         access_log=False, http="httptools", timeout_keep_alive=75, timeout_graceful_shutdown=5,

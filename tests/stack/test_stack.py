@@ -309,3 +309,15 @@ def test_foreground_supervisor_stops_everything_on_ctrl_c(stack_factory) -> None
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_up_that_cannot_get_healthy_says_why_and_down_still_cleans_up(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    closed_port = _ports(1)[0]
+    stack = stack_factory({**LEAN, "NATS_URL": f"nats://u:hidden-pass@127.0.0.1:{closed_port}"}, start=False)
+    result = stack.cli("up", "--timeout", "8", timeout=120)
+    assert result.returncode == 1
+    assert "did not become healthy within 8 s" in result.stderr
+    assert "unreachable" in result.stdout and "hidden-pass" not in result.stdout + result.stderr
+    assert f"last lines of {stack.data_dir / 'logs' / 'supervisor.log'}" in " ".join(result.stderr.split())
+    # The services themselves are up (NATS is soft for them), and `down` stops them (fixture checks).
+    assert stack.health("desktop")[1]["dependencies"]["nats"] == "disconnected"
