@@ -15,8 +15,8 @@ from typing import Any
 # Attributes every LogRecord has; anything else came from `extra=` and is emitted.
 # uvicorn's `color_message` duplicates `msg` with ANSI codes.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
-# Libraries that log every request at INFO.
-_CHATTY = ("httpx", "httpcore")
+# Libraries that log every request (or every plugin they load) at INFO.
+_CHATTY = ("httpx", "httpcore", "alembic.runtime.plugins")
 
 
 class JsonFormatter(logging.Formatter):
