@@ -72,6 +72,10 @@ def test_access_token_is_required_everywhere_but_health(fresh_envd: RunningEnvd)
     assert httpx.get(f"{url}/files", params={"path": "/etc/hostname"}).status_code == 401
     with pytest.raises(AuthenticationException):
         make_sandbox(fresh_envd).files.read("/etc/hostname")
+    with pytest.raises(AuthenticationException):
+        make_sandbox(fresh_envd).commands.run("true")
+    with pytest.raises(AuthenticationException):
+        make_sandbox(fresh_envd, token="wrong-token").files.list("/")
     authed = make_sandbox(fresh_envd, token=token)
     assert authed.commands.run("echo ok").stdout == "ok\n"
 
@@ -204,3 +208,12 @@ def test_fifo_paths_are_refused_without_hanging(envd: RunningEnvd, tmp_path_fact
     upload = httpx.post(f"{envd.url}/files", params={"path": str(fifo)}, content=b"x",
                         headers={"Content-Type": "application/octet-stream"}, timeout=5)
     assert upload.status_code == 400
+
+
+def test_client_leaving_mid_download_is_harmless(fresh_envd: RunningEnvd, tmp_path_factory: pytest.TempPathFactory) -> None:
+    big = tmp_path_factory.mktemp("dl") / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 64)
+    with httpx.stream("GET", f"{fresh_envd.url}/files", params={"path": str(big)}) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
+    assert httpx.get(f"{fresh_envd.url}/health").status_code == 204
