@@ -1,8 +1,11 @@
 """``GET /metrics``: this sandbox's CPU, memory and disk as seen from inside.
 
 Prefers the sandbox's own cgroup (v2 ``cpu.stat``/``memory.current``/``memory.max``, or v1
-``cpuacct``/``memory``) when it is mounted, else falls back to ``/proc`` (host-wide numbers).
-CPU use is the average since the previous call (or over a short sample on the first call).
+``cpuacct``/``memory``) when it is mounted. Without one (the ns backend mounts no /sys), it sums
+the processes in ``/proc``: inside the sandbox's pid namespace those are exactly the sandbox's
+(CPU: utime+stime plus the reaped children's cutime+cstime; memory: RSS). Totals come from
+``/proc/meminfo`` and ``statvfs("/")``. CPU use is the average since the previous call (or over
+a short sample on the first call).
 """
 
 from __future__ import annotations
@@ -61,9 +64,25 @@ def _cpu_usage_seconds() -> float:
         nanos = _read_int(_CGROUP_ROOT / v1)
         if nanos is not None:
             return nanos / 1e9
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4))  # minus idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
+    return _proc_usage()[0]
+
+
+def _proc_usage() -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) summed over the processes this pid namespace shows."""
+    ticks = 0
+    pages = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            rss = Path(entry.path, "statm").read_text().split()[1]
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        pages += int(rss)
+    return ticks / os.sysconf("SC_CLK_TCK"), pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _memory() -> tuple[int, int, int]:
@@ -84,7 +103,7 @@ def _memory() -> tuple[int, int, int]:
         cache = _read_keyed(_CGROUP_ROOT / "memory" / "memory.stat").get("total_cache", 0)
         return min(limit, host_total), max(used_v1 - cache, 0), cache
     cache = meminfo.get("Cached", 0) + meminfo.get("Buffers", 0)
-    return host_total, host_total - meminfo.get("MemAvailable", 0), cache
+    return host_total, min(_proc_usage()[1], host_total), cache
 
 
 class MetricsSampler:
