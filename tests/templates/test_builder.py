@@ -270,3 +270,21 @@ def test_a_killed_builder_leaves_no_build_process_and_no_mount(tmp_path: Path) -
         time.sleep(0.05)
     assert mounts_under(marker) == []
     assert list(marker.iterdir()) == []  # the tmpfs was only ever mounted in the build's namespace
+
+
+def test_a_registry_step_that_fails_once_is_retried(tmp_path: Path) -> None:
+    attempts: list[int] = []
+
+    def flaky(ctx: BuildContext) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            ctx.run(["sh", "-c", "echo 'Temporary failure resolving deb.debian.org' >&2; exit 100"])
+        (ctx.target / "ok").write_text("1")
+
+    layers = {"net": LayerSpec("net", (Step("download", flaky, "1", retries=2),))}
+    builder = TemplateBuilder(tmp_path, layers=layers, templates={"t": TemplateSpec("t", ("net",))}, retry_delay=0)
+    builder.build("t")
+    assert len(attempts) == 2
+    assert Path(load_template("t", tmp_path).layers[0], "ok").read_text() == "1"
+    log = next((tmp_path / "logs").glob("net-*.log")).read_text()
+    assert "Temporary failure" in log and "retry 1 of 2" in log

@@ -129,3 +129,21 @@ def test_every_kernel_runs_a_cell_as_the_sandbox_user(templates_dir: Path) -> No
               timeout=300)
     results = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0] in KERNEL_NAMES)
     assert results == {"python3": "42", "bash": "42", "deno": "42", "ir": "42"}, out
+
+
+def test_code_interpreter_start_cmd_serves_health_as_the_sandbox_user(templates_dir: Path) -> None:
+    image = load_template("code-interpreter-v1", templates_dir)
+    port = free_port()
+    start = image.start_cmd.replace("--host 0.0.0.0", "--host 127.0.0.1").replace(f"--port {image.ready_port}",
+                                                                                    f"--port {port}")
+    assert str(port) in start
+    out = run("code-interpreter-v1", templates_dir, textwrap.dedent(f"""\
+        cd {image.workdir}
+        runuser -u {image.user} -- env HOME={image.workdir} PATH=$PATH {start} >/tmp/server.log 2>&1 &
+        for i in $(seq 600); do
+          code=$(curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/health || true)
+          [ "$code" = 200 ] && break; sleep 0.1
+        done
+        echo "health $code"; kill %1 || true; cat /tmp/server.log | tail -5 >&2
+        """), timeout=180)
+    assert out.split()[-1] == "200", out

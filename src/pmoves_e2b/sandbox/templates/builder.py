@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 from .definitions import LAYERS, TEMPLATES
-from .errors import TemplateBuildError, TemplateNotFound
+from .errors import MissingHostTool, TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
-from .model import BuildContext, LayerSpec, TemplateSpec, layer_id
+from .model import BuildContext, LayerSpec, Step, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
 from .store import layers_dir, read_record, write_record
 
@@ -63,12 +63,14 @@ class TemplateBuilder:
         layers: Mapping[str, LayerSpec] = LAYERS,
         templates: Mapping[str, TemplateSpec] = TEMPLATES,
         host: HostConfig | None = None,
+        retry_delay: float = 5.0,
     ) -> None:
         self.templates_dir = Path(templates_dir)
         self.reporter = reporter or SilentReporter()
         self.layers = layers
         self.templates = templates
         self.host = host or read_host_config()
+        self.retry_delay = retry_delay
         self._ids: dict[str, str] = {}
 
     def layer_id(self, name: str) -> str:
@@ -156,6 +158,21 @@ class TemplateBuilder:
         except (TemplateNotFound, KeyError):
             return []
 
+    def _run_step(self, step: Step, ctx: BuildContext, where: str, log_path: Path) -> None:
+        for attempt in range(step.retries + 1):
+            try:
+                step.run(ctx)
+                return
+            except (TemplateBuildError, OSError) as exc:
+                if attempt < step.retries and not isinstance(exc, MissingHostTool):
+                    ctx.log.write(f"\n### {step.title}: failed ({exc}); retry {attempt + 1} of {step.retries}\n")
+                    ctx.log.flush()
+                    time.sleep(self.retry_delay * (attempt + 1))
+                    continue
+                raise TemplateBuildError(
+                    f"{where}: step '{step.title}' failed: {exc}\n--- last lines of {log_path} ---\n{_tail(log_path)}"
+                ) from exc
+
     def _check(self, template: str, command: str, layers: Sequence[str]) -> None:
         result = run_in_layers(command, layers)
         if result.returncode != 0:
@@ -211,13 +228,7 @@ class TemplateBuilder:
                     log.write(f"\n### {step.title}\n")
                     log.flush()
                     step_started = time.monotonic()
-                    try:
-                        step.run(ctx)
-                    except (TemplateBuildError, OSError) as exc:
-                        raise TemplateBuildError(
-                            f"layer {name}: step '{step.title}' failed: {exc}\n"
-                            f"--- last lines of {log_path} ---\n{_tail(log_path)}"
-                        ) from exc
+                    self._run_step(step, ctx, f"layer {name}", log_path)
                     step_seconds[step.title] = round(time.monotonic() - step_started, 1)
                     self.reporter.step_finished(name, index, step.title, step_seconds[step.title])
         except BaseException:

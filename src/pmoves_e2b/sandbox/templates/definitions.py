@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pmoves_e2b
 
-from .errors import TemplateBuildError
+from .errors import MissingHostTool
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
-from .rootfs import PRIVATE_NAMESPACES
+from .rootfs import PRIVATE_NAMESPACES, remove_tree
 
 PACKAGE_DIR = Path(pmoves_e2b.__file__).resolve().parent
 SUITE = "bookworm"
@@ -61,6 +61,7 @@ DATA_PACKAGES = (
 )
 DENO_VERSION = "2.9.6"
 INTERPRETER_PORT = 49999
+NETWORK_RETRIES = 2  # registry hiccups should not cost a whole rebuild
 
 
 # ---- layer os -----------------------------------------------------------------------------
@@ -68,7 +69,12 @@ INTERPRETER_PORT = 49999
 
 def _debootstrap(ctx: BuildContext) -> None:
     if not shutil.which("debootstrap"):
-        raise TemplateBuildError("debootstrap is not installed: run `make sysdeps` (apt-get install debootstrap)")
+        raise MissingHostTool("debootstrap is not installed: run `make sysdeps` (apt-get install debootstrap)")
+    for leftover in ctx.target.iterdir():  # a retry starts from an empty target
+        if leftover.is_dir() and not leftover.is_symlink():
+            remove_tree(leftover)
+        else:
+            leftover.unlink()
     # Own mount namespace: debootstrap mounts /proc and /sys inside the target.
     ctx.run([*PRIVATE_NAMESPACES, "debootstrap", "--variant=minbase", SUITE, str(ctx.target), ctx.host.mirror])
 
@@ -96,7 +102,7 @@ def _trust_host_cas(ctx: BuildContext) -> None:
 def _npm(ctx: BuildContext) -> None:
     # Debian's npm package pulls 363 packages (gcc included); the registry's npm is pure JS.
     if not shutil.which("npm"):
-        raise TemplateBuildError("npm is needed on the host to put npm into the rootfs: apt-get install npm")
+        raise MissingHostTool("npm is needed on the host to put npm into the rootfs: apt-get install npm")
     ctx.run(["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix", str(ctx.target / "usr/local"),
              f"npm@{NPM_VERSION}"])
     # npm's global prefix follows node (/usr/bin/node): global installs and its config live under /usr.
@@ -126,11 +132,11 @@ def _clean_os(ctx: BuildContext) -> None:
 OS_LAYER = LayerSpec(
     name="os",
     steps=(
-        Step("debootstrap Debian bookworm (minbase)", _debootstrap, f"{SUITE} minbase"),
+        Step("debootstrap Debian bookworm (minbase)", _debootstrap, f"{SUITE} minbase", retries=NETWORK_RETRIES),
         Step("apt sources and options from the host", _apt_config, "policy-rc.d 101" + DPKG_SLIM.decode()),
-        Step("apt install base packages", _apt_install, OS_PACKAGES),
+        Step("apt install base packages", _apt_install, OS_PACKAGES, retries=NETWORK_RETRIES),
         Step("trust the host's CA certificates", _trust_host_cas, "update-ca-certificates"),
-        Step("npm from the npm registry", _npm, NPM_VERSION + " /usr/etc/npmrc"),
+        Step("npm from the npm registry", _npm, NPM_VERSION + " /usr/etc/npmrc", retries=NETWORK_RETRIES),
         Step("user 'user' (uid 1000, sudo), hostname, hosts", _user, f"{SANDBOX_USER} {SANDBOX_UID} {HOSTNAME} v1"),
         Step("clean apt caches, docs, translations", _clean_os, "v2"),
     ),
@@ -163,7 +169,7 @@ def _envd_launcher(ctx: BuildContext) -> None:
 ENVD_LAYER = LayerSpec(
     name="envd",
     steps=(
-        Step("envd dependencies (wheels for python 3.11)", _envd_deps, " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS)),
+        Step("envd dependencies (wheels for python 3.11)", _envd_deps, " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS), retries=NETWORK_RETRIES),
         Step("envd sources", _envd_sources, ENVD_SITE),
         Step("envd launcher", _envd_launcher, ENVD_BIN + " v1"),
     ),
@@ -248,12 +254,12 @@ KERNELS_LAYER = LayerSpec(
     name="kernels",
     build_on=("os",),
     steps=(
-        Step("apt install python3-venv, R and IRkernel", _kernel_apt, "python3-venv r-base-core r-cran-irkernel"),
-        Step("python venv /opt/venv", _venv, VENV),
-        Step("pip install Jupyter kernels and server deps", _pip_kernels, KERNEL_PACKAGES + SERVER_PACKAGES),
-        Step("pip install the data stack", _pip_data, DATA_PACKAGES),
+        Step("apt install python3-venv, R and IRkernel", _kernel_apt, "python3-venv r-base-core r-cran-irkernel", retries=NETWORK_RETRIES),
+        Step("python venv /opt/venv", _venv, VENV, retries=NETWORK_RETRIES),
+        Step("pip install Jupyter kernels and server deps", _pip_kernels, KERNEL_PACKAGES + SERVER_PACKAGES, retries=NETWORK_RETRIES),
+        Step("pip install the data stack", _pip_data, DATA_PACKAGES, retries=NETWORK_RETRIES),
         Step("kernelspecs python3 and bash (fast launcher)", _kernelspecs, BASH_FAST),
-        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " /usr/bin message NO_COLOR"),
+        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " /usr/bin message NO_COLOR", retries=NETWORK_RETRIES),
         Step("IRkernel kernelspec", _r_kernel, "ir"),
         Step("font caches, clean up", _warm_caches, "v1"),
     ),

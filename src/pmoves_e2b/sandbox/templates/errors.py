@@ -20,3 +20,7 @@ class TemplateNotFound(TemplateError):
 
 class TemplateBuildError(TemplateError):
     """A build step failed; its log file has the details."""
+
+
+class MissingHostTool(TemplateBuildError):
+    """The host lacks a program the build needs (not worth a retry)."""

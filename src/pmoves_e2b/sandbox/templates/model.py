@@ -37,6 +37,9 @@ class Step:
     run: Callable[[BuildContext], None]
     # Everything the step's result depends on besides the layer inputs (commands, versions).
     fingerprint: str
+    # Extra attempts after a failure: for steps that download from registries (apt, pip, npm),
+    # which are idempotent when re-run on their own partial result.
+    retries: int = 0
 
 
 @dataclass(frozen=True)
