@@ -57,6 +57,12 @@ def generate(out_dir: Path) -> None:
     (out_dir / "__init__.py").write_text(GEN_INIT)
 
 
+def _make_readable(root: Path) -> None:
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _differences(expected: Path, actual: Path) -> list[str]:
     expected_files = {p.relative_to(expected) for p in expected.rglob("*.py")}
     actual_files = {p.relative_to(actual) for p in actual.rglob("*.py")} if actual.exists() else set()
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print("envd/gen is up to date")
             return 0
         shutil.rmtree(GEN_DIR, ignore_errors=True)
-        shutil.copytree(fresh, GEN_DIR)
+        # copy contents only: the temp dir's 0700 mode must not reach the package
+        shutil.copytree(fresh, GEN_DIR, copy_function=shutil.copyfile)
+        _make_readable(GEN_DIR)
     print(f"generated {GEN_DIR}")
     return 0
 

@@ -72,6 +72,10 @@ class ProcessService:
         if config is None or not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         user = request_user(ctx, self._state)
+        if os.geteuid() != 0 and not user.is_current():
+            raise ConnectError(
+                Code.PERMISSION_DENIED, f"envd runs as uid {os.geteuid()} and cannot run processes as '{user.name}'"
+            )
         cwd = resolve(config.cwd if config.has_field("cwd") else "", user, self._state)
         if not os.path.exists(cwd):
             raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist")
