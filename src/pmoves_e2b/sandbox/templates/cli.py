@@ -45,10 +45,14 @@ class RichReporter:
 
     def step_started(self, layer: str, index: int, title: str) -> None:
         self.progress.start_task(self.tasks[(layer, index)])
+        if self.progress.disable:  # not a terminal (make, CI logs): one line per step instead
+            console.print(f"  {layer}: {title} ...")
 
     def step_finished(self, layer: str, index: int, title: str, seconds: float) -> None:
         self.progress.update(self.tasks[(layer, index)], completed=1)
         self.progress.stop_task(self.tasks[(layer, index)])
+        if self.progress.disable:
+            console.print(f"  {layer}: {title} done in {seconds:.0f} s")
 
     def layer_finished(self, layer: str, path: Path, seconds: float, size_bytes: int) -> None:
         console.print(f"[green]✓[/] layer [bold]{layer}[/] built in {seconds:.0f} s, {size_bytes / 1e6:.0f} MB ({path.name})")
@@ -72,7 +76,7 @@ def build(
     root = templates_dir or default_templates_dir()
     columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(bar_width=20),
                TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         builder = TemplateBuilder(root, reporter=RichReporter(progress))
         for template in names:
             try:
