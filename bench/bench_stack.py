@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import clean_environ, free_ports, make_stack, stop_and_clean  # noqa: E402
+from stack.harness import clean_environ, free_ports, make_stack, stop_and_clean  # noqa: E402
 
 BARE_APP = textwrap.dedent(
     """

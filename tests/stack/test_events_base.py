@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from conftest import free_ports
+from stack.harness import free_ports
 
 from pmoves_e2b.config import load_settings
 from pmoves_e2b.events import envelope

@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from conftest import free_ports
+from stack.harness import free_ports
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 

@@ -19,6 +19,8 @@ import httpx
 import nats
 import pytest
 
+from stack.harness import clean_environ, free_ports
+
 from pmoves_e2b.config import SERVICES
 
 pytestmark = pytest.mark.stack
@@ -101,7 +103,7 @@ def test_crashed_service_is_restarted_and_announces_itself_again(running_stack) 
 def _start_nats(tmp_path: Path, user: str, password: str) -> tuple[subprocess.Popen[bytes], int]:
     from pmoves_e2b.events.embedded import nats_server_binary
 
-    port, monitor = _ports(2)
+    port, monitor = free_ports(2)
     process = subprocess.Popen(
         [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor), "-js",
          "-sd", str(tmp_path / "js"), "--user", user, "--pass", password],
@@ -116,12 +118,6 @@ def _start_nats(tmp_path: Path, user: str, password: str) -> tuple[subprocess.Po
             time.sleep(0.05)
     process.kill()
     raise TimeoutError("test nats-server did not start")
-
-
-def _ports(count: int) -> list[int]:
-    from conftest import free_ports
-
-    return free_ports(count)
 
 
 def test_external_nats_with_credentials_gets_all_announcements(stack_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -228,8 +224,6 @@ def test_up_twice_is_harmless(running_stack) -> None:  # type: ignore[no-untyped
 def test_config_errors_are_one_clear_line_and_nothing_starts(
     variable: str, value: str, expected: str, tmp_path: Path
 ) -> None:
-    from conftest import clean_environ
-
     env = {**clean_environ(), "E2B_DATA_DIR": str(tmp_path), variable: value}
     for command in (["up"], ["health"], ["serve", "mcp"]):
         result = subprocess.run([sys.executable, "-m", "pmoves_e2b.cli", *command], env=env,
@@ -241,8 +235,6 @@ def test_config_errors_are_one_clear_line_and_nothing_starts(
 
 
 def test_busy_port_is_reported_before_anything_starts(tmp_path: Path) -> None:
-    from conftest import clean_environ
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -312,7 +304,7 @@ def test_foreground_supervisor_stops_everything_on_ctrl_c(stack_factory) -> None
 
 
 def test_up_that_cannot_get_healthy_says_why_and_down_still_cleans_up(stack_factory) -> None:  # type: ignore[no-untyped-def]
-    closed_port = _ports(1)[0]
+    closed_port = free_ports(1)[0]
     stack = stack_factory({**LEAN, "NATS_URL": f"nats://u:hidden-pass@127.0.0.1:{closed_port}"}, start=False)
     result = stack.cli("up", "--timeout", "8", timeout=120)
     assert result.returncode == 1
