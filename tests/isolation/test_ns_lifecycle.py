@@ -225,3 +225,14 @@ def test_cleanup_orphans_releases_slots_of_vanished_runtime_dirs(sandboxes: Sand
     assert sandbox_id in removed
     assert net.netns not in network.list_netns()
     assert slot not in sandboxes.backend.slots.owners()
+
+
+def test_cleanup_orphans_drops_internet_permission_of_unowned_addresses(sandboxes: Sandboxes) -> None:
+    from pmoves_e2b.sandbox import network
+
+    owned = set(sandboxes.backend.slots.owners())
+    slot = next(s for s in range(network.MAX_SLOTS - 1, 0, -1) if s not in owned)
+    stray = network.SandboxNet.for_slot(slot, "stray")
+    network.set_internet(stray, True)
+    asyncio.run(sandboxes.backend.cleanup_orphans(set()))
+    assert stray.address not in network.internet_addresses()

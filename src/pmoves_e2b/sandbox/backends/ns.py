@@ -581,6 +581,7 @@ class NsBackend:
     def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
         """Tear down what belongs to this runtime dir but to no known sandbox."""
         self._ensure_host_setup()
+        self._drop_unowned_internet_elements()
         removed = self._release_slots_of_vanished_runtime_dirs()
         candidates: set[str] = set()
         if self.runtime_dir.exists():
@@ -604,6 +605,16 @@ class NsBackend:
                 if sandbox_id not in removed:
                     removed.append(sandbox_id)
         return removed
+
+    def _drop_unowned_internet_elements(self) -> None:
+        """Internet permission of an address whose slot nobody holds. Elements are listed before
+        the owners: an element is added only after its slot is taken and removed before release."""
+        addresses = network.internet_addresses()
+        owned = set(self.slots.owners())
+        for address in addresses:
+            slot = network.slot_of_address(address)
+            if slot is not None and slot not in owned:
+                network.set_internet(SandboxNet.for_slot(slot, "unowned"), False)
 
     def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
         """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted
