@@ -67,7 +67,9 @@ def start_envd(port: int, user: str = "root") -> tuple[subprocess.Popen[bytes], 
     started = time.perf_counter()
     process = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
-        env=envd_env(user), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=envd_env(user),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     deadline = started + 30
@@ -155,10 +157,14 @@ def bench_start(runs: int) -> None:
         out = subprocess.run([sys.executable, "-c", code.format(m=module)], env=env, capture_output=True, check=True)  # noqa: S603
         return float(out.stdout)
 
-    envd_imports = "pmoves_e2b.envd.__main__ as m;m._skip_connectrpc_version_lookup();import uvicorn,pmoves_e2b.envd.app"
-    row("import uvicorn + envd app, as __main__ does (median)",
+    envd_imports = (
+        "pmoves_e2b.envd.__main__ as m;m._skip_connectrpc_version_lookup();import uvicorn,pmoves_e2b.envd.app"
+    )
+    row(
+        "import uvicorn + envd app, as __main__ does (median)",
         statistics.median(import_time(envd_imports) for _ in range(runs)),
-        statistics.median(import_time("json") for _ in range(runs)))
+        statistics.median(import_time("json") for _ in range(runs)),
+    )
 
 
 def bench_commands(port: int, user: str, runs: int) -> None:
@@ -169,8 +175,13 @@ def bench_commands(port: int, user: str, runs: int) -> None:
     from pmoves_e2b.envd import ENVD_VERSION
 
     config = ConnectionConfig(sandbox_url=f"http://127.0.0.1:{port}", api_key="bench")
-    sandbox = Sandbox(sandbox_id="bench", sandbox_domain=None, envd_version=Version(ENVD_VERSION),
-                      envd_access_token=None, connection_config=config)
+    sandbox = Sandbox(
+        sandbox_id="bench",
+        sandbox_domain=None,
+        envd_version=Version(ENVD_VERSION),
+        envd_access_token=None,
+        connection_config=config,
+    )
     for _ in range(10):
         sandbox.commands.run("true")
     sdk = timed(lambda: sandbox.commands.run("true"), runs)
@@ -182,8 +193,15 @@ def bench_commands(port: int, user: str, runs: int) -> None:
     entry = pwd.getpwnam(user)
     as_user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--"]
     login_env = {"PATH": os.environ.get("PATH", ""), "HOME": entry.pw_dir, "USER": user}
-    bash = timed(lambda: subprocess.run([*as_user, "/bin/bash", "-l", "-c", "true"], check=True,  # noqa: S603
-                                        cwd=entry.pw_dir, env=login_env), runs)
+    bash = timed(
+        lambda: subprocess.run(
+            [*as_user, "/bin/bash", "-l", "-c", "true"],
+            check=True,  # noqa: S603
+            cwd=entry.pw_dir,
+            env=login_env,
+        ),
+        runs,
+    )
     row('commands.run("true") p50 (SDK, bash -l -c)', p(sdk, 0.5), p(fork, 0.5))
     row('commands.run("true") p95 (SDK, bash -l -c)', p(sdk, 0.95), p(fork, 0.95))
     row('commands.run("true") p50 vs local `bash -l -c true` as user', p(sdk, 0.5), p(bash, 0.5))
@@ -212,7 +230,9 @@ class RawFilesClient:
         header, _, body = head.partition(b"\r\n\r\n")
         if not header.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(header)
-        length = next(int(line.split(b":")[1]) for line in header.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":")[1]) for line in header.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
         parts = [body]
         received = len(body)
         while received < length:
@@ -239,7 +259,9 @@ def mibs(value: float) -> str:
     return f"{value:8.1f} MiB/s"
 
 
-def file_round_trips(sandbox: object, raw: RawFilesClient, workdir: str, size: int, count: int) -> tuple[float, float, float]:
+def file_round_trips(
+    sandbox: object, raw: RawFilesClient, workdir: str, size: int, count: int
+) -> tuple[float, float, float]:
     """Median seconds of write+read via the SDK, via raw HTTP, and on the local disk."""
     payload = os.urandom(size)
     path = f"{workdir}/bench-{size}"

@@ -81,7 +81,9 @@ def start_envd(user: str, port: int | None = None, extra_env: dict[str, str] | N
     }
     process = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     running = RunningEnvd(process, port, secret, user, env)
     try:
@@ -144,15 +146,21 @@ def sdk_config(envd: RunningEnvd, token: str | None = None) -> ConnectionConfig:
 
 def make_sandbox(envd: RunningEnvd, token: str | None = None, version: str = ENVD_VERSION) -> Sandbox:
     return Sandbox(
-        sandbox_id="envdtest", sandbox_domain=None, envd_version=Version(version),
-        envd_access_token=token, connection_config=sdk_config(envd, token),
+        sandbox_id="envdtest",
+        sandbox_domain=None,
+        envd_version=Version(version),
+        envd_access_token=token,
+        connection_config=sdk_config(envd, token),
     )
 
 
 def make_async_sandbox(envd: RunningEnvd, token: str | None = None) -> AsyncSandbox:
     return AsyncSandbox(
-        sandbox_id="envdtest", sandbox_domain=None, envd_version=Version(ENVD_VERSION),
-        envd_access_token=token, connection_config=sdk_config(envd, token),
+        sandbox_id="envdtest",
+        sandbox_domain=None,
+        envd_version=Version(ENVD_VERSION),
+        envd_access_token=token,
+        connection_config=sdk_config(envd, token),
     )
 
 

@@ -91,9 +91,7 @@ def test_background_process_survives_client_disconnect(sandbox: Sandbox, envd: R
 
 def test_connect_streams_new_output_only(sandbox: Sandbox, home: str) -> None:
     marker = f"{home}/printed-first"
-    handle = sandbox.commands.run(
-        f"echo first; touch {marker}; read line; echo got:$line", background=True, stdin=True
-    )
+    handle = sandbox.commands.run(f"echo first; touch {marker}; read line; echo got:$line", background=True, stdin=True)
     deadline = time.monotonic() + 5
     while not sandbox.files.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -156,7 +156,11 @@ def test_huge_init_body_is_413(fresh_envd: RunningEnvd) -> None:
 
 def test_bad_paths_are_clear_errors(envd: RunningEnvd) -> None:
     stat = f"{envd.url}/filesystem.Filesystem/Stat"
-    for path, code in (("~other/x", "invalid_argument"), ("/tmp/\u0000x", "invalid_argument"), ("/no/such", "not_found")):
+    for path, code in (
+        ("~other/x", "invalid_argument"),
+        ("/tmp/\u0000x", "invalid_argument"),
+        ("/no/such", "not_found"),
+    ):
         response = httpx.post(stat, json={"path": path}, headers=CONNECT_JSON)
         assert response.json()["code"] == code, path
     files = f"{envd.url}/files"
@@ -167,11 +171,16 @@ def test_bad_paths_are_clear_errors(envd: RunningEnvd) -> None:
 
 def test_bad_uploads_are_400(envd: RunningEnvd) -> None:
     files = f"{envd.url}/files"
-    assert httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "/tmp/x"}).status_code == 400
+    assert (
+        httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "/tmp/x"}).status_code
+        == 400
+    )
     octet = {"Content-Type": "application/octet-stream"}
     assert httpx.post(files, content=b"x", headers=octet).status_code == 400  # no path
     bad_gzip = {**octet, "Content-Encoding": "gzip"}
-    assert httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "/tmp/envd-bad.gz"}).status_code == 400
+    assert (
+        httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "/tmp/envd-bad.gz"}).status_code == 400
+    )
     broken = {"Content-Type": "multipart/form-data; boundary=XYZ"}
     assert httpx.post(files, content=b"--XYZ\r\nno end", headers=broken).status_code == 400
     assert httpx.post(files, content=b"x", headers={"Content-Type": "multipart/form-data"}).status_code == 400
@@ -183,7 +192,9 @@ def test_basic_auth_header_garbage_is_unauthenticated(envd: RunningEnvd) -> None
     response = httpx.post(f"{envd.url}/process.Process/List", content=b"{}", headers=headers)
     assert response.json()["code"] == "unauthenticated"
     good = base64.b64encode(b"root:").decode()
-    ok = httpx.post(f"{envd.url}/process.Process/List", content=b"{}", headers={**CONNECT_JSON, "Authorization": f"Basic {good}"})
+    ok = httpx.post(
+        f"{envd.url}/process.Process/List", content=b"{}", headers={**CONNECT_JSON, "Authorization": f"Basic {good}"}
+    )
     assert ok.status_code == 200
 
 
@@ -193,8 +204,12 @@ def test_envd_survives_a_client_dropping_mid_upload(envd: RunningEnvd, sandbox: 
         raise RuntimeError("client gives up")
 
     with pytest.raises(RuntimeError):
-        httpx.post(f"{envd.url}/files", params={"path": "/tmp/envd-dropped"}, content=body(),
-                   headers={"Content-Type": "application/octet-stream"})
+        httpx.post(
+            f"{envd.url}/files",
+            params={"path": "/tmp/envd-dropped"},
+            content=body(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and httpx.get(f"{envd.url}/health").status_code != 204:
         time.sleep(0.05)
@@ -205,12 +220,19 @@ def test_fifo_paths_are_refused_without_hanging(envd: RunningEnvd, tmp_path_fact
     fifo = tmp_path_factory.mktemp("fifo") / "pipe"
     os.mkfifo(fifo)
     assert httpx.get(f"{envd.url}/files", params={"path": str(fifo)}, timeout=5).status_code == 400
-    upload = httpx.post(f"{envd.url}/files", params={"path": str(fifo)}, content=b"x",
-                        headers={"Content-Type": "application/octet-stream"}, timeout=5)
+    upload = httpx.post(
+        f"{envd.url}/files",
+        params={"path": str(fifo)},
+        content=b"x",
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=5,
+    )
     assert upload.status_code == 400
 
 
-def test_client_leaving_mid_download_is_harmless(fresh_envd: RunningEnvd, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_client_leaving_mid_download_is_harmless(
+    fresh_envd: RunningEnvd, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     big = tmp_path_factory.mktemp("dl") / "big.bin"
     big.write_bytes(os.urandom(1 << 20) * 64)
     with httpx.stream("GET", f"{fresh_envd.url}/files", params={"path": str(big)}) as response:

@@ -51,10 +51,12 @@ def test_tagged_process_is_selectable_by_tag(client: ProcessClientSync) -> None:
 
 def test_keepalive_events_follow_the_requested_interval(client: ProcessClientSync) -> None:
     started = time.monotonic()
-    events = list(client.start(
-        StartRequest(process=ProcessConfig(cmd="/bin/sleep", args=["2.2"])),
-        headers={"Keepalive-Ping-Interval": "1"},
-    ))
+    events = list(
+        client.start(
+            StartRequest(process=ProcessConfig(cmd="/bin/sleep", args=["2.2"])),
+            headers={"Keepalive-Ping-Interval": "1"},
+        )
+    )
     kinds = _kinds(events)
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert kinds.count("keepalive") >= 1
@@ -97,3 +99,18 @@ def test_slow_stream_applies_backpressure_instead_of_buffering(envd: RunningEnvd
         grown = _rss_mib(envd.process.pid) - before
         rpc.send_signal(SendSignalRequest(process=ProcessSelector(selector=Oneof("pid", pid)), signal=Signal.SIGKILL))
     assert grown < 100, f"envd grew by {grown:.0f} MiB"
+
+
+def test_gzip_compressed_requests_and_responses(envd: RunningEnvd) -> None:
+    from connectrpc.compression.gzip import GzipCompression
+
+    gzip = GzipCompression()
+    with ProcessClientSync(
+        envd.url, codec=proto_json_codec(), send_compression=gzip, accept_compression=(gzip,)
+    ) as rpc:
+        events = list(rpc.start(StartRequest(process=ProcessConfig(cmd="/bin/echo", args=["zipped"]))))
+        assert _kinds(events)[0] == "start" and _kinds(events)[-1] == "end"
+        assert (
+            b"".join(e.event.event.value.output.value for e in events if e.event.event.field == "data") == b"zipped\n"
+        )
+        assert rpc.list(ListRequest()) is not None

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 from e2b import SandboxException
 
-from .conftest import REPO_SRC, RunningEnvd, free_port, make_sandbox, stop_envd, wait_healthy
-
+from .conftest import (
+    REPO_SRC,
+    RunningEnvd,
+    free_port,
+    make_sandbox,
+    stop_envd,
+    wait_healthy,
+)
 
 # Like a template: the system interpreter, deps on PYTHONPATH (the venv's interpreter may live
 # under a root-only home).
@@ -30,12 +36,21 @@ def unprivileged_envd(envd_user: str) -> Iterator[RunningEnvd]:
     entry = pwd.getpwnam(envd_user)
     port = free_port()
     site = sysconfig.get_paths()["purelib"]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO_SRC}:{site}", "ENVD_DEFAULT_USER": envd_user,
-           "HOME": entry.pw_dir}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{REPO_SRC}:{site}",
+        "ENVD_DEFAULT_USER": envd_user,
+        "HOME": entry.pw_dir,
+    }
     process = subprocess.Popen(  # noqa: S603
         [str(SYSTEM_PYTHON), "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, user=entry.pw_uid, group=entry.pw_gid, extra_groups=[], cwd=entry.pw_dir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        user=entry.pw_uid,
+        group=entry.pw_gid,
+        extra_groups=[],
+        cwd=entry.pw_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     running = RunningEnvd(process, port, "", envd_user, env)
     try:

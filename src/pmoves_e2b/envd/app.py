@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from connectrpc.code import Code
+from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError
 
 from .api import files, routes
@@ -34,7 +35,12 @@ class EnvdApp:
         self.processes = ProcessService(self.state)
         self.filesystem = FilesystemService(self.state)
         self._metrics = MetricsSampler()
-        options: dict[str, Any] = {"codecs": codecs(), "compressions": (), "read_max_bytes": RPC_READ_MAX_BYTES}
+        # gzip: accepted on requests and used for responses only when a client asks (the SDK does not).
+        options: dict[str, Any] = {
+            "codecs": codecs(),
+            "compressions": (GzipCompression(),),
+            "read_max_bytes": RPC_READ_MAX_BYTES,
+        }
         self._rpc = {
             "/process.Process/": ProcessASGIApplication(self.processes, **options),  # type: ignore[arg-type]
             "/filesystem.Filesystem/": FilesystemASGIApplication(self.filesystem, **options),  # type: ignore[arg-type]
@@ -48,7 +54,9 @@ class EnvdApp:
             return
         path: str = scope["path"]
         if not self._token_ok(scope):
-            await send_error(send, 401, "unauthorized access, please provide a valid access token or method signing if supported")
+            await send_error(
+                send, 401, "unauthorized access, please provide a valid access token or method signing if supported"
+            )
             return
         for prefix, rpc_app in self._rpc.items():
             if path.startswith(prefix):

@@ -18,7 +18,7 @@ def read_metadata(path: str) -> dict[str, str]:
     metadata: dict[str, str] = {}
     for name in names:
         try:
-            metadata[name[len(PREFIX):]] = os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "replace")
+            metadata[name[len(PREFIX) :]] = os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "replace")
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise

@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..auth import ACCESS_TOKEN_HEADER, check_signed_request
-from ..users import InvalidPathError, UnknownUserError, User, chown_to, ensure_dirs, lookup_user, resolve_path
+from ..users import (
+    InvalidPathError,
+    UnknownUserError,
+    User,
+    chown_to,
+    ensure_dirs,
+    lookup_user,
+    resolve_path,
+)
 from ..xattrs import replace_metadata
 from . import multipart
 from .http import ClientDisconnected, HTTPError, Request, Send
@@ -44,8 +52,11 @@ def _authorize(state: EnvdState, request: Request, operation: str) -> None:
     if request.bad_query:
         raise HTTPError(400, "query string is not valid UTF-8")
     refusal = check_signed_request(
-        state.access_token, request.headers.get(ACCESS_TOKEN_HEADER), request.query,
-        request.query.get("path", ""), operation,
+        state.access_token,
+        request.headers.get(ACCESS_TOKEN_HEADER),
+        request.query,
+        request.query.get("path", ""),
+        operation,
     )
     if refusal:
         raise HTTPError(401, refusal)
@@ -163,7 +174,7 @@ class _FileWriter:
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             self.close()
             raise _os_error(exc, self.path) from exc
@@ -175,7 +186,9 @@ class _FileWriter:
 
 
 def _metadata(request: Request) -> dict[str, str] | None:
-    found = {name[len(METADATA_HEADER):]: value for name, value in request.raw_headers if name.startswith(METADATA_HEADER)}
+    found = {
+        name[len(METADATA_HEADER) :]: value for name, value in request.raw_headers if name.startswith(METADATA_HEADER)
+    }
     return found or None
 
 
@@ -215,8 +228,10 @@ def _apply_metadata(path: str, metadata: dict[str, str] | None) -> None:
     try:
         replace_metadata(path, metadata)
     except OSError as exc:
-        raise HTTPError(400 if exc.errno in (errno.ENOTSUP, errno.E2BIG, errno.ERANGE) else 500,
-                        f"error setting metadata on '{path}': {exc.strerror}") from exc
+        raise HTTPError(
+            400 if exc.errno in (errno.ENOTSUP, errno.E2BIG, errno.ERANGE) else 500,
+            f"error setting metadata on '{path}': {exc.strerror}",
+        ) from exc
 
 
 async def upload(state: EnvdState, request: Request) -> list[dict[str, object]]:
@@ -232,10 +247,14 @@ async def upload(state: EnvdState, request: Request) -> list[dict[str, object]]:
             return await _upload_multipart(state, request, user, metadata, content_type)
     except ClientDisconnected as exc:
         raise HTTPError(400, "client disconnected during upload") from exc
-    raise HTTPError(400, f"unsupported content type: {content_type!r}, expected multipart/form-data or application/octet-stream")
+    raise HTTPError(
+        400, f"unsupported content type: {content_type!r}, expected multipart/form-data or application/octet-stream"
+    )
 
 
-async def _upload_raw(state: EnvdState, request: Request, user: User, metadata: dict[str, str] | None) -> dict[str, object]:
+async def _upload_raw(
+    state: EnvdState, request: Request, user: User, metadata: dict[str, str] | None
+) -> dict[str, object]:
     raw_path = request.query.get("path")
     if not raw_path:
         raise HTTPError(400, "path query parameter is required for raw body upload")
@@ -267,7 +286,9 @@ async def _upload_multipart(
                     raise HTTPError(400, "file part without a filename and no path query parameter")
                 path = _resolve(target, user, state)
                 if any(entry["path"] == path for entry in written):
-                    raise HTTPError(400, f"you cannot upload multiple files to the same path '{path}' in one upload request")
+                    raise HTTPError(
+                        400, f"you cannot upload multiple files to the same path '{path}' in one upload request"
+                    )
                 writer = _FileWriter(path, user)
             elif isinstance(event, multipart.PartData):
                 if writer is not None:

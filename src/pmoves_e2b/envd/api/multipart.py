@@ -62,7 +62,7 @@ async def parse(stream: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[
                 if index < 0:
                     buffer = buffer[-keep:]
                     break
-                buffer, state = buffer[index + len(delimiter):], "after-delimiter"
+                buffer, state = buffer[index + len(delimiter) :], "after-delimiter"
             elif state == "after-delimiter":
                 if len(buffer) < 2:
                     break
@@ -76,7 +76,7 @@ async def parse(stream: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[
                     break
                 if buffer[:line_end].strip(b" \t"):
                     raise MultipartError("malformed boundary line")
-                buffer, state = buffer[line_end + 2:], "headers"
+                buffer, state = buffer[line_end + 2 :], "headers"
             elif state == "headers":
                 index = buffer.find(b"\r\n\r\n")
                 if index < 0:
@@ -87,7 +87,7 @@ async def parse(stream: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[
                     else:
                         break
                 yield PartStart(_headers(buffer[: max(index, 0)]))
-                buffer, state = buffer[index + 4:], "body"
+                buffer, state = buffer[index + 4 :], "body"
             else:  # body
                 index = buffer.find(delimiter)
                 if index < 0:
@@ -99,7 +99,7 @@ async def parse(stream: AsyncIterator[bytes], boundary: bytes) -> AsyncIterator[
                 if index:
                     yield PartData(buffer[:index])
                 yield PartEnd()
-                buffer, state = buffer[index + len(delimiter):], "after-delimiter"
+                buffer, state = buffer[index + len(delimiter) :], "after-delimiter"
     if not finished:
         raise MultipartError("multipart body ended before its closing boundary")
 

@@ -43,9 +43,7 @@ def _optional_string(body: dict[str, Any], field: str) -> str | None:
 
 async def init(state: EnvdState, request: Request, send: Send) -> None:
     """Host-only configuration: env vars, access token, default user and workdir."""
-    if state.init_secret is not None and not secrets_equal(
-        state.init_secret, request.headers.get(INIT_SECRET_HEADER)
-    ):
+    if state.init_secret is not None and not secrets_equal(state.init_secret, request.headers.get(INIT_SECRET_HEADER)):
         raise HTTPError(401, "init requires the host's init secret")
     body = await request.json(INIT_BODY_LIMIT)
     if not isinstance(body, dict):

@@ -36,7 +36,13 @@ from ..gen.filesystem.filesystem_pb import (
     WatchDirRequest,
     WatchDirResponse,
 )
-from ..rpc import connect_error, keepalive_interval, on_client_disconnect, request_user, resolve
+from ..rpc import (
+    connect_error,
+    keepalive_interval,
+    on_client_disconnect,
+    request_user,
+    resolve,
+)
 from ..users import ensure_dirs
 from .entry import entry_info
 from .watch import Watcher, is_network_mount
@@ -139,7 +145,9 @@ class FilesystemService:
         if not os.path.isdir(path):
             raise ConnectError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory")
         if not allow_network and is_network_mount(path):
-            raise ConnectError(Code.FAILED_PRECONDITION, f"path '{path}' is on a network mount; set allow_network_mounts")
+            raise ConnectError(
+                Code.FAILED_PRECONDITION, f"path '{path}' is on a network mount; set allow_network_mounts"
+            )
         try:
             return Watcher(path, recursive, include_entry, emit)
         except (OSError, ValueError) as exc:
@@ -148,7 +156,9 @@ class FilesystemService:
     async def watch_dir(self, request: WatchDirRequest, ctx: RequestContext) -> AsyncIterator[WatchDirResponse]:
         path = self._path(request.path, ctx)
         queue: asyncio.Queue[FilesystemEvent | None] = asyncio.Queue()
-        watcher = self._watch(path, request.recursive, request.include_entry, request.allow_network_mounts, queue.put_nowait)
+        watcher = self._watch(
+            path, request.recursive, request.include_entry, request.allow_network_mounts, queue.put_nowait
+        )
         on_client_disconnect(lambda: queue.put_nowait(None))
         interval = keepalive_interval(ctx)
         try:
@@ -169,12 +179,16 @@ class FilesystemService:
     async def create_watcher(self, request: CreateWatcherRequest, ctx: RequestContext) -> CreateWatcherResponse:
         path = self._path(request.path, ctx)
         polled = _PolledWatcher()
-        polled.watcher = self._watch(path, request.recursive, request.include_entry, request.allow_network_mounts, polled.push)
+        polled.watcher = self._watch(
+            path, request.recursive, request.include_entry, request.allow_network_mounts, polled.push
+        )
         watcher_id = str(uuid.uuid4())
         self._watchers[watcher_id] = polled
         return CreateWatcherResponse(watcher_id=watcher_id)
 
-    async def get_watcher_events(self, request: GetWatcherEventsRequest, ctx: RequestContext) -> GetWatcherEventsResponse:
+    async def get_watcher_events(
+        self, request: GetWatcherEventsRequest, ctx: RequestContext
+    ) -> GetWatcherEventsResponse:
         polled = self._watchers.get(request.watcher_id)
         if polled is None:
             raise ConnectError(Code.NOT_FOUND, f"watcher with id {request.watcher_id} not found")

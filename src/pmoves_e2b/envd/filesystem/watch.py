@@ -122,7 +122,7 @@ class Watcher:
         offset = 0
         while offset + _HEADER.size <= len(data):
             wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
-            raw_name = data[offset + _HEADER.size: offset + _HEADER.size + length].rstrip(b"\0")
+            raw_name = data[offset + _HEADER.size : offset + _HEADER.size + length].rstrip(b"\0")
             offset += _HEADER.size + length
             self._handle(wd, mask, os.fsdecode(raw_name))
 

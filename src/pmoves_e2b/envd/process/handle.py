@@ -31,6 +31,7 @@ HIGH_WATER_CHUNKS = 64
 LOW_WATER_CHUNKS = 16
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+
 class InputError(RuntimeError):
     """Input cannot be delivered (no stdin, stdin closed, wrong channel for a PTY)."""
 
@@ -141,8 +142,15 @@ class ProcessHandle:
             try:
                 _set_winsize(slave, *spec.pty_size)
                 popen = subprocess.Popen(  # noqa: S603 - running the caller's command is the point
-                    argv, stdin=slave, stdout=slave, stderr=slave, cwd=spec.cwd, env=spec.env,
-                    start_new_session=True, preexec_fn=_take_controlling_tty, **credentials,  # type: ignore[arg-type]
+                    argv,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=spec.cwd,
+                    env=spec.env,
+                    start_new_session=True,
+                    preexec_fn=_take_controlling_tty,
+                    **credentials,  # type: ignore[arg-type]
                 )
             except BaseException:
                 os.close(master)
@@ -157,10 +165,16 @@ class ProcessHandle:
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
         try:
             popen = subprocess.Popen(  # noqa: S603
-                argv, stdin=in_r, stdout=out_w, stderr=err_w, cwd=spec.cwd, env=spec.env,
+                argv,
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=spec.cwd,
+                env=spec.env,
                 # Own session and process group: a user's `kill 0` cannot reach envd, and
                 # shutdown can end a command with everything it started.
-                start_new_session=True, **credentials,  # type: ignore[arg-type]
+                start_new_session=True,
+                **credentials,  # type: ignore[arg-type]
             )
         except BaseException:
             for fd in (out_r, err_r, in_w):
@@ -333,7 +347,7 @@ class ProcessHandle:
                 if fd is None:
                     raise InputError(closed)
                 try:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 except BlockingIOError:
                     await self._wait_writable(fd)
                 except BrokenPipeError as exc:

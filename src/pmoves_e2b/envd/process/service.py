@@ -35,7 +35,13 @@ from ..gen.process.process_pb import (
     UpdateRequest,
     UpdateResponse,
 )
-from ..rpc import connect_error, keepalive_interval, on_client_disconnect, request_user, resolve
+from ..rpc import (
+    connect_error,
+    keepalive_interval,
+    on_client_disconnect,
+    request_user,
+    resolve,
+)
 from .handle import InputError, ProcessHandle, SpawnSpec, build_env
 
 if TYPE_CHECKING:
@@ -131,10 +137,7 @@ class ProcessService:
 
     async def list(self, request: ListRequest, ctx: RequestContext) -> ListResponse:
         return ListResponse(
-            processes=[
-                ProcessInfo(config=h.config, pid=h.pid, tag=h.tag)
-                for h in self._processes.values()
-            ]
+            processes=[ProcessInfo(config=h.config, pid=h.pid, tag=h.tag) for h in self._processes.values()]
         )
 
     async def start(self, request: StartRequest, ctx: RequestContext) -> AsyncIterator[StartResponse]:
