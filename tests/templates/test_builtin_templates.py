@@ -147,3 +147,16 @@ def test_code_interpreter_start_cmd_serves_health_as_the_sandbox_user(templates_
         echo "health $code"; kill %1 || true; cat /tmp/server.log | tail -5 >&2
         """), timeout=180)
     assert out.split()[-1] == "200", out
+
+
+def test_the_sandbox_user_can_reach_the_registries_through_the_hosts_ca(templates_dir: Path) -> None:
+    """pip, npm and curl inside the template trust what the host trusts (e.g. a TLS-inspecting proxy)."""
+    out = run("code-interpreter-v1", templates_dir, textwrap.dedent("""\
+        cd /home/user && runuser -u user -- env HOME=/home/user PATH=$PATH bash -e <<'IN'
+        pip download -q --no-deps -d /tmp/wheels six && ls /tmp/wheels
+        npm view left-pad version
+        curl -sS -o /dev/null -w 'curl %{http_code}\\n' https://pypi.org/simple/six/
+        IN
+        """), timeout=180)
+    lines = out.split()
+    assert any(line.startswith("six-") for line in lines) and "1.3.0" in lines and "200" in lines, out
