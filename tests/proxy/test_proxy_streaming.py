@@ -127,3 +127,27 @@ def test_echo_streams_both_ways(client: httpx.Client) -> None:
 def test_head_and_empty_responses_keep_the_connection_usable(client: httpx.Client) -> None:
     assert client.head("/download", params={"size": 10}, headers=host_for(8080)).headers["content-length"] == "10"
     assert client.get("/health", headers=host_for(8080)).status_code == 204
+
+
+def test_expect_100_continue_upload(proxy_port: int) -> None:
+    body = b"y" * 200_000
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        head = (
+            f"POST /sink HTTP/1.1\r\nHost: 49983-{KNOWN_ID}.e2b.localhost\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert hashlib.sha256(body).hexdigest().encode() in data
+
+
+def test_client_leaving_mid_download_leaves_the_proxy_healthy(client: httpx.Client) -> None:
+    for _ in range(3):
+        with client.stream("GET", "/download", params={"size": 50 * MIB}, headers=host_for(8080)) as response:
+            next(response.iter_raw())
+    assert client.get("/download", params={"size": 1000}, headers=host_for(8080)).content == PATTERN_MIB[:1000]
