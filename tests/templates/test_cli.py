@@ -32,3 +32,9 @@ def test_build_needs_a_name_or_all(tmp_path: Path) -> None:
     result = cli("build", "--templates-dir", str(tmp_path))
     assert result.returncode == 2
     assert "--all" in result.stderr
+
+
+def test_check_of_a_template_that_is_not_built_says_how_to_build_it(tmp_path: Path) -> None:
+    result = cli("check", "base", "--templates-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "template build base" in " ".join(result.stderr.split())

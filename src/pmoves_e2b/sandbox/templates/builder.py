@@ -22,7 +22,7 @@ from .errors import MissingHostTool, TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
-from .store import layers_dir, read_record, write_record
+from .store import layers_dir, load_template, read_record, write_record
 
 LOG_TAIL_LINES = 25
 
@@ -119,10 +119,10 @@ class TemplateBuilder:
         return [results[name] for name in self.build_order(template)]
 
     def check(self, template: str) -> None:
-        """Run the template's check in its built rootfs (raises TemplateBuildError)."""
+        """Run the template's check in its built rootfs, as recorded (TemplateNotFound, TemplateBuildError)."""
         spec = self.spec(template)
         if spec.check:
-            self._check(template, spec.check, [str(layers_dir(self.templates_dir) / self.layer_id(n)) for n in spec.layers])
+            self._check(template, spec.check, load_template(template, self.templates_dir).layers)
 
     def stale_layers(self, template: str, record_layers: Sequence[str]) -> list[str]:
         """Names of the template's layers whose inputs changed since ``record_layers`` were built."""

@@ -110,6 +110,23 @@ def list_command(templates_dir: TemplatesDirOption = None) -> None:
 
 
 @app.command()
+def check(
+    name: Annotated[str, typer.Argument(help="Template to check.")],
+    templates_dir: TemplatesDirOption = None,
+) -> None:
+    """Run a built template's self-check (users, tools, envd, kernels) in its rootfs."""
+    if name not in TEMPLATES:
+        raise typer.BadParameter(f"unknown template '{name}' (templates: {', '.join(TEMPLATES)})")
+    root = templates_dir or default_templates_dir()
+    try:
+        TemplateBuilder(root).check(name)
+    except TemplateError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]template {name}: check passed[/]")
+
+
+@app.command()
 def prune(templates_dir: TemplatesDirOption = None) -> None:
     """Delete layers of older builds that no template uses (stop sandboxes of older builds first)."""
     root = templates_dir or default_templates_dir()
