@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 from e2b import CommandExitException, NotFoundException, Sandbox, TimeoutException
 from e2b.sandbox.commands.command_handle import PtySize
 
-from .conftest import RunningEnvd
+from .conftest import RunningEnvd, make_sandbox, stop_envd
 
 
 def test_run_returns_stdout_stderr_and_exit_code(sandbox: Sandbox) -> None:
@@ -82,8 +83,6 @@ def test_background_list_connect_and_kill(sandbox: Sandbox) -> None:
 def test_background_process_survives_client_disconnect(sandbox: Sandbox, envd: RunningEnvd) -> None:
     handle = sandbox.commands.run("sleep 30", background=True)
     handle.disconnect()
-    from .conftest import make_sandbox
-
     other = make_sandbox(envd)
     assert handle.pid in [p.pid for p in other.commands.list()]
     other.commands.kill(handle.pid)
@@ -181,3 +180,15 @@ def test_blocked_stdin_write_fails_cleanly_when_the_process_exits(sandbox: Sandb
     with pytest.raises(Exception):  # noqa: B017 - any clean SDK error; the point is no hang
         sandbox.commands.send_stdin(handle.pid, b"x" * (4 << 20), request_timeout=10)
     assert sandbox.commands.run("echo still-serving").stdout == "still-serving\n"
+
+
+def test_stopping_envd_kills_its_processes_and_their_children(fresh_envd: RunningEnvd) -> None:
+    sandbox = make_sandbox(fresh_envd)
+    handle = sandbox.commands.run("sleep 300 & sleep 301", background=True)
+    children = sandbox.commands.run(f"pgrep -P {handle.pid}").stdout.split()
+    assert children
+    stop_envd(fresh_envd)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in [handle.pid, *children]):
+        time.sleep(0.05)
+    assert not [p for p in [handle.pid, *children] if os.path.exists(f"/proc/{p}")]
