@@ -220,7 +220,7 @@ def test_cleanup_orphans_releases_slots_of_vanished_runtime_dirs(sandboxes: Sand
     sandbox_id = f"{sandboxes.spec().sandbox_id}-gone"
     slot = sandboxes.backend.slots.allocate(sandbox_id, gone)
     net = network.SandboxNet.for_slot(slot, sandbox_id)
-    network.create_link(net)
+    network.create_netns(net)
     removed = asyncio.run(sandboxes.backend.cleanup_orphans(set()))
     assert sandbox_id in removed
     assert net.netns not in network.list_netns()

@@ -68,7 +68,9 @@ table inet {TABLE} {{
 """
 
 CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 
 
 class NetworkError(RuntimeError):
@@ -178,21 +180,44 @@ def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
         raise NetworkError(f"sysctls in {netns_path}: {errors[0]}")
 
 
-def create_link(net: SandboxNet) -> None:
-    """The netns and the host end of the veth (enough for a process to join the netns)."""
+def create_netns(net: SandboxNet) -> None:
+    """What ``ip netns add`` does, without an exec: a fresh netns bind-mounted on /run/netns/NAME
+    (enough for the sandbox's launcher to join it; the rest is ``configure``)."""
+    if not os.path.ismount(NETNS_DIR):
+        _run(["ip", "netns", "add", net.netns])  # first use on this host: ip sets up /run/netns
+        return
+    os.close(os.open(net.netns_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        # unshare(CLONE_NEWNET) moves only this thread, which ends right after
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            source, target = b"/proc/thread-self/ns/net", str(net.netns_path).encode()
+            if _libc.mount(source, target, None, MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), f"bind mount on {net.netns_path}")
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, name="netns-create")
+    thread.start()
+    thread.join()
+    if errors:
+        net.netns_path.unlink(missing_ok=True)
+        raise NetworkError(f"cannot create netns {net.netns}: {errors[0]}")
+
+
+def configure(net: SandboxNet, allow_internet: bool) -> None:
+    """veth /30 to the host, address, routes and sysctls inside, and the internet policy. May run
+    in parallel with the sandbox's start: it only has to be done before the sandbox is handed out."""
     _run(
         ["ip", "-batch", "-"],
-        f"netns add {net.netns}\n"
         f"link add {net.host_veth} type veth peer name eth0 netns {net.netns}\n"
         f"addr add {net.host_address}/30 dev {net.host_veth}\n"
         f"link set {net.host_veth} up\n",
     )
     Path(f"/proc/sys/net/ipv6/conf/{net.host_veth}/disable_ipv6").write_text("1")
-
-
-def configure_inside(net: SandboxNet, allow_internet: bool) -> None:
-    """Address, routes and sysctls inside the netns, and the internet policy (may run in parallel
-    with the sandbox's start: it only has to be done before the sandbox is handed out)."""
     _run(
         ["ip", "-n", net.netns, "-batch", "-"],
         f"addr add {net.address}/30 dev eth0\n"

@@ -346,8 +346,8 @@ class NsBackend:
             )
             _write_json(sandbox_dir / "state.json", details)
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
-            network.create_link(net)
-            inside = _Background(network.configure_inside, net, spec.allow_internet)
+            network.create_netns(net)
+            inside = _Background(network.configure, net, spec.allow_internet)
             try:
                 self._launch(spec, details, sandbox_dir, cg, net)
             finally:
@@ -480,7 +480,7 @@ class NsBackend:
             if reason := self._not_ready_reason(handle, deadline):
                 raise BackendError(reason)
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.01)
+            delay = min(delay * 1.5, 0.003)
 
     async def _wait_ready_async(self, handle: SandboxHandle) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -495,7 +495,7 @@ class NsBackend:
             if reason := self._not_ready_reason(handle, deadline):
                 raise BackendError(reason)
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.01)
+            delay = min(delay * 1.5, 0.003)
 
     # --- destroy / cleanup -------------------------------------------------------------------
 
