@@ -219,6 +219,11 @@ class UpstreamError(Exception):
     """The sandbox's server failed or closed the connection mid-exchange."""
 
 
+class StaleConnection(Exception):
+    """A pooled connection was closed by the sandbox before answering (only small,
+    prefetched requests use pooled connections, so they can always be replayed)."""
+
+
 class Upstream(asyncio.Protocol):
     """One HTTP/1.1 connection to a sandbox port, reusable after a complete exchange.
 
@@ -564,11 +569,7 @@ class SandboxProxy:
                 await self._exchange(upstream, request, body, send)
                 return
             except StaleConnection:
-                # A pooled connection the sandbox had closed: replay once on a new one.
-                if body.client_gone or body.streamed:
-                    await send_json(send, 502, port_not_open(route.sandbox_id, port, "connection closed").payload)
-                    return
-                fresh = True
+                fresh = True  # a pooled connection the sandbox had closed: replay on a new one
             except UpstreamError as exc:
                 if not body.client_gone:
                     message = f"The sandbox closed the connection without answering ({exc})"
@@ -650,16 +651,12 @@ class SandboxProxy:
                 proxy=None,  # never route through an environment-configured proxy
                 open_timeout=self.connect_timeout,
             )
+        except websockets.InvalidStatus:
+            raise  # the sandbox answered, just not with an upgrade: the caller shows its answer
         except ConnectionRefusedError:
             raise port_not_open(sandbox_id, port) from None
         except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
-            if isinstance(exc, websockets.InvalidStatus):
-                raise
             raise port_not_open(sandbox_id, port, type(exc).__name__) from None
-
-
-class StaleConnection(Exception):
-    """A reused pooled connection was closed by the sandbox before answering."""
 
 
 async def send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
@@ -748,7 +745,7 @@ async def wait_port(address: str, port: int, path: str = "/health", timeout: flo
         try:
             if await asyncio.wait_for(_probe(address, port, path), min(remaining, 2.0)):
                 return True
-        except (OSError, asyncio.TimeoutError, h11.ProtocolError, UpstreamError):
+        except (OSError, asyncio.TimeoutError, h11.ProtocolError):
             pass
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.05)
