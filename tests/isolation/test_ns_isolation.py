@@ -52,6 +52,9 @@ def test_sandbox_sees_only_its_own_processes_and_files(sandboxes: Sandboxes, tmp
     host_only = set(os.listdir("/root")) - template_root
     assert not inside_root & host_only, inside_root & host_only
     assert sandboxes.run(handle, "/bin/hostname")["stdout"].strip() != os.uname().nodename
+    # its cgroup namespace starts at its own groups: no host cgroup paths are visible
+    cgroup_lines = sandboxes.run(handle, "/bin/cat", "/proc/self/cgroup")["stdout"].splitlines()
+    assert cgroup_lines and all(line.endswith(":/") for line in cgroup_lines), cgroup_lines
 
 
 def test_root_inside_is_not_host_root(sandboxes: Sandboxes) -> None:
