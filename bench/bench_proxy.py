@@ -14,7 +14,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +96,30 @@ def latency(clients: dict[str, KeepAliveClient], requests: int) -> dict[str, lis
     return samples
 
 
-def throughput(make: callable, action: str, size: int, rounds: int = 3) -> float:  # type: ignore[valid-type]
+def parallel_rate(make: Callable[[], KeepAliveClient], clients: int, requests: int) -> float:
+    """Requests per second of ``clients`` keep-alive connections sending GET /health at once."""
+    connections = [make() for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+
+    def run(client: KeepAliveClient) -> None:
+        barrier.wait()
+        for _ in range(requests):
+            client.get_no_body("/health")
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    for client in connections:
+        client.close()
+    return clients * requests / elapsed
+
+
+def throughput(make: Callable[[], KeepAliveClient], action: str, size: int, rounds: int = 3) -> float:
     best = 0.0
     for _ in range(rounds):
         client = make()
@@ -154,21 +179,30 @@ def main() -> None:
             "through proxy (host routing)": KeepAliveClient("127.0.0.1", port, envd_host),
         }
         samples = latency(clients, args.requests)
-        direct = samples["direct to sandbox"]
+        for client in clients.values():
+            client.close()
+        direct, through = samples.values()
         print(f"GET /health round trip, {len(direct)} requests each, keep-alive, 1 client (ms)")
         print(f"  {'path':<30} {'p50':>7} {'p95':>7} {'p99':>7}")
         for name, values in samples.items():
-            print(f"  {name:<30} {percentile(values, .5):7.3f} {percentile(values, .95):7.3f} {percentile(values, .99):7.3f}")
-        through = samples["through proxy (host routing)"]
-        added = statistics.median(through) - statistics.median(direct)
-        print(f"  proxy adds {added:.3f} ms at p50 (ratio {statistics.median(through) / statistics.median(direct):.2f}x)")
-        for client in clients.values():
-            client.close()
+            p50, p95, p99 = (percentile(values, q) for q in (0.5, 0.95, 0.99))
+            print(f"  {name:<30} {p50:7.3f} {p95:7.3f} {p99:7.3f}")
+        p50_direct, p50_through = statistics.median(direct), statistics.median(through)
+        print(f"  proxy adds {p50_through - p50_direct:.3f} ms at p50 (ratio {p50_through / p50_direct:.2f}x)")
+
+        def to_sandbox() -> KeepAliveClient:
+            return KeepAliveClient(netns.address, 8080, netns.address)
+
+        def via_proxy() -> KeepAliveClient:
+            return KeepAliveClient("127.0.0.1", port, f"8080-{KNOWN_ID}.e2b.localhost")
+
+        direct_rate, proxy_rate = (parallel_rate(make, 8, 500) for make in (to_sandbox, via_proxy))
+        print("GET /health, 8 parallel keep-alive clients (requests/s)")
+        print(f"  direct {direct_rate:7.0f}  through proxy {proxy_rate:7.0f}  (ratio {proxy_rate / direct_rate:.2f})")
 
         print("Streaming throughput, best of 3 (MiB/s)")
         for action, size in (("download", 200 * MIB), ("upload", 100 * MIB)):
-            direct_rate = throughput(lambda: KeepAliveClient(netns.address, 8080, netns.address), action, size)
-            proxy_rate = throughput(lambda: KeepAliveClient("127.0.0.1", port, f"8080-{KNOWN_ID}.e2b.localhost"), action, size)
+            direct_rate, proxy_rate = (throughput(make, action, size) for make in (to_sandbox, via_proxy))
             print(
                 f"  {action} {size // MIB} MiB: direct {direct_rate:7.0f}  through proxy {proxy_rate:7.0f}"
                 f"  (ratio {proxy_rate / direct_rate:.2f})"

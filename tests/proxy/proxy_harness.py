@@ -47,7 +47,8 @@ def _ip(*args: str) -> None:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """A /30 in 10.254.0.0/16 that no host route or address uses yet."""
-    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, timeout=10).stdout
+    routes = ["ip", "-4", "route", "show", "table", "all"]
+    used = subprocess.run(routes, capture_output=True, text=True, timeout=10).stdout
     taken = []
     for word in used.split():
         try:
@@ -89,8 +90,9 @@ class SandboxNetns:
 
     def _start_server(self) -> None:
         ports = ",".join(str(p) for p in UPSTREAM_PORTS)
+        script = str(HERE / "proxy_upstream_server.py")
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, str(HERE / "proxy_upstream_server.py"), self.address, ports],
+            ["ip", "netns", "exec", self.name, sys.executable, script, self.address, ports],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -53,7 +53,8 @@ async def respond(send: Any, status: int, payload: Any = None) -> None:
 
 
 async def start_stream(send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/octet-stream")]})
+    headers = [(b"content-type", b"application/octet-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
 
 
 async def health(scope: Any, receive: Any, send: Any) -> None:
@@ -191,7 +192,8 @@ async def answer_once_per_connection(reader: asyncio.StreamReader, writer: async
     to a proxy that reuses it at that moment."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        lines = head.lower().split(b"\r\n")
+        length = next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:")), 0)
         body = await reader.readexactly(length)
         answer = json.dumps({"request": head.split(b"\r\n")[0].decode(), "body": body.decode()}).encode()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))

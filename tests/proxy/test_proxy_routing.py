@@ -36,7 +36,9 @@ def test_control_plane_requests_reach_the_wrapped_app(client: httpx.Client, head
     assert response.json() == {"control": True, "path": "/v2/sandboxes"}
 
 
-@pytest.mark.parametrize("host", [None, "localhost:7070", "localhost", "[::1]:7070", "10.9.8.7", "sandbox.e2b.localhost:7443"])
+@pytest.mark.parametrize(
+    "host", [None, "localhost:7070", "localhost", "[::1]:7070", "10.9.8.7", "sandbox.e2b.localhost:7443"]
+)
 def test_header_routing(client: httpx.Client, host: str | None) -> None:
     headers = via_headers(8080) | ({"Host": host} if host else {})
     response = client.get("/headers", params={"q": "1"}, headers=headers)
@@ -126,7 +128,10 @@ def test_response_status_headers_and_body_come_back(client: httpx.Client) -> Non
 
 @pytest.mark.parametrize(
     "path",
-    ["/init", "/INIT", "//init", "/./init", "/x/../init", "/init/", "/%69nit", "/init?x=1", "/freeze", "/unfreeze", "/fsfreeze", "/fsthaw", "/collapse", "/upgrade"],
+    [
+        *("/init", "/INIT", "//init", "/./init", "/x/../init", "/init/", "/%69nit", "/init?x=1"),
+        *("/freeze", "/unfreeze", "/fsfreeze", "/fsthaw", "/collapse", "/upgrade"),
+    ],
 )
 def test_envd_internal_paths_are_403(proxy_port: int, path: str) -> None:
     # Raw requests: httpx would normalise the path before sending it.

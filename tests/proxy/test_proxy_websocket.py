@@ -28,8 +28,10 @@ def test_websocket_echo_by_host(proxy_port: int) -> None:
 
 
 def test_websocket_by_headers_passes_credentials(proxy_port: int) -> None:
-    headers = {"E2b-Sandbox-Id": KNOWN_ID, "E2b-Sandbox-Port": "49983", "Authorization": "Bearer abc", "X-Access-Token": "tok"}
-    with open_ws(proxy_port, f"127.0.0.1:{proxy_port}", additional_headers=headers, origin="http://localhost:6080") as ws:
+    headers = {"E2b-Sandbox-Id": KNOWN_ID, "E2b-Sandbox-Port": "49983"}
+    headers |= {"Authorization": "Bearer abc", "X-Access-Token": "tok"}
+    origin = "http://localhost:6080"
+    with open_ws(proxy_port, f"127.0.0.1:{proxy_port}", additional_headers=headers, origin=origin) as ws:
         ws.send("headers?")
         seen = json.loads(ws.recv(timeout=10))
     assert seen["authorization"] == "Bearer abc"

@@ -63,7 +63,15 @@ HOP_BY_HOP = frozenset(
 )
 # The websocket client sets these itself for the upstream handshake.
 WEBSOCKET_HANDSHAKE = frozenset(
-    {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol", b"origin", b"user-agent"}
+    {
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"origin",
+        b"user-agent",
+    }
 )
 READ_LIMIT = 256 * 1024
 # Bodies up to this size are read whole before forwarding, so a request can be replayed
@@ -535,7 +543,7 @@ class SandboxProxy:
         try:
             return check_address(target.address), port
         except ValueError:
-            log.error("resolver returned address %r for sandbox %s; refusing to connect", target.address, route.sandbox_id)
+            log.error("resolver gave address %r for sandbox %s; not connecting", target.address, route.sandbox_id)
             raise not_found(route.sandbox_id) from None
 
     # -- HTTP ------------------------------------------------------------------------------------
@@ -637,12 +645,13 @@ class SandboxProxy:
         headers = request_headers(scope)[0]
         passed = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n not in WEBSOCKET_HANDSHAKE]
         original = dict(headers)
-        uri = f"ws://{address if ':' not in address else f'[{address}]'}:{port}{request_target(scope).decode('latin-1')}"
+        host = f"[{address}]" if ":" in address else address
+        uri = f"ws://{host}:{port}{request_target(scope).decode('latin-1')}"
         try:
             return await websocket_connect(
                 uri,
                 additional_headers=passed,
-                origin=original[b"origin"].decode("latin-1") if b"origin" in original else None,  # type: ignore[arg-type]
+                origin=original[b"origin"].decode("latin-1") if b"origin" in original else None,  # type: ignore
                 user_agent_header=original.get(b"user-agent", b"").decode("latin-1") or None,
                 subprotocols=scope.get("subprotocols") or None,
                 compression=None,  # the client hop negotiates its own compression

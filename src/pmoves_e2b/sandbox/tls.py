@@ -43,7 +43,13 @@ class TlsFiles:
 
 
 def tls_files(tls_dir: Path) -> TlsFiles:
-    return TlsFiles(tls_dir / "ca.pem", tls_dir / "ca-key.pem", tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "bundle.pem")
+    return TlsFiles(
+        ca_cert=tls_dir / "ca.pem",
+        ca_key=tls_dir / "ca-key.pem",
+        cert=tls_dir / "cert.pem",
+        key=tls_dir / "key.pem",
+        bundle=tls_dir / "bundle.pem",
+    )
 
 
 def server_names(domain: str) -> tuple[list[str], list[str]]:
@@ -79,8 +85,9 @@ def _ensure_ca(files: TlsFiles) -> tuple[ec.EllipticCurvePrivateKey, x509.Certif
     try:
         cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
         key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
-        if isinstance(key, ec.EllipticCurvePrivateKey) and _valid_for_long(cert) and key.public_key() == cert.public_key():
-            return key, cert, False
+        usable = isinstance(key, ec.EllipticCurvePrivateKey) and key.public_key() == cert.public_key()
+        if usable and _valid_for_long(cert):
+            return key, cert, False  # type: ignore[return-value]
     except (OSError, ValueError):
         pass
     key = ec.generate_private_key(ec.SECP256R1())
@@ -180,7 +187,9 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
