@@ -449,10 +449,14 @@ class NsBackend:
     def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
         """Tear down a sandbox that did not start, then raise a BackendError with envd's log tail."""
         log_tail = _tail(Path(details["runtime_dir"]) / "rw" / "envd.log")
-        self._teardown(sandbox_id, details)
+        cleanup = ""
+        try:
+            self._teardown(sandbox_id, details)
+        except BackendError as teardown_error:
+            cleanup = f"\n(and the cleanup after it failed: {teardown_error})"
         if isinstance(exc, Exception):
             message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
-            raise BackendError(f"{message}{log_tail}") from exc
+            raise BackendError(f"{message}{cleanup}{log_tail}") from exc
 
     def _not_ready_reason(self, handle: SandboxHandle, deadline: float) -> str | None:
         """None while it is worth trying again; else why envd will not come up."""
