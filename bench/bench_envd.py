@@ -103,6 +103,18 @@ def timed(fn: Callable[[], object], runs: int) -> list[float]:
     return samples
 
 
+def interleaved(cases: dict[str, Callable[[], object]], runs: int, warmup: int = 0) -> dict[str, list[float]]:
+    """Sample every case round-robin, so shared-machine load hits each one alike."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(warmup + runs):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
 def p(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -182,33 +194,25 @@ def bench_commands(port: int, user: str, runs: int) -> None:
         envd_access_token=None,
         connection_config=config,
     )
-    for _ in range(10):
-        sandbox.commands.run("true")
-    sdk = timed(lambda: sandbox.commands.run("true"), runs)
-    fork = timed(lambda: subprocess.run(["/bin/true"], check=True), runs)  # noqa: S603, S607
     raw_client = ConnectStartClient(port)
-    for _ in range(10):
-        raw_client.start_true()
-    raw = timed(raw_client.start_true, runs)
     entry = pwd.getpwnam(user)
     as_user = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--"]
     login_env = {"PATH": os.environ.get("PATH", ""), "HOME": entry.pw_dir, "USER": user}
-    bash = timed(
-        lambda: subprocess.run(
-            [*as_user, "/bin/bash", "-l", "-c", "true"],
-            check=True,  # noqa: S603
-            cwd=entry.pw_dir,
-            env=login_env,
+    cases: dict[str, Callable[[], object]] = {
+        "sdk": lambda: sandbox.commands.run("true"),
+        "raw": raw_client.start_true,
+        "fork": lambda: subprocess.run(["/bin/true"], check=True),  # noqa: S603, S607
+        "bash": lambda: subprocess.run(  # noqa: S603
+            [*as_user, "/bin/bash", "-l", "-c", "true"], check=True, cwd=entry.pw_dir, env=login_env
         ),
-        runs,
-    )
+    }
+    samples = interleaved(cases, runs, warmup=10)
+    sdk, raw, fork, bash = (samples[name] for name in ("sdk", "raw", "fork", "bash"))
     row('commands.run("true") p50 (SDK, bash -l -c)', p(sdk, 0.5), p(fork, 0.5))
     row('commands.run("true") p95 (SDK, bash -l -c)', p(sdk, 0.95), p(fork, 0.95))
     row('commands.run("true") p50 vs local `bash -l -c true` as user', p(sdk, 0.5), p(bash, 0.5))
     row("raw Connect Start /bin/true p50 (one socket)", p(raw, 0.5), p(fork, 0.5))
     row("raw Connect Start /bin/true p95 (one socket)", p(raw, 0.95), p(fork, 0.95))
-    bash_login = timed(lambda: sandbox.commands.run("true", user="root"), 20)
-    print(f"{'  (for scale: the same as root, whose profile is heavy here)':<52} {ms(p(bash_login, 0.5))}")
     return sandbox  # type: ignore[return-value]
 
 
