@@ -102,3 +102,13 @@ def test_the_sdk_transport_trusts_it_through_ssl_cert_file(tls: TlsFiles, tls_po
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "204"
+
+
+def test_concurrent_callers_agree_on_one_ca(tmp_path: Path) -> None:
+    script = "import sys, pathlib; from pmoves_e2b.sandbox.tls import ensure_tls; ensure_tls(pathlib.Path(sys.argv[1]))"
+    callers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "tls")]) for _ in range(4)]
+    assert all(caller.wait(timeout=60) == 0 for caller in callers)
+    files = ensure_tls(tmp_path / "tls")
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    x509.load_pem_x509_certificate(files.cert.read_bytes()).verify_directly_issued_by(ca)
+    assert files.bundle.read_bytes().endswith(files.ca_cert.read_bytes())

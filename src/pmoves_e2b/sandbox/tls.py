@@ -14,6 +14,7 @@ expiring within 30 days, or not covering the requested names.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 import ssl
@@ -71,13 +72,16 @@ def server_names(domain: str) -> tuple[list[str], list[str]]:
 def ensure_tls(tls_dir: Path, domain: str = DEFAULT_DOMAIN) -> TlsFiles:
     """Create (or keep) the CA, the server certificate for ``domain`` and the client bundle."""
     files = tls_files(tls_dir)
-    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ca_key, ca_cert, ca_new = _ensure_ca(files)
     dns, ips = server_names(domain)
-    if ca_new or not _server_cert_ok(files, ca_cert, dns, ips):
-        _issue_server_cert(files, ca_key, ca_cert, dns, ips)
-    if ca_new or not files.bundle.exists():
-        _write_bundle(files)
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # `up` and the service may both get here at once: one makes the files, the other keeps them.
+    with open(tls_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ca_key, ca_cert, ca_new = _ensure_ca(files)
+        if ca_new or not _server_cert_ok(files, ca_cert, dns, ips):
+            _issue_server_cert(files, ca_key, ca_cert, dns, ips)
+        if ca_new or not _bundle_ok(files):
+            _write_bundle(files)
     return files
 
 
@@ -155,6 +159,13 @@ def _issue_server_cert(
     )
     _write_private(files.key, _key_pem(key))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _bundle_ok(files: TlsFiles) -> bool:
+    try:
+        return files.bundle.read_bytes().endswith(files.ca_cert.read_bytes())
+    except OSError:
+        return False
 
 
 def _write_bundle(files: TlsFiles) -> None:
