@@ -176,3 +176,19 @@ def test_user_root_writes_root_owned_files(sandbox: Sandbox, workdir: str) -> No
     sandbox.files.write(f"{workdir}/as-root.txt", "r", user="root")
     assert os.stat(f"{workdir}/as-root.txt").st_uid == 0
     assert sandbox.files.read(f"{workdir}/as-root.txt", user="root") == "r"
+
+
+@pytest.mark.parametrize("name", ["with space.txt", "ünïcödé-名前.txt", 'quote"d.txt', "semi;colon.txt", "percent%41.txt"])
+def test_unusual_file_names_round_trip(sandbox: Sandbox, workdir: str, name: str) -> None:
+    sandbox.files.write(f"{workdir}/{name}", name)
+    assert sandbox.files.read(f"{workdir}/{name}") == name
+    assert name in [e.name for e in sandbox.files.list(workdir)]
+
+
+@pytest.mark.parametrize("name", ["with space.txt", "ünïcödé-名前.txt", "semi;colon.txt", "percent%41.txt"])
+def test_unusual_names_in_multi_file_uploads(sandbox: Sandbox, workdir: str, name: str) -> None:
+    # Multi-file uploads carry paths only as multipart filenames, which E2B's envd takes
+    # literally (httpx writes '"' as %22, so such names arrive escaped there too).
+    entries = [WriteEntry(path=f"{workdir}/multi/{name}", data="m"), WriteEntry(path=f"{workdir}/multi/x", data="x")]
+    sandbox.files.write_files(entries)
+    assert sandbox.files.read(f"{workdir}/multi/{name}") == "m"
