@@ -178,7 +178,9 @@ def test_user_root_writes_root_owned_files(sandbox: Sandbox, workdir: str) -> No
     assert sandbox.files.read(f"{workdir}/as-root.txt", user="root") == "r"
 
 
-@pytest.mark.parametrize("name", ["with space.txt", "ünïcödé-名前.txt", 'quote"d.txt', "semi;colon.txt", "percent%41.txt"])
+@pytest.mark.parametrize(
+    "name", ["with space.txt", "ünïcödé-名前.txt", 'quote"d.txt', "semi;colon.txt", "percent%41.txt"]
+)
 def test_unusual_file_names_round_trip(sandbox: Sandbox, workdir: str, name: str) -> None:
     sandbox.files.write(f"{workdir}/{name}", name)
     assert sandbox.files.read(f"{workdir}/{name}") == name
