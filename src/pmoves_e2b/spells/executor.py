@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from e2b import AsyncSandbox
@@ -358,11 +359,20 @@ class SpellExecutor:
                 info["content_base64"] = base64.b64encode(data).decode()
                 inline_total += len(data)
             else:
-                signed = FILE_URL_TTL_SECONDS if sandbox._envd_access_token else None
-                info["url"] = sandbox.download_url(entry.path, use_signature_expiration=signed)
+                info["url"] = self._download_url(sandbox, entry.path)
                 info["expires_in_seconds"] = FILE_URL_TTL_SECONDS
             files.append(info)
         return files
+
+    def _download_url(self, sandbox: AsyncSandbox, path: str) -> str:
+        signed = FILE_URL_TTL_SECONDS if sandbox._envd_access_token else None
+        url = sandbox.download_url(path, use_signature_expiration=signed)
+        public_base = self.sdk.public_sandbox_url(sandbox.sandbox_id)
+        if public_base:
+            # Self-hosted: the same signed path on a host e2b-sandbox routes without SDK headers.
+            parts = urlsplit(url)
+            url = public_base + parts.path + (f"?{parts.query}" if parts.query else "")
+        return url
 
     async def _release(self, sandbox: AsyncSandbox, keep: bool, callers: bool) -> None:
         try:
