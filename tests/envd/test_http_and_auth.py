@@ -239,3 +239,29 @@ def test_client_leaving_mid_download_is_harmless(
         assert response.status_code == 200
         next(response.iter_bytes())
     assert httpx.get(f"{fresh_envd.url}/health").status_code == 204
+
+
+def test_every_route_needs_the_token_except_the_allow_list(fresh_envd: RunningEnvd) -> None:
+    from pmoves_e2b.envd.gen.filesystem import filesystem_pb
+    from pmoves_e2b.envd.gen.process import process_pb
+
+    fresh_envd.init({"accessToken": "the-token"})
+    rpc_paths = [
+        f"/{service.type_name}/{method.name}"
+        for module in (process_pb, filesystem_pb)
+        for service in module.desc().services
+        for method in service.methods
+    ]
+    assert len(rpc_paths) == 17
+    for path in rpc_paths:
+        response = httpx.post(f"{fresh_envd.url}{path}", content=b"{}", headers=CONNECT_JSON)
+        assert response.status_code == 401, path
+    for method, path in (("GET", "/envs"), ("GET", "/metrics"), ("GET", "/unknown"), ("POST", "/files/compose")):
+        assert httpx.request(method, f"{fresh_envd.url}{path}").status_code == 401, path
+    # The allow-list: health, and /files (which checks header or signature itself).
+    assert httpx.get(f"{fresh_envd.url}/health").status_code == 204
+    assert httpx.get(f"{fresh_envd.url}/files", params={"path": "/etc/hostname"}).status_code == 401
+    signed_ok = httpx.get(
+        f"{fresh_envd.url}/files", params={"path": "/etc/hostname"}, headers={"X-Access-Token": "the-token"}
+    )
+    assert signed_ok.status_code == 200
