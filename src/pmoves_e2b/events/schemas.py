@@ -4,7 +4,8 @@
 PMOVES uses (``pmoves/contracts/topics.json`` + ``schemas/<area>/*.schema.json``), so PMOVES
 can merge our entries into its own registry. Schemas may ``$ref`` each other by relative
 file name. The directory is ``PMOVES_CONTRACTS_DIR`` when set (PMOVES' own variable), else
-the repository's ``contracts/``.
+the repository's ``contracts/``, which the package reaches through the symlink
+``pmoves_e2b/contracts`` (so wheels carry a copy).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from referencing.jsonschema import DRAFT202012
 from pmoves_e2b.events.envelope import Envelope
 
 ENVELOPE_SCHEMA = "schemas/common/envelope.schema.json"
-REPO_CONTRACTS_DIR = Path(__file__).resolve().parents[3] / "contracts"
+PACKAGE_CONTRACTS_DIR = Path(__file__).resolve().parents[1] / "contracts"
 
 
 class ContractError(ValueError):
@@ -33,7 +34,7 @@ class ContractError(ValueError):
 
 def contracts_dir() -> Path:
     configured = os.environ.get("PMOVES_CONTRACTS_DIR")
-    return Path(configured) if configured else REPO_CONTRACTS_DIR
+    return Path(configured) if configured else PACKAGE_CONTRACTS_DIR
 
 
 def field_path(path: Any) -> str:
