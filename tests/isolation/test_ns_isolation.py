@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import Sandboxes
+from ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.ns import UID_BASE, UID_RANGE
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sandboxes
+from ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox import cgroups
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, TemplateImage
