@@ -43,7 +43,10 @@ def build_ops(settings: Settings) -> tuple[SdkConfig, SandboxOps]:
 
 
 def build_server(settings: Settings, ops: SandboxOps) -> MCPServer:
-    return build_mcp_server(ops, settings.e2b_sandbox_timeout_sec, settings.e2b_execution_timeout_sec)
+    """Every MCP tool, the same for HTTP, SSE and stdio."""
+    server = build_mcp_server(ops, settings.e2b_sandbox_timeout_sec, settings.e2b_execution_timeout_sec)
+    spell_tools.register(server, settings)
+    return server
 
 
 def _http_check(url: str) -> Callable[[], Awaitable[bool]]:
@@ -95,7 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     config, ops = build_ops(settings)
     server = build_server(settings, ops)
-    spell_tools.register(server, settings)
     mcp_routes = _mcp_routes(server, settings)
 
     @contextlib.asynccontextmanager
