@@ -170,21 +170,22 @@ def test_bad_paths_are_clear_errors(envd: RunningEnvd) -> None:
 
 
 def test_bad_uploads_are_400(envd: RunningEnvd) -> None:
+    # Relative paths land in the throwaway user's home, removed with it.
     files = f"{envd.url}/files"
     assert (
-        httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "/tmp/x"}).status_code
+        httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "x"}).status_code
         == 400
     )
     octet = {"Content-Type": "application/octet-stream"}
     assert httpx.post(files, content=b"x", headers=octet).status_code == 400  # no path
     bad_gzip = {**octet, "Content-Encoding": "gzip"}
     assert (
-        httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "/tmp/envd-bad.gz"}).status_code == 400
+        httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "bad.gz"}).status_code == 400
     )
     broken = {"Content-Type": "multipart/form-data; boundary=XYZ"}
     assert httpx.post(files, content=b"--XYZ\r\nno end", headers=broken).status_code == 400
     assert httpx.post(files, content=b"x", headers={"Content-Type": "multipart/form-data"}).status_code == 400
-    assert httpx.post(files, params={"username": "no-such-user"}, files={"file": ("/tmp/a", b"x")}).status_code == 401
+    assert httpx.post(files, params={"username": "no-such-user"}, files={"file": ("a", b"x")}).status_code == 401
 
 
 def test_basic_auth_header_garbage_is_unauthenticated(envd: RunningEnvd) -> None:
@@ -206,7 +207,7 @@ def test_envd_survives_a_client_dropping_mid_upload(envd: RunningEnvd, sandbox: 
     with pytest.raises(RuntimeError):
         httpx.post(
             f"{envd.url}/files",
-            params={"path": "/tmp/envd-dropped"},
+            params={"path": "dropped"},
             content=body(),
             headers={"Content-Type": "application/octet-stream"},
         )
