@@ -292,3 +292,26 @@ def test_bad_requests_over_nats_get_failed_with_the_field_named(stack: Any) -> N
     assert answer.payload["code"] == "invalid_parameters" and "parameters.kind: 'pie'" in answer.payload["reason"]
     answer = asyncio.run(ask(b"{not json"))
     assert answer.payload["code"] == "malformed_request"
+
+
+def test_cli_lists_shows_and_runs_spells(stack: Any, sandbox: Sandbox, tmp_path: Any) -> None:
+    listed = stack.cli("spell", "list")
+    assert listed.returncode == 0 and "markdown-pdf" in listed.stdout
+    shown = stack.cli("spell", "show", "chart-csv")
+    assert shown.returncode == 0 and "matplotlib" in shown.stdout and '"scatter"' in shown.stdout
+    csv = tmp_path / "weather.csv"
+    csv.write_text(CSV)
+    out = tmp_path / "out"
+    ran = stack.cli("spell", "run", "chart-csv", "--param", f"csv=@{csv}", "--param", "kind=bar",
+                    "--sandbox-id", sandbox.sandbox_id, "--out", str(out), timeout=RUN_TIMEOUT)
+    assert ran.returncode == 0, ran.stderr
+    assert (out / "chart.png").read_bytes().startswith(b"\x89PNG") and "chart.png" in ran.stdout
+    queried = stack.cli("spell", "run", "sql-query", "--params-json", json.dumps({"tables": {"t": CSV}}),
+                        "--param", "query=select count(*) as n from t", "--json", "--sandbox-id", sandbox.sandbox_id,
+                        timeout=RUN_TIMEOUT)
+    assert queried.returncode == 0, queried.stderr
+    assert json.loads(queried.stdout)["result"]["rows"] == [[3]]
+    bad = stack.cli("spell", "run", "chart-csv", "--param", "csv=a", "--param", "kind=pie")
+    assert bad.returncode == 1 and "parameters.kind: 'pie' is not one of" in bad.stderr
+    unknown = stack.cli("spell", "show", "nope")
+    assert unknown.returncode == 1 and "no spell named 'nope'" in unknown.stderr

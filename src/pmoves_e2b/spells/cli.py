@@ -91,7 +91,7 @@ def show(name: str = typer.Argument(..., help="Spell name")) -> None:
         console.print(f"\n[bold]{key}[/bold]")
         console.print_json(json.dumps(summary[key]))
     console.print("\n[bold]code[/bold]")
-    console.print(spell.code, highlight=False, markup=False)
+    typer.echo(spell.code, nl=False)
 
 
 @app.command("run")
@@ -120,7 +120,7 @@ def run(
     if out is not None:
         _save_files(result, out)
     if as_json:
-        console.print_json(json.dumps(result))
+        typer.echo(json.dumps(result))
     else:
         _print_run(result)
     raise typer.Exit(0 if result["status"] == "completed" else 1)
@@ -139,11 +139,12 @@ def _print_run(result: dict[str, Any]) -> None:
     console.print(f"[{colour}]{result['status']}[/{colour}] {result['spell_name']} {result['spell_version']} "
                   f"in {result['duration_seconds']} s (sandbox {result['sandbox_id']})", highlight=False)
     if result["error"]:
-        err_console.print(result["error"], highlight=False, markup=False)
+        typer.echo(result["error"], err=True)
+    # The spell's own output, byte for byte (no wrapping or markup).
     if result["stdout"]:
-        console.print(result["stdout"].rstrip("\n"), highlight=False, markup=False)
+        typer.echo(result["stdout"], nl=False)
     if result["stderr"]:
-        err_console.print(result["stderr"].rstrip("\n"), highlight=False, markup=False)
+        typer.echo(result["stderr"], nl=False, err=True)
     if result["result"] is not None:
         console.print_json(json.dumps(result["result"]))
     for file in result["files"]:
