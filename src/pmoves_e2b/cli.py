@@ -177,7 +177,11 @@ def down(timeout: float = typer.Option(30.0, help="Seconds to wait for everythin
     survivors = stop_stack(settings, timeout=timeout)
     if survivors:
         raise _fail(f"still running after {timeout:.0f} s: pids {', '.join(map(str, survivors))}")
-    console.print("stopped")
+    # Sandboxes outlive e2b-sandbox restarts on purpose; `down` ends them too.
+    from pmoves_e2b.sandbox.app import destroy_all_sandboxes
+
+    removed = destroy_all_sandboxes(settings)
+    console.print(f"stopped ({removed} sandboxes removed)" if removed else "stopped")
 
 
 def _health_table(results: list) -> None:

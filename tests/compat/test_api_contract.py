@@ -90,7 +90,7 @@ def test_concurrency_limit_answers_429(api: httpx.Client, running_stack) -> None
                 break
             created.append(res.json()["sandboxID"])
             assert len(created) <= running_stack.max_sandboxes
-        assert res.status_code == 429
+        assert res.status_code == 429, res.text
         assert "E2B_MAX_SANDBOXES" in res.json()["message"]
         assert len(api.get("/v2/sandboxes").json()) == running_stack.max_sandboxes
     finally:

@@ -7,16 +7,19 @@ import time
 
 import pytest
 from e2b import AsyncSandbox, FilesystemEventType, Sandbox
-from e2b.exceptions import CommandExitException
+from e2b import CommandExitException
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
-def sbx(sdk_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    box = Sandbox.create(timeout=600)
-    yield box
-    box.kill()
+def sbx(running_stack):  # type: ignore[no-untyped-def]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in running_stack.sdk_env.items():
+            patch.setenv(name, value)
+        box = Sandbox.create(timeout=600)
+        yield box
+        box.kill()
 
 
 def test_commands_stdout_stderr_exit_codes_and_root(sbx: Sandbox) -> None:
@@ -42,10 +45,10 @@ def test_pty_takes_input_and_resizes(sbx: Sandbox) -> None:
     chunks: list[bytes] = []
     from e2b import PtySize
 
-    pty = sbx.pty.create(PtySize(rows=24, cols=80), on_data=chunks.append)
+    pty = sbx.pty.create(PtySize(rows=24, cols=80))
     sbx.pty.resize(pty.pid, PtySize(rows=30, cols=100))
     sbx.pty.send_stdin(pty.pid, b"stty size; exit\n")
-    pty.wait()
+    pty.wait(on_pty=chunks.append)
     assert b"30 100" in b"".join(chunks)
 
 

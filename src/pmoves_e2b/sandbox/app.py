@@ -92,7 +92,10 @@ def create_app(settings: Settings | None = None) -> Any:
             return None  # paused sandboxes answer "not found" until connect resumes them
         return Target(address=found[0], state=found[1])
 
-    outer = SandboxProxy(app, resolve=resolve, domain=public_domain(settings))
+    async def resolve_signed_file(method: str, query: str) -> str | None:
+        return manager.find_by_file_signature(method, query)
+
+    outer = SandboxProxy(app, resolve=resolve, domain=public_domain(settings), resolve_signed_file=resolve_signed_file)
     return outer
 
 
@@ -121,3 +124,15 @@ async def _serve_tls(settings: Settings, app: Any) -> None:
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     await server.serve()
+
+
+def destroy_all_sandboxes(settings: Settings) -> int:
+    """`pmoves-e2b down`: with the service stopped, remove every sandbox and its remains."""
+    from pmoves_e2b.sandbox import lifecycle
+
+    assert settings.e2b_database_url
+    db = Database(settings.e2b_database_url)
+    try:
+        return asyncio.run(lifecycle.destroy_all_sandboxes(db, NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes")))
+    finally:
+        db.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import secrets
 import string
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
+from pmoves_e2b.envd.auth import signature as file_signature
 from pmoves_e2b.sandbox import metrics
 from pmoves_e2b.sandbox.backends.base import (
     Backend,
@@ -330,6 +333,21 @@ class SandboxManager:
     def list(self) -> list[SandboxRow]:
         return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
 
+    def find_by_file_signature(self, method: str, query: str) -> str | None:
+        """The live sandbox whose envd token signed this /files URL (see envd's auth rules)."""
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        path, given = params.get("path", ""), params.get("signature", "")
+        operation = "write" if method == "POST" else "read"
+        expiration = params.get("signature_expiration")
+        if expiration is not None and not expiration.isdigit():
+            return None
+        for row in self.list():
+            expected = file_signature(path, operation, params.get("username", ""), row.envd_access_token,
+                                      int(expiration) if expiration else None)
+            if hmac.compare_digest(expected.encode(), given.encode()):
+                return row.sandbox_id
+        return None
+
     def address(self, sandbox_id: str) -> tuple[str, str] | None:
         """(address, state) of a live sandbox, for the proxy."""
         live = self._live.get(sandbox_id)
@@ -503,3 +521,21 @@ def template_dir_loader(templates_dir: Path) -> TemplateLoader:
             raise KeyError(str(exc)) from exc
 
     return load
+
+
+async def destroy_all_sandboxes(db: Database, backend: Backend) -> int:
+    """Kill every sandbox recorded as live and every remain (used by `pmoves-e2b down`).
+
+    Runs while e2b-sandbox is stopped: the service itself keeps sandboxes alive across restarts.
+    """
+    rows = repo.live_sandboxes(db)
+    for row in rows:
+        if row.handle:
+            try:
+                await backend.destroy(SandboxHandle.from_dict(row.handle))
+            except Exception:
+                log.exception("sandbox teardown failed", extra={"sandbox_id": row.sandbox_id})
+        repo.update_sandbox(db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="shutdown")
+    await backend.cleanup_orphans(set())
+    backend.close()
+    return len(rows)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SANDBOX_ID_RE = re.compile(r"[a-z0-9]{1,64}")
 PORT_RE = re.compile(r"[0-9]{1,5}")
 # envd paths only the host may call (configuration, pause support); never proxied from clients.
+# Paths of the E2B REST API; with header routing they still reach the control plane.
+CONTROL_PLANE_PREFIXES = ("/sandboxes", "/v2/", "/v3/", "/templates", "/snapshots", "/volumes", "/secrets")
 ENVD_INTERNAL_PATHS = frozenset({"init", "freeze", "unfreeze", "fsfreeze", "fsthaw", "collapse", "upgrade"})
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the
 # ASGI server already acted on (Expect) or that we set ourselves (framing).
@@ -88,6 +90,8 @@ class Target:
 
 
 Resolver = Callable[[str], Awaitable[Target | None]]
+# Finds the sandbox a signed /files URL belongs to: (method, query string) -> sandbox id.
+SignedFileResolver = Callable[[str, str], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,12 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str) -> Route | None:
-    """The sandbox a request is for, or None for control-plane requests."""
+def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str, path: str = "/") -> Route | None:
+    """The sandbox a request is for, or None for control-plane requests.
+
+    Header routing skips control-plane paths: the API and the sandbox URL are often the same
+    origin here, and older SDKs send ``E2b-Sandbox-*`` headers on API calls too.
+    """
     host: str | None = None
     sandbox_id: str | None = None
     port: str | None = None
@@ -154,7 +162,7 @@ def route_request(headers: Iterable[tuple[bytes, bytes]], domain: str) -> Route 
         if "." not in label and "-" in label:
             port_text, _, label_id = label.partition("-")
             return Route(label_id, port_text)
-    if sandbox_id is not None and port is not None:
+    if sandbox_id is not None and port is not None and not path.startswith(CONTROL_PLANE_PREFIXES):
         if host == "localhost" or host == "sandbox" + suffix or is_ip(host):
             return Route(sandbox_id, port)
     return None
@@ -485,6 +493,7 @@ class SandboxProxy:
         *,
         resolve: Resolver,
         domain: str,
+        resolve_signed_file: SignedFileResolver | None = None,
         connect_timeout: float = 5.0,
         max_idle_per_target: int = 32,
         idle_expiry: float = 3.0,
@@ -496,6 +505,7 @@ class SandboxProxy:
             raise ValueError(f"domain {domain!r} is not a host name such as 'e2b.localhost' or 'e2b.localhost:7443'")
         self.app = app
         self.resolve = resolve
+        self.resolve_signed_file = resolve_signed_file
         self.domain = host
         self.connect_timeout = connect_timeout
         self.pool = UpstreamPool(
@@ -507,13 +517,23 @@ class SandboxProxy:
         if kind == "lifespan":
             await self.app(scope, receive, self._closing_on_shutdown(send))
             return
-        route = route_request(scope["headers"], self.domain) if kind in ("http", "websocket") else None
+        route = route_request(scope["headers"], self.domain, scope["path"]) if kind in ("http", "websocket") else None
+        if route is None and kind == "http":
+            route = await self._signed_file_route(scope)
         if route is None:
             await self.app(scope, receive, send)
         elif kind == "http":
             await self._proxy_http(scope, receive, send, route)
         else:
             await self._proxy_websocket(scope, receive, send, route)
+
+    async def _signed_file_route(self, scope: Scope) -> Route | None:
+        """``download_url()``/``upload_url()`` under E2B_SANDBOX_URL carry no sandbox id: only a signature."""
+        query = scope.get("query_string", b"")
+        if self.resolve_signed_file is None or scope["path"] != "/files" or b"signature=" not in query:
+            return None
+        sandbox_id = await self.resolve_signed_file(scope["method"], query.decode("latin-1"))
+        return Route(sandbox_id, str(ENVD_PORT)) if sandbox_id else None
 
     def close(self) -> None:
         """Close pooled upstream connections (also done on lifespan shutdown)."""

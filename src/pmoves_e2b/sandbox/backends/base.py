@@ -98,3 +98,6 @@ class Backend(Protocol):
 
     async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
         """Remove remains (mounts, netns, cgroups, rules, dirs) of sandboxes not in ``known_ids``."""
+
+    def close(self) -> None:
+        """Undo the backend's host setup once no sandbox is left (``pmoves-e2b down``)."""

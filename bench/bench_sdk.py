@@ -1,0 +1,176 @@
+"""The sandbox core through the stock `e2b` SDK, as users see it.
+
+Run as root: ``.venv/bin/python bench/bench_sdk.py [--runs 30] [--concurrent 50] [--idle 200]``.
+Starts its own stack (temp data dir, free ports). Baselines come from the same run: fork+exec
+of /bin/true and ``bwrap ... /bin/true`` (the floor of any namespace sandbox).
+
+Prints: ``Sandbox.create()`` p50/p95 with the warm pool and with the pool off; the
+``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
+creates per second; idle memory per sandbox; how many idle sandboxes were alive at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timed(fn, runs: int) -> list[float]:  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def fork_exec_true(runs: int) -> list[float]:
+    return timed(lambda: subprocess.run(["/bin/true"], check=True), runs)
+
+
+def bwrap_true(runs: int) -> list[float]:
+    bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
+    argv = [bwrap, "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--unshare-all",
+            "--die-with-parent", "/bin/true"]
+    return timed(lambda: subprocess.run(argv, check=True), runs)
+
+
+def line(name: str, values: list[float], base_name: str, base: list[float]) -> None:
+    p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
+    print(f"{name:42s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   baseline {base_name} p50 {b50:6.2f} ms"
+          f"   ratio {p50 / b50:6.1f}x", flush=True)
+
+
+def pss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for row in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if row.startswith("Pss:"):
+                    total += int(row.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def sandbox_pids(data_dir: Path) -> list[int]:
+    """Processes in our sandboxes: their cgroup path carries the runtime dir's tag."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if "pmoves-e2b-" in (entry / "cgroup").read_text():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def measure(stack, options: argparse.Namespace, bases: dict[str, list[float]]) -> None:  # type: ignore[no-untyped-def]
+    from e2b import Sandbox
+
+    os.environ.update(stack.sdk_env)
+    warm = []
+    for _ in range(options.runs):
+        started = time.perf_counter()
+        sbx = Sandbox.create(timeout=120)
+        warm.append((time.perf_counter() - started) * 1000)
+        sbx.kill()
+        time.sleep(0.3)  # let the pool refill: this row measures claims, not boots
+    line(f"create, warm pool (n={options.runs})", warm, "bwrap /bin/true", bases["bwrap"])
+
+    sbx = Sandbox.create(timeout=300)
+    sbx.commands.run("true")
+    runs = timed(lambda: sbx.commands.run("true"), options.runs * 5)
+    line(f"commands.run('true') (n={options.runs * 5})", runs, "fork+exec /bin/true", bases["fork"])
+    sbx.kill()
+
+
+def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float]]) -> None:  # type: ignore[no-untyped-def]
+    from e2b import Sandbox
+
+    os.environ.update(stack.sdk_env)
+    cold = []
+    for _ in range(options.runs):
+        started = time.perf_counter()
+        sbx = Sandbox.create(timeout=120)
+        cold.append((time.perf_counter() - started) * 1000)
+        sbx.kill()
+    line(f"create, pool off (n={options.runs})", cold, "bwrap /bin/true", bases["bwrap"])
+
+    with ThreadPoolExecutor(max_workers=options.concurrent) as pool:
+        started = time.perf_counter()
+
+        def one(_: int) -> tuple[float, str]:
+            t0 = time.perf_counter()
+            box = Sandbox.create(timeout=300)
+            return (time.perf_counter() - t0) * 1000, box.sandbox_id
+
+        results = list(pool.map(one, range(options.concurrent)))
+        wall = time.perf_counter() - started
+    lat = [r[0] for r in results]
+    print(f"{options.concurrent} concurrent creates: all {len(results)} succeeded, p50 {statistics.median(lat):.0f} ms,"
+          f" p99 {pct(lat, 0.99):.0f} ms, wall {wall:.1f} s -> {len(results) / wall:.1f} creates/s sustained", flush=True)
+    time.sleep(3)
+    pids = sandbox_pids(stack.data_dir)
+    per_box = pss_kb(pids) / max(1, len(results))
+    print(f"idle memory per base sandbox: {per_box / 1024:.1f} MB PSS ({len(pids)} processes"
+          f" for {len(results)} sandboxes)", flush=True)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda r: Sandbox.kill(r[1]), results))
+
+    alive = []
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            alive = list(pool.map(lambda _: Sandbox.create(timeout=600).sandbox_id, range(options.idle)))
+        print(f"idle base sandboxes alive at once: {len(alive)} (asked for {options.idle}); "
+              f"PSS total {pss_kb(sandbox_pids(stack.data_dir)) / 1024:.0f} MB", flush=True)
+    finally:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(Sandbox.kill, alive))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--concurrent", type=int, default=50)
+    parser.add_argument("--idle", type=int, default=200)
+    options = parser.parse_args()
+    bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50)}
+
+    stack = make_stack({"E2B_POOL_SIZE": "2", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
+    try:
+        stack.up(timeout=300)
+        time.sleep(5)  # the pool fills in the background
+        measure(stack, options, bases)
+    finally:
+        stop_and_clean(stack)
+    stack = make_stack({"E2B_POOL_SIZE": "0", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
+    try:
+        stack.up(timeout=300)
+        measure_cold(stack, options, bases)
+    finally:
+        stop_and_clean(stack)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
