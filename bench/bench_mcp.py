@@ -1,0 +1,103 @@
+"""e2b-mcp-server: what the MCP bridge adds to a code execution.
+
+Run as root: ``.venv/bin/python bench/bench_mcp.py [--runs 30]``. Starts its own stack (temp data
+dir, free ports). Baseline from the same run: the stock async SDK's ``run_code("1+1")`` straight
+against e2b-sandbox on the same sandbox. Then the same cell as an MCP ``tools/call run_code``
+(official client, streamable HTTP, one session), as PMOVES' ``POST /sandbox/execute``, and
+``tools/list`` over MCP. Prints p50/p95 and the ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import httpx2
+from e2b_code_interpreter import AsyncSandbox
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+
+CELL = "1+1"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]], runs: int,
+                            warmup: int = 5) -> dict[str, list[float]]:
+    """Round-robin over the actions so load from other processes hits all of them alike."""
+    for _ in range(warmup):
+        for action in actions.values():
+            await action()
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(runs):
+        for name, action in actions.items():
+            started = time.perf_counter()
+            await action()
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def line(name: str, values: list[float], base: list[float]) -> None:
+    p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
+    print(f"{name:44s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   ratio to SDK baseline {p50 / b50:5.2f}x", flush=True)
+
+
+async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
+    auth = {"Authorization": f"Bearer {stack.mcp_token}"}
+    async with httpx2.AsyncClient(headers=auth, timeout=60) as http:
+        async with Client(streamable_http_client(stack.mcp_url + "/mcp", http_client=http)) as client:
+            created = await client.call_tool("sandbox_create", {"timeout_seconds": 600})
+            sandbox_id = created.structured_content["sandbox_id"]
+            try:
+                sdk = await AsyncSandbox.connect(
+                    sandbox_id, api_key=stack.api_key, api_url=stack.sandbox_url, sandbox_url=stack.sandbox_url
+                )
+                async with httpx.AsyncClient(headers={"X-E2B-API-Key": stack.api_key}, timeout=60) as rest:
+                    body = {"sandbox_id": sandbox_id, "language": "python", "code": CELL}
+                    samples = await timed_interleaved(
+                        {
+                            "baseline": lambda: sdk.run_code(CELL),
+                            "mcp": lambda: client.call_tool("run_code", {"sandbox_id": sandbox_id, "code": CELL}),
+                            "rest": lambda: rest.post(stack.mcp_url + "/sandbox/execute", json=body),
+                            "tools": client.list_tools,
+                        },
+                        runs,
+                    )
+            finally:
+                await client.call_tool("sandbox_kill", {"sandbox_id": sandbox_id})
+    baseline = samples["baseline"]
+    print(f"{'baseline: SDK run_code(1+1) direct':44s} p50 {statistics.median(baseline):8.2f} ms  "
+          f"p95 {pct(baseline, 0.95):8.2f} ms", flush=True)
+    line("MCP tools/call run_code (streamable HTTP)", samples["mcp"], baseline)
+    line("REST POST /sandbox/execute", samples["rest"], baseline)
+    line("MCP tools/list (streamable HTTP)", samples["tools"], baseline)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    options = parser.parse_args()
+    stack = make_stack()
+    try:
+        stack.up()
+        anyio.run(measure, stack, options.runs)
+    finally:
+        stop_and_clean(stack)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
