@@ -74,6 +74,9 @@ def test_root_inside_is_not_host_root(sandboxes: Sandboxes) -> None:
     assert root["NoNewPrivs"] == "1" and root["Seccomp"] == "2"
     user = _status(sandboxes, handle, uid=1000)
     assert int(user["CapEff"], 16) == 0 and user["Uid"].split()[0] == "1000"
+    # ... yet an ordinary user has what programs expect: POSIX shared memory, its home
+    shm = sandboxes.python(handle, "import multiprocessing; multiprocessing.Lock(); print('ok')", uid=1000)
+    assert shm["stdout"].strip() == "ok", shm
 
     # root inside may change its own rootfs ...
     assert sandboxes.run(handle, "/bin/sh", "-c", "echo 10.9.9.9 extra >> /etc/hosts")["rc"] == 0

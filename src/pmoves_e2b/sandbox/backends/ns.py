@@ -395,6 +395,8 @@ class NsBackend:
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
             "--hostname", "e2b",
             "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
+            # POSIX shared memory for every user (its pages count against the memory limit)
+            "--perms", "1777", "--size", str(spec.memory_mb * 1024 * 1024 // 2), "--tmpfs", "/dev/shm",
             "--cap-drop", "ALL", *caps,
             "--new-session", "--chdir", "/",
             "--", *self.init_argv,
