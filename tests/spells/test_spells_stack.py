@@ -315,3 +315,25 @@ def test_cli_lists_shows_and_runs_spells(stack: Any, sandbox: Sandbox, tmp_path:
     assert bad.returncode == 1 and "parameters.kind: 'pie' is not one of" in bad.stderr
     unknown = stack.cli("spell", "show", "nope")
     assert unknown.returncode == 1 and "no spell named 'nope'" in unknown.stderr
+
+
+def test_javascript_spell_reads_parameters_from_its_json_file(stack: Any, sandbox: Sandbox) -> None:
+    spell_file = stack.data_dir / "spells" / "js-sum.yaml"
+    spell_file.parent.mkdir(exist_ok=True)
+    spell_file.write_text(
+        "name: js-sum\nversion: 0.1.0\ndescription: Add numbers in Node.\nlanguage: javascript\n"
+        "parameters:\n  type: object\n  required: [numbers]\n  properties:\n"
+        "    numbers: {type: array, items: {type: number}}\n"
+        "outputs:\n  result: {type: object, required: [sum]}\n"
+        "code: |\n  const fs = require('fs');\n"
+        "  const params = JSON.parse(fs.readFileSync(process.env.SPELL_PARAMS, 'utf8'));\n"
+        "  const sum = params.numbers.reduce((a, b) => a + b, 0);\n"
+        "  fs.writeFileSync(process.env.SPELL_RESULT, JSON.stringify({sum}));\n  console.log('sum', sum);\n"
+    )
+    try:
+        run = via_rest(stack, {"spell_name": "js-sum", "parameters": {"numbers": [1, 2, 3.5]},
+                               "sandbox_id": sandbox.sandbox_id})
+    finally:
+        spell_file.unlink()
+    assert run["status"] == "completed", run
+    assert run["result"] == {"sum": 6.5} and run["stdout"] == "sum 6.5\n"

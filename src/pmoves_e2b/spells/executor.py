@@ -43,6 +43,7 @@ from jsonschema.exceptions import best_match
 from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events.schemas import describe
+from pmoves_e2b.mcp.metrics import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
@@ -255,7 +256,17 @@ class SpellExecutor:
         spell, parameters, timeout = self.resolve(request)
         plan = prepare(spell, parameters, timeout)
         async with self._slots:
-            return await self._run(spell, plan, request.sandbox_id)
+            # Counted with the other executions (PMOVES' E2BHighFailureRate divides these).
+            EXECUTIONS.labels("spell").inc()
+            started = time.monotonic()
+            run: dict[str, Any] | None = None
+            try:
+                run = await self._run(spell, plan, request.sandbox_id)
+                return run
+            finally:
+                EXECUTION_DURATION.labels("spell").observe(time.monotonic() - started)
+                if run is None or run["status"] != "completed":
+                    EXECUTIONS_FAILED.labels("spell").inc()
 
     async def _sandbox(self, spell: Spell, plan: RunPlan, sandbox_id: str | None) -> AsyncSandbox:
         options = self.sdk.options()
