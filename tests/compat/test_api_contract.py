@@ -102,3 +102,46 @@ def test_openapi_document_lists_the_e2b_paths(running_stack) -> None:  # type: i
     doc = httpx.get(running_stack.sandbox_url + "/openapi.json").json()
     for path in ("/v2/sandboxes", "/sandboxes/{sandbox_id}", "/sandboxes/{sandbox_id}/pause"):
         assert path in doc["paths"]
+
+
+def test_prometheus_metrics_have_the_names_pmoves_expects(api: httpx.Client, running_stack) -> None:  # type: ignore[no-untyped-def]
+    created = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60}).json()["sandboxID"]
+    try:
+        assert api.get(f"/sandboxes/{created}/metrics").status_code == 200  # samples memory now
+        text = httpx.get(running_stack.sandbox_url + "/metrics").text
+        assert "e2b_sandboxes_active " in text
+        assert 'e2b_sandboxes_created_total{template="base"}' in text
+        assert f'e2b_sandbox_memory_bytes{{sandbox_id="{created}"}}' in text
+        assert "e2b_sandbox_create_seconds_bucket" in text
+    finally:
+        kill(api, created)
+    text = httpx.get(running_stack.sandbox_url + "/metrics").text
+    assert f'sandbox_id="{created}"' not in text
+
+
+def test_audit_events_record_who_created_and_killed(api: httpx.Client, running_stack) -> None:  # type: ignore[no-untyped-def]
+    from pmoves_e2b.store import repo
+    from pmoves_e2b.store.db import Database
+
+    created = api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 60}).json()["sandboxID"]
+    kill(api, created)
+    db = Database(f"sqlite:///{running_stack.data_dir / 'pmoves-e2b.db'}")
+    try:
+        actions = [(e.action, e.actor) for e in repo.audit_events(db, created)]
+    finally:
+        db.close()
+    assert actions == [("sandbox.create", "configured"), ("sandbox.kill", "configured")]
+
+
+def test_keys_made_with_the_cli_work_until_revoked(running_stack) -> None:  # type: ignore[no-untyped-def]
+    made = running_stack.cli("keys", "create", "--name", "ci-key")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = next(word for word in made.stdout.split() if word.startswith("key_"))
+    url = running_stack.sandbox_url + "/v2/sandboxes"
+    assert httpx.get(url, headers={"X-API-KEY": key}).status_code == 200
+    listed = running_stack.cli("keys", "list")
+    assert key_id in listed.stdout and key not in listed.stdout
+    assert running_stack.cli("keys", "revoke", key_id).returncode == 0
+    assert httpx.get(url, headers={"X-API-KEY": key}).status_code == 401
+    assert running_stack.cli("keys", "revoke", key_id).returncode == 1
