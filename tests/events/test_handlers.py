@@ -33,6 +33,8 @@ async def echo_spell(request: Envelope) -> dict[str, Any]:
         raise RequestFailed("execution_failed", "the spell said no", spell_name=request.payload["spell_name"])
     if params.get("crash"):
         raise RuntimeError("boom")
+    if params.get("huge"):
+        return run_payload(request.payload["spell_name"], {"blob": "x" * 2_000_000})
     return run_payload(request.payload["spell_name"], {"echo": params})
 
 
@@ -119,6 +121,8 @@ def test_enveloped_and_flat_requests_are_answered_published_and_replied(nats_ser
          "execution_failed", "the spell said no"),
         (json.dumps({"request_id": "r-4", "spell_name": "x", "parameters": {"crash": True}}).encode(),
          "internal_error", "RuntimeError: boom"),
+        (json.dumps({"request_id": "r-5", "spell_name": "x", "parameters": {"huge": True}}).encode(),
+         "answer_too_large", "more than this NATS server's max_payload"),
     ],
 )
 def test_bad_requests_get_failed_with_a_clear_reason(nats_server, raw, code, words):

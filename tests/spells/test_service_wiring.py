@@ -82,3 +82,10 @@ def test_mcp_tools_spell_list_and_spell_run_are_registered(client):
             await server.call_tool("spell_run", {"spell_name": "chart-csv", "parameters": {"csv": "a\n1", "kind": "pie"}})
 
     asyncio.run(scenario())
+
+
+def test_malformed_execute_bodies_get_422_naming_the_field(client):
+    for body, field in (({}, "spell_name"), ({"spell_name": "x", "parameters": []}, "parameters"),
+                        ({"spell_name": "x", "timeout": 0}, "timeout")):
+        response = client.post("/spell/execute", json=body)
+        assert response.status_code == 422 and field in response.text

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a stopping server waits for requests in flight before answering them "unavailable".
 STOP_GRACE_SECONDS = 5.0
+# Room left in a NATS message for the envelope around an answer's payload.
+ENVELOPE_OVERHEAD_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ class RequestServer:
             async with self._slots:
                 payload = await self.handler(request)
             payload = {**payload, "request_id": request_id_of(request)}
+            too_large = self._oversize(payload)
+            if too_large:
+                raise RequestFailed("answer_too_large", too_large)
             await self._answer(msg, self.route.completed, payload, request)
         except RequestFailed as failure:
             await self._fail(msg, request, failure)
@@ -186,13 +191,24 @@ class RequestServer:
         if request_id is not None:
             payload["request_id"] = request_id
         log.info("request failed: %s", failure.reason, extra={"subject": self.route.request, "code": failure.code})
+        bare = {k: payload[k] for k in ("code", "reason", "request_subject", "request_id") if k in payload}
+        if self._oversize(payload):
+            payload = bare  # the extras (e.g. a run's output) do not fit in one NATS message
         try:
             await self._answer(msg, self.route.failed, payload, request)
         except schemas.ContractError:
             # Our own extra fields broke the contract: answer with the bare failure instead.
             log.exception("failure payload broke its contract")
-            bare = {k: payload[k] for k in ("code", "reason", "request_subject", "request_id") if k in payload}
             await self._answer(msg, self.route.failed, bare, request)
+
+    def _oversize(self, payload: dict[str, Any]) -> str | None:
+        """Why ``payload`` cannot travel in one NATS message, or None when it fits."""
+        limit = self.connection.client.max_payload
+        size = len(json.dumps(payload, separators=(",", ":"), default=str).encode())
+        if not limit or size + ENVELOPE_OVERHEAD_BYTES <= limit:
+            return None
+        return (f"the answer is {size} bytes, more than this NATS server's max_payload ({limit}); "
+                "ask for less output, or use the HTTP route for large results")
 
     async def _answer(self, msg: Msg, subject: str, payload: dict[str, Any], request: Envelope | None) -> None:
         sent = await self.publisher.publish(
