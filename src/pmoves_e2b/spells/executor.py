@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -325,7 +326,8 @@ class SpellExecutor:
         except CommandExitException as exited:
             run["exit_code"] = exited.exit_code
         except asyncio.TimeoutError:
-            await handle.kill()
+            with contextlib.suppress(e2b_errors.SandboxException):  # it may have ended meanwhile
+                await handle.kill()
             run["status"] = "timeout"
             run["error"] = f"the spell did not finish within {plan.timeout} s and was stopped"
         run["stdout"], run["stderr"] = _tail(handle.stdout), _tail(handle.stderr)
