@@ -23,7 +23,16 @@ def _mountpoints_under(root: Path) -> list[str]:
     return found
 
 
-def _processes_in_uid_ranges(slots: set[int]) -> list[str]:
+def _in_other_backends_group(pid: str, cgroup_parent_name: str) -> bool:
+    """A process of another backend instance that got one of our released slots meanwhile."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return "/pmoves-e2b-" in text and f"/{cgroup_parent_name}/" not in text
+
+
+def _processes_in_uid_ranges(slots: set[int], cgroup_parent_name: str) -> list[str]:
     ranges = [(UID_BASE + UID_RANGE * s, UID_BASE + UID_RANGE * (s + 1)) for s in slots]
     found = []
     for entry in os.listdir("/proc"):
@@ -37,7 +46,8 @@ def _processes_in_uid_ranges(slots: set[int]) -> list[str]:
         uid = int(fields["Uid"].split()[0])
         # a zombie holds nothing but its pid and is reaped by its parent (the host's init here)
         zombie = fields["State"].split()[0] == "Z"
-        if not zombie and any(low <= uid < high for low, high in ranges):
+        ours = any(low <= uid < high for low, high in ranges)
+        if ours and not zombie and not _in_other_backends_group(entry, cgroup_parent_name):
             found.append(f"process {entry} uid {uid}")
     return found
 
@@ -73,5 +83,5 @@ def ns_leftovers(
     left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
     addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
     left += [f"nft internet4 {a}" for a in sorted(addresses & network.internet_addresses())]
-    left += _processes_in_uid_ranges(slots)
+    left += _processes_in_uid_ranges(slots, cgroup_parent_name)
     return left

@@ -241,13 +241,16 @@ def configure(net: SandboxNet, allow_internet: bool) -> None:
 
 def set_internet(net: SandboxNet, allowed: bool) -> None:
     verb = "add" if allowed else "delete"
-    _run(["nft", verb, "element", "inet", TABLE, "internet4", f"{{ {net.address} }}"])
+    try:
+        _run(["nft", verb, "element", "inet", TABLE, "internet4", f"{{ {net.address} }}"])
+    except NetworkError as exc:
+        if allowed or "No such file or directory" not in str(exc):
+            raise  # removing an element that is already gone is fine
 
 
 def destroy(net: SandboxNet) -> None:
     """Remove the set element, the veth and the netns; tolerant of parts already gone (~30 ms)."""
-    if net.address in internet_addresses():
-        set_internet(net, False)
+    set_internet(net, False)
     commands = []
     if Path(f"/sys/class/net/{net.host_veth}").exists():
         commands.append(f"link del {net.host_veth}\n")
