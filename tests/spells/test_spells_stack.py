@@ -238,7 +238,9 @@ def test_code_like_parameters_arrive_as_data(stack: Any, sandbox: Sandbox) -> No
     spell_file.write_text(
         "name: echo-param\nversion: 1.0.0\ndescription: Print a parameter back.\nlanguage: bash\n"
         "parameters:\n  type: object\n  required: [text]\n  properties:\n    text: {type: string}\n"
-        "code: |\n  printf '%s' \"$SPELL_PARAM_TEXT\"\n  python3 -c 'import json,os; print(json.load(open(os.environ[\"SPELL_PARAMS\"]))[\"text\"] == os.environ[\"SPELL_PARAM_TEXT\"])' >&2\n"
+        "code: |\n  printf '%s' \"$SPELL_PARAM_TEXT\"\n"
+        "  python3 -c 'import json, os; e = os.environ; "
+        "print(json.load(open(e[\"SPELL_PARAMS\"]))[\"text\"] == e[\"SPELL_PARAM_TEXT\"])' >&2\n"
     )
     hostile = "$(touch /tmp/pwned) `touch /tmp/pwned`; touch /tmp/pwned \" ' {code} %s\n\\n"
     try:
@@ -265,8 +267,8 @@ def test_large_files_come_back_as_a_download_url(stack: Any, sandbox: Sandbox) -
     [big] = run["files"]
     assert big["size"] == 256 * 2400 and "content_base64" not in big and big["url"]
     # A plain client with the local CA, no credentials (curl resolves *.localhost to loopback itself).
-    fetched = subprocess.run(["curl", "-sS", "--fail", "--max-time", "30", "--cacert", str(stack.ca_bundle), big["url"]],
-                             capture_output=True, timeout=60)
+    curl = ["curl", "-sS", "--fail", "--max-time", "30", "--cacert", str(stack.ca_bundle), big["url"]]
+    fetched = subprocess.run(curl, capture_output=True, timeout=60)
     assert fetched.returncode == 0 and fetched.stdout == bytes(range(256)) * 2400, fetched.stderr
 
 

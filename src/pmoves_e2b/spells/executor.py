@@ -141,7 +141,8 @@ def with_defaults(schema: dict[str, Any], parameters: dict[str, Any]) -> dict[st
 
 def check_parameters(spell: Spell, parameters: Any) -> dict[str, Any]:
     if not isinstance(parameters, dict):
-        raise SpellError("invalid_parameters", f"parameters must be a JSON object, got {type(parameters).__name__}", 422)
+        given = type(parameters).__name__
+        raise SpellError("invalid_parameters", f"parameters must be a JSON object, got {given}", 422)
     filled = with_defaults(spell.parameters, parameters)
     error = best_match(Draft202012Validator(spell.parameters, format_checker=FormatChecker()).iter_errors(filled))
     if error is not None:
@@ -325,7 +326,7 @@ class SpellExecutor:
             run["exit_code"] = result.exit_code
         except CommandExitException as exited:
             run["exit_code"] = exited.exit_code
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(e2b_errors.SandboxException):  # it may have ended meanwhile
                 await handle.kill()
             run["status"] = "timeout"
@@ -398,15 +399,18 @@ class SpellExecutor:
             log.warning("could not release spell sandbox %s: %s", sandbox.sandbox_id, exc)
 
 
-_executors: dict[int, SpellExecutor] = {}
+_executors: dict[int, tuple[Settings, SpellExecutor]] = {}
 
 
 def executor_for(settings: Settings) -> SpellExecutor:
     """The process's executor for these settings (REST, MCP and NATS share it)."""
-    executor = _executors.get(id(settings))
-    if executor is None:
-        registry = SpellRegistry(settings.e2b_spells_dir)
-        executor = SpellExecutor(registry, sdk_config(settings), max_concurrent=max(1, min(4, settings.e2b_max_sandboxes - 1)),
-                                 max_timeout=settings.e2b_spells_timeout)
-        _executors[id(settings)] = executor
+    cached = _executors.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    registry = SpellRegistry(settings.e2b_spells_dir)
+    # Leave room under E2B_MAX_SANDBOXES for the other tools.
+    concurrent = max(1, min(4, settings.e2b_max_sandboxes - 1))
+    executor = SpellExecutor(registry, sdk_config(settings), max_concurrent=concurrent,
+                             max_timeout=settings.e2b_spells_timeout)
+    _executors[id(settings)] = (settings, executor)
     return executor

@@ -105,7 +105,8 @@ def parse_spell(data: Any, path: Path, source: str = "builtin") -> Spell:
     example = data.get("example") or {}
     example_error = None
     if "example" in data:
-        example_error = best_match(Draft202012Validator(parameters, format_checker=FormatChecker()).iter_errors(example))
+        checker = Draft202012Validator(parameters, format_checker=FormatChecker())
+        example_error = best_match(checker.iter_errors(example))
     if example_error is not None:
         raise SpellFormatError(f"{path}: example does not match parameters: {describe(example_error, 'example')}")
     requirements = data.get("requirements") or {}

@@ -78,7 +78,8 @@ class SpellRegistry:
                     continue
                 previous = spells.get(spell.name)
                 if previous is not None and previous.source == source:
-                    problems.append(LoadProblem(str(path), f"{path}: spell {spell.name!r} is also defined in {previous.path}"))
+                    duplicate = f"{path}: spell {spell.name!r} is also defined in {previous.path}"
+                    problems.append(LoadProblem(str(path), duplicate))
                     continue
                 spells[spell.name] = spell
             self._spells, self._problems, self._signature = spells, problems, signature
