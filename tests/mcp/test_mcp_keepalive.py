@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import anyio
+import pytest
 from mcp import Client
 from mcp.server.mcpserver import Context, MCPServer
 
 from pmoves_e2b.mcp.keepalive import keepalive
+
+# pytest re-enables warnings per test; the service filters this one at import (keepalive.py).
+pytestmark = pytest.mark.filterwarnings("ignore:The logging capability is deprecated")
 
 
 def slow_server() -> MCPServer:
