@@ -1,0 +1,125 @@
+"""Spells: what the spell machinery adds to running a small Python program in a sandbox.
+
+Run as root: ``.venv/bin/python bench/bench_spells.py [--runs 20]``. Starts its own stack (temp
+data dir, free ports). Baseline from the same run: the stock async SDK writing a script and
+running it with ``commands.run`` on the same sandbox (what a spell does underneath). Then the
+``run-python`` spell in that sandbox through the executor in-process, ``POST /spell/execute``
+and NATS ``e2b.spell.execute.v1`` request-reply; and a spell in a fresh sandbox (create + run +
+kill). Prints p50/p95 and the ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import nats
+from e2b import AsyncSandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+
+from pmoves_e2b.client import build_sdk_config  # noqa: E402
+from pmoves_e2b.spells.executor import SpellExecutor, SpellRequest  # noqa: E402
+from pmoves_e2b.spells.registry import SpellRegistry  # noqa: E402
+
+CODE = "print(sum(range(10)))"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]], runs: int,
+                            warmup: int = 2) -> dict[str, list[float]]:
+    """Round-robin over the actions so load from other processes hits all of them alike."""
+    for _ in range(warmup):
+        for action in actions.values():
+            await action()
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(runs):
+        for name, action in actions.items():
+            started = time.perf_counter()
+            await action()
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def line(name: str, values: list[float], base: list[float]) -> None:
+    p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
+    print(f"{name:46s} p50 {p50:8.1f} ms  p95 {p95:8.1f} ms   ratio to baseline {p50 / b50:6.2f}x", flush=True)
+
+
+async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
+    options = {"api_key": stack.api_key, "api_url": stack.sandbox_url, "sandbox_url": stack.sandbox_url}
+    executor = SpellExecutor(SpellRegistry(None), build_sdk_config(stack.sandbox_url, stack.api_key))
+    sandbox = await AsyncSandbox.create(template="code-interpreter-v1", timeout=900, **options)
+    body = {"spell_name": "run-python", "parameters": {"code": CODE}, "sandbox_id": sandbox.sandbox_id}
+    try:
+        async def baseline() -> None:
+            await sandbox.files.write("/tmp/bench/main.py", CODE)
+            result = await sandbox.commands.run("cd /tmp/bench && exec /opt/venv/bin/python main.py")
+            assert result.stdout == "45\n"
+
+        async def in_process() -> None:
+            run = await executor.execute(SpellRequest("run-python", {"code": CODE}, None, sandbox.sandbox_id))
+            assert run["status"] == "completed"
+
+        async with httpx.AsyncClient(headers={"X-E2B-API-Key": stack.api_key}, timeout=120) as rest:
+            client = await nats.connect(stack.nats_url)
+
+            async def via_rest() -> None:
+                answer = await rest.post(stack.mcp_url + "/spell/execute", json=body)
+                assert answer.json()["status"] == "completed"
+
+            async def via_nats() -> None:
+                reply = await client.request("e2b.spell.execute.v1", json.dumps(body).encode(), timeout=120)
+                assert json.loads(reply.data)["topic"] == "e2b.spell.completed.v1"
+
+            async def fresh() -> None:
+                run = await executor.execute(SpellRequest("run-python", {"code": CODE}))
+                assert run["status"] == "completed"
+
+            try:
+                samples = await timed_interleaved(
+                    {"baseline": baseline, "executor": in_process, "rest": via_rest, "nats": via_nats,
+                     "fresh": fresh},
+                    runs,
+                )
+            finally:
+                await client.close()
+    finally:
+        await sandbox.kill()
+    base = samples["baseline"]
+    print(f"{'baseline: SDK files.write + commands.run':46s} p50 {statistics.median(base):8.1f} ms  "
+          f"p95 {pct(base, 0.95):8.1f} ms", flush=True)
+    line("spell run-python, executor in-process", samples["executor"], base)
+    line("spell run-python, POST /spell/execute", samples["rest"], base)
+    line("spell run-python, NATS request-reply", samples["nats"], base)
+    line("spell run-python, fresh sandbox (create+kill)", samples["fresh"], base)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    options = parser.parse_args()
+    stack = make_stack()
+    try:
+        stack.up()
+        anyio.run(measure, stack, options.runs)
+    finally:
+        stop_and_clean(stack)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
