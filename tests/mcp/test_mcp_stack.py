@@ -208,6 +208,10 @@ def test_pmoves_rest_contract(stack_mcp: McpService) -> None:
         assert body["stdout"] == "Hello from E2B!\n" and body["stderr"] == "" and body["error"] is None
         assert isinstance(body["results"], list)
 
+        shell = rest(stack_mcp, "POST", "/sandbox/execute",
+                     {"sandbox_id": sandbox_id, "language": "bash", "code": "echo $((6 * 7))"}, **key).json()
+        assert shell["stdout"] == "42\n", shell
+
         failing = rest(stack_mcp, "POST", "/sandbox/execute",
                        {"sandbox_id": sandbox_id, "language": "python", "code": "1/0"}, **key).json()
         assert failing["error"]["name"] == "ZeroDivisionError"

@@ -154,7 +154,7 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
     async def run_code(
         code: Annotated[str, Field(description="Code to run, notebook style")],
         sandbox_id: OptionalSandboxId = None,
-        language: Annotated[str, Field(description="python (default), javascript, r, java or bash")] = "python",
+        language: Annotated[str, Field(description="python (default), javascript, typescript or bash")] = "python",
         timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = execution_timeout_s,
         ctx: Context | None = None,
     ) -> CallToolResult:
