@@ -154,6 +154,25 @@ def test_files_binary_background_and_urls(stack_mcp: McpService, running_stack: 
     run_with_client(stack_mcp, "http", scenario)
 
 
+def test_run_without_sandbox_id_starts_one(stack_mcp: McpService) -> None:
+    async def scenario(client: Client) -> None:
+        result = await call(client, "run_code", code="x = 6 * 7\nprint(x)")
+        sandbox_id = result.structured_content["sandbox_id"]
+        try:
+            assert not result.is_error and "(new sandbox)" in text_of(result) and "42" in text_of(result)
+            again = await call(client, "run_code", sandbox_id=sandbox_id, code="x + 1")  # same kernel
+            assert "43" in text_of(again)
+        finally:
+            await call(client, "sandbox_kill", sandbox_id=sandbox_id)
+        shell = await call(client, "run_command", command="cat /etc/hostname")
+        try:
+            assert shell.structured_content["exit_code"] == 0
+        finally:
+            await call(client, "sandbox_kill", sandbox_id=shell.structured_content["sandbox_id"])
+
+    run_with_client(stack_mcp, "http", scenario)
+
+
 def test_unknown_and_expired_sandboxes_are_clear_tool_errors(stack_mcp: McpService) -> None:
     async def scenario(client: Client) -> None:
         for tool, args in [
