@@ -36,7 +36,9 @@ CHART = (
 
 def transport(kind: str, target: str, headers: dict[str, str]):
     if kind == "http":
-        return streamablehttp_client(target, headers=headers, timeout=CONNECT_TIMEOUT_S, sse_read_timeout=READ_TIMEOUT_S)
+        return streamablehttp_client(
+            target, headers=headers, timeout=CONNECT_TIMEOUT_S, sse_read_timeout=READ_TIMEOUT_S
+        )
     if kind == "sse":
         return sse_client(target, headers=headers, timeout=CONNECT_TIMEOUT_S, sse_read_timeout=READ_TIMEOUT_S)
     command = json.loads(target)

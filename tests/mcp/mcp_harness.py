@@ -83,7 +83,8 @@ def run_service(data_dir: Path, **extra: str) -> Iterator[McpService]:
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("e2b-mcp-server did not start:\n" + (data_dir / "mcp.log").read_text())
+                    log_text = (data_dir / "mcp.log").read_text()
+                    raise RuntimeError("e2b-mcp-server did not start:\n" + log_text) from None
                 time.sleep(0.1)
         yield McpService(url, env["E2B_MCP_SERVER_TOKEN"], env["E2B_API_KEY"], env)
     finally:

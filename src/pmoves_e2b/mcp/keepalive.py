@@ -49,7 +49,7 @@ def _has_request(ctx: Context | None) -> bool:
     if ctx is None:
         return False
     try:
-        ctx.request_context
+        _ = ctx.request_context
     except ValueError:  # REST calls run tools without an MCP request
         return False
     return True

@@ -7,7 +7,6 @@ Schemas stay small because Agent Zero pastes them into the model's prompt.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
@@ -63,10 +62,6 @@ def _as_tool_error(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise SandboxToolError(str(exc), exc.status) from exc
 
     return wrapper
-
-
-def _json(data: Any) -> str:
-    return json.dumps(data, indent=1, ensure_ascii=False)
 
 
 def code_result(sandbox_id: str, created: bool, result: dict[str, Any]) -> CallToolResult:
@@ -134,7 +129,9 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
     async def sandbox_list() -> dict[str, Any]:
         return {"sandboxes": await ops.list()}
 
-    @server.tool(description="Delete a sandbox and everything in it.", annotations=ToolAnnotations(destructive_hint=True))
+    @server.tool(
+        description="Delete a sandbox and everything in it.", annotations=ToolAnnotations(destructive_hint=True)
+    )
     @_as_tool_error
     async def sandbox_kill(sandbox_id: SandboxId) -> dict[str, Any]:
         await ops.kill(sandbox_id)
@@ -210,7 +207,9 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
 
     @server.tool(description="Get a URL to upload a file into the sandbox without the tool (multipart POST).")
     @_as_tool_error
-    async def upload_url(sandbox_id: SandboxId, path: Path, expires_in_seconds: ExpiresSeconds = 3600) -> dict[str, Any]:
+    async def upload_url(
+        sandbox_id: SandboxId, path: Path, expires_in_seconds: ExpiresSeconds = 3600
+    ) -> dict[str, Any]:
         return await ops.file_url(sandbox_id, path, "upload", expires_in_seconds)
 
     @server.tool(description="Get a URL to download a file from the sandbox (plain GET).")
