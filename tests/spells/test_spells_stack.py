@@ -339,3 +339,26 @@ def test_javascript_spell_reads_parameters_from_its_json_file(stack: Any, sandbo
         spell_file.unlink()
     assert run["status"] == "completed", run
     assert run["result"] == {"sum": 6.5} and run["stdout"] == "sum 6.5\n"
+
+
+def test_npm_and_apt_requirements_are_installed(stack: Any, sandbox: Sandbox) -> None:
+    spells = {
+        "npm-check.yaml": "name: npm-check\nversion: 0.1.0\ndescription: Use an npm package.\nlanguage: javascript\n"
+                          "requirements:\n  npm: [is-number@7]\n"
+                          "code: |\n  const isNumber = require('is-number');\n  console.log(isNumber(5), isNumber('x'));\n",
+        "apt-check.yaml": "name: apt-check\nversion: 0.1.0\ndescription: Use an apt package.\nlanguage: bash\n"
+                          "requirements:\n  apt: [jq]\n"
+                          "code: |\n  echo '{\"a\": 41}' | jq '.a + 1'\n",
+    }
+    directory = stack.data_dir / "spells"
+    directory.mkdir(exist_ok=True)
+    for name, text in spells.items():
+        (directory / name).write_text(text)
+    try:
+        npm = via_rest(stack, {"spell_name": "npm-check", "parameters": {}, "sandbox_id": sandbox.sandbox_id})
+        apt = via_rest(stack, {"spell_name": "apt-check", "parameters": {}, "sandbox_id": sandbox.sandbox_id})
+    finally:
+        for name in spells:
+            (directory / name).unlink()
+    assert (npm["status"], npm["stdout"], npm["requirements"]) == ("completed", "true false\n", "installed"), npm
+    assert (apt["status"], apt["stdout"], apt["requirements"]) == ("completed", "42\n", "installed"), apt
