@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import secrets
@@ -205,9 +206,12 @@ class SandboxManager:
                 )
             self._reserved += 1
         try:
-            pooled = self._claim_pooled(template.name, req.allow_internet)
+            pooled = self._claim_pooled(template.name)
             if pooled is not None:
                 handle, spec = pooled.handle, pooled.spec
+                if not req.allow_internet:
+                    await self.backend.set_internet(handle, False)
+                    spec = dataclasses.replace(spec, allow_internet=False)
             else:
                 spec = self._spec(new_sandbox_id(), template, req.allow_internet)
                 handle = await self._boot(spec)
@@ -290,14 +294,13 @@ class SandboxManager:
 
     # --- warm pool ----------------------------------------------------------------------
 
-    def _claim_pooled(self, template: str, allow_internet: bool) -> _Pooled | None:
+    def _claim_pooled(self, template: str) -> _Pooled | None:
         items = self._pool.get(template)
         if not items:
             return None
-        for i, pooled in enumerate(items):
-            if pooled.spec.allow_internet == allow_internet:
-                return items.pop(i)
-        return None
+        pooled = items.pop(0)
+        metrics.POOL_READY.labels(template=template).set(len(items))
+        return pooled
 
     async def _pool_filler(self) -> None:
         while True:

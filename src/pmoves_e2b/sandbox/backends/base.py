@@ -90,6 +90,9 @@ class Backend(Protocol):
     async def destroy(self, handle: SandboxHandle) -> None:
         """Kill everything and remove every trace: processes, mounts, netns, cgroups, nft rules, disk."""
 
+    async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
+        """Allow or block outbound internet (used when a warm sandbox is claimed)."""
+
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
         """Current resource use of the sandbox."""
 

@@ -286,6 +286,11 @@ class NsBackend:
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
         return await self._in_thread(self.stats_sync, handle)
 
+    async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(network.set_internet, net, allowed)
+        handle.details["allow_internet"] = allowed
+
     async def is_alive(self, handle: SandboxHandle) -> bool:
         return self._cgroups(handle).populated()
 
