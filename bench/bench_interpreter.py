@@ -1,11 +1,15 @@
 """The code interpreter server: ``run_code("1+1")`` round trip, against the kernel driven directly.
 
-Run: ``.venv/bin/python bench/bench_interpreter.py [--runs 200]``.
+Run: ``.venv/bin/python bench/bench_interpreter.py [--runs 300] [--stack]``.
 Baseline from the same run: a local ipykernel (the same kernelspec) driven directly with
 jupyter_client, execute "1+1" until idle + execute_reply. Then the same cell through the server,
 once with the stock SDK (``Sandbox.run_code`` in debug mode, what users see) and once with a bare
 httpx client (the server's own share). Also: server start to healthy (default Python kernel warm)
 and the idle memory (PSS) of the server plus its kernel.
+
+``--stack`` (root, templates built) also starts the whole stack twice, with a warm pool of one
+and without, and measures on code-interpreter-v1 sandboxes: create to first ``run_code`` result,
+``run_code("1+1")`` through the proxy into the sandbox, and the idle PSS of a sandbox.
 """
 
 from __future__ import annotations
@@ -148,10 +152,60 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         server.wait()
 
 
+def sandbox_pss_kib(sandbox_id: str) -> tuple[int, int]:
+    """(PSS in KiB, process count) of a sandbox: its bwrap process (named by the id) and below."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in arg for arg in argv):
+            tree = process_tree(int(entry.name))
+            return sum(pss_kib(pid) for pid in tree), len(tree)
+    return 0, 0
+
+
+def bench_stack(runs: int, creates: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from stack.harness import make_stack, stop_and_clean
+
+    for pool_size in ("1", "0"):
+        stack = make_stack({"E2B_POOL_SIZE": pool_size})
+        try:
+            stack.up()
+            params = {"api_key": stack.api_key, "api_url": stack.sandbox_url, "sandbox_url": stack.sandbox_url}
+            samples = []
+            for _ in range(creates):
+                if pool_size != "0":
+                    time.sleep(10)  # let the pool refill: each create should take a warm sandbox
+                start = time.perf_counter()
+                box = Sandbox.create(timeout=300, **params)
+                assert box.run_code(CELL).text == "2"
+                samples.append((time.perf_counter() - start) * 1000)
+                box.kill()
+            label = "warm pool of 1" if pool_size != "0" else "no pool"
+            report(f"stack ({label}): create -> first result", samples)
+            if pool_size == "0":
+                box = Sandbox.create(timeout=300, **params)
+                try:
+                    report("stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs))
+                    time.sleep(2)
+                    kib, count = sandbox_pss_kib(box.sandbox_id)
+                    print(f"idle PSS of a code-interpreter-v1 sandbox     {kib / 1024:7.1f} MiB ({count} processes)")
+                finally:
+                    box.kill()
+        finally:
+            stop_and_clean(stack)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=300, help="samples per variant")
     parser.add_argument("--rounds", type=int, default=5, help="variants alternate this many times")
+    parser.add_argument("--stack", action="store_true", help="also measure code-interpreter-v1 on the stack")
+    parser.add_argument("--creates", type=int, default=5, help="sandbox creates per stack variant")
     args = parser.parse_args()
     per_round = max(1, args.runs // args.rounds)
 
@@ -201,6 +255,8 @@ def main() -> None:
         finally:
             direct.close()
             stop_server(server)
+    if args.stack:
+        bench_stack(args.runs, args.creates)
 
 
 if __name__ == "__main__":
