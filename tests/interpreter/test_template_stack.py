@@ -73,6 +73,12 @@ def test_env_vars_at_sandbox_and_call_level(sbx: Sandbox) -> None:
     assert sbx.run_code(read.format("OVERRIDDEN")).text == "sandbox value"
     assert sbx.run_code("echo $SANDBOX_LEVEL", language="bash").logs.stdout == ["from create\n"]
     assert sbx.run_code("Deno.env.get('SANDBOX_LEVEL')", language="js").text == "from create"
+    js_call = sbx.run_code("Deno.env.get('OVERRIDDEN')", language="js", envs={"OVERRIDDEN": "js call"})
+    assert js_call.text == "js call"
+    assert sbx.run_code("Deno.env.get('OVERRIDDEN')", language="js").text == "sandbox value"
+    r_call = sbx.run_code("cat(Sys.getenv('OVERRIDDEN'))", language="r", envs={"OVERRIDDEN": "r call"})
+    assert r_call.logs.stdout == ["r call"]
+    assert sbx.run_code("cat(Sys.getenv('OVERRIDDEN'))", language="r").logs.stdout == ["sandbox value"]
 
 
 def test_javascript_timeout_interrupts_and_keeps_state(sbx: Sandbox) -> None:
