@@ -3,7 +3,7 @@
 Runs inside the separate 1.22 venv, so it imports nothing from pmoves_e2b.
 Usage: mcp122_probe.py {http|sse|stdio} TARGET ACTION [HEADER=VALUE ...]
   TARGET: URL (http/sse) or a JSON list command line (stdio, environment inherited)
-  ACTION: list | flow | slow
+  ACTION: list | idle (list, stay silent 12 s, list again) | flow | slow
 Prints one JSON line with what it saw.
 """
 
@@ -94,6 +94,10 @@ async def main() -> None:
             init = await session.initialize()
             answer: dict = {"protocol": init.protocolVersion, "server": init.serverInfo.name}
             if action == "list":
+                answer["tools"] = [tool.name for tool in (await session.list_tools()).tools]
+            elif action == "idle":
+                await session.list_tools()
+                await asyncio.sleep(READ_TIMEOUT_S + 2)
                 answer["tools"] = [tool.name for tool in (await session.list_tools()).tools]
             elif action == "flow":
                 answer.update(await flow(session))

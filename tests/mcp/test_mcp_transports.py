@@ -55,6 +55,14 @@ def test_agent_zero_client_lists_tools(mcp_service: McpService, mcp122: Path, ki
     assert answer["protocol"] == "2025-06-18"
 
 
+@pytest.mark.parametrize("kind", ["http", "sse"])
+def test_idle_session_outlives_agent_zero_read_timeout(mcp_service: McpService, mcp122: Path, kind: str) -> None:
+    """Agent Zero reads with a 10-s timeout; an idle session must still work 12 s later."""
+    target = mcp_service.url + ("/mcp" if kind == "http" else "/sse")
+    answer = run_probe(mcp122, kind, target, "idle", f"Authorization=Bearer {mcp_service.token}")
+    assert set(answer["tools"]) >= TOOLS
+
+
 def test_agent_zero_wrapper_header_works_for_mcp_too(mcp_service: McpService, mcp122: Path) -> None:
     """PMOVES' own client only knows X-E2B-API-Key; it may use it on the MCP endpoint as well."""
     answer = run_probe(mcp122, "http", mcp_service.url + "/mcp", "list", f"X-E2B-API-Key={mcp_service.api_key}")
