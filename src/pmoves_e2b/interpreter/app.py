@@ -37,7 +37,9 @@ class Settings:
     default_languages: tuple[str, ...] = ("python", "javascript")
 
 
-class BadRequest(Exception):
+class ApiError(Exception):
+    """An error answered as JSON ``{code, message}`` with its HTTP status."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
@@ -53,11 +55,11 @@ async def read_json_object(receive: Receive) -> dict[str, Any]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise BadRequest("client disconnected before sending the body")
+            raise ApiError("client disconnected before sending the body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes", status=413)
+            raise ApiError(f"body larger than {MAX_BODY_BYTES} bytes", status=413)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -67,16 +69,16 @@ async def read_json_object(receive: Receive) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from error
+        raise ApiError(f"body is not valid JSON: {error}") from error
     if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
+        raise ApiError("body must be a JSON object")
     return body
 
 
 def optional_str(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
-        raise BadRequest(f"{key!r} must be a string or null", status=422)
+        raise ApiError(f"{key!r} must be a string or null", status=422)
     return value
 
 
@@ -85,10 +87,10 @@ def env_vars_field(body: dict[str, Any]) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise BadRequest("'env_vars' must be an object of string values", status=422)
+        raise ApiError("'env_vars' must be an object of string values", status=422)
     bad = [name for name in value if not envvars.is_valid_name(name)]
     if bad:
-        raise BadRequest(f"invalid env var names: {', '.join(map(repr, bad))}", status=422)
+        raise ApiError(f"invalid env var names: {', '.join(map(repr, bad))}", status=422)
     return value
 
 
@@ -104,18 +106,15 @@ class ExecuteEndpoint:
             body = await read_json_object(receive)
             code = body.get("code")
             if not isinstance(code, str):
-                raise BadRequest("'code' must be a string", status=422)
+                raise ApiError("'code' must be a string", status=422)
             context_id = optional_str(body, "context_id")
             language = optional_str(body, "language")
             env_vars = env_vars_field(body)
             if context_id and language:
-                raise BadRequest("Only one of context_id or language can be provided")
+                raise ApiError("Only one of context_id or language can be provided")
             context = await self._context(context_id, language)
-        except BadRequest as error:
+        except ApiError as error:
             await error_response(error.status, str(error))(scope, receive, send)
-            return
-        except KernelStartError as error:
-            await error_response(503, str(error))(scope, receive, send)
             return
 
         token = dict(scope["headers"]).get(b"x-access-token")
@@ -134,12 +133,14 @@ class ExecuteEndpoint:
         if context_id:
             context = self.registry.get(context_id)
             if context is None:
-                raise BadRequest(f"Context {context_id} not found", status=404)
+                raise ApiError(f"Context {context_id} not found", status=404)
             return context
         try:
             return await self.registry.default_for(language)
         except UnknownLanguageError as error:
-            raise BadRequest(str(error)) from error
+            raise ApiError(str(error)) from error
+        except (KernelStartError, NotADirectoryError) as error:
+            raise ApiError(str(error), status=503) from error
 
     async def _stream(self, execution: Execution, receive: Receive, send: Send) -> None:
         async def watch_disconnect() -> None:
@@ -182,7 +183,7 @@ def build_app(settings: Settings, catalog: KernelCatalog | None = None) -> Starl
         try:
             body = await read_json_object(request.receive)
             context = await registry.create(optional_str(body, "language"), optional_str(body, "cwd"))
-        except BadRequest as error:
+        except ApiError as error:
             return error_response(error.status, str(error))
         except (UnknownLanguageError, NotADirectoryError) as error:
             return error_response(400, str(error.args[0]))
