@@ -24,7 +24,6 @@ from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_lo
 from pmoves_e2b.sandbox.proxy import SandboxProxy, Target
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store.db import Database
-from pmoves_e2b.store.models import SandboxRow
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +99,11 @@ def create_app(settings: Settings | None = None) -> Any:
 
 
 def _publisher(get_publisher: Any) -> Any:
-    async def publish(kind: str, row: SandboxRow, reason: str | None) -> None:
+    async def publish(kind: str, sandbox_id: str, template: str, metadata: dict[str, str], reason: str | None) -> None:
         publisher = get_publisher()
         if publisher is None:
             return
-        await publisher.publish_lifecycle(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason)
+        await publisher.publish_lifecycle(kind, sandbox_id, template, metadata, reason)
 
     return publish
 

@@ -44,8 +44,8 @@ DEFAULT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 120.0
 METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
 
-# publish(kind, row, reason) -> None; kinds: created paused resumed killed timeout failed
-LifecyclePublisher = Callable[[str, SandboxRow, str | None], Awaitable[None]]
+# publish(kind, sandbox_id, template, metadata, reason); kinds: created paused resumed killed timeout failed
+LifecyclePublisher = Callable[[str, str, str, dict[str, str], str | None], Awaitable[None]]
 TemplateLoader = Callable[[str], TemplateImage]
 
 
@@ -185,7 +185,7 @@ class SandboxManager:
                 continue
             repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="lost")
             log.warning("sandbox died while the service was down", extra={"sandbox_id": row.sandbox_id})
-            await self.publish("killed", row, "lost")
+            await self._event("killed", row, "lost")
         removed = await self.backend.cleanup_orphans(known)
         if removed:
             log.info("cleaned up remains of dead sandboxes", extra={"count": len(removed)})
@@ -214,19 +214,14 @@ class SandboxManager:
                     spec = dataclasses.replace(spec, allow_internet=False)
             else:
                 spec = self._spec(new_sandbox_id(), template, req.allow_internet)
-                handle = await self._boot(spec)
             access_token = secrets.token_urlsafe(24)
             try:
-                await self.envd.init(handle.address, handle.init_secret, {
-                    "envVars": req.env_vars,
-                    "accessToken": access_token,
-                    "defaultUser": template.user,
-                    "defaultWorkdir": template.workdir,
-                    "timestamp": repo.utcnow().isoformat(),
-                })
-            except Exception as exc:
-                await self._destroy_quietly(handle)
-                raise SandboxError(f"the sandbox did not accept its configuration: {exc}") from exc
+                if pooled is None:
+                    handle = await self._boot(spec)
+                await self._init(handle, template, req.env_vars, access_token)
+            except SandboxError as exc:
+                self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
+                raise
             now = repo.utcnow()
             row = SandboxRow(
                 sandbox_id=spec.sandbox_id, template_id=template.name, state="running",
@@ -248,8 +243,25 @@ class SandboxManager:
                    pooled=pooled is not None, seconds=round(elapsed, 4))
         self._reaper_wakeup.set()
         self._pool_wakeup.set()
-        self._spawn(self.publish("created", row, None))
+        self._spawn(self._event("created", row, None))
         return row
+
+    async def _init(self, handle: SandboxHandle, template: TemplateImage, env_vars: dict[str, str], token: str) -> None:
+        """Hand the sandbox its env vars, access token, user and workdir (envd /init)."""
+        try:
+            await self.envd.init(handle.address, handle.init_secret, {
+                "envVars": env_vars,
+                "accessToken": token,
+                "defaultUser": template.user,
+                "defaultWorkdir": template.workdir,
+                "timestamp": repo.utcnow().isoformat(),
+            })
+        except Exception as exc:
+            await self._destroy_quietly(handle)
+            raise SandboxError(f"the sandbox did not accept its configuration: {exc}") from exc
+
+    async def _event(self, kind: str, row: SandboxRow, reason: str | None) -> None:
+        await self.publish(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason)
 
     def _template(self, template_id: str) -> TemplateImage:
         try:
@@ -384,7 +396,7 @@ class SandboxManager:
                 row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
         self._reaper_wakeup.set()
         if resumed:
-            self._spawn(self.publish("resumed", row, None))
+            self._spawn(self._event("resumed", row, None))
         return row, resumed
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRow:
@@ -409,7 +421,7 @@ class SandboxManager:
             remaining = max(0.0, (row.end_at - repo.utcnow()).total_seconds())
             row = repo.update_sandbox(self.db, sandbox_id, state="paused", paused_remaining_s=remaining,
                                       handle=live.handle.to_dict()) or row
-        self._spawn(self.publish("paused", row, reason))
+        self._spawn(self._event("paused", row, reason))
         return row
 
     # --- kill ---------------------------------------------------------------------------
@@ -423,7 +435,7 @@ class SandboxManager:
         repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_quietly(live.handle))
-        self._spawn(self.publish("timeout" if reason == "timeout" else "killed", row, reason))
+        self._spawn(self._event("timeout" if reason == "timeout" else "killed", row, reason))
 
     async def kill_all(self) -> None:
         for row in self.list():
