@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/pmoves-e2b
 # The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
-APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates
+APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates postgresql
 
 .PHONY: sysdeps venv build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
 

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any constant works: it only has to be the same in every process migrating one Postgres database.
+MIGRATION_LOCK_ID = 0x6532625F6D6967  # "e2b_mig"
+# Alembic's command API keeps its context in module globals: one migration per process at a time.
+_migration_lock = threading.Lock()
 
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
+def database_url(url: str) -> URL:
+    """Parse ``url``; plain ``postgres://`` / ``postgresql://`` (as Supabase prints them) use psycopg 3."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL) -> Engine:
+    url = database_url(url) if isinstance(url, str) else url
+    if url.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -28,23 +42,29 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pre_ping survives a restarted server or a pooler closing idle connections (Supabase);
+    # connect_timeout keeps the health check from hanging on an unreachable host.
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
 
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (idempotent)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as conn:
+    with _migration_lock, engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Two processes starting on one empty database must not both create the tables.
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
 
 class Database:
     def __init__(self, url: str) -> None:
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(url)
+        parsed = database_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(parsed)
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -11,7 +11,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every database (SQLite drops the zone)."""
+    """Timezone-aware UTC datetimes on every database.
+
+    SQLite drops the zone; Postgres answers in the server's TimeZone setting: both come back in UTC.
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -20,9 +23,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

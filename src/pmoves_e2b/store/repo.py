@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import ApiKeyRow, AuditEventRow, IdempotencyRow, SandboxRow, TemplateRow
@@ -18,6 +20,12 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _upsert(s: Session, row_type: type, values: dict[str, Any], keys: list[str], update: dict[str, Any]) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE in one statement: concurrent writers (Postgres) lose nothing."""
+    insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+    s.execute(insert(row_type).values(**values).on_conflict_do_update(index_elements=keys, set_=update))
 
 
 def hash_secret(secret: str) -> str:
@@ -63,11 +71,8 @@ def find_api_key(db: Database, key: str) -> str | None:
 def add_sandbox(db: Database, row: SandboxRow) -> None:
     with db.session() as s:
         s.add(row)
-        tmpl = s.get(TemplateRow, row.template_id)
-        if tmpl is None:
-            s.add(TemplateRow(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1))
-        else:
-            tmpl.sandboxes_created += 1
+        _upsert(s, TemplateRow, dict(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1),
+                keys=["name"], update={"sandboxes_created": TemplateRow.sandboxes_created + 1})
 
 
 def get_sandbox(db: Database, sandbox_id: str) -> SandboxRow | None:
@@ -118,5 +123,6 @@ def get_idempotent(db: Database, api_key_id: str, key: str) -> IdempotencyRow | 
 
 def put_idempotent(db: Database, api_key_id: str, key: str, request_hash: str, status_code: int, response: str) -> None:
     with db.session() as s:
-        s.merge(IdempotencyRow(api_key_id=api_key_id, key=key, request_hash=request_hash,
-                               status_code=status_code, response=response, created_at=utcnow()))
+        fields = dict(request_hash=request_hash, status_code=status_code, response=response, created_at=utcnow())
+        _upsert(s, IdempotencyRow, dict(api_key_id=api_key_id, key=key, **fields),
+                keys=["api_key_id", "key"], update=fields)
