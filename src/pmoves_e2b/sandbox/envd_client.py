@@ -8,6 +8,7 @@ which refuses /init).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import struct
 import time
@@ -53,7 +54,7 @@ class EnvdClient:
             "Content-Type": _CONNECT_JSON,
             "Connect-Protocol-Version": "1",
             # Basic auth with an empty password selects the user, as the SDK does.
-            "Authorization": "Basic " + _b64(f"{user}:"),
+            "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
         }
         if access_token:
             headers["X-Access-Token"] = access_token
@@ -91,9 +92,3 @@ class EnvdClient:
                 last = type(exc).__name__
             await asyncio.sleep(0.02)
         raise BackendError(f"port {port} of the sandbox did not become ready in {timeout_s:.0f} s ({last})")
-
-
-def _b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()
