@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
@@ -221,3 +223,24 @@ def test_concurrent_writers_lose_no_updates(db: Database) -> None:
     rows = {r.sandbox_id: r for r in repo.live_sandboxes(db)}
     assert len(rows) == total and all(r.state == "paused" for r in rows.values())
     assert all(rows[f"sb-{w}-{i}"].handle == {"worker": w, "i": i} for w in range(threads) for i in range(per_thread))
+
+
+def test_plain_postgres_urls_as_supabase_prints_them_work(postgres_url: str) -> None:
+    for scheme in ("postgresql://", "postgres://"):
+        database = Database(postgres_url.replace("postgresql+psycopg://", scheme))
+        try:
+            assert database.engine.dialect.driver == "psycopg"
+            assert database.ping()
+        finally:
+            database.close()
+
+
+def test_a_wrong_password_fails_clearly_without_echoing_it(postgres_url: str) -> None:
+    wrong = "wrong-" + secrets.token_hex(8)
+    user_part, host_part = postgres_url.split("@", 1)
+    bad_url = user_part.rsplit(":", 1)[0] + ":" + wrong + "@" + host_part
+    with pytest.raises(OperationalError) as failure:
+        Database(bad_url)
+    message = str(failure.value)
+    assert "password authentication failed" in message
+    assert wrong not in message
