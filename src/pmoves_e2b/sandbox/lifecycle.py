@@ -281,8 +281,8 @@ class SandboxManager:
 
     def _spec(self, sandbox_id: str, template: TemplateImage, allow_internet: bool) -> SandboxSpec:
         return SandboxSpec(
-            sandbox_id=sandbox_id, template=template, memory_mb=self.limits.memory_mb,
-            cpu_count=self.limits.cpu_count, disk_mb=self.limits.disk_mb,
+            sandbox_id=sandbox_id, template=template, memory_mb=template.memory_mb or self.limits.memory_mb,
+            cpu_count=template.cpu_count or self.limits.cpu_count, disk_mb=self.limits.disk_mb,
             allow_internet=allow_internet, init_secret=secrets.token_urlsafe(24),
         )
 

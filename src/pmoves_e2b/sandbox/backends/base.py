@@ -27,6 +27,9 @@ class TemplateImage:
     ready_port: int = 0
     user: str = "user"
     workdir: str = "/home/user"
+    # Per-template resources; 0 means the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
+    memory_mb: int = 0
+    cpu_count: float = 0
 
 
 @dataclass(frozen=True)

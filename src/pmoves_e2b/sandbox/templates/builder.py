@@ -113,6 +113,8 @@ class TemplateBuilder:
                 "ready_port": spec.ready_port,
                 "user": spec.user,
                 "workdir": spec.workdir,
+                "memory_mb": spec.memory_mb,
+                "cpu_count": spec.cpu_count,
                 "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "size_bytes": sum(results[name].size_bytes for name in spec.layers),
             })

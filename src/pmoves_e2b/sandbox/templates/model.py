@@ -61,6 +61,9 @@ class TemplateSpec:
     ready_port: int = 0
     user: str = "user"
     workdir: str = "/home/user"
+    # Resources of the template's sandboxes; 0: the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
+    memory_mb: int = 0
+    cpu_count: float = 0
     # Bash run as root in the finished rootfs after a build; non-zero exit fails the build.
     check: str = ""
 

@@ -78,6 +78,8 @@ def load_template(name: str, templates_dir: Path | str | None = None) -> Templat
         ready_port=int(record.get("ready_port", 0)),
         user=record.get("user", "user"),
         workdir=record.get("workdir", "/home/user"),
+        memory_mb=int(record.get("memory_mb", 0)),
+        cpu_count=float(record.get("cpu_count", 0)),
     )
 
 

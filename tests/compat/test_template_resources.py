@@ -1,0 +1,35 @@
+"""A template may set its own memory and CPU; others get E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2b import Sandbox
+
+pytestmark = pytest.mark.stack
+
+
+def test_template_resources_override_the_service_defaults(stack_factory: Any, running_stack: Any, tmp_path: Path) -> None:
+    shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
+    (tmp_path / "layers").symlink_to(shared / "layers")
+    record = json.loads((shared / "base.json").read_text())
+    (tmp_path / "base.json").write_text(json.dumps(record | {"memory_mb": 0, "cpu_count": 0}))
+    (tmp_path / "small.json").write_text(json.dumps(record | {"name": "small", "memory_mb": 256, "cpu_count": 1}))
+    stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(tmp_path), "E2B_POOL_SIZE": "0",
+                                     "E2B_SANDBOX_MEMORY_MB": "768", "E2B_SANDBOX_CPU_LIMIT": "2"})
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in stack.sdk_env.items():
+            patch.setenv(name, value)
+        small = Sandbox.create(template="small", timeout=60)
+        default = Sandbox.create(timeout=60)
+        try:
+            assert (small.get_info().memory_mb, small.get_info().cpu_count) == (256, 1)
+            assert (default.get_info().memory_mb, default.get_info().cpu_count) == (768, 2)
+            # The limit is real: the sandbox's cgroup caps it.
+            assert small.get_metrics()[-1].mem_total == 256 * 1024 * 1024
+        finally:
+            small.kill()
+            default.kill()
