@@ -52,9 +52,12 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with _migration_lock, engine.begin() as conn:
+        # Processes starting together on one empty database must not both create the tables:
+        # take the database's lock before alembic reads the schema version.
         if conn.dialect.name == "postgresql":
-            # Two processes starting on one empty database must not both create the tables.
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
