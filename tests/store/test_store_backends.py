@@ -244,3 +244,17 @@ def test_a_wrong_password_fails_clearly_without_echoing_it(postgres_url: str) ->
     message = str(failure.value)
     assert "password authentication failed" in message
     assert wrong not in message
+
+
+def test_no_server_side_prepared_statements_so_transaction_poolers_work(postgres_url: str) -> None:
+    # Supabase's transaction pooler hands each transaction to any server connection.
+    database = Database(postgres_url)
+    try:
+        for _ in range(10):  # psycopg would prepare after 5 runs of one query by default
+            repo.count_live_sandboxes(database)
+        with database.engine.connect() as conn:
+            for _ in range(10):
+                conn.execute(text("SELECT count(*) FROM sandboxes")).scalar_one()
+            assert conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one() == 0
+    finally:
+        database.close()

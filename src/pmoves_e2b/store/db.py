@@ -43,8 +43,9 @@ def make_engine(url: str | URL) -> Engine:
 
         return engine
     # pre_ping survives a restarted server or a pooler closing idle connections (Supabase);
-    # connect_timeout keeps the health check from hanging on an unreachable host.
-    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    # connect_timeout keeps the health check from hanging on an unreachable host; no server-side
+    # prepared statements, which transaction-mode poolers (Supabase port 6543) cannot keep.
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10, "prepare_threshold": None})
 
 
 def migrate(engine: Engine) -> None:
