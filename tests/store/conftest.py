@@ -15,13 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ class PostgresServer:
     port: int
     user: str
     password: str
-    start_seconds: float
+    owner: pwd.struct_passwd | None
 
     @property
     def socket_dir(self) -> Path:
@@ -65,6 +65,20 @@ class PostgresServer:
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = " ".join([
+            "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
+            f"-c unix_socket_directories={self.socket_dir}", f"-c timezone={SERVER_TIMEZONE}",
+            # A throwaway cluster: durability only costs time here.
+            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+        ])
+        _run_as_owner([str(self.bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", "60",
+                       "-l", str(self.root / "server.log"), "-o", options], self.owner, timeout=90)
+
+    def stop(self) -> None:
+        _run_as_owner([str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w",
+                       "-t", "60"], self.owner, timeout=90)
 
 
 def _run_as_owner(args: list[str], owner: pwd.struct_passwd | None, timeout: float) -> None:
@@ -90,29 +104,20 @@ def postgres_server() -> Iterator[PostgresServer]:
         for path in (root, root / "sock"):
             os.chown(path, owner.pw_uid, owner.pw_gid)
     os.chmod(root, 0o700)
-    server = PostgresServer(bin_dir, root, port=0, user="e2b_test", password=secrets.token_hex(16), start_seconds=0)
-    started = time.monotonic()
+    server = PostgresServer(bin_dir, root, port=0, user="e2b_test", password=secrets.token_hex(16), owner=owner)
     try:
         _run_as_owner([str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", "postgres", "-E", "UTF8",
                        "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync",
                        "--no-instructions"], owner, timeout=120)
         server.port = free_ports(1)[0]
-        options = " ".join([
-            "-c listen_addresses=127.0.0.1", f"-c port={server.port}",
-            f"-c unix_socket_directories={server.socket_dir}", f"-c timezone={SERVER_TIMEZONE}",
-            # A throwaway cluster: durability only costs time here.
-            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
-        ])
-        _run_as_owner([str(bin_dir / "pg_ctl"), "start", "-D", str(server.data_dir), "-w", "-t", "60",
-                       "-l", str(root / "server.log"), "-o", options], owner, timeout=90)
-        server.start_seconds = time.monotonic() - started
+        server.start()
         with server.admin() as conn:
             conn.execute(f"CREATE ROLE {server.user} LOGIN CREATEDB PASSWORD '{server.password}'")
         yield server
     finally:
         if (server.data_dir / "postmaster.pid").exists():
-            subprocess.run([str(bin_dir / "pg_ctl"), "stop", "-D", str(server.data_dir), "-m", "fast", "-w",
-                            "-t", "60"], capture_output=True, timeout=90, user=owner.pw_uid if owner else None)
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # leftovers are checked below
+                server.stop()
         leftovers = processes_of(root)  # every server process has its cwd in the data dir
         for pid in leftovers:
             os.kill(pid, 9)

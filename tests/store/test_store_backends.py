@@ -258,3 +258,23 @@ def test_no_server_side_prepared_statements_so_transaction_poolers_work(postgres
             assert conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar_one() == 0
     finally:
         database.close()
+
+
+def test_health_ping_follows_postgres_going_away_and_coming_back(postgres_url: str, postgres_server) -> None:  # type: ignore[no-untyped-def]
+    database = Database(postgres_url)
+    try:
+        assert database.ping()
+        postgres_server.stop()
+        postgres_server.start()
+        # The pooled connection died with the server: pre_ping replaces it on first use.
+        assert database.ping()
+        repo.audit(database, "key_1", "after.restart")
+        postgres_server.stop()
+        try:
+            assert database.ping() is False  # reports, never raises
+        finally:
+            postgres_server.start()
+        assert database.ping()
+        assert [e.action for e in repo.audit_events(database)] == ["after.restart"]
+    finally:
+        database.close()
