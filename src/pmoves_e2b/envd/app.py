@@ -23,6 +23,7 @@ from .gen.process.process_connect import ProcessASGIApplication
 from .process.service import ProcessService
 from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
+from .sudo import SudoServer, start_sudo_server
 from .users import UnknownUserError, lookup_user, username_from_basic_auth
 
 # Largest single Connect message (a SendInput chunk, a request); file bodies go over /files.
@@ -35,6 +36,7 @@ class EnvdApp:
         self.processes = ProcessService(self.state)
         self.filesystem = FilesystemService(self.state)
         self._metrics = MetricsSampler()
+        self._sudo: SudoServer | None = None
         # gzip: accepted on requests and used for responses only when a client asks (the SDK does not).
         options: dict[str, Any] = {
             "codecs": codecs(),
@@ -123,8 +125,11 @@ class EnvdApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self._sudo = start_sudo_server()  # sudo for sandbox users (sudo.py)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._sudo is not None:
+                    self._sudo.close()
                 self.processes.kill_all()
                 self.filesystem.close_all()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -43,6 +43,8 @@ path-include /usr/share/locale/locale.alias
 
 ENVD_SITE = "/opt/pmoves/site"
 ENVD_BIN = "/opt/pmoves/bin/envd"
+SUDO_SHIM = "/usr/local/bin/sudo"  # before /usr/bin in every PATH the sandbox sets
+SUDO_SOCKET = "/run/pmoves/sudo.sock"  # the shim's default too (envd/sudo_shim.py)
 # envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
 # httptools and uvloop: envd's uvicorn picks them up when present (faster HTTP parsing and loop).
 # connectrpc is pinned to the version that generated envd/gen (its MethodInfo changed in 0.13).
@@ -162,8 +164,14 @@ def _envd_sources(ctx: BuildContext) -> None:
 
 
 def _envd_launcher(ctx: BuildContext) -> None:
-    script = f'#!/bin/sh\nPYTHONPATH={ENVD_SITE} exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n'
+    script = (f'#!/bin/sh\nENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} '
+              'exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n')
     _write(ctx.target, ENVD_BIN, script.encode(), mode=0o755)
+
+
+def _sudo_shim(ctx: BuildContext) -> None:
+    # no_new_privs (bwrap) disables the setuid /usr/bin/sudo: this one asks envd (envd/sudo.py).
+    _write(ctx.target, SUDO_SHIM, (PACKAGE_DIR / "envd/sudo_shim.py").read_bytes(), mode=0o755)
 
 
 ENVD_LAYER = LayerSpec(
@@ -171,7 +179,8 @@ ENVD_LAYER = LayerSpec(
     steps=(
         Step("envd dependencies (wheels for python 3.11)", _envd_deps, " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS), retries=NETWORK_RETRIES),
         Step("envd sources", _envd_sources, ENVD_SITE),
-        Step("envd launcher", _envd_launcher, ENVD_BIN + " v1"),
+        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} v2"),
+        Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
     ),
     inputs=lambda host: _package_digest("envd"),
 )
