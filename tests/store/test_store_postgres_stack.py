@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 
 import pytest
-from e2b import Sandbox, SandboxQuery
+from e2b import AuthenticationException, Sandbox, SandboxQuery
 from stack.harness import RunningStack
 
 from pmoves_e2b.store import repo
@@ -49,6 +49,15 @@ def test_stack_on_postgres_runs_the_sdk_and_records_the_kill(
         assert actions[0] == "sandbox.create" and "sandbox.kill" in actions
     finally:
         database.close()
+    # `pmoves-e2b keys` writes to the same Postgres database the service reads.
+    made = stack.cli("keys", "create", "--name", "pg-key")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = next(word for word in made.stdout.split() if word.startswith("key_"))
+    assert Sandbox.list(api_key=key).next_items() == []
+    assert stack.cli("keys", "revoke", key_id).returncode == 0
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(api_key=key).next_items()
     assert not (stack.data_dir / "pmoves-e2b.db").exists(), "the default SQLite file must not be used"
 
     logs = {path.name: path.read_text(errors="replace") for path in (stack.data_dir / "logs").glob("*.log")}
