@@ -36,7 +36,9 @@ def db(db_url: str) -> Iterator[Database]:
     database.close()
 
 
-def sandbox_row(sandbox_id: str, template: str = "base", started_at: datetime | None = None, **extra: Any) -> SandboxRow:
+def sandbox_row(
+    sandbox_id: str, template: str = "base", started_at: datetime | None = None, **extra: Any,
+) -> SandboxRow:
     started = started_at or repo.utcnow()
     values: dict[str, Any] = dict(
         sandbox_id=sandbox_id, template_id=template, state="running", started_at=started,
@@ -260,7 +262,9 @@ def test_no_server_side_prepared_statements_so_transaction_poolers_work(postgres
         database.close()
 
 
-def test_health_ping_follows_postgres_going_away_and_coming_back(postgres_url: str, postgres_server) -> None:  # type: ignore[no-untyped-def]
+def test_health_ping_follows_postgres_going_away_and_coming_back(  # type: ignore[no-untyped-def]
+    postgres_url: str, postgres_server,
+) -> None:
     database = Database(postgres_url)
     try:
         assert database.ping()
