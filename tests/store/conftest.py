@@ -5,7 +5,8 @@
     ``postgres`` user (the server refuses to run as root), listening on 127.0.0.1 on a free port,
     its unix socket in the temp dir. Creates a login role with a random password. Stopped and
     deleted at the end; teardown fails if a server process is left. Skips only when the server
-    binaries are missing (``make sysdeps`` installs them).
+    binaries are missing (``make sysdeps`` installs them). ``stop()`` / ``start()`` restart it on
+    the same port (for outage tests); ``admin()`` is a superuser connection over the socket.
 ``postgres_url`` (function scope) -> ``str``
     SQLAlchemy URL of a fresh, empty database on that server, owned by the login role (TCP +
     password, like Supabase); dropped at test end.
