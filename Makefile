@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/pmoves-e2b
 # The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
-APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates postgresql
+APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates
+# Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres.
+APT_TEST_PACKAGES := postgresql
 
-.PHONY: sysdeps venv build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
+.PHONY: sysdeps test-sysdeps venv build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
 
 sysdeps: ## install the Debian packages the stack needs (idempotent, fast when present)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
@@ -40,7 +42,10 @@ e2b-logs: venv
 e2b-health: venv ## exits non-zero unless NATS and the four services are healthy
 	$(CLI) health
 
-test: build-e2b
+test-sysdeps:
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT_PACKAGES="$(APT_TEST_PACKAGES)"
+
+test: test-sysdeps build-e2b
 	$(PY) -m pytest
 
 bench: build-e2b
