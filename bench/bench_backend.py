@@ -24,22 +24,7 @@ from pmoves_e2b.sandbox.backends.base import SandboxSpec
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.templates.store import load_template
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[round(0.95 * (len(ordered) - 1))]
-
-
-def timed(action: Callable[[], object], runs: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        action()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        action()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
+from measure import percentiles, timed  # noqa: E402
 
 
 def spawn_and_wait(argv: list[str]) -> None:
@@ -112,12 +97,12 @@ def main() -> None:
     try:
         print(f"ns backend, template {args.template!r}, n={args.runs} (load {os.getloadavg()[0]:.2f})")
         print("baselines:")
-        fork_exec = timed(lambda: spawn_and_wait(["/bin/true"]), args.runs)
+        fork_exec = timed(lambda: spawn_and_wait(["/bin/true"]), args.runs, warmup=3)
         base = percentiles(fork_exec)[0]
         row("fork+exec /bin/true", fork_exec)
-        bwrap_true = timed(lambda: spawn_and_wait([*bwrap, "/bin/true"]), args.runs)
+        bwrap_true = timed(lambda: spawn_and_wait([*bwrap, "/bin/true"]), args.runs, warmup=3)
         row("bwrap --unshare-all /bin/true (template rootfs)", bwrap_true, base)
-        python_pass = timed(lambda: spawn_and_wait([*bwrap, "/usr/bin/python3", "-c", "pass"]), args.runs)
+        python_pass = timed(lambda: spawn_and_wait([*bwrap, "/usr/bin/python3", "-c", "pass"]), args.runs, warmup=3)
         row("bwrap ... python3 -c pass", python_pass, base)
 
         print("backend:")

@@ -32,24 +32,9 @@ from e2b_code_interpreter import Sandbox
 from jupyter_client.manager import AsyncKernelManager
 
 from pmoves_e2b.interpreter.kernelspecs_install import install
+from measure import percentiles, timed  # noqa: E402
 
 CELL = "1+1"
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[round(0.95 * (len(ordered) - 1))]
-
-
-def timed(action: Callable[[], object], runs: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        action()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        action()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 class DirectKernel:
@@ -190,7 +175,7 @@ def bench_stack(runs: int, creates: int) -> None:
             if pool_size == "0":
                 box = Sandbox.create(timeout=300, **params)
                 try:
-                    report("stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs))
+                    report("stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs, warmup=20))
                     time.sleep(2)
                     kib, count = sandbox_pss_kib(box.sandbox_id)
                     print(f"idle PSS of a code-interpreter-v1 sandbox     {kib / 1024:7.1f} MiB ({count} processes)")

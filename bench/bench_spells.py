@@ -14,8 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -30,28 +28,9 @@ from stack.harness import make_stack, stop_and_clean  # noqa: E402
 from pmoves_e2b.client import build_sdk_config  # noqa: E402
 from pmoves_e2b.spells.executor import SpellExecutor, SpellRequest  # noqa: E402
 from pmoves_e2b.spells.registry import SpellRegistry  # noqa: E402
+from measure import pct, timed_interleaved  # noqa: E402
 
 CODE = "print(sum(range(10)))"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]], runs: int,
-                            warmup: int = 2) -> dict[str, list[float]]:
-    """Round-robin over the actions so load from other processes hits all of them alike."""
-    for _ in range(warmup):
-        for action in actions.values():
-            await action()
-    samples: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(runs):
-        for name, action in actions.items():
-            started = time.perf_counter()
-            await action()
-            samples[name].append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 def line(name: str, values: list[float], base: list[float]) -> None:

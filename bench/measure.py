@@ -1,0 +1,45 @@
+"""Timing helpers every bench shares: samples in milliseconds, percentiles, interleaving."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (q=0.95 for p95)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """(p50, p95)."""
+    return statistics.median(samples), pct(samples, 0.95)
+
+
+def timed(action: Callable[[], object], runs: int, warmup: int = 0) -> list[float]:
+    """Milliseconds per call of ``action``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        action()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        action()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]], runs: int,
+                            warmup: int = 2) -> dict[str, list[float]]:
+    """Round-robin over the actions so load from other processes hits all of them alike."""
+    for _ in range(warmup):
+        for action in actions.values():
+            await action()
+    samples: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(runs):
+        for name, action in actions.items():
+            started = time.perf_counter()
+            await action()
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return samples
