@@ -136,6 +136,9 @@ def test_flags_agents_use(sudo: SudoSetup) -> None:
     bad = sudo.run("-Z", "true")
     assert bad.returncode == 1 and "invalid option" in bad.stderr
     assert sudo.run("-nEH", "-u", "root", "id", "-u").stdout == "0\n"
+    marker = sudo.scratch / "from-background"
+    assert sudo.run("-b", "sh", "-c", f"sleep 0.2; id -u > {marker}", stdout=subprocess.DEVNULL).returncode == 0
+    _wait_for(lambda: marker.exists() and marker.read_text() == "0\n", "the background command")
 
 
 def test_stdin_stdout_stderr_are_the_callers_fds(sudo: SudoSetup) -> None:

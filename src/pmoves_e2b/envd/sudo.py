@@ -80,6 +80,7 @@ class Request:
     shell: bool
     chdir: str | None
     assign: dict[str, str]
+    background: bool
 
     @classmethod
     def parse(cls, raw: bytes) -> Request:
@@ -88,7 +89,7 @@ class Request:
             request = cls(
                 op=body["op"], user=body["user"], command=body["command"], cwd=body["cwd"], env=body["env"],
                 preserve_env=body["preserve_env"], set_home=body["set_home"], login=body["login"],
-                shell=body["shell"], chdir=body["chdir"], assign=body["assign"],
+                shell=body["shell"], chdir=body["chdir"], assign=body["assign"], background=body["background"],
             )  # fmt: skip
         except (ValueError, TypeError, KeyError) as exc:
             raise SudoError("malformed request from the sudo shim") from exc
@@ -111,7 +112,7 @@ class Request:
             and mapping(self.env)
             and mapping(self.assign)
             and (isinstance(self.preserve_env, bool) or strings(self.preserve_env))
-            and all(isinstance(flag, bool) for flag in (self.set_home, self.login, self.shell))
+            and all(isinstance(flag, bool) for flag in (self.set_home, self.login, self.shell, self.background))
             and (self.chdir is None or isinstance(self.chdir, str))
         )
 
@@ -332,6 +333,8 @@ class SudoServer:
                 reply = await self._handle(conn)
             except SudoError as exc:
                 reply = {"error": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - the shim must get an answer, not a hang up
+                reply = {"error": f"envd could not run the command: {exc!r}"}
             with contextlib.suppress(OSError):
                 await self._loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
 
@@ -354,6 +357,10 @@ class SudoServer:
         finally:
             for fd in fds:
                 os.close(fd)
+        if request.background:  # -b: like sudo, answer at once; the exit is reaped unattended
+            self._children.add(child)
+            self._exit_future(child).add_done_callback(lambda _: self._children.discard(child))
+            return {"status": 0}
         return {"status": await self._supervise(conn, child)}
 
     async def _receive(self, conn: socket.socket, fds: list[int]) -> bytes:

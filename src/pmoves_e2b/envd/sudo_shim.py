@@ -25,7 +25,7 @@ USAGE = """\
 usage: sudo -h | -K | -k | -V
 usage: sudo -v [-n] [-u user]
 usage: sudo -l [-n] [-u user] [command [arg ...]]
-usage: sudo [-EHiknsS] [-D directory] [-u user] [VAR=value] [-i | -s] [command [arg ...]]
+usage: sudo [-bEHiknsS] [-D directory] [-u user] [VAR=value] [-i | -s] [command [arg ...]]
 """
 # Flags that only matter to a real sudo (prompts, timestamps, SELinux): accepted and ignored.
 IGNORED_FLAGS = set("nSAPNB")
@@ -33,7 +33,7 @@ IGNORED_WITH_VALUE = set("pCTrt")
 LONG_FLAGS = {
     "--non-interactive": "n", "--stdin": "S", "--askpass": "A", "--preserve-groups": "P", "--bell": "B",
     "--set-home": "H", "--login": "i", "--shell": "s", "--reset-timestamp": "k", "--remove-timestamp": "K",
-    "--validate": "v", "--list": "l", "--version": "V", "--help": "h", "--preserve-env": "E",
+    "--validate": "v", "--list": "l", "--version": "V", "--help": "h", "--preserve-env": "E", "--background": "b",
 }  # fmt: skip
 LONG_WITH_VALUE = {
     "--user": "u", "--chdir": "D", "--prompt": "p", "--close-from": "C", "--command-timeout": "T",
@@ -53,7 +53,7 @@ def fail(message, code=1):
 def parse(args):
     """sudo's options up to the first non-option (or ``--``), then VAR=value, then the command."""
     opts = {"user": "root", "preserve_env": False, "set_home": False, "login": False, "shell": False,
-            "chdir": None, "mode": "run"}  # fmt: skip
+            "chdir": None, "background": False, "mode": "run"}  # fmt: skip
     position = 0
     while position < len(args):
         arg = args[position]
@@ -101,7 +101,8 @@ def parse(args):
 def apply_flag(opts, letter, value):
     if letter in IGNORED_FLAGS or letter in IGNORED_WITH_VALUE:
         return
-    simple = {"E": ("preserve_env", True), "H": ("set_home", True), "i": ("login", True), "s": ("shell", True)}
+    simple = {"E": ("preserve_env", True), "H": ("set_home", True), "i": ("login", True), "s": ("shell", True),
+              "b": ("background", True)}
     modes = {"v": "validate", "l": "list", "V": "version", "K": "forget"}
     if letter in simple:
         key, setting = simple[letter]
@@ -118,7 +119,7 @@ def apply_flag(opts, letter, value):
         opts["user"] = value
     elif letter == "D":
         opts["chdir"] = value
-    elif letter in "gUbe":
+    elif letter in "gUe":
         raise UsageError(f"option -{letter} is not supported here")
     else:
         raise UsageError(f"invalid option -- '{letter}'")
