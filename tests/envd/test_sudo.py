@@ -121,6 +121,14 @@ def test_runs_as_root_and_passes_exit_codes(sudo: SudoSetup) -> None:
     missing = sudo.run("no-such-command-here")
     assert (missing.returncode, missing.stderr) == (1, "sudo: no-such-command-here: command not found\n")
     assert sudo.run("--", "sh", "-c", "echo $0 $1", "a", "b").stdout == "a b\n"
+    assert sudo.run("/no/such/program").stderr == "sudo: /no/such/program: command not found\n"
+    tool = sudo.scratch / "bin/only-in-callers-path"
+    tool.parent.mkdir(exist_ok=True)
+    tool.write_text("#!/bin/sh\nid -u\n")
+    tool.chmod(0o755)
+    found = sudo.run("only-in-callers-path", env={"PATH": f"relative:{tool.parent}:/usr/bin:/bin"})
+    assert found.stdout == "0\n"  # e.g. a venv's pip: found like sudo would not, run with secure_path
+    assert sudo.run("./bin/only-in-callers-path", cwd=sudo.scratch).stdout == "0\n"
 
 
 def test_flags_agents_use(sudo: SudoSetup) -> None:

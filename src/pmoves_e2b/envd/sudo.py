@@ -210,11 +210,16 @@ def _resolve(name: str, caller_path: str, cwd: str) -> str:
     """Like sudo: look in secure_path; unlike it, then in the caller's PATH too (so that
     ``sudo pip`` finds the pip the caller runs, e.g. a venv's)."""
     if "/" in name:
-        return name if os.path.isabs(name) else os.path.join(cwd, name)
-    for path in (SECURE_PATH, caller_path):
-        found = shutil.which(name, path=path) if path else None
-        if found:
-            return found
+        path = os.path.join(cwd, name)  # name itself when absolute
+        if os.path.exists(path):
+            return path
+    else:
+        # Relative PATH entries would resolve against envd's cwd, not the caller's: skipped.
+        caller_dirs = os.pathsep.join(entry for entry in caller_path.split(os.pathsep) if os.path.isabs(entry))
+        for search in (SECURE_PATH, caller_dirs):
+            found = shutil.which(name, path=search) if search else None
+            if found:
+                return found
     raise SudoError(f"{name}: command not found")
 
 

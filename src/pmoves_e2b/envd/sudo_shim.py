@@ -10,12 +10,18 @@ Without envd's socket (a template build, a plain chroot) it execs the real /usr/
 Standalone on purpose: the system python3, no site (-S), no PYTHON* variables (-E), stdlib only.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import signal
 import socket
 import struct
 import sys
+
+TYPE_CHECKING = False  # typing costs a few ms of every sudo: imported for checkers only
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 SOCKET_PATH = os.environ.get("PMOVES_SUDO_SOCKET", "/run/pmoves/sudo.sock")
 REAL_SUDO = "/usr/bin/sudo"
@@ -45,14 +51,14 @@ class UsageError(Exception):
     pass
 
 
-def fail(message, code=1):
+def fail(message: str) -> NoReturn:
     sys.stderr.write(f"sudo: {message}\n")
-    sys.exit(code)
+    sys.exit(1)
 
 
-def parse(args):
+def parse(args: list[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """sudo's options up to the first non-option (or ``--``), then VAR=value, then the command."""
-    opts = {"user": "root", "preserve_env": False, "set_home": False, "login": False, "shell": False,
+    opts: dict[str, Any] = {"user": "root", "preserve_env": False, "set_home": False, "login": False, "shell": False,
             "chdir": None, "background": False, "mode": "run"}  # fmt: skip
     position = 0
     while position < len(args):
@@ -91,14 +97,14 @@ def parse(args):
                 break
             apply_flag(opts, letter, None)
     rest = args[position:]
-    assign = {}
+    assign: dict[str, str] = {}
     while rest and "=" in rest[0] and rest[0].split("=", 1)[0].isidentifier():
         name, _, value = rest[0].partition("=")
         assign[name], rest = value, rest[1:]
     return opts, assign, rest
 
 
-def apply_flag(opts, letter, value):
+def apply_flag(opts: dict[str, Any], letter: str, value: str | None) -> None:
     if letter in IGNORED_FLAGS or letter in IGNORED_WITH_VALUE:
         return
     simple = {"E": ("preserve_env", True), "H": ("set_home", True), "i": ("login", True), "s": ("shell", True),
@@ -125,7 +131,7 @@ def apply_flag(opts, letter, value):
         raise UsageError(f"invalid option -- '{letter}'")
 
 
-def std_fds():
+def std_fds() -> list[int]:
     """fds 0-2, with /dev/null standing in for closed ones (before the socket can take them)."""
     for fd in (0, 1, 2):
         try:
@@ -135,7 +141,7 @@ def std_fds():
     return [0, 1, 2]
 
 
-def connect(argv):
+def connect(argv: list[str]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(SOCKET_PATH)
@@ -149,7 +155,7 @@ def connect(argv):
     return sock
 
 
-def request(sock, body, fds):
+def request(sock: socket.socket, body: dict[str, Any], fds: list[int]) -> None:
     payload = json.dumps(body).encode()
     data = struct.pack("!I", len(payload)) + payload
     try:
@@ -160,7 +166,7 @@ def request(sock, body, fds):
         pass  # envd refused early: its reply says why
 
 
-def read_reply(sock):
+def read_reply(sock: socket.socket) -> dict[str, Any]:
     reply = b""
     while not reply.endswith(b"\n"):
         chunk = sock.recv(4096)
@@ -170,8 +176,8 @@ def read_reply(sock):
     return json.loads(reply)
 
 
-def forward_signals(sock):
-    def forward(signum, _frame):
+def forward_signals(sock: socket.socket) -> None:
+    def forward(signum: int, _frame: object) -> None:
         try:
             sock.send(bytes([signum]))
         except OSError:
@@ -181,7 +187,7 @@ def forward_signals(sock):
         signal.signal(signum, forward)
 
 
-def exit_like(status):
+def exit_like(status: int) -> NoReturn:
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         signal.signal(signum, signal.SIG_DFL)
@@ -190,7 +196,7 @@ def exit_like(status):
     sys.exit(os.waitstatus_to_exitcode(status))
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     try:
         opts, assign, command = parse(argv[1:])
     except UsageError as exc:
