@@ -43,7 +43,8 @@ class SudoSetup:
         self, *args: str, as_user: str | None = None, env: dict[str, str] | None = None, **kwargs: object
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(  # noqa: S603
-            self.argv(*args, as_user=as_user), env=self.env(env), text=True, capture_output="stdout" not in kwargs,
+            self.argv(*args, as_user=as_user), check=False, env=self.env(env), text=True,
+            capture_output="stdout" not in kwargs,
             timeout=TIMEOUT, **kwargs,  # type: ignore[arg-type]
         )  # fmt: skip
 

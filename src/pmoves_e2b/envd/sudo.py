@@ -349,7 +349,7 @@ class SudoServer:
         try:
             try:
                 raw = await asyncio.wait_for(self._receive(conn, fds), REQUEST_TIMEOUT)
-            except asyncio.TimeoutError as exc:
+            except TimeoutError as exc:
                 raise SudoError("timed out reading the request") from exc
             if not may_sudo(uid, self.sudo_group):
                 raise SudoError(f"{_name(uid)} is not in the sudoers file")

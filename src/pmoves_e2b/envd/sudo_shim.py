@@ -181,7 +181,7 @@ def forward_signals(sock: socket.socket) -> None:
         try:
             sock.send(bytes([signum]))
         except OSError:
-            pass
+            pass  # envd is answering right now: the command has ended
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
