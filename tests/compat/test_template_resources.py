@@ -1,4 +1,4 @@
-"""A template may set its own memory and CPU; others get E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT."""
+"""Per-template resources, and the lifetime limits of E2B_SANDBOX_TIMEOUT_SEC."""
 
 from __future__ import annotations
 
@@ -33,3 +33,24 @@ def test_template_resources_override_the_service_defaults(stack_factory: Any, ru
         finally:
             small.kill()
             default.kill()
+
+
+def test_lifetime_never_exceeds_the_configured_maximum(stack_factory: Any) -> None:
+    from e2b.exceptions import SandboxException
+
+    stack = stack_factory(extra_env={"E2B_POOL_SIZE": "0", "E2B_SANDBOX_TIMEOUT_SEC": "20"})
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in stack.sdk_env.items():
+            patch.setenv(name, value)
+        with pytest.raises(SandboxException, match="maximum sandbox lifetime"):
+            Sandbox.create(timeout=21)
+        sbx = Sandbox.create(timeout=10)
+        try:
+            sbx.set_timeout(20)  # from now: would end after started_at + 20 s
+            info = sbx.get_info()
+            assert (info.end_at - info.started_at).total_seconds() <= 20
+            Sandbox.connect(sbx.sandbox_id, timeout=20)
+            info = sbx.get_info()
+            assert (info.end_at - info.started_at).total_seconds() <= 20
+        finally:
+            sbx.kill()

@@ -405,7 +405,9 @@ class SandboxManager:
         if row.state == "paused":
             row = repo.update_sandbox(self.db, sandbox_id, paused_remaining_s=float(timeout_s)) or row
         else:
-            row = repo.update_sandbox(self.db, sandbox_id, end_at=repo.utcnow() + timedelta(seconds=timeout_s)) or row
+            end_at = min(repo.utcnow() + timedelta(seconds=timeout_s),
+                         row.started_at + timedelta(seconds=self.limits.max_timeout_s))
+            row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
         self._reaper_wakeup.set()
         return row
 
