@@ -27,6 +27,7 @@ def mcp(
         )
         raise typer.Exit(2)
     from pmoves_e2b.config import ConfigError, get_settings
+    from pmoves_e2b.client import exit_without_finalizing
     from pmoves_e2b.mcp.app import build_ops, build_server
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
@@ -37,3 +38,4 @@ def mcp(
         raise typer.Exit(2) from None
     _, ops = build_ops(settings)
     build_server(settings, ops).run("stdio")
+    exit_without_finalizing(0)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pmoves_e2b.client import exit_without_finalizing
 from pmoves_e2b.config import ConfigError, Settings, get_settings
 from pmoves_e2b.spells.executor import SpellError, SpellRequest, executor_for
 from pmoves_e2b.spells.format import Spell
@@ -123,7 +124,7 @@ def run(
         typer.echo(json.dumps(result))
     else:
         _print_run(result)
-    raise typer.Exit(0 if result["status"] == "completed" else 1)
+    exit_without_finalizing(0 if result["status"] == "completed" else 1)
 
 
 def _save_files(result: dict[str, Any], out: Path) -> None:
