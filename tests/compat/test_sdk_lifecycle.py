@@ -133,3 +133,15 @@ def test_async_sandbox_runs_commands_concurrently(sdk_env: dict[str, str]) -> No
             await asyncio.gather(*(b.kill() for b in boxes))
 
     assert asyncio.run(main()) == ["box0", "box1", "box2"]
+
+
+def test_auto_paused_sandbox_resumes_with_a_fresh_timeout(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause"})
+    try:
+        assert wait_until(lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, timeout=20)
+        again = Sandbox.connect(sbx.sandbox_id)
+        time.sleep(1.5)  # the reaper must not pause it again at once
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+        assert again.commands.run("echo back").stdout == "back\n"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pmoves_e2b.envd import ENVD_VERSION
+from pmoves_e2b.sandbox.backends.base import BackendError
 from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
@@ -171,7 +172,7 @@ class ApiKeys:
 def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> APIRouter:
     router = APIRouter()
     shapes = Shapes(public_domain)
-    idempotency_locks: dict[str, asyncio.Lock] = {}
+    idempotency_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, requests using it)
 
     async def create(request: Request) -> Response:
         key_id = keys.authenticate(request)
@@ -182,16 +183,27 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         if not _IDEMPOTENCY_KEY.match(idem_key):
             raise ApiError(400, "Idempotency-Key must be 1-255 characters of a-z, 0-9 and '-'")
         body_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
-        lock = idempotency_locks.setdefault(f"{key_id}:{idem_key}", asyncio.Lock())
-        async with lock:
-            seen = repo.get_idempotent(manager.db, key_id, idem_key)
-            if seen is not None:
-                if seen.request_hash != body_hash:
-                    raise ApiError(409, "this Idempotency-Key was already used with a different request body")
-                return Response(seen.response, status_code=seen.status_code, media_type="application/json")
-            response = await _create(body, key_id)
-            repo.put_idempotent(manager.db, key_id, idem_key, body_hash, response.status_code, bytes(response.body).decode())
-            return response
+        lock_key = f"{key_id}:{idem_key}"
+        lock, users = idempotency_locks.get(lock_key, (asyncio.Lock(), 0))
+        idempotency_locks[lock_key] = (lock, users + 1)
+        try:
+            async with lock:
+                seen = repo.get_idempotent(manager.db, key_id, idem_key)
+                if seen is not None:
+                    if seen.request_hash != body_hash:
+                        raise ApiError(409, "this Idempotency-Key was already used with a different request body")
+                    return Response(seen.response, status_code=seen.status_code, media_type="application/json")
+                response = await _create(body, key_id)
+                repo.put_idempotent(manager.db, key_id, idem_key, body_hash, response.status_code,
+                                    bytes(response.body).decode())
+                return response
+        finally:
+            # Forget the lock once no request uses it: the database remembers the key from then on.
+            lock, users = idempotency_locks[lock_key]
+            if users == 1:
+                del idempotency_locks[lock_key]
+            else:
+                idempotency_locks[lock_key] = (lock, users - 1)
 
     async def _create(body: NewSandbox, key_id: str) -> JSONResponse:
         row = await manager.create(CreateRequest(
@@ -235,7 +247,10 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         keys.authenticate(request)
         body: RefreshBody = await parse_body(request, RefreshBody, required=False)
         row = manager.get(sandbox_id)
-        remaining = (row.end_at - repo.utcnow()).total_seconds()
+        if row.state == "paused":
+            remaining = row.paused_remaining_s or 0
+        else:
+            remaining = (row.end_at - repo.utcnow()).total_seconds()
         manager.set_timeout(sandbox_id, max(int(remaining), body.duration or 0))
         return Response(status_code=204)
 
@@ -281,7 +296,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     async def list_v2(request: Request) -> JSONResponse:
         keys.authenticate(request)
         rows = _filtered(request, {"running", "paused"})
-        limit = _int_query(request, "limit") or MAX_PAGE
+        limit = _int_query(request, "limit")
+        limit = MAX_PAGE if limit is None else limit
         if not 1 <= limit <= MAX_PAGE:
             raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
         offset = _decode_token(request.query_params.get("nextToken"))
@@ -339,6 +355,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Backend failures (cgroups, network, launch) say what broke; anything else stays in the log.
+        if isinstance(exc, (BackendError, RuntimeError)):
+            return error_response(500, f"the sandbox backend failed: {exc}", retryable=True)
+        return error_response(500, "internal error; the e2b-sandbox log has the details", retryable=True)
+
     app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(SandboxError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -111,6 +111,7 @@ class _Live:
     """In-memory companion of a database row: the handle and recent metrics."""
 
     handle: SandboxHandle
+    access_token: str
     samples: list[dict[str, Any]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -179,7 +180,7 @@ class SandboxManager:
             handle = SandboxHandle.from_dict(row.handle) if row.handle else None
             if handle is not None and await self.backend.is_alive(handle):
                 handle.state = row.state
-                self._live[row.sandbox_id] = _Live(handle)
+                self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
                 known.add(row.sandbox_id)
                 log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
                 continue
@@ -206,18 +207,17 @@ class SandboxManager:
                 )
             self._reserved += 1
         try:
-            pooled = self._claim_pooled(template.name)
+            pooled = self._claim_pooled(template)
             if pooled is not None:
-                handle, spec = pooled.handle, pooled.spec
-                if not req.allow_internet:
-                    await self.backend.set_internet(handle, False)
-                    spec = dataclasses.replace(spec, allow_internet=False)
+                handle, spec = pooled.handle, dataclasses.replace(pooled.spec, allow_internet=req.allow_internet)
             else:
                 spec = self._spec(new_sandbox_id(), template, req.allow_internet)
             access_token = secrets.token_urlsafe(24)
             try:
                 if pooled is None:
                     handle = await self._boot(spec)
+                elif not req.allow_internet:
+                    await self._cut_internet(handle)
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
                 self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
@@ -232,7 +232,7 @@ class SandboxManager:
                 handle=handle.to_dict(),
             )
             repo.add_sandbox(self.db, row)
-            self._live[row.sandbox_id] = _Live(handle)
+            self._live[row.sandbox_id] = _Live(handle, access_token)
         finally:
             self._reserved -= 1
         elapsed = time.perf_counter() - started
@@ -257,8 +257,11 @@ class SandboxManager:
                 "timestamp": repo.utcnow().isoformat(),
             })
         except Exception as exc:
-            await self._destroy_quietly(handle)
+            await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"the sandbox did not accept its configuration: {exc}") from exc
+        except BaseException:
+            await asyncio.shield(self._destroy_quietly(handle))
+            raise
 
     async def _event(self, kind: str, row: SandboxRow, reason: str | None) -> None:
         await self.publish(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason)
@@ -300,19 +303,32 @@ class SandboxManager:
             if template.ready_port:
                 await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
         except Exception as exc:
-            await self._destroy_quietly(handle)
+            await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"the sandbox started but did not become ready: {exc}") from exc
+        except BaseException:  # cancelled (shutdown): never leave a running sandbox nobody owns
+            await asyncio.shield(self._destroy_quietly(handle))
+            raise
         return handle
 
     # --- warm pool ----------------------------------------------------------------------
 
-    def _claim_pooled(self, template: str) -> _Pooled | None:
-        items = self._pool.get(template)
-        if not items:
-            return None
-        pooled = items.pop(0)
-        metrics.POOL_READY.labels(template=template).set(len(items))
-        return pooled
+    def _claim_pooled(self, template: TemplateImage) -> _Pooled | None:
+        """A warm sandbox of exactly this build of the template (older builds are discarded)."""
+        items = self._pool.get(template.name, [])
+        while items:
+            pooled = items.pop(0)
+            metrics.POOL_READY.labels(template=template.name).set(len(items))
+            if pooled.spec.template == template:
+                return pooled
+            self._spawn(self._destroy_quietly(pooled.handle))  # booted from layers since rebuilt
+        return None
+
+    async def _cut_internet(self, handle: SandboxHandle) -> None:
+        try:
+            await self.backend.set_internet(handle, False)
+        except Exception as exc:
+            await asyncio.shield(self._destroy_quietly(handle))
+            raise SandboxError(f"could not turn off the sandbox's internet access: {exc}") from exc
 
     async def _pool_filler(self) -> None:
         while True:
@@ -353,14 +369,16 @@ class SandboxManager:
         params = dict(parse_qsl(query, keep_blank_values=True))
         path, given = params.get("path", ""), params.get("signature", "")
         operation = "write" if method == "POST" else "read"
-        expiration = params.get("signature_expiration")
-        if expiration is not None and not expiration.isdigit():
-            return None
-        for row in self.list():
-            expected = file_signature(path, operation, params.get("username", ""), row.envd_access_token,
-                                      int(expiration) if expiration else None)
+        expiration_text = params.get("signature_expiration")
+        expiration = int(expiration_text) if expiration_text and expiration_text.isdigit() else None
+        if expiration_text is not None and (expiration is None or expiration < time.time()):
+            return None  # malformed or expired: no need to try every sandbox
+        for sandbox_id, live in list(self._live.items()):
+            if live.handle.state != "running":
+                continue
+            expected = file_signature(path, operation, params.get("username", ""), live.access_token, expiration)
             if hmac.compare_digest(expected.encode(), given.encode()):
-                return row.sandbox_id
+                return sandbox_id
         return None
 
     def address(self, sandbox_id: str) -> tuple[str, str] | None:
@@ -383,11 +401,13 @@ class SandboxManager:
             if row.state == "paused":
                 await self.backend.resume(live.handle)
                 live.handle.state = "running"
-                remaining = row.paused_remaining_s or 0
+                # Auto-paused at its timeout, a sandbox has 0 s left: give it a fresh default timeout.
+                remaining = row.paused_remaining_s or DEFAULT_TIMEOUT_S
                 end_at = now + timedelta(seconds=remaining)
                 if timeout_s is not None:
                     end_at = now + timedelta(seconds=self._check_timeout(timeout_s))
-                row = repo.update_sandbox(self.db, sandbox_id, state="running", end_at=end_at,
+                # The lifetime limit counts running time: a resumed sandbox starts a new run.
+                row = repo.update_sandbox(self.db, sandbox_id, state="running", started_at=now, end_at=end_at,
                                           paused_remaining_s=None, handle=live.handle.to_dict()) or row
                 resumed = True
             elif timeout_s is not None:
@@ -429,11 +449,16 @@ class SandboxManager:
     # --- kill ---------------------------------------------------------------------------
 
     async def kill(self, sandbox_id: str, reason: str = "killed", actor: str = "api") -> None:
-        row = self.get(sandbox_id)
-        live = self._live.pop(sandbox_id)
-        row = repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason=reason) or row
+        self.get(sandbox_id)
+        live = self._live[sandbox_id]
+        # Under the sandbox's lock, so a pause or resume in flight cannot write its state back after this.
+        async with live.lock:
+            row = self.get(sandbox_id)  # a concurrent kill may have won
+            del self._live[sandbox_id]
+            row = repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(),
+                                      kill_reason=reason) or row
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
-        metrics.forget_sandbox(sandbox_id)
+        self._update_memory_metric()
         repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_quietly(live.handle))
@@ -498,8 +523,11 @@ class SandboxManager:
         if live is not None:
             live.samples.append(sample)
             del live.samples[:-METRICS_KEEP]
-        metrics.SANDBOX_MEMORY.labels(sandbox_id=sandbox_id).set(stats.mem_used_bytes)
+        self._update_memory_metric()
         return sample
+
+    def _update_memory_metric(self) -> None:
+        metrics.set_memory_quantiles([live.samples[-1]["memUsed"] for live in self._live.values() if live.samples])
 
     async def _sampler(self) -> None:
         while True:

@@ -10,12 +10,15 @@ CREATE_SECONDS = Histogram(
     ["template", "pooled"],
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60),
 )
-SANDBOX_MEMORY = Gauge("e2b_sandbox_memory_bytes", "Memory used by a sandbox", ["sandbox_id"])
+# Quantiles over the live sandboxes, not one series per sandbox: /metrics needs no auth, and
+# sandbox ids must not leak there (an id is enough to reach a sandbox's public ports).
+SANDBOX_MEMORY = Gauge("e2b_sandbox_memory_bytes", "Memory used by live sandboxes (quantiles over them)", ["quantile"])
+MEMORY_QUANTILES = (0.5, 0.95, 1.0)
 POOL_READY = Gauge("e2b_sandbox_pool_ready", "Warm sandboxes waiting to be claimed", ["template"])
 
 
-def forget_sandbox(sandbox_id: str) -> None:
-    try:
-        SANDBOX_MEMORY.remove(sandbox_id)
-    except KeyError:
-        pass
+def set_memory_quantiles(used_bytes: list[int]) -> None:
+    ordered = sorted(used_bytes)
+    for q in MEMORY_QUANTILES:
+        value = ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0
+        SANDBOX_MEMORY.labels(quantile=str(q)).set(value)
