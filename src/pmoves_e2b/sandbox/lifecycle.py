@@ -171,7 +171,8 @@ class SandboxManager:
         self._pool.clear()
         await asyncio.gather(*(self._destroy_quietly(p.handle) for p in pooled))
         if self._background:
-            await asyncio.wait(self._background, timeout=30)
+            # Within the supervisor's stop grace; what is cut off, the next start cleans up.
+            await asyncio.wait(self._background, timeout=5)
         await self.envd.close()
 
     async def _readopt(self) -> None:
