@@ -37,6 +37,10 @@ def test_background_command_list_and_kill(sbx: Sandbox) -> None:
     handle = sbx.commands.run("sleep 300", background=True)
     assert handle.pid in {p.pid for p in sbx.commands.list()}
     assert sbx.commands.kill(handle.pid) is True
+    # SIGKILL is delivered at once; envd drops the process from its list when it has reaped it.
+    deadline = time.monotonic() + 10
+    while handle.pid in {p.pid for p in sbx.commands.list()} and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert handle.pid not in {p.pid for p in sbx.commands.list()}
     assert sbx.commands.kill(handle.pid) is False
 
