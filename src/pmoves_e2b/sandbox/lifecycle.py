@@ -465,11 +465,6 @@ class SandboxManager:
         self._spawn(self._destroy_quietly(live.handle))
         self._spawn(self._event("timeout" if reason == "timeout" else "killed", row, reason))
 
-    async def kill_all(self) -> None:
-        for row in self.list():
-            with contextlib.suppress(SandboxError):
-                await self.kill(row.sandbox_id, reason="shutdown", actor="system")
-
     async def _destroy_quietly(self, handle: SandboxHandle) -> None:
         try:
             await self.backend.destroy(handle)
