@@ -20,28 +20,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, ConfigError, Settings, ensure_secrets, get_settings
+from pmoves_e2b.cli_support import EXIT_FAILED, err_console
+from pmoves_e2b.cli_support import fail as _fail
+from pmoves_e2b.cli_support import settings_or_exit as _settings
+from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, Settings, ensure_secrets, get_settings
 
 app = typer.Typer(help="Self-hosted, E2B-compatible sandboxes for AI agents.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console()
-err_console = Console(stderr=True)
 
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
 UP_TIMEOUT_SECONDS = 90.0
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
 
 
 def _busy_ports(settings: Settings) -> list[str]:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pmoves_e2b.config import get_settings
+from pmoves_e2b.cli_support import settings_or_exit
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 
@@ -18,7 +18,7 @@ console = Console()
 
 
 def _db() -> Database:
-    settings = get_settings()
+    settings = settings_or_exit()
     assert settings.e2b_database_url is not None  # derived in Settings
     return Database(settings.e2b_database_url)
 

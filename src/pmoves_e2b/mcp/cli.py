@@ -26,16 +26,12 @@ def mcp(
             err=True,
         )
         raise typer.Exit(2)
-    from pmoves_e2b.config import ConfigError, get_settings
+    from pmoves_e2b.cli_support import settings_or_exit
     from pmoves_e2b.client import exit_without_finalizing
     from pmoves_e2b.mcp.app import build_ops, build_server
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    try:
-        settings = get_settings()
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    settings = settings_or_exit()
     _, ops = build_ops(settings)
     build_server(settings, ops).run("stdio")
     exit_without_finalizing(0)

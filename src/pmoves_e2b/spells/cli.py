@@ -12,8 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pmoves_e2b.cli_support import err_console
+from pmoves_e2b.cli_support import fail as _fail
+from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.client import exit_without_finalizing
-from pmoves_e2b.config import ConfigError, Settings, get_settings
 from pmoves_e2b.spells.executor import SpellError, SpellRequest, executor_for
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
@@ -21,19 +23,6 @@ from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 app = typer.Typer(help="List, show and run spells.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
 
 
 def _registry() -> SpellRegistry:
