@@ -10,7 +10,6 @@ against e2b-sandbox on the same sandbox. Then the same cell as an MCP ``tools/ca
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,14 +23,9 @@ from mcp.client.streamable_http import streamable_http_client
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
-from measure import pct, timed_interleaved  # noqa: E402
+from measure import report, report_baseline, timed_interleaved  # noqa: E402
 
 CELL = "1+1"
-
-
-def line(name: str, values: list[float], base: list[float]) -> None:
-    p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
-    print(f"{name:44s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   ratio to SDK baseline {p50 / b50:5.2f}x", flush=True)
 
 
 async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
@@ -58,11 +52,10 @@ async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
             finally:
                 await client.call_tool("sandbox_kill", {"sandbox_id": sandbox_id})
     baseline = samples["baseline"]
-    print(f"{'baseline: SDK run_code(1+1) direct':44s} p50 {statistics.median(baseline):8.2f} ms  "
-          f"p95 {pct(baseline, 0.95):8.2f} ms", flush=True)
-    line("MCP tools/call run_code (streamable HTTP)", samples["mcp"], baseline)
-    line("REST POST /sandbox/execute", samples["rest"], baseline)
-    line("MCP tools/list (streamable HTTP)", samples["tools"], baseline)
+    report_baseline("SDK run_code(1+1) direct", baseline)
+    report("MCP tools/call run_code (streamable HTTP)", samples["mcp"], baseline)
+    report("REST POST /sandbox/execute", samples["rest"], baseline)
+    report("MCP tools/list (streamable HTTP)", samples["tools"], baseline)
 
 
 def main() -> int:

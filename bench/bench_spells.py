@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,14 +27,9 @@ from stack.harness import make_stack, stop_and_clean  # noqa: E402
 from pmoves_e2b.client import build_sdk_config  # noqa: E402
 from pmoves_e2b.spells.executor import SpellExecutor, SpellRequest  # noqa: E402
 from pmoves_e2b.spells.registry import SpellRegistry  # noqa: E402
-from measure import pct, timed_interleaved  # noqa: E402
+from measure import report, report_baseline, timed_interleaved  # noqa: E402
 
 CODE = "print(sum(range(10)))"
-
-
-def line(name: str, values: list[float], base: list[float]) -> None:
-    p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
-    print(f"{name:46s} p50 {p50:8.1f} ms  p95 {p95:8.1f} ms   ratio to baseline {p50 / b50:6.2f}x", flush=True)
 
 
 async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
@@ -79,12 +73,11 @@ async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
     finally:
         await sandbox.kill()
     base = samples["baseline"]
-    print(f"{'baseline: SDK files.write + commands.run':46s} p50 {statistics.median(base):8.1f} ms  "
-          f"p95 {pct(base, 0.95):8.1f} ms", flush=True)
-    line("spell run-python, executor in-process", samples["executor"], base)
-    line("spell run-python, POST /spell/execute", samples["rest"], base)
-    line("spell run-python, NATS request-reply", samples["nats"], base)
-    line("spell run-python, fresh sandbox (create+kill)", samples["fresh"], base)
+    report_baseline("SDK files.write + commands.run", base)
+    report("spell run-python, executor in-process", samples["executor"], base)
+    report("spell run-python, POST /spell/execute", samples["rest"], base)
+    report("spell run-python, NATS request-reply", samples["nats"], base)
+    report("spell run-python, fresh sandbox (create+kill)", samples["fresh"], base)
 
 
 def main() -> int:

@@ -43,3 +43,15 @@ async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]],
             await action()
             samples[name].append((time.perf_counter() - started) * 1000)
     return samples
+
+
+def report_baseline(name: str, baseline: list[float]) -> None:
+    p50, p95 = percentiles(baseline)
+    print(f"{'baseline: ' + name:46s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms", flush=True)
+
+
+def report(name: str, values: list[float], baseline: list[float]) -> None:
+    """One measured row next to the baseline of the same run: p50, p95 and the p50 ratio."""
+    p50, p95 = percentiles(values)
+    print(f"{name:46s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   ratio to baseline {p50 / statistics.median(baseline):6.2f}x",
+          flush=True)
