@@ -33,6 +33,8 @@ from pmoves_e2b.sandbox.backends.base import (
     TemplateImage,
 )
 from pmoves_e2b.sandbox.envd_client import EnvdClient
+from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
@@ -552,8 +554,6 @@ def _sample(stats: SandboxStats) -> dict[str, Any]:
 
 def template_dir_loader(templates_dir: Path) -> TemplateLoader:
     """Adapter from the template store to ``TemplateLoader`` (unknown names raise KeyError)."""
-    from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
-    from pmoves_e2b.sandbox.templates.store import load_template
 
     def load(name: str) -> TemplateImage:
         try:
