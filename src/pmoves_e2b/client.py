@@ -96,9 +96,8 @@ def build_sdk_config(sandbox_url: str, api_key: str, public_domain: str | None =
 def sdk_config(settings: Settings | None = None) -> SdkConfig:
     """The SDK configuration from the service settings (E2B_SANDBOX_URL, E2B_API_KEY)."""
     settings = settings or get_settings()
-    tls_port = settings.e2b_sandbox_tls_port
-    public_domain = settings.e2b_domain if tls_port == 443 else f"{settings.e2b_domain}:{tls_port}"
-    return build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "", public_domain)
+    return build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "",
+                            settings.public_domain)
 
 
 def exit_without_finalizing(code: int) -> NoReturn:

@@ -190,6 +190,12 @@ class Settings(BaseSettings):
 
     # Derived paths and URLs.
     @property
+    def public_domain(self) -> str:
+        """The domain SDKs build ``{port}-{id}.{domain}`` hosts from: the TLS listener's (port included)."""
+        port = self.e2b_sandbox_tls_port
+        return self.e2b_domain if port == 443 else f"{self.e2b_domain}:{port}"
+
+    @property
     def secrets_dir(self) -> Path:
         return self.e2b_data_dir / "secrets"
 

@@ -30,12 +30,6 @@ log = logging.getLogger(__name__)
 POOLED_TEMPLATES = ("base", "code-interpreter-v1")
 
 
-def public_domain(settings: Settings) -> str:
-    """The domain SDKs build ``{port}-{id}.{domain}`` hosts from (TLS listener's port included)."""
-    port = settings.e2b_sandbox_tls_port
-    return settings.e2b_domain if port == 443 else f"{settings.e2b_domain}:{port}"
-
-
 def create_app(settings: Settings | None = None) -> Any:
     settings = settings or get_settings()
     assert settings.e2b_database_url and settings.e2b_templates_dir  # derived by Settings
@@ -78,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Any:
         "sandbox",
         settings,
         health_checks=[DependencyCheck("database", database_up, hard=True)],
-        routers=[build_router(manager, keys, public_domain(settings))],
+        routers=[build_router(manager, keys, settings.public_domain)],
         lifespan=lifespan,
         title="pmoves-e2b sandbox API (E2B-compatible)",
     )
@@ -94,7 +88,7 @@ def create_app(settings: Settings | None = None) -> Any:
     async def resolve_signed_file(method: str, query: str) -> str | None:
         return manager.find_by_file_signature(method, query)
 
-    outer = SandboxProxy(app, resolve=resolve, domain=public_domain(settings), resolve_signed_file=resolve_signed_file)
+    outer = SandboxProxy(app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file)
     return outer
 
 
