@@ -26,7 +26,7 @@ def main() -> int:
     for bench in benches:
         print(f"=== {bench.stem} ===", flush=True)
         extra = bench_args if options.only else []
-        if subprocess.run([sys.executable, str(bench), *extra], check=False).returncode != 0:  # noqa: S603
+        if subprocess.run([sys.executable, str(bench), *extra], check=False).returncode != 0:
             failed.append(bench.stem)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from measure import percentiles, timed
+
 from pmoves_e2b.sandbox.backends.base import SandboxSpec
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.templates.store import load_template
-from measure import percentiles, timed  # noqa: E402
 
 
 def spawn_and_wait(argv: list[str]) -> None:
@@ -44,9 +45,7 @@ def pss_kib(pid: str) -> int:
     return 0
 
 
-BARE_LISTENER = (
-    "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 49983)); s.listen(); time.sleep(1e9)"
-)
+BARE_LISTENER = "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 49983)); s.listen(); time.sleep(1e9)"
 
 
 def create_destroy_loop(

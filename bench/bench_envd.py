@@ -54,18 +54,18 @@ def bench_user() -> Iterator[str]:
         yield pwd.getpwuid(os.geteuid()).pw_name
         return
     name = f"e2bbench{os.getpid()}"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)  # noqa: S607
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
     try:
         yield name
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)  # noqa: S607
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)  # noqa: S607
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
 
 
 def start_envd(port: int, user: str = "root") -> tuple[subprocess.Popen[bytes], float]:
     """Start envd and return it with the seconds until /health answered 204."""
     started = time.perf_counter()
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
         env=envd_env(user),
         stdout=subprocess.DEVNULL,
@@ -160,13 +160,13 @@ def bench_start(runs: int) -> None:
         process, seconds = start_envd(free_port())
         starts.append(seconds)
         stop(process)
-    bare = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), runs)  # noqa: S603
+    bare = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), runs)
     row("envd cold start to first /health (median)", statistics.median(starts), statistics.median(bare))
     code = "import time,sys;t=time.perf_counter();import {m};sys.stdout.write(str(time.perf_counter()-t))"
     env = envd_env()
 
     def import_time(module: str) -> float:
-        out = subprocess.run([sys.executable, "-c", code.format(m=module)], env=env, capture_output=True, check=True)  # noqa: S603
+        out = subprocess.run([sys.executable, "-c", code.format(m=module)], env=env, capture_output=True, check=True)
         return float(out.stdout)
 
     envd_imports = (
@@ -201,8 +201,8 @@ def bench_commands(port: int, user: str, runs: int) -> None:
     cases: dict[str, Callable[[], object]] = {
         "sdk": lambda: sandbox.commands.run("true"),
         "raw": raw_client.start_true,
-        "fork": lambda: subprocess.run(["/bin/true"], check=True),  # noqa: S603, S607
-        "bash": lambda: subprocess.run(  # noqa: S603
+        "fork": lambda: subprocess.run(["/bin/true"], check=True),
+        "bash": lambda: subprocess.run(
             [*as_user, "/bin/bash", "-l", "-c", "true"], check=True, cwd=entry.pw_dir, env=login_env
         ),
     }

@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 from e2b_code_interpreter import Sandbox
 from jupyter_client.manager import AsyncKernelManager
+from measure import percentiles, timed
 
 from pmoves_e2b.interpreter.kernelspecs_install import install
-from measure import percentiles, timed  # noqa: E402
 
 CELL = "1+1"
 
@@ -112,9 +112,22 @@ def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str, float]:
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "pmoves_e2b.interpreter", "--host", "127.0.0.1", "--port", str(port),
-         "--cwd", str(root / "home"), "--envd-url", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pmoves_e2b.interpreter",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--cwd",
+            str(root / "home"),
+            "--envd-url",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 90
     while True:
@@ -175,7 +188,9 @@ def bench_stack(runs: int, creates: int) -> None:
             if pool_size == "0":
                 box = Sandbox.create(timeout=300, **params)
                 try:
-                    report("stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs, warmup=20))
+                    report(
+                        "stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs, warmup=20)
+                    )
                     time.sleep(2)
                     kib, count = sandbox_pss_kib(box.sandbox_id)
                     print(f"idle PSS of a code-interpreter-v1 sandbox     {kib / 1024:7.1f} MiB ({count} processes)")

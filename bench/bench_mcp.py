@@ -22,8 +22,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from stack.harness import make_stack, stop_and_clean  # noqa: E402
 from measure import report, report_baseline, timed_interleaved  # noqa: E402
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
 CELL = "1+1"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.harness import make_stack, stop_and_clean  # noqa: E402
 from measure import pct, timed  # noqa: E402
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
 
 def fork_exec_true(runs: int) -> list[float]:
@@ -34,16 +34,38 @@ def fork_exec_true(runs: int) -> list[float]:
 
 def bwrap_true(runs: int) -> list[float]:
     bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
-    argv = [bwrap, "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--unshare-all",
-            "--die-with-parent", "/bin/true"]
+    argv = [
+        bwrap,
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--unshare-all",
+        "--die-with-parent",
+        "/bin/true",
+    ]
     return timed(lambda: subprocess.run(argv, check=True), runs)
 
 
 def line(name: str, values: list[float], base_name: str, base: list[float]) -> None:
     p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
-    print(f"{name:42s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   baseline {base_name} p50 {b50:6.2f} ms"
-          f"   ratio {p50 / b50:6.1f}x", flush=True)
+    print(
+        f"{name:42s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   baseline {base_name} p50 {b50:6.2f} ms"
+        f"   ratio {p50 / b50:6.1f}x",
+        flush=True,
+    )
 
 
 def pss_kb(pids: list[int]) -> int:
@@ -114,13 +136,19 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
         results = list(pool.map(one, range(options.concurrent)))
         wall = time.perf_counter() - started
     lat = [r[0] for r in results]
-    print(f"{options.concurrent} concurrent creates: all {len(results)} succeeded, p50 {statistics.median(lat):.0f} ms,"
-          f" p99 {pct(lat, 0.99):.0f} ms, wall {wall:.1f} s -> {len(results) / wall:.1f} creates/s sustained", flush=True)
+    print(
+        f"{options.concurrent} concurrent creates: all {len(results)} succeeded, p50 {statistics.median(lat):.0f} ms,"
+        f" p99 {pct(lat, 0.99):.0f} ms, wall {wall:.1f} s -> {len(results) / wall:.1f} creates/s sustained",
+        flush=True,
+    )
     time.sleep(3)
     pids = sandbox_pids(stack.data_dir)
     per_box = pss_kb(pids) / max(1, len(results))
-    print(f"idle memory per base sandbox: {per_box / 1024:.1f} MB PSS ({len(pids)} processes"
-          f" for {len(results)} sandboxes)", flush=True)
+    print(
+        f"idle memory per base sandbox: {per_box / 1024:.1f} MB PSS ({len(pids)} processes"
+        f" for {len(results)} sandboxes)",
+        flush=True,
+    )
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda r: Sandbox.kill(r[1]), results))
 
@@ -128,8 +156,11 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             alive = list(pool.map(lambda _: Sandbox.create(timeout=600).sandbox_id, range(options.idle)))
-        print(f"idle base sandboxes alive at once: {len(alive)} (asked for {options.idle}); "
-              f"PSS total {pss_kb(sandbox_pids(stack.data_dir)) / 1024:.0f} MB", flush=True)
+        print(
+            f"idle base sandboxes alive at once: {len(alive)} (asked for {options.idle}); "
+            f"PSS total {pss_kb(sandbox_pids(stack.data_dir)) / 1024:.0f} MB",
+            flush=True,
+        )
     finally:
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(Sandbox.kill, alive))

@@ -22,12 +22,12 @@ from e2b import AsyncSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from measure import report, report_baseline, timed_interleaved  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
 from pmoves_e2b.client import build_sdk_config  # noqa: E402
 from pmoves_e2b.spells.executor import SpellExecutor, SpellRequest  # noqa: E402
 from pmoves_e2b.spells.registry import SpellRegistry  # noqa: E402
-from measure import report, report_baseline, timed_interleaved  # noqa: E402
 
 CODE = "print(sum(range(10)))"
 
@@ -38,6 +38,7 @@ async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
     sandbox = await AsyncSandbox.create(template="code-interpreter-v1", timeout=900, **options)
     body = {"spell_name": "run-python", "parameters": {"code": CODE}, "sandbox_id": sandbox.sandbox_id}
     try:
+
         async def baseline() -> None:
             await sandbox.files.write("/tmp/bench/main.py", CODE)
             result = await sandbox.commands.run("cd /tmp/bench && exec /opt/venv/bin/python main.py")
@@ -64,8 +65,7 @@ async def measure(stack, runs: int) -> None:  # type: ignore[no-untyped-def]
 
             try:
                 samples = await timed_interleaved(
-                    {"baseline": baseline, "executor": in_process, "rest": via_rest, "nats": via_nats,
-                     "fresh": fresh},
+                    {"baseline": baseline, "executor": in_process, "rest": via_rest, "nats": via_nats, "fresh": fresh},
                     runs,
                 )
             finally:

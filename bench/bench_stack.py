@@ -100,13 +100,19 @@ def main() -> int:
         down_s = time.monotonic() - started
     finally:
         stop_and_clean(stack)
-    print(f"up until 5 components healthy             : {up_s:6.2f} s   baseline one bare uvicorn app: {base_start:5.2f} s"
-          f"   ratio {up_s / base_start:4.1f}x")
-    print(f"restart after SIGKILL (incl. 0.5 s backoff): {restart_s:6.2f} s   baseline one bare uvicorn app: {base_start:5.2f} s"
-          f"   ratio {restart_s / base_start:4.1f}x")
+    print(
+        f"up until 5 components healthy             : {up_s:6.2f} s   baseline one bare uvicorn app: {base_start:5.2f} s"
+        f"   ratio {up_s / base_start:4.1f}x"
+    )
+    print(
+        f"restart after SIGKILL (incl. 0.5 s backoff): {restart_s:6.2f} s   baseline one bare uvicorn app: {base_start:5.2f} s"
+        f"   ratio {restart_s / base_start:4.1f}x"
+    )
     print(f"down                                      : {down_s:6.2f} s")
-    print(f"GET /health median                        : {latency:6.2f} ms  baseline bare JSON route     : {base_latency:5.2f} ms"
-          f"  ratio {latency / base_latency:4.1f}x")
+    print(
+        f"GET /health median                        : {latency:6.2f} ms  baseline bare JSON route     : {base_latency:5.2f} ms"
+        f"  ratio {latency / base_latency:4.1f}x"
+    )
     return 0
 
 

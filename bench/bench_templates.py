@@ -78,9 +78,26 @@ def main() -> None:
             builder.build("envd-only")
             envd_only.append(time.perf_counter() - started)
             platforms = [arg for p in definitions.TARGET_PLATFORMS for arg in ("--platform", p)]
-            pip_only.append(wall([sys.executable, "-m", "pip", "install", "-q", "--target", f"{tmp}/pip",
-                                  "--only-binary=:all:", "--python-version", definitions.TARGET_PYTHON,
-                                  "--implementation", "cp", *platforms, *definitions.ENVD_REQUIREMENTS]))
+            pip_only.append(
+                wall(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "--target",
+                        f"{tmp}/pip",
+                        "--only-binary=:all:",
+                        "--python-version",
+                        definitions.TARGET_PYTHON,
+                        "--implementation",
+                        "cp",
+                        *platforms,
+                        *definitions.ENVD_REQUIREMENTS,
+                    ]
+                )
+            )
     row("envd-only layer build (median)", statistics.median(envd_only), statistics.median(pip_only))
 
     record_path = root / "code-interpreter-v1.json"

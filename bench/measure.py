@@ -30,8 +30,9 @@ def timed(action: Callable[[], object], runs: int, warmup: int = 0) -> list[floa
     return samples
 
 
-async def timed_interleaved(actions: dict[str, Callable[[], Awaitable[object]]], runs: int,
-                            warmup: int = 2) -> dict[str, list[float]]:
+async def timed_interleaved(
+    actions: dict[str, Callable[[], Awaitable[object]]], runs: int, warmup: int = 2
+) -> dict[str, list[float]]:
     """Round-robin over the actions so load from other processes hits all of them alike."""
     for _ in range(warmup):
         for action in actions.values():
@@ -53,5 +54,7 @@ def report_baseline(name: str, baseline: list[float]) -> None:
 def report(name: str, values: list[float], baseline: list[float]) -> None:
     """One measured row next to the baseline of the same run: p50, p95 and the p50 ratio."""
     p50, p95 = percentiles(values)
-    print(f"{name:46s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   ratio to baseline {p50 / statistics.median(baseline):6.2f}x",
-          flush=True)
+    print(
+        f"{name:46s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms   ratio to baseline {p50 / statistics.median(baseline):6.2f}x",
+        flush=True,
+    )

@@ -25,8 +25,12 @@ from pmoves_e2b.cli_support import fail as _fail
 from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, Settings, ensure_secrets, get_settings
 
-app = typer.Typer(help="Self-hosted, E2B-compatible sandboxes for AI agents.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Self-hosted, E2B-compatible sandboxes for AI agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 console = Console()
 
 UP_TIMEOUT_SECONDS = 90.0
@@ -53,8 +57,11 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
     table = Table(title="pmoves-e2b is up", show_header=True)
     for column in ("component", "url", "health"):
         table.add_column(column)
-    table.add_row("nats", redact_url(settings.nats_server_url),
-                  f"http://127.0.0.1:{settings.e2b_nats_monitor_port}/healthz" if settings.embedded_nats else "")
+    table.add_row(
+        "nats",
+        redact_url(settings.nats_server_url),
+        f"http://127.0.0.1:{settings.e2b_nats_monitor_port}/healthz" if settings.embedded_nats else "",
+    )
     for service in SERVICES:
         url = settings.service_url(service)
         table.add_row(service.name, url, url + service.health_path)
@@ -66,8 +73,11 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
     key_source = secret_paths.get("E2B_API_KEY")
     sandbox_url = settings.service_url(SERVICES_BY_KEY["sandbox"])
     console.print("use the stock E2B SDK with:")
-    console.print(f"  export E2B_API_KEY=$(cat {key_source})" if key_source else "  export E2B_API_KEY=<your key>",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"  export E2B_API_KEY=$(cat {key_source})" if key_source else "  export E2B_API_KEY=<your key>",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(f"  export E2B_API_URL={sandbox_url}\n  export E2B_SANDBOX_URL={sandbox_url}", highlight=False)
 
 
@@ -78,15 +88,19 @@ def _wait_healthy(settings: Settings, supervisor: subprocess.Popen[bytes] | None
 
     deadline = time.monotonic() + timeout
     results: list = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
+    ) as progress:
         task = progress.add_task("starting", total=None)
         while time.monotonic() < deadline:
             results = check_health(settings, timeout=1.0)
             ready = [r.component for r in results if r.healthy]
             waiting = [r.component for r in results if not r.healthy]
-            progress.update(task, description=f"healthy: {len(ready)}/{len(results)}"
-                            + (f"  waiting for {', '.join(waiting)}" if waiting else ""))
+            progress.update(
+                task,
+                description=f"healthy: {len(ready)}/{len(results)}"
+                + (f"  waiting for {', '.join(waiting)}" if waiting else ""),
+            )
             if not waiting:
                 return results
             if supervisor is not None and supervisor.poll() is not None:
@@ -132,8 +146,12 @@ def up(
         raise typer.Exit(Supervisor(settings).run())
     with open(log_file(settings, SUPERVISOR), "ab") as log_handle:
         supervisor = subprocess.Popen(
-            [sys.executable, "-m", "pmoves_e2b.stack"], stdin=subprocess.DEVNULL, stdout=log_handle,
-            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(settings.e2b_data_dir),
+            [sys.executable, "-m", "pmoves_e2b.stack"],
+            stdin=subprocess.DEVNULL,
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(settings.e2b_data_dir),
         )
     results = _wait_healthy(settings, supervisor, timeout)
     unhealthy = [r for r in results if not r.healthy]
@@ -141,8 +159,10 @@ def up(
         _health_table(results)
         for component in [SUPERVISOR] + [r.component for r in unhealthy]:
             _print_log_tail(log_file(settings, component))
-        raise _fail(f"the stack did not become healthy within {timeout:.0f} s; "
-                    f"see `pmoves-e2b logs` ({settings.logs_dir}); `pmoves-e2b down` stops what started")
+        raise _fail(
+            f"the stack did not become healthy within {timeout:.0f} s; "
+            f"see `pmoves-e2b logs` ({settings.logs_dir}); `pmoves-e2b down` stops what started"
+        )
     _print_access(settings, secret_paths)
 
 
@@ -255,8 +275,14 @@ def serve(service: str = typer.Argument(..., help="sandbox, mcp, surf or desktop
         logging.getLogger("pmoves_e2b.serve").exception("%s failed to start", info.name)
         raise typer.Exit(EXIT_FAILED) from None
     uvicorn.run(
-        application, host=settings.e2b_bind, port=settings.service_port(info), log_config=None,
-        access_log=False, http="httptools", timeout_keep_alive=75, timeout_graceful_shutdown=5,
+        application,
+        host=settings.e2b_bind,
+        port=settings.service_port(info),
+        log_config=None,
+        access_log=False,
+        http="httptools",
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=5,
         server_header=False,
     )
 

@@ -83,8 +83,9 @@ def build_sdk_config(sandbox_url: str, api_key: str, public_domain: str | None =
     base = sandbox_url.rstrip("/")
     domain = cloud_domain(base)
     if domain is None:
-        return SdkConfig("self-hosted", api_key, api_url=base, sandbox_url=base, domain=None,
-                         public_domain=public_domain)
+        return SdkConfig(
+            "self-hosted", api_key, api_url=base, sandbox_url=base, domain=None, public_domain=public_domain
+        )
     # The SDK reads E2B_SANDBOX_URL / E2B_API_URL from the environment whenever an option is
     # not passed; PMOVES sets E2B_SANDBOX_URL to the *API* URL in cloud mode, which the SDK
     # would misuse as the sandbox proxy. Drop them so the SDK's own cloud endpoints apply.
@@ -96,8 +97,9 @@ def build_sdk_config(sandbox_url: str, api_key: str, public_domain: str | None =
 def sdk_config(settings: Settings | None = None) -> SdkConfig:
     """The SDK configuration from the service settings (E2B_SANDBOX_URL, E2B_API_KEY)."""
     settings = settings or get_settings()
-    return build_sdk_config(settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "",
-                            settings.public_domain)
+    return build_sdk_config(
+        settings.e2b_sandbox_url or "", settings.secret("E2B_API_KEY") or "", settings.public_domain
+    )
 
 
 def exit_without_finalizing(code: int) -> NoReturn:

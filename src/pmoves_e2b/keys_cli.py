@@ -36,8 +36,13 @@ def list_keys() -> None:
     """List keys (ids, names, prefixes; never the keys)."""
     table = Table("id", "name", "prefix", "created", "revoked")
     for row in repo.list_api_keys(_db()):
-        table.add_row(row.key_id, row.name, row.prefix + "…", row.created_at.isoformat(timespec="seconds"),
-                      row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "")
+        table.add_row(
+            row.key_id,
+            row.name,
+            row.prefix + "…",
+            row.created_at.isoformat(timespec="seconds"),
+            row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
+        )
     console.print(table)
 
 

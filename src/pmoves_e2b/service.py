@@ -168,8 +168,13 @@ def make_service_app(
         return JSONResponse(body, status_code=code, headers={"Cache-Control": "no-store"})
 
     for path in dict.fromkeys((service.health_path, PMOVES_HEALTH_PATH)):
-        app.add_api_route(path, health, methods=["GET"], include_in_schema=path == service.health_path,
-                          summary="Service health (no auth)")
+        app.add_api_route(
+            path,
+            health,
+            methods=["GET"],
+            include_in_schema=path == service.health_path,
+            summary="Service health (no auth)",
+        )
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     for router in routers:
         app.include_router(router)

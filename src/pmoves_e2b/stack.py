@@ -45,6 +45,7 @@ PR_SET_PDEATHSIG = 1
 
 # --- pid files -------------------------------------------------------------------------
 
+
 def pid_file(settings: Settings, component: str) -> Path:
     return settings.run_dir / f"{component}.pid"
 
@@ -97,6 +98,7 @@ def _remove_pid(settings: Settings, component: str) -> None:
 
 # --- health ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ComponentHealth:
     component: str
@@ -126,21 +128,25 @@ async def _nats_health(client: httpx.AsyncClient, settings: Settings) -> Compone
         try:
             response = await client.get(url)
             ok = response.status_code == 200
-            return ComponentHealth(NATS, "nats-server", ok, "healthy" if ok else "unhealthy", url,
-                                   "" if ok else response.text[:120])
+            return ComponentHealth(
+                NATS, "nats-server", ok, "healthy" if ok else "unhealthy", url, "" if ok else response.text[:120]
+            )
         except httpx.HTTPError as exc:
             return ComponentHealth(NATS, "nats-server", False, "unreachable", url, type(exc).__name__)
     url = redact_url(settings.nats_server_url)
     error = await probe_nats(settings.nats_server_url, timeout=1.5)
-    return ComponentHealth(NATS, "nats (external)", error is None, "healthy" if error is None else "unreachable",
-                           url, error or "")
+    return ComponentHealth(
+        NATS, "nats (external)", error is None, "healthy" if error is None else "unreachable", url, error or ""
+    )
 
 
 async def check_health_async(settings: Settings, timeout: float = 2.0) -> list[ComponentHealth]:
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-        return list(await asyncio.gather(
-            _nats_health(client, settings), *(_service_health(client, settings, s.key) for s in SERVICES)
-        ))
+        return list(
+            await asyncio.gather(
+                _nats_health(client, settings), *(_service_health(client, settings, s.key) for s in SERVICES)
+            )
+        )
 
 
 def check_health(settings: Settings, timeout: float = 2.0) -> list[ComponentHealth]:
@@ -149,6 +155,7 @@ def check_health(settings: Settings, timeout: float = 2.0) -> list[ComponentHeal
 
 
 # --- the supervisor --------------------------------------------------------------------
+
 
 def _die_with_parent() -> None:
     # If the supervisor is killed hard, its children get SIGTERM instead of living on unsupervised.
@@ -211,8 +218,14 @@ class Supervisor:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_file(self.settings, child.component), "ab") as log_handle:
             child.process = subprocess.Popen(
-                child.argv, stdin=subprocess.DEVNULL, stdout=log_handle, stderr=subprocess.STDOUT,
-                env=env, cwd=str(self.settings.e2b_data_dir), process_group=0, preexec_fn=_die_with_parent,
+                child.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(self.settings.e2b_data_dir),
+                process_group=0,
+                preexec_fn=_die_with_parent,
             )
         child.started_at = time.monotonic()
         _write_pid(self.settings, child.component, child.process.pid)
@@ -239,8 +252,13 @@ class Supervisor:
                 if now - child.started_at >= STABLE_AFTER_SECONDS:
                     child.backoff = BACKOFF_START_SECONDS
                 child.next_start = now + child.backoff
-                log.warning("%s exited with %s; restarting in %.1f s", child.component, process.returncode,
-                            child.backoff, extra={"component": child.component, "exit_code": process.returncode})
+                log.warning(
+                    "%s exited with %s; restarting in %.1f s",
+                    child.component,
+                    process.returncode,
+                    child.backoff,
+                    extra={"component": child.component, "exit_code": process.returncode},
+                )
                 child.backoff = min(child.backoff * 2, BACKOFF_MAX_SECONDS)
                 child.process = None
                 _remove_pid(self.settings, child.component)
@@ -283,6 +301,7 @@ def _signal_group(pid: int, signum: signal.Signals) -> None:
 
 
 # --- control from the CLI --------------------------------------------------------------
+
 
 def supervisor_pid(settings: Settings) -> int | None:
     return read_pid(settings, SUPERVISOR)

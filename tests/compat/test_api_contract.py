@@ -10,7 +10,9 @@ pytestmark = pytest.mark.stack
 
 @pytest.fixture()
 def api(running_stack):  # type: ignore[no-untyped-def]
-    with httpx.Client(base_url=running_stack.sandbox_url, timeout=60, headers={"X-API-KEY": running_stack.api_key}) as client:
+    with httpx.Client(
+        base_url=running_stack.sandbox_url, timeout=60, headers={"X-API-KEY": running_stack.api_key}
+    ) as client:
         yield client
 
 
@@ -56,8 +58,12 @@ def test_huge_body_is_refused(api: httpx.Client) -> None:
 
 
 def test_unknown_sandbox_is_404_json(api: httpx.Client) -> None:
-    for method, path in [("GET", "/sandboxes/nope"), ("DELETE", "/sandboxes/nope"),
-                         ("POST", "/sandboxes/nope/pause"), ("POST", "/v2/sandboxes/nope/connect")]:
+    for method, path in [
+        ("GET", "/sandboxes/nope"),
+        ("DELETE", "/sandboxes/nope"),
+        ("POST", "/sandboxes/nope/pause"),
+        ("POST", "/v2/sandboxes/nope/connect"),
+    ]:
         res = api.request(method, path, json={})
         assert res.status_code == 404, (method, path, res.text)
         assert res.json()["code"] == 404

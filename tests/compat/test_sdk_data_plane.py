@@ -6,8 +6,7 @@ import asyncio
 import time
 
 import pytest
-from e2b import AsyncSandbox, FilesystemEventType, Sandbox
-from e2b import CommandExitException
+from e2b import AsyncSandbox, CommandExitException, FilesystemEventType, Sandbox
 
 pytestmark = pytest.mark.stack
 
@@ -81,7 +80,9 @@ def test_watch_dir_sees_new_files(sbx: Sandbox) -> None:
         while time.monotonic() < deadline and not any(e.name == "new.txt" for e in seen):
             seen += handle.get_new_events()
             time.sleep(0.1)
-        assert any(e.name == "new.txt" and e.type in (FilesystemEventType.CREATE, FilesystemEventType.WRITE) for e in seen)
+        assert any(
+            e.name == "new.txt" and e.type in (FilesystemEventType.CREATE, FilesystemEventType.WRITE) for e in seen
+        )
     finally:
         handle.stop()
 

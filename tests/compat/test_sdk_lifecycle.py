@@ -73,7 +73,10 @@ def test_list_filters_by_metadata_and_state_and_pages(sdk_env: dict[str, str]) -
         assert {s.sandbox_id for s in running} == {b.sandbox_id for b in boxes[1:]}
         paused = Sandbox.list(query=SandboxQuery(metadata={"suite": tag}, state=[SandboxState.PAUSED])).next_items()
         assert [s.sandbox_id for s in paused] == [boxes[0].sandbox_id]
-        assert Sandbox.list(query=SandboxQuery(metadata={"suite": tag, "n": "2"})).next_items()[0].sandbox_id == boxes[2].sandbox_id
+        assert (
+            Sandbox.list(query=SandboxQuery(metadata={"suite": tag, "n": "2"})).next_items()[0].sandbox_id
+            == boxes[2].sandbox_id
+        )
     finally:
         for b in boxes:
             Sandbox.kill(b.sandbox_id)
@@ -94,7 +97,9 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
     sbx = Sandbox.create(timeout=120)
     try:
         sbx.files.write("/home/user/state.txt", "kept")
-        counter = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done", background=True)
+        counter = sbx.commands.run(
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done", background=True
+        )
         time.sleep(0.3)
         assert sbx.pause() is True
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED

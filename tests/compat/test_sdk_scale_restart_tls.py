@@ -25,7 +25,9 @@ def test_twenty_sandboxes_at_once(sdk_env: dict[str, str]) -> None:
         boxes = list(pool.map(lambda _: Sandbox.create(timeout=120), range(20)))
     try:
         assert len({b.sandbox_id for b in boxes}) == 20
-        outputs = list(ThreadPoolExecutor(max_workers=10).map(lambda b: b.commands.run("hostname; echo ok").stdout, boxes))
+        outputs = list(
+            ThreadPoolExecutor(max_workers=10).map(lambda b: b.commands.run("hostname; echo ok").stdout, boxes)
+        )
         assert all(out.endswith("ok\n") for out in outputs)
     finally:
         with ThreadPoolExecutor(max_workers=10) as pool:

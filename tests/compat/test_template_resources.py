@@ -12,14 +12,22 @@ from e2b import Sandbox
 pytestmark = pytest.mark.stack
 
 
-def test_template_resources_override_the_service_defaults(stack_factory: Any, running_stack: Any, tmp_path: Path) -> None:
+def test_template_resources_override_the_service_defaults(
+    stack_factory: Any, running_stack: Any, tmp_path: Path
+) -> None:
     shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
     (tmp_path / "layers").symlink_to(shared / "layers")
     record = json.loads((shared / "base.json").read_text())
     (tmp_path / "base.json").write_text(json.dumps(record | {"memory_mb": 0, "cpu_count": 0}))
     (tmp_path / "small.json").write_text(json.dumps(record | {"name": "small", "memory_mb": 256, "cpu_count": 1}))
-    stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(tmp_path), "E2B_POOL_SIZE": "0",
-                                     "E2B_SANDBOX_MEMORY_MB": "768", "E2B_SANDBOX_CPU_LIMIT": "2"})
+    stack = stack_factory(
+        extra_env={
+            "E2B_TEMPLATES_DIR": str(tmp_path),
+            "E2B_POOL_SIZE": "0",
+            "E2B_SANDBOX_MEMORY_MB": "768",
+            "E2B_SANDBOX_CPU_LIMIT": "2",
+        }
+    )
     with pytest.MonkeyPatch.context() as patch:
         for name, value in stack.sdk_env.items():
             patch.setenv(name, value)

@@ -79,7 +79,7 @@ def start_envd(user: str, port: int | None = None, extra_env: dict[str, str] | N
         "ENVD_INIT_SECRET": secret,
         **(extra_env or {}),
     }
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -113,12 +113,12 @@ def envd_user() -> Iterator[str]:
         yield pwd.getpwuid(os.geteuid()).pw_name
         return
     name = f"e2benvd{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)  # noqa: S607
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
     try:
         yield name
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False)  # noqa: S607
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)  # noqa: S607
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")

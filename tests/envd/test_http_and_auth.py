@@ -173,15 +173,12 @@ def test_bad_uploads_are_400(envd: RunningEnvd) -> None:
     # Relative paths land in the throwaway user's home, removed with it.
     files = f"{envd.url}/files"
     assert (
-        httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "x"}).status_code
-        == 400
+        httpx.post(files, content=b"x", headers={"Content-Type": "text/plain"}, params={"path": "x"}).status_code == 400
     )
     octet = {"Content-Type": "application/octet-stream"}
     assert httpx.post(files, content=b"x", headers=octet).status_code == 400  # no path
     bad_gzip = {**octet, "Content-Encoding": "gzip"}
-    assert (
-        httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "bad.gz"}).status_code == 400
-    )
+    assert httpx.post(files, content=b"not gzip", headers=bad_gzip, params={"path": "bad.gz"}).status_code == 400
     broken = {"Content-Type": "multipart/form-data; boundary=XYZ"}
     assert httpx.post(files, content=b"--XYZ\r\nno end", headers=broken).status_code == 400
     assert httpx.post(files, content=b"x", headers={"Content-Type": "multipart/form-data"}).status_code == 400

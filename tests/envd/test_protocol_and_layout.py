@@ -62,7 +62,7 @@ def test_envd_runs_from_the_template_layout(tmp_path: Path, envd_user: str) -> N
     assert ours == []
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN_IN_ENVD] == []
     port = free_port()
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
         env={**env, "ENVD_DEFAULT_USER": envd_user},
         cwd=tmp_path,

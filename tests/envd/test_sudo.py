@@ -42,7 +42,7 @@ class SudoSetup:
     def run(
         self, *args: str, as_user: str | None = None, env: dict[str, str] | None = None, **kwargs: object
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(  # noqa: S603
+        return subprocess.run(
             self.argv(*args, as_user=as_user), check=False, env=self.env(env), text=True,
             capture_output="stdout" not in kwargs,
             timeout=TIMEOUT, **kwargs,  # type: ignore[arg-type]
@@ -50,7 +50,15 @@ class SudoSetup:
 
     def argv(self, *args: str, as_user: str | None = None) -> list[str]:
         entry = pwd.getpwnam(as_user) if as_user else self.user
-        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--", self.shim, *args]
+        return [
+            "setpriv",
+            f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}",
+            "--init-groups",
+            "--",
+            self.shim,
+            *args,
+        ]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
@@ -66,10 +74,10 @@ class SudoSetup:
 @pytest.fixture(scope="module")
 def sudo(envd_user: str) -> Iterator[SudoSetup]:
     group = f"e2bsudo{secrets.token_hex(3)}"
-    subprocess.run(["groupadd", group], check=True)  # noqa: S607
+    subprocess.run(["groupadd", group], check=True)
     scratch = Path(tempfile.mkdtemp(prefix="envd-sudo-"))
     try:
-        subprocess.run(["usermod", "-aG", group, envd_user], check=True)  # noqa: S607
+        subprocess.run(["usermod", "-aG", group, envd_user], check=True)
         scratch.chmod(0o755)  # the shim and the socket must be reachable for every test user
         shim = scratch / "sudo"
         shutil.copyfile(SHIM_SOURCE, shim)
@@ -85,8 +93,8 @@ def sudo(envd_user: str) -> Iterator[SudoSetup]:
         assert not socket_path.exists(), "envd leaves its sudo socket behind"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        subprocess.run(["gpasswd", "-d", envd_user, group], check=False, capture_output=True)  # noqa: S607
-        subprocess.run(["groupdel", group], check=False, capture_output=True)  # noqa: S607
+        subprocess.run(["gpasswd", "-d", envd_user, group], check=False, capture_output=True)
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
 
 
 def _wait_for(condition: object, what: str, timeout: float = TIMEOUT) -> None:
@@ -219,7 +227,7 @@ def test_users_outside_the_sudo_group_are_refused(sudo: SudoSetup) -> None:
 
 def test_signals_reach_the_command(sudo: SudoSetup) -> None:
     script = 'trap "echo interrupted; exit 7" INT; echo ready; while :; do sleep 0.05; done'
-    proc = subprocess.Popen(sudo.argv("sh", "-c", script), env=sudo.env(), stdout=subprocess.PIPE, text=True)  # noqa: S603
+    proc = subprocess.Popen(sudo.argv("sh", "-c", script), env=sudo.env(), stdout=subprocess.PIPE, text=True)
     try:
         assert _read_line(proc) == "ready"
         proc.send_signal(signal.SIGINT)
@@ -232,7 +240,9 @@ def test_signals_reach_the_command(sudo: SudoSetup) -> None:
 
 
 def test_sigterm_kills_the_command_and_the_shim_dies_of_it(sudo: SudoSetup) -> None:
-    proc = subprocess.Popen(sudo.argv("sh", "-c", "echo $$; exec sleep 60"), env=sudo.env(), stdout=subprocess.PIPE, text=True)  # noqa: S603
+    proc = subprocess.Popen(
+        sudo.argv("sh", "-c", "echo $$; exec sleep 60"), env=sudo.env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         child = int(_read_line(proc))
         proc.send_signal(signal.SIGTERM)
@@ -245,7 +255,9 @@ def test_sigterm_kills_the_command_and_the_shim_dies_of_it(sudo: SudoSetup) -> N
 
 
 def test_a_killed_shim_takes_its_command_along(sudo: SudoSetup) -> None:
-    proc = subprocess.Popen(sudo.argv("sh", "-c", "echo $$; exec sleep 60"), env=sudo.env(), stdout=subprocess.PIPE, text=True)  # noqa: S603
+    proc = subprocess.Popen(
+        sudo.argv("sh", "-c", "echo $$; exec sleep 60"), env=sudo.env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         child = int(_read_line(proc))
         proc.kill()

@@ -42,7 +42,7 @@ def unprivileged_envd(envd_user: str) -> Iterator[RunningEnvd]:
         "ENVD_DEFAULT_USER": envd_user,
         "HOME": entry.pw_dir,
     }
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [str(SYSTEM_PYTHON), "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         user=entry.pw_uid,

@@ -35,9 +35,20 @@ class NatsServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [str(nats_server_binary()), "--addr", "127.0.0.1", "--port", str(self.port),
-             "--http_port", str(self.monitor_port), "--jetstream", "--store_dir", str(self.store)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(nats_server_binary()),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--http_port",
+                str(self.monitor_port),
+                "--jetstream",
+                "--store_dir",
+                str(self.store),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"

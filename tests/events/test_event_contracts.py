@@ -23,14 +23,26 @@ def test_every_topic_points_at_a_schema_file_that_compiles():
 
 def test_registry_covers_the_subjects_the_code_uses():
     names = schemas.contracts().topics
-    wanted = [subjects.SERVICES_ANNOUNCE, *(subjects.sandbox_lifecycle(k) for k in subjects.LIFECYCLE_KINDS),
-              "e2b.spell.execute.v1", "e2b.spell.completed.v1", "e2b.spell.failed.v1"]
+    wanted = [
+        subjects.SERVICES_ANNOUNCE,
+        *(subjects.sandbox_lifecycle(k) for k in subjects.LIFECYCLE_KINDS),
+        "e2b.spell.execute.v1",
+        "e2b.spell.completed.v1",
+        "e2b.spell.failed.v1",
+    ]
     assert [name for name in wanted if name not in names] == []
 
 
 def test_envelope_round_trip_keeps_every_field_and_validates():
-    sent = envelope.build("e2b.sandbox.created.v1", {"sandbox_id": "abc", "template": "base", "metadata": {"k": "v"}},
-                          "e2b-sandbox", correlation_id="req-1", parent_id="p-1", actor="agent-zero", labels=["x"])
+    sent = envelope.build(
+        "e2b.sandbox.created.v1",
+        {"sandbox_id": "abc", "template": "base", "metadata": {"k": "v"}},
+        "e2b-sandbox",
+        correlation_id="req-1",
+        parent_id="p-1",
+        actor="agent-zero",
+        labels=["x"],
+    )
     received = envelope.parse(sent.to_bytes(), "e2b.sandbox.created.v1")
     assert received == sent
     schemas.check_envelope(received)
@@ -38,8 +50,9 @@ def test_envelope_round_trip_keeps_every_field_and_validates():
 
 
 def test_flat_legacy_request_is_wrapped_and_validated_against_its_subject():
-    raw = json.dumps({"request_id": "r-9", "agent_id": "agent-zero", "spell_name": "run-python",
-                      "parameters": {"code": "print(1)"}})
+    raw = json.dumps(
+        {"request_id": "r-9", "agent_id": "agent-zero", "spell_name": "run-python", "parameters": {"code": "print(1)"}}
+    )
     message = envelope.parse(raw, "e2b.spell.execute.v1")
     assert message.legacy and message.correlation_id == "r-9" and message.actor == "agent-zero"
     schemas.check_envelope(message, "e2b.spell.execute.v1")
@@ -79,9 +92,17 @@ def test_announce_payload_of_every_service_matches_its_contract(tmp_path):
 
 
 def test_spell_run_files_need_content_or_url():
-    run = {"run_id": "r", "spell_name": "s", "spell_version": "1", "status": "completed", "stdout": "",
-           "stderr": "", "result": None, "duration_seconds": 0.1,
-           "files": [{"name": "a.png", "size": 3, "mime_type": "image/png"}]}
+    run = {
+        "run_id": "r",
+        "spell_name": "s",
+        "spell_version": "1",
+        "status": "completed",
+        "stdout": "",
+        "stderr": "",
+        "result": None,
+        "duration_seconds": 0.1,
+        "files": [{"name": "a.png", "size": 3, "mime_type": "image/png"}],
+    }
     with pytest.raises(ContractError, match=r"payload.files\[0\]"):
         schemas.check_payload("e2b.spell.completed.v1", run)
     run["files"][0]["content_base64"] = "AAAA"

@@ -30,8 +30,9 @@ def broken_templates_dir(tmp_path: Path, shared: Path) -> Path:
 
 def test_failed_create_is_published_with_its_reason(stack_factory: Any, running_stack: Any, tmp_path: Path) -> None:
     shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
-    stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(broken_templates_dir(tmp_path, shared)),
-                                     "E2B_POOL_SIZE": "0"})
+    stack = stack_factory(
+        extra_env={"E2B_TEMPLATES_DIR": str(broken_templates_dir(tmp_path, shared)), "E2B_POOL_SIZE": "0"}
+    )
     marker = uuid.uuid4().hex
 
     async def scenario() -> tuple[httpx.Response, Envelope]:
@@ -47,8 +48,11 @@ def test_failed_create_is_published_with_its_reason(stack_factory: Any, running_
         await client.flush()
         try:
             async with httpx.AsyncClient(timeout=120) as http:
-                res = await http.post(stack.sandbox_url + "/v2/sandboxes", headers={"X-API-KEY": stack.api_key},
-                                      json={"templateID": "noenvd", "metadata": {"test": marker}})
+                res = await http.post(
+                    stack.sandbox_url + "/v2/sandboxes",
+                    headers={"X-API-KEY": stack.api_key},
+                    json={"templateID": "noenvd", "metadata": {"test": marker}},
+                )
             async with asyncio.timeout(30):
                 while not events:
                     await asyncio.sleep(0.05)

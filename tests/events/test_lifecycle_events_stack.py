@@ -19,7 +19,9 @@ pytestmark = pytest.mark.stack
 EVENT_TIMEOUT = 30.0
 
 
-async def wait_for(events: list[Envelope], match: Callable[[Envelope], bool], timeout: float = EVENT_TIMEOUT) -> Envelope:
+async def wait_for(
+    events: list[Envelope], match: Callable[[Envelope], bool], timeout: float = EVENT_TIMEOUT
+) -> Envelope:
     async with asyncio.timeout(timeout):
         while True:
             for event in events:
@@ -29,8 +31,11 @@ async def wait_for(events: list[Envelope], match: Callable[[Envelope], bool], ti
 
 
 def test_lifecycle_events_for_create_pause_resume_kill_and_timeout(running_stack: Any) -> None:
-    options = {"api_key": running_stack.api_key, "api_url": running_stack.sandbox_url,
-               "sandbox_url": running_stack.sandbox_url}
+    options = {
+        "api_key": running_stack.api_key,
+        "api_url": running_stack.sandbox_url,
+        "sandbox_url": running_stack.sandbox_url,
+    }
     marker = uuid.uuid4().hex
 
     async def scenario() -> None:

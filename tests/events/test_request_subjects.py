@@ -23,8 +23,18 @@ REPLY_TIMEOUT = 5.0
 
 
 def run_payload(name: str, result: Any = None) -> dict[str, Any]:
-    return {"run_id": uuid.uuid4().hex, "spell_name": name, "spell_version": "1.0.0", "status": "completed",
-            "exit_code": 0, "stdout": "", "stderr": "", "result": result, "files": [], "duration_seconds": 0.01}
+    return {
+        "run_id": uuid.uuid4().hex,
+        "spell_name": name,
+        "spell_version": "1.0.0",
+        "status": "completed",
+        "exit_code": 0,
+        "stdout": "",
+        "stderr": "",
+        "result": result,
+        "files": [],
+        "duration_seconds": 0.01,
+    }
 
 
 async def echo_spell(request: Envelope) -> dict[str, Any]:
@@ -38,8 +48,11 @@ async def echo_spell(request: Envelope) -> dict[str, Any]:
     return run_payload(request.payload["spell_name"], {"echo": params})
 
 
-async def started(url: str, name: str, handler: Callable[[Envelope], Awaitable[dict[str, Any]]] = echo_spell,
-                  ) -> tuple[EventConnection, RequestServer]:
+async def started(
+    url: str,
+    name: str,
+    handler: Callable[[Envelope], Awaitable[dict[str, Any]]] = echo_spell,
+) -> tuple[EventConnection, RequestServer]:
     connection = EventConnection(url, name)
     connection.start()
     assert await connection.wait_connected(5)
@@ -66,7 +79,11 @@ def reply_of(msg: Any) -> Envelope:
 
 
 def test_request_subject_names_follow_the_noun():
-    assert (SPELL.completed, SPELL.failed, SPELL.queue) == ("e2b.spell.completed.v1", "e2b.spell.failed.v1", "e2b-spell")
+    assert (SPELL.completed, SPELL.failed, SPELL.queue) == (
+        "e2b.spell.completed.v1",
+        "e2b.spell.failed.v1",
+        "e2b-spell",
+    )
     assert request_route("e2b.desktop.request.v1").failed == "e2b.desktop.failed.v1"
     with pytest.raises(ValueError, match="not of the form"):
         request_route("spell")
@@ -83,8 +100,12 @@ def test_enveloped_and_flat_requests_are_answered_published_and_replied(nats_ser
 
         await client.subscribe("e2b.spell.*.v1", cb=collect)
         try:
-            enveloped = envelope.build("e2b.spell.execute.v1", {"spell_name": "run-python", "parameters": {"a": 1}},
-                                       "agent-zero", correlation_id="req-env")
+            enveloped = envelope.build(
+                "e2b.spell.execute.v1",
+                {"spell_name": "run-python", "parameters": {"a": 1}},
+                "agent-zero",
+                correlation_id="req-env",
+            )
             answer = reply_of(await client.request(SPELL.request, enveloped.to_bytes(), timeout=REPLY_TIMEOUT))
             assert answer.topic == SPELL.completed and answer.correlation_id == "req-env"
             assert answer.parent_id == enveloped.id and answer.source == "svc"
@@ -112,17 +133,32 @@ def test_enveloped_and_flat_requests_are_answered_published_and_replied(nats_ser
     [
         (b"this is not json", "malformed_request", "not valid JSON"),
         (b"[1, 2]", "malformed_request", "must be a JSON object"),
-        (json.dumps({"topic": "e2b.spell.execute.v1", "version": "v1", "payload": {}}).encode(),
-         "malformed_request", "envelope is missing id, ts, source"),
+        (
+            json.dumps({"topic": "e2b.spell.execute.v1", "version": "v1", "payload": {}}).encode(),
+            "malformed_request",
+            "envelope is missing id, ts, source",
+        ),
         (json.dumps({"request_id": "r-1", "parameters": {}}).encode(), "invalid_request", "'spell_name' is a required"),
-        (json.dumps({"request_id": "r-2", "spell_name": "x", "parameters": "no"}).encode(),
-         "invalid_request", "payload.parameters: 'no' is not of type 'object'"),
-        (json.dumps({"request_id": "r-3", "spell_name": "x", "parameters": {"fail": True}}).encode(),
-         "execution_failed", "the spell said no"),
-        (json.dumps({"request_id": "r-4", "spell_name": "x", "parameters": {"crash": True}}).encode(),
-         "internal_error", "RuntimeError: boom"),
-        (json.dumps({"request_id": "r-5", "spell_name": "x", "parameters": {"huge": True}}).encode(),
-         "answer_too_large", "more than this NATS server's max_payload"),
+        (
+            json.dumps({"request_id": "r-2", "spell_name": "x", "parameters": "no"}).encode(),
+            "invalid_request",
+            "payload.parameters: 'no' is not of type 'object'",
+        ),
+        (
+            json.dumps({"request_id": "r-3", "spell_name": "x", "parameters": {"fail": True}}).encode(),
+            "execution_failed",
+            "the spell said no",
+        ),
+        (
+            json.dumps({"request_id": "r-4", "spell_name": "x", "parameters": {"crash": True}}).encode(),
+            "internal_error",
+            "RuntimeError: boom",
+        ),
+        (
+            json.dumps({"request_id": "r-5", "spell_name": "x", "parameters": {"huge": True}}).encode(),
+            "answer_too_large",
+            "more than this NATS server's max_payload",
+        ),
     ],
 )
 def test_bad_requests_get_failed_with_a_clear_reason(nats_server, raw, code, words):
@@ -159,6 +195,7 @@ def test_two_instances_in_a_queue_group_share_requests_without_duplicates(nats_s
             served[instance] += 1
             await asyncio.sleep(0.01)
             return run_payload("run-python", {"instance": instance})
+
         return handler
 
     async def scenario() -> None:

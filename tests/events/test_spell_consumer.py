@@ -42,8 +42,11 @@ def ask(url: str, body: dict) -> envelope.Envelope:
 def test_consumer_serves_requests_once_nats_comes_up_after_the_service(nats_server, tmp_path):
     nats_server.stop()  # the service starts while NATS is down
     settings = load_settings(
-        e2b_data_dir=tmp_path, e2b_api_key="e2b_" + "d" * 40, e2b_mcp_server_token="t" * 64,
-        e2b_sandbox_url=f"http://127.0.0.1:{closed_port()}", nats_url=nats_server.url,
+        e2b_data_dir=tmp_path,
+        e2b_api_key="e2b_" + "d" * 40,
+        e2b_mcp_server_token="t" * 64,
+        e2b_sandbox_url=f"http://127.0.0.1:{closed_port()}",
+        nats_url=nats_server.url,
         agent_zero_url=f"http://127.0.0.1:{closed_port()}",
     )
     with TestClient(create_app(settings)):

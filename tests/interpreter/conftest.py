@@ -99,9 +99,21 @@ def start_server(root: Path, extra_args: list[str] | None = None) -> Interpreter
     env.pop("MPLBACKEND", None)
     log_path = root / "server.log"
     args = [
-        sys.executable, "-m", "pmoves_e2b.interpreter",
-        "--host", "127.0.0.1", "--port", str(port), "--cwd", str(home),
-        "--envd-url", "", "--keepalive-seconds", "0.5", "--log-level", "info",
+        sys.executable,
+        "-m",
+        "pmoves_e2b.interpreter",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--cwd",
+        str(home),
+        "--envd-url",
+        "",
+        "--keepalive-seconds",
+        "0.5",
+        "--log-level",
+        "info",
         *(extra_args or []),
     ]
     with log_path.open("wb") as log:

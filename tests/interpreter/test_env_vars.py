@@ -12,7 +12,7 @@ def test_env_vars_apply_to_one_cell_only(sandbox: Sandbox) -> None:
 
 
 def test_env_values_with_quotes_and_newlines_arrive_intact(sandbox: Sandbox) -> None:
-    value = "it's \"quoted\"\nand $(not run)"
+    value = 'it\'s "quoted"\nand $(not run)'
     execution = sandbox.run_code("import os; print(os.environ['TRICKY'], end='')", envs={"TRICKY": value})
     assert "".join(execution.logs.stdout) == value
 
@@ -23,6 +23,6 @@ def test_env_vars_reach_subprocesses(sandbox: Sandbox) -> None:
 
 
 def test_env_vars_in_bash(sandbox: Sandbox) -> None:
-    execution = sandbox.run_code("echo \"$BASH_CELL_VAR\"", language="bash", envs={"BASH_CELL_VAR": "a b"})
+    execution = sandbox.run_code('echo "$BASH_CELL_VAR"', language="bash", envs={"BASH_CELL_VAR": "a b"})
     assert execution.logs.stdout == ["a b\n"]
-    assert sandbox.run_code("echo \"[$BASH_CELL_VAR]\"", language="bash").logs.stdout == ["[]\n"]
+    assert sandbox.run_code('echo "[$BASH_CELL_VAR]"', language="bash").logs.stdout == ["[]\n"]

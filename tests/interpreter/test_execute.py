@@ -26,10 +26,7 @@ def test_string_result_is_shown_without_quotes(sandbox: Sandbox) -> None:
 def test_stdout_and_stderr_reach_the_callbacks_in_order(sandbox: Sandbox) -> None:
     events: list[tuple[str, str]] = []
     code = (
-        "import sys\n"
-        "print('one', flush=True)\n"
-        "print('two', file=sys.stderr, flush=True)\n"
-        "print('three', flush=True)\n"
+        "import sys\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\nprint('three', flush=True)\n"
     )
     execution = sandbox.run_code(
         code,
@@ -99,12 +96,7 @@ def test_matplotlib_figure_comes_back_as_png_and_chart(sandbox: Sandbox) -> None
 
 
 def test_bar_chart_keeps_labels_and_values(sandbox: Sandbox) -> None:
-    code = (
-        "import matplotlib.pyplot as plt\n"
-        "fig, ax = plt.subplots()\n"
-        "ax.bar(['a', 'b', 'c'], [3, 5, 2])\n"
-        "plt.show()\n"
-    )
+    code = "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.bar(['a', 'b', 'c'], [3, 5, 2])\nplt.show()\n"
     chart = next(r.chart for r in sandbox.run_code(code).results if r.chart)
     assert chart.type == ChartType.BAR
     assert [(e.label, e.value) for e in chart.elements] == [("a", 3), ("b", 5), ("c", 2)]

@@ -43,7 +43,8 @@ def test_a_client_that_stops_reading_does_not_grow_the_server(server: Interprete
     with socket.create_connection((host, int(port))) as client:
         client.sendall(
             b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         peak = rss_before
         deadline = time.monotonic() + 120

@@ -28,7 +28,10 @@ def envd_url() -> Iterator[str]:
     env = dict(os.environ, ENVD_INIT_SECRET=init_secret)
     process = subprocess.Popen(
         [sys.executable, "-m", "pmoves_e2b.envd", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -22,11 +22,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         uid = request.get("uid", 0)
         try:
             proc = subprocess.run(
-                request["argv"], capture_output=True, timeout=request.get("timeout", 30),
-                user=uid, group=uid, extra_groups=[], cwd="/",
+                request["argv"],
+                capture_output=True,
+                timeout=request.get("timeout", 30),
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                cwd="/",
             )
-            result = {"rc": proc.returncode, "stdout": proc.stdout.decode(errors="replace"),
-                      "stderr": proc.stderr.decode(errors="replace")}
+            result = {
+                "rc": proc.returncode,
+                "stdout": proc.stdout.decode(errors="replace"),
+                "stderr": proc.stderr.decode(errors="replace"),
+            }
         except subprocess.TimeoutExpired:
             result = {"rc": None, "stdout": "", "stderr": "timeout"}
         self._reply(200, result)
@@ -47,6 +55,7 @@ class Server(http.server.ThreadingHTTPServer):
     def server_bind(self):
         # HTTPServer.server_bind() does a reverse DNS lookup (getfqdn) that hangs without a resolver.
         import socketserver
+
         socketserver.TCPServer.server_bind(self)
 
 

@@ -84,7 +84,11 @@ def sandboxes(ns_backend: NsBackend, test_template: TemplateImage) -> Iterator[S
     for handle in box.handles:
         asyncio.run(ns_backend.destroy(handle))
     left = ns_leftovers(
-        ns_backend.runtime_dir, ns_backend.cgroup_parent_name, ID_PREFIX, box.slots, peer_roots=(ns_backend.launch_root,)
+        ns_backend.runtime_dir,
+        ns_backend.cgroup_parent_name,
+        ID_PREFIX,
+        box.slots,
+        peer_roots=(ns_backend.launch_root,),
     )
     assert not left, f"left behind after the test: {left}"
 

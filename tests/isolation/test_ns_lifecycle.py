@@ -43,9 +43,7 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
 
 def test_pause_freezes_and_resume_thaws(sandboxes: Sandboxes) -> None:
     handle = sandboxes.create()
-    started = sandboxes.run(
-        handle, "/bin/sh", "-c", f"/usr/bin/python3 -c \"{COUNTER}\" </dev/null >/dev/null 2>&1 &"
-    )
+    started = sandboxes.run(handle, "/bin/sh", "-c", f'/usr/bin/python3 -c "{COUNTER}" </dev/null >/dev/null 2>&1 &')
     assert started["rc"] == 0, started
     counter = Path(handle.details["runtime_dir"], "rw/u/tmp/counter")  # the upper layer, seen from the host
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.stack
 
 PROBE = (
     "python3 -c \"import socket; s = socket.create_connection(('{ip}', {port}), timeout=3); "
-    "print(s.recv(100).decode().strip())\""
+    'print(s.recv(100).decode().strip())"'
 )
 
 

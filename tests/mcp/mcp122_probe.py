@@ -27,11 +27,7 @@ TOOL_TIMEOUT = timedelta(seconds=120)
 
 CSV = "city,temp\nOslo,4\nRome,18\nCairo,30\n"
 PANDAS = "import pandas as pd\ndf = pd.read_csv('/home/user/data.csv')\nprint(df['temp'].mean())"
-CHART = (
-    "import matplotlib.pyplot as plt\n"
-    "ax = df.plot.bar(x='city', y='temp')\n"
-    "plt.show()"
-)
+CHART = "import matplotlib.pyplot as plt\nax = df.plot.bar(x='city', y='temp')\nplt.show()"
 
 
 def transport(kind: str, target: str, headers: dict[str, str]):

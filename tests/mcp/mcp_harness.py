@@ -72,7 +72,10 @@ def run_service(data_dir: Path, **extra: str) -> Iterator[McpService]:
     log = open(data_dir / "mcp.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pmoves_e2b.cli", "serve", "mcp"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -109,7 +112,8 @@ def mcp122_python() -> Path:
             subprocess.run([sys.executable, "-m", "venv", str(MCP122_VENV)], check=True, timeout=300)
             subprocess.run(
                 [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"mcp=={MCP122_VERSION}"],
-                check=True, timeout=600,
+                check=True,
+                timeout=600,
             )
             ready.touch()
     return python
@@ -118,8 +122,12 @@ def mcp122_python() -> Path:
 def run_probe(python: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> dict:
     """Run mcp122_probe.py with the 1.22 client; returns its JSON answer."""
     result = subprocess.run(
-        [str(python), str(PROBE), *args], capture_output=True, text=True, timeout=timeout,
-        env=env, stdin=subprocess.DEVNULL,
+        [str(python), str(PROBE), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     if result.returncode != 0:
         raise AssertionError(f"probe {args[:2]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

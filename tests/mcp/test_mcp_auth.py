@@ -39,8 +39,12 @@ def test_missing_or_wrong_credentials_get_401_json(mcp_service: McpService, meth
     for headers in bad_credentials(mcp_service):
         body = b'{"tool": "sandbox_list", "arguments": {}}' if method == "POST" else None
         response = httpx.request(
-            method, mcp_service.url + path, headers={**headers, "Content-Type": "application/json"},
-            content=body, timeout=10, trust_env=False,
+            method,
+            mcp_service.url + path,
+            headers={**headers, "Content-Type": "application/json"},
+            content=body,
+            timeout=10,
+            trust_env=False,
         )
         assert response.status_code == 401, (headers, response.text)
         assert response.json()["error"] == "unauthorized"
@@ -57,8 +61,11 @@ def test_rejected_requests_run_nothing(mcp_service: McpService) -> None:
     before = executions(mcp_service)
     for headers in ({}, {"X-E2B-API-Key": "nope"}, {"Authorization": "Bearer nope"}):
         response = httpx.post(
-            mcp_service.url + "/sandbox/execute", json={"sandbox_id": "x", "code": "print(1)"},
-            headers=headers, timeout=10, trust_env=False,
+            mcp_service.url + "/sandbox/execute",
+            json={"sandbox_id": "x", "code": "print(1)"},
+            headers=headers,
+            timeout=10,
+            trust_env=False,
         )
         assert response.status_code == 401
     assert executions(mcp_service) == before

@@ -10,8 +10,11 @@ from pmoves_e2b.client import build_sdk_config, cloud_domain
 def test_self_hosted_uses_our_url_for_api_and_sandboxes() -> None:
     config = build_sdk_config("http://e2b-sandbox:7070/", "key")
     assert config.mode == "self-hosted"
-    assert config.options() == {"api_key": "key", "api_url": "http://e2b-sandbox:7070",
-                                "sandbox_url": "http://e2b-sandbox:7070"}
+    assert config.options() == {
+        "api_key": "key",
+        "api_url": "http://e2b-sandbox:7070",
+        "sandbox_url": "http://e2b-sandbox:7070",
+    }
     assert config.health_url == "http://e2b-sandbox:7070/health"
     assert config.public_sandbox_url("abc") is None  # no public domain configured
 
@@ -22,8 +25,10 @@ def test_self_hosted_public_urls_use_host_routing() -> None:
     assert config.public_sandbox_url("abc", 8888) == "https://8888-abc.e2b.localhost:7443"
 
 
-@pytest.mark.parametrize("url,domain", [("https://api.e2b.dev", "e2b.dev"), ("https://api.e2b.app", "e2b.app"),
-                                        ("https://e2b.app", "e2b.app")])
+@pytest.mark.parametrize(
+    "url,domain",
+    [("https://api.e2b.dev", "e2b.dev"), ("https://api.e2b.app", "e2b.app"), ("https://e2b.app", "e2b.app")],
+)
 def test_cloud_mode_keeps_the_sdk_endpoints(monkeypatch: pytest.MonkeyPatch, url: str, domain: str) -> None:
     monkeypatch.setenv("E2B_SANDBOX_URL", url)  # PMOVES' cloud-mode value: the API URL
     config = build_sdk_config(url, "e2b_key")

@@ -9,7 +9,10 @@ from mcp_harness import McpService
 
 def post(service: McpService, path: str, content: bytes | str) -> httpx.Response:
     return httpx.post(
-        service.url + path, content=content, timeout=60, trust_env=False,
+        service.url + path,
+        content=content,
+        timeout=60,
+        trust_env=False,
         headers={**service.auth, "Content-Type": "application/json"},
     )
 
@@ -68,7 +71,11 @@ def test_backend_down_is_a_clear_503(mcp_service: McpService) -> None:
     ]
     for method, path, body in calls:
         response = httpx.request(
-            method, mcp_service.url + path, content=body, timeout=60, trust_env=False,
+            method,
+            mcp_service.url + path,
+            content=body,
+            timeout=60,
+            trust_env=False,
             headers={**mcp_service.auth, "Content-Type": "application/json"},
         )
         assert response.status_code == 503, (path, response.text)
@@ -79,8 +86,17 @@ def test_tools_list_over_rest(mcp_service: McpService) -> None:
     response = post(mcp_service, "/mcp/tools/list", b"")
     tools = {tool["name"]: tool for tool in response.json()["tools"]}
     assert set(tools) >= {
-        "sandbox_create", "sandbox_list", "sandbox_kill", "sandbox_set_timeout", "run_code", "run_command",
-        "read_file", "write_file", "list_files", "upload_url", "download_url",
+        "sandbox_create",
+        "sandbox_list",
+        "sandbox_kill",
+        "sandbox_set_timeout",
+        "run_code",
+        "run_command",
+        "read_file",
+        "write_file",
+        "list_files",
+        "upload_url",
+        "download_url",
     }
     assert not any("." in name for name in tools)  # Agent Zero splits "<server>.<tool>" on dots
     assert tools["run_code"]["inputSchema"]["required"] == ["code"]

@@ -112,14 +112,20 @@ def test_files_binary_background_and_urls(stack_mcp: McpService, running_stack: 
         sandbox_id = (await call(client, "sandbox_create", timeout_seconds=120)).structured_content["sandbox_id"]
         try:
             encoded = base64.b64encode(payload).decode()
-            await call(client, "write_file", sandbox_id=sandbox_id, path="/tmp/bin.dat", content=encoded,
-                       encoding="base64")
+            await call(
+                client, "write_file", sandbox_id=sandbox_id, path="/tmp/bin.dat", content=encoded, encoding="base64"
+            )
             read = await call(client, "read_file", sandbox_id=sandbox_id, path="/tmp/bin.dat")
             assert read.structured_content["encoding"] == "base64"
             assert base64.b64decode(read.structured_content["content"]) == payload
 
-            started = await call(client, "run_command", sandbox_id=sandbox_id, background=True,
-                                 command="sleep 1; echo finished > /tmp/bg.txt")
+            started = await call(
+                client,
+                "run_command",
+                sandbox_id=sandbox_id,
+                background=True,
+                command="sleep 1; echo finished > /tmp/bg.txt",
+            )
             assert started.structured_content["pid"] > 0
             deadline = time.monotonic() + 30
             while True:
@@ -207,8 +213,14 @@ def test_unknown_and_expired_sandboxes_are_clear_tool_errors(stack_mcp: McpServi
 
 
 def rest(service: McpService, method: str, path: str, body: dict | None = None, **headers: str) -> httpx.Response:
-    return httpx.request(method, service.url + path, json=body, timeout=120, trust_env=False,
-                         headers={"Content-Type": "application/json", **headers})
+    return httpx.request(
+        method,
+        service.url + path,
+        json=body,
+        timeout=120,
+        trust_env=False,
+        headers={"Content-Type": "application/json", **headers},
+    )
 
 
 def test_pmoves_rest_contract(stack_mcp: McpService) -> None:
@@ -220,26 +232,45 @@ def test_pmoves_rest_contract(stack_mcp: McpService) -> None:
     sandbox_id = sandbox["sandbox_id"]
     assert sandbox["status"] == "running" and sandbox["duration"] == 3600
     try:
-        executed = rest(stack_mcp, "POST", "/sandbox/execute",
-                        {"sandbox_id": sandbox_id, "language": "python", "code": 'print("Hello from E2B!")'}, **key)
+        executed = rest(
+            stack_mcp,
+            "POST",
+            "/sandbox/execute",
+            {"sandbox_id": sandbox_id, "language": "python", "code": 'print("Hello from E2B!")'},
+            **key,
+        )
         assert executed.status_code == 200, executed.text
         body = executed.json()
         assert body["stdout"] == "Hello from E2B!\n" and body["stderr"] == "" and body["error"] is None
         assert isinstance(body["results"], list)
 
-        shell = rest(stack_mcp, "POST", "/sandbox/execute",
-                     {"sandbox_id": sandbox_id, "language": "bash", "code": "echo $((6 * 7))"}, **key).json()
+        shell = rest(
+            stack_mcp,
+            "POST",
+            "/sandbox/execute",
+            {"sandbox_id": sandbox_id, "language": "bash", "code": "echo $((6 * 7))"},
+            **key,
+        ).json()
         assert shell["stdout"] == "42\n", shell
 
-        failing = rest(stack_mcp, "POST", "/sandbox/execute",
-                       {"sandbox_id": sandbox_id, "language": "python", "code": "1/0"}, **key).json()
+        failing = rest(
+            stack_mcp,
+            "POST",
+            "/sandbox/execute",
+            {"sandbox_id": sandbox_id, "language": "python", "code": "1/0"},
+            **key,
+        ).json()
         assert failing["error"]["name"] == "ZeroDivisionError"
 
         # The doc's Bearer form works on the same routes.
         bearer = {"Authorization": f"Bearer {stack_mcp.token}"}
-        via_tools = rest(stack_mcp, "POST", "/mcp/tools/call",
-                         {"tool": "run_command", "arguments": {"sandbox_id": sandbox_id, "command": "echo hi"}},
-                         **bearer)
+        via_tools = rest(
+            stack_mcp,
+            "POST",
+            "/mcp/tools/call",
+            {"tool": "run_command", "arguments": {"sandbox_id": sandbox_id, "command": "echo hi"}},
+            **bearer,
+        )
         assert via_tools.status_code == 200 and via_tools.json()["structuredContent"]["stdout"] == "hi\n"
     finally:
         deleted = rest(stack_mcp, "DELETE", f"/sandbox/{sandbox_id}", **key)
@@ -261,8 +292,9 @@ def test_wrong_token_creates_nothing(stack_mcp: McpService, running_stack: Any) 
 
     before = count()
     for headers in ({}, {"Authorization": "Bearer nope"}, {"X-E2B-API-Key": "nope"}):
-        response = rest(stack_mcp, "POST", "/sandbox/create", {"duration": 60, "memory_mb": 512, "cpu_limit": 1},
-                        **headers)
+        response = rest(
+            stack_mcp, "POST", "/sandbox/create", {"duration": 60, "memory_mb": 512, "cpu_limit": 1}, **headers
+        )
         assert response.status_code == 401
     assert count() == before
 
@@ -270,8 +302,9 @@ def test_wrong_token_creates_nothing(stack_mcp: McpService, running_stack: Any) 
 @pytest.mark.slow
 def test_sixty_second_computation_keeps_agent_zero_stream_alive(stack_mcp: McpService, mcp122: Path) -> None:
     """Agent Zero's client gives up after 10 s without a byte; a 60-s run_code must still succeed."""
-    out = run_probe(mcp122, "http", stack_mcp.url + "/mcp", "slow", f"Authorization=Bearer {stack_mcp.token}",
-                    timeout=240)
+    out = run_probe(
+        mcp122, "http", stack_mcp.url + "/mcp", "slow", f"Authorization=Bearer {stack_mcp.token}", timeout=240
+    )
     assert out["is_error"] is False and "done" in out["text"]
 
 
@@ -286,7 +319,8 @@ def test_sixty_second_computation_reports_progress(stack_mcp: McpService) -> Non
         sandbox_id = (await call(client, "sandbox_create", timeout_seconds=300)).structured_content["sandbox_id"]
         try:
             return await client.call_tool(
-                "run_code", {"sandbox_id": sandbox_id, "code": "import time\ntime.sleep(60)\nprint('done')"},
+                "run_code",
+                {"sandbox_id": sandbox_id, "code": "import time\ntime.sleep(60)\nprint('done')"},
                 progress_callback=on_progress,
             )
         finally:

@@ -15,8 +15,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_harness import McpService, run_probe
 
 TOOLS = {
-    "sandbox_create", "sandbox_list", "sandbox_kill", "sandbox_set_timeout", "run_code", "run_command",
-    "read_file", "write_file", "list_files", "upload_url", "download_url",
+    "sandbox_create",
+    "sandbox_list",
+    "sandbox_kill",
+    "sandbox_set_timeout",
+    "run_code",
+    "run_command",
+    "read_file",
+    "write_file",
+    "list_files",
+    "upload_url",
+    "download_url",
 }
 
 
@@ -71,22 +80,26 @@ def test_agent_zero_wrapper_header_works_for_mcp_too(mcp_service: McpService, mc
 
 def test_host_and_origin_protection_stays_on(mcp_service: McpService) -> None:
     init = {
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
     }
     headers = {**mcp_service.auth, "Accept": "application/json, text/event-stream"}
 
     def post(**extra: str) -> int:
-        return httpx.post(mcp_service.url + "/mcp", json=init, headers={**headers, **extra}, timeout=10,
-                          trust_env=False).status_code
+        return httpx.post(
+            mcp_service.url + "/mcp", json=init, headers={**headers, **extra}, timeout=10, trust_env=False
+        ).status_code
 
     assert post() == 200
     assert post(Host="evil.example") == 421
     assert post(Origin="http://evil.example") == 403
     # The PMOVES compose host name is allowed by default (E2B_MCP_ALLOWED_HOSTS).
     assert post(Host="e2b-mcp-server:7073") == 200
-    sse = httpx.get(mcp_service.url + "/sse", headers={**mcp_service.auth, "Host": "evil.example"}, timeout=10,
-                    trust_env=False)
+    sse = httpx.get(
+        mcp_service.url + "/sse", headers={**mcp_service.auth, "Host": "evil.example"}, timeout=10, trust_env=False
+    )
     assert sse.status_code == 421
 
 
@@ -95,16 +108,22 @@ def test_allowed_hosts_are_configurable(tmp_path: Path) -> None:
 
     with run_service(tmp_path, E2B_MCP_ALLOWED_HOSTS="mcp.internal, proxy.lan:8443") as service:
         init = {
-            "jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                       "clientInfo": {"name": "t", "version": "1"}},
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
         }
         headers = {**service.auth, "Accept": "application/json, text/event-stream"}
 
         def post(host: str, origin: str | None = None) -> int:
             extra = {"Host": host, **({"Origin": origin} if origin else {})}
-            return httpx.post(service.url + "/mcp", json=init, headers={**headers, **extra}, timeout=10,
-                              trust_env=False).status_code
+            return httpx.post(
+                service.url + "/mcp", json=init, headers={**headers, **extra}, timeout=10, trust_env=False
+            ).status_code
 
         assert post("mcp.internal") == 200
         assert post("mcp.internal:7073", "https://mcp.internal:7073") == 200

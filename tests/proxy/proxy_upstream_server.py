@@ -124,9 +124,7 @@ async def sink(scope: Any, receive: Any, send: Any) -> None:
 
 async def download(scope: Any, receive: Any, send: Any) -> None:
     size = int(parse_qs(scope["query_string"].decode()).get("size", ["0"])[0])
-    await send(
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]}
-    )
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]})
     while size > 0:
         piece = PATTERN[: min(size, len(PATTERN))]
         size -= len(piece)

@@ -57,9 +57,11 @@ def test_new_domain_reissues_server_cert_keeps_ca(tmp_path: Path) -> None:
     ca, cert = first.ca_cert.read_bytes(), first.cert.read_bytes()
     second = ensure_tls(tmp_path / "tls", "sandboxes.example.test")
     assert second.ca_cert.read_bytes() == ca and second.cert.read_bytes() != cert
-    names = x509.load_pem_x509_certificate(second.cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value.get_values_for_type(x509.DNSName)
+    names = (
+        x509.load_pem_x509_certificate(second.cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value.get_values_for_type(x509.DNSName)
+    )
     assert "*.sandboxes.example.test" in names and "*.e2b.localhost" in names
 
 

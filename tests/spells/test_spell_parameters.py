@@ -28,7 +28,11 @@ def executor() -> SpellExecutor:
     ("spell", "parameters", "message"),
     [
         ("sql-query", {"query": "select 1"}, "parameters: 'tables' is a required property"),
-        ("sql-query", {"tables": {"bad name": "a\n1"}, "query": "select 1"}, "parameters.tables: 'bad name' does not match"),
+        (
+            "sql-query",
+            {"tables": {"bad name": "a\n1"}, "query": "select 1"},
+            "parameters.tables: 'bad name' does not match",
+        ),
         ("chart-csv", {"csv": "a,b\n1,2", "kind": "pie"}, "parameters.kind: 'pie' is not one of"),
         ("profile-csv", {"csv": "a\n1", "top": 0}, "parameters.top: 0 is less than the minimum of 1"),
         ("run-pytest", {"files": {"../escape.py": "x"}}, "parameters.files: '../escape.py' does not match"),
@@ -60,8 +64,11 @@ def test_defaults_fill_in_and_the_spell_timeout_applies(executor):
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_code_like_parameters_reach_the_code_only_as_data(executor, text):
-    for name, parameters in (("run-shell", {"command": text}), ("profile-csv", {"csv": text}),
-                             ("sql-query", {"tables": {"t": "a\n1"}, "query": text})):
+    for name, parameters in (
+        ("run-shell", {"command": text}),
+        ("profile-csv", {"csv": text}),
+        ("sql-query", {"tables": {"t": "a\n1"}, "query": text}),
+    ):
         spell, checked, timeout = executor.resolve(SpellRequest(name, parameters))
         plan = prepare(spell, checked, timeout)
         # Not in the command line, not in any uploaded program: only in params.json and env values.
@@ -72,7 +79,10 @@ def test_code_like_parameters_reach_the_code_only_as_data(executor, text):
         assert json.loads(plan.uploads[f"{plan.run_dir}/params.json"]) == checked
         assert plan.command == f"cd {plan.run_dir} && exec " + plan.command.split(" && exec ", 1)[1]
         assert plan.run_dir.startswith("/tmp/spells/") and plan.run_dir.rsplit("/", 1)[1].isalnum()
-        assert plan.uploads[f"{plan.run_dir}/{'main.sh' if spell.language == 'bash' else 'main.py'}"] == spell.code.encode()
+        assert (
+            plan.uploads[f"{plan.run_dir}/{'main.sh' if spell.language == 'bash' else 'main.py'}"]
+            == spell.code.encode()
+        )
 
 
 def test_requirements_install_is_cached_per_requirement_set(executor):

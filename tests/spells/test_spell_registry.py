@@ -10,8 +10,18 @@ import pytest
 from pmoves_e2b.spells.format import SpellFormatError, load_spell_file
 from pmoves_e2b.spells.registry import BUILTIN_DIR, SpellRegistry, UnknownSpell
 
-REQUIRED_BUILTINS = {"run-python", "run-shell", "profile-csv", "chart-csv", "convert-data", "sql-query",
-                     "fetch-page", "run-pytest", "lint-code", "markdown-pdf"}
+REQUIRED_BUILTINS = {
+    "run-python",
+    "run-shell",
+    "profile-csv",
+    "chart-csv",
+    "convert-data",
+    "sql-query",
+    "fetch-page",
+    "run-pytest",
+    "lint-code",
+    "markdown-pdf",
+}
 
 GOOD = """\
 name: {name}
@@ -74,12 +84,17 @@ def test_user_dir_is_reread_when_files_change(tmp_path):
         ("nolang.yaml", "name: nolang\nversion: '1.0'\ndescription: x\ncode: x\n", "'language' is a required property"),
         ("badname.yaml", GOOD.format(name="Bad_Name"), "name: 'Bad_Name' does not match"),
         ("other.yaml", GOOD.format(name="greet"), "must be named after the spell: greet.yaml"),
-        ("badschema.yaml", GOOD.format(name="badschema").replace("{type: string}", "{type: strung}"),
-         "parameters is not a valid JSON Schema"),
-        ("badexample.yaml", GOOD.format(name="badexample").replace("{who: world}", "{who: 3}"),
-         "example does not match parameters: example.who: 3 is not of type 'string'"),
-        ("badpkg.yaml", GOOD.format(name="badpkg") + "requirements:\n  pip: ['x; rm -rf /']\n",
-         "requirements.pip[0]"),
+        (
+            "badschema.yaml",
+            GOOD.format(name="badschema").replace("{type: string}", "{type: strung}"),
+            "parameters is not a valid JSON Schema",
+        ),
+        (
+            "badexample.yaml",
+            GOOD.format(name="badexample").replace("{who: world}", "{who: 3}"),
+            "example does not match parameters: example.who: 3 is not of type 'string'",
+        ),
+        ("badpkg.yaml", GOOD.format(name="badpkg") + "requirements:\n  pip: ['x; rm -rf /']\n", "requirements.pip[0]"),
         ("extra.yaml", GOOD.format(name="extra") + "colour: red\n", "Additional properties are not allowed ('colour'"),
     ],
 )

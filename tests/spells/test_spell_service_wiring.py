@@ -29,8 +29,11 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     spells.mkdir()
     (spells / "broken.yaml").write_text("name: broken\nversion: 1\n")
     settings = load_settings(
-        e2b_data_dir=data, e2b_api_key=API_KEY, e2b_mcp_server_token="t" * 64,
-        e2b_sandbox_url=f"http://127.0.0.1:{closed_port()}", nats_url=f"nats://127.0.0.1:{closed_port()}",
+        e2b_data_dir=data,
+        e2b_api_key=API_KEY,
+        e2b_mcp_server_token="t" * 64,
+        e2b_sandbox_url=f"http://127.0.0.1:{closed_port()}",
+        nats_url=f"nats://127.0.0.1:{closed_port()}",
         agent_zero_url=f"http://127.0.0.1:{closed_port()}",
     )
     with TestClient(create_app(settings), headers={"X-E2B-API-Key": API_KEY}) as test_client:
@@ -53,10 +56,18 @@ def test_get_spells_lists_builtins_with_schemas_and_reports_broken_files(client)
     ("body", "status", "error", "words"),
     [
         ({"spell_name": "nope"}, 404, "not_found", "no spell named 'nope'"),
-        ({"spell_name": "sql-query", "parameters": {"query": "select 1"}}, 422, "invalid_parameters",
-         "spell sql-query: parameters: 'tables' is a required property"),
-        ({"spell_name": "run-python", "parameters": {"code": "1"}, "timeout": 100000}, 422, "invalid_request",
-         "timeout must be between 1 and 300 seconds"),
+        (
+            {"spell_name": "sql-query", "parameters": {"query": "select 1"}},
+            422,
+            "invalid_parameters",
+            "spell sql-query: parameters: 'tables' is a required property",
+        ),
+        (
+            {"spell_name": "run-python", "parameters": {"code": "1"}, "timeout": 100000},
+            422,
+            "invalid_request",
+            "timeout must be between 1 and 300 seconds",
+        ),
         ({"spell_name": "run-python", "parameters": {"code": "1"}}, 503, "unavailable", "unreachable"),
     ],
 )
@@ -79,13 +90,18 @@ def test_mcp_tools_spell_list_and_spell_run_are_registered(client):
         listed = await server.call_tool("spell_list", {})
         assert "profile-csv" in str(listed)
         with pytest.raises(ToolError, match="parameters.kind: 'pie' is not one of"):
-            await server.call_tool("spell_run", {"spell_name": "chart-csv", "parameters": {"csv": "a\n1", "kind": "pie"}})
+            await server.call_tool(
+                "spell_run", {"spell_name": "chart-csv", "parameters": {"csv": "a\n1", "kind": "pie"}}
+            )
 
     asyncio.run(scenario())
 
 
 def test_malformed_execute_bodies_get_422_naming_the_field(client):
-    for body, field in (({}, "spell_name"), ({"spell_name": "x", "parameters": []}, "parameters"),
-                        ({"spell_name": "x", "timeout": 0}, "timeout")):
+    for body, field in (
+        ({}, "spell_name"),
+        ({"spell_name": "x", "parameters": []}, "parameters"),
+        ({"spell_name": "x", "timeout": 0}, "timeout"),
+    ):
         response = client.post("/spell/execute", json=body)
         assert response.status_code == 422 and field in response.text

@@ -31,8 +31,10 @@ pytestmark = pytest.mark.stack
 
 RUN_TIMEOUT = 240.0
 SITE_PORT = 8765
-PAGE = ("<html><head><title>Spell page</title><script>var hidden = 1;</script></head><body>"
-        "<h1>Hello spells</h1><p id='main'>Parameters are data.</p><a href='/next.html'>next page</a></body></html>")
+PAGE = (
+    "<html><head><title>Spell page</title><script>var hidden = 1;</script></head><body>"
+    "<h1>Hello spells</h1><p id='main'>Parameters are data.</p><a href='/next.html'>next page</a></body></html>"
+)
 CSV = "city,temp\nOslo,4\nRome,18\nCairo,30\n"
 
 
@@ -44,14 +46,23 @@ def stack(running_stack: Any) -> Any:
 @pytest.fixture(scope="module")
 def sandbox(stack: Any) -> Iterator[Sandbox]:
     """The module's sandbox, with a small web site on loopback for fetch-page."""
-    box = Sandbox.create(template="code-interpreter-v1", timeout=1800, api_key=stack.api_key,
-                         api_url=stack.sandbox_url, sandbox_url=stack.sandbox_url)
+    box = Sandbox.create(
+        template="code-interpreter-v1",
+        timeout=1800,
+        api_key=stack.api_key,
+        api_url=stack.sandbox_url,
+        sandbox_url=stack.sandbox_url,
+    )
     try:
         box.files.write("/home/user/site/page.html", PAGE)
-        box.commands.run(f"python3 -m http.server {SITE_PORT} --bind 127.0.0.1 --directory /home/user/site",
-                         background=True)
-        box.commands.run(f"for i in $(seq 50); do curl -sf http://127.0.0.1:{SITE_PORT}/page.html >/dev/null && exit 0;"
-                         " sleep 0.1; done; exit 1", timeout=30)
+        box.commands.run(
+            f"python3 -m http.server {SITE_PORT} --bind 127.0.0.1 --directory /home/user/site", background=True
+        )
+        box.commands.run(
+            f"for i in $(seq 50); do curl -sf http://127.0.0.1:{SITE_PORT}/page.html >/dev/null && exit 0;"
+            " sleep 0.1; done; exit 1",
+            timeout=30,
+        )
         yield box
     finally:
         box.kill()
@@ -61,8 +72,13 @@ def sandbox(stack: Any) -> Iterator[Sandbox]:
 
 
 def via_rest(stack: Any, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{stack.mcp_url}/spell/execute", json=body, timeout=RUN_TIMEOUT, trust_env=False,
-                          headers={"Authorization": f"Bearer {stack.mcp_token}"})
+    response = httpx.post(
+        f"{stack.mcp_url}/spell/execute",
+        json=body,
+        timeout=RUN_TIMEOUT,
+        trust_env=False,
+        headers={"Authorization": f"Bearer {stack.mcp_token}"},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -175,21 +191,41 @@ def check_markdown_pdf(run: dict[str, Any]) -> None:
 
 
 SPELLS: dict[str, tuple[dict[str, Any], Callable[[dict[str, Any]], None]]] = {
-    "run-python": ({"code": "total = sum(range(10))\nprint('sum is', total)\nresult = {'total': total}\n"
-                            "open(OUTPUT_DIR + '/note.txt', 'w').write('written by a spell')"}, check_run_python),
+    "run-python": (
+        {
+            "code": "total = sum(range(10))\nprint('sum is', total)\nresult = {'total': total}\n"
+            "open(OUTPUT_DIR + '/note.txt', 'w').write('written by a spell')"
+        },
+        check_run_python,
+    ),
     "run-shell": ({"command": 'uname -s; echo hello | tee "$OUTPUT_DIR/hello.txt"'}, check_run_shell),
     "profile-csv": ({"csv": CSV}, check_profile_csv),
     "chart-csv": ({"csv": CSV, "kind": "bar", "title": "Temperatures"}, check_chart_csv),
     "convert-data": ({"content": CSV, "from": "csv", "to": "excel"}, check_convert_data),
-    "sql-query": ({"tables": {"weather": CSV}, "query": "SELECT city, temp FROM weather WHERE temp > 10 "
-                                                        "ORDER BY temp DESC"}, check_sql_query),
+    "sql-query": (
+        {"tables": {"weather": CSV}, "query": "SELECT city, temp FROM weather WHERE temp > 10 ORDER BY temp DESC"},
+        check_sql_query,
+    ),
     "fetch-page": ({"url": f"http://127.0.0.1:{SITE_PORT}/page.html"}, check_fetch_page),
-    "run-pytest": ({"files": {"calc.py": "def add(a, b):\n    return a + b\n",
-                              "test_calc.py": "from calc import add\n\ndef test_add():\n    assert add(2, 3) == 5\n\n"
-                                              "def test_wrong():\n    assert add(2, 2) == 5\n"}}, check_run_pytest),
+    "run-pytest": (
+        {
+            "files": {
+                "calc.py": "def add(a, b):\n    return a + b\n",
+                "test_calc.py": "from calc import add\n\ndef test_add():\n    assert add(2, 3) == 5\n\n"
+                "def test_wrong():\n    assert add(2, 2) == 5\n",
+            }
+        },
+        check_run_pytest,
+    ),
     "lint-code": ({"code": "import os\nx=1\n", "select": ["E", "F"]}, check_lint_code),
-    "markdown-pdf": ({"markdown": "# Report\n\nTemperatures **rose** \u2014 see:\n\n| city | temp |\n|---|---|\n"
-                                  "| Oslo | 4 |\n\n- one\n- two\n", "title": "Report"}, check_markdown_pdf),
+    "markdown-pdf": (
+        {
+            "markdown": "# Report\n\nTemperatures **rose** \u2014 see:\n\n| city | temp |\n|---|---|\n"
+            "| Oslo | 4 |\n\n- one\n- two\n",
+            "title": "Report",
+        },
+        check_markdown_pdf,
+    ),
 }
 
 
@@ -207,9 +243,12 @@ def test_builtin_spell(stack: Any, sandbox: Sandbox, spell: str, path: str) -> N
 
 
 def test_spell_timeout_stops_the_run_and_is_reported(stack: Any, sandbox: Sandbox) -> None:
-    body = {"spell_name": "run-python", "parameters": {"code": "import time\nprint('started', flush=True)\n"
-                                                                 "time.sleep(120)"},
-            "timeout": 2, "sandbox_id": sandbox.sandbox_id}
+    body = {
+        "spell_name": "run-python",
+        "parameters": {"code": "import time\nprint('started', flush=True)\ntime.sleep(120)"},
+        "timeout": 2,
+        "sandbox_id": sandbox.sandbox_id,
+    }
     started = time.monotonic()
     run = via_rest(stack, body)
     assert run["status"] == "timeout" and "did not finish within 2 s" in run["error"]
@@ -223,8 +262,11 @@ def test_spell_timeout_stops_the_run_and_is_reported(stack: Any, sandbox: Sandbo
 
 
 def test_failing_spell_is_failed_with_its_output(stack: Any, sandbox: Sandbox) -> None:
-    body = {"spell_name": "run-python", "parameters": {"code": "print('before')\nraise ValueError('bad input')"},
-            "sandbox_id": sandbox.sandbox_id}
+    body = {
+        "spell_name": "run-python",
+        "parameters": {"code": "print('before')\nraise ValueError('bad input')"},
+        "sandbox_id": sandbox.sandbox_id,
+    }
     run = via_rest(stack, body)
     assert run["status"] == "failed" and run["exit_code"] == 1 and run["stdout"] == "before\n"
     assert "ValueError: bad input" in run["stderr"] and "ValueError: bad input" in run["error"]
@@ -240,12 +282,13 @@ def test_code_like_parameters_arrive_as_data(stack: Any, sandbox: Sandbox) -> No
         "parameters:\n  type: object\n  required: [text]\n  properties:\n    text: {type: string}\n"
         "code: |\n  printf '%s' \"$SPELL_PARAM_TEXT\"\n"
         "  python3 -c 'import json, os; e = os.environ; "
-        "print(json.load(open(e[\"SPELL_PARAMS\"]))[\"text\"] == e[\"SPELL_PARAM_TEXT\"])' >&2\n"
+        'print(json.load(open(e["SPELL_PARAMS"]))["text"] == e["SPELL_PARAM_TEXT"])\' >&2\n'
     )
     hostile = "$(touch /tmp/pwned) `touch /tmp/pwned`; touch /tmp/pwned \" ' {code} %s\n\\n"
     try:
-        run = via_rest(stack, {"spell_name": "echo-param", "parameters": {"text": hostile},
-                               "sandbox_id": sandbox.sandbox_id})
+        run = via_rest(
+            stack, {"spell_name": "echo-param", "parameters": {"text": hostile}, "sandbox_id": sandbox.sandbox_id}
+        )
     finally:
         spell_file.unlink()
     assert run["status"] == "completed", run
@@ -304,13 +347,35 @@ def test_cli_lists_shows_and_runs_spells(stack: Any, sandbox: Sandbox, tmp_path:
     csv = tmp_path / "weather.csv"
     csv.write_text(CSV)
     out = tmp_path / "out"
-    ran = stack.cli("spell", "run", "chart-csv", "--param", f"csv=@{csv}", "--param", "kind=bar",
-                    "--sandbox-id", sandbox.sandbox_id, "--out", str(out), timeout=RUN_TIMEOUT)
+    ran = stack.cli(
+        "spell",
+        "run",
+        "chart-csv",
+        "--param",
+        f"csv=@{csv}",
+        "--param",
+        "kind=bar",
+        "--sandbox-id",
+        sandbox.sandbox_id,
+        "--out",
+        str(out),
+        timeout=RUN_TIMEOUT,
+    )
     assert ran.returncode == 0, ran.stderr
     assert (out / "chart.png").read_bytes().startswith(b"\x89PNG") and "chart.png" in ran.stdout
-    queried = stack.cli("spell", "run", "sql-query", "--params-json", json.dumps({"tables": {"t": CSV}}),
-                        "--param", "query=select count(*) as n from t", "--json", "--sandbox-id", sandbox.sandbox_id,
-                        timeout=RUN_TIMEOUT)
+    queried = stack.cli(
+        "spell",
+        "run",
+        "sql-query",
+        "--params-json",
+        json.dumps({"tables": {"t": CSV}}),
+        "--param",
+        "query=select count(*) as n from t",
+        "--json",
+        "--sandbox-id",
+        sandbox.sandbox_id,
+        timeout=RUN_TIMEOUT,
+    )
     assert queried.returncode == 0, queried.stderr
     assert json.loads(queried.stdout)["result"]["rows"] == [[3]]
     bad = stack.cli("spell", "run", "chart-csv", "--param", "csv=a", "--param", "kind=pie")
@@ -333,8 +398,9 @@ def test_javascript_spell_reads_parameters_from_its_json_file(stack: Any, sandbo
         "  fs.writeFileSync(process.env.SPELL_RESULT, JSON.stringify({sum}));\n  console.log('sum', sum);\n"
     )
     try:
-        run = via_rest(stack, {"spell_name": "js-sum", "parameters": {"numbers": [1, 2, 3.5]},
-                               "sandbox_id": sandbox.sandbox_id})
+        run = via_rest(
+            stack, {"spell_name": "js-sum", "parameters": {"numbers": [1, 2, 3.5]}, "sandbox_id": sandbox.sandbox_id}
+        )
     finally:
         spell_file.unlink()
     assert run["status"] == "completed", run
@@ -344,11 +410,11 @@ def test_javascript_spell_reads_parameters_from_its_json_file(stack: Any, sandbo
 def test_npm_and_apt_requirements_are_installed(stack: Any, sandbox: Sandbox) -> None:
     spells = {
         "npm-check.yaml": "name: npm-check\nversion: 0.1.0\ndescription: Use an npm package.\nlanguage: javascript\n"
-                          "requirements:\n  npm: [is-number@7]\n"
-                          "code: |\n  const isNumber = require('is-number');\n  console.log(isNumber(5), isNumber('x'));\n",
+        "requirements:\n  npm: [is-number@7]\n"
+        "code: |\n  const isNumber = require('is-number');\n  console.log(isNumber(5), isNumber('x'));\n",
         "apt-check.yaml": "name: apt-check\nversion: 0.1.0\ndescription: Use an apt package.\nlanguage: bash\n"
-                          "requirements:\n  apt: [jq]\n"
-                          "code: |\n  echo '{\"a\": 41}' | jq '.a + 1'\n",
+        "requirements:\n  apt: [jq]\n"
+        "code: |\n  echo '{\"a\": 41}' | jq '.a + 1'\n",
     }
     directory = stack.data_dir / "spells"
     directory.mkdir(exist_ok=True)

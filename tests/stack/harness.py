@@ -176,17 +176,24 @@ class RunningStack:
         return int(self.settings_env.get("E2B_MAX_SANDBOXES", "5"))
 
     # --- control -------------------------------------------------------------------------
-    def cli(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "pmoves_e2b.cli", *args], env=env or self.env, capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "pmoves_e2b.cli", *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
 
     def up(self, timeout: float = 120) -> None:
         result = self.cli("up", "--timeout", str(timeout), timeout=timeout + 30)
         if result.returncode != 0:
-            raise RuntimeError(f"pmoves-e2b up failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
-                               + self._log_tails())
+            raise RuntimeError(
+                f"pmoves-e2b up failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n" + self._log_tails()
+            )
 
     def down(self, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.cli("down", "--timeout", str(timeout), timeout=timeout + 30)

@@ -30,7 +30,9 @@ class NatsServer:
 
     def start(self) -> None:
         self.settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(server_args(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            server_args(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         url = f"http://127.0.0.1:{self.settings.e2b_nats_monitor_port}/healthz?js-enabled-only=true"
         while time.monotonic() < deadline:
@@ -57,8 +59,9 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 def test_envelope_round_trip_has_the_contract_fields() -> None:
-    event = envelope.build("e2b.sandbox.created.v1", {"sandbox_id": "abc"}, "e2b-sandbox",
-                           correlation_id="req-1", labels=["ci"])
+    event = envelope.build(
+        "e2b.sandbox.created.v1", {"sandbox_id": "abc"}, "e2b-sandbox", correlation_id="req-1", labels=["ci"]
+    )
     data = json.loads(event.to_bytes())
     assert set(data) == {"id", "topic", "ts", "version", "source", "payload", "correlation_id", "labels"}
     assert data["version"] == "v1" and data["ts"].endswith("Z")
@@ -78,9 +81,15 @@ def test_flat_legacy_request_is_wrapped_with_its_request_id() -> None:
     [
         (b"not json", "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
-        (b'{"id": "1", "topic": "t", "ts": "x", "version": "v9", "source": "s", "payload": {}}', "unsupported envelope version"),
+        (
+            b'{"id": "1", "topic": "t", "ts": "x", "version": "v9", "source": "s", "payload": {}}',
+            "unsupported envelope version",
+        ),
         (b'{"topic": "t", "version": "v1", "payload": {}}', "missing id, ts, source"),
-        (b'{"id": "1", "topic": "t", "ts": "x", "version": "v1", "source": "s", "payload": {}, "x": 1}', "unknown field(s) x"),
+        (
+            b'{"id": "1", "topic": "t", "ts": "x", "version": "v1", "source": "s", "payload": {}, "x": 1}',
+            "unknown field(s) x",
+        ),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(raw: bytes, reason: str) -> None:
@@ -134,8 +143,9 @@ def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_respon
             assert await connection.wait_connected(timeout=10)
             await ensure_stream(connection.client)  # idempotent, also when it exists already
             publisher = EventPublisher(connection, "e2b-sandbox")
-            sent = await publisher.publish_lifecycle("timeout", "sbx-1", "base", {"owner": "ci"}, reason="timeout reached",
-                                                     correlation_id="req-9")
+            sent = await publisher.publish_lifecycle(
+                "timeout", "sbx-1", "base", {"owner": "ci"}, reason="timeout reached", correlation_id="req-9"
+            )
             assert sent is not None
             js = client.jetstream()
             info = await js.stream_info(STREAM_NAME)
@@ -145,8 +155,12 @@ def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_respon
             [message] = await subscription.fetch(1, timeout=5)
             event = envelope.parse(message.data, message.subject)
             assert message.subject == "e2b.sandbox.timeout.v1" and event.id == sent.id
-            assert event.payload == {"sandbox_id": "sbx-1", "template": "base", "metadata": {"owner": "ci"},
-                                     "reason": "timeout reached"}
+            assert event.payload == {
+                "sandbox_id": "sbx-1",
+                "template": "base",
+                "metadata": {"owner": "ci"},
+                "reason": "timeout reached",
+            }
             assert event.correlation_id == "req-9" and event.source == "e2b-sandbox"
 
             async def respond(msg: nats.aio.msg.Msg) -> None:

@@ -6,9 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from stack.harness import free_ports
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
+from stack.harness import free_ports
 
 from pmoves_e2b.config import load_settings
 from pmoves_e2b.service import DependencyCheck, make_service_app
@@ -57,7 +57,11 @@ def test_hard_dependency_down_or_hanging_is_503_within_a_second(tmp_path: Path) 
         assert time.monotonic() - started < 1.0
         assert response.status_code == 503
         assert response.json()["status"] == "unhealthy"
-        assert response.json()["dependencies"] == {"nats": "disconnected", "db": "unavailable", "backend": "unavailable"}
+        assert response.json()["dependencies"] == {
+            "nats": "disconnected",
+            "db": "unavailable",
+            "backend": "unavailable",
+        }
 
 
 def test_metrics_label_requests_by_route_template(tmp_path: Path) -> None:

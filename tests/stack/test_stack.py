@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-
 from stack.harness import clean_environ, free_ports
 
 from pmoves_e2b.config import SERVICES
@@ -105,9 +104,24 @@ def _start_nats(tmp_path: Path, user: str, password: str) -> tuple[subprocess.Po
 
     port, monitor = free_ports(2)
     process = subprocess.Popen(
-        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor), "-js",
-         "-sd", str(tmp_path / "js"), "--user", user, "--pass", password],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(nats_server_binary()),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-m",
+            str(monitor),
+            "-js",
+            "-sd",
+            str(tmp_path / "js"),
+            "--user",
+            user,
+            "--pass",
+            password,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -145,7 +159,16 @@ def test_external_nats_with_credentials_gets_all_announcements(stack_factory, tm
         assert {e["source"] for e in events} == SERVICE_NAMES
         for event in events:
             assert set(event) >= {"id", "topic", "ts", "version", "source", "payload"}
-            assert set(event["payload"]) >= {"slug", "name", "url", "health_check", "tier", "port", "timestamp", "metadata"}
+            assert set(event["payload"]) >= {
+                "slug",
+                "name",
+                "url",
+                "health_check",
+                "tier",
+                "port",
+                "timestamp",
+                "metadata",
+            }
         # The stream that keeps e2b.> events exists on the external server, with its documented limits.
         config = stream.config  # type: ignore[attr-defined]
         assert config.subjects == ["e2b.>"] and config.max_age == 7 * 24 * 3600 and config.max_bytes == 1024**3
@@ -184,7 +207,9 @@ def test_down_stops_everything_and_leaves_no_process(stack_factory) -> None:  # 
     # `up` tells where the secrets are and how to use the SDK, never the values.
     output = " ".join((result.stdout + result.stderr).split())
     assert str(stack.data_dir / "secrets" / "E2B_API_KEY") in output
-    assert f"export E2B_API_URL={stack.sandbox_url}" in output and f"export E2B_SANDBOX_URL={stack.sandbox_url}" in output
+    assert (
+        f"export E2B_API_URL={stack.sandbox_url}" in output and f"export E2B_SANDBOX_URL={stack.sandbox_url}" in output
+    )
     for secret in (stack.api_key, stack.mcp_token, stack.desktop_token):
         assert secret not in output
     pids = [stack.service_pid(c) for c in ("supervisor", "nats", "sandbox", "mcp", "surf", "desktop")]
@@ -226,8 +251,9 @@ def test_config_errors_are_one_clear_line_and_nothing_starts(
 ) -> None:
     env = {**clean_environ(), "E2B_DATA_DIR": str(tmp_path), variable: value}
     for command in (["up"], ["health"], ["serve", "mcp"]):
-        result = subprocess.run([sys.executable, "-m", "pmoves_e2b.cli", *command], env=env,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "pmoves_e2b.cli", *command], env=env, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 2, (command, result.stdout, result.stderr)
         assert expected in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -240,8 +266,9 @@ def test_busy_port_is_reported_before_anything_starts(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         env = {**clean_environ(), "E2B_DATA_DIR": str(tmp_path), "E2B_SANDBOX_PORT": str(port)}
-        result = subprocess.run([sys.executable, "-m", "pmoves_e2b.cli", "up"], env=env,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "pmoves_e2b.cli", "up"], env=env, capture_output=True, text=True, timeout=60
+        )
     assert result.returncode == 1
     assert f"{port} (E2B_SANDBOX_PORT)" in result.stderr
     assert not (tmp_path / "run" / "supervisor.pid").exists()
@@ -287,8 +314,13 @@ def test_logs_command_prints_a_component_log_and_rejects_unknown_ones(running_st
 
 def test_foreground_supervisor_stops_everything_on_ctrl_c(stack_factory) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory(LEAN, start=False)
-    supervisor = subprocess.Popen([sys.executable, "-m", "pmoves_e2b.cli", "up", "--foreground"], env=stack.env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "pmoves_e2b.cli", "up", "--foreground"],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         stack.wait_healthy(timeout=120)
         assert stack.service_pid("supervisor") == supervisor.pid

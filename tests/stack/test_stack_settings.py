@@ -24,7 +24,11 @@ def test_seed_defaults_and_paths_derived_from_the_data_dir(clean_env: Path) -> N
     assert (settings.e2b_max_sandboxes, settings.e2b_sandbox_memory_mb, settings.e2b_sandbox_cpu_limit) == (5, 2048, 2)
     assert (settings.e2b_sandbox_timeout_sec, settings.e2b_desktop_resolution) == (3600, "1920x1080")
     assert (settings.e2b_sandbox_port, settings.e2b_mcp_port, settings.e2b_surf_port, settings.e2b_desktop_port) == (
-        7070, 7073, 3080, 6080)
+        7070,
+        7073,
+        3080,
+        6080,
+    )
     assert settings.e2b_sandbox_url == "http://localhost:7070"
     assert settings.e2b_templates_dir == clean_env / "templates"
     assert settings.e2b_database_url == f"sqlite:///{clean_env}/pmoves-e2b.db"
@@ -87,4 +91,3 @@ def test_invalid_values_give_one_line_naming_the_variable(
     with pytest.raises(ConfigError) as error:
         load_settings()
     assert message in str(error.value) and "\n" not in str(error.value)
-

@@ -61,32 +61,58 @@ class PostgresServer:
 
     def admin(self) -> psycopg.Connection:
         """Superuser connection over the private unix socket (trust auth is local-only)."""
-        return psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres", dbname="postgres",
-                               autocommit=True)
+        return psycopg.connect(
+            host=str(self.socket_dir), port=self.port, user="postgres", dbname="postgres", autocommit=True
+        )
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
-        options = " ".join([
-            "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
-            f"-c unix_socket_directories={self.socket_dir}", f"-c timezone={SERVER_TIMEZONE}",
-            # A throwaway cluster: durability only costs time here.
-            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
-        ])
-        _run_as_owner([str(self.bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", "60",
-                       "-l", str(self.root / "server.log"), "-o", options], self.owner, timeout=90)
+        options = " ".join(
+            [
+                "-c listen_addresses=127.0.0.1",
+                f"-c port={self.port}",
+                f"-c unix_socket_directories={self.socket_dir}",
+                f"-c timezone={SERVER_TIMEZONE}",
+                # A throwaway cluster: durability only costs time here.
+                "-c fsync=off",
+                "-c synchronous_commit=off",
+                "-c full_page_writes=off",
+            ]
+        )
+        _run_as_owner(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "start",
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(self.root / "server.log"),
+                "-o",
+                options,
+            ],
+            self.owner,
+            timeout=90,
+        )
 
     def stop(self) -> None:
-        _run_as_owner([str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w",
-                       "-t", "60"], self.owner, timeout=90)
+        _run_as_owner(
+            [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60"],
+            self.owner,
+            timeout=90,
+        )
 
 
 def _run_as_owner(args: list[str], owner: pwd.struct_passwd | None, timeout: float) -> None:
     as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": owner.pw_dir if owner else os.environ.get("HOME", "/")}
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
-                            stdin=subprocess.DEVNULL, cwd="/", **as_owner)  # type: ignore[arg-type]
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, cwd="/", **as_owner
+    )  # type: ignore[arg-type]
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
@@ -95,8 +121,10 @@ def _run_as_owner(args: list[str], owner: pwd.struct_passwd | None, timeout: flo
 def postgres_server() -> Iterator[PostgresServer]:
     bin_dir = server_bin_dir()
     if bin_dir is None:
-        pytest.skip(f"PostgreSQL server binaries not found under {PG_LIB}/*/bin "
-                    "(apt-get install postgresql; `make sysdeps` installs it)")
+        pytest.skip(
+            f"PostgreSQL server binaries not found under {PG_LIB}/*/bin "
+            "(apt-get install postgresql; `make sysdeps` installs it)"
+        )
     # The server refuses to run as root: as root it runs as the `postgres` user Debian's package creates.
     owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="pmoves-e2b-pg-"))
@@ -107,9 +135,24 @@ def postgres_server() -> Iterator[PostgresServer]:
     os.chmod(root, 0o700)
     server = PostgresServer(bin_dir, root, port=0, user="e2b_test", password=secrets.token_hex(16), owner=owner)
     try:
-        _run_as_owner([str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", "postgres", "-E", "UTF8",
-                       "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync",
-                       "--no-instructions"], owner, timeout=120)
+        _run_as_owner(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(server.data_dir),
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            owner,
+            timeout=120,
+        )
         server.port = free_ports(1)[0]
         server.start()
         with server.admin() as conn:

@@ -37,13 +37,27 @@ def db(db_url: str) -> Iterator[Database]:
 
 
 def sandbox_row(
-    sandbox_id: str, template: str = "base", started_at: datetime | None = None, **extra: Any,
+    sandbox_id: str,
+    template: str = "base",
+    started_at: datetime | None = None,
+    **extra: Any,
 ) -> SandboxRow:
     started = started_at or repo.utcnow()
     values: dict[str, Any] = dict(
-        sandbox_id=sandbox_id, template_id=template, state="running", started_at=started,
-        end_at=started + timedelta(minutes=5), cpu_count=1.0, memory_mb=512, disk_mb=1024, allow_internet=True,
-        auto_pause=False, metadata_={}, env_vars={}, envd_access_token="tok-" + sandbox_id, api_key_id="key_1",
+        sandbox_id=sandbox_id,
+        template_id=template,
+        state="running",
+        started_at=started,
+        end_at=started + timedelta(minutes=5),
+        cpu_count=1.0,
+        memory_mb=512,
+        disk_mb=1024,
+        allow_internet=True,
+        auto_pause=False,
+        metadata_={},
+        env_vars={},
+        envd_access_token="tok-" + sandbox_id,
+        api_key_id="key_1",
         handle={},
     )
     values.update(extra)
@@ -84,8 +98,12 @@ def test_migrations_create_the_schema_from_empty_and_reopening_keeps_data(db_url
 def test_processes_starting_together_on_an_empty_database_all_come_up(db_url: str) -> None:
     # The service, `pmoves-e2b down` and `keys create` each open (and migrate) the database.
     opener = "import sys; from pmoves_e2b.store.db import Database; Database(sys.argv[1]).close()"
-    procs = [subprocess.Popen([sys.executable, "-c", opener, db_url], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", opener, db_url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(3)
+    ]
     outputs = [(proc.communicate(timeout=120)[0], proc.returncode) for proc in procs]
     assert all(code == 0 for _, code in outputs), outputs
     database = Database(db_url)
@@ -120,9 +138,17 @@ def test_api_keys_are_stored_hashed_found_and_revoked(db: Database) -> None:
 def test_sandboxes_round_trip_update_and_live_listing(db: Database) -> None:
     now = repo.utcnow()
     repo.add_sandbox(db, sandbox_row("sb-b", started_at=now + timedelta(seconds=1)))
-    repo.add_sandbox(db, sandbox_row("sb-a", started_at=now, template="code-interpreter-v1",
-                                     metadata_=NESTED, env_vars={"A": "1", "PATH": "/x:/y"},
-                                     handle={"address": "10.77.0.2", "pids": [10, 11], "netns": {"name": "e2b-a"}}))
+    repo.add_sandbox(
+        db,
+        sandbox_row(
+            "sb-a",
+            started_at=now,
+            template="code-interpreter-v1",
+            metadata_=NESTED,
+            env_vars={"A": "1", "PATH": "/x:/y"},
+            handle={"address": "10.77.0.2", "pids": [10, 11], "netns": {"name": "e2b-a"}},
+        ),
+    )
     row = repo.get_sandbox(db, "sb-a")
     assert row is not None
     assert row.metadata_ == NESTED
@@ -133,8 +159,7 @@ def test_sandboxes_round_trip_update_and_live_listing(db: Database) -> None:
     assert [r.sandbox_id for r in repo.live_sandboxes(db)] == ["sb-a", "sb-b"]
     assert repo.count_live_sandboxes(db) == 2
 
-    paused = repo.update_sandbox(db, "sb-a", state="paused", paused_remaining_s=12.5,
-                                 handle={**NESTED, "paused": True})
+    paused = repo.update_sandbox(db, "sb-a", state="paused", paused_remaining_s=12.5, handle={**NESTED, "paused": True})
     assert paused is not None and paused.state == "paused"
     again = repo.get_sandbox(db, "sb-a")
     assert again is not None and again.paused_remaining_s == 12.5 and again.handle == {**NESTED, "paused": True}
@@ -148,7 +173,9 @@ def test_sandboxes_round_trip_update_and_live_listing(db: Database) -> None:
     assert gone is not None and gone.killed_at == killed_at and gone.kill_reason == "timeout"
     with db.session() as s:
         assert {t.name: t.sandboxes_created for t in s.scalars(select(TemplateRow))} == {
-            "base": 1, "code-interpreter-v1": 1}
+            "base": 1,
+            "code-interpreter-v1": 1,
+        }
 
 
 def test_datetimes_come_back_aware_in_utc_and_equal(db: Database) -> None:
@@ -173,7 +200,10 @@ def test_audit_events_keep_order_detail_and_filter_by_sandbox(db: Database) -> N
     repo.audit(db, "key_1", "sandbox.kill", "sb-1", reason="user")
     events = repo.audit_events(db)
     assert [(e.actor, e.action, e.sandbox_id) for e in events] == [
-        ("key_1", "sandbox.create", "sb-1"), ("key_2", "keys.revoke", None), ("key_1", "sandbox.kill", "sb-1")]
+        ("key_1", "sandbox.create", "sb-1"),
+        ("key_2", "keys.revoke", None),
+        ("key_1", "sandbox.kill", "sb-1"),
+    ]
     assert events[0].detail == {"template": "base", "nested": NESTED}
     assert all(e.ts.tzinfo is not None for e in events)
     assert [e.action for e in repo.audit_events(db, "sb-1")] == ["sandbox.create", "sandbox.kill"]
@@ -184,7 +214,10 @@ def test_idempotency_keys_are_replayed_overwritten_and_expire(db: Database) -> N
     repo.put_idempotent(db, "key_1", "req-1", "hash-1", 201, '{"sandboxID": "sb-1"}')
     stored = repo.get_idempotent(db, "key_1", "req-1")
     assert stored is not None and (stored.request_hash, stored.status_code, stored.response) == (
-        "hash-1", 201, '{"sandboxID": "sb-1"}')
+        "hash-1",
+        201,
+        '{"sandboxID": "sb-1"}',
+    )
     assert repo.get_idempotent(db, "key_2", "req-1") is None  # keys are per API key
 
     repo.put_idempotent(db, "key_1", "req-1", "hash-2", 400, '{"code": 400}')
@@ -263,7 +296,8 @@ def test_no_server_side_prepared_statements_so_transaction_poolers_work(postgres
 
 
 def test_health_ping_follows_postgres_going_away_and_coming_back(  # type: ignore[no-untyped-def]
-    postgres_url: str, postgres_server,
+    postgres_url: str,
+    postgres_server,
 ) -> None:
     database = Database(postgres_url)
     try:

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.stack
 
 
 def test_stack_on_postgres_runs_the_sdk_and_records_the_kill(
-    postgres_url: str, postgres_server, stack_factory: Callable[..., RunningStack],  # type: ignore[no-untyped-def]
+    postgres_url: str,
+    postgres_server,
+    stack_factory: Callable[..., RunningStack],  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # No warm pool: this test is about the database, not create latency.

@@ -69,17 +69,22 @@ def world(tmp_path: Path):
     (inputs / "bottom.txt").write_text("bottom v1")
     (inputs / "top.txt").write_text("top v1")
     layers = {
-        "bottom": LayerSpec("bottom", (writer("etc/bottom", inputs / "bottom.txt"),),
-                            inputs=lambda host: (inputs / "bottom.txt").read_bytes()),
-        "top": LayerSpec("top", (writer("opt/top", inputs / "top.txt"),),
-                         inputs=lambda host: (inputs / "top.txt").read_bytes()),
+        "bottom": LayerSpec(
+            "bottom",
+            (writer("etc/bottom", inputs / "bottom.txt"),),
+            inputs=lambda host: (inputs / "bottom.txt").read_bytes(),
+        ),
+        "top": LayerSpec(
+            "top", (writer("opt/top", inputs / "top.txt"),), inputs=lambda host: (inputs / "top.txt").read_bytes()
+        ),
     }
     templates = {"mini": TemplateSpec("mini", ("top", "bottom"), start_cmd="run-me", ready_port=1234)}
     host = read_host_config()
 
     def builder(reporter: Recorder | None = None) -> TemplateBuilder:
-        return TemplateBuilder(tmp_path / "templates", reporter=reporter or Recorder(), layers=layers,
-                               templates=templates, host=host)
+        return TemplateBuilder(
+            tmp_path / "templates", reporter=reporter or Recorder(), layers=layers, templates=templates, host=host
+        )
 
     return inputs, builder, tmp_path / "templates"
 
@@ -229,7 +234,9 @@ def test_builtin_envd_change_moves_only_the_envd_layer_id(tmp_path: Path, monkey
 
     (package / "interpreter" / "__init__.py").write_text("# changed too\n")
     assert {name for name in order if TemplateBuilder(tmp_path, host=host).layer_id(name) != ids[name]} == {
-        "envd", "interpreter"}
+        "envd",
+        "interpreter",
+    }
 
 
 def test_stale_layers_and_prune_of_older_builds(world) -> None:
@@ -250,8 +257,10 @@ def test_stale_layers_and_prune_of_older_builds(world) -> None:
 def test_a_killed_builder_leaves_no_build_process_and_no_mount(tmp_path: Path) -> None:
     marker = tmp_path / "mnt"
     marker.mkdir()
-    code = ("import sys; from pmoves_e2b.sandbox.templates.rootfs import run_private; "
-            f"run_private('mount -t tmpfs tmpfs {marker} && touch {marker}/inside && exec sleep 4243', sys.stdout)")
+    code = (
+        "import sys; from pmoves_e2b.sandbox.templates.rootfs import run_private; "
+        f"run_private('mount -t tmpfs tmpfs {marker} && touch {marker}/inside && exec sleep 4243', sys.stdout)"
+    )
     builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
 
     def sleepers() -> list[str]:

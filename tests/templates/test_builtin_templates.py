@@ -43,14 +43,19 @@ def free_port() -> int:
 
 
 def test_base_has_user_1000_with_passwordless_sudo(templates_dir: Path) -> None:
-    out = run("base", templates_dir, "hostname e2b; getent passwd user; id -g user; "
-              "runuser -u user -- sudo -n id -u 2>&1")
+    out = run(
+        "base", templates_dir, "hostname e2b; getent passwd user; id -g user; runuser -u user -- sudo -n id -u 2>&1"
+    )
     assert out.splitlines() == ["user:x:1000:1000::/home/user:/bin/bash", "1000", "0"]  # no resolve warning
 
 
 def test_base_has_the_tools_users_expect(templates_dir: Path) -> None:
-    out = run("base", templates_dir, "python3 --version; node --version; npm --version; git --version; "
-              "curl --version | head -1; ps --version; ip -V; cat /etc/hostname")
+    out = run(
+        "base",
+        templates_dir,
+        "python3 --version; node --version; npm --version; git --version; "
+        "curl --version | head -1; ps --version; ip -V; cat /etc/hostname",
+    )
     for expected in ("Python 3.11", "v18.", "10.9.9", "git version", "curl 7", "procps-ng", "iproute2", "e2b"):
         assert expected in out
 
@@ -63,14 +68,18 @@ def test_base_trusts_the_hosts_ca_certificates(templates_dir: Path) -> None:
 
 def test_envd_starts_from_its_launcher_and_answers_http(templates_dir: Path) -> None:
     port = free_port()
-    out = run("base", templates_dir, textwrap.dedent(f"""\
+    out = run(
+        "base",
+        templates_dir,
+        textwrap.dedent(f"""\
         /opt/pmoves/bin/envd --host 127.0.0.1 --port {port} >/tmp/envd.log 2>&1 &
         for i in $(seq 100); do
           code=$(curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}/health || true)
           [ "$code" != 000 ] && break; sleep 0.1
         done
         echo "health $code"; kill %1
-        """))
+        """),
+    )
     assert out.split()[-1] in ("200", "204"), out
 
 
@@ -78,14 +87,17 @@ def test_code_interpreter_has_the_kernels_and_the_server(templates_dir: Path) ->
     image = load_template("code-interpreter-v1", templates_dir)
     assert image.ready_port == 49999 and "pmoves_e2b.interpreter" in image.start_cmd
     assert image.layers[-2:] == load_template("base", templates_dir).layers  # built on base
-    out = run("code-interpreter-v1", templates_dir,
-              "jupyter kernelspec list; python -c 'import pmoves_e2b.interpreter, numpy, pandas, scipy, sklearn, "
-              "matplotlib, seaborn, plotly, sympy, bs4, openpyxl, PIL, requests, orjson, nbformat, e2b_charts'")
+    out = run(
+        "code-interpreter-v1",
+        templates_dir,
+        "jupyter kernelspec list; python -c 'import pmoves_e2b.interpreter, numpy, pandas, scipy, sklearn, "
+        "matplotlib, seaborn, plotly, sympy, bs4, openpyxl, PIL, requests, orjson, nbformat, e2b_charts'",
+    )
     kernels = {line.split()[0] for line in out.splitlines()[1:]}
     assert {"python3", "bash", "deno", "ir"} <= kernels
 
 
-KERNEL_SMOKE = '''
+KERNEL_SMOKE = """
 import queue
 from jupyter_client.manager import start_new_kernel
 
@@ -120,13 +132,16 @@ for name, code in cells.items():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-'''
+"""
 
 
 def test_every_kernel_runs_a_cell_as_the_sandbox_user(templates_dir: Path) -> None:
-    out = run("code-interpreter-v1", templates_dir,
-              f"cd /home/user && runuser -u user -- env HOME=/home/user PATH=$PATH python - <<'EOF'\n{KERNEL_SMOKE}\nEOF",
-              timeout=300)
+    out = run(
+        "code-interpreter-v1",
+        templates_dir,
+        f"cd /home/user && runuser -u user -- env HOME=/home/user PATH=$PATH python - <<'EOF'\n{KERNEL_SMOKE}\nEOF",
+        timeout=300,
+    )
     results = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ")[0] in KERNEL_NAMES)
     assert results == {"python3": "42", "bash": "42", "deno": "42", "ir": "42"}, out
 
@@ -134,10 +149,14 @@ def test_every_kernel_runs_a_cell_as_the_sandbox_user(templates_dir: Path) -> No
 def test_code_interpreter_start_cmd_serves_health_as_the_sandbox_user(templates_dir: Path) -> None:
     image = load_template("code-interpreter-v1", templates_dir)
     port = free_port()
-    start = image.start_cmd.replace("--host 0.0.0.0", "--host 127.0.0.1").replace(f"--port {image.ready_port}",
-                                                                                    f"--port {port}")
+    start = image.start_cmd.replace("--host 0.0.0.0", "--host 127.0.0.1").replace(
+        f"--port {image.ready_port}", f"--port {port}"
+    )
     assert str(port) in start
-    out = run("code-interpreter-v1", templates_dir, textwrap.dedent(f"""\
+    out = run(
+        "code-interpreter-v1",
+        templates_dir,
+        textwrap.dedent(f"""\
         cd {image.workdir}
         runuser -u {image.user} -- env HOME={image.workdir} PATH=$PATH {start} >/tmp/server.log 2>&1 &
         for i in $(seq 600); do
@@ -145,18 +164,25 @@ def test_code_interpreter_start_cmd_serves_health_as_the_sandbox_user(templates_
           [ "$code" = 200 ] && break; sleep 0.1
         done
         echo "health $code"; kill %1 || true; cat /tmp/server.log | tail -5 >&2
-        """), timeout=180)
+        """),
+        timeout=180,
+    )
     assert out.split()[-1] == "200", out
 
 
 def test_the_sandbox_user_can_reach_the_registries_through_the_hosts_ca(templates_dir: Path) -> None:
     """pip, npm and curl inside the template trust what the host trusts (e.g. a TLS-inspecting proxy)."""
-    out = run("code-interpreter-v1", templates_dir, textwrap.dedent("""\
+    out = run(
+        "code-interpreter-v1",
+        templates_dir,
+        textwrap.dedent("""\
         cd /home/user && runuser -u user -- env HOME=/home/user PATH=$PATH bash -e <<'IN'
         pip download -q --no-deps -d /tmp/wheels six && ls /tmp/wheels
         npm view left-pad version
         curl -sS -o /dev/null -w 'curl %{http_code}\\n' https://pypi.org/simple/six/
         IN
-        """), timeout=180)
+        """),
+        timeout=180,
+    )
     lines = out.split()
     assert any(line.startswith("six-") for line in lines) and "1.3.0" in lines and "200" in lines, out

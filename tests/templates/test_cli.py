@@ -9,8 +9,13 @@ from pathlib import Path
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pmoves_e2b.cli", "template", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "pmoves_e2b.cli", "template", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_list_shows_unbuilt_templates(tmp_path: Path) -> None:

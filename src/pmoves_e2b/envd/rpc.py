@@ -51,7 +51,7 @@ class StrictCodec:
             return self._inner.decode(data, message_class)
         except ConnectError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any parser failure is the client's bad input
+        except Exception as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, f"invalid {self.name()} message: {exc}") from exc
 
 

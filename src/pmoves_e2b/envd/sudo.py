@@ -158,9 +158,7 @@ def may_sudo(uid: int, sudo_group: str, sudoers: tuple[str, ...] = SUDOERS_FILES
     if _in_group(entry, sudo_group):
         return True
     grants = sudoers_grants(sudoers)
-    return entry.pw_name in grants or any(
-        grant.startswith("%") and _in_group(entry, grant[1:]) for grant in grants
-    )
+    return entry.pw_name in grants or any(grant.startswith("%") and _in_group(entry, grant[1:]) for grant in grants)
 
 
 def _target(user: str) -> pwd.struct_passwd:
@@ -223,7 +221,9 @@ def _resolve(name: str, caller_path: str, cwd: str) -> str:
     raise SudoError(f"{name}: command not found")
 
 
-def _command_env(request: Request, caller: pwd.struct_passwd, target: pwd.struct_passwd, command: str) -> dict[str, str]:
+def _command_env(
+    request: Request, caller: pwd.struct_passwd, target: pwd.struct_passwd, command: str
+) -> dict[str, str]:
     if request.preserve_env is True:
         env = dict(request.env)
     else:
@@ -271,7 +271,7 @@ def _spawn(command: Command, fds: list[int]) -> subprocess.Popen[bytes]:
                 "extra_groups": os.getgrouplist(command.target.pw_name, command.target.pw_gid),
             }
     try:
-        return subprocess.Popen(  # noqa: S603 - running the allowed caller's command is the point
+        return subprocess.Popen(
             argv,
             stdin=fds[0],
             stdout=fds[1],
@@ -440,6 +440,7 @@ class SudoServer:
         try:
             pidfd = os.pidfd_open(child.pid)
         except OSError:
+
             def wait_in_thread() -> None:
                 _, status = os.waitpid(child.pid, 0)
                 child.returncode = status

@@ -107,8 +107,13 @@ def parse(args: list[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
 def apply_flag(opts: dict[str, Any], letter: str, value: str | None) -> None:
     if letter in IGNORED_FLAGS or letter in IGNORED_WITH_VALUE:
         return
-    simple = {"E": ("preserve_env", True), "H": ("set_home", True), "i": ("login", True), "s": ("shell", True),
-              "b": ("background", True)}
+    simple = {
+        "E": ("preserve_env", True),
+        "H": ("set_home", True),
+        "i": ("login", True),
+        "s": ("shell", True),
+        "b": ("background", True),
+    }
     modes = {"v": "validate", "l": "list", "V": "version", "K": "forget"}
     if letter in simple:
         key, setting = simple[letter]
@@ -236,7 +241,9 @@ def main(argv: list[str]) -> None:
         if command:
             print(command[0])
         else:
-            print(f"User {name} may run the following commands on {socket.gethostname()}:\n    (ALL : ALL) NOPASSWD: ALL")
+            print(
+                f"User {name} may run the following commands on {socket.gethostname()}:\n    (ALL : ALL) NOPASSWD: ALL"
+            )
         return
     if mode == "run":
         exit_like(reply["status"])

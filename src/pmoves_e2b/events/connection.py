@@ -65,7 +65,7 @@ class EventConnection:
     async def wait_connected(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return self.connected
 
@@ -77,7 +77,7 @@ class EventConnection:
         if self._connected.is_set() and not self.client.is_closed:
             try:
                 await asyncio.wait_for(self.client.close(), 2)
-            except (asyncio.TimeoutError, nats.errors.Error, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 log.debug("nats close did not finish cleanly")
 
     async def _connect_forever(self) -> None:
@@ -133,19 +133,24 @@ async def probe(url: str, timeout: float = 1.0) -> str | None:
     client = Client()
     try:
         await asyncio.wait_for(
-            client.connect(servers=[s.strip() for s in url.split(",")], allow_reconnect=False,
-                           connect_timeout=timeout, max_reconnect_attempts=0, error_cb=_ignore_error),
+            client.connect(
+                servers=[s.strip() for s in url.split(",")],
+                allow_reconnect=False,
+                connect_timeout=timeout,
+                max_reconnect_attempts=0,
+                error_cb=_ignore_error,
+            ),
             timeout,
         )
         await client.flush(timeout=timeout)
         return None
-    except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         return str(exc) or type(exc).__name__
     finally:
         if not client.is_closed:
             try:
                 await asyncio.wait_for(client.close(), 1)
-            except (asyncio.TimeoutError, nats.errors.Error, OSError):
+            except (TimeoutError, nats.errors.Error, OSError):
                 pass
 
 

@@ -41,12 +41,17 @@ def server_args(settings: Settings) -> list[str]:
     """Loopback only, JetStream on with its store in the data dir, HTTP monitor for health."""
     return [
         str(nats_server_binary()),
-        "--addr", "127.0.0.1",
-        "--port", str(settings.e2b_nats_port),
-        "--http_port", str(settings.e2b_nats_monitor_port),
+        "--addr",
+        "127.0.0.1",
+        "--port",
+        str(settings.e2b_nats_port),
+        "--http_port",
+        str(settings.e2b_nats_monitor_port),
         "--jetstream",
-        "--store_dir", str(settings.nats_store_dir),
-        "--server_name", "pmoves-e2b",
+        "--store_dir",
+        str(settings.nats_store_dir),
+        "--server_name",
+        "pmoves-e2b",
     ]
 
 

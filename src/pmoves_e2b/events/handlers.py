@@ -166,8 +166,13 @@ class RequestServer:
         except RequestFailed as failure:
             await self._fail(msg, request, failure)
         except asyncio.CancelledError:
-            await asyncio.shield(self._fail(msg, request, RequestFailed(
-                "unavailable", "the service stopped before the request was finished; send it again")))
+            await asyncio.shield(
+                self._fail(
+                    msg,
+                    request,
+                    RequestFailed("unavailable", "the service stopped before the request was finished; send it again"),
+                )
+            )
             raise
         except Exception as exc:  # never silence: an unexpected error still gets an answer
             log.exception("request handler failed", extra={"subject": self.route.request})
@@ -186,8 +191,12 @@ class RequestServer:
 
     async def _fail(self, msg: Msg, request: Envelope | None, failure: RequestFailed) -> None:
         request_id = request_id_of(request) if request is not None else _request_id_from_raw(msg.data)
-        payload: dict[str, Any] = {**failure.extra, "code": failure.code, "reason": failure.reason,
-                                   "request_subject": self.route.request}
+        payload: dict[str, Any] = {
+            **failure.extra,
+            "code": failure.code,
+            "reason": failure.reason,
+            "request_subject": self.route.request,
+        }
         if request_id is not None:
             payload["request_id"] = request_id
         log.info("request failed: %s", failure.reason, extra={"subject": self.route.request, "code": failure.code})
@@ -207,8 +216,10 @@ class RequestServer:
         size = len(json.dumps(payload, separators=(",", ":"), default=str).encode())
         if not limit or size + ENVELOPE_OVERHEAD_BYTES <= limit:
             return None
-        return (f"the answer is {size} bytes, more than this NATS server's max_payload ({limit}); "
-                "ask for less output, or use the HTTP route for large results")
+        return (
+            f"the answer is {size} bytes, more than this NATS server's max_payload ({limit}); "
+            "ask for less output, or use the HTTP route for large results"
+        )
 
     async def _answer(self, msg: Msg, subject: str, payload: dict[str, Any], request: Envelope | None) -> None:
         sent = await self.publisher.publish(
@@ -241,10 +252,15 @@ class DurableEvents:
 
     async def open(self) -> None:
         js = self.client.jetstream(timeout=2)
-        config = ConsumerConfig(durable_name=self.durable, ack_policy=AckPolicy.EXPLICIT,
-                                deliver_policy=DeliverPolicy.ALL, filter_subject=self.filter_subject)
-        self._subscription = await js.pull_subscribe(self.filter_subject, durable=self.durable,
-                                                      stream=STREAM_NAME, config=config)
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=self.filter_subject,
+        )
+        self._subscription = await js.pull_subscribe(
+            self.filter_subject, durable=self.durable, stream=STREAM_NAME, config=config
+        )
 
     async def fetch(self, batch: int = 10, timeout: float = 1.0) -> list[Envelope]:
         """Up to ``batch`` valid events (acknowledged); empty when none arrived within ``timeout``."""

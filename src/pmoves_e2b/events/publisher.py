@@ -80,8 +80,13 @@ class EventPublisher:
     ) -> envelope.Envelope | None:
         """Publish one event. Returns the envelope sent, or None when it could not be sent."""
         event = envelope.build(
-            topic, payload, self.source,
-            correlation_id=correlation_id, parent_id=parent_id, actor=actor, labels=labels,
+            topic,
+            payload,
+            self.source,
+            correlation_id=correlation_id,
+            parent_id=parent_id,
+            actor=actor,
+            labels=labels,
         )
         schemas.check_envelope(event)
         if not self.connection.connected:

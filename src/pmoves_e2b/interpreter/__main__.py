@@ -18,10 +18,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=49999)
     parser.add_argument("--cwd", default=Settings.default_cwd, help="working directory of new contexts")
     parser.add_argument("--envd-url", default=Settings.envd_url, help="envd base URL for GET /envs ('' to skip)")
-    parser.add_argument("--keepalive-seconds", type=float, default=Settings.keepalive_seconds,
-                        help="send a keepalive line after this long without output")
-    parser.add_argument("--default-languages", default=",".join(Settings.default_languages),
-                        help="comma-separated languages whose context starts with the server ('' for none)")
+    parser.add_argument(
+        "--keepalive-seconds",
+        type=float,
+        default=Settings.keepalive_seconds,
+        help="send a keepalive line after this long without output",
+    )
+    parser.add_argument(
+        "--default-languages",
+        default=",".join(Settings.default_languages),
+        help="comma-separated languages whose context starts with the server ('' for none)",
+    )
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 _PYTHON_SETUP_SOURCE = Path(__file__).with_name("python_setup.py").read_text() + "\ninstall(get_ipython())\n"
 PYTHON_SETUP_CELL = f"exec(compile({_PYTHON_SETUP_SOURCE!r}, '<pmoves-e2b setup>', 'exec'), {{}})"
 
+
 def kernel_environment() -> dict[str, str]:
     env = dict(os.environ)
     # matplotlib's inline backend sends figures as display_data (PNG + e2b/chart).

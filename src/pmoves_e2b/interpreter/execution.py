@@ -126,7 +126,9 @@ class Execution:
                 run.end_without_idle()
             elif not await kernel.is_alive():
                 logger.warning("kernel of context %s died; restarting it", self.context.id)
-                run.fail("UnexpectedEndOfExecution", "The kernel died while running the code; the context was restarted")
+                run.fail(
+                    "UnexpectedEndOfExecution", "The kernel died while running the code; the context was restarted"
+                )
                 await self.context.restart()
             elif interrupted_at is not None and loop.time() - interrupted_at > INTERRUPT_GRACE_SECONDS:
                 logger.warning("kernel of context %s ignored the interrupt; restarting it", self.context.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 # MIME type -> field of the SDK's Result; anything else goes to `extra`.
@@ -36,7 +36,7 @@ def _timestamp(msg: dict[str, Any]) -> str:
     date = msg["header"].get("date")
     if isinstance(date, datetime):
         return date.isoformat()
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def result_line(data: dict[str, Any], is_main_result: bool) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class OutputBuffer:
         if self._dropped_bytes and self._size < self._limit // 2:
             dropped, self._dropped_bytes = self._dropped_bytes, 0
             notice = f"[pmoves-e2b] {dropped} bytes of output were dropped: the client read too slowly\n"
-            now = datetime.now(timezone.utc).isoformat()
+            now = datetime.now(UTC).isoformat()
             return encode({"type": "stderr", "text": notice, "timestamp": now})
         if self._lines:
             line = self._lines.popleft()

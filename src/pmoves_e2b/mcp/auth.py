@@ -84,6 +84,4 @@ def transport_security(extra_hosts: list[str]) -> TransportSecuritySettings:
         # A bare host name may arrive with or without a port in the Host header.
         hosts.extend([host] if HAS_PORT.search(host) else [host, f"{host}:*"])
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
-    )
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)

@@ -64,12 +64,14 @@ def build_router(ops: SandboxOps, server: MCPServer, settings: Settings) -> APIR
         if body.memory_mb > settings.e2b_sandbox_memory_mb:
             raise SandboxOpError(
                 f"memory_mb {body.memory_mb} exceeds this server's limit E2B_SANDBOX_MEMORY_MB="
-                f"{settings.e2b_sandbox_memory_mb}", 422
+                f"{settings.e2b_sandbox_memory_mb}",
+                422,
             )
         if body.cpu_limit > settings.e2b_sandbox_cpu_limit:
             raise SandboxOpError(
                 f"cpu_limit {body.cpu_limit:g} exceeds this server's limit E2B_SANDBOX_CPU_LIMIT="
-                f"{settings.e2b_sandbox_cpu_limit:g}", 422
+                f"{settings.e2b_sandbox_cpu_limit:g}",
+                422,
             )
         created = await ops.create(template=CODE_INTERPRETER_TEMPLATE, timeout_s=body.duration)
         info = await ops.info(created["sandbox_id"])

@@ -49,9 +49,7 @@ class SandboxOpError(Exception):
 
 
 def not_found(sandbox_id: str) -> SandboxOpError:
-    return SandboxOpError(
-        f"sandbox {sandbox_id} was not found or has expired; create one with sandbox_create", 404
-    )
+    return SandboxOpError(f"sandbox {sandbox_id} was not found or has expired; create one with sandbox_create", 404)
 
 
 @dataclass
@@ -121,7 +119,8 @@ class SandboxOps:
         if connected.template == BASE_TEMPLATE:
             raise SandboxOpError(
                 f"sandbox {sandbox_id} uses template 'base', which has no code interpreter; "
-                f"use run_command there, or create a code sandbox with sandbox_create", 400
+                f"use run_command there, or create a code sandbox with sandbox_create",
+                400,
             )
 
         async def forward(message: Any) -> None:
@@ -160,9 +159,7 @@ class SandboxOps:
         connected = await self._connect(sandbox_id)
         async with self._translate(sandbox_id):
             if background:
-                handle = await connected.sandbox.commands.run(
-                    command, background=True, cwd=cwd, user=user, timeout=0
-                )
+                handle = await connected.sandbox.commands.run(command, background=True, cwd=cwd, user=user, timeout=0)
                 # The process keeps running in the sandbox; only our output stream is closed.
                 await handle.disconnect()
                 return {"pid": handle.pid, "background": True}
@@ -283,8 +280,7 @@ class _Translate:
         ):
             return SandboxOpError(f"path {self.path} does not exist in sandbox {sid}; check it with list_files", 404)
         if sid is not None and (
-            isinstance(exc, (e2b_errors.NotFoundException, e2b_errors.SandboxNotRunningException))
-            or await self._gone()
+            isinstance(exc, (e2b_errors.NotFoundException, e2b_errors.SandboxNotRunningException)) or await self._gone()
         ):
             return not_found(sid)
         if isinstance(exc, e2b_errors.AuthenticationException):
@@ -337,9 +333,7 @@ def execution_to_dict(execution: Execution) -> dict[str, Any]:
         "stdout": "".join(execution.logs.stdout),
         "stderr": "".join(execution.logs.stderr),
         "results": [result_to_dict(r) for r in execution.results],
-        "error": None
-        if error is None
-        else {"name": error.name, "value": error.value, "traceback": error.traceback},
+        "error": None if error is None else {"name": error.name, "value": error.value, "traceback": error.traceback},
         "execution_count": execution.execution_count,
     }
 

@@ -47,6 +47,7 @@ def error_response(status: int, message: str, retryable: bool = False) -> JSONRe
 
 # --- request bodies (unknown fields are ignored, as E2B's API does) ----------------------
 
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -95,6 +96,7 @@ async def parse_body(request: Request, model: type[_Body], required: bool = True
 
 
 # --- response shapes ---------------------------------------------------------------------
+
 
 def _iso(ts: datetime) -> str:
     return ts.isoformat().replace("+00:00", "Z")
@@ -148,6 +150,7 @@ def _cpu(value: float) -> int | float:
 
 # --- auth --------------------------------------------------------------------------------
 
+
 class ApiKeys:
     """The configured E2B_API_KEY plus keys made with `pmoves-e2b keys create` (stored hashed)."""
 
@@ -163,11 +166,14 @@ class ApiKeys:
             return "configured"
         key_id = repo.find_api_key(self.db, key)
         if key_id is None:
-            raise ApiError(401, "invalid API key: use the key printed by `pmoves-e2b up` or one from `pmoves-e2b keys create`")
+            raise ApiError(
+                401, "invalid API key: use the key printed by `pmoves-e2b up` or one from `pmoves-e2b keys create`"
+            )
         return key_id
 
 
 # --- routes ------------------------------------------------------------------------------
+
 
 def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> APIRouter:
     router = APIRouter()
@@ -194,8 +200,9 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                         raise ApiError(409, "this Idempotency-Key was already used with a different request body")
                     return Response(seen.response, status_code=seen.status_code, media_type="application/json")
                 response = await _create(body, key_id)
-                repo.put_idempotent(manager.db, key_id, idem_key, body_hash, response.status_code,
-                                    bytes(response.body).decode())
+                repo.put_idempotent(
+                    manager.db, key_id, idem_key, body_hash, response.status_code, bytes(response.body).decode()
+                )
                 return response
         finally:
             # Forget the lock once no request uses it: the database remembers the key from then on.
@@ -206,15 +213,17 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 idempotency_locks[lock_key] = (lock, users - 1)
 
     async def _create(body: NewSandbox, key_id: str) -> JSONResponse:
-        row = await manager.create(CreateRequest(
-            template_id=body.template_id,
-            timeout_s=body.timeout,
-            metadata=body.metadata or {},
-            env_vars=body.env_vars or {},
-            allow_internet=body.allow_internet_access is not False,
-            auto_pause=bool(body.auto_pause),
-            api_key_id=key_id,
-        ))
+        row = await manager.create(
+            CreateRequest(
+                template_id=body.template_id,
+                timeout_s=body.timeout,
+                metadata=body.metadata or {},
+                env_vars=body.env_vars or {},
+                allow_internet=body.allow_internet_access is not False,
+                auto_pause=bool(body.auto_pause),
+                api_key_id=key_id,
+            )
+        )
         return JSONResponse(shapes.sandbox(row), status_code=201)
 
     async def connect(request: Request, sandbox_id: str) -> JSONResponse:
@@ -269,8 +278,11 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         samples = manager.samples(sandbox_id)
         if not samples or manager.get(sandbox_id).state == "running":
             samples.append(await manager.sample_now(sandbox_id))
-        chosen = [s for s in samples if (start is None or s["timestampUnix"] >= start)
-                  and (end is None or s["timestampUnix"] <= end)]
+        chosen = [
+            s
+            for s in samples
+            if (start is None or s["timestampUnix"] >= start) and (end is None or s["timestampUnix"] <= end)
+        ]
         return JSONResponse(chosen)
 
     def _filtered(request: Request, default_states: set[str]) -> list[SandboxRow]:
@@ -281,7 +293,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
             raise ApiError(400, "state must be a comma-separated list of 'running' and 'paused'")
         template = request.query_params.get("template")
         rows = [
-            r for r in manager.list()
+            r
+            for r in manager.list()
             if r.state in states
             and (template is None or r.template_id == template)
             and all((r.metadata_ or {}).get(k) == v for k, v in wanted_meta.items())

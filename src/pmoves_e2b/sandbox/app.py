@@ -110,8 +110,14 @@ async def _serve_tls(settings: Settings, app: Any) -> None:
         log.exception("TLS listener disabled: could not make certificates")
         return
     config = uvicorn.Config(
-        app, host=settings.e2b_bind, port=settings.e2b_sandbox_tls_port, lifespan="off",
-        ssl_certfile=str(paths.cert), ssl_keyfile=str(paths.key), log_config=None, access_log=False,
+        app,
+        host=settings.e2b_bind,
+        port=settings.e2b_sandbox_tls_port,
+        lifespan="off",
+        ssl_certfile=str(paths.cert),
+        ssl_keyfile=str(paths.key),
+        log_config=None,
+        access_log=False,
         timeout_keep_alive=640,
     )
     server = uvicorn.Server(config)
@@ -126,6 +132,8 @@ def destroy_all_sandboxes(settings: Settings) -> int:
     assert settings.e2b_database_url
     db = Database(settings.e2b_database_url)
     try:
-        return asyncio.run(lifecycle.destroy_all_sandboxes(db, NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes")))
+        return asyncio.run(
+            lifecycle.destroy_all_sandboxes(db, NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes"))
+        )
     finally:
         db.close()

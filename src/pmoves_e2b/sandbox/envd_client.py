@@ -38,8 +38,15 @@ class EnvdClient:
         if res.status_code >= 300:
             raise BackendError(f"envd /init answered {res.status_code}: {res.text[:200]}")
 
-    async def start_background(self, address: str, access_token: str | None, cmd: str, user: str,
-                               tag: str = "template-start", envs: dict[str, str] | None = None) -> int:
+    async def start_background(
+        self,
+        address: str,
+        access_token: str | None,
+        cmd: str,
+        user: str,
+        tag: str = "template-start",
+        envs: dict[str, str] | None = None,
+    ) -> int:
         """Start ``cmd`` under bash as ``user``; return its pid once envd reports the start.
 
         The process outlives this request (envd keeps processes whose client went away).

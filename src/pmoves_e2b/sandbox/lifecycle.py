@@ -227,11 +227,21 @@ class SandboxManager:
                 raise
             now = repo.utcnow()
             row = SandboxRow(
-                sandbox_id=spec.sandbox_id, template_id=template.name, state="running",
-                started_at=now, end_at=now + timedelta(seconds=timeout_s), paused_remaining_s=None,
-                cpu_count=spec.cpu_count, memory_mb=spec.memory_mb, disk_mb=spec.disk_mb,
-                allow_internet=req.allow_internet, auto_pause=req.auto_pause, metadata_=req.metadata,
-                env_vars=req.env_vars, envd_access_token=access_token, api_key_id=req.api_key_id,
+                sandbox_id=spec.sandbox_id,
+                template_id=template.name,
+                state="running",
+                started_at=now,
+                end_at=now + timedelta(seconds=timeout_s),
+                paused_remaining_s=None,
+                cpu_count=spec.cpu_count,
+                memory_mb=spec.memory_mb,
+                disk_mb=spec.disk_mb,
+                allow_internet=req.allow_internet,
+                auto_pause=req.auto_pause,
+                metadata_=req.metadata,
+                env_vars=req.env_vars,
+                envd_access_token=access_token,
+                api_key_id=req.api_key_id,
                 handle=handle.to_dict(),
             )
             repo.add_sandbox(self.db, row)
@@ -242,8 +252,15 @@ class SandboxManager:
         metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
         metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
-        repo.audit(self.db, req.api_key_id, "sandbox.create", row.sandbox_id, template=template.name,
-                   pooled=pooled is not None, seconds=round(elapsed, 4))
+        repo.audit(
+            self.db,
+            req.api_key_id,
+            "sandbox.create",
+            row.sandbox_id,
+            template=template.name,
+            pooled=pooled is not None,
+            seconds=round(elapsed, 4),
+        )
         self._reaper_wakeup.set()
         self._pool_wakeup.set()
         self._spawn(self._event("created", row, None))
@@ -252,13 +269,17 @@ class SandboxManager:
     async def _init(self, handle: SandboxHandle, template: TemplateImage, env_vars: dict[str, str], token: str) -> None:
         """Hand the sandbox its env vars, access token, user and workdir (envd /init)."""
         try:
-            await self.envd.init(handle.address, handle.init_secret, {
-                "envVars": env_vars,
-                "accessToken": token,
-                "defaultUser": template.user,
-                "defaultWorkdir": template.workdir,
-                "timestamp": repo.utcnow().isoformat(),
-            })
+            await self.envd.init(
+                handle.address,
+                handle.init_secret,
+                {
+                    "envVars": env_vars,
+                    "accessToken": token,
+                    "defaultUser": template.user,
+                    "defaultWorkdir": template.workdir,
+                    "timestamp": repo.utcnow().isoformat(),
+                },
+            )
         except Exception as exc:
             await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"the sandbox did not accept its configuration: {exc}") from exc
@@ -287,9 +308,13 @@ class SandboxManager:
 
     def _spec(self, sandbox_id: str, template: TemplateImage, allow_internet: bool) -> SandboxSpec:
         return SandboxSpec(
-            sandbox_id=sandbox_id, template=template, memory_mb=template.memory_mb or self.limits.memory_mb,
-            cpu_count=template.cpu_count or self.limits.cpu_count, disk_mb=self.limits.disk_mb,
-            allow_internet=allow_internet, init_secret=secrets.token_urlsafe(24),
+            sandbox_id=sandbox_id,
+            template=template,
+            memory_mb=template.memory_mb or self.limits.memory_mb,
+            cpu_count=template.cpu_count or self.limits.cpu_count,
+            disk_mb=self.limits.disk_mb,
+            allow_internet=allow_internet,
+            init_secret=secrets.token_urlsafe(24),
         )
 
     async def _boot(self, spec: SandboxSpec) -> SandboxHandle:
@@ -410,8 +435,18 @@ class SandboxManager:
                 if timeout_s is not None:
                     end_at = now + timedelta(seconds=self._check_timeout(timeout_s))
                 # The lifetime limit counts running time: a resumed sandbox starts a new run.
-                row = repo.update_sandbox(self.db, sandbox_id, state="running", started_at=now, end_at=end_at,
-                                          paused_remaining_s=None, handle=live.handle.to_dict()) or row
+                row = (
+                    repo.update_sandbox(
+                        self.db,
+                        sandbox_id,
+                        state="running",
+                        started_at=now,
+                        end_at=end_at,
+                        paused_remaining_s=None,
+                        handle=live.handle.to_dict(),
+                    )
+                    or row
+                )
                 resumed = True
             elif timeout_s is not None:
                 end_at = max(row.end_at, now + timedelta(seconds=self._check_timeout(timeout_s)))
@@ -428,8 +463,10 @@ class SandboxManager:
         if row.state == "paused":
             row = repo.update_sandbox(self.db, sandbox_id, paused_remaining_s=float(timeout_s)) or row
         else:
-            end_at = min(repo.utcnow() + timedelta(seconds=timeout_s),
-                         row.started_at + timedelta(seconds=self.limits.max_timeout_s))
+            end_at = min(
+                repo.utcnow() + timedelta(seconds=timeout_s),
+                row.started_at + timedelta(seconds=self.limits.max_timeout_s),
+            )
             row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
         self._reaper_wakeup.set()
         return row
@@ -444,8 +481,12 @@ class SandboxManager:
             await self.backend.pause(live.handle)
             live.handle.state = "paused"
             remaining = max(0.0, (row.end_at - repo.utcnow()).total_seconds())
-            row = repo.update_sandbox(self.db, sandbox_id, state="paused", paused_remaining_s=remaining,
-                                      handle=live.handle.to_dict()) or row
+            row = (
+                repo.update_sandbox(
+                    self.db, sandbox_id, state="paused", paused_remaining_s=remaining, handle=live.handle.to_dict()
+                )
+                or row
+            )
         self._spawn(self._event("paused", row, reason))
         return row
 
@@ -458,8 +499,10 @@ class SandboxManager:
         async with live.lock:
             row = self.get(sandbox_id)  # a concurrent kill may have won
             del self._live[sandbox_id]
-            row = repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(),
-                                      kill_reason=reason) or row
+            row = (
+                repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason=reason)
+                or row
+            )
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
         repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
@@ -499,7 +542,9 @@ class SandboxManager:
                         log.exception("could not end an expired sandbox", extra={"sandbox_id": row.sandbox_id})
                 elif next_deadline is None or row.end_at < next_deadline:
                     next_deadline = row.end_at
-            wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - repo.utcnow()).total_seconds()))
+            wait = (
+                5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - repo.utcnow()).total_seconds()))
+            )
             self._reaper_wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reaper_wakeup.wait(), timeout=wait)

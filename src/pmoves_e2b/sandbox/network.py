@@ -267,9 +267,7 @@ def destroy_netns(name: str) -> None:
 
 
 def internet_addresses() -> set[str]:
-    proc = subprocess.run(
-        ["nft", "list", "set", "inet", TABLE, "internet4"], capture_output=True, text=True
-    )
+    proc = subprocess.run(["nft", "list", "set", "inet", TABLE, "internet4"], capture_output=True, text=True)
     if proc.returncode != 0:
         return set()
     text = proc.stdout

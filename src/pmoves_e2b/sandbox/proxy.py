@@ -589,7 +589,7 @@ class SandboxProxy:
             except ConnectionRefusedError:
                 await send_json(send, 502, port_not_open(route.sandbox_id, port).payload)
                 return
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 detail = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc.strerror or exc)
                 await send_json(send, 502, port_not_open(route.sandbox_id, port, detail).payload)
                 return
@@ -684,7 +684,7 @@ class SandboxProxy:
             raise  # the sandbox answered, just not with an upgrade: the caller shows its answer
         except ConnectionRefusedError:
             raise port_not_open(sandbox_id, port) from None
-        except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+        except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
             raise port_not_open(sandbox_id, port, type(exc).__name__) from None
 
 
@@ -774,7 +774,7 @@ async def wait_port(address: str, port: int, path: str = "/health", timeout: flo
         try:
             if await asyncio.wait_for(_probe(address, port, path), min(remaining, 2.0)):
                 return True
-        except (OSError, asyncio.TimeoutError, h11.ProtocolError):
+        except (TimeoutError, OSError, h11.ProtocolError):
             pass
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.05)

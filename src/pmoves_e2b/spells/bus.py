@@ -24,8 +24,9 @@ def spell_handler(executor: SpellExecutor) -> RequestHandler:
     async def handle(request: Envelope) -> dict[str, Any]:
         payload = request.payload  # already checked against contracts/ (spell.execute.v1)
         name = payload["spell_name"]
-        spell_request = SpellRequest(name, payload.get("parameters") or {}, payload.get("timeout"),
-                                     payload.get("sandbox_id"))
+        spell_request = SpellRequest(
+            name, payload.get("parameters") or {}, payload.get("timeout"), payload.get("sandbox_id")
+        )
         try:
             run = await executor.execute(spell_request)
         except SpellError as exc:

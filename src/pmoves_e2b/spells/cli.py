@@ -20,8 +20,9 @@ from pmoves_e2b.spells.executor import SpellError, SpellRequest, executor_for
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
-app = typer.Typer(help="List, show and run spells.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="List, show and run spells.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 console = Console()
 
 
@@ -74,8 +75,11 @@ def show(name: str = typer.Argument(..., help="Spell name")) -> None:
     """Description, parameters (JSON Schema), example, requirements and code of a spell."""
     spell = _spell(name)
     summary = spell.summary()
-    console.print(f"[bold]{spell.name}[/bold] {spell.version} ({spell.language}, template {spell.template}, "
-                  f"timeout {spell.timeout} s, {spell.source})", highlight=False)
+    console.print(
+        f"[bold]{spell.name}[/bold] {spell.version} ({spell.language}, template {spell.template}, "
+        f"timeout {spell.timeout} s, {spell.source})",
+        highlight=False,
+    )
     console.print(spell.description, highlight=False)
     for key in ("parameters", "example", "requirements", "outputs"):
         console.print(f"\n[bold]{key}[/bold]")
@@ -126,8 +130,11 @@ def _save_files(result: dict[str, Any], out: Path) -> None:
 
 def _print_run(result: dict[str, Any]) -> None:
     colour = "green" if result["status"] == "completed" else "red"
-    console.print(f"[{colour}]{result['status']}[/{colour}] {result['spell_name']} {result['spell_version']} "
-                  f"in {result['duration_seconds']} s (sandbox {result['sandbox_id']})", highlight=False)
+    console.print(
+        f"[{colour}]{result['status']}[/{colour}] {result['spell_name']} {result['spell_version']} "
+        f"in {result['duration_seconds']} s (sandbox {result['sandbox_id']})",
+        highlight=False,
+    )
     if result["error"]:
         typer.echo(result["error"], err=True)
     # The spell's own output, byte for byte (no wrapping or markup).

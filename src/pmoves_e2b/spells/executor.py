@@ -163,16 +163,22 @@ def install_command(spell: Spell) -> str | None:
     marker = f"{CACHE_DIR}/{requirements_key(spell)}.done"
     steps = []
     if req.apt:
-        steps.append("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-                     "--no-install-recommends " + " ".join(map(shlex.quote, req.apt)))
+        steps.append(
+            "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+            "--no-install-recommends " + " ".join(map(shlex.quote, req.apt))
+        )
     if req.pip:
         steps.append(f"{PYTHON} -m pip install -q --disable-pip-version-check " + " ".join(map(shlex.quote, req.pip)))
     if req.npm:
-        steps.append(f"mkdir -p {NODE_PREFIX} && npm install -q --no-audit --no-fund --prefix {NODE_PREFIX} "
-                     + " ".join(map(shlex.quote, req.npm)))
+        steps.append(
+            f"mkdir -p {NODE_PREFIX} && npm install -q --no-audit --no-fund --prefix {NODE_PREFIX} "
+            + " ".join(map(shlex.quote, req.npm))
+        )
     install = " && ".join([*steps, f"touch {marker}", "echo installed"])
-    return (f"mkdir -p {CACHE_DIR} && exec 9>{CACHE_DIR}/.lock && flock 9 && "
-            f"if [ -f {marker} ]; then echo cached; else {install}; fi")
+    return (
+        f"mkdir -p {CACHE_DIR} && exec 9>{CACHE_DIR}/.lock && flock 9 && "
+        f"if [ -f {marker} ]; then echo cached; else {install}; fi"
+    )
 
 
 def parameter_envs(parameters: dict[str, Any]) -> dict[str, str]:
@@ -232,8 +238,9 @@ def _translate(exc: Exception, what: str) -> SpellError:
 
 
 class SpellExecutor:
-    def __init__(self, registry: SpellRegistry, sdk: SdkConfig, *, max_concurrent: int = 2,
-                 max_timeout: int = 300) -> None:
+    def __init__(
+        self, registry: SpellRegistry, sdk: SdkConfig, *, max_concurrent: int = 2, max_timeout: int = 300
+    ) -> None:
         self.registry = registry
         self.sdk = sdk
         self.max_timeout = max_timeout
@@ -249,8 +256,11 @@ class SpellExecutor:
         if request.timeout is None:
             return spell, parameters, min(spell.timeout, self.max_timeout)
         if not 1 <= request.timeout <= self.max_timeout:
-            raise SpellError("invalid_request", f"timeout must be between 1 and {self.max_timeout} seconds "
-                             "(the server's E2B_SPELLS_TIMEOUT)", 422)
+            raise SpellError(
+                "invalid_request",
+                f"timeout must be between 1 and {self.max_timeout} seconds (the server's E2B_SPELLS_TIMEOUT)",
+                422,
+            )
         return spell, parameters, request.timeout
 
     async def execute(self, request: SpellRequest) -> dict[str, Any]:
@@ -276,8 +286,12 @@ class SpellExecutor:
             if sandbox_id:
                 return await AsyncSandbox.connect(sandbox_id, **options)
             lifetime = plan.timeout + (INSTALL_TIMEOUT_SECONDS if plan.install_command else 0) + SANDBOX_MARGIN_SECONDS
-            return await AsyncSandbox.create(template=spell.template, timeout=lifetime,
-                                             metadata={"spell": spell.name, "spell_run": plan.run_id}, **options)
+            return await AsyncSandbox.create(
+                template=spell.template,
+                timeout=lifetime,
+                metadata={"spell": spell.name, "spell_run": plan.run_id},
+                **options,
+            )
         except Exception as exc:
             what = f"sandbox {sandbox_id}" if sandbox_id else f"creating a {spell.template} sandbox"
             raise _translate(exc, what) from exc
@@ -287,10 +301,20 @@ class SpellExecutor:
         sandbox = await self._sandbox(spell, plan, sandbox_id)
         keep = bool(sandbox_id)
         run: dict[str, Any] = {
-            "run_id": plan.run_id, "spell_name": spell.name, "spell_version": spell.version,
-            "sandbox_id": sandbox.sandbox_id, "template": spell.template, "timeout_seconds": plan.timeout,
-            "status": "failed", "exit_code": None, "stdout": "", "stderr": "", "result": None, "files": [],
-            "requirements": "none", "error": None,
+            "run_id": plan.run_id,
+            "spell_name": spell.name,
+            "spell_version": spell.version,
+            "sandbox_id": sandbox.sandbox_id,
+            "template": spell.template,
+            "timeout_seconds": plan.timeout,
+            "status": "failed",
+            "exit_code": None,
+            "stdout": "",
+            "stderr": "",
+            "result": None,
+            "files": [],
+            "requirements": "none",
+            "error": None,
         }
         try:
             await self._setup(sandbox, plan, run)
@@ -310,12 +334,16 @@ class SpellExecutor:
     async def _setup(self, sandbox: AsyncSandbox, plan: RunPlan, run: dict[str, Any]) -> None:
         if plan.install_command:
             try:
-                installed = await sandbox.commands.run(plan.install_command, user="root",
-                                                       timeout=INSTALL_TIMEOUT_SECONDS)
+                installed = await sandbox.commands.run(
+                    plan.install_command, user="root", timeout=INSTALL_TIMEOUT_SECONDS
+                )
             except CommandExitException as exc:
-                raise SpellError("requirements_failed",
-                                 f"installing the spell's requirements failed (exit {exc.exit_code}): "
-                                 f"{_tail(exc.stderr or exc.stdout).strip()[-2000:]}", 502) from None
+                raise SpellError(
+                    "requirements_failed",
+                    f"installing the spell's requirements failed (exit {exc.exit_code}): "
+                    f"{_tail(exc.stderr or exc.stdout).strip()[-2000:]}",
+                    502,
+                ) from None
             run["requirements"] = "cached" if installed.stdout.strip().endswith("cached") else "installed"
         await sandbox.files.write_files([{"path": path, "data": data} for path, data in plan.uploads.items()])
 
@@ -360,14 +388,23 @@ class SpellExecutor:
     async def _files(self, spell: Spell, sandbox: AsyncSandbox, plan: RunPlan) -> list[dict[str, Any]]:
         entries = await sandbox.files.list(plan.output_dir, depth=1)
         wanted = sorted(
-            (e for e in entries if e.name != ".keep" and str(getattr(e.type, "value", e.type)) == "file"
-             and any(fnmatch.fnmatch(e.name, pattern) for pattern in spell.output_files)),
+            (
+                e
+                for e in entries
+                if e.name != ".keep"
+                and str(getattr(e.type, "value", e.type)) == "file"
+                and any(fnmatch.fnmatch(e.name, pattern) for pattern in spell.output_files)
+            ),
             key=lambda e: e.name,
         )[:MAX_OUTPUT_FILES]
         files, inline_total = [], 0
         for entry in wanted:
-            info: dict[str, Any] = {"name": entry.name, "path": entry.path, "size": entry.size,
-                                    "mime_type": mimetypes.guess_type(entry.name)[0] or "application/octet-stream"}
+            info: dict[str, Any] = {
+                "name": entry.name,
+                "path": entry.path,
+                "size": entry.size,
+                "mime_type": mimetypes.guess_type(entry.name)[0] or "application/octet-stream",
+            }
             if entry.size <= INLINE_FILE_LIMIT and inline_total + entry.size <= INLINE_TOTAL_LIMIT:
                 data = bytes(await sandbox.files.read(entry.path, format="bytes"))
                 info["content_base64"] = base64.b64encode(data).decode()
@@ -410,7 +447,8 @@ def executor_for(settings: Settings) -> SpellExecutor:
     registry = SpellRegistry(settings.e2b_spells_dir)
     # Leave room under E2B_MAX_SANDBOXES for the other tools.
     concurrent = max(1, min(4, settings.e2b_max_sandboxes - 1))
-    executor = SpellExecutor(registry, sdk_config(settings), max_concurrent=concurrent,
-                             max_timeout=settings.e2b_spells_timeout)
+    executor = SpellExecutor(
+        registry, sdk_config(settings), max_concurrent=concurrent, max_timeout=settings.e2b_spells_timeout
+    )
     _executors[id(settings)] = (settings, executor)
     return executor

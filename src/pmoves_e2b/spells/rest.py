@@ -59,9 +59,7 @@ def router(settings: Settings, executor: SpellExecutor | None = None) -> APIRout
     @routes.post("/spell/execute", summary="Run a spell in a sandbox", response_model=None)
     async def execute(body: ExecuteBody) -> dict[str, Any] | JSONResponse:
         try:
-            return await executor.execute(
-                SpellRequest(body.spell_name, body.parameters, body.timeout, body.sandbox_id)
-            )
+            return await executor.execute(SpellRequest(body.spell_name, body.parameters, body.timeout, body.sandbox_id))
         except SpellError as exc:
             return error_response(exc)
 

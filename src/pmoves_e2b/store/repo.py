@@ -34,6 +34,7 @@ def hash_secret(secret: str) -> str:
 
 # --- API keys ---------------------------------------------------------------------------
 
+
 def create_api_key(db: Database, name: str) -> tuple[str, str]:
     """Create a key; return (key_id, key). The key is shown once and stored only hashed."""
     key = "e2b_" + secrets.token_hex(20)
@@ -68,11 +69,17 @@ def find_api_key(db: Database, key: str) -> str | None:
 
 # --- sandboxes --------------------------------------------------------------------------
 
+
 def add_sandbox(db: Database, row: SandboxRow) -> None:
     with db.session() as s:
         s.add(row)
-        _upsert(s, TemplateRow, dict(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1),
-                keys=["name"], update={"sandboxes_created": TemplateRow.sandboxes_created + 1})
+        _upsert(
+            s,
+            TemplateRow,
+            dict(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1),
+            keys=["name"],
+            update={"sandboxes_created": TemplateRow.sandboxes_created + 1},
+        )
 
 
 def get_sandbox(db: Database, sandbox_id: str) -> SandboxRow | None:
@@ -102,6 +109,7 @@ def update_sandbox(db: Database, sandbox_id: str, **changes: Any) -> SandboxRow 
 
 # --- audit and idempotency --------------------------------------------------------------
 
+
 def audit(db: Database, actor: str, action: str, sandbox_id: str | None = None, **detail: Any) -> None:
     with db.session() as s:
         s.add(AuditEventRow(ts=utcnow(), actor=actor, action=action, sandbox_id=sandbox_id, detail=detail))
@@ -124,5 +132,6 @@ def get_idempotent(db: Database, api_key_id: str, key: str) -> IdempotencyRow | 
 def put_idempotent(db: Database, api_key_id: str, key: str, request_hash: str, status_code: int, response: str) -> None:
     with db.session() as s:
         fields = dict(request_hash=request_hash, status_code=status_code, response=response, created_at=utcnow())
-        _upsert(s, IdempotencyRow, dict(api_key_id=api_key_id, key=key, **fields),
-                keys=["api_key_id", "key"], update=fields)
+        _upsert(
+            s, IdempotencyRow, dict(api_key_id=api_key_id, key=key, **fields), keys=["api_key_id", "key"], update=fields
+        )

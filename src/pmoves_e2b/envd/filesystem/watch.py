@@ -34,7 +34,7 @@ _libc: ctypes.CDLL | None = None
 
 
 def _lib() -> ctypes.CDLL:
-    global _libc  # noqa: PLW0603 - loaded once, on the first watch
+    global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc

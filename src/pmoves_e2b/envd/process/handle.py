@@ -141,7 +141,7 @@ class ProcessHandle:
             master, slave = os.openpty()
             try:
                 _set_winsize(slave, *spec.pty_size)
-                popen = subprocess.Popen(  # noqa: S603 - running the caller's command is the point
+                popen = subprocess.Popen(
                     argv,
                     stdin=slave,
                     stdout=slave,
@@ -164,7 +164,7 @@ class ProcessHandle:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
         try:
-            popen = subprocess.Popen(  # noqa: S603
+            popen = subprocess.Popen(
                 argv,
                 stdin=in_r,
                 stdout=out_w,

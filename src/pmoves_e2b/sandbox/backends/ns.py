@@ -501,7 +501,7 @@ class NsBackend:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(handle.address, ENVD_PORT), 1.0)
                 writer.close()
                 return
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             if reason := self._not_ready_reason(handle, deadline):
                 raise BackendError(reason)

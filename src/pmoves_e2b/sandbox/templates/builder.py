@@ -106,18 +106,22 @@ class TemplateBuilder:
             layer_ids = [self.layer_id(name) for name in spec.layers]
             if spec.check and (any(r.built for r in results.values()) or self._recorded_layers(template) != layer_ids):
                 self._check(template, spec.check, [str(results[name].path) for name in spec.layers])
-            write_record(self.templates_dir, template, {
-                "name": spec.name,
-                "layers": layer_ids,
-                "start_cmd": spec.start_cmd,
-                "ready_port": spec.ready_port,
-                "user": spec.user,
-                "workdir": spec.workdir,
-                "memory_mb": spec.memory_mb,
-                "cpu_count": spec.cpu_count,
-                "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "size_bytes": sum(results[name].size_bytes for name in spec.layers),
-            })
+            write_record(
+                self.templates_dir,
+                template,
+                {
+                    "name": spec.name,
+                    "layers": layer_ids,
+                    "start_cmd": spec.start_cmd,
+                    "ready_port": spec.ready_port,
+                    "user": spec.user,
+                    "workdir": spec.workdir,
+                    "memory_mb": spec.memory_mb,
+                    "cpu_count": spec.cpu_count,
+                    "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "size_bytes": sum(results[name].size_bytes for name in spec.layers),
+                },
+            )
         return [results[name] for name in self.build_order(template)]
 
     def check(self, template: str) -> None:
@@ -238,10 +242,20 @@ class TemplateBuilder:
             raise
         seconds = time.monotonic() - started
         size = _disk_usage(tmp)
-        meta_path.write_text(json.dumps({
-            "layer": name, "id": lid, "seconds": round(seconds, 1), "size_bytes": size,
-            "steps": step_seconds, "built_on": [self.layer_id(p) for p in spec.build_on],
-        }, indent=1) + "\n")
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "layer": name,
+                    "id": lid,
+                    "seconds": round(seconds, 1),
+                    "size_bytes": size,
+                    "steps": step_seconds,
+                    "built_on": [self.layer_id(p) for p in spec.build_on],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         if final.exists():
             # --force: sandboxes may still run on the old build, so it is only set aside
             # (under a name no template points at: `template prune` removes it later).

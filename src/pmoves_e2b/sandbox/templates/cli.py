@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ app = typer.Typer(help="Build and list sandbox templates (rootfs layers).", no_a
 console = Console(stderr=True)
 
 TemplatesDirOption = Annotated[
-    Optional[Path], typer.Option("--templates-dir", help="Default: E2B_TEMPLATES_DIR (data dir/templates).")
+    Path | None, typer.Option("--templates-dir", help="Default: E2B_TEMPLATES_DIR (data dir/templates).")
 ]
 
 
@@ -55,12 +55,14 @@ class RichReporter:
             console.print(f"  {layer}: {title} done in {seconds:.0f} s")
 
     def layer_finished(self, layer: str, path: Path, seconds: float, size_bytes: int) -> None:
-        console.print(f"[green]✓[/] layer [bold]{layer}[/] built in {seconds:.0f} s, {size_bytes / 1e6:.0f} MB ({path.name})")
+        console.print(
+            f"[green]✓[/] layer [bold]{layer}[/] built in {seconds:.0f} s, {size_bytes / 1e6:.0f} MB ({path.name})"
+        )
 
 
 @app.command()
 def build(
-    name: Annotated[Optional[str], typer.Argument(help="Template to build.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Template to build.")] = None,
     all_templates: Annotated[bool, typer.Option("--all", help="Build every built-in template.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even the layers that are up to date.")] = False,
     templates_dir: TemplatesDirOption = None,
@@ -74,8 +76,12 @@ def build(
     if name is not None and name not in TEMPLATES:
         raise typer.BadParameter(f"unknown template '{name}' (templates: {', '.join(TEMPLATES)})")
     root = templates_dir or default_templates_dir()
-    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(bar_width=20),
-               TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(finished_text="[green]✓[/]"),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=20),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         builder = TemplateBuilder(root, reporter=RichReporter(progress))
         for template in names:
@@ -104,8 +110,14 @@ def list_command(templates_dir: TemplatesDirOption = None) -> None:
         record = read_record(root, name)
         stale = builder.stale_layers(name, record["layers"]) if name in TEMPLATES else []
         status = f"[yellow]stale: {', '.join(stale)} changed[/]" if stale else "[green]up to date[/]"
-        table.add_row(name, status, "\n".join(record["layers"]), f"{record.get('size_bytes', 0) / 1e6:.0f} MB",
-                      record.get("built_at", ""), record.get("start_cmd", ""))
+        table.add_row(
+            name,
+            status,
+            "\n".join(record["layers"]),
+            f"{record.get('size_bytes', 0) / 1e6:.0f} MB",
+            record.get("built_at", ""),
+            record.get("start_cmd", ""),
+        )
     Console().print(table)
 
 

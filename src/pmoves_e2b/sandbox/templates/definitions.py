@@ -48,8 +48,13 @@ SUDO_SOCKET = "/run/pmoves/sudo.sock"  # the shim's default too (envd/sudo_shim.
 # envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
 # httptools and uvloop: envd's uvicorn picks them up when present (faster HTTP parsing and loop).
 # connectrpc is pinned to the version that generated envd/gen (its MethodInfo changed in 0.13).
-ENVD_REQUIREMENTS = ("connectrpc==0.12.1", "protobuf-py>=0.6,<0.7", "uvicorn>=0.30,<1", "httptools>=0.6,<1",
-                     "uvloop>=0.19,<1")
+ENVD_REQUIREMENTS = (
+    "connectrpc==0.12.1",
+    "protobuf-py>=0.6,<0.7",
+    "uvicorn>=0.30,<1",
+    "httptools>=0.6,<1",
+    "uvloop>=0.19,<1",
+)
 TARGET_PYTHON = "3.11"
 # pip does not widen --platform: name every manylinux tag bookworm's glibc 2.36 accepts.
 TARGET_PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 37)))
@@ -105,28 +110,50 @@ def _npm(ctx: BuildContext) -> None:
     # Debian's npm package pulls 363 packages (gcc included); the registry's npm is pure JS.
     if not shutil.which("npm"):
         raise MissingHostTool("npm is needed on the host to put npm into the rootfs: apt-get install npm")
-    ctx.run(["npm", "install", "-g", "--no-audit", "--no-fund", "--prefix", str(ctx.target / "usr/local"),
-             f"npm@{NPM_VERSION}"])
+    ctx.run(
+        [
+            "npm",
+            "install",
+            "-g",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(ctx.target / "usr/local"),
+            f"npm@{NPM_VERSION}",
+        ]
+    )
     # npm's global prefix follows node (/usr/bin/node): global installs and its config live under /usr.
     _write(ctx.target, "/usr/etc/npmrc", ctx.host.npmrc.encode())
 
 
 def _user(ctx: BuildContext) -> None:
     ctx.chroot(f"useradd -m -u {SANDBOX_UID} -U -s /bin/bash {SANDBOX_USER}")
-    _write(ctx.target, f"/etc/sudoers.d/{SANDBOX_USER}", f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n".encode(), mode=0o440)
+    _write(
+        ctx.target,
+        f"/etc/sudoers.d/{SANDBOX_USER}",
+        f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n".encode(),
+        mode=0o440,
+    )
     _write(ctx.target, "/etc/hostname", f"{HOSTNAME}\n".encode())
-    _write(ctx.target, "/etc/hosts", (
-        f"127.0.0.1\tlocalhost {HOSTNAME} {HOSTNAME}.local\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n").encode())
+    _write(
+        ctx.target,
+        "/etc/hosts",
+        (
+            f"127.0.0.1\tlocalhost {HOSTNAME} {HOSTNAME}.local\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+        ).encode(),
+    )
     _write(ctx.target, "/etc/resolv.conf", ctx.host.resolv_conf)
 
 
 def _clean_os(ctx: BuildContext) -> None:
-    ctx.chroot("apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
-               "/var/log/dpkg.log /var/cache/debconf/*-old /root/.npm /usr/share/man/* /usr/share/info/* "
-               "/usr/share/groff/* /usr/share/lintian/* "
-               "&& find /usr/share/doc -type f ! -name copyright -delete "
-               "&& find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +")
+    ctx.chroot(
+        "apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* "
+        "/var/log/dpkg.log /var/cache/debconf/*-old /root/.npm /usr/share/man/* /usr/share/info/* "
+        "/usr/share/groff/* /usr/share/lintian/* "
+        "&& find /usr/share/doc -type f ! -name copyright -delete "
+        "&& find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +"
+    )
     # debootstrap leaves its log and the package list it used.
     shutil.rmtree(ctx.target / "debootstrap", ignore_errors=True)
 
@@ -151,11 +178,25 @@ OS_LAYER = LayerSpec(
 
 
 def _envd_deps(ctx: BuildContext) -> None:
-    ctx.run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade",
-             "--target", str(ctx.target / ENVD_SITE.lstrip("/")), "--only-binary=:all:",
-             "--python-version", TARGET_PYTHON, "--implementation", "cp",
-             *(arg for platform in TARGET_PLATFORMS for arg in ("--platform", platform)),
-             *ENVD_REQUIREMENTS])
+    ctx.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--upgrade",
+            "--target",
+            str(ctx.target / ENVD_SITE.lstrip("/")),
+            "--only-binary=:all:",
+            "--python-version",
+            TARGET_PYTHON,
+            "--implementation",
+            "cp",
+            *(arg for platform in TARGET_PLATFORMS for arg in ("--platform", platform)),
+            *ENVD_REQUIREMENTS,
+        ]
+    )
 
 
 def _envd_sources(ctx: BuildContext) -> None:
@@ -164,8 +205,10 @@ def _envd_sources(ctx: BuildContext) -> None:
 
 
 def _envd_launcher(ctx: BuildContext) -> None:
-    script = (f'#!/bin/sh\nENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} '
-              'exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n')
+    script = (
+        f"#!/bin/sh\nENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} "
+        'exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n'
+    )
     _write(ctx.target, ENVD_BIN, script.encode(), mode=0o755)
 
 
@@ -177,7 +220,12 @@ def _sudo_shim(ctx: BuildContext) -> None:
 ENVD_LAYER = LayerSpec(
     name="envd",
     steps=(
-        Step("envd dependencies (wheels for python 3.11)", _envd_deps, " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS), retries=NETWORK_RETRIES),
+        Step(
+            "envd dependencies (wheels for python 3.11)",
+            _envd_deps,
+            " ".join(ENVD_REQUIREMENTS + TARGET_PLATFORMS),
+            retries=NETWORK_RETRIES,
+        ),
         Step("envd sources", _envd_sources, ENVD_SITE),
         Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} v2"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
@@ -210,8 +258,10 @@ IPKernelApp.launch_instance(kernel_class=BashKernel)
 
 
 def _kernel_apt(ctx: BuildContext) -> None:
-    ctx.chroot("apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv r-base-core "
-               "r-cran-irkernel && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin")
+    ctx.chroot(
+        "apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv r-base-core "
+        "r-cran-irkernel && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin"
+    )
 
 
 def _venv(ctx: BuildContext) -> None:
@@ -249,26 +299,43 @@ def _deno(ctx: BuildContext) -> None:
 
 
 def _r_kernel(ctx: BuildContext) -> None:
-    ctx.chroot("R -q -e 'IRkernel::installspec(user = FALSE, name = \"ir\", displayname = \"R\")'")
+    ctx.chroot('R -q -e \'IRkernel::installspec(user = FALSE, name = "ir", displayname = "R")\'')
 
 
 def _warm_caches(ctx: BuildContext) -> None:
     # matplotlib builds its font cache under $HOME on first import: do it once per user.
     warm = "MPLBACKEND=Agg python -c 'import matplotlib.pyplot'"
-    ctx.chroot(f"{warm} && runuser -u {SANDBOX_USER} -- env HOME=/home/{SANDBOX_USER} PATH=$PATH bash -c \"{warm}\" "
-               "&& rm -rf /root/.npm /root/.cache/pip /tmp/*")
+    ctx.chroot(
+        f'{warm} && runuser -u {SANDBOX_USER} -- env HOME=/home/{SANDBOX_USER} PATH=$PATH bash -c "{warm}" '
+        "&& rm -rf /root/.npm /root/.cache/pip /tmp/*"
+    )
 
 
 KERNELS_LAYER = LayerSpec(
     name="kernels",
     build_on=("os",),
     steps=(
-        Step("apt install python3-venv, R and IRkernel", _kernel_apt, "python3-venv r-base-core r-cran-irkernel", retries=NETWORK_RETRIES),
+        Step(
+            "apt install python3-venv, R and IRkernel",
+            _kernel_apt,
+            "python3-venv r-base-core r-cran-irkernel",
+            retries=NETWORK_RETRIES,
+        ),
         Step("python venv /opt/venv", _venv, VENV, retries=NETWORK_RETRIES),
-        Step("pip install Jupyter kernels and server deps", _pip_kernels, KERNEL_PACKAGES + SERVER_PACKAGES, retries=NETWORK_RETRIES),
+        Step(
+            "pip install Jupyter kernels and server deps",
+            _pip_kernels,
+            KERNEL_PACKAGES + SERVER_PACKAGES,
+            retries=NETWORK_RETRIES,
+        ),
         Step("pip install the data stack", _pip_data, DATA_PACKAGES, retries=NETWORK_RETRIES),
         Step("kernelspecs python3 and bash (fast launcher)", _kernelspecs, BASH_FAST),
-        Step("Deno kernel (JavaScript, TypeScript) from npm", _deno, DENO_VERSION + " /usr/bin message NO_COLOR", retries=NETWORK_RETRIES),
+        Step(
+            "Deno kernel (JavaScript, TypeScript) from npm",
+            _deno,
+            DENO_VERSION + " /usr/bin message NO_COLOR",
+            retries=NETWORK_RETRIES,
+        ),
         Step("IRkernel kernelspec", _r_kernel, "ir"),
         Step("font caches, clean up", _warm_caches, "v1"),
     ),
@@ -292,9 +359,11 @@ INTERPRETER_LAYER = LayerSpec(
 
 LAYERS: dict[str, LayerSpec] = {spec.name: spec for spec in (OS_LAYER, ENVD_LAYER, KERNELS_LAYER, INTERPRETER_LAYER)}
 
-ENVD_CHECK = (f"test -x {ENVD_BIN} && PYTHONPATH={ENVD_SITE} python3 -c 'import pmoves_e2b.envd, uvicorn, connectrpc' "
-              f"&& id -u {SANDBOX_USER} | grep -qx {SANDBOX_UID} && runuser -u {SANDBOX_USER} -- sudo -n true "
-              "&& node --version && npm --version && git --version && curl --version")
+ENVD_CHECK = (
+    f"test -x {ENVD_BIN} && PYTHONPATH={ENVD_SITE} python3 -c 'import pmoves_e2b.envd, uvicorn, connectrpc' "
+    f"&& id -u {SANDBOX_USER} | grep -qx {SANDBOX_UID} && runuser -u {SANDBOX_USER} -- sudo -n true "
+    "&& node --version && npm --version && git --version && curl --version"
+)
 KERNEL_NAMES = ("python3", "bash", "deno", "ir")
 
 TEMPLATES: dict[str, TemplateSpec] = {
@@ -305,7 +374,7 @@ TEMPLATES: dict[str, TemplateSpec] = {
         start_cmd=f"{VENV}/bin/python -m pmoves_e2b.interpreter --host 0.0.0.0 --port {INTERPRETER_PORT}",
         ready_port=INTERPRETER_PORT,
         check=f"{ENVD_CHECK} && {VENV}/bin/python -c 'import pmoves_e2b.interpreter' && jupyter kernelspec list "
-              f"| awk '{{print $1}}' > /tmp/kernels && for k in {' '.join(KERNEL_NAMES)}; do grep -qx $k /tmp/kernels; done",
+        f"| awk '{{print $1}}' > /tmp/kernels && for k in {' '.join(KERNEL_NAMES)}; do grep -qx $k /tmp/kernels; done",
     ),
 }
 
@@ -325,8 +394,12 @@ def _copy_package(site: Path, subpackage: str) -> None:
     dest = site / "pmoves_e2b"
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(PACKAGE_DIR / "__init__.py", dest / "__init__.py")
-    shutil.copytree(PACKAGE_DIR / subpackage, dest / subpackage,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+    shutil.copytree(
+        PACKAGE_DIR / subpackage,
+        dest / subpackage,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        dirs_exist_ok=True,
+    )
 
 
 def _package_digest(subpackage: str) -> bytes:

@@ -87,7 +87,11 @@ def apt_mirror() -> str:
             for stanza in re.split(r"\n\s*\n", text):
                 fields = _deb822(stanza)
                 suites = fields.get("suites", "").split()
-                if "deb" in fields.get("types", "").split() and "bookworm" in suites and fields.get("enabled", "yes") != "no":
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and "bookworm" in suites
+                    and fields.get("enabled", "yes") != "no"
+                ):
                     return fields["uris"].split()[0]
         else:
             for line in text.splitlines():

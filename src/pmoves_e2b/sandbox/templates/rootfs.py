@@ -12,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -26,8 +26,17 @@ from .hostconfig import BUILD_CONFIG_DIR, HOST_MOUNT_PREFIX, HostConfig
 CHROOT_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Fresh mount, pid, uts and ipc namespaces (nothing in a build can rename the host);
 # --kill-child ends the whole pid namespace when unshare dies.
-PRIVATE_NAMESPACES = ("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--kill-child",
-                      "--propagation", "private")
+PRIVATE_NAMESPACES = (
+    "unshare",
+    "--mount",
+    "--pid",
+    "--uts",
+    "--ipc",
+    "--fork",
+    "--kill-child",
+    "--propagation",
+    "private",
+)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,8 +72,14 @@ def run_host(argv: Sequence[str], log: IO[str], *, env: Mapping[str, str] | None
     """A build command on the host (debootstrap, pip --target, npm --prefix), logged."""
     log.write(f"$ {shlex.join(argv)}\n")
     log.flush()
-    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})}, preexec_fn=die_with_builder)
+    result = subprocess.run(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        preexec_fn=die_with_builder,
+    )
     if result.returncode != 0:
         raise TemplateBuildError(f"{argv[0]} exited with {result.returncode}")
 
@@ -74,8 +89,9 @@ def run_private(script: str, log: IO[str]) -> None:
     log.write(f"$ {script}\n")
     log.flush()
     argv = [*PRIVATE_NAMESPACES, "bash", "-euo", "pipefail", "-c", script]
-    result = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=die_with_builder)
+    result = subprocess.run(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_builder
+    )
     if result.returncode != 0:
         raise TemplateBuildError(f"build command exited with {result.returncode}")
 
@@ -110,7 +126,9 @@ def run_in_rootfs(
             work.mkdir()
             root.mkdir()
             lowerdir = ":".join(str(p) for p in lowers)
-            lines.append(f"mount -t overlay overlay -o {q(f'lowerdir={lowerdir},upperdir={target},workdir={work}')} {q(str(root))}")
+            lines.append(
+                f"mount -t overlay overlay -o {q(f'lowerdir={lowerdir},upperdir={target},workdir={work}')} {q(str(root))}"
+            )
         else:
             root = target
             work = None
@@ -149,7 +167,9 @@ def run_in_rootfs(
                 remove_tree(work)
 
 
-def run_in_layers(command: str, layers: Sequence[str | Path], *, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_in_layers(
+    command: str, layers: Sequence[str | Path], *, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run ``command`` (bash, as root) in the rootfs the layers (topmost first) make up.
 
     Writes go to a throwaway tmpfs upper dir, as in a sandbox; the layers stay untouched.
@@ -159,14 +179,17 @@ def run_in_layers(command: str, layers: Sequence[str | Path], *, timeout: float 
         q = shlex.quote
         rw, root = f"{scratch}/rw", f"{scratch}/root"
         lowerdir = ":".join(str(p) for p in layers)
-        script = "\n".join([
-            f"mkdir {q(rw)} {q(root)} && mount -t tmpfs tmpfs {q(rw)} && mkdir {q(rw)}/u {q(rw)}/w",
-            f"mount -t overlay overlay -o {q(f'lowerdir={lowerdir},upperdir={rw}/u,workdir={rw}/w')} {q(root)}",
-            f"mount -t proc proc {q(root)}/proc",
-            f"mount --rbind /dev {q(root)}/dev && mount --make-rslave {q(root)}/dev",
-            f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",
-            f"chroot {q(root)} /usr/bin/env -i PATH={CHROOT_PATH} HOME=/root LANG=C.UTF-8 /bin/bash -c {q(command)}",
-        ])
+        script = "\n".join(
+            [
+                f"mkdir {q(rw)} {q(root)} && mount -t tmpfs tmpfs {q(rw)} && mkdir {q(rw)}/u {q(rw)}/w",
+                f"mount -t overlay overlay -o {q(f'lowerdir={lowerdir},upperdir={rw}/u,workdir={rw}/w')} {q(root)}",
+                f"mount -t proc proc {q(root)}/proc",
+                f"mount --rbind /dev {q(root)}/dev && mount --make-rslave {q(root)}/dev",
+                f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",
+                f"chroot {q(root)} /usr/bin/env -i PATH={CHROOT_PATH} HOME=/root LANG=C.UTF-8 /bin/bash -c {q(command)}",
+            ]
+        )
         argv = [*PRIVATE_NAMESPACES, "bash", "-eu", "-c", script]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              preexec_fn=die_with_builder)
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=die_with_builder
+        )
