@@ -6,10 +6,10 @@ CLI := $(VENV)/bin/pmoves-e2b
 # The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates
-# Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres.
-APT_TEST_PACKAGES := postgresql
+# Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium drives the viewers.
+APT_TEST_PACKAGES := postgresql chromium
 
-.PHONY: sysdeps test-sysdeps venv build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
+.PHONY: sysdeps test-sysdeps venv novnc build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
 
 sysdeps: ## install the Debian packages the stack needs (idempotent, fast when present)
 	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -21,6 +21,7 @@ sysdeps: ## install the Debian packages the stack needs (idempotent, fast when p
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pmoves_e2b.desktop.assets
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -28,7 +29,10 @@ venv: $(VENV)/.installed
 templates: sysdeps venv ## build the sandbox templates (cached; rebuilt only when their inputs change)
 	$(CLI) template build --all
 
-build-e2b: sysdeps venv templates
+novnc: venv ## noVNC's browser library for e2b-desktop's viewer, from the npm registry (pinned, checked)
+	$(PY) -m pmoves_e2b.desktop.assets
+
+build-e2b: sysdeps venv templates novnc
 
 e2b-up: build-e2b
 	$(CLI) up

@@ -64,6 +64,19 @@ class SdkConfig:
             return None
         return f"https://{port}-{sandbox_id}.{self.public_domain}"
 
+    def port_websocket(
+        self, sandbox_id: str, port: int, path: str, traffic_token: str | None = None
+    ) -> tuple[str, dict[str, str]]:
+        """WebSocket URL and headers that reach ``port`` of a sandbox through the sandbox proxy.
+
+        Self-hosted: e2b-sandbox routes by the ``E2b-Sandbox-*`` headers; cloud: E2B's host pattern.
+        """
+        headers = {"e2b-traffic-access-token": traffic_token} if traffic_token else {}
+        if self.mode == "self-hosted" and self.sandbox_url:
+            base = "ws" + self.sandbox_url.removeprefix("http")
+            return base + path, {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port), **headers}
+        return f"wss://{port}-{sandbox_id}.{self.domain}{path}", headers
+
     @property
     def health_url(self) -> str | None:
         """Where the sandbox backend answers ``GET /health`` (self-hosted only)."""

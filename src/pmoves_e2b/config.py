@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     e2b_pool_size: int = Field(2, ge=0)
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
+    # Browser access to e2b-desktop: signed viewer links and the session cookie they set.
+    e2b_desktop_link_ttl: int = Field(600, ge=10)
+    e2b_desktop_session_ttl: int = Field(8 * 3600, ge=60)
+    # noVNC's core/ + vendor/ (default: fetched by `make novnc` into the package; Debian's /usr/share/novnc works).
+    e2b_novnc_dir: Path | None = None
     e2b_surf_concurrent: int = Field(5, ge=1)
     e2b_surf_timeout: int = Field(60, ge=1)
     e2b_spells_timeout: int = Field(300, ge=1)

@@ -41,13 +41,17 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 
 @dataclass(frozen=True)
 class DependencyCheck:
-    """One dependency in the health answer. ``hard``: when it is down, health is 503."""
+    """One dependency in the health answer. ``hard``: when it is down, health is 503.
+
+    ``informational``: reported, but never changes the status (a feature that is not set up).
+    """
 
     name: str
     check: Callable[[], Awaitable[bool]]
     hard: bool = False
     up: str = "ok"
     down: str = "unavailable"
+    informational: bool = False
 
 
 def service_info(name: str) -> ServiceInfo:
@@ -98,6 +102,8 @@ async def health_report(service: ServiceInfo, started: float, checks: Sequence[D
         if not task.done():
             task.cancel()
         dependencies[dep.name] = dep.up if ok else dep.down
+        if dep.informational:
+            continue
         hard_down |= dep.hard and not ok
         soft_down |= not dep.hard and not ok
     status = "unhealthy" if hard_down else "degraded" if soft_down else "healthy"

@@ -19,6 +19,11 @@ from starlette.routing import BaseRoute
 
 from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings, get_settings
+from pmoves_e2b.desktop import mcp_tools as desktop_tools
+from pmoves_e2b.desktop import pmoves_rest as desktop_rest
+from pmoves_e2b.desktop.desktops import DesktopOps
+from pmoves_e2b.desktop.desktops import ops_for as desktop_ops_for
+from pmoves_e2b.desktop.links import viewer_urls
 from pmoves_e2b.mcp.auth import AuthMiddleware, parse_allowed_hosts, transport_security
 from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
@@ -42,10 +47,12 @@ def build_ops(settings: Settings) -> tuple[SdkConfig, SandboxOps]:
     return config, SandboxOps(config)
 
 
-def build_server(settings: Settings, ops: SandboxOps) -> MCPServer:
+def build_server(settings: Settings, ops: SandboxOps, desktops: DesktopOps | None = None) -> MCPServer:
     """Every MCP tool, the same for HTTP, SSE and stdio."""
     server = build_mcp_server(ops, settings.e2b_sandbox_timeout_sec, settings.e2b_execution_timeout_sec)
     spell_tools.register(server, settings)
+    desktops = desktops or desktop_ops_for(settings, "e2b-mcp-server")
+    desktop_tools.register(server, desktops, viewer_urls(settings))
     return server
 
 
@@ -97,7 +104,8 @@ def _mcp_routes(server: MCPServer, settings: Settings) -> list[BaseRoute]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     config, ops = build_ops(settings)
-    server = build_server(settings, ops)
+    desktops = desktop_ops_for(settings, "e2b-mcp-server")
+    server = build_server(settings, ops, desktops)
     mcp_routes = _mcp_routes(server, settings)
 
     @contextlib.asynccontextmanager
@@ -111,7 +119,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "mcp",
         settings,
         health_checks=health_checks(settings, config),
-        routers=[build_router(ops, server, settings), spell_rest.router(settings)],
+        routers=[
+            build_router(ops, server, settings),
+            spell_rest.router(settings),
+            desktop_rest.build_router(desktops, viewer_urls(settings), str(settings.e2b_desktop_url)),
+        ],
         lifespan=lifespan,
     )
     app.router.routes.extend(mcp_routes)

@@ -1,0 +1,444 @@
+"""Desktops: sandboxes of template ``desktop`` driven through the official ``e2b-desktop`` SDK.
+
+One desktop = one sandbox (the desktop id is the sandbox id). The durable record is the
+sandbox itself: its E2B metadata marks it as ours (``pmoves_desktop``) and carries the
+resolution, who created it and the NATS request it answers, so any process (e2b-desktop,
+e2b-mcp-server) and a restarted one see the same desktops. In memory we keep only the SDK
+objects and the VNC password of the stream we started (``DesktopOps``).
+
+The ``e2b_desktop`` SDK is synchronous: its calls run on a private thread pool, never on
+the event loop. Listing, info and kill use the async core ``e2b`` SDK. The SDK is configured
+only by :mod:`pmoves_e2b.client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+import httpx
+from e2b import AsyncSandbox, SandboxQuery
+from e2b import exceptions as e2b_errors
+from e2b.sandbox.commands.command_handle import CommandExitException
+from e2b.sandbox.sandbox_api import SandboxInfo
+from e2b_desktop import Sandbox as DesktopSandbox
+from e2b_desktop.main import _VNCServer
+
+from pmoves_e2b.client import SdkConfig, sdk_config
+from pmoves_e2b.config import Settings
+from pmoves_e2b.desktop import metrics
+from pmoves_e2b.desktop.actions import (
+    Click,
+    DoubleClick,
+    Drag,
+    Key,
+    Launch,
+    Move,
+    Open,
+    Scroll,
+    Type,
+    Wait,
+)
+from pmoves_e2b.desktop.keys import parse_keys
+
+log = logging.getLogger(__name__)
+
+DESKTOP_TEMPLATE = "desktop"
+DISPLAY = ":0"
+VNC_PORT = 5900
+STREAM_PORT = 6080  # noVNC's websockify inside the sandbox (the SDK's stream.start)
+MARKER = "pmoves_desktop"
+# xdotool types non-ASCII text only under a UTF-8 locale (C.UTF-8 is always in Debian's libc).
+DESKTOP_ENVS = {"LANG": "C.UTF-8"}
+SDK_THREADS = 16
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class DesktopError(Exception):
+    """A desktop operation failed; ``message`` says what to do, ``status`` is the HTTP answer."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def not_found(desktop_id: str) -> DesktopError:
+    return DesktopError(
+        "not_found", f"desktop {desktop_id} was not found or has ended; create one with POST /desktops", 404
+    )
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise DesktopError("invalid_resolution", f"resolution {text!r} is not WIDTHxHEIGHT, e.g. 1280x800", 422)
+    w, h = int(width), int(height)
+    if not (320 <= w <= 7680 and 200 <= h <= 4320):
+        raise DesktopError("invalid_resolution", f"resolution {text} is outside 320x200 .. 7680x4320", 422)
+    return w, h
+
+
+@dataclass(frozen=True)
+class Desktop:
+    """A live desktop as the backend reports it."""
+
+    desktop_id: str
+    resolution: str
+    started_at: datetime
+    end_at: datetime
+    memory_mb: int
+    cpu_count: float
+    metadata: dict[str, str]
+
+    @property
+    def created_by(self) -> str:
+        return self.metadata.get("created_by", "")
+
+    @property
+    def request_id(self) -> str | None:
+        return self.metadata.get("pmoves_request_id") or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "desktop_id": self.desktop_id,
+            "resolution": self.resolution,
+            "started_at": self.started_at.isoformat(),
+            "end_at": self.end_at.isoformat(),
+            "memory_mb": self.memory_mb,
+            "cpu_count": self.cpu_count,
+            "created_by": self.created_by,
+            "metadata": {k: v for k, v in self.metadata.items() if k != MARKER},
+        }
+
+
+def desktop_from_info(info: SandboxInfo) -> Desktop:
+    metadata = dict(info.metadata or {})
+    return Desktop(
+        desktop_id=info.sandbox_id,
+        resolution=metadata.get("resolution", ""),
+        started_at=info.started_at,
+        end_at=info.end_at,
+        memory_mb=info.memory_mb,
+        cpu_count=info.cpu_count,
+        metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class StreamTarget:
+    """Where the relay reaches a desktop's VNC (noVNC's websockify in the sandbox) and its password."""
+
+    url: str
+    headers: dict[str, str]
+    password: str
+
+
+@dataclass
+class _Live:
+    sandbox: DesktopSandbox
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    vnc_password: str | None = None
+
+
+@dataclass
+class DesktopOps:
+    config: SdkConfig
+    default_resolution: str = "1920x1080"
+    max_duration_s: int = 3600
+    template: str = DESKTOP_TEMPLATE
+    source: str = "e2b-desktop"
+    _live: dict[str, _Live] = field(default_factory=dict)
+    _pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="desktop-sdk")
+    )
+
+    async def _sdk(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    # ----- lifecycle -------------------------------------------------------------------
+
+    async def create(
+        self,
+        resolution: str | None = None,
+        duration_s: int | None = None,
+        memory_mb: int | None = None,
+        cpu_count: float | None = None,
+        created_by: str = "e2b-desktop",
+        extra_metadata: dict[str, str] | None = None,
+    ) -> Desktop:
+        resolution = resolution or self.default_resolution
+        size = parse_resolution(resolution)
+        duration_s = duration_s or self.max_duration_s
+        if duration_s > self.max_duration_s:
+            raise DesktopError(
+                "invalid_duration",
+                f"duration {duration_s} s exceeds E2B_DESKTOP_MAX_DURATION={self.max_duration_s} s",
+                422,
+            )
+        metadata = {
+            **(extra_metadata or {}),
+            MARKER: "1",
+            "resolution": f"{size[0]}x{size[1]}",
+            "created_by": created_by,
+        }
+        started = time.monotonic()
+        async with self._translate(None):
+            sandbox = await self._sdk(
+                DesktopSandbox.create,
+                template=self.template,
+                resolution=size,
+                timeout=duration_s,
+                metadata=metadata,
+                envs=dict(DESKTOP_ENVS),
+                **self.config.options(),
+            )
+        metrics.CREATE_SECONDS.observe(time.monotonic() - started)
+        metrics.DESKTOPS_CREATED.labels(created_by).inc()
+        self._live[sandbox.sandbox_id] = _Live(sandbox)
+        desktop = await self.get(sandbox.sandbox_id)
+        short = self._short_of(desktop, memory_mb, cpu_count)
+        if short:
+            await self.kill(desktop.desktop_id)
+            raise DesktopError("insufficient_resources", short, 422)
+        return desktop
+
+    @staticmethod
+    def _short_of(desktop: Desktop, memory_mb: int | None, cpu_count: float | None) -> str | None:
+        # Resources come from the template (the E2B API has no per-create resources): a request
+        # for more than a desktop gets is refused, never silently given less.
+        if memory_mb is not None and memory_mb > desktop.memory_mb:
+            return f"memory_mb {memory_mb} is more than a desktop gets here ({desktop.memory_mb} MB)"
+        if cpu_count is not None and cpu_count > desktop.cpu_count:
+            return f"cpu {cpu_count:g} is more than a desktop gets here ({desktop.cpu_count:g})"
+        return None
+
+    async def list(self) -> list[Desktop]:
+        async with self._translate(None):
+            paginator = AsyncSandbox.list(query=SandboxQuery(metadata={MARKER: "1"}), **self.config.options())
+            infos: list[SandboxInfo] = []
+            while paginator.has_next:
+                infos.extend(await paginator.next_items())
+        desktops = [desktop_from_info(i) for i in infos if (i.metadata or {}).get(MARKER) == "1"]
+        return sorted(desktops, key=lambda d: d.started_at, reverse=True)
+
+    async def get(self, desktop_id: str) -> Desktop:
+        async with self._translate(desktop_id):
+            info = await AsyncSandbox.get_info(desktop_id, **self.config.options())
+        if (info.metadata or {}).get(MARKER) != "1":
+            raise not_found(desktop_id)
+        return desktop_from_info(info)
+
+    async def kill(self, desktop_id: str) -> None:
+        await self.get(desktop_id)  # only our desktops, and a clear 404 for the others
+        self._live.pop(desktop_id, None)
+        async with self._translate(desktop_id):
+            killed = await AsyncSandbox.kill(desktop_id, **self.config.options())
+        if not killed:
+            raise not_found(desktop_id)
+
+    # ----- screen and input ------------------------------------------------------------
+
+    async def screenshot(self, desktop_id: str) -> bytes:
+        live = await self._attach(desktop_id)
+        started = time.monotonic()
+        async with self._translate(desktop_id):
+            data = await self._sdk(live.sandbox.screenshot)
+        metrics.SCREENSHOT_SECONDS.observe(time.monotonic() - started)
+        return bytes(data)
+
+    async def cursor(self, desktop_id: str) -> tuple[int, int]:
+        live = await self._attach(desktop_id)
+        async with self._translate(desktop_id):
+            return await self._sdk(live.sandbox.get_cursor_position)
+
+    async def act(self, desktop_id: str, actions: list[Any]) -> dict[str, Any]:
+        """Run ``actions`` in order (one desktop's actions never interleave); answers the cursor after."""
+        desktop = await self.get(desktop_id)
+        width, height = parse_resolution(desktop.resolution) if desktop.resolution else (65_536, 65_536)
+        for index, action in enumerate(actions):
+            for x, y in _points(action):
+                if x >= width or y >= height:
+                    raise DesktopError(
+                        "out_of_screen", f"actions[{index}]: ({x}, {y}) is outside the {width}x{height} screen", 422
+                    )
+        live = await self._attach(desktop_id)
+        done = []
+        async with live.lock, self._translate(desktop_id):
+            for action in actions:
+                await self._run(live.sandbox, action)
+                metrics.ACTIONS.labels(action.type).inc()
+                done.append(action.type)
+            x, y = await self._sdk(live.sandbox.get_cursor_position)
+        return {"desktop_id": desktop_id, "done": done, "cursor": {"x": x, "y": y}}
+
+    async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
+        match action:
+            case Click(x=x, y=y, button=button):
+                if x is not None and y is not None:
+                    await self._sdk(sandbox.move_mouse, x, y)
+                click = {"left": sandbox.left_click, "right": sandbox.right_click, "middle": sandbox.middle_click}
+                await self._sdk(click[button])
+            case DoubleClick(x=x, y=y):
+                if x is not None and y is not None:
+                    await self._sdk(sandbox.move_mouse, x, y)
+                await self._sdk(sandbox.double_click)
+            case Move(x=x, y=y):
+                await self._sdk(sandbox.move_mouse, x, y)
+            case Drag(from_=start, to=end):
+                await self._sdk(sandbox.drag, start, end)
+            case Scroll(x=x, y=y, direction=direction, amount=amount):
+                if x is not None and y is not None:
+                    await self._sdk(sandbox.move_mouse, x, y)
+                await self._sdk(sandbox.scroll, direction, amount)
+            case Type(text=text):
+                await self._sdk(sandbox.write, text, chunk_size=50, delay_in_ms=12)
+            case Key(keys=keys):
+                await self._sdk(sandbox.press, parse_keys(keys))
+            case Open(url=url):
+                # The SDK puts the argument into a shell command unquoted.
+                await self._sdk(sandbox.open, shlex.quote(url))
+            case Launch(app=app, uri=uri):
+                await self._sdk(sandbox.launch, app, shlex.quote(uri) if uri else None)
+            case Wait(ms=ms):
+                await asyncio.sleep(ms / 1000)
+            case _:
+                raise DesktopError("invalid_action", f"unknown action {action!r}", 422)
+
+    # ----- the VNC stream --------------------------------------------------------------
+
+    async def stream(self, desktop_id: str) -> StreamTarget:
+        """Start the desktop's VNC stream once (SDK ``stream.start(require_auth=True)``) and say how to reach it."""
+        live = await self._attach(desktop_id)
+        async with live.lock, self._translate(desktop_id):
+            if live.vnc_password is None:
+                await self._sdk(_restart_stream, live.sandbox)
+                live.vnc_password = live.sandbox.stream.get_auth_key()
+        url, headers = self.config.port_websocket(
+            desktop_id, STREAM_PORT, "/websockify", getattr(live.sandbox, "traffic_access_token", None)
+        )
+        return StreamTarget(url, headers, live.vnc_password)
+
+    def forget_stream(self, desktop_id: str) -> None:
+        """The stream broke (password refused, websockify gone): start it again on the next viewer."""
+        live = self._live.get(desktop_id)
+        if live is not None:
+            live.vnc_password = None
+
+    # ----- helpers ---------------------------------------------------------------------
+
+    async def _attach(self, desktop_id: str) -> _Live:
+        live = self._live.get(desktop_id)
+        if live is not None:
+            return live
+        await self.get(desktop_id)
+        async with self._translate(desktop_id):
+            sandbox = await self._sdk(DesktopSandbox.connect, desktop_id, **self.config.options())
+        # The SDK sets these only in create(); a desktop made by another process (or before a
+        # restart) needs them to take screenshots and stream. Our desktops always use DISPLAY.
+        sandbox._display = DISPLAY
+        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)  # type: ignore[attr-defined]
+        return self._live.setdefault(desktop_id, _Live(sandbox))
+
+    def _translate(self, desktop_id: str | None) -> _Translate:
+        return _Translate(self, desktop_id)
+
+    async def is_gone(self, desktop_id: str) -> bool:
+        try:
+            await AsyncSandbox.get_info(desktop_id, **self.config.options())
+        except e2b_errors.NotFoundException:
+            return True
+        except Exception:  # noqa: BLE001 - backend trouble: not proven gone
+            return False
+        return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ops_for(settings: Settings, source: str = "e2b-desktop") -> DesktopOps:
+    return DesktopOps(
+        sdk_config(settings),
+        default_resolution=settings.e2b_desktop_resolution,
+        max_duration_s=settings.e2b_desktop_max_duration,
+        source=source,
+    )
+
+
+def _restart_stream(sandbox: DesktopSandbox) -> None:
+    """A stream we did not start (other process, before a restart) has a password we do not know."""
+    # "[n]ovnc" so that pkill -f does not match this very shell's command line.
+    sandbox.commands.run("pkill -x x11vnc; pkill -f '[n]ovnc_proxy'; pkill -f '[w]ebsockify'; true")
+    sandbox.stream.start(require_auth=True)
+
+
+def _points(action: Any) -> list[tuple[int, int]]:
+    if isinstance(action, Drag):
+        return [action.from_, action.to]
+    x, y = getattr(action, "x", None), getattr(action, "y", None)
+    return [(x, y)] if x is not None and y is not None else []
+
+
+class _Translate:
+    """SDK and transport exceptions -> DesktopError; anything on a desktop that has ended is a 404."""
+
+    def __init__(self, ops: DesktopOps, desktop_id: str | None) -> None:
+        self.ops, self.desktop_id = ops, desktop_id
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, DesktopError) or not isinstance(exc, Exception):
+            return False
+        raise await self._translate(exc) from exc
+
+    async def _translate(self, exc: Exception) -> DesktopError:
+        did = self.desktop_id
+        if did is not None and (
+            isinstance(exc, (e2b_errors.NotFoundException, e2b_errors.SandboxNotRunningException))
+            or await self.ops.is_gone(did)
+        ):
+            self.ops._live.pop(did, None)
+            return not_found(did)
+        if isinstance(exc, CommandExitException):
+            detail = (exc.stderr or exc.stdout or str(exc)).strip()[:300]
+            return DesktopError("desktop_error", f"the desktop could not do it: {detail}", 409)
+        if isinstance(exc, e2b_errors.AuthenticationException):
+            return DesktopError(
+                "backend_auth", "the sandbox backend rejected E2B_API_KEY; check the configuration", 502
+            )
+        if isinstance(exc, e2b_errors.TimeoutException):
+            return DesktopError("timeout", f"the desktop did not answer in time: {exc}", 504)
+        if isinstance(exc, e2b_errors.RateLimitException):
+            return DesktopError("limit_reached", f"sandbox limit reached: {exc}; end unused desktops", 429)
+        if isinstance(exc, e2b_errors.InvalidArgumentException):
+            return DesktopError("invalid_argument", str(exc), 422)
+        if isinstance(exc, e2b_errors.SandboxException) and "template" in str(exc).lower():
+            return DesktopError(
+                "template_missing",
+                f"template {self.ops.template!r} is not available: {exc}; build it with "
+                f"`pmoves-e2b template build {self.ops.template}`",
+                503,
+            )
+        if isinstance(exc, (httpx.TransportError, OSError)):
+            return DesktopError(
+                "backend_unreachable", "the sandbox backend is unreachable; check e2b-sandbox (pmoves-e2b status)", 503
+            )
+        log.warning("desktop operation failed", exc_info=exc)
+        return DesktopError("backend_error", f"sandbox backend error: {type(exc).__name__}: {exc}", 502)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
