@@ -283,24 +283,33 @@ class DesktopOps:
             x, y = await self._sdk(live.sandbox.get_cursor_position)
         return {"desktop_id": desktop_id, "done": done, "cursor": {"x": x, "y": y}}
 
+    async def _move(self, sandbox: DesktopSandbox, x: int | None, y: int | None) -> None:
+        """The SDK's ``move_mouse`` (``xdotool mousemove --sync``) waits ~15 s when the pointer
+        is already there (xdotool 3.20160805 waits for a motion that never comes): skip that case."""
+        if x is None or y is None:
+            return
+        if await self._sdk(sandbox.get_cursor_position) != (x, y):
+            await self._sdk(sandbox.move_mouse, x, y)
+
     async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
         match action:
             case Click(x=x, y=y, button=button):
-                if x is not None and y is not None:
-                    await self._sdk(sandbox.move_mouse, x, y)
+                await self._move(sandbox, x, y)
                 click = {"left": sandbox.left_click, "right": sandbox.right_click, "middle": sandbox.middle_click}
                 await self._sdk(click[button])
             case DoubleClick(x=x, y=y):
-                if x is not None and y is not None:
-                    await self._sdk(sandbox.move_mouse, x, y)
+                await self._move(sandbox, x, y)
                 await self._sdk(sandbox.double_click)
             case Move(x=x, y=y):
-                await self._sdk(sandbox.move_mouse, x, y)
+                await self._move(sandbox, x, y)
             case Drag(from_=start, to=end):
-                await self._sdk(sandbox.drag, start, end)
+                # The SDK's drag() moves with --sync too: same steps, without the stall.
+                await self._move(sandbox, *start)
+                await self._sdk(sandbox.mouse_press)
+                await self._move(sandbox, *end)
+                await self._sdk(sandbox.mouse_release)
             case Scroll(x=x, y=y, direction=direction, amount=amount):
-                if x is not None and y is not None:
-                    await self._sdk(sandbox.move_mouse, x, y)
+                await self._move(sandbox, x, y)
                 await self._sdk(sandbox.scroll, direction, amount)
             case Type(text=text):
                 await self._sdk(sandbox.write, text, chunk_size=50, delay_in_ms=12)
