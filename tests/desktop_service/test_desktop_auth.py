@@ -75,6 +75,16 @@ def test_a_ticket_for_another_desktop_or_an_expired_one_is_refused(lone_desktop_
     assert asyncio.run(_ws_status(base + old)) == 401
 
 
+def test_a_session_cookie_cannot_open_a_websocket_from_another_site(lone_desktop_service: DesktopService) -> None:
+    session = Signer(lone_desktop_service.token).sign("session", "*", "control", 60)
+    url = lone_desktop_service.url.replace("http", "ws") + "/websockify?desktop=sbx-1"
+    cookie = {"Cookie": f"e2b_desktop_session={session}"}
+    assert asyncio.run(_ws_status(url, {**cookie, "Origin": "http://evil.example"})) == 401
+    # Same origin: past the door (the backend is down, so the desktop cannot be reached: 503).
+    same = {**cookie, "Origin": lone_desktop_service.url}
+    assert asyncio.run(_ws_status(url, same)) == 503
+
+
 def test_expired_viewer_link_is_refused(lone_desktop_service: DesktopService) -> None:
     expired = Signer(lone_desktop_service.token).sign("link", "sbx-1", "control", 10, now=time.time() - 60)
     response = get(lone_desktop_service, f"/desktop/sbx-1?t={expired}")

@@ -11,12 +11,21 @@ Cookies are HttpOnly and SameSite=Strict. Secrets are compared in constant time 
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
 from pmoves_e2b.desktop.links import ALL_DESKTOPS, DESKTOP_COOKIE, SESSION_COOKIE, TICKET_TTL_S, Grant, Signer
 
 CONTROL_ALL = Grant(ALL_DESKTOPS, "control", 2**62)
+
+
+def same_origin(conn: HTTPConnection) -> bool:
+    """No Origin (not a browser) or an Origin whose host:port is the Host the request came to."""
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == conn.headers.get("host", "").lower()
 
 
 class DesktopAuth:
@@ -65,6 +74,8 @@ class DesktopAuth:
         ticket = self.signer.verify("ticket", conn.query_params.get("ticket"))
         if ticket is not None and ticket.covers(desktop_id):
             return ticket
+        if not same_origin(conn):
+            return None  # a cookie rides along on cross-site WebSockets: never let it open one
         session = self.signer.verify("session", conn.cookies.get(SESSION_COOKIE))
         return session if session is not None and session.covers(desktop_id) else None
 

@@ -339,6 +339,10 @@ class DesktopOps:
         )
         return StreamTarget(url, headers, live.vnc_password)
 
+    def forget(self, desktop_id: str) -> None:
+        """The desktop has ended: drop its SDK object."""
+        self._live.pop(desktop_id, None)
+
     def forget_stream(self, desktop_id: str) -> None:
         """The stream broke (password refused, websockify gone): start it again on the next viewer."""
         live = self._live.get(desktop_id)

@@ -79,6 +79,7 @@ class DesktopWatcher:
         for desktop_id in [d for d in self.known if d not in live]:
             desktop = self.known.pop(desktop_id)
             self._stop_display_watch(desktop_id)
+            self.ops.forget(desktop_id)
             if desktop_id in self._failed:
                 self._failed.discard(desktop_id)
                 continue
