@@ -139,8 +139,9 @@ def build_router() -> APIRouter:
                 "<code>/desktop/create</code>.</div>"
             )
         count = f"{len(desktops)} live desktop" + ("" if len(desktops) == 1 else "s")
+        lead = f"{count}. Open one to watch and drive it in the browser." if desktops else "Nothing running yet."
         body = f"""{bar(signed_in=True)}<main class="list"><h1>Desktops</h1>
-<p class="lead">{count}. Open one to watch and drive it in the browser.</p>{content}</main>"""
+<p class="lead">{lead}</p>{content}</main>"""
         return page("Desktops · e2b-desktop", body)
 
     @router.post("/login")
