@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def templates_dir() -> Path:
     root = default_templates_dir()
     builder = TemplateBuilder(root)
-    for name in ("base", "code-interpreter-v1"):
+    for name in ("base", "code-interpreter-v1", "desktop"):
         builder.build(name)
     return root
 
@@ -186,3 +186,18 @@ def test_the_sandbox_user_can_reach_the_registries_through_the_hosts_ca(template
     )
     lines = out.split()
     assert any(line.startswith("six-") for line in lines) and "1.3.0" in lines and "200" in lines, out
+
+
+def test_desktop_has_what_the_stock_desktop_sdk_runs(templates_dir: Path) -> None:
+    out = run(
+        "desktop",
+        templates_dir,
+        "for t in Xvfb startxfce4 dbus-launch xdpyinfo xrandr xdotool scrot x11vnc netstat gtk-launch xdg-open "
+        "pgrep pkill chromium mousepad xfce4-terminal; do command -v $t >/dev/null || echo missing $t; done; "
+        "test -x /opt/noVNC/utils/novnc_proxy && test -f /opt/noVNC/vnc.html && echo novnc; "
+        "readlink -f /etc/alternatives/x-www-browser; grep -c no-sandbox /etc/chromium.d/pmoves; "
+        "grep -o MetricsReportingEnabled /etc/chromium/policies/managed/pmoves.json",
+    )
+    assert "missing" not in out, out
+    assert out.split() == ["novnc", "/usr/bin/chromium", "1", "MetricsReportingEnabled"], out
+    assert load_template("desktop", templates_dir).memory_mb == 4096

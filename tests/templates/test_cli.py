@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pmoves_e2b.sandbox.templates.definitions import TEMPLATES
+
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -21,8 +23,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_list_shows_unbuilt_templates(tmp_path: Path) -> None:
     result = cli("list", "--templates-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "base" in result.stdout and "code-interpreter-v1" in result.stdout
-    assert result.stdout.count("not built") == 2
+    assert "base" in result.stdout and "code-interpreter-v1" in result.stdout and "desktop" in result.stdout
+    assert result.stdout.count("not built") == len(TEMPLATES)
 
 
 def test_build_of_an_unknown_template_fails_clearly(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from pmoves_e2b.store.db import Database
 
 log = logging.getLogger(__name__)
 
-POOLED_TEMPLATES = ("base", "code-interpreter-v1")
+POOLED_TEMPLATES = ("base", "code-interpreter-v1", "desktop")
 
 
 def create_app(settings: Settings | None = None) -> Any:

@@ -2,6 +2,7 @@
 
     base                 = envd + os
     code-interpreter-v1  = interpreter + kernels + envd + os      (topmost first)
+    desktop              = desktop + envd + os
 
 ``os`` is Debian bookworm from the host's apt mirror; ``envd`` holds only the in-sandbox
 daemon and its dependencies, so a change to envd rebuilds that small layer alone;
@@ -357,7 +358,85 @@ INTERPRETER_LAYER = LayerSpec(
     inputs=lambda host: _package_digest("interpreter"),
 )
 
-LAYERS: dict[str, LayerSpec] = {spec.name: spec for spec in (OS_LAYER, ENVD_LAYER, KERNELS_LAYER, INTERPRETER_LAYER)}
+# ---- layer desktop (on os) ----------------------------------------------------------------
+
+# What the stock e2b-desktop SDK runs inside (e2b-wire-protocol.md §10), a text editor, a
+# terminal, fonts and Debian's Chromium as the default browser.
+DESKTOP_PACKAGES = (
+    "xvfb xfce4 xfce4-terminal dbus-x11 x11-utils x11-xserver-utils xdotool scrot x11vnc net-tools "
+    "libgtk-3-bin xdg-utils procps novnc websockify mousepad fonts-dejavu-core fonts-liberation2 chromium"
+)
+# Chromium runs as `user` under no_new_privs (its own sandbox cannot start; the sandbox is the
+# isolation) and must not phone home (desktop-surf-mcp-nats.md §3).
+CHROMIUM_FLAGS = (
+    "--no-sandbox --test-type --disable-dev-shm-usage --no-first-run --no-default-browser-check "
+    "--disable-background-networking --disable-component-update --disable-sync --disable-domain-reliability "
+    "--disable-client-side-phishing-detection --metrics-recording-only "
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication,"
+    "CertificateTransparencyComponentUpdater"
+)
+CHROMIUM_POLICY = {
+    "MetricsReportingEnabled": False,
+    "BrowserSignin": 0,
+    "SyncDisabled": True,
+    "SpellCheckServiceEnabled": False,
+    "SafeBrowsingProtectionLevel": 0,
+    "SearchSuggestEnabled": False,
+    "DefaultBrowserSettingEnabled": False,
+    "PromotionalTabsEnabled": False,
+    "TranslateEnabled": False,
+    "UrlKeyedAnonymizedDataCollectionEnabled": False,
+}
+
+
+def _desktop_apt(ctx: BuildContext) -> None:
+    ctx.chroot(
+        f"apt-get update -q && apt-get install -y -q --no-install-recommends {DESKTOP_PACKAGES} "
+        "&& apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin"
+    )
+
+
+def _novnc_paths(ctx: BuildContext) -> None:
+    # The SDK runs `cd /opt/noVNC/utils && ./novnc_proxy ... --web /opt/noVNC` and links vnc.html.
+    ctx.chroot("ln -sfn /usr/share/novnc /opt/noVNC && ln -sf vnc.html /usr/share/novnc/index.html")
+
+
+def _chromium_defaults(ctx: BuildContext) -> None:
+    _write(ctx.target, "/etc/chromium.d/pmoves", f'export CHROMIUM_FLAGS="$CHROMIUM_FLAGS {CHROMIUM_FLAGS}"\n'.encode())
+    _write(ctx.target, "/etc/chromium/policies/managed/pmoves.json", json.dumps(CHROMIUM_POLICY, indent=1).encode())
+    helpers = b"WebBrowser=chromium\nTerminalEmulator=xfce4-terminal\n"
+    _write(ctx.target, "/etc/xdg/xfce4/helpers.rc", helpers)
+    mime = "".join(
+        f"{kind}=chromium.desktop\n"
+        for kind in ("x-scheme-handler/http", "x-scheme-handler/https", "text/html", "application/xhtml+xml")
+    )
+    _write(ctx.target, "/etc/xdg/mimeapps.list", b"[Default Applications]\n" + mime.encode())
+    ctx.chroot("update-alternatives --set x-www-browser /usr/bin/chromium || true")
+
+
+DESKTOP_LAYER = LayerSpec(
+    name="desktop",
+    build_on=("os",),
+    steps=(
+        Step(
+            "apt install Xvfb, XFCE, xdotool, x11vnc, noVNC, Chromium",
+            _desktop_apt,
+            DESKTOP_PACKAGES,
+            retries=NETWORK_RETRIES,
+        ),
+        Step("noVNC at the SDK's path /opt/noVNC", _novnc_paths, "/opt/noVNC index.html v1"),
+        Step(
+            "Chromium: default browser, no phone-home",
+            _chromium_defaults,
+            CHROMIUM_FLAGS + json.dumps(CHROMIUM_POLICY) + " v1",
+        ),
+    ),
+)
+
+
+LAYERS: dict[str, LayerSpec] = {
+    spec.name: spec for spec in (OS_LAYER, ENVD_LAYER, KERNELS_LAYER, INTERPRETER_LAYER, DESKTOP_LAYER)
+}
 
 ENVD_CHECK = (
     f"test -x {ENVD_BIN} && PYTHONPATH={ENVD_SITE} python3 -c 'import pmoves_e2b.envd, uvicorn, connectrpc' "
@@ -375,6 +454,17 @@ TEMPLATES: dict[str, TemplateSpec] = {
         ready_port=INTERPRETER_PORT,
         check=f"{ENVD_CHECK} && {VENV}/bin/python -c 'import pmoves_e2b.interpreter' && jupyter kernelspec list "
         f"| awk '{{print $1}}' > /tmp/kernels && for k in {' '.join(KERNEL_NAMES)}; do grep -qx $k /tmp/kernels; done",
+    ),
+    # The stock e2b-desktop SDK starts Xvfb and XFCE itself (no start command); XFCE and
+    # Chromium need more than a code sandbox.
+    "desktop": TemplateSpec(
+        name="desktop",
+        layers=("desktop", "envd", "os"),
+        memory_mb=4096,
+        cpu_count=2,
+        check=f"{ENVD_CHECK} && for t in Xvfb startxfce4 xdotool scrot x11vnc netstat xdpyinfo xrandr gtk-launch "
+        "xdg-open pgrep chromium mousepad; do command -v $t >/dev/null; done && test -x /opt/noVNC/utils/novnc_proxy "
+        "&& test -f /opt/noVNC/vnc.html",
     ),
 }
 
