@@ -106,6 +106,25 @@ def test_rest_actions_move_the_pointer_and_change_the_screen(service: DesktopSer
     assert closed["done"] == ["key", "wait"]
 
 
+def test_rest_typed_text_lands_in_the_editor(running_stack: Any, service: DesktopService, desktop: str) -> None:
+    text = "héllo wörld — typed over REST"
+    path = f"/home/user/note-{uuid.uuid4().hex[:8]}.txt"
+    sandbox = Sandbox.connect(
+        desktop, api_key=running_stack.api_key, api_url=running_stack.sandbox_url, sandbox_url=running_stack.sandbox_url
+    )
+    sandbox.files.write(path, "")
+    act(service, desktop, {"type": "launch", "app": "org.xfce.mousepad", "uri": path}, {"type": "wait", "ms": 3000})
+    act(
+        service,
+        desktop,
+        {"type": "type", "text": text},
+        {"type": "key", "keys": "ctrl+s"},
+        {"type": "wait", "ms": 1000},
+        {"type": "key", "keys": "ctrl+q"},
+    )
+    assert sandbox.files.read(path).rstrip("\n") == text
+
+
 def test_rest_errors_are_clear_json(service: DesktopService, desktop: str) -> None:
     outside = api(service, "POST", f"/desktops/{desktop}/actions", json={"type": "move", "x": 5000, "y": 1})
     assert outside.status_code == 422 and "outside the 1024x768 screen" in outside.json()["detail"]

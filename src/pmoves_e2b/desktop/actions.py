@@ -95,7 +95,7 @@ class Open(_Action):
 
 class Launch(_Action):
     type: Literal["launch"]
-    app: str = Field(description="Desktop entry name, e.g. 'xfce4-terminal', 'chromium', 'mousepad'")
+    app: str = Field(description="Desktop entry name, e.g. 'xfce4-terminal', 'chromium', 'org.xfce.mousepad'")
     uri: str | None = Field(None, max_length=4096)
 
     @field_validator("app")
