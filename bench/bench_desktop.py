@@ -6,7 +6,7 @@ same run: the stock ``e2b_desktop`` SDK straight against e2b-sandbox (create + f
 ``screenshot()``) and the REST action's own round trip. Measured: ``POST /desktops`` + first
 ``GET /desktops/{id}/screenshot``; ``GET /desktops/{id}/screenshot``; a right click over REST
 until the first VNC framebuffer update reaches a viewer through ``/websockify``; the desktop's
-memory when idle (e2b-sandbox's metrics).
+memory when idle, without and with Chromium (e2b-sandbox's metrics). ``--pool 0`` for cold creates.
 """
 
 from __future__ import annotations
@@ -106,8 +106,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--creates", type=int, default=3)
+    parser.add_argument("--pool", type=int, default=1, help="E2B_POOL_SIZE of the stack (0: cold creates)")
     options = parser.parse_args()
-    stack = make_stack()
+    print(f"warm pool size {options.pool}", flush=True)
+    stack = make_stack({"E2B_POOL_SIZE": str(options.pool)})
     try:
         stack.up()
         auth = {"Authorization": f"Bearer {stack.desktop_token}"}
@@ -144,6 +146,9 @@ def main() -> int:
             updates, actions = asyncio.run(click_to_update(stack, desktop_id, options.runs))
             report_baseline("REST action round trip (click or key)", actions)
             report("action -> first VNC update at the viewer", updates, actions)
+            api.post(f"/desktops/{desktop_id}/actions", json={"type": "open", "url": "file:///etc/hostname"})
+            time.sleep(12)  # Chromium up and one more metrics sample
+            print(f"{'idle desktop memory (Chromium, one tab)':46s} {memory_mb(stack, desktop_id):8.1f} MB", flush=True)
         finally:
             api.delete(f"/desktops/{desktop_id}")
     finally:
