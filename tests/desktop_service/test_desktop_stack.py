@@ -350,6 +350,45 @@ def test_nats_request_gets_ready_then_completed(running_stack: Any, service: Des
     assert completed.payload["desktop_id"] == ready.payload["desktop_id"] and completed.payload["reason"] == "killed"
 
 
+def test_lifecycle_events_and_metrics(running_stack: Any, service: DesktopService) -> None:
+    def metric(name: str) -> float:
+        text = httpx.get(service.url + "/metrics", trust_env=False, timeout=10).text
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+        return values[0] if values else 0.0
+
+    async def scenario() -> tuple[str, dict[str, envelope.Envelope], float]:
+        client = await nats.connect(running_stack.nats_url)
+        try:
+            events: list[tuple[str, envelope.Envelope]] = []
+
+            async def on_event(msg: Any) -> None:
+                events.append((msg.subject, envelope.parse(msg.data, msg.subject)))
+
+            def of(desktop_id: str) -> dict[str, envelope.Envelope]:
+                return {subject: e for subject, e in events if e.payload.get("desktop_id") == desktop_id}
+
+            await client.subscribe("e2b.desktop.*.v1", cb=on_event)
+            await client.flush()
+            created = await anyio.to_thread.run_sync(
+                lambda: api(service, "POST", "/desktops", json={"resolution": "800x600", "duration": 300})
+            )
+            desktop_id = created.json()["desktop_id"]
+            active = metric("e2b_desktops_active")
+            await anyio.to_thread.run_sync(lambda: api(service, "DELETE", f"/desktops/{desktop_id}"))
+            deadline = time.monotonic() + 30
+            while "e2b.desktop.killed.v1" not in of(desktop_id) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            return desktop_id, of(desktop_id), active
+        finally:
+            await client.close()
+
+    desktop_id, seen, active = anyio.run(scenario)
+    assert set(seen) >= {"e2b.desktop.created.v1", "e2b.desktop.killed.v1"}, seen
+    assert seen["e2b.desktop.created.v1"].payload["resolution"] == "800x600"
+    assert seen["e2b.desktop.created.v1"].source == "e2b-desktop"
+    assert active >= 1 and metric("e2b_desktop_create_seconds_count") >= 1
+
+
 def test_nats_request_that_cannot_be_served_gets_failed(running_stack: Any) -> None:
     async def scenario() -> envelope.Envelope:
         client = await nats.connect(running_stack.nats_url)

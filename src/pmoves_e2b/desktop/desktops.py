@@ -224,7 +224,7 @@ class DesktopOps:
             return f"cpu {cpu_count:g} is more than a desktop gets here ({desktop.cpu_count:g})"
         return None
 
-    async def list(self) -> list[Desktop]:
+    async def live(self) -> list[Desktop]:
         async with self._translate(None):
             paginator = AsyncSandbox.list(query=SandboxQuery(metadata={MARKER: "1"}), **self.config.options())
             infos: list[SandboxInfo] = []
@@ -334,10 +334,11 @@ class DesktopOps:
             if live.vnc_password is None:
                 await self._sdk(_restart_stream, live.sandbox)
                 live.vnc_password = live.sandbox.stream.get_auth_key()
+            password = live.vnc_password
         url, headers = self.config.port_websocket(
             desktop_id, STREAM_PORT, "/websockify", getattr(live.sandbox, "traffic_access_token", None)
         )
-        return StreamTarget(url, headers, live.vnc_password)
+        return StreamTarget(url, headers, password)
 
     def forget(self, desktop_id: str) -> None:
         """The desktop has ended: drop its SDK object."""
@@ -412,9 +413,9 @@ class _Translate:
     async def __aenter__(self) -> None:
         return None
 
-    async def __aexit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+    async def __aexit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, DesktopError) or not isinstance(exc, Exception):
-            return False
+            return
         raise await self._translate(exc) from exc
 
     async def _translate(self, exc: Exception) -> DesktopError:

@@ -70,7 +70,7 @@ class DesktopWatcher:
             await asyncio.sleep(self.interval)
 
     async def poll(self, report_new: bool = True) -> None:
-        live = {d.desktop_id: d for d in await self.ops.list()}
+        live = {d.desktop_id: d for d in await self.ops.live()}
         for desktop_id, desktop in live.items():
             if desktop_id not in self.known:
                 self._add(desktop)

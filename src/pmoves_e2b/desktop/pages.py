@@ -127,7 +127,7 @@ def build_router() -> APIRouter:
         if auth_of(request).browser(request) is None:
             return sign_in("/")
         try:
-            desktops = await ops_of(request).list()
+            desktops = await ops_of(request).live()
         except DesktopError as exc:
             return message_page("Desktops unavailable", exc.message, exc.status)
         if desktops:

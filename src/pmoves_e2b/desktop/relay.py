@@ -14,6 +14,7 @@ import logging
 import websockets
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.typing import Subprotocol
 
 from pmoves_e2b.desktop import metrics
 from pmoves_e2b.desktop.auth import DesktopAuth
@@ -77,7 +78,11 @@ async def _relay(
     try:
         upstream = await asyncio.wait_for(
             websockets.connect(
-                url, additional_headers=headers, subprotocols=["binary"], max_size=None, open_timeout=CONNECT_TIMEOUT_S
+                url,
+                additional_headers=headers,
+                subprotocols=[Subprotocol("binary")],
+                max_size=None,
+                open_timeout=CONNECT_TIMEOUT_S,
             ),
             CONNECT_TIMEOUT_S,
         )

@@ -93,7 +93,7 @@ def build_router(require_bearer: Any) -> APIRouter:
 
     @router.get("", summary="List live desktops")
     async def list_desktops(request: Request) -> dict[str, Any]:
-        return {"desktops": [desktop_json(d, request) for d in await ops_of(request).list()]}
+        return {"desktops": [desktop_json(d, request) for d in await ops_of(request).live()]}
 
     @router.get("/{desktop_id}", summary="One desktop")
     async def get(desktop_id: str, request: Request) -> dict[str, Any]:
