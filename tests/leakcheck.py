@@ -83,5 +83,6 @@ def ns_leftovers(
     left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
     addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
     left += [f"nft internet4 {a}" for a in sorted(addresses & network.internet_addresses())]
+    left += [f"nft egress4 {a}" for a in sorted(addresses & network.egress_addresses())]
     left += _processes_in_uid_ranges(slots, cgroup_parent_name)
     return left

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.backends.base import BackendError
 from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
+from pmoves_e2b.sandbox.netpolicy import NetworkOptionError, NetworkPolicy, parse_cidrs, parse_host_mask
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
@@ -52,6 +53,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class NetworkBody(_Strict):
+    """E2B's ``network`` options; ones this server cannot honour are refused by name, never ignored."""
+
+    allow_out: list[str] | None = Field(None, alias="allowOut")
+    deny_out: list[str] | None = Field(None, alias="denyOut")
+    allow_public_traffic: bool | None = Field(None, alias="allowPublicTraffic")
+    mask_request_host: str | None = Field(None, alias="maskRequestHost")
+    dns_servers: Any = Field(None, alias="dnsServers")
+    egress_proxy: Any = Field(None, alias="egressProxy")
+    rules: Any = None
+    https_ports: Any = Field(None, alias="httpsPorts")
+    allow_internet_access: bool | None = None  # only in PUT /sandboxes/{id}/network
+
+
+class AutoResumeBody(_Strict):
+    enabled: bool = False
+
+
 class NewSandbox(_Body):
     template_id: str = Field("base", alias="templateID", min_length=1, max_length=128)
     timeout: int | None = Field(None, ge=0)
@@ -59,6 +82,62 @@ class NewSandbox(_Body):
     env_vars: dict[str, str] | None = Field(None, alias="envVars")
     allow_internet_access: bool | None = None
     auto_pause: bool | None = Field(None, alias="autoPause")
+    auto_pause_memory: bool | None = Field(None, alias="autoPauseMemory")
+    auto_resume: AutoResumeBody | None = Field(None, alias="autoResume")
+    network: NetworkBody | None = None
+    secure: bool | None = None
+    mcp: Any = None
+    iam: Any = None
+    volume_mounts: Any = Field(None, alias="volumeMounts")
+
+
+_UNSUPPORTED = "is not supported by this server"
+
+
+def _refuse_unsupported(body: NewSandbox) -> None:
+    """Options E2B cloud has and we do not: an error the SDK shows, never a silent no-op."""
+    if body.auto_resume is not None and body.auto_resume.enabled:
+        raise ApiError(400, f"autoResume {_UNSUPPORTED}: resume a paused sandbox with Sandbox.connect()")
+    if body.auto_pause_memory is False:
+        raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
+    if body.secure is False:
+        raise ApiError(400, f"secure=false {_UNSUPPORTED}: envd always requires its access token")
+    for name, value in (("mcp", body.mcp), ("iam", body.iam), ("volumeMounts", body.volume_mounts)):
+        if value:
+            raise ApiError(400, f"{name} {_UNSUPPORTED}")
+
+
+def network_rules(body: NetworkBody) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    for name, value in (
+        ("dnsServers", body.dns_servers),
+        ("egressProxy", body.egress_proxy),
+        ("rules", body.rules),
+        ("httpsPorts", body.https_ports),
+    ):
+        if value is not None:
+            raise ApiError(400, f"network.{name} {_UNSUPPORTED}")
+    try:
+        return parse_cidrs("allowOut", body.allow_out), parse_cidrs("denyOut", body.deny_out)
+    except NetworkOptionError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def network_policy(body: NetworkBody | None) -> NetworkPolicy:
+    if body is None:
+        return NetworkPolicy()
+    if body.allow_internet_access is not None:
+        raise ApiError(400, "network.allow_internet_access belongs at the top level of the create request")
+    allow_out, deny_out = network_rules(body)
+    try:
+        mask = parse_host_mask(body.mask_request_host)
+    except NetworkOptionError as exc:
+        raise ApiError(400, str(exc)) from None
+    return NetworkPolicy(
+        allow_out=allow_out,
+        deny_out=deny_out,
+        allow_public_traffic=body.allow_public_traffic is not False,
+        mask_request_host=mask,
+    )
 
 
 class ConnectBody(_Body):
@@ -106,7 +185,7 @@ class Shapes:
     def __init__(self, public_domain: str) -> None:
         self.domain = public_domain
 
-    def sandbox(self, row: SandboxRow) -> dict[str, Any]:
+    def sandbox(self, row: SandboxRow, network: NetworkPolicy) -> dict[str, Any]:
         return {
             "templateID": row.template_id,
             "sandboxID": row.sandbox_id,
@@ -114,7 +193,7 @@ class Shapes:
             "clientID": CLIENT_ID,
             "envdVersion": ENVD_VERSION,
             "envdAccessToken": row.envd_access_token,
-            "trafficAccessToken": None,
+            "trafficAccessToken": network.traffic_token,
             "domain": self.domain,
         }
 
@@ -134,12 +213,13 @@ class Shapes:
             "envdVersion": ENVD_VERSION,
         }
 
-    def detail(self, row: SandboxRow) -> dict[str, Any]:
+    def detail(self, row: SandboxRow, network: NetworkPolicy) -> dict[str, Any]:
         return {
             **self.listed(row),
             "envdAccessToken": row.envd_access_token,
             "domain": self.domain,
             "allowInternetAccess": row.allow_internet,
+            "network": network.info(),
             "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},
         }
 
@@ -213,6 +293,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 idempotency_locks[lock_key] = (lock, users - 1)
 
     async def _create(body: NewSandbox, key_id: str) -> JSONResponse:
+        _refuse_unsupported(body)
+        network = network_policy(body.network)
         row = await manager.create(
             CreateRequest(
                 template_id=body.template_id,
@@ -222,15 +304,16 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 allow_internet=body.allow_internet_access is not False,
                 auto_pause=bool(body.auto_pause),
                 api_key_id=key_id,
+                network=network,
             )
         )
-        return JSONResponse(shapes.sandbox(row), status_code=201)
+        return JSONResponse(shapes.sandbox(row, manager.network(row.sandbox_id)), status_code=201)
 
     async def connect(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
         body: ConnectBody = await parse_body(request, ConnectBody, required=False)
         row, resumed = await manager.connect(sandbox_id, body.timeout)
-        return JSONResponse(shapes.sandbox(row), status_code=201 if resumed else 200)
+        return JSONResponse(shapes.sandbox(row, manager.network(sandbox_id)), status_code=201 if resumed else 200)
 
     async def resume(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
@@ -239,7 +322,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         if row.state != "paused":
             raise ApiError(409, f"sandbox '{sandbox_id}' is already running")
         row, _ = await manager.connect(sandbox_id, body.timeout)
-        return JSONResponse(shapes.sandbox(row), status_code=201)
+        return JSONResponse(shapes.sandbox(row, manager.network(sandbox_id)), status_code=201)
 
     async def kill(request: Request, sandbox_id: str) -> Response:
         actor = keys.authenticate(request)
@@ -265,7 +348,21 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
 
     async def info(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
-        return JSONResponse(shapes.detail(manager.get(sandbox_id)))
+        return JSONResponse(shapes.detail(manager.get(sandbox_id), manager.network(sandbox_id)))
+
+    async def update_network(request: Request, sandbox_id: str) -> Response:
+        keys.authenticate(request)
+        body: NetworkBody = await parse_body(request, NetworkBody, required=False)
+        if body.allow_public_traffic is not None or body.mask_request_host is not None:
+            raise ApiError(400, "allowPublicTraffic and maskRequestHost are set at create time only")
+        allow_out, deny_out = network_rules(body)
+        await manager.update_network(sandbox_id, allow_out, deny_out, body.allow_internet_access)
+        return Response(status_code=204)
+
+    async def not_implemented(request: Request) -> Response:
+        keys.authenticate(request)
+        what = "forking sandboxes" if request.url.path.endswith("/fork") else "snapshots"
+        raise ApiError(501, f"{what} {_UNSUPPORTED} (pmoves-e2b pauses sandboxes in memory only)")
 
     async def pause(request: Request, sandbox_id: str) -> Response:
         keys.authenticate(request)
@@ -333,6 +430,17 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     add("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"], status_code=204, summary="Set the timeout")
     add("/sandboxes/{sandbox_id}/refreshes", refresh, methods=["POST"], status_code=204, summary="Keep alive")
     add("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"], status_code=204, summary="Pause (freeze) a sandbox")
+    add(
+        "/sandboxes/{sandbox_id}/network",
+        update_network,
+        methods=["PUT"],
+        status_code=204,
+        summary="Replace egress rules",
+    )
+    unsupported = "Not supported here: answers 501"
+    add("/sandboxes/{sandbox_id}/fork", not_implemented, methods=["POST"], summary=unsupported)
+    add("/sandboxes/{sandbox_id}/snapshots", not_implemented, methods=["POST"], summary=unsupported)
+    add("/snapshots", not_implemented, methods=["GET"], summary=unsupported)
     add("/sandboxes/{sandbox_id}/metrics", sandbox_metrics, methods=["GET"], summary="Resource metrics")
     return router
 

@@ -83,7 +83,10 @@ def create_app(settings: Settings | None = None) -> Any:
         found = manager.address(sandbox_id)
         if found is None or found[1] != "running":
             return None  # paused sandboxes answer "not found" until connect resumes them
-        return Target(address=found[0], state=found[1])
+        network = manager.network(sandbox_id)
+        return Target(
+            address=found[0], state=found[1], traffic_token=network.traffic_token, host_mask=network.mask_request_host
+        )
 
     async def resolve_signed_file(method: str, query: str) -> str | None:
         return manager.find_by_file_signature(method, query)

@@ -33,6 +33,7 @@ from pmoves_e2b.sandbox.backends.base import (
     TemplateImage,
 )
 from pmoves_e2b.sandbox.envd_client import EnvdClient
+from pmoves_e2b.sandbox.netpolicy import NetworkPolicy
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.store import repo
@@ -100,6 +101,7 @@ class CreateRequest:
     allow_internet: bool
     auto_pause: bool
     api_key_id: str
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
 
 @dataclass
@@ -221,6 +223,12 @@ class SandboxManager:
                     handle = await self._boot(spec)
                 elif not req.allow_internet:
                     await self._cut_internet(handle)
+                network = req.network
+                if not network.allow_public_traffic:
+                    network = dataclasses.replace(network, traffic_token=secrets.token_urlsafe(24))
+                if network.allow_out or network.deny_out:
+                    await self._apply_egress(handle, network)
+                handle.details["network"] = network.to_dict()
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
                 self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
@@ -351,6 +359,13 @@ class SandboxManager:
             self._spawn(self._destroy_quietly(pooled.handle))  # booted from layers since rebuilt
         return None
 
+    async def _apply_egress(self, handle: SandboxHandle, network: NetworkPolicy) -> None:
+        try:
+            await self.backend.set_egress(handle, network.allow_out, network.deny_out)
+        except Exception as exc:
+            await asyncio.shield(self._destroy_quietly(handle))
+            raise SandboxError(f"could not apply the sandbox's network rules: {exc}") from exc
+
     async def _cut_internet(self, handle: SandboxHandle) -> None:
         try:
             await self.backend.set_internet(handle, False)
@@ -408,6 +423,31 @@ class SandboxManager:
             if hmac.compare_digest(expected.encode(), given.encode()):
                 return sandbox_id
         return None
+
+    def network(self, sandbox_id: str) -> NetworkPolicy:
+        live = self._live.get(sandbox_id)
+        return NetworkPolicy.from_dict(live.handle.details.get("network")) if live else NetworkPolicy()
+
+    async def update_network(
+        self, sandbox_id: str, allow_out: tuple[str, ...], deny_out: tuple[str, ...], allow_internet: bool | None
+    ) -> SandboxRow:
+        """Replace the outbound rules of a sandbox (running or paused); omitted rules are cleared."""
+        self.get(sandbox_id)
+        live = self._live[sandbox_id]
+        async with live.lock:
+            row = self.get(sandbox_id)
+            network = self.network(sandbox_id).with_egress(allow_out, deny_out)
+            await self.backend.set_egress(live.handle, allow_out, deny_out)
+            changes: dict[str, Any] = {}
+            if allow_internet is not None and allow_internet != row.allow_internet:
+                await self.backend.set_internet(live.handle, allow_internet)
+                changes["allow_internet"] = allow_internet
+            live.handle.details["network"] = network.to_dict()
+            row = repo.update_sandbox(self.db, sandbox_id, handle=live.handle.to_dict(), **changes) or row
+        repo.audit(
+            self.db, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
+        )
+        return row
 
     def address(self, sandbox_id: str) -> tuple[str, str] | None:
         """(address, state) of a live sandbox, for the proxy."""

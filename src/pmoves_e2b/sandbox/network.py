@@ -9,7 +9,14 @@ Policy (table ``inet pmoves_e2b``, shared by every backend instance on the host)
 - a sandbox reaches the internet (masqueraded via the host's default route) only while its
   address is in the ``internet4`` set; such a sandbox may also use the host's DNS resolvers
   (``resolvers4``, from /etc/resolv.conf) even when they sit in a private range. Sandboxes get no
-  IPv6 at all.
+  IPv6 at all;
+
+Egress policy (table ``inet pmoves_e2b_egress``, a later hook priority; a drop there is final even
+after the first table accepted):
+- no sandbox reaches the subnets of the host's default-route interfaces or their gateways
+  (``hostnets4``: maybe public addresses, a cloud VM's LAN), refreshed on every host setup;
+- a sandbox's own ``allowOut`` / ``denyOut`` CIDRs live in its chain ``egress_<slot>``, reached via
+  the ``egress4`` verdict map; allow is checked before deny, so allow wins.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import ipaddress
+import json
 import os
 import subprocess
 import threading
@@ -67,6 +75,23 @@ table inet {TABLE} {{
 }}
 """
 
+EGRESS_TABLE = "pmoves_e2b_egress"
+EGRESS_RULES_VERSION = "v1"
+EGRESS_RULESET = f"""
+table inet {EGRESS_TABLE} {{
+  chain {EGRESS_RULES_VERSION} {{ }}
+  set hostnets4 {{ type ipv4_addr; flags interval; auto-merge; }}
+  set resolvers4 {{ type ipv4_addr; }}
+  map egress4 {{ type ipv4_addr : verdict; }}
+  chain forward {{
+    type filter hook forward priority -5; policy accept;
+    iifname "{HOST_VETH_PREFIX}*" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept
+    iifname "{HOST_VETH_PREFIX}*" ip daddr @hostnets4 drop
+    iifname "{HOST_VETH_PREFIX}*" ip saddr vmap @egress4
+  }}
+}}
+"""
+
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -113,11 +138,11 @@ def _run(argv: list[str], stdin: str = "") -> None:
         raise NetworkError(f"{' '.join(argv)} failed: {proc.stderr.decode(errors='replace').strip()}")
 
 
-def _table_state() -> str:
-    proc = subprocess.run(["nft", "list", "table", "inet", TABLE], capture_output=True, text=True)
+def _table_state(table: str = TABLE, version: str = RULES_VERSION) -> str:
+    proc = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True)
     if proc.returncode != 0:
         return "missing"
-    return "current" if f"chain {RULES_VERSION} " in proc.stdout else "outdated"
+    return "current" if f"chain {version} " in proc.stdout else "outdated"
 
 
 def ensure_host_setup() -> None:
@@ -130,9 +155,17 @@ def ensure_host_setup() -> None:
         if state != "current":
             drop_old = f"delete table inet {TABLE}\n" if state == "outdated" else ""
             _run(["nft", "-f", "-"], drop_old + RULESET)
+        state = _table_state(EGRESS_TABLE, EGRESS_RULES_VERSION)
+        if state != "current":
+            drop_old = f"delete table inet {EGRESS_TABLE}\n" if state == "outdated" else ""
+            _run(["nft", "-f", "-"], drop_old + EGRESS_RULESET)
         resolvers = host_resolvers()
-        elements = f"add element inet {TABLE} resolvers4 {{ {', '.join(resolvers)} }}\n" if resolvers else ""
-        _run(["nft", "-f", "-"], f"flush set inet {TABLE} resolvers4\n{elements}")
+        for table in (TABLE, EGRESS_TABLE):
+            elements = f"add element inet {table} resolvers4 {{ {', '.join(resolvers)} }}\n" if resolvers else ""
+            _run(["nft", "-f", "-"], f"flush set inet {table} resolvers4\n{elements}")
+        nets = host_networks()
+        elements = f"add element inet {EGRESS_TABLE} hostnets4 {{ {', '.join(nets)} }}\n" if nets else ""
+        _run(["nft", "-f", "-"], f"flush set inet {EGRESS_TABLE} hostnets4\n{elements}")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
 
 
@@ -153,6 +186,26 @@ def host_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
             if not address.is_loopback and not address.is_unspecified:
                 found.append(str(address))
     return found
+
+
+def host_networks() -> list[str]:
+    """Subnets of the interfaces that carry the host's default routes, and their gateways: the
+    host's LAN (and a cloud's metadata and neighbours on it), which no sandbox may reach."""
+    routes = json.loads(subprocess.run(["ip", "-4", "-j", "route", "show", "default"], capture_output=True,
+                                       text=True, check=True).stdout or "[]")  # fmt: skip
+    found: set[ipaddress.IPv4Network] = set()
+    for route in routes:
+        if route.get("gateway"):
+            found.add(ipaddress.IPv4Network(route["gateway"]))
+        if not route.get("dev"):
+            continue
+        links = json.loads(subprocess.run(["ip", "-4", "-j", "addr", "show", "dev", route["dev"]], capture_output=True,
+                                          text=True, check=True).stdout or "[]")  # fmt: skip
+        for link in links:
+            for info in link.get("addr_info", []):
+                found.add(ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False))
+    # Our own sandbox range is handled by the rules above; never list it here.
+    return [str(net) for net in ipaddress.collapse_addresses(found) if not net.overlaps(SANDBOX_NET)]
 
 
 def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
@@ -235,6 +288,7 @@ def configure(net: SandboxNet, allow_internet: bool) -> None:
             "net.ipv6.conf.default.disable_ipv6": "1",
         },
     )
+    set_egress(net, (), ())  # an empty chain of our own, never one a crashed predecessor left in this slot
     if allow_internet:
         set_internet(net, True)
 
@@ -248,9 +302,48 @@ def set_internet(net: SandboxNet, allowed: bool) -> None:
             raise  # removing an element that is already gone is fine
 
 
+def _egress_chain(net: SandboxNet) -> str:
+    return f"egress_{net.slot}"
+
+
+def _cidr_set(cidrs: tuple[str, ...]) -> str:
+    nets = ipaddress.collapse_addresses(ipaddress.IPv4Network(c, strict=False) for c in cidrs)
+    return ", ".join(str(n) for n in nets)
+
+
+def set_egress(net: SandboxNet, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+    """Replace the sandbox's allowOut/denyOut CIDR rules (one atomic nft batch). Allow is checked
+    first, so it takes precedence; anything neither allowed nor denied follows ``internet4``."""
+    chain = _egress_chain(net)
+    batch = [
+        f"add chain inet {EGRESS_TABLE} {chain}",
+        f"flush chain inet {EGRESS_TABLE} {chain}",
+        f"add element inet {EGRESS_TABLE} egress4 {{ {net.address} : jump {chain} }}",
+    ]
+    if allow:
+        batch.append(f"add rule inet {EGRESS_TABLE} {chain} ip daddr {{ {_cidr_set(allow)} }} accept")
+    if deny:
+        batch.append(f"add rule inet {EGRESS_TABLE} {chain} ip daddr {{ {_cidr_set(deny)} }} drop")
+    _run(["nft", "-f", "-"], "\n".join(batch) + "\n")
+
+
+def clear_egress(net: SandboxNet) -> None:
+    """Remove the sandbox's egress chain and its map entry (tolerant of either being gone)."""
+    for command in (
+        ["nft", "delete", "element", "inet", EGRESS_TABLE, "egress4", f"{{ {net.address} }}"],
+        ["nft", "delete", "chain", "inet", EGRESS_TABLE, _egress_chain(net)],
+    ):
+        try:
+            _run(command)
+        except NetworkError as exc:
+            if "No such file or directory" not in str(exc):
+                raise
+
+
 def destroy(net: SandboxNet) -> None:
     """Remove the set element, the veth and the netns; tolerant of parts already gone (~30 ms)."""
     set_internet(net, False)
+    clear_egress(net)
     commands = []
     if Path(f"/sys/class/net/{net.host_veth}").exists():
         commands.append(f"link del {net.host_veth}\n")
@@ -266,15 +359,24 @@ def destroy_netns(name: str) -> None:
         _run(["ip", "netns", "del", name])
 
 
-def internet_addresses() -> set[str]:
-    proc = subprocess.run(["nft", "list", "set", "inet", TABLE, "internet4"], capture_output=True, text=True)
+def _elements(*what: str) -> set[str]:
+    proc = subprocess.run(["nft", "list", *what], capture_output=True, text=True)
     if proc.returncode != 0:
         return set()
     text = proc.stdout
     if "elements = {" not in text:
         return set()
     body = text.split("elements = {", 1)[1].split("}", 1)[0]
-    return {item.strip() for item in body.replace("\n", " ").split(",") if item.strip()}
+    return {item.split(":")[0].strip() for item in body.replace("\n", " ").split(",") if item.strip()}
+
+
+def internet_addresses() -> set[str]:
+    return _elements("set", "inet", TABLE, "internet4")
+
+
+def egress_addresses() -> set[str]:
+    """Sandbox addresses that have an egress chain (every configured sandbox has one)."""
+    return _elements("map", "inet", EGRESS_TABLE, "egress4")
 
 
 def list_netns() -> list[str]:

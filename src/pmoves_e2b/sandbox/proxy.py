@@ -15,6 +15,7 @@ comes from ``resolve()``, never from the request, so clients cannot point the pr
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -45,6 +46,7 @@ SANDBOX_ID_RE = re.compile(r"[a-z0-9]{1,64}")
 PORT_RE = re.compile(r"[0-9]{1,5}")
 # envd paths only the host may call (configuration, pause support); never proxied from clients.
 # Paths of the E2B REST API; with header routing they still reach the control plane.
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 CONTROL_PLANE_PREFIXES = ("/sandboxes", "/v2/", "/v3/", "/templates", "/snapshots", "/volumes", "/secrets")
 ENVD_INTERNAL_PATHS = frozenset({"init", "freeze", "unfreeze", "fsfreeze", "fsthaw", "collapse", "upgrade"})
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the
@@ -87,6 +89,11 @@ class Target:
 
     address: str  # the sandbox's IP (never a host name)
     state: str = "running"  # running | paused
+    traffic_token: str | None = None  # when set, every request must carry it (allowPublicTraffic: false)
+    host_mask: str | None = None  # maskRequestHost: the Host its servers see, ${PORT} expanded
+
+    def host_header(self, port: int) -> bytes | None:
+        return self.host_mask.replace("${PORT}", str(port)).encode() if self.host_mask else None
 
 
 Resolver = Callable[[str], Awaitable[Target | None]]
@@ -205,9 +212,25 @@ def request_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
     return headers, chunked
 
 
+def canonical(name: bytes) -> bytes:
+    """``content-type`` -> ``Content-Type``: the case Go's servers (and E2B's proxy) send."""
+    return b"-".join(part[:1].upper() + part[1:].lower() for part in name.split(b"-"))
+
+
+def for_sandbox(headers: list[tuple[bytes, bytes]], target: Target, port: int) -> list[tuple[bytes, bytes]]:
+    """Request headers as the sandbox's server sees them: canonical names and the masked Host."""
+    host = target.host_header(port)
+    out = []
+    for name, value in headers:
+        if name == b"host" and host is not None:
+            value = host
+        out.append((canonical(name), value))
+    return out
+
+
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     raw = list(raw)
-    drop = set(HOP_BY_HOP)
+    drop = set(HOP_BY_HOP) | {b"date"}  # the ASGI server adds its own Date: one, not two
     for name, value in raw:
         if name == b"connection":
             drop.update(token.strip().lower() for token in value.split(b","))
@@ -547,7 +570,7 @@ class SandboxProxy:
 
         return wrapped
 
-    async def _target(self, scope: Scope, route: Route) -> tuple[str, int]:
+    async def _target(self, scope: Scope, route: Route) -> tuple[str, int, Target]:
         port = parse_port(route.port_text)
         if port == ENVD_PORT and is_internal_envd_path(scope["path"]):
             raise Refusal(403, "This envd path is internal to the sandbox host and cannot be reached through the proxy")
@@ -560,8 +583,14 @@ class SandboxProxy:
             raise Refusal(502, "The sandbox could not be looked up; try again", sandboxId=route.sandbox_id) from None
         if target is None or target.state != "running":
             raise not_found(route.sandbox_id)
+        # envd has its own access token (and the SDK sends the traffic token only to other ports).
+        if target.traffic_token is not None and port != ENVD_PORT:
+            given = dict(scope["headers"]).get(TRAFFIC_TOKEN_HEADER, b"")
+            if not hmac.compare_digest(given, target.traffic_token.encode()):
+                message = "This sandbox requires the e2b-traffic-access-token header (allowPublicTraffic is false)"
+                raise Refusal(403, message, sandboxId=route.sandbox_id)
         try:
-            return check_address(target.address), port
+            return check_address(target.address), port, target
         except ValueError:
             log.error("resolver gave address %r for sandbox %s; not connecting", target.address, route.sandbox_id)
             raise not_found(route.sandbox_id) from None
@@ -570,9 +599,11 @@ class SandboxProxy:
 
     async def _proxy_http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         try:
-            address, port = await self._target(scope, route)
+            address, port, target = await self._target(scope, route)
             headers, chunked = request_headers(scope)
-            request = h11.Request(method=scope["method"], target=request_target(scope), headers=headers)
+            request = h11.Request(
+                method=scope["method"], target=request_target(scope), headers=for_sandbox(headers, target, port)
+            )
         except Refusal as refusal:
             await send_json(send, refusal.status, refusal.payload)
             return
@@ -649,8 +680,8 @@ class SandboxProxy:
         if (await receive())["type"] != "websocket.connect":
             return
         try:
-            address, port = await self._target(scope, route)
-            upstream = await self._open_websocket(scope, address, port, route.sandbox_id)
+            address, port, target = await self._target(scope, route)
+            upstream = await self._open_websocket(scope, address, port, route.sandbox_id, target)
         except Refusal as refusal:
             await refuse_websocket(scope, send, refusal)
             return
@@ -661,9 +692,14 @@ class SandboxProxy:
             await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
             await relay_websocket(upstream, receive, send)
 
-    async def _open_websocket(self, scope: Scope, address: str, port: int, sandbox_id: str) -> ClientConnection:
+    async def _open_websocket(
+        self, scope: Scope, address: str, port: int, sandbox_id: str, target: Target
+    ) -> ClientConnection:
         headers = request_headers(scope)[0]
-        passed = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n not in WEBSOCKET_HANDSHAKE]
+        passed = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in for_sandbox([h for h in headers if h[0] not in WEBSOCKET_HANDSHAKE], target, port)
+        ]
         original = dict(headers)
         host = f"[{address}]" if ":" in address else address
         uri = f"ws://{host}:{port}{request_target(scope).decode('latin-1')}"

@@ -96,6 +96,10 @@ class Backend(Protocol):
     async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
         """Allow or block outbound internet (used when a warm sandbox is claimed)."""
 
+    async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        """Replace the sandbox's outbound CIDR rules: ``allow`` wins over ``deny``; the rest follows
+        ``set_internet``."""
+
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
         """Current resource use of the sandbox."""
 

@@ -291,6 +291,10 @@ class NsBackend:
         await self._in_thread(network.set_internet, net, allowed)
         handle.details["allow_internet"] = allowed
 
+    async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(network.set_egress, net, allow, deny)
+
     async def is_alive(self, handle: SandboxHandle) -> bool:
         return self._cgroups(handle).populated()
 
@@ -621,11 +625,13 @@ class NsBackend:
         """Internet permission of an address whose slot nobody holds. Elements are listed before
         the owners: an element is added only after its slot is taken and removed before release."""
         addresses = network.internet_addresses()
+        egress = network.egress_addresses()
         owned = set(self.slots.owners())
-        for address in addresses:
+        for address in addresses | egress:
             slot = network.slot_of_address(address)
             if slot is not None and slot not in owned:
                 network.set_internet(SandboxNet.for_slot(slot, "unowned"), False)
+                network.clear_egress(SandboxNet.for_slot(slot, "unowned"))
 
     def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
         """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted

@@ -1,0 +1,100 @@
+"""A sandbox's network options (E2B's ``network`` field), validated. Pure data: no I/O here.
+
+Outbound rules are IPv4 addresses and CIDR ranges (sandboxes have no IPv6); ``allowOut`` wins over
+``denyOut`` and ``0.0.0.0/0`` in ``denyOut`` denies everything not allowed. Inbound, a sandbox made
+with ``allowPublicTraffic: false`` gets a traffic access token that the proxy requires on every
+port, and ``maskRequestHost`` (``${PORT}`` expanded) becomes the Host header its servers see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+ALL_TRAFFIC = "0.0.0.0/0"
+MAX_RULES = 500
+_HOST_MASK = re.compile(r"^[A-Za-z0-9.\-:_\[\]${}]{1,255}$")
+
+
+class NetworkOptionError(ValueError):
+    """A network option this server cannot honour; the message is shown to the SDK user."""
+
+
+def parse_cidrs(field: str, values: list[str] | None) -> tuple[str, ...]:
+    if not values:
+        return ()
+    if len(values) > MAX_RULES:
+        raise NetworkOptionError(f"network.{field} has {len(values)} entries; at most {MAX_RULES} are allowed")
+    found = []
+    for value in values:
+        text = value.strip() if isinstance(value, str) else ""
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise NetworkOptionError(
+                f"network.{field}: {value!r} is not an IPv4 address or CIDR range; domain names are not "
+                "supported by this server (use the addresses they resolve to)"
+            ) from None
+        if net.version != 4:
+            raise NetworkOptionError(f"network.{field}: {value!r} is IPv6; sandboxes have no IPv6 at all")
+        found.append(str(net))
+    return tuple(found)
+
+
+def parse_host_mask(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _HOST_MASK.fullmatch(value) or "${" in value.replace("${PORT}", ""):
+        raise NetworkOptionError(
+            f"network.maskRequestHost {value!r} is not a host name (letters, digits, '.-:', and ${{PORT}})"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
+    allow_public_traffic: bool = True
+    mask_request_host: str | None = None
+    traffic_token: str | None = None  # set when allow_public_traffic is False
+
+    def with_egress(self, allow_out: tuple[str, ...], deny_out: tuple[str, ...]) -> NetworkPolicy:
+        return replace(self, allow_out=allow_out, deny_out=deny_out)
+
+    def host_header(self, port: int) -> str | None:
+        return self.mask_request_host.replace("${PORT}", str(port)) if self.mask_request_host else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allowOut": list(self.allow_out),
+            "denyOut": list(self.deny_out),
+            "allowPublicTraffic": self.allow_public_traffic,
+            "maskRequestHost": self.mask_request_host,
+            "trafficAccessToken": self.traffic_token,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> NetworkPolicy:
+        if not data:
+            return cls()
+        return cls(
+            allow_out=tuple(data.get("allowOut") or ()),
+            deny_out=tuple(data.get("denyOut") or ()),
+            allow_public_traffic=data.get("allowPublicTraffic", True) is not False,
+            mask_request_host=data.get("maskRequestHost"),
+            traffic_token=data.get("trafficAccessToken"),
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The ``network`` field of GET /sandboxes/{id} (never the token)."""
+        shown: dict[str, Any] = {
+            "allowOut": list(self.allow_out),
+            "denyOut": list(self.deny_out),
+            "allowPublicTraffic": self.allow_public_traffic,
+        }
+        if self.mask_request_host:
+            shown["maskRequestHost"] = self.mask_request_host
+        return shown

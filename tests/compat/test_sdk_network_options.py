@@ -1,0 +1,156 @@
+"""The stock `e2b` SDK (2.63.0): network options that are enforced, and options that are refused.
+
+Issue 12 items 2 and 3: ``allowPublicTraffic: false`` must really close a sandbox's ports to callers
+without its traffic token, ``maskRequestHost`` must reach the sandbox's server, and every option we
+cannot honour (or route we do not have) must be an error the SDK shows, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import SandboxException, SandboxNotFoundException
+
+pytestmark = pytest.mark.stack
+
+# A server in the sandbox that answers with the raw request line and headers it received.
+ECHO_SERVER = r"""
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"headers": [[k, v] for k, v in self.headers.items()]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+
+
+def _start_echo(sbx: Sandbox) -> None:
+    sbx.files.write("/tmp/echo.py", ECHO_SERVER)
+    sbx.commands.run("python3 /tmp/echo.py", background=True)
+
+
+def _get(sdk_env: dict[str, str], sandbox_id: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """A request to port 8000 through the proxy, addressed like the SDK does (E2b-Sandbox-* headers)."""
+    base = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8000"}
+    deadline = time.monotonic() + 20
+    while True:
+        response = httpx.get(sdk_env["E2B_SANDBOX_URL"] + "/probe", headers={**base, **(headers or {})}, timeout=10)
+        if "port is not open" not in response.text or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def test_private_traffic_needs_the_token_and_the_masked_host_reaches_the_server(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(
+        timeout=120, network={"allow_public_traffic": False, "mask_request_host": "${PORT}-masked.example.test"}
+    )
+    try:
+        token = sbx.traffic_access_token
+        assert token, "a sandbox with allowPublicTraffic=false gets a trafficAccessToken"
+        _start_echo(sbx)  # envd (commands, files) keeps working: it has its own access token
+        refused = _get(sdk_env, sbx.sandbox_id)
+        assert refused.status_code == 403, refused.text
+        assert "e2b-traffic-access-token" in refused.json()["message"]
+        assert _get(sdk_env, sbx.sandbox_id, {"e2b-traffic-access-token": token + "x"}).status_code == 403
+        served = _get(sdk_env, sbx.sandbox_id, {"e2b-traffic-access-token": token, "x-custom-thing": "1"})
+        assert served.status_code == 200, served.text
+        seen = dict(served.json()["headers"])
+        assert seen["Host"] == "8000-masked.example.test"
+        assert seen["X-Custom-Thing"] == "1"  # canonical case, as E2B's proxy delivers names
+        assert len(served.headers.get_list("date")) == 1
+        info = sbx.get_info()
+        assert info.network is not None and info.network.get("allow_public_traffic") is False
+    finally:
+        sbx.kill()
+
+
+def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=120)
+    try:
+        assert sbx.traffic_access_token is None
+        _start_echo(sbx)
+        served = _get(sdk_env, sbx.sandbox_id)
+        assert served.status_code == 200, served.text
+        assert len(served.headers.get_list("date")) == 1
+        assert "E2b-Sandbox-Id" in dict(served.json()["headers"])
+    finally:
+        sbx.kill()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"network": {"allow_out": ["api.example.com"]}}, "domain names are not supported"),
+        ({"network": {"deny_out": ["2001:db8::/32"]}}, "IPv6"),
+        ({"network": {"allow_out": ["8.8.8.8"], "dns_servers": ["1.1.1.1"]}}, "network.dnsServers"),
+        ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
+        ({"lifecycle": {"on_timeout": "pause", "auto_resume": True}}, "autoResume"),
+        ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
+        ({"volume_mounts": {"/data": "vol-1"}}, "volumeMounts"),
+    ],
+)
+def test_unsupported_options_are_errors_the_sdk_shows(sdk_env: dict[str, str], options: dict, named: str) -> None:
+    with pytest.raises(SandboxException) as caught:
+        Sandbox.create(timeout=30, **options).kill()
+    assert named in str(caught.value)
+    assert "400" in str(caught.value)
+
+
+def test_unknown_network_fields_are_refused(sdk_env: dict[str, str]) -> None:
+    body = {"templateID": "base", "network": {"allowOut": [], "denyOutt": ["0.0.0.0/0"]}}
+    headers = {"X-API-Key": sdk_env["E2B_API_KEY"]}
+    response = httpx.post(sdk_env["E2B_API_URL"] + "/sandboxes", json=body, headers=headers, timeout=30)
+    assert response.status_code == 400
+    assert "network.denyOutt" in response.json()["message"]
+
+
+def test_fork_and_snapshots_say_they_are_not_supported(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+
+        def list_snapshots() -> object:
+            page = sbx.list_snapshots()
+            return page.next_items() if hasattr(page, "next_items") else page
+
+        for call in (sbx.create_snapshot, list_snapshots):
+            with pytest.raises(SandboxException) as caught:
+                call()
+            assert not isinstance(caught.value, SandboxNotFoundException)
+            assert "not supported by this server" in str(caught.value)
+        fork = getattr(sbx, "fork", None)
+        if fork is not None:
+            with pytest.raises(SandboxException) as caught:
+                fork()
+            assert not isinstance(caught.value, SandboxNotFoundException)
+            assert "not supported by this server" in str(caught.value)
+        assert sbx.is_running()
+    finally:
+        sbx.kill()
+
+
+def test_update_network_is_validated(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+        sbx.update_network({"deny_out": ["198.51.100.0/24"], "allow_out": ["198.51.100.7"]})
+        info = sbx.get_info()
+        assert info.network is not None
+        assert info.network["deny_out"] == ["198.51.100.0/24"]
+        assert info.network["allow_out"] == ["198.51.100.7/32"]
+        sbx.update_network({})  # omitted fields clear the rules
+        info = sbx.get_info()
+        assert info.network is not None and info.network.get("deny_out", []) == []
+        with pytest.raises(SandboxException) as caught:
+            sbx.update_network({"allow_out": ["example.com"]})
+        assert "domain names are not supported" in str(caught.value)
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.update_network("nosuchsandbox0000", {})  # type: ignore[call-arg]
+    finally:
+        sbx.kill()

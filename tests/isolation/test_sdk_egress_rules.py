@@ -1,0 +1,106 @@
+"""Through the stock SDK: `network.allow_out` / `deny_out` and `update_network` are enforced, and no
+internet-enabled sandbox reaches the host's own LAN, its gateway or link-local (issue 12 item 1,
+issue 11 item 11).
+
+Every address here lives in the `fake_internet` netns (TEST-NET ranges and a link-local address
+routed to it); nothing leaves the machine. Run under `flock /tmp/pmoves-netns.lock`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from e2b import Sandbox
+from ns_harness import FAKE_INTERNET_HOST_VETH, FAKE_INTERNET_NETNS, FAKE_INTERNET_SERVER_IP, Responder
+
+from pmoves_e2b.sandbox import network
+
+pytestmark = pytest.mark.stack
+
+SECOND_IP = "203.0.113.81"  # same fake-internet netns, another address
+FAR_IP = "198.51.100.9"  # routed via the fake internet: "beyond the gateway"
+METADATA_IP = "169.254.169.254"
+
+PROBE = (
+    'python3 -c "import socket\n'
+    "try:\n"
+    "    s = socket.create_connection(('{ip}', {port}), timeout=2); print('open', s.recv(100).decode().strip())\n"
+    "except OSError as e:\n"
+    "    print('blocked', e)\""
+)
+
+
+@pytest.fixture()
+def more_addresses(fake_internet: Responder) -> Iterator[Responder]:
+    ns = ["ip", "-n", FAKE_INTERNET_NETNS]
+    subprocess.run([*ns, "addr", "add", f"{SECOND_IP}/32", "dev", "eth0"], check=True)
+    subprocess.run([*ns, "addr", "add", f"{FAR_IP}/32", "dev", "lo"], check=True)
+    subprocess.run([*ns, "addr", "add", f"{METADATA_IP}/32", "dev", "lo"], check=True)
+    routes = [f"{FAR_IP}/32", f"{METADATA_IP}/32"]
+    for route in routes:
+        subprocess.run(["ip", "route", "add", route, "via", FAKE_INTERNET_SERVER_IP], check=True)
+    try:
+        yield fake_internet
+    finally:
+        for route in routes:
+            subprocess.run(["ip", "route", "del", route], check=False)
+
+
+def reach(sbx: Sandbox, ip: str, port: int) -> bool:
+    out = sbx.commands.run(PROBE.format(ip=ip, port=port), timeout=30).stdout
+    assert out.startswith(("open", "blocked")), out
+    return out.startswith("open")
+
+
+def test_allow_and_deny_rules_and_their_updates(sdk_env: dict[str, str], more_addresses: Responder) -> None:
+    port = more_addresses.port
+    only_one = Sandbox.create(timeout=120, network={"deny_out": ["0.0.0.0/0"], "allow_out": [SECOND_IP]})
+    no_far = Sandbox.create(timeout=120, network={"deny_out": ["198.51.100.0/24"]})
+    try:
+        # deny-all with one exception: allow wins over deny
+        assert reach(only_one, SECOND_IP, port)
+        assert not reach(only_one, FAKE_INTERNET_SERVER_IP, port)
+        assert not reach(only_one, FAR_IP, port)
+        # a deny range leaves the rest of the internet alone, and rules are per sandbox
+        assert not reach(no_far, FAR_IP, port)
+        assert reach(no_far, FAKE_INTERNET_SERVER_IP, port)
+        # update_network replaces the rules; omitted fields clear them
+        only_one.update_network({"deny_out": [f"{FAKE_INTERNET_SERVER_IP}/32"]})
+        assert not reach(only_one, FAKE_INTERNET_SERVER_IP, port)
+        assert reach(only_one, FAR_IP, port)
+        only_one.update_network({})
+        assert reach(only_one, FAKE_INTERNET_SERVER_IP, port)
+        assert only_one.get_info().network == {"allow_out": [], "deny_out": [], "allow_public_traffic": True}
+        # allow_out cannot open what is never reachable (link-local, the metadata address)
+        no_far.update_network({"allow_out": [METADATA_IP]})
+        assert not reach(no_far, METADATA_IP, port)
+        assert reach(no_far, FAR_IP, port)  # the update cleared the deny rule
+    finally:
+        only_one.kill()
+        no_far.kill()
+
+
+def test_the_host_lan_and_gateway_are_out_of_reach(sdk_env: dict[str, str], more_addresses: Responder) -> None:
+    """Make the fake internet's link look like the host's LAN (a default route through it, at a
+    metric that never wins): its subnet and gateway become unreachable, the internet beyond stays."""
+    port = more_addresses.port
+    sbx = Sandbox.create(timeout=120)
+    try:
+        assert reach(sbx, FAKE_INTERNET_SERVER_IP, port)
+        assert not reach(sbx, METADATA_IP, port)
+        route = ["default", "via", FAKE_INTERNET_SERVER_IP, "dev", FAKE_INTERNET_HOST_VETH, "metric", "4242"]
+        subprocess.run(["ip", "route", "add", *route], check=True)
+        try:
+            network.ensure_host_setup()  # what every backend start does
+            assert "203.0.113.0/24" in network.host_networks()
+            assert not reach(sbx, FAKE_INTERNET_SERVER_IP, port)  # the gateway
+            assert not reach(sbx, SECOND_IP, port)  # a neighbour on the LAN
+            assert reach(sbx, FAR_IP, port)  # the internet beyond the gateway
+        finally:
+            subprocess.run(["ip", "route", "del", *route], check=False)
+            network.ensure_host_setup()
+        assert reach(sbx, FAKE_INTERNET_SERVER_IP, port)
+    finally:
+        sbx.kill()
