@@ -192,3 +192,17 @@ def test_stopping_envd_kills_its_processes_and_their_children(fresh_envd: Runnin
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in [handle.pid, *children]):
         time.sleep(0.05)
     assert not [p for p in [handle.pid, *children] if os.path.exists(f"/proc/{p}")]
+
+
+def test_command_timeout_is_a_timeout_error_every_time(sandbox: Sandbox) -> None:
+    """Issue 12 item 7: the stream ends with deadline_exceeded, never a "signal: killed" exit."""
+    for _ in range(4):
+        with pytest.raises(TimeoutException):
+            sandbox.commands.run("sleep 30", timeout=0.5)
+
+
+@pytest.mark.anyio
+async def test_async_command_timeout_is_a_timeout_error_every_time(async_sandbox) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(4):
+        with pytest.raises(TimeoutException):
+            await async_sandbox.commands.run("sleep 30", timeout=0.5)

@@ -125,6 +125,7 @@ class ProcessHandle:
         self._write_lock = asyncio.Lock()
         self._on_end: list[Callable[[ProcessHandle], None]] = []
         self._kill_timer: asyncio.TimerHandle | None = None
+        self.deadline_exceeded = False  # killed by its Connect deadline, not by a signal from a user
         self._paused = False
         self._write_waiter: asyncio.Future[None] | None = None
         self.end: ProcessEvent.EndEvent | None = None
@@ -305,7 +306,12 @@ class ProcessHandle:
 
     def kill_after(self, seconds: float) -> None:
         """Enforce a Connect deadline: SIGKILL the process when it passes."""
-        self._kill_timer = self._loop.call_later(seconds, self.signal, signal.SIGKILL)
+        self._kill_timer = self._loop.call_later(seconds, self._kill_at_deadline)
+
+    def _kill_at_deadline(self) -> None:
+        if self.end is None:
+            self.deadline_exceeded = True
+            self.signal(signal.SIGKILL)
 
     def resize(self, cols: int, rows: int) -> None:
         if self._pty_fd is None:

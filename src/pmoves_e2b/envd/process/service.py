@@ -147,6 +147,10 @@ class ProcessService:
         if remaining_ms is not None:
             handle.kill_after(max(remaining_ms, 0) / 1000)
         async for event in self._events(handle, queue, keepalive_interval(ctx)):
+            if handle.deadline_exceeded and event.event is not None and event.event.field == "end":
+                # What Go's envd does: the stream ends with deadline_exceeded, so the SDK raises its
+                # timeout error instead of reporting a "signal: killed" exit.
+                raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded: the process was killed")
             yield StartResponse(event=event)
 
     async def connect(self, request: ConnectRequest, ctx: RequestContext) -> AsyncIterator[ConnectResponse]:
