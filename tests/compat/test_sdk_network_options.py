@@ -7,6 +7,7 @@ cannot honour (or route we do not have) must be an error the SDK shows, never a 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -18,9 +19,11 @@ pytestmark = pytest.mark.stack
 
 # A server in the sandbox that answers with the raw request line and headers it received.
 ECHO_SERVER = r"""
-import http.server, json
+import http.server, json, time
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(4)
         body = json.dumps({"headers": [[k, v] for k, v in self.headers.items()]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -37,12 +40,14 @@ def _start_echo(sbx: Sandbox) -> None:
     sbx.commands.run("python3 /tmp/echo.py", background=True)
 
 
-def _get(sdk_env: dict[str, str], sandbox_id: str, headers: dict[str, str] | None = None) -> httpx.Response:
+def _get(
+    sdk_env: dict[str, str], sandbox_id: str, headers: dict[str, str] | None = None, path: str = "/probe"
+) -> httpx.Response:
     """A request to port 8000 through the proxy, addressed like the SDK does (E2b-Sandbox-* headers)."""
     base = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "8000"}
     deadline = time.monotonic() + 20
     while True:
-        response = httpx.get(sdk_env["E2B_SANDBOX_URL"] + "/probe", headers={**base, **(headers or {})}, timeout=10)
+        response = httpx.get(sdk_env["E2B_SANDBOX_URL"] + path, headers={**base, **(headers or {})}, timeout=15)
         if "port is not open" not in response.text or time.monotonic() > deadline:
             return response
         time.sleep(0.2)
@@ -92,7 +97,6 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
         ({"network": {"deny_out": ["2001:db8::/32"]}}, "IPv6"),
         ({"network": {"allow_out": ["8.8.8.8"], "dns_servers": ["1.1.1.1"]}}, "network.dnsServers"),
         ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
-        ({"lifecycle": {"on_timeout": "pause", "auto_resume": True}}, "autoResume"),
         ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
         ({"volume_mounts": {"/data": "vol-1"}}, "volumeMounts"),
     ],
@@ -152,5 +156,61 @@ def test_update_network_is_validated(sdk_env: dict[str, str]) -> None:
         assert "domain names are not supported" in str(caught.value)
         with pytest.raises(SandboxNotFoundException):
             Sandbox.update_network("nosuchsandbox0000", {})  # type: ignore[call-arg]
+    finally:
+        sbx.kill()
+
+
+def test_auto_resume_wakes_a_paused_sandbox_on_traffic(sdk_env: dict[str, str]) -> None:
+    """Issue 12 item 4: lifecycle.autoResume: a request through the proxy resumes and is served."""
+    sbx = Sandbox.create(timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        assert sbx.get_info().lifecycle == {"auto_resume": True, "on_timeout": "pause"}
+        _start_echo(sbx)
+        assert _get(sdk_env, sbx.sandbox_id).status_code == 200
+        sbx.pause()
+        assert sbx.get_info().state.value == "paused"
+        served = _get(sdk_env, sbx.sandbox_id)
+        assert served.status_code == 200, served.text
+        assert sbx.get_info().state.value == "running"
+    finally:
+        sbx.kill()
+
+
+def test_without_auto_resume_a_paused_sandbox_stays_paused(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=120, lifecycle={"on_timeout": "pause"})
+    try:
+        _start_echo(sbx)
+        assert _get(sdk_env, sbx.sandbox_id).status_code == 200
+        sbx.pause()
+        refused = _get(sdk_env, sbx.sandbox_id)
+        assert refused.status_code == 502 and "was not found" in refused.text
+        assert sbx.get_info().state.value == "paused"
+    finally:
+        sbx.kill()
+
+
+def test_a_request_in_flight_fails_at_once_when_the_sandbox_is_paused(sdk_env: dict[str, str]) -> None:
+    """Issue 12 item 5: not a hang until the client's timeout, but a clear error right away."""
+    sbx = Sandbox.create(timeout=120)
+    try:
+        _start_echo(sbx)
+        assert _get(sdk_env, sbx.sandbox_id).status_code == 200
+        result: dict[str, object] = {}
+
+        def slow_request() -> None:
+            started = time.monotonic()
+            result["response"] = _get(sdk_env, sbx.sandbox_id, path="/slow")
+            result["seconds"] = time.monotonic() - started
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(1)
+        sbx.pause()
+        thread.join(timeout=20)
+        response = result["response"]
+        assert isinstance(response, httpx.Response)
+        assert response.status_code == 502
+        assert "paused while this request was in flight" in response.json()["message"]
+        assert float(result["seconds"]) < 4  # the sandbox's answer would take 4 s; the pause cut it short
     finally:
         sbx.kill()

@@ -96,8 +96,8 @@ _UNSUPPORTED = "is not supported by this server"
 
 def _refuse_unsupported(body: NewSandbox) -> None:
     """Options E2B cloud has and we do not: an error the SDK shows, never a silent no-op."""
-    if body.auto_resume is not None and body.auto_resume.enabled:
-        raise ApiError(400, f"autoResume {_UNSUPPORTED}: resume a paused sandbox with Sandbox.connect()")
+    if body.auto_resume is not None and body.auto_resume.enabled and not body.auto_pause:
+        raise ApiError(400, "autoResume needs autoPause (lifecycle on_timeout 'pause')")
     if body.auto_pause_memory is False:
         raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
     if body.secure is False:
@@ -213,14 +213,14 @@ class Shapes:
             "envdVersion": ENVD_VERSION,
         }
 
-    def detail(self, row: SandboxRow, network: NetworkPolicy) -> dict[str, Any]:
+    def detail(self, row: SandboxRow, network: NetworkPolicy, auto_resume: bool) -> dict[str, Any]:
         return {
             **self.listed(row),
             "envdAccessToken": row.envd_access_token,
             "domain": self.domain,
             "allowInternetAccess": row.allow_internet,
             "network": network.info(),
-            "lifecycle": {"autoResume": False, "onTimeout": "pause" if row.auto_pause else "kill"},
+            "lifecycle": {"autoResume": auto_resume, "onTimeout": "pause" if row.auto_pause else "kill"},
         }
 
 
@@ -305,6 +305,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 auto_pause=bool(body.auto_pause),
                 api_key_id=key_id,
                 network=network,
+                auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
             )
         )
         return JSONResponse(shapes.sandbox(row, manager.network(row.sandbox_id)), status_code=201)
@@ -348,7 +349,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
 
     async def info(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
-        return JSONResponse(shapes.detail(manager.get(sandbox_id), manager.network(sandbox_id)))
+        row, network = manager.get(sandbox_id), manager.network(sandbox_id)
+        return JSONResponse(shapes.detail(row, network, manager.auto_resumes(sandbox_id)))
 
     async def update_network(request: Request, sandbox_id: str) -> Response:
         keys.authenticate(request)

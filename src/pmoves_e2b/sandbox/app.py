@@ -81,8 +81,11 @@ def create_app(settings: Settings | None = None) -> Any:
 
     async def resolve(sandbox_id: str) -> Target | None:
         found = manager.address(sandbox_id)
+        if found is not None and found[1] == "paused" and manager.auto_resumes(sandbox_id):
+            await manager.connect(sandbox_id, None)  # lifecycle.autoResume: traffic wakes it
+            found = manager.address(sandbox_id)
         if found is None or found[1] != "running":
-            return None  # paused sandboxes answer "not found" until connect resumes them
+            return None  # other paused sandboxes answer "not found" until connect resumes them
         network = manager.network(sandbox_id)
         return Target(
             address=found[0], state=found[1], traffic_token=network.traffic_token, host_mask=network.mask_request_host
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Any:
         return manager.find_by_file_signature(method, query)
 
     outer = SandboxProxy(app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file)
+    manager.pause_listeners.append(outer.sandbox_paused)
     return outer
 
 

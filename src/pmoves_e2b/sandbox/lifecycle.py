@@ -102,6 +102,7 @@ class CreateRequest:
     auto_pause: bool
     api_key_id: str
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    auto_resume: bool = False
 
 
 @dataclass
@@ -152,6 +153,8 @@ class SandboxManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._create_slots = asyncio.Lock()
         self._reserved = 0  # creates in flight, counted against the limit
+        # Called with a sandbox id once it is frozen (the proxy fails its requests in flight).
+        self.pause_listeners: list[Callable[[str], None]] = []
 
     # --- service start / stop -----------------------------------------------------------
 
@@ -229,6 +232,7 @@ class SandboxManager:
                 if network.allow_out or network.deny_out:
                     await self._apply_egress(handle, network)
                 handle.details["network"] = network.to_dict()
+                handle.details["autoResume"] = req.auto_resume
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
                 self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
@@ -424,6 +428,11 @@ class SandboxManager:
                 return sandbox_id
         return None
 
+    def auto_resumes(self, sandbox_id: str) -> bool:
+        """lifecycle.autoResume: traffic through the proxy resumes the paused sandbox."""
+        live = self._live.get(sandbox_id)
+        return bool(live and live.handle.details.get("autoResume"))
+
     def network(self, sandbox_id: str) -> NetworkPolicy:
         live = self._live.get(sandbox_id)
         return NetworkPolicy.from_dict(live.handle.details.get("network")) if live else NetworkPolicy()
@@ -520,6 +529,8 @@ class SandboxManager:
                 raise Conflict(f"sandbox '{sandbox_id}' is already paused")
             await self.backend.pause(live.handle)
             live.handle.state = "paused"
+            for listener in self.pause_listeners:
+                listener(sandbox_id)
             remaining = max(0.0, (row.end_at - repo.utcnow()).total_seconds())
             row = (
                 repo.update_sandbox(

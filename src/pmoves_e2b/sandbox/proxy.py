@@ -101,6 +101,24 @@ Resolver = Callable[[str], Awaitable[Target | None]]
 SignedFileResolver = Callable[[str, str], Awaitable[str | None]]
 
 
+@dataclass(eq=False)
+class InFlight:
+    """An HTTP exchange with a sandbox, so a pause can fail it at once instead of leaving it
+    hanging on frozen processes until the client gives up."""
+
+    sandbox_id: str
+    upstream: Upstream | None = None
+    paused: bool = False
+
+    def attach(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        if self.paused:
+            upstream.abort()
+
+
+PAUSED_MESSAGE = "The sandbox was paused while this request was in flight; resume it (Sandbox.connect) and retry"
+
+
 @dataclass(frozen=True)
 class Route:
     sandbox_id: str
@@ -534,6 +552,14 @@ class SandboxProxy:
         self.pool = UpstreamPool(
             connect_timeout=connect_timeout, max_idle_per_target=max_idle_per_target, idle_expiry=idle_expiry
         )
+        self._inflight: dict[str, set[InFlight]] = {}
+
+    def sandbox_paused(self, sandbox_id: str) -> None:
+        """Fail the sandbox's HTTP exchanges in flight: its processes are frozen and would never answer."""
+        for flight in self._inflight.get(sandbox_id, ()):
+            flight.paused = True
+            if flight.upstream is not None:
+                flight.upstream.abort()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -613,6 +639,26 @@ class SandboxProxy:
         body = RequestBody(receive, streamed=chunked or declared_length(headers) > REPLAY_LIMIT)
         if not body.streamed and not await body.prefetch():
             return  # the client left
+        flight = InFlight(route.sandbox_id)
+        flights = self._inflight.setdefault(route.sandbox_id, set())
+        flights.add(flight)
+        try:
+            await self._forward(route, address, port, request, body, send, flight)
+        finally:
+            flights.discard(flight)
+            if not flights:
+                self._inflight.pop(route.sandbox_id, None)
+
+    async def _forward(
+        self,
+        route: Route,
+        address: str,
+        port: int,
+        request: h11.Request,
+        body: RequestBody,
+        send: Send,
+        flight: InFlight,
+    ) -> None:
         fresh = body.streamed
         while True:
             try:
@@ -624,14 +670,22 @@ class SandboxProxy:
                 detail = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc.strerror or exc)
                 await send_json(send, 502, port_not_open(route.sandbox_id, port, detail).payload)
                 return
+            flight.attach(upstream)
             try:
                 await self._exchange(upstream, request, body, send)
                 return
             except StaleConnection:
+                if flight.paused:
+                    await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": PAUSED_MESSAGE, "code": 502})
+                    return
                 fresh = True  # a pooled connection the sandbox had closed: replay on a new one
             except UpstreamError as exc:
                 if not body.client_gone:
-                    message = f"The sandbox closed the connection without answering ({exc})"
+                    message = (
+                        PAUSED_MESSAGE
+                        if flight.paused
+                        else f"The sandbox closed the connection without answering ({exc})"
+                    )
                     await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": message, "code": 502})
                 return
 
