@@ -93,7 +93,7 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
 @pytest.mark.parametrize(
     ("options", "named"),
     [
-        ({"network": {"allow_out": ["api.example.com"]}}, "domain names are not supported"),
+        ({"network": {"allow_out": ["not a host!"]}}, "not an IPv4 address, CIDR range or domain name"),
         ({"network": {"deny_out": ["2001:db8::/32"]}}, "IPv6"),
         ({"network": {"allow_out": ["8.8.8.8"], "dns_servers": ["1.1.1.1"]}}, "network.dnsServers"),
         ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
@@ -152,8 +152,8 @@ def test_update_network_is_validated(sdk_env: dict[str, str]) -> None:
         info = sbx.get_info()
         assert info.network is not None and info.network.get("deny_out", []) == []
         with pytest.raises(SandboxException) as caught:
-            sbx.update_network({"allow_out": ["example.com"]})
-        assert "domain names are not supported" in str(caught.value)
+            sbx.update_network({"allow_out": ["bad_host name"]})
+        assert "not an IPv4 address, CIDR range or domain name" in str(caught.value)
         with pytest.raises(SandboxNotFoundException):
             Sandbox.update_network("nosuchsandbox0000", {})  # type: ignore[call-arg]
     finally:

@@ -104,3 +104,69 @@ def test_the_host_lan_and_gateway_are_out_of_reach(sdk_env: dict[str, str], more
         assert reach(sbx, FAKE_INTERNET_SERVER_IP, port)
     finally:
         sbx.kill()
+
+
+HTTP_PROBE = (
+    'python3 -c "import socket\n'
+    "try:\n"
+    "    s = socket.create_connection(('{ip}', 80), timeout=3)\n"
+    "    s.sendall(b'GET / HTTP/1.1\\\\r\\\\nHost: {host}\\\\r\\\\n\\\\r\\\\n')\n"
+    "    d = s.recv(100).decode().strip()\n"
+    "    print('open ' + d if d else 'blocked (closed)')\n"
+    "except OSError as e:\n"
+    "    print('blocked', e)\""
+)
+TLS_PROBE = (
+    'python3 -c "import socket, ssl\n'
+    "s = socket.create_connection(('{ip}', 443), timeout=3)\n"
+    "try:\n"
+    "    ssl.create_default_context().wrap_socket(s, server_hostname='{host}')\n"
+    "except Exception as e:\n"
+    '    print(type(e).__name__)"'
+)
+
+
+@pytest.fixture()
+def web_ports(fake_internet: Responder) -> Iterator[tuple[Responder, Responder]]:
+    from ns_harness import listening_socket_in_netns
+
+    path = network.NETNS_DIR / FAKE_INTERNET_NETNS
+    http = Responder(listening_socket_in_netns(path, "0.0.0.0", 80))
+    tls = Responder(listening_socket_in_netns(path, "0.0.0.0", 443))
+    try:
+        yield http, tls
+    finally:
+        http.close()
+        tls.close()
+
+
+def http_get(sbx: Sandbox, host: str) -> str:
+    return sbx.commands.run(HTTP_PROBE.format(ip=FAKE_INTERNET_SERVER_IP, host=host), timeout=30).stdout.strip()
+
+
+def tls_reaches(sbx: Sandbox, tls: Responder, host: str) -> bool:
+    before = len(tls.peers)
+    sbx.commands.run(TLS_PROBE.format(ip=FAKE_INTERNET_SERVER_IP, host=host), timeout=30)
+    return len(tls.peers) > before
+
+
+def test_domain_rules_match_http_host_and_tls_sni(
+    sdk_env: dict[str, str], fake_internet: Responder, web_ports: tuple[Responder, Responder]
+) -> None:
+    _, tls = web_ports
+    sbx = Sandbox.create(timeout=120, network={"allow_out": ["allowed.test", "*.wild.test"], "deny_out": ["0.0.0.0/0"]})
+    try:
+        assert http_get(sbx, "allowed.test").startswith("open hello")
+        assert http_get(sbx, "a.wild.test").startswith("open hello")
+        assert http_get(sbx, "other.test").startswith("blocked")
+        assert tls_reaches(sbx, tls, "allowed.test")
+        assert not tls_reaches(sbx, tls, "other.test")
+        assert not reach(sbx, FAKE_INTERNET_SERVER_IP, fake_internet.port)  # other ports: deny-all by nft
+        # a denied name, everything else open; then no rules at all (no more interception)
+        sbx.update_network({"deny_out": ["blocked.test"]})
+        assert http_get(sbx, "other.test").startswith("open hello")
+        assert http_get(sbx, "blocked.test").startswith("blocked")
+        sbx.update_network({})
+        assert http_get(sbx, "blocked.test").startswith("open hello")
+    finally:
+        sbx.kill()

@@ -32,8 +32,9 @@ from pmoves_e2b.sandbox.backends.base import (
     SandboxStats,
     TemplateImage,
 )
+from pmoves_e2b.sandbox.egress import EgressProxy
 from pmoves_e2b.sandbox.envd_client import EnvdClient
-from pmoves_e2b.sandbox.netpolicy import NetworkPolicy
+from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.store import repo
@@ -155,6 +156,7 @@ class SandboxManager:
         self._reserved = 0  # creates in flight, counted against the limit
         # Called with a sandbox id once it is frozen (the proxy fails its requests in flight).
         self.pause_listeners: list[Callable[[str], None]] = []
+        self.egress = EgressProxy()
 
     # --- service start / stop -----------------------------------------------------------
 
@@ -180,6 +182,7 @@ class SandboxManager:
         if self._background:
             # Within the supervisor's stop grace; what is cut off, the next start cleans up.
             await asyncio.wait(self._background, timeout=5)
+        await self.egress.close()
         await self.envd.close()
 
     async def _readopt(self) -> None:
@@ -190,6 +193,10 @@ class SandboxManager:
                 handle.state = row.state
                 self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
                 known.add(row.sandbox_id)
+                try:
+                    await self._sync_intercept(handle)  # the egress proxy of a sandbox with domain rules
+                except Exception:
+                    log.exception("egress proxy not restored", extra={"sandbox_id": row.sandbox_id})
                 log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
                 continue
             repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="lost")
@@ -229,9 +236,9 @@ class SandboxManager:
                 network = req.network
                 if not network.allow_public_traffic:
                     network = dataclasses.replace(network, traffic_token=secrets.token_urlsafe(24))
+                handle.details["network"] = network.to_dict()
                 if network.allow_out or network.deny_out:
                     await self._apply_egress(handle, network)
-                handle.details["network"] = network.to_dict()
                 handle.details["autoResume"] = req.auto_resume
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
@@ -365,10 +372,28 @@ class SandboxManager:
 
     async def _apply_egress(self, handle: SandboxHandle, network: NetworkPolicy) -> None:
         try:
-            await self.backend.set_egress(handle, network.allow_out, network.deny_out)
+            await self.backend.set_egress(handle, cidrs(network.allow_out), cidrs(network.deny_out))
+            await self._sync_intercept(handle)
         except Exception as exc:
+            await self.egress.stop(handle.sandbox_id)
             await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"could not apply the sandbox's network rules: {exc}") from exc
+
+    async def _sync_intercept(self, handle: SandboxHandle) -> None:
+        """Domain rules need the egress proxy: start or stop it to match ``details["network"]``."""
+        sandbox_id = handle.sandbox_id
+        wanted = NetworkPolicy.from_dict(handle.details.get("network")).has_domains
+        if wanted and not self.egress.serving(sandbox_id):
+            never = self.backend.never_reachable()
+
+            def decide(host: str | None, ip: str, port: int) -> bool:
+                current = NetworkPolicy.from_dict(handle.details.get("network"))  # updates apply at once
+                return current.decide(host, ip, never, bool(handle.details.get("allow_internet", True)))
+
+            await self.egress.serve(sandbox_id, await self.backend.open_intercept(handle), decide)
+        elif not wanted and self.egress.serving(sandbox_id):
+            await self.egress.stop(sandbox_id)
+            await self.backend.close_intercept(handle)
 
     async def _cut_internet(self, handle: SandboxHandle) -> None:
         try:
@@ -446,12 +471,13 @@ class SandboxManager:
         async with live.lock:
             row = self.get(sandbox_id)
             network = self.network(sandbox_id).with_egress(allow_out, deny_out)
-            await self.backend.set_egress(live.handle, allow_out, deny_out)
+            await self.backend.set_egress(live.handle, cidrs(allow_out), cidrs(deny_out))
             changes: dict[str, Any] = {}
             if allow_internet is not None and allow_internet != row.allow_internet:
                 await self.backend.set_internet(live.handle, allow_internet)
                 changes["allow_internet"] = allow_internet
             live.handle.details["network"] = network.to_dict()
+            await self._sync_intercept(live.handle)
             row = repo.update_sandbox(self.db, sandbox_id, handle=live.handle.to_dict(), **changes) or row
         repo.audit(
             self.db, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
@@ -557,6 +583,7 @@ class SandboxManager:
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
         repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
+        await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_quietly(live.handle))
         self._spawn(self._event("timeout" if reason == "timeout" else "killed", row, reason))

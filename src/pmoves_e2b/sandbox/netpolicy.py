@@ -1,7 +1,9 @@
 """A sandbox's network options (E2B's ``network`` field), validated. Pure data: no I/O here.
 
-Outbound rules are IPv4 addresses and CIDR ranges (sandboxes have no IPv6); ``allowOut`` wins over
-``denyOut`` and ``0.0.0.0/0`` in ``denyOut`` denies everything not allowed. Inbound, a sandbox made
+Outbound rules are IPv4 addresses, CIDR ranges (nftables) and domain names, ``*.`` wildcards
+allowed (matched by the egress proxy against TLS SNI / HTTP Host on ports 80 and 443; sandboxes
+have no IPv6); ``allowOut`` wins over ``denyOut`` and ``0.0.0.0/0`` in ``denyOut`` denies
+everything not allowed. Inbound, a sandbox made
 with ``allowPublicTraffic: false`` gets a traffic access token that the proxy requires on every
 port, and ``maskRequestHost`` (``${PORT}`` expanded) becomes the Host header its servers see.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_RULES = 500
+_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _HOST_MASK = re.compile(r"^[A-Za-z0-9.\-:_\[\]${}]{1,255}$")
 
 
@@ -29,13 +32,15 @@ def parse_cidrs(field: str, values: list[str] | None) -> tuple[str, ...]:
         raise NetworkOptionError(f"network.{field} has {len(values)} entries; at most {MAX_RULES} are allowed")
     found = []
     for value in values:
-        text = value.strip() if isinstance(value, str) else ""
+        text = value.strip().lower().rstrip(".") if isinstance(value, str) else ""
         try:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
+            if ":" not in text and len(text) <= 253 and _DOMAIN.fullmatch(text) and not text.replace(".", "").isdigit():
+                found.append(text)
+                continue
             raise NetworkOptionError(
-                f"network.{field}: {value!r} is not an IPv4 address or CIDR range; domain names are not "
-                "supported by this server (use the addresses they resolve to)"
+                f"network.{field}: {value!r} is not an IPv4 address, CIDR range or domain name"
             ) from None
         if net.version != 4:
             raise NetworkOptionError(f"network.{field}: {value!r} is IPv6; sandboxes have no IPv6 at all")
@@ -53,6 +58,26 @@ def parse_host_mask(value: str | None) -> str | None:
     return value
 
 
+def is_domain(entry: str) -> bool:
+    return "/" not in entry  # parse_cidrs writes every address as a CIDR
+
+
+def cidrs(entries: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e for e in entries if not is_domain(e))
+
+
+def domains(entries: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e for e in entries if is_domain(e))
+
+
+def domain_matches(pattern: str, host: str) -> bool:
+    """``example.com`` matches itself; ``*.example.com`` matches its subdomains (not itself)."""
+    host = host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return host == pattern
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
     allow_out: tuple[str, ...] = ()
@@ -63,6 +88,26 @@ class NetworkPolicy:
 
     def with_egress(self, allow_out: tuple[str, ...], deny_out: tuple[str, ...]) -> NetworkPolicy:
         return replace(self, allow_out=allow_out, deny_out=deny_out)
+
+    @property
+    def has_domains(self) -> bool:
+        return bool(domains(self.allow_out) or domains(self.deny_out))
+
+    def decide(self, host: str | None, ip: str, never: list[ipaddress.IPv4Network], internet: bool) -> bool:
+        """Egress proxy verdict for a connection to ``ip`` naming ``host`` (SNI / Host), E2B's order:
+        never-reachable ranges, then allow (names, then CIDRs), then deny, then the internet switch."""
+        address = ipaddress.IPv4Address(ip)
+        if address.is_loopback or any(address in net for net in never):
+            return False
+        if host and any(domain_matches(d, host) for d in domains(self.allow_out)):
+            return True
+        if any(address in ipaddress.IPv4Network(c) for c in cidrs(self.allow_out)):
+            return True
+        if host and any(domain_matches(d, host) for d in domains(self.deny_out)):
+            return False
+        if any(address in ipaddress.IPv4Network(c) for c in cidrs(self.deny_out)):
+            return False
+        return internet
 
     def host_header(self, port: int) -> str | None:
         return self.mask_request_host.replace("${PORT}", str(port)) if self.mask_request_host else None

@@ -26,6 +26,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -338,6 +339,66 @@ def clear_egress(net: SandboxNet) -> None:
         except NetworkError as exc:
             if "No such file or directory" not in str(exc):
                 raise
+
+
+INTERCEPT_TABLE = "pmoves_e2b_intercept"
+INTERCEPT_PORTS = (80, 443)
+
+
+def open_intercept(net: SandboxNet) -> socket.socket:
+    """A listening socket inside the sandbox's netns that its outbound TCP to ports 80/443 is
+    redirected to (nft in that netns, which root inside cannot change: the netns belongs to the
+    host's user namespace). The service serves it: see ``sandbox/egress.py``."""
+    sock: list[socket.socket] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {net.netns_path}")
+            finally:
+                os.close(fd)
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+            sock.append(listener)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, name="netns-intercept")
+    thread.start()
+    thread.join()
+    if errors:
+        raise NetworkError(f"egress listener in {net.netns}: {errors[0]}")
+    listener = sock[0]
+    port = listener.getsockname()[1]
+    ports = ", ".join(str(p) for p in INTERCEPT_PORTS)
+    rules = (
+        f"table ip {INTERCEPT_TABLE}\ndelete table ip {INTERCEPT_TABLE}\n"
+        f"table ip {INTERCEPT_TABLE} {{\n  chain output {{\n    type nat hook output priority -100; policy accept;\n"
+        f"    ip daddr != 127.0.0.0/8 tcp dport {{ {ports} }} redirect to :{port}\n  }}\n}}\n"
+    )
+    try:
+        _run(["nsenter", f"--net={net.netns_path}", "nft", "-f", "-"], rules)
+    except NetworkError:
+        listener.close()
+        raise
+    return listener
+
+
+def close_intercept(net: SandboxNet) -> None:
+    """Stop redirecting (the listener itself is closed by its owner)."""
+    if net.netns_path.exists():
+        _run(["nsenter", f"--net={net.netns_path}", "nft", "-f", "-"],
+             f"table ip {INTERCEPT_TABLE}\ndelete table ip {INTERCEPT_TABLE}\n")  # fmt: skip
+
+
+def never_reachable() -> list[ipaddress.IPv4Network]:
+    """What no sandbox may reach, also through the egress proxy (which connects from the host)."""
+    nets = [ipaddress.IPv4Network(n) for n in BLOCKED_V4] + [SANDBOX_NET]
+    return nets + [ipaddress.IPv4Network(n) for n in host_networks()]
 
 
 def destroy(net: SandboxNet) -> None:

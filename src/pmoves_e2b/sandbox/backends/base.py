@@ -8,6 +8,8 @@ and re-adopted by a restarted e2b-sandbox process.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +101,15 @@ class Backend(Protocol):
     async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
         """Replace the sandbox's outbound CIDR rules: ``allow`` wins over ``deny``; the rest follows
         ``set_internet``."""
+
+    async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
+        """A listening socket that the sandbox's outbound TCP to ports 80/443 is redirected to."""
+
+    async def close_intercept(self, handle: SandboxHandle) -> None:
+        """Stop redirecting the sandbox's web traffic."""
+
+    def never_reachable(self) -> list[ipaddress.IPv4Network]:
+        """Destinations no sandbox may reach (the egress proxy checks them too)."""
 
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
         """Current resource use of the sandbox."""

@@ -33,6 +33,7 @@ import ctypes
 import errno
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -294,6 +295,17 @@ class NsBackend:
     async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
         net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
         await self._in_thread(network.set_egress, net, allow, deny)
+
+    async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        return await self._in_thread(network.open_intercept, net)
+
+    async def close_intercept(self, handle: SandboxHandle) -> None:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(network.close_intercept, net)
+
+    def never_reachable(self) -> list[ipaddress.IPv4Network]:
+        return network.never_reachable()
 
     async def is_alive(self, handle: SandboxHandle) -> bool:
         return self._cgroups(handle).populated()
