@@ -14,6 +14,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -113,7 +114,17 @@ def test_rest_typed_text_lands_in_the_editor(running_stack: Any, service: Deskto
         desktop, api_key=running_stack.api_key, api_url=running_stack.sandbox_url, sandbox_url=running_stack.sandbox_url
     )
     sandbox.files.write(path, "")
-    act(service, desktop, {"type": "launch", "app": "org.xfce.mousepad", "uri": path}, {"type": "wait", "ms": 3000})
+    act(service, desktop, {"type": "launch", "app": "org.xfce.mousepad", "uri": path})
+    # Type only once the editor's window is mapped and focused (the machine may be slow).
+    deadline = time.monotonic() + 30
+    while True:
+        focused = sandbox.commands.run(
+            "xdotool getwindowfocus getwindowname || true", envs={"DISPLAY": ":0"}, timeout=10
+        ).stdout
+        if Path(path).name in focused or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert Path(path).name in focused, focused
     act(
         service,
         desktop,

@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Literal
 
 from e2b import AsyncSandbox
+from e2b.sandbox.commands.command_handle import CommandExitException
 
 from pmoves_e2b.desktop import metrics
 from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, utcnow
@@ -30,6 +31,7 @@ EndKind = Literal["created", "killed", "timeout", "failed"]
 Emit = Callable[[EndKind, Desktop, str], Awaitable[None]]
 # A desktop whose end time is this close when it vanishes ended by timeout.
 TIMEOUT_SLACK = timedelta(seconds=3)
+DISPLAY_POLL_S = 5.0
 
 
 @dataclass
@@ -100,21 +102,25 @@ class DesktopWatcher:
             task.cancel()
 
     async def _watch_display(self, desktop: Desktop) -> None:
-        """Wait for the desktop's Xvfb to exit; if the sandbox still runs then, it crashed."""
+        """Wait for the desktop's Xvfb to exit; if the sandbox still runs then, it crashed.
+
+        Waiting on the process through envd is instant; when that is not possible (Xvfb died
+        before the watch began, or envd broke the stream) the display is polled instead.
+        """
         options = self.ops.config.options()
         try:
             sandbox = await AsyncSandbox.connect(desktop.desktop_id, **options)
             processes = await sandbox.commands.list()
             xvfb = next((p for p in processes if any("Xvfb" in part for part in [p.cmd, *p.args])), None)
-            if xvfb is None:
-                log.info("no Xvfb process to watch", extra={"desktop_id": desktop.desktop_id})
-                return
-            handle = await sandbox.commands.connect(xvfb.pid, timeout=0)
-            with contextlib.suppress(Exception):  # any exit, or the stream breaking, ends the wait
-                await handle.wait()
+            if xvfb is not None:
+                with contextlib.suppress(Exception):  # any exit, a pid already gone, or a broken stream
+                    handle = await sandbox.commands.connect(xvfb.pid, timeout=0)
+                    await handle.wait()
+            while await self._display_runs(sandbox):
+                await asyncio.sleep(DISPLAY_POLL_S)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - no watch possible; the listing still reports the end
+        except Exception as exc:  # noqa: BLE001 - the sandbox is unreachable: the listing reports its end
             log.debug("display watch of %s ended: %s", desktop.desktop_id, exc)
             return
         if desktop.desktop_id not in self.known or await self.ops.is_gone(desktop.desktop_id):
@@ -124,3 +130,11 @@ class DesktopWatcher:
         await self.emit("failed", desktop, "the desktop's display (Xvfb) stopped; the desktop was removed")
         with contextlib.suppress(Exception):
             await AsyncSandbox.kill(desktop.desktop_id, **options)
+
+    @staticmethod
+    async def _display_runs(sandbox: AsyncSandbox) -> bool:
+        try:
+            await sandbox.commands.run("pgrep -x Xvfb", timeout=10)
+        except CommandExitException:
+            return False  # pgrep: no such process
+        return True
