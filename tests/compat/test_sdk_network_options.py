@@ -97,6 +97,7 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
         ({"network": {"deny_out": ["2001:db8::/32"]}}, "IPv6"),
         ({"network": {"allow_out": ["8.8.8.8"], "dns_servers": ["1.1.1.1"]}}, "network.dnsServers"),
         ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
+        ({"network": {"https_ports": [0]}}, "port numbers"),
         ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
         ({"volume_mounts": {"/data": "vol-1"}}, "volumeMounts"),
     ],
@@ -212,5 +213,66 @@ def test_a_request_in_flight_fails_at_once_when_the_sandbox_is_paused(sdk_env: d
         assert response.status_code == 502
         assert "paused while this request was in flight" in response.json()["message"]
         assert float(result["seconds"]) < 4  # the sandbox's answer would take 4 s; the pause cut it short
+    finally:
+        sbx.kill()
+
+
+HTTPS_SERVER = r"""
+import http.server, ssl
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "13")
+        self.end_headers()
+        self.wfile.write(b"https backend")
+    def log_message(self, *a): pass
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/tmp/cert.pem", "/tmp/key.pem")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+
+def _self_signed() -> tuple[str, str]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def test_https_ports_reach_a_tls_server_in_the_sandbox(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=120, network={"https_ports": [8000]})
+    try:
+        cert, key = _self_signed()
+        sbx.files.write("/tmp/cert.pem", cert)
+        sbx.files.write("/tmp/key.pem", key)
+        sbx.files.write("/tmp/https.py", HTTPS_SERVER)
+        sbx.commands.run("python3 /tmp/https.py", background=True)
+        served = _get(sdk_env, sbx.sandbox_id)
+        assert served.status_code == 200, served.text
+        assert served.text == "https backend"
+        info = sbx.get_info()
+        assert info.network is not None and info.network.get("https_ports") == [8000]
     finally:
         sbx.kill()

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.backends.base import BackendError
 from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
-from pmoves_e2b.sandbox.netpolicy import NetworkOptionError, NetworkPolicy, parse_cidrs, parse_host_mask
+from pmoves_e2b.sandbox.netpolicy import NetworkOptionError, NetworkPolicy, parse_cidrs, parse_host_mask, parse_ports
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
@@ -112,7 +112,6 @@ def network_rules(body: NetworkBody) -> tuple[tuple[str, ...], tuple[str, ...]]:
         ("dnsServers", body.dns_servers),
         ("egressProxy", body.egress_proxy),
         ("rules", body.rules),
-        ("httpsPorts", body.https_ports),
     ):
         if value is not None:
             raise ApiError(400, f"network.{name} {_UNSUPPORTED}")
@@ -130,6 +129,7 @@ def network_policy(body: NetworkBody | None) -> NetworkPolicy:
     allow_out, deny_out = network_rules(body)
     try:
         mask = parse_host_mask(body.mask_request_host)
+        https_ports = parse_ports("httpsPorts", body.https_ports)
     except NetworkOptionError as exc:
         raise ApiError(400, str(exc)) from None
     return NetworkPolicy(
@@ -137,6 +137,7 @@ def network_policy(body: NetworkBody | None) -> NetworkPolicy:
         deny_out=deny_out,
         allow_public_traffic=body.allow_public_traffic is not False,
         mask_request_host=mask,
+        https_ports=https_ports,
     )
 
 
@@ -355,8 +356,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     async def update_network(request: Request, sandbox_id: str) -> Response:
         keys.authenticate(request)
         body: NetworkBody = await parse_body(request, NetworkBody, required=False)
-        if body.allow_public_traffic is not None or body.mask_request_host is not None:
-            raise ApiError(400, "allowPublicTraffic and maskRequestHost are set at create time only")
+        if body.allow_public_traffic is not None or body.mask_request_host is not None or body.https_ports is not None:
+            raise ApiError(400, "allowPublicTraffic, maskRequestHost and httpsPorts are set at create time only")
         allow_out, deny_out = network_rules(body)
         await manager.update_network(sandbox_id, allow_out, deny_out, body.allow_internet_access)
         return Response(status_code=204)

@@ -88,7 +88,11 @@ def create_app(settings: Settings | None = None) -> Any:
             return None  # other paused sandboxes answer "not found" until connect resumes them
         network = manager.network(sandbox_id)
         return Target(
-            address=found[0], state=found[1], traffic_token=network.traffic_token, host_mask=network.mask_request_host
+            address=found[0],
+            state=found[1],
+            traffic_token=network.traffic_token,
+            host_mask=network.mask_request_host,
+            https_ports=frozenset(network.https_ports),
         )
 
     async def resolve_signed_file(method: str, query: str) -> str | None:

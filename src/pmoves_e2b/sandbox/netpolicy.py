@@ -48,6 +48,14 @@ def parse_cidrs(field: str, values: list[str] | None) -> tuple[str, ...]:
     return tuple(found)
 
 
+def parse_ports(field: str, values: list[int] | None) -> tuple[int, ...]:
+    if not values:
+        return ()
+    if len(values) > MAX_RULES or not all(isinstance(v, int) and 1 <= v <= 65535 for v in values):
+        raise NetworkOptionError(f"network.{field} must be a list of port numbers (1-65535)")
+    return tuple(sorted(set(values)))
+
+
 def parse_host_mask(value: str | None) -> str | None:
     if value is None:
         return None
@@ -85,6 +93,7 @@ class NetworkPolicy:
     allow_public_traffic: bool = True
     mask_request_host: str | None = None
     traffic_token: str | None = None  # set when allow_public_traffic is False
+    https_ports: tuple[int, ...] = ()  # the proxy speaks TLS to the sandbox on these
 
     def with_egress(self, allow_out: tuple[str, ...], deny_out: tuple[str, ...]) -> NetworkPolicy:
         return replace(self, allow_out=allow_out, deny_out=deny_out)
@@ -119,6 +128,7 @@ class NetworkPolicy:
             "allowPublicTraffic": self.allow_public_traffic,
             "maskRequestHost": self.mask_request_host,
             "trafficAccessToken": self.traffic_token,
+            "httpsPorts": list(self.https_ports),
         }
 
     @classmethod
@@ -131,6 +141,7 @@ class NetworkPolicy:
             allow_public_traffic=data.get("allowPublicTraffic", True) is not False,
             mask_request_host=data.get("maskRequestHost"),
             traffic_token=data.get("trafficAccessToken"),
+            https_ports=tuple(data.get("httpsPorts") or ()),
         )
 
     def info(self) -> dict[str, Any]:
@@ -142,4 +153,6 @@ class NetworkPolicy:
         }
         if self.mask_request_host:
             shown["maskRequestHost"] = self.mask_request_host
+        if self.https_ports:
+            shown["httpsPorts"] = list(self.https_ports)
         return shown

@@ -22,6 +22,7 @@ import logging
 import posixpath
 import re
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Target:
     state: str = "running"  # running | paused
     traffic_token: str | None = None  # when set, every request must carry it (allowPublicTraffic: false)
     host_mask: str | None = None  # maskRequestHost: the Host its servers see, ${PORT} expanded
+    https_ports: frozenset[int] = frozenset()  # httpsPorts: the sandbox's server there speaks TLS
 
     def host_header(self, port: int) -> bytes | None:
         return self.host_mask.replace("${PORT}", str(port)).encode() if self.host_mask else None
@@ -390,10 +392,20 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
-async def connect_upstream(address: str, port: int, timeout: float) -> Upstream:
+def _sandbox_tls() -> ssl.SSLContext:
+    """TLS to a sandbox's httpsPorts: its certificate is its own business (self-signed as a rule),
+    the client's hop is what the proxy secures."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect_upstream(address: str, port: int, timeout: float, tls: bool = False) -> Upstream:
     loop = asyncio.get_running_loop()
     key = (loop, address, port)
-    _, upstream = await asyncio.wait_for(loop.create_connection(lambda: Upstream(key), address, port), timeout)
+    extra: dict[str, Any] = {"ssl": _sandbox_tls(), "server_hostname": ""} if tls else {}
+    _, upstream = await asyncio.wait_for(loop.create_connection(lambda: Upstream(key), address, port, **extra), timeout)
     return upstream
 
 
@@ -409,7 +421,7 @@ class UpstreamPool:
         self._idle: dict[tuple[asyncio.AbstractEventLoop, str, int], list[Upstream]] = {}
         self._last_sweep = time.monotonic()
 
-    async def acquire(self, address: str, port: int, *, fresh: bool = False) -> Upstream:
+    async def acquire(self, address: str, port: int, *, fresh: bool = False, tls: bool = False) -> Upstream:
         # Keyed by event loop too: one proxy may serve listeners running in different loops.
         key = (asyncio.get_running_loop(), address, port)
         now = time.monotonic()
@@ -421,7 +433,7 @@ class UpstreamPool:
                 upstream.reused = True
                 return upstream
             upstream.abort()
-        return await connect_upstream(address, port, self.connect_timeout)
+        return await connect_upstream(address, port, self.connect_timeout, tls)
 
     def release(self, upstream: Upstream) -> None:
         now = time.monotonic()
@@ -643,7 +655,7 @@ class SandboxProxy:
         flights = self._inflight.setdefault(route.sandbox_id, set())
         flights.add(flight)
         try:
-            await self._forward(route, address, port, request, body, send, flight)
+            await self._forward(route, address, port, request, body, send, flight, port in target.https_ports)
         finally:
             flights.discard(flight)
             if not flights:
@@ -658,11 +670,12 @@ class SandboxProxy:
         body: RequestBody,
         send: Send,
         flight: InFlight,
+        tls: bool,
     ) -> None:
-        fresh = body.streamed
+        fresh = body.streamed or tls  # TLS upstreams are not pooled: a slot's next sandbox may differ
         while True:
             try:
-                upstream = await self.pool.acquire(address, port, fresh=fresh)
+                upstream = await self.pool.acquire(address, port, fresh=fresh, tls=tls)
             except ConnectionRefusedError:
                 await send_json(send, 502, port_not_open(route.sandbox_id, port).payload)
                 return
