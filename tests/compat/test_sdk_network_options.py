@@ -95,7 +95,7 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
     [
         ({"network": {"allow_out": ["not a host!"]}}, "not an IPv4 address, CIDR range or domain name"),
         ({"network": {"deny_out": ["2001:db8::/32"]}}, "IPv6"),
-        ({"network": {"allow_out": ["8.8.8.8"], "dns_servers": ["1.1.1.1"]}}, "network.dnsServers"),
+        ({"network": {"allow_out": ["a.example.test"], "dns_servers": ["dns.example.test"]}}, "network.dnsServers"),
         ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
         ({"network": {"https_ports": [0]}}, "port numbers"),
         ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
@@ -139,6 +139,19 @@ def test_fork_and_snapshots_say_they_are_not_supported(sdk_env: dict[str, str]) 
         assert sbx.is_running()
     finally:
         sbx.kill()
+
+
+def test_auto_resume_in_the_shape_older_sdks_send(sdk_env: dict[str, str]) -> None:
+    body = {"templateID": "base", "timeout": 60, "autoResume": {"policy": "any"}}
+    headers = {"X-API-Key": sdk_env["E2B_API_KEY"]}
+    created = httpx.post(sdk_env["E2B_API_URL"] + "/sandboxes", json=body, headers=headers, timeout=60)
+    assert created.status_code == 201, created.text
+    sandbox_id = created.json()["sandboxID"]
+    try:
+        info = Sandbox.get_info(sandbox_id)
+        assert info.lifecycle is not None and info.lifecycle["auto_resume"] is True
+    finally:
+        Sandbox.kill(sandbox_id)
 
 
 def test_update_network_is_validated(sdk_env: dict[str, str]) -> None:

@@ -170,3 +170,18 @@ def test_domain_rules_match_http_host_and_tls_sni(
         assert http_get(sbx, "blocked.test").startswith("open hello")
     finally:
         sbx.kill()
+
+
+def test_dns_servers_are_reachable_when_a_domain_is_allowed(sdk_env: dict[str, str], more_addresses: Responder) -> None:
+    port = more_addresses.port
+    sbx = Sandbox.create(
+        timeout=120, network={"allow_out": ["allowed.test"], "deny_out": ["0.0.0.0/0"], "dns_servers": [SECOND_IP]}
+    )
+    try:
+        assert reach(sbx, SECOND_IP, port)  # all traffic to a listed DNS server, as E2B allows
+        assert not reach(sbx, FAKE_INTERNET_SERVER_IP, port)
+        assert sbx.get_info().network["dns_servers"] == [SECOND_IP]  # type: ignore[index]
+        sbx.update_network({"deny_out": ["0.0.0.0/0"], "dns_servers": [SECOND_IP]})  # no domain: no effect
+        assert not reach(sbx, SECOND_IP, port)
+    finally:
+        sbx.kill()

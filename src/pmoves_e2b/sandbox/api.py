@@ -13,7 +13,7 @@ import hmac
 import json
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -24,7 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.backends.base import BackendError
 from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
-from pmoves_e2b.sandbox.netpolicy import NetworkOptionError, NetworkPolicy, parse_cidrs, parse_host_mask, parse_ports
+from pmoves_e2b.sandbox.netpolicy import (
+    NetworkOptionError,
+    NetworkPolicy,
+    parse_cidrs,
+    parse_dns_servers,
+    parse_host_mask,
+    parse_ports,
+)
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
@@ -72,7 +79,12 @@ class NetworkBody(_Strict):
 
 
 class AutoResumeBody(_Strict):
-    enabled: bool = False
+    enabled: bool | None = None
+    policy: Literal["any", "off"] | None = None  # what SDKs before `enabled` sent
+
+    @property
+    def on(self) -> bool:
+        return self.enabled is True or (self.enabled is None and self.policy == "any")
 
 
 class NewSandbox(_Body):
@@ -96,8 +108,6 @@ _UNSUPPORTED = "is not supported by this server"
 
 def _refuse_unsupported(body: NewSandbox) -> None:
     """Options E2B cloud has and we do not: an error the SDK shows, never a silent no-op."""
-    if body.auto_resume is not None and body.auto_resume.enabled and not body.auto_pause:
-        raise ApiError(400, "autoResume needs autoPause (lifecycle on_timeout 'pause')")
     if body.auto_pause_memory is False:
         raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
     if body.secure is False:
@@ -107,16 +117,19 @@ def _refuse_unsupported(body: NewSandbox) -> None:
             raise ApiError(400, f"{name} {_UNSUPPORTED}")
 
 
-def network_rules(body: NetworkBody) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def network_rules(body: NetworkBody) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     for name, value in (
-        ("dnsServers", body.dns_servers),
         ("egressProxy", body.egress_proxy),
         ("rules", body.rules),
     ):
         if value is not None:
             raise ApiError(400, f"network.{name} {_UNSUPPORTED}")
     try:
-        return parse_cidrs("allowOut", body.allow_out), parse_cidrs("denyOut", body.deny_out)
+        return (
+            parse_cidrs("allowOut", body.allow_out),
+            parse_cidrs("denyOut", body.deny_out),
+            parse_dns_servers(body.dns_servers),
+        )
     except NetworkOptionError as exc:
         raise ApiError(400, str(exc)) from None
 
@@ -126,7 +139,7 @@ def network_policy(body: NetworkBody | None) -> NetworkPolicy:
         return NetworkPolicy()
     if body.allow_internet_access is not None:
         raise ApiError(400, "network.allow_internet_access belongs at the top level of the create request")
-    allow_out, deny_out = network_rules(body)
+    allow_out, deny_out, dns_servers = network_rules(body)
     try:
         mask = parse_host_mask(body.mask_request_host)
         https_ports = parse_ports("httpsPorts", body.https_ports)
@@ -138,6 +151,7 @@ def network_policy(body: NetworkBody | None) -> NetworkPolicy:
         allow_public_traffic=body.allow_public_traffic is not False,
         mask_request_host=mask,
         https_ports=https_ports,
+        dns_servers=dns_servers,
     )
 
 
@@ -306,7 +320,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 auto_pause=bool(body.auto_pause),
                 api_key_id=key_id,
                 network=network,
-                auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
+                auto_resume=bool(body.auto_resume and body.auto_resume.on),
             )
         )
         return JSONResponse(shapes.sandbox(row, manager.network(row.sandbox_id)), status_code=201)
@@ -358,8 +372,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         body: NetworkBody = await parse_body(request, NetworkBody, required=False)
         if body.allow_public_traffic is not None or body.mask_request_host is not None or body.https_ports is not None:
             raise ApiError(400, "allowPublicTraffic, maskRequestHost and httpsPorts are set at create time only")
-        allow_out, deny_out = network_rules(body)
-        await manager.update_network(sandbox_id, allow_out, deny_out, body.allow_internet_access)
+        allow_out, deny_out, dns_servers = network_rules(body)
+        await manager.update_network(sandbox_id, allow_out, deny_out, dns_servers, body.allow_internet_access)
         return Response(status_code=204)
 
     async def not_implemented(request: Request) -> Response:

@@ -372,7 +372,7 @@ class SandboxManager:
 
     async def _apply_egress(self, handle: SandboxHandle, network: NetworkPolicy) -> None:
         try:
-            await self.backend.set_egress(handle, cidrs(network.allow_out), cidrs(network.deny_out))
+            await self.backend.set_egress(handle, network.allow_cidrs, cidrs(network.deny_out))
             await self._sync_intercept(handle)
         except Exception as exc:
             await self.egress.stop(handle.sandbox_id)
@@ -463,15 +463,20 @@ class SandboxManager:
         return NetworkPolicy.from_dict(live.handle.details.get("network")) if live else NetworkPolicy()
 
     async def update_network(
-        self, sandbox_id: str, allow_out: tuple[str, ...], deny_out: tuple[str, ...], allow_internet: bool | None
+        self,
+        sandbox_id: str,
+        allow_out: tuple[str, ...],
+        deny_out: tuple[str, ...],
+        dns_servers: tuple[str, ...],
+        allow_internet: bool | None,
     ) -> SandboxRow:
         """Replace the outbound rules of a sandbox (running or paused); omitted rules are cleared."""
         self.get(sandbox_id)
         live = self._live[sandbox_id]
         async with live.lock:
             row = self.get(sandbox_id)
-            network = self.network(sandbox_id).with_egress(allow_out, deny_out)
-            await self.backend.set_egress(live.handle, cidrs(allow_out), cidrs(deny_out))
+            network = self.network(sandbox_id).with_egress(allow_out, deny_out, dns_servers)
+            await self.backend.set_egress(live.handle, network.allow_cidrs, cidrs(deny_out))
             changes: dict[str, Any] = {}
             if allow_internet is not None and allow_internet != row.allow_internet:
                 await self.backend.set_internet(live.handle, allow_internet)

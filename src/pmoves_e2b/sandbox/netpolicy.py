@@ -48,6 +48,21 @@ def parse_cidrs(field: str, values: list[str] | None) -> tuple[str, ...]:
     return tuple(found)
 
 
+def parse_dns_servers(values: list[str] | None) -> tuple[str, ...]:
+    """E2B's dnsServers: up to 10 IPv4 addresses, all traffic to them allowed (when allowOut names a domain)."""
+    if not values:
+        return ()
+    if len(values) > 10:
+        raise NetworkOptionError("network.dnsServers takes at most 10 addresses")
+    found = []
+    for value in values:
+        try:
+            found.append(f"{ipaddress.IPv4Address(str(value).strip())}/32")
+        except ValueError:
+            raise NetworkOptionError(f"network.dnsServers: {value!r} is not an IPv4 address") from None
+    return tuple(found)
+
+
 def parse_ports(field: str, values: list[int] | None) -> tuple[int, ...]:
     if not values:
         return ()
@@ -94,9 +109,17 @@ class NetworkPolicy:
     mask_request_host: str | None = None
     traffic_token: str | None = None  # set when allow_public_traffic is False
     https_ports: tuple[int, ...] = ()  # the proxy speaks TLS to the sandbox on these
+    dns_servers: tuple[str, ...] = ()  # as /32 CIDRs
 
-    def with_egress(self, allow_out: tuple[str, ...], deny_out: tuple[str, ...]) -> NetworkPolicy:
-        return replace(self, allow_out=allow_out, deny_out=deny_out)
+    def with_egress(
+        self, allow_out: tuple[str, ...], deny_out: tuple[str, ...], dns_servers: tuple[str, ...] = ()
+    ) -> NetworkPolicy:
+        return replace(self, allow_out=allow_out, deny_out=deny_out, dns_servers=dns_servers)
+
+    @property
+    def allow_cidrs(self) -> tuple[str, ...]:
+        """Allowed CIDRs, with the DNS servers when a domain is allowed (as E2B does)."""
+        return cidrs(self.allow_out) + (self.dns_servers if domains(self.allow_out) else ())
 
     @property
     def has_domains(self) -> bool:
@@ -110,7 +133,7 @@ class NetworkPolicy:
             return False
         if host and any(domain_matches(d, host) for d in domains(self.allow_out)):
             return True
-        if any(address in ipaddress.IPv4Network(c) for c in cidrs(self.allow_out)):
+        if any(address in ipaddress.IPv4Network(c) for c in self.allow_cidrs):
             return True
         if host and any(domain_matches(d, host) for d in domains(self.deny_out)):
             return False
@@ -129,6 +152,7 @@ class NetworkPolicy:
             "maskRequestHost": self.mask_request_host,
             "trafficAccessToken": self.traffic_token,
             "httpsPorts": list(self.https_ports),
+            "dnsServers": list(self.dns_servers),
         }
 
     @classmethod
@@ -142,6 +166,7 @@ class NetworkPolicy:
             mask_request_host=data.get("maskRequestHost"),
             traffic_token=data.get("trafficAccessToken"),
             https_ports=tuple(data.get("httpsPorts") or ()),
+            dns_servers=tuple(data.get("dnsServers") or ()),
         )
 
     def info(self) -> dict[str, Any]:
@@ -155,4 +180,6 @@ class NetworkPolicy:
             shown["maskRequestHost"] = self.mask_request_host
         if self.https_ports:
             shown["httpsPorts"] = list(self.https_ports)
+        if self.dns_servers:
+            shown["dnsServers"] = [d.removesuffix("/32") for d in self.dns_servers]
         return shown
