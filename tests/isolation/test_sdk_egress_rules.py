@@ -22,6 +22,7 @@ pytestmark = pytest.mark.stack
 SECOND_IP = "203.0.113.81"  # same fake-internet netns, another address
 FAR_IP = "198.51.100.9"  # routed via the fake internet: "beyond the gateway"
 METADATA_IP = "169.254.169.254"
+HOST_SIDE_IP = "203.0.113.1"  # the host's own end of the fake-internet link
 
 PROBE = (
     'python3 -c "import socket\n'
@@ -127,21 +128,26 @@ TLS_PROBE = (
 
 
 @pytest.fixture()
-def web_ports(fake_internet: Responder) -> Iterator[tuple[Responder, Responder]]:
+def web_ports(fake_internet: Responder) -> Iterator[tuple[Responder, Responder, Responder]]:
     from ns_harness import listening_socket_in_netns
 
     path = network.NETNS_DIR / FAKE_INTERNET_NETNS
     http = Responder(listening_socket_in_netns(path, "0.0.0.0", 80))
     tls = Responder(listening_socket_in_netns(path, "0.0.0.0", 443))
+    on_host = Responder(listening_socket_in_netns(None, HOST_SIDE_IP, 80))  # the host's own web port
     try:
-        yield http, tls
+        yield http, tls, on_host
     finally:
-        http.close()
-        tls.close()
+        for responder in (http, tls, on_host):
+            responder.close()
 
 
 def http_get(sbx: Sandbox, host: str) -> str:
     return sbx.commands.run(HTTP_PROBE.format(ip=FAKE_INTERNET_SERVER_IP, host=host), timeout=30).stdout.strip()
+
+
+def http_get_ip(sbx: Sandbox, ip: str, host: str) -> str:
+    return sbx.commands.run(HTTP_PROBE.format(ip=ip, host=host), timeout=30).stdout.strip()
 
 
 def tls_reaches(sbx: Sandbox, tls: Responder, host: str) -> bool:
@@ -151,9 +157,9 @@ def tls_reaches(sbx: Sandbox, tls: Responder, host: str) -> bool:
 
 
 def test_domain_rules_match_http_host_and_tls_sni(
-    sdk_env: dict[str, str], fake_internet: Responder, web_ports: tuple[Responder, Responder]
+    sdk_env: dict[str, str], fake_internet: Responder, web_ports: tuple[Responder, Responder, Responder]
 ) -> None:
-    _, tls = web_ports
+    _, tls, on_host = web_ports
     sbx = Sandbox.create(timeout=120, network={"allow_out": ["allowed.test", "*.wild.test"], "deny_out": ["0.0.0.0/0"]})
     try:
         assert http_get(sbx, "allowed.test").startswith("open hello")
@@ -162,6 +168,11 @@ def test_domain_rules_match_http_host_and_tls_sni(
         assert tls_reaches(sbx, tls, "allowed.test")
         assert not tls_reaches(sbx, tls, "other.test")
         assert not reach(sbx, FAKE_INTERNET_SERVER_IP, fake_internet.port)  # other ports: deny-all by nft
+        # the proxy connects from the host, yet never to the host itself
+        sbx.update_network({"allow_out": ["allowed.test"]})
+        assert http_get(sbx, "allowed.test").startswith("open hello")
+        assert http_get_ip(sbx, HOST_SIDE_IP, "allowed.test").startswith("blocked")
+        assert on_host.peers == []
         # a denied name, everything else open; then no rules at all (no more interception)
         sbx.update_network({"deny_out": ["blocked.test"]})
         assert http_get(sbx, "other.test").startswith("open hello")

@@ -398,7 +398,10 @@ def close_intercept(net: SandboxNet) -> None:
 def never_reachable() -> list[ipaddress.IPv4Network]:
     """What no sandbox may reach, also through the egress proxy (which connects from the host)."""
     nets = [ipaddress.IPv4Network(n) for n in BLOCKED_V4] + [SANDBOX_NET]
-    return nets + [ipaddress.IPv4Network(n) for n in host_networks()]
+    # The proxy connects from the host: the host's own addresses on every interface are out too.
+    links = json.loads(subprocess.run(["ip", "-4", "-j", "addr"], capture_output=True, text=True, check=True).stdout)
+    own = [ipaddress.IPv4Network(info["local"]) for link in links for info in link.get("addr_info", [])]
+    return nets + own + [ipaddress.IPv4Network(n) for n in host_networks()]
 
 
 def destroy(net: SandboxNet) -> None:
