@@ -10,6 +10,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import signal
 import struct
 import time
 import uuid
@@ -273,6 +275,28 @@ def test_websocket_relays_vnc_and_view_only_drops_input(service: DesktopService,
 
     assert asyncio.run(refused({"Authorization": "Bearer wrong"})) == 401
     assert asyncio.run(refused({})) == 401
+
+
+def test_viewers_reconnect_after_e2b_desktop_restarts(
+    running_stack: Any, service: DesktopService, desktop: str
+) -> None:
+    base = service.url.replace("http", "ws") + f"/websockify?desktop={desktop}"
+
+    async def view() -> None:
+        ws = await _rfb_session(base, service.auth)
+        await ws.close()
+
+    asyncio.run(view())  # the stream runs, started by this e2b-desktop process
+    old = running_stack.service_pid("desktop")
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while running_stack.service_pid("desktop") in (None, old):
+        assert time.monotonic() < deadline, "e2b-desktop was not restarted"
+        time.sleep(0.2)
+    running_stack.wait_healthy("desktop", timeout=60)
+    # The new process does not know the stream's password: it restarts the stream.
+    asyncio.run(view())
+    assert screenshot(service, desktop).size == SIZE
 
 
 def test_pmoves_desktop_create_with_its_exact_payload(running_stack: Any, service: DesktopService) -> None:

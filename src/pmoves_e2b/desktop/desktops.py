@@ -392,8 +392,13 @@ def ops_for(settings: Settings, source: str = "e2b-desktop") -> DesktopOps:
 
 def _restart_stream(sandbox: DesktopSandbox) -> None:
     """A stream we did not start (other process, before a restart) has a password we do not know."""
-    # "[n]ovnc" so that pkill -f does not match this very shell's command line.
-    sandbox.commands.run("pkill -x x11vnc; pkill -f '[n]ovnc_proxy'; pkill -f '[w]ebsockify'; true")
+    # "[n]ovnc" so that pkill -f does not match this very shell's command line. x11vnc takes
+    # about a second to exit and the SDK refuses to start while it runs; port 6080 must be free.
+    sandbox.commands.run(
+        "pkill -x x11vnc; pkill -f '[n]ovnc_proxy'; pkill -f '[w]ebsockify'; "
+        f"for i in $(seq 50); do pgrep -x x11vnc >/dev/null || netstat -tln | grep -q ':{STREAM_PORT} ' || break; "
+        "sleep 0.1; done; pkill -9 -x x11vnc; true"
+    )
     sandbox.stream.start(require_auth=True)
 
 
