@@ -9,7 +9,7 @@ APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmi
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium drives the viewers.
 APT_TEST_PACKAGES := postgresql chromium
 
-.PHONY: sysdeps test-sysdeps venv novnc build-e2b templates e2b-up e2b-down e2b-logs e2b-health test bench proto proto-check
+.PHONY: sysdeps test-sysdeps venv novnc build-e2b templates e2b-up e2b-down e2b-logs e2b-health check test test-fast bench proto proto-check
 
 sysdeps: ## install the Debian packages the stack needs (idempotent, fast when present)
 	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -49,8 +49,16 @@ e2b-health: venv ## exits non-zero unless NATS and the four services are healthy
 test-sysdeps:
 	@$(MAKE) --no-print-directory sysdeps EXTRA_APT_PACKAGES="$(APT_TEST_PACKAGES)"
 
+check: venv ## formatting, lint and types; CI runs it before the suite
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
 test: test-sysdeps build-e2b
 	$(PY) -m pytest
+
+test-fast: venv ## the inner loop: every test that needs no running stack
+	$(PY) -m pytest -m "not stack"
 
 bench: build-e2b
 	$(PY) -m bench

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -186,10 +187,12 @@ def bench_stack(runs: int, creates: int) -> None:
             label = "warm pool of 1" if pool_size != "0" else "no pool"
             report(f"stack ({label}): create -> first result", samples)
             if pool_size == "0":
-                box = Sandbox.create(timeout=300, **params)
+                held = Sandbox.create(timeout=300, **params)
+                box = held
                 try:
                     report(
-                        "stack: run_code via proxy into the sandbox", timed(lambda: box.run_code(CELL), runs, warmup=20)
+                        "stack: run_code via proxy into the sandbox",
+                        timed(functools.partial(held.run_code, CELL), runs, warmup=20),
                     )
                     time.sleep(2)
                     kib, count = sandbox_pss_kib(box.sandbox_id)

@@ -252,7 +252,7 @@ def logs(
         raise _fail(f"no logs yet in {settings.logs_dir}; start the stack with `pmoves-e2b up`")
     argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + (files if follow else existing)
     if follow:
-        os.execvp("tail", argv)
+        os.execvp("tail", argv)  # noqa: S606 - exec tail in place of the CLI; argv is ours
     raise typer.Exit(subprocess.call(argv))
 
 

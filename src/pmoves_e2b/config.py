@@ -232,7 +232,7 @@ class Settings(BaseSettings):
 
     def service_url(self, service: ServiceInfo) -> str:
         """Base URL to reach a service from this host."""
-        host = "127.0.0.1" if self.e2b_bind in ("0.0.0.0", "::", "") else self.e2b_bind
+        host = "127.0.0.1" if self.e2b_bind in ("0.0.0.0", "::", "") else self.e2b_bind  # noqa: S104 - compares, does not bind
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.service_port(service)}"

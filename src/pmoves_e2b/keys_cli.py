@@ -19,7 +19,8 @@ console = Console()
 
 def _db() -> Database:
     settings = settings_or_exit()
-    assert settings.e2b_database_url is not None  # derived in Settings
+    if settings.e2b_database_url is None:  # derived in Settings; never None after validation
+        raise RuntimeError("E2B_DATABASE_URL was not derived")
     return Database(settings.e2b_database_url)
 
 

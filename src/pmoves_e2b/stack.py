@@ -270,8 +270,9 @@ class Supervisor:
         # Services first (they may publish on shutdown), nats-server last.
         services = [c for c in self.children.values() if c.component != NATS]
         _terminate([c.process for c in services if c.process], STOP_GRACE_SECONDS)
-        if NATS in self.children and self.children[NATS].process:
-            _terminate([self.children[NATS].process], STOP_GRACE_SECONDS)
+        nats = self.children[NATS].process if NATS in self.children else None
+        if nats is not None:
+            _terminate([nats], STOP_GRACE_SECONDS)
         for child in self.children.values():
             child.process = None
             _remove_pid(self.settings, child.component)

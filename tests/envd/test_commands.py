@@ -185,7 +185,10 @@ def test_blocked_stdin_write_fails_cleanly_when_the_process_exits(sandbox: Sandb
 def test_stopping_envd_kills_its_processes_and_their_children(fresh_envd: RunningEnvd) -> None:
     sandbox = make_sandbox(fresh_envd)
     handle = sandbox.commands.run("sleep 300 & sleep 301", background=True)
-    children = sandbox.commands.run(f"pgrep -P {handle.pid}").stdout.split()
+    # the shell forks its children a moment after Start answers
+    children = sandbox.commands.run(
+        f"for i in $(seq 50); do pgrep -P {handle.pid} && break; sleep 0.05; done"
+    ).stdout.split()
     assert children
     stop_envd(fresh_envd)
     deadline = time.monotonic() + 5

@@ -248,7 +248,7 @@ class RunningStack:
 
 def make_stack(extra_env: dict[str, str] | None = None) -> RunningStack:
     data_dir = Path(tempfile.mkdtemp(prefix="pmoves-e2b-test-"))
-    ports = dict(zip(PORT_VARS, free_ports(len(PORT_VARS))))
+    ports = dict(zip(PORT_VARS, free_ports(len(PORT_VARS)), strict=True))
     settings_env = {
         "E2B_DATA_DIR": str(data_dir),
         "E2B_TEMPLATES_DIR": str(SHARED_TEMPLATES_DIR),

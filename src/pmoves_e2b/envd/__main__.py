@@ -18,7 +18,7 @@ def _skip_connectrpc_version_lookup() -> None:
     # importlib.metadata, which costs ~60 ms of envd's start; the server never needs it.
     if "connectrpc._version" not in sys.modules:
         stub = types.ModuleType("connectrpc._version")
-        stub.__version__ = "0.12.1"  # type: ignore[attr-defined] - the pinned version (pyproject)
+        stub.__version__ = "0.12.1"  # type: ignore[attr-defined]  # the pinned version (pyproject)
         sys.modules["connectrpc._version"] = stub
 
 

@@ -13,8 +13,8 @@ import hashlib
 import hmac
 import time
 
-ACCESS_TOKEN_HEADER = "x-access-token"
-INIT_SECRET_HEADER = "x-envd-init-secret"
+ACCESS_TOKEN_HEADER = "x-access-token"  # noqa: S105 - a header name, not a secret
+INIT_SECRET_HEADER = "x-envd-init-secret"  # noqa: S105 - a header name, not a secret
 TOKEN_EXEMPT = frozenset({("GET", "/health"), ("POST", "/init"), ("GET", "/files"), ("POST", "/files")})
 
 

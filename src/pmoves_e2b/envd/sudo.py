@@ -304,7 +304,7 @@ class SudoServer:
             os.unlink(path)  # left by an earlier envd
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.bind(path)
-        os.chmod(path, 0o666)  # the gate is the SO_PEERCRED check (module docstring)
+        os.chmod(path, 0o666)  # noqa: S103 - the gate is the SO_PEERCRED check (module docstring)
         self._sock.listen(64)
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._accept)
@@ -396,7 +396,7 @@ class SudoServer:
 
     async def _readable(self, fd: int) -> None:
         ready: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        self._loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
         try:
             await ready
         finally:
@@ -410,7 +410,8 @@ class SudoServer:
             exited = self._exit_future(child)
             while not exited.done():
                 reading = self._loop.create_task(self._loop.sock_recv(conn, 64))
-                await asyncio.wait({exited, reading}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {exited, reading}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
                     reading.cancel()
                     break

@@ -153,7 +153,7 @@ def connect(argv: list[str]) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         if os.path.exists(REAL_SUDO):
-            os.execv(REAL_SUDO, argv)
+            os.execv(REAL_SUDO, argv)  # noqa: S606 - fall back to the real sudo
         fail(f"cannot reach envd's sudo service at {SOCKET_PATH}")
     except OSError as exc:
         fail(f"cannot reach envd's sudo service at {SOCKET_PATH}: {exc.strerror}")

@@ -136,13 +136,13 @@ async def probe(url: str, timeout: float = 1.0) -> str | None:
             client.connect(
                 servers=[s.strip() for s in url.split(",")],
                 allow_reconnect=False,
-                connect_timeout=timeout,
+                connect_timeout=timeout,  # type: ignore[arg-type]  # nats-py takes float seconds; its hint says int
                 max_reconnect_attempts=0,
                 error_cb=_ignore_error,
             ),
             timeout,
         )
-        await client.flush(timeout=timeout)
+        await client.flush(timeout=timeout)  # type: ignore[arg-type]  # as above
         return None
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         return str(exc) or type(exc).__name__

@@ -152,7 +152,8 @@ class RequestServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, msg: Msg) -> None:
-        assert self._slots is not None
+        if self._slots is None:
+            raise RuntimeError("handler served a message before start()")
         request: Envelope | None = None
         try:
             request = self._parse(msg)
@@ -200,7 +201,9 @@ class RequestServer:
         if request_id is not None:
             payload["request_id"] = request_id
         log.info("request failed: %s", failure.reason, extra={"subject": self.route.request, "code": failure.code})
-        bare = {k: payload[k] for k in ("code", "reason", "request_subject", "request_id") if k in payload}
+        bare: dict[str, Any] = {
+            k: payload[k] for k in ("code", "reason", "request_subject", "request_id") if k in payload
+        }
         if self._oversize(payload):
             payload = bare  # the extras (e.g. a run's output) do not fit in one NATS message
         try:

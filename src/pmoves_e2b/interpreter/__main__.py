@@ -14,7 +14,7 @@ from .app import Settings, build_app
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pmoves_e2b.interpreter", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 - listens on the sandbox's own address; the proxy is the door
     parser.add_argument("--port", type=int, default=49999)
     parser.add_argument("--cwd", default=Settings.default_cwd, help="working directory of new contexts")
     parser.add_argument("--envd-url", default=Settings.envd_url, help="envd base URL for GET /envs ('' to skip)")

@@ -19,7 +19,7 @@ def main() -> None:
         original_init(self, *args, **kwargs)
         self.delaybeforesend = None
 
-    pexpect.spawnbase.SpawnBase.__init__ = init_without_send_delay  # type: ignore[method-assign]
+    pexpect.spawnbase.SpawnBase.__init__ = init_without_send_delay
 
     from bash_kernel.kernel import BashKernel
     from ipykernel.kernelapp import IPKernelApp

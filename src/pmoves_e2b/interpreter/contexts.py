@@ -125,7 +125,7 @@ class ContextRegistry:
                 self.catalog.resolve(language)
                 wanted.append(language)
         results = await asyncio.gather(*(self.default_for(lang) for lang in wanted), return_exceptions=True)
-        for language, result in zip(wanted, results):
+        for language, result in zip(wanted, results, strict=True):
             if isinstance(result, BaseException):
                 logger.error("default %s context failed to start: %s", language, result)
 

@@ -101,7 +101,7 @@ class Kernel:
         except Exception as error:
             raise KernelStartError(f"kernel {choice.kernel_name!r} failed to start: {error}") from error
         client = manager.client()
-        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)  # noqa: S604 - jupyter_client's channel flag, not a shell
         kernel = cls(manager, client, choice)
         try:
             await client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT_SECONDS)

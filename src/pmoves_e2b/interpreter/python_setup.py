@@ -32,7 +32,7 @@ class ChartFormatter(BaseFormatter):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return chart_figure_to_dict(obj) or None
-        except Exception:  # a figure e2b-charts cannot read still gets its PNG
+        except Exception:  # noqa: BLE001 - a figure e2b-charts cannot read still gets its PNG
             return None
 
 
@@ -49,7 +49,7 @@ class DataFrameFormatter(BaseFormatter):
                 str(name): [v.isoformat() if isinstance(v, pandas.Timestamp) else v for v in values]
                 for name, values in columns.items()
             }
-        except Exception:
+        except Exception:  # noqa: BLE001 - a formatter must never break display
             return None
 
 

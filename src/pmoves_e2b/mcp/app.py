@@ -72,7 +72,7 @@ def _cached(check: Callable[[], Awaitable[bool]], ttl: float) -> Callable[[], Aw
         if time.monotonic() - state["at"] >= ttl:
             try:
                 state["ok"] = await check()
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure of the check means unhealthy
                 state["ok"] = False
             state["at"] = time.monotonic()
         return bool(state["ok"])

@@ -70,7 +70,8 @@ async def keepalive(ctx: Context | None, what: str, interval: float = KEEPALIVE_
     if not _has_request(ctx):
         yield progress
         return
-    assert ctx is not None
+    if ctx is None:  # _has_request checked it; this narrows the type
+        raise RuntimeError("progress without a request context")
 
     async def beat() -> None:
         while True:

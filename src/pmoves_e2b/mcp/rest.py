@@ -46,7 +46,8 @@ def error_body(error: str, detail: str) -> dict[str, str]:
 
 
 async def sandbox_op_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SandboxOpError)
+    if not isinstance(exc, SandboxOpError):  # registered for SandboxOpError only
+        raise exc
     return JSONResponse(error_body("sandbox_error", str(exc)), status_code=exc.status)
 
 

@@ -74,7 +74,7 @@ class SandboxOps:
         self._remember(sandbox.sandbox_id, _Connected(sandbox, template))
         return {"sandbox_id": sandbox.sandbox_id, "template": template, "timeout_seconds": timeout_s}
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list_all(self) -> list[dict[str, Any]]:
         async with self._translate(None):
             paginator = AsyncSandbox.list(**self.config.options())
             infos = []
@@ -84,7 +84,8 @@ class SandboxOps:
 
     async def info(self, sandbox_id: str) -> dict[str, Any]:
         async with self._translate(sandbox_id):
-            return info_to_dict(await AsyncSandbox.get_info(sandbox_id, **self.config.options()))
+            info = await AsyncSandbox.get_info(sandbox_id, **self.config.options())
+        return info_to_dict(info)
 
     async def kill(self, sandbox_id: str) -> None:
         self._connected.pop(sandbox_id, None)
@@ -254,7 +255,7 @@ class SandboxOps:
             await AsyncSandbox.get_info(sandbox_id, **self.config.options())
         except e2b_errors.NotFoundException:
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - unreachable or erroring is not 'gone'
             return False
         return False
 

@@ -127,7 +127,7 @@ def build_mcp_server(ops: SandboxOps, default_timeout_s: int, execution_timeout_
     @server.tool(description="List running sandboxes.", annotations=ToolAnnotations(read_only_hint=True))
     @_as_tool_error
     async def sandbox_list() -> dict[str, Any]:
-        return {"sandboxes": await ops.list()}
+        return {"sandboxes": await ops.list_all()}
 
     @server.tool(
         description="Delete a sandbox and everything in it.", annotations=ToolAnnotations(destructive_hint=True)

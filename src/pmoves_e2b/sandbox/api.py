@@ -408,7 +408,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         template = request.query_params.get("template")
         rows = [
             r
-            for r in manager.list()
+            for r in manager.list_rows()
             if r.state in states
             and (template is None or r.template_id == template)
             and all((r.metadata_ or {}).get(k) == v for k, v in wanted_meta.items())

@@ -32,7 +32,8 @@ POOLED_TEMPLATES = ("base", "code-interpreter-v1", "desktop")
 
 def create_app(settings: Settings | None = None) -> Any:
     settings = settings or get_settings()
-    assert settings.e2b_database_url and settings.e2b_templates_dir  # derived by Settings
+    if not (settings.e2b_database_url and settings.e2b_templates_dir):  # derived by Settings
+        raise RuntimeError("E2B_DATABASE_URL / E2B_TEMPLATES_DIR were not derived")
     db = Database(settings.e2b_database_url)
     backend = NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes")
     manager = SandboxManager(
@@ -68,7 +69,7 @@ def create_app(settings: Settings | None = None) -> Any:
     async def database_up() -> bool:
         return await asyncio.to_thread(db.ping)
 
-    app = make_service_app(
+    app: FastAPI = make_service_app(
         "sandbox",
         settings,
         health_checks=[DependencyCheck("database", database_up, hard=True)],
@@ -98,7 +99,9 @@ def create_app(settings: Settings | None = None) -> Any:
     async def resolve_signed_file(method: str, query: str) -> str | None:
         return manager.find_by_file_signature(method, query)
 
-    outer = SandboxProxy(app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file)
+    outer: SandboxProxy = SandboxProxy(
+        app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file
+    )
     manager.pause_listeners.append(outer.sandbox_paused)
     return outer
 
@@ -132,7 +135,7 @@ async def _serve_tls(settings: Settings, app: Any) -> None:
         timeout_keep_alive=640,
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # uvicorn's private hook
     await server.serve()
 
 
@@ -140,7 +143,8 @@ def destroy_all_sandboxes(settings: Settings) -> int:
     """`pmoves-e2b down`: with the service stopped, remove every sandbox and its remains."""
     from pmoves_e2b.sandbox import lifecycle
 
-    assert settings.e2b_database_url
+    if not settings.e2b_database_url:  # derived by Settings
+        raise RuntimeError("E2B_DATABASE_URL was not derived")
     db = Database(settings.e2b_database_url)
     try:
         return asyncio.run(

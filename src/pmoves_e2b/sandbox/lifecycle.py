@@ -433,7 +433,7 @@ class SandboxManager:
             raise NotFound(f"sandbox '{sandbox_id}' not found")
         return row
 
-    def list(self) -> list[SandboxRow]:
+    def list_rows(self) -> list[SandboxRow]:
         return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
 
     def find_by_file_signature(self, method: str, query: str) -> str | None:
@@ -610,7 +610,7 @@ class SandboxManager:
         while True:
             now = repo.utcnow()
             next_deadline: datetime | None = None
-            for row in self.list():
+            for row in self.list_rows():
                 if row.state != "running":
                     continue
                 if row.end_at <= now:

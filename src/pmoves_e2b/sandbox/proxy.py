@@ -26,7 +26,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import h11
 import websockets
@@ -265,8 +265,8 @@ def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
 
 
 def request_target(scope: Scope) -> bytes:
-    path = scope.get("raw_path") or scope["path"].encode()
-    query = scope.get("query_string", b"")
+    path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
     return path + b"?" + query if query else path
 
 
@@ -357,11 +357,11 @@ class Upstream(asyncio.Protocol):
         if self.closed:
             raise ConnectionResetError("the sandbox closed the connection")
 
-    async def next_event(self) -> h11.Event:
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self.http.next_event()
-            if event is not h11.NEED_DATA:
-                return event
+            if event is not h11.NEED_DATA:  # `is not` does not narrow h11's sentinel types
+                return cast("h11.Event | type[h11.PAUSED]", event)
             self._unparsed = 0
             if self._reading_paused and self.transport is not None:
                 self._reading_paused = False

@@ -50,7 +50,7 @@ from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "/tmp/spells"
+RUNS_DIR = "/tmp/spells"  # noqa: S108 - a path inside the sandbox
 CACHE_DIR = "/var/cache/pmoves-spells"  # install markers, one per requirements set
 NODE_PREFIX = "/opt/pmoves-spells/node"  # npm requirements land here (NODE_PATH)
 INSTALL_TIMEOUT_SECONDS = 600
@@ -432,7 +432,7 @@ class SpellExecutor:
             elif not callers:
                 # Large files are fetched by URL from the sandbox: it stays until the URLs expire.
                 await sandbox.set_timeout(FILE_URL_TTL_SECONDS)
-        except Exception as exc:  # the sandbox expires on its own anyway
+        except Exception as exc:  # noqa: BLE001 - logged; the sandbox expires on its own anyway
             log.warning("could not release spell sandbox %s: %s", sandbox.sandbox_id, exc)
 
 

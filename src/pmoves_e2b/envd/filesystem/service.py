@@ -6,8 +6,8 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -139,7 +139,9 @@ class FilesystemService:
             raise connect_error(exc, f"error removing '{path}'") from exc
         return RemoveResponse()
 
-    def _watch(self, path: str, recursive: bool, include_entry: bool, allow_network: bool, emit) -> Watcher:  # type: ignore[no-untyped-def]
+    def _watch(
+        self, path: str, recursive: bool, include_entry: bool, allow_network: bool, emit: Callable[..., Any]
+    ) -> Watcher:
         if not os.path.exists(path):
             raise ConnectError(Code.NOT_FOUND, f"path '{path}' not found")
         if not os.path.isdir(path):

@@ -142,7 +142,7 @@ class ProcessHandle:
             master, slave = os.openpty()
             try:
                 _set_winsize(slave, *spec.pty_size)
-                popen = subprocess.Popen(
+                popen = subprocess.Popen(  # type: ignore[call-overload]  # credentials: user/group kwargs
                     argv,
                     stdin=slave,
                     stdout=slave,
@@ -151,7 +151,7 @@ class ProcessHandle:
                     env=spec.env,
                     start_new_session=True,
                     preexec_fn=_take_controlling_tty,
-                    **credentials,  # type: ignore[arg-type]
+                    **credentials,
                 )
             except BaseException:
                 os.close(master)
@@ -165,7 +165,7 @@ class ProcessHandle:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
         try:
-            popen = subprocess.Popen(
+            popen = subprocess.Popen(  # type: ignore[call-overload]  # credentials: user/group kwargs
                 argv,
                 stdin=in_r,
                 stdout=out_w,
@@ -175,7 +175,7 @@ class ProcessHandle:
                 # Own session and process group: a user's `kill 0` cannot reach envd, and
                 # shutdown can end a command with everything it started.
                 start_new_session=True,
-                **credentials,  # type: ignore[arg-type]
+                **credentials,
             )
         except BaseException:
             for fd in (out_r, err_r, in_w):
@@ -362,7 +362,7 @@ class ProcessHandle:
     async def _wait_writable(self, fd: int) -> None:
         ready: asyncio.Future[None] = self._loop.create_future()
         self._write_waiter = ready
-        self._loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+        self._loop.add_writer(fd, lambda: None if ready.done() else ready.set_result(None))
         try:
             await ready
         finally:

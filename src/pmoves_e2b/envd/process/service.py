@@ -68,10 +68,10 @@ class ProcessService:
                     return handle
             raise ConnectError(Code.NOT_FOUND, f"process with tag {chosen.value} not found")
         pid = chosen.value if chosen is not None else 0
-        handle = self._processes.get(pid)
-        if handle is None:
+        found = self._processes.get(pid)
+        if found is None:
             raise ConnectError(Code.NOT_FOUND, f"process with pid {pid} not found")
-        return handle
+        return found
 
     def _spawn(self, request: StartRequest, ctx: RequestContext) -> ProcessHandle:
         config = request.process
@@ -103,8 +103,11 @@ class ProcessService:
         except (OSError, ValueError) as exc:
             raise connect_error(exc, f"error starting process '{config.cmd}'") from exc
         self._processes[handle.pid] = handle
-        handle.on_end(lambda done: self._processes.pop(done.pid, None))
+        handle.on_end(lambda done: self._forget(done.pid))
         return handle
+
+    def _forget(self, pid: int) -> None:
+        self._processes.pop(pid, None)
 
     @staticmethod
     async def _events(

@@ -63,7 +63,7 @@ from pmoves_e2b.sandbox.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.network import SandboxNet
 
 T = TypeVar("T")
-ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))
+ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))  # noqa: S104 - envd inside the sandbox's own netns
 UID_BASE = 200_000
 UID_RANGE = 65_536
 SLOTS_DIR = Path("/run/pmoves-e2b/slots")
@@ -417,7 +417,7 @@ class NsBackend:
             "--hostname", "e2b",
             "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
             # POSIX shared memory for every user (its pages count against the memory limit)
-            "--perms", "1777", "--size", str(spec.memory_mb * 1024 * 1024 // 2), "--tmpfs", "/dev/shm",
+            "--perms", "1777", "--size", str(spec.memory_mb * 1024 * 1024 // 2), "--tmpfs", "/dev/shm",  # noqa: S108 - the sandbox's own /dev/shm
             "--cap-drop", "ALL", *caps,
             "--new-session", "--chdir", "/",
             "--", *self.init_argv,
@@ -692,7 +692,9 @@ class NsBackend:
         try:
             return SandboxCgroups.from_dict(handle.details["cgroups"])
         except KeyError:
-            raise BackendError(f"handle of sandbox {handle.sandbox_id} has no cgroups (not from the ns backend?)")
+            raise BackendError(
+                f"handle of sandbox {handle.sandbox_id} has no cgroups (not from the ns backend?)"
+            ) from None
 
 
 class _Background:
@@ -719,7 +721,7 @@ class _Background:
 
 def _read_until_eof(fd: int, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -30,9 +30,9 @@ CA_DIR = Path("/usr/local/share/ca-certificates")
 RESOLV_CONF = Path("/etc/resolv.conf")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Inside the rootfs, host paths named by the pip config appear under this prefix (on the build's tmpfs).
-HOST_MOUNT_PREFIX = "/tmp/.pmoves-host"
+HOST_MOUNT_PREFIX = "/tmp/.pmoves-host"  # noqa: S108 - a path inside the build rootfs
 # The build's copy of the host config, also on the tmpfs: nothing of it lands in a layer.
-BUILD_CONFIG_DIR = "/tmp/.pmoves-build"
+BUILD_CONFIG_DIR = "/tmp/.pmoves-build"  # noqa: S108 - a path inside the build rootfs
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def run_in_rootfs(
             f"mount -t proc proc {r}/proc",
             f"mount --rbind /dev {r}/dev && mount --make-rslave {r}/dev",
             f"mount -t sysfs -o ro sysfs {r}/sys",
-            f"mount -t tmpfs -o mode=1777 tmpfs {r}/tmp",
+            f"mount -t tmpfs -o mode=1777 tmpfs {r}/tmp",  # noqa: S108 - /tmp of the build rootfs
             f"mkdir -p {r}{BUILD_CONFIG_DIR} && mount --bind -o ro {q(str(config_dir))} {r}{BUILD_CONFIG_DIR}",
             f"if [ -f {r}/etc/resolv.conf ] && [ ! -L {r}/etc/resolv.conf ]; then "
             f"mount --bind {q(str(config_dir / 'resolv.conf'))} {r}/etc/resolv.conf; fi",
@@ -185,7 +185,7 @@ def run_in_layers(
                 f"mount -t overlay overlay -o {q(f'lowerdir={lowerdir},upperdir={rw}/u,workdir={rw}/w')} {q(root)}",
                 f"mount -t proc proc {q(root)}/proc",
                 f"mount --rbind /dev {q(root)}/dev && mount --make-rslave {q(root)}/dev",
-                f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",
+                f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",  # noqa: S108 - /tmp of the build rootfs
                 f"chroot {q(root)} /usr/bin/env -i PATH={CHROOT_PATH} HOME=/root LANG=C.UTF-8 /bin/bash -c {q(command)}",
             ]
         )

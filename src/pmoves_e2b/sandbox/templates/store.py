@@ -34,7 +34,7 @@ def default_templates_dir() -> Path:
         configured = get_settings().e2b_templates_dir
         if configured is not None:
             return Path(configured)
-    except Exception:  # noqa: BLE001 - a settings problem elsewhere must not stop template builds
+    except Exception:  # noqa: BLE001, S110 - a settings problem elsewhere must not stop template builds
         pass
     return Path(os.environ.get("E2B_TEMPLATES_DIR") or DEFAULT_TEMPLATES_DIR)
 
