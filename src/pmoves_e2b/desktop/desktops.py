@@ -362,7 +362,7 @@ class DesktopOps:
         # The SDK sets these only in create(); a desktop made by another process (or before a
         # restart) needs them to take screenshots and stream. Our desktops always use DISPLAY.
         sandbox._display = DISPLAY
-        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)  # type: ignore[attr-defined]
+        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
         return self._live.setdefault(desktop_id, _Live(sandbox))
 
     def _translate(self, desktop_id: str | None) -> _Translate:

@@ -57,7 +57,7 @@ def desktop_json(desktop: Desktop, request: Request) -> dict[str, Any]:
     return {**desktop.to_dict(), "viewer_url": f"{base}/desktop/{desktop.desktop_id}"}
 
 
-_ACTIONS = TypeAdapter(Action)
+_ACTIONS: TypeAdapter[Any] = TypeAdapter(Action)  # type: ignore[arg-type]  # an Annotated union, which mypy cannot express
 
 
 def parse_actions(body: Any) -> list[Any]:

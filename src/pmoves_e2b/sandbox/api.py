@@ -167,7 +167,7 @@ class RefreshBody(_Body):
     duration: int | None = Field(None, ge=0)
 
 
-async def parse_body(request: Request, model: type[_Body], required: bool = True) -> Any:
+async def parse_body(request: Request, model: type[BaseModel], required: bool = True) -> Any:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
