@@ -127,6 +127,7 @@ def test_rest_typed_text_lands_in_the_editor(running_stack: Any, service: Deskto
             break
         time.sleep(0.5)
     assert Path(path).name in focused, focused
+    time.sleep(1.5)  # mousepad maps and drops helper windows right after it takes the focus
     act(
         service,
         desktop,
@@ -275,6 +276,22 @@ def test_websocket_relays_vnc_and_view_only_drops_input(service: DesktopService,
 
     assert asyncio.run(refused({"Authorization": "Bearer wrong"})) == 401
     assert asyncio.run(refused({})) == 401
+
+
+def test_the_desktops_vnc_is_not_open_to_whoever_knows_its_id(running_stack: Any, desktop: str) -> None:
+    """Straight to the sandbox proxy, without the relay: no traffic token, no stream."""
+    url = running_stack.sandbox_url.replace("http", "ws") + "/websockify"
+    headers = {"E2b-Sandbox-Id": desktop, "E2b-Sandbox-Port": "6080"}
+
+    async def status() -> int:
+        try:
+            async with websockets.connect(url, additional_headers=headers, subprotocols=["binary"]) as ws:
+                await ws.recv()
+        except websockets.exceptions.InvalidStatus as exc:
+            return exc.response.status_code
+        return 101
+
+    assert asyncio.run(status()) == 403
 
 
 def test_viewers_reconnect_after_e2b_desktop_restarts(

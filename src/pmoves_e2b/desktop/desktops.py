@@ -202,6 +202,9 @@ class DesktopOps:
                 timeout=duration_s,
                 metadata=metadata,
                 envs=dict(DESKTOP_ENVS),
+                # Its ports (the VNC stream on 6080) answer only requests that carry the
+                # sandbox's traffic token, which the relay sends: knowing the id is not enough.
+                network={"allow_public_traffic": False},
                 **self.config.options(),
             )
         metrics.CREATE_SECONDS.observe(time.monotonic() - started)
