@@ -289,3 +289,23 @@ def test_https_ports_reach_a_tls_server_in_the_sandbox(sdk_env: dict[str, str]) 
         assert info.network is not None and info.network.get("https_ports") == [8000]
     finally:
         sbx.kill()
+
+
+def test_unknown_create_fields_and_memoryless_pause_are_refused(sdk_env: dict[str, str]) -> None:
+    headers = {"X-API-Key": sdk_env["E2B_API_KEY"]}
+    body = {"templateID": "base", "timeout": 60, "gpuCount": 1}
+    response = httpx.post(sdk_env["E2B_API_URL"] + "/v2/sandboxes", json=body, headers=headers, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["message"] == "unknown field 'gpuCount' is not supported by this server"
+    sbx = Sandbox.create(timeout=60)
+    try:
+        with pytest.raises(SandboxException) as caught:
+            sbx.pause(mode="filesystem")
+        assert "filesystem" in str(caught.value)
+        assert sbx.get_info().state.value == "running"  # refused, not silently paused another way
+        assert sbx.pause() is True
+        with pytest.raises(SandboxException) as caught:
+            Sandbox.connect(sbx.sandbox_id, on_resume="reboot")  # type: ignore[call-arg]
+        assert "without memory" in str(caught.value)
+    finally:
+        sbx.kill()

@@ -87,7 +87,9 @@ class AutoResumeBody(_Strict):
         return self.enabled is True or (self.enabled is None and self.policy == "any")
 
 
-class NewSandbox(_Body):
+class NewSandbox(_Strict):
+    """Every field a stock SDK sends is named here; anything else is an option we do not know: a 400."""
+
     template_id: str = Field("base", alias="templateID", min_length=1, max_length=128)
     timeout: int | None = Field(None, ge=0)
     metadata: dict[str, str] | None = None
@@ -157,6 +159,12 @@ def network_policy(body: NetworkBody | None) -> NetworkPolicy:
 
 class ConnectBody(_Body):
     timeout: int | None = Field(None, ge=0)
+    memory: bool | None = None  # false: resume from disk only (E2B cloud); refused here
+
+
+class PauseBody(_Body):
+    memory: bool | None = None  # false: a filesystem-only pause (E2B cloud); refused here
+    require_healthy_guest: bool | None = Field(None, alias="requireHealthyGuest")
 
 
 class TimeoutBody(_Body):
@@ -186,6 +194,8 @@ async def parse_body(request: Request, model: type[BaseModel], required: bool = 
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
+        if first["type"] == "extra_forbidden":
+            raise ApiError(400, f"unknown field '{where}' {_UNSUPPORTED}") from None
         raise ApiError(400, f"invalid field '{where}': {first['msg']}") from None
 
 
@@ -328,12 +338,16 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     async def connect(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
         body: ConnectBody = await parse_body(request, ConnectBody, required=False)
+        if body.memory is False:
+            raise ApiError(400, f"resuming without memory {_UNSUPPORTED}: sandboxes pause in memory")
         row, resumed = await manager.connect(sandbox_id, body.timeout)
         return JSONResponse(shapes.sandbox(row, manager.network(sandbox_id)), status_code=201 if resumed else 200)
 
     async def resume(request: Request, sandbox_id: str) -> JSONResponse:
         keys.authenticate(request)
         body: ConnectBody = await parse_body(request, ConnectBody, required=False)
+        if body.memory is False:
+            raise ApiError(400, f"resuming without memory {_UNSUPPORTED}: sandboxes pause in memory")
         row = manager.get(sandbox_id)
         if row.state != "paused":
             raise ApiError(409, f"sandbox '{sandbox_id}' is already running")
@@ -383,6 +397,9 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
 
     async def pause(request: Request, sandbox_id: str) -> Response:
         keys.authenticate(request)
+        body: PauseBody = await parse_body(request, PauseBody, required=False)
+        if body.memory is False:
+            raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
         await manager.pause(sandbox_id)
         return Response(status_code=204)
 
