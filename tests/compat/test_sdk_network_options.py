@@ -100,6 +100,7 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
         ({"network": {"https_ports": [0]}}, "port numbers"),
         ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
         ({"volume_mounts": {"/data": "vol-1"}}, "volumeMounts"),
+        ({"allow_internet_access": False, "network": {"allow_out": ["198.51.100.7"]}}, "without internet access"),
     ],
 )
 def test_unsupported_options_are_errors_the_sdk_shows(sdk_env: dict[str, str], options: dict, named: str) -> None:
@@ -162,6 +163,9 @@ def test_update_network_is_validated(sdk_env: dict[str, str]) -> None:
         assert info.network is not None
         assert info.network["deny_out"] == ["198.51.100.0/24"]
         assert info.network["allow_out"] == ["198.51.100.7/32"]
+        with pytest.raises(SandboxException) as caught:
+            sbx.update_network({"allow_out": ["198.51.100.7"], "allow_internet_access": False})
+        assert "without internet access" in str(caught.value)
         sbx.update_network({})  # omitted fields clear the rules
         info = sbx.get_info()
         assert info.network is not None and info.network.get("deny_out", []) == []

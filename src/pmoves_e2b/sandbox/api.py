@@ -106,6 +106,10 @@ class NewSandbox(_Strict):
 
 
 _UNSUPPORTED = "is not supported by this server"
+_OFFLINE_ALLOW = (
+    "allowOut cannot open anything for a sandbox without internet access (allow_internet_access=false); "
+    "deny all with denyOut ['0.0.0.0/0'] and list what to allow in allowOut instead"
+)
 
 
 def _refuse_unsupported(body: NewSandbox) -> None:
@@ -320,6 +324,8 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     async def _create(body: NewSandbox, key_id: str) -> JSONResponse:
         _refuse_unsupported(body)
         network = network_policy(body.network)
+        if body.allow_internet_access is False and network.allow_out:
+            raise ApiError(400, _OFFLINE_ALLOW)
         row = await manager.create(
             CreateRequest(
                 template_id=body.template_id,
@@ -387,6 +393,9 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         if body.allow_public_traffic is not None or body.mask_request_host is not None or body.https_ports is not None:
             raise ApiError(400, "allowPublicTraffic, maskRequestHost and httpsPorts are set at create time only")
         allow_out, deny_out, dns_servers = network_rules(body)
+        online = body.allow_internet_access
+        if allow_out and not (manager.get(sandbox_id).allow_internet if online is None else online):
+            raise ApiError(400, _OFFLINE_ALLOW)
         await manager.update_network(sandbox_id, allow_out, deny_out, dns_servers, body.allow_internet_access)
         return Response(status_code=204)
 
