@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from nats.aio.client import Client
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from pmoves_e2b.events import subjects
 from pmoves_e2b.events.envelope import utc_now_iso
 from pmoves_e2b.events.publisher import EventPublisher, ensure_stream
 from pmoves_e2b.observability.metrics import MetricsMiddleware, metrics_endpoint
+from pmoves_e2b.request_guard import ErrorBody, RequestGuard, pmoves_error
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,13 @@ async def health_report(service: ServiceInfo, started: float, checks: Sequence[D
     return (503 if hard_down else 200), body
 
 
+async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 shape without the offending input (it may be huge, or a secret)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def make_service_app(
     name: str,
     settings: Settings,
@@ -126,11 +135,14 @@ def make_service_app(
     routers: Sequence[APIRouter] = (),
     lifespan: Lifespan | None = None,
     title: str | None = None,
+    error_body: ErrorBody = pmoves_error,
 ) -> FastAPI:
     """Build the FastAPI app of service ``name`` (key like "sandbox" or name like "e2b-sandbox").
 
     ``health_checks`` are added to the built-in NATS check (soft). ``lifespan`` runs inside the
     frame's lifespan, after the NATS connection was started and before it is closed.
+    ``error_body(status, code, message)`` shapes the frame's own errors (oversized, too deeply
+    nested bodies) in the service's error format.
     """
     service = service_info(name)
     started = time.monotonic()
@@ -160,7 +172,9 @@ def make_service_app(
     app = FastAPI(title=title or service.name, version=__version__, lifespan=frame_lifespan)
     app.state.settings = settings
     app.state.service = service
+    app.add_middleware(RequestGuard, error_body=error_body)
     app.add_middleware(MetricsMiddleware)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     async def nats_up() -> bool:
         events = getattr(app.state, "events", None)

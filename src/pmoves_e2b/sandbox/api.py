@@ -189,6 +189,8 @@ async def parse_body(request: Request, model: type[BaseModel], required: bool = 
         raw = b"{}"
     try:
         data = json.loads(raw)
+    except RecursionError:  # the service frame refuses deep JSON first; kept for direct callers
+        raise ApiError(400, "request body is nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

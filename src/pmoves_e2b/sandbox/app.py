@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Any:
         routers=[build_router(manager, keys, settings.public_domain)],
         lifespan=lifespan,
         title="pmoves-e2b sandbox API (E2B-compatible)",
+        error_body=e2b_error,
     )
     install_error_handlers(app)
     app.state.manager = manager
@@ -104,6 +105,11 @@ def create_app(settings: Settings | None = None) -> Any:
     )
     manager.pause_listeners.append(outer.sandbox_paused)
     return outer
+
+
+def e2b_error(status: int, _code: str, message: str) -> dict[str, Any]:
+    """E2B's error shape, for the frame's own refusals."""
+    return {"code": status, "message": message}
 
 
 def _publisher(get_publisher: Any) -> Any:
