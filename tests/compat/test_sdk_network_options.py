@@ -313,3 +313,55 @@ def test_unknown_create_fields_and_memoryless_pause_are_refused(sdk_env: dict[st
         assert "without memory" in str(caught.value)
     finally:
         sbx.kill()
+
+
+WS_SERVER = r"""
+import base64, hashlib, socket, threading
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+def serve(conn):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(4096)
+    key = [l.split(b":", 1)[1].strip() for l in data.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n\x81\x05ready")
+    while conn.recv(4096):
+        pass
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 8001))
+server.listen()
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
+
+
+def test_a_websocket_is_closed_at_once_when_the_sandbox_is_paused(sdk_env: dict[str, str]) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.files.write("/tmp/ws.py", WS_SERVER)
+        sbx.commands.run("python3 /tmp/ws.py", background=True)
+        url = sdk_env["E2B_SANDBOX_URL"].replace("http://", "ws://") + "/"
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8001"}
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ws = connect(url, additional_headers=headers, open_timeout=5)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with ws:
+            assert ws.recv(timeout=5) == "ready"
+            sbx.pause()
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)  # without the fix: TimeoutError, the frozen server never answers
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert closed.value.rcvd.reason == "The sandbox was paused"
+    finally:
+        sbx.kill()

@@ -15,6 +15,7 @@ comes from ``resolve()``, never from the request, so clients cannot point the pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -24,7 +25,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -105,12 +106,13 @@ SignedFileResolver = Callable[[str, str], Awaitable[str | None]]
 
 @dataclass(eq=False)
 class InFlight:
-    """An HTTP exchange with a sandbox, so a pause can fail it at once instead of leaving it
-    hanging on frozen processes until the client gives up."""
+    """An HTTP exchange or WebSocket with a sandbox, so a pause can end it at once instead of
+    leaving it hanging on frozen processes until the client gives up."""
 
     sandbox_id: str
     upstream: Upstream | None = None
     paused: bool = False
+    on_pause: Callable[[], None] | None = None
 
     def attach(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -118,6 +120,7 @@ class InFlight:
             upstream.abort()
 
 
+PAUSED_CLOSE = (1001, "The sandbox was paused")  # WebSocket close code and reason
 PAUSED_MESSAGE = "The sandbox was paused while this request was in flight; resume it (Sandbox.connect) and retry"
 
 
@@ -567,11 +570,25 @@ class SandboxProxy:
         self._inflight: dict[str, set[InFlight]] = {}
 
     def sandbox_paused(self, sandbox_id: str) -> None:
-        """Fail the sandbox's HTTP exchanges in flight: its processes are frozen and would never answer."""
-        for flight in self._inflight.get(sandbox_id, ()):
+        """End the sandbox's exchanges in flight: its processes are frozen and would never answer."""
+        for flight in list(self._inflight.get(sandbox_id, ())):
             flight.paused = True
             if flight.upstream is not None:
                 flight.upstream.abort()
+            if flight.on_pause is not None:
+                flight.on_pause()
+
+    @contextlib.contextmanager
+    def _tracked(self, sandbox_id: str) -> Iterator[InFlight]:
+        flight = InFlight(sandbox_id)
+        flights = self._inflight.setdefault(sandbox_id, set())
+        flights.add(flight)
+        try:
+            yield flight
+        finally:
+            flights.discard(flight)
+            if not flights:
+                self._inflight.pop(sandbox_id, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -651,15 +668,8 @@ class SandboxProxy:
         body = RequestBody(receive, streamed=chunked or declared_length(headers) > REPLAY_LIMIT)
         if not body.streamed and not await body.prefetch():
             return  # the client left
-        flight = InFlight(route.sandbox_id)
-        flights = self._inflight.setdefault(route.sandbox_id, set())
-        flights.add(flight)
-        try:
+        with self._tracked(route.sandbox_id) as flight:
             await self._forward(route, address, port, request, body, send, flight, port in target.https_ports)
-        finally:
-            flights.discard(flight)
-            if not flights:
-                self._inflight.pop(route.sandbox_id, None)
 
     async def _forward(
         self,
@@ -756,8 +766,10 @@ class SandboxProxy:
             await forward_refused_handshake(scope, send, exc.response)
             return
         async with upstream:
-            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-            await relay_websocket(upstream, receive, send)
+            with self._tracked(route.sandbox_id) as flight:
+                flight.on_pause = upstream.transport.abort
+                await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+                await relay_websocket(upstream, receive, send, lambda: flight.paused)
 
     async def _open_websocket(
         self, scope: Scope, address: str, port: int, sandbox_id: str, target: Target
@@ -819,7 +831,9 @@ async def forward_refused_handshake(scope: Scope, send: Send, response: Any) -> 
     await send({"type": "websocket.http.response.body", "body": bytes(response.body or b""), "more_body": False})
 
 
-async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+async def relay_websocket(
+    upstream: ClientConnection, receive: Receive, send: Send, paused: Callable[[], bool] = lambda: False
+) -> None:
     """Copy messages both ways until either side closes, then close the other side alike."""
 
     async def client_to_sandbox() -> bool:
@@ -847,7 +861,10 @@ async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Se
         except websockets.ConnectionClosed:
             pass
         code = upstream.close_code if upstream.close_code not in (None, 1005, 1006) else 1000
-        await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
+        reason = upstream.close_reason or ""
+        if paused():
+            code, reason = PAUSED_CLOSE
+        await send({"type": "websocket.close", "code": code, "reason": reason})
 
     to_sandbox = asyncio.create_task(client_to_sandbox())
     to_client = asyncio.create_task(sandbox_to_client())
