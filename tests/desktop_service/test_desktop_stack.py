@@ -159,7 +159,11 @@ def _png_bytes(image: Any) -> bytes:
 
 def _open_viewer(page: Page, url: str) -> None:
     page.goto(url)
-    page.wait_for_function("window.viewerState && window.viewerState.connected", timeout=60_000)
+    # Polled from here: the pages' CSP (no eval) stops Playwright's in-page wait_for_function.
+    deadline = time.monotonic() + 60
+    while not page.evaluate("Boolean(window.viewerState && window.viewerState.connected)"):
+        assert time.monotonic() < deadline, page.evaluate("JSON.stringify(window.viewerState || null)")
+        page.wait_for_timeout(200)
     page.wait_for_timeout(1500)  # the first full frame
 
 

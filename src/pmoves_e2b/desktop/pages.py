@@ -27,6 +27,11 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "SAMEORIGIN",
+    # Everything comes from this service (noVNC included); the viewer's WebSocket is same-origin.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'self'"
+    ),
 }
 
 
@@ -50,11 +55,7 @@ def page(title: str, body: str, status: int = 200, body_class: str = "") -> HTML
 
 
 def bar(extra: str = "", signed_in: bool = False) -> str:
-    logout = (
-        '<form method="post" action="/logout" style="margin:0"><button type="submit">Sign out</button></form>'
-        if signed_in
-        else ""
-    )
+    logout = '<form method="post" action="/logout"><button type="submit">Sign out</button></form>' if signed_in else ""
     brand = '<a class="brand" href="/">e2b-desktop</a>'
     return f'<header class="bar">{brand}{extra}<span class="spacer"></span>{logout}</header>'
 
