@@ -24,6 +24,7 @@ from pmoves_e2b.cli_support import EXIT_FAILED, err_console
 from pmoves_e2b.cli_support import fail as _fail
 from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, Settings, ensure_secrets, get_settings
+from pmoves_e2b.private_files import open_private_append, private_dir
 
 app = typer.Typer(
     help="Self-hosted, E2B-compatible sandboxes for AI agents.",
@@ -133,7 +134,7 @@ def up(
         except FileNotFoundError as exc:
             raise _fail(str(exc)) from None
     for directory in (settings.e2b_data_dir, settings.run_dir, settings.logs_dir):
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
     secret_paths = ensure_secrets(settings)
     # Re-read so this process (and the children, which inherit nothing but env) see the new secrets.
     get_settings.cache_clear()
@@ -144,7 +145,7 @@ def up(
         configure_logging(SUPERVISOR, settings.log_level, "text")
         _print_access(settings, secret_paths)
         raise typer.Exit(Supervisor(settings).run())
-    with open(log_file(settings, SUPERVISOR), "ab") as log_handle:
+    with open_private_append(log_file(settings, SUPERVISOR)) as log_handle:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "pmoves_e2b.stack"],
             stdin=subprocess.DEVNULL,

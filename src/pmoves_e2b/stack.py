@@ -30,6 +30,7 @@ from pmoves_e2b.events import embedded
 from pmoves_e2b.events.connection import probe as probe_nats
 from pmoves_e2b.events.connection import redact_url
 from pmoves_e2b.observability.logging import configure_logging
+from pmoves_e2b.private_files import open_private_append, private_dir
 
 log = logging.getLogger("pmoves_e2b.stack")
 
@@ -188,8 +189,13 @@ class Supervisor:
             self.children[service.key] = Child(service.key, argv)
 
     def run(self) -> int:
-        for directory in (self.settings.run_dir, self.settings.logs_dir, self.settings.nats_store_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        for directory in (
+            self.settings.e2b_data_dir,
+            self.settings.run_dir,
+            self.settings.logs_dir,
+            self.settings.nats_store_dir,
+        ):
+            private_dir(directory)
         _write_pid(self.settings, SUPERVISOR, os.getpid())
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
@@ -216,7 +222,7 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_file(self.settings, child.component), "ab") as log_handle:
+        with open_private_append(log_file(self.settings, child.component)) as log_handle:
             child.process = subprocess.Popen(
                 child.argv,
                 stdin=subprocess.DEVNULL,

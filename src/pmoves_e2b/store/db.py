@@ -12,6 +12,8 @@ from alembic.config import Config
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from pmoves_e2b.private_files import make_private
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works: it only has to be the same in every process migrating one Postgres database.
 MIGRATION_LOCK_ID = 0x6532625F6D6967  # "e2b_mig"
@@ -70,6 +72,10 @@ class Database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(parsed)
         migrate(self.engine)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            # it holds sandboxes' access tokens and init secrets (SQLite gives -wal/-shm the db's mode)
+            database = Path(parsed.database)
+            make_private(database, Path(f"{database}-wal"), Path(f"{database}-shm"))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
