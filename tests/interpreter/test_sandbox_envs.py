@@ -98,12 +98,13 @@ def test_call_envs_override_then_fall_back_to_the_sandbox_value(server_with_envd
     assert main_text(execute(server_with_envd, {"code": read, "context_id": context})) == "sandbox value"
 
 
-def test_without_the_access_token_envd_refuses_and_a_later_call_applies_them(
+def test_without_the_access_token_nothing_runs_and_a_later_call_applies_them(
     server_with_envd: InterpreterServer,
 ) -> None:
     context = new_context(server_with_envd)
     read = "import os; os.environ.get('SANDBOX_LEVEL', 'unset')"
-    assert main_text(execute(server_with_envd, {"code": read, "context_id": context}, token=None)) == "unset"
+    body = {"code": read, "context_id": context, "language": None, "env_vars": None}
+    assert httpx.post(f"{server_with_envd.url}/execute", json=body, timeout=60).status_code == 401
     assert main_text(execute(server_with_envd, {"code": read, "context_id": context})) == "from envd"
 
 
@@ -119,3 +120,22 @@ def test_sandbox_envs_survive_a_restart(server_with_envd: InterpreterServer) -> 
     execute(server_with_envd, {"code": "1", "context_id": context})
     assert httpx.post(f"{server_with_envd.url}/contexts/{context}/restart", timeout=60).status_code == 200
     assert main_text(execute(server_with_envd, {"code": read, "context_id": context})) == "from envd"
+
+
+def test_execute_needs_envd_access_token(server_with_envd: InterpreterServer) -> None:
+    """Issue 11 finding 2: code ran without the token; envd's token now guards /execute."""
+    body = {"code": "print('ran')", "context_id": None, "language": None, "env_vars": None}
+    for headers in ({}, {"X-Access-Token": "wrong"}, {"X-Access-Token": ""}):
+        response = httpx.post(f"{server_with_envd.url}/execute", json=body, headers=headers, timeout=60)
+        assert response.status_code == 401, (headers, response.text)
+        assert "ran" not in response.text
+    assert any(line.get("text") == "ran\n" for line in execute(server_with_envd, {"code": "print('ran')"}))
+
+
+def test_context_routes_refuse_a_wrong_token_and_health_stays_open(server_with_envd: InterpreterServer) -> None:
+    wrong = {"X-Access-Token": "wrong"}
+    assert httpx.get(f"{server_with_envd.url}/contexts", headers=wrong, timeout=30).status_code == 401
+    assert httpx.post(f"{server_with_envd.url}/contexts", json={}, headers=wrong, timeout=30).status_code == 401
+    right = {"X-Access-Token": ACCESS_TOKEN}
+    assert httpx.get(f"{server_with_envd.url}/contexts", headers=right, timeout=30).status_code == 200
+    assert httpx.get(f"{server_with_envd.url}/health", timeout=30).status_code == 200

@@ -98,3 +98,24 @@ def test_two_sandboxes_do_not_share_state(running_stack, sbx: Sandbox) -> None: 
         assert other.run_code("import os; os.path.exists('/home/user/.only-first')").text == "False"
     finally:
         other.kill()
+
+
+def test_code_runs_only_with_the_sandboxs_access_token(running_stack, sbx: Sandbox) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11 finding 2: through the proxy, /execute ran code with no or a wrong X-Access-Token."""
+    import httpx
+
+    url = f"{running_stack.sandbox_url}/execute"
+    body = {"code": "open('/tmp/pwned', 'w').write('x')", "context_id": None, "language": None, "env_vars": None}
+    route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49999"}
+    for token in ({}, {"X-Access-Token": "wrong"}):
+        response = httpx.post(url, json=body, headers={**route, **token}, timeout=60, trust_env=False)
+        assert response.status_code == 401, (token, response.status_code, response.text)
+    wrong = {**route, "X-Access-Token": "wrong"}
+    assert (
+        httpx.get(f"{running_stack.sandbox_url}/contexts", headers=wrong, timeout=60, trust_env=False).status_code
+        == 401
+    )
+    assert not sbx.files.exists("/tmp/pwned")
+    assert sbx.run_code("6 * 7").text == "42"  # the stock SDK sends the token
+    context = sbx.create_code_context()  # the SDK sends no token on context routes
+    assert any(c.id == context.id for c in sbx.list_code_contexts())

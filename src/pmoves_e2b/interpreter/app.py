@@ -17,6 +17,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import envvars
+from .access import AccessTokenGuard, EnvdTokenCheck
 from .contexts import Context, ContextRegistry
 from .execution import Execution
 from .kernel import KernelStartError
@@ -224,4 +225,6 @@ def build_app(settings: Settings, catalog: KernelCatalog | None = None) -> Starl
         Route("/contexts/{context_id}/restart", restart_context, methods=["POST"]),
         Route("/contexts/{context_id}", remove_context, methods=["DELETE"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(AccessTokenGuard, check=EnvdTokenCheck(settings.envd_url))
+    return app
