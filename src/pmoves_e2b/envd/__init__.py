@@ -5,13 +5,19 @@ Stock E2B SDKs talk to it on port 49983: Connect RPC (``process.Process``,
 ``/envs``, ``/metrics``, ``/init``), all in one ASGI app (``app.py``) served by uvicorn.
 
 It imports nothing from the rest of ``pmoves_e2b``: templates ship only this package plus its
-three runtime dependencies (connectrpc, protobuf-py, uvicorn). The control plane may import
-``ENVD_VERSION`` (and nothing else) to report ``envdVersion`` in create responses.
+three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
+this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
+reports, its port, its host-only paths and the signed-URL helper.
 """
+
+from pmoves_e2b.envd.auth import signature as file_signature
+from pmoves_e2b.envd.paths import HOST_ONLY_PATHS
 
 # Highest envd version whose SDK-gated features (wire-protocol reference, section 8) all work
 # here: recursive watch, metrics with disk, stdin=False, envd-chosen default user, close_stdin,
 # octet-stream/gzip uploads, file metadata xattrs, watch include_entry and allow_network_mounts.
 ENVD_VERSION = "0.6.4"
 
-__all__ = ["ENVD_VERSION"]
+ENVD_PORT = 49983
+
+__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "file_signature"]

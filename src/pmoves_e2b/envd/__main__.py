@@ -12,6 +12,8 @@ import importlib.util
 import sys
 import types
 
+from pmoves_e2b.envd import ENVD_PORT
+
 
 def _skip_connectrpc_version_lookup() -> None:
     # connectrpc computes its __version__ (used only in client User-Agents) through
@@ -25,7 +27,7 @@ def _skip_connectrpc_version_lookup() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pmoves_e2b.envd", description="E2B-compatible envd")
     parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 - the sandbox's own interface
-    parser.add_argument("--port", type=int, default=49983)
+    parser.add_argument("--port", type=int, default=ENVD_PORT)
     parser.add_argument("--log-level", default="warning")
     options = parser.parse_args(argv)
 

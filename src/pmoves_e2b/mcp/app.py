@@ -19,19 +19,18 @@ from starlette.routing import BaseRoute
 
 from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings, get_settings
-from pmoves_e2b.desktop import mcp_tools as desktop_tools
 from pmoves_e2b.desktop import pmoves_rest as desktop_rest
 from pmoves_e2b.desktop.desktops import DesktopOps
 from pmoves_e2b.desktop.desktops import ops_for as desktop_ops_for
 from pmoves_e2b.desktop.links import viewer_urls
+from pmoves_e2b.mcp import desktop_tools, spell_rest, spell_tools
 from pmoves_e2b.mcp.auth import AuthMiddleware, parse_allowed_hosts, transport_security
 from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
 from pmoves_e2b.mcp.tools import build_mcp_server
 from pmoves_e2b.service import DependencyCheck, make_service_app
-from pmoves_e2b.spells import mcp_tools as spell_tools
-from pmoves_e2b.spells import rest as spell_rest
 from pmoves_e2b.spells.bus import serve_spells
+from pmoves_e2b.spells.executor import SpellExecutor, build_executor
 
 # SSE streams (both transports) send a comment line this often when idle, so a client with a
 # short read timeout (Agent Zero: 10 s) never sees a silent stream. sse-starlette's default is 15 s.
@@ -47,10 +46,12 @@ def build_ops(settings: Settings) -> tuple[SdkConfig, SandboxOps]:
     return config, SandboxOps(config)
 
 
-def build_server(settings: Settings, ops: SandboxOps, desktops: DesktopOps | None = None) -> MCPServer:
+def build_server(
+    settings: Settings, ops: SandboxOps, desktops: DesktopOps | None = None, spells: SpellExecutor | None = None
+) -> MCPServer:
     """Every MCP tool, the same for HTTP, SSE and stdio."""
     server = build_mcp_server(ops, settings.e2b_sandbox_timeout_sec, settings.e2b_execution_timeout_sec)
-    spell_tools.register(server, settings)
+    spell_tools.register(server, spells or build_executor(settings))
     desktops = desktops or desktop_ops_for(settings, "e2b-mcp-server")
     desktop_tools.register(server, desktops, viewer_urls(settings))
     return server
@@ -105,14 +106,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     config, ops = build_ops(settings)
     desktops = desktop_ops_for(settings, "e2b-mcp-server")
-    server = build_server(settings, ops, desktops)
+    spells = build_executor(settings)
+    server = build_server(settings, ops, desktops, spells)
     mcp_routes = _mcp_routes(server, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(service_app: FastAPI) -> AsyncIterator[None]:
         # The streamable HTTP transport's task group lives as long as the service;
         # the e2b.spell.execute.v1 consumer too.
-        async with server.session_manager.run(), serve_spells(service_app):
+        async with server.session_manager.run(), serve_spells(service_app, spells):
             yield
 
     app = make_service_app(
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health_checks=health_checks(settings, config),
         routers=[
             build_router(ops, server, settings),
-            spell_rest.router(settings),
+            spell_rest.router(spells),
             desktop_rest.build_router(desktops, viewer_urls(settings), str(settings.e2b_desktop_url)),
         ],
         lifespan=lifespan,

@@ -23,7 +23,7 @@ from e2b_code_interpreter import AsyncSandbox
 from e2b_code_interpreter.models import Execution, Result
 
 from pmoves_e2b.client import SdkConfig
-from pmoves_e2b.mcp.metrics import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
+from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
 
 CODE_INTERPRETER_TEMPLATE = "code-interpreter-v1"
 BASE_TEMPLATE = "base"

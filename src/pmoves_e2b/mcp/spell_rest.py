@@ -15,8 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pmoves_e2b.config import Settings
-from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest, executor_for
+from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest
 from pmoves_e2b.spells.registry import UnknownSpell
 
 
@@ -40,8 +39,7 @@ def listing(executor: SpellExecutor) -> dict[str, Any]:
     }
 
 
-def router(settings: Settings, executor: SpellExecutor | None = None) -> APIRouter:
-    executor = executor or executor_for(settings)
+def router(executor: SpellExecutor) -> APIRouter:
     routes = APIRouter(tags=["spells"])
 
     @routes.get("/spells", summary="List spells with their parameter schemas")

@@ -9,10 +9,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
 from pydantic import Field
 
-from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.mcp.keepalive import keepalive
 from pmoves_e2b.mcp.tools import SandboxToolError
-from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest, executor_for
+from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
@@ -41,8 +40,7 @@ def run_result(run: dict[str, Any]) -> CallToolResult:
     )
 
 
-def register(server: MCPServer, settings: Settings | None = None, executor: SpellExecutor | None = None) -> None:
-    executor = executor or executor_for(settings or get_settings())
+def register(server: MCPServer, executor: SpellExecutor) -> None:
 
     @server.tool(
         description="List the spells (ready-made code recipes run in a fresh sandbox) with their parameters.",

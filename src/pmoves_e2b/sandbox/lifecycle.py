@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from pmoves_e2b.envd.auth import signature as file_signature
+from pmoves_e2b.envd import ENVD_PORT, file_signature
 from pmoves_e2b.sandbox import metrics
 from pmoves_e2b.sandbox.backends.base import (
     Backend,
@@ -344,7 +344,7 @@ class SandboxManager:
             raise SandboxError(f"could not start the sandbox: {exc}") from exc
         template = spec.template
         try:
-            await self.envd.wait_http_ok(handle.address, 49983, "/health", READY_TIMEOUT_S)
+            await self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
             if template.start_cmd:
                 await self.envd.start_background(handle.address, None, template.start_cmd, template.user)
             if template.ready_port:

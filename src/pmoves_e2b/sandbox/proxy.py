@@ -34,7 +34,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as websocket_connect
 
-from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+from pmoves_e2b.envd import ENVD_PORT, HOST_ONLY_PATHS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,7 +50,8 @@ PORT_RE = re.compile(r"[0-9]{1,5}")
 # Paths of the E2B REST API; with header routing they still reach the control plane.
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 CONTROL_PLANE_PREFIXES = ("/sandboxes", "/v2/", "/v3/", "/templates", "/snapshots", "/volumes", "/secrets")
-ENVD_INTERNAL_PATHS = frozenset({"init", "freeze", "unfreeze", "fsfreeze", "fsthaw", "collapse", "upgrade"})
+# envd's host-only paths, first segment only, as the check below compares them
+ENVD_INTERNAL_PATHS = frozenset(path.strip("/") for path in HOST_ONLY_PATHS)
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones the
 # ASGI server already acted on (Expect) or that we set ourselves (framing).
 HOP_BY_HOP = frozenset(

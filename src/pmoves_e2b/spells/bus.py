@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from pmoves_e2b.events.envelope import Envelope
 from pmoves_e2b.events.handlers import RequestFailed, RequestHandler, RequestServer, request_route
-from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest, executor_for
+from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest
 
 SPELL_ROUTE = request_route("e2b.spell.execute.v1", queue="e2b-spell")
 
@@ -40,9 +40,8 @@ def spell_handler(executor: SpellExecutor) -> RequestHandler:
 
 
 @contextlib.asynccontextmanager
-async def serve_spells(app: FastAPI) -> AsyncIterator[None]:
+async def serve_spells(app: FastAPI, executor: SpellExecutor) -> AsyncIterator[None]:
     """Serve spell requests on the service's NATS connection (``app.state.events``) while the app runs."""
-    executor = executor_for(app.state.settings)
     server = RequestServer(app.state.events, app.state.publisher, SPELL_ROUTE, spell_handler(executor))
     server.start()
     try:

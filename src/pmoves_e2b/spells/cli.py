@@ -16,7 +16,7 @@ from pmoves_e2b.cli_support import err_console
 from pmoves_e2b.cli_support import fail as _fail
 from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.client import exit_without_finalizing
-from pmoves_e2b.spells.executor import SpellError, SpellRequest, executor_for
+from pmoves_e2b.spells.executor import SpellError, SpellRequest, build_executor
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
@@ -108,7 +108,7 @@ def run(
             raise _fail(f"--params-json is not valid JSON: {exc}") from None
     parameters.update(parse_param(spell, item) for item in param)
     try:
-        result = asyncio.run(executor_for(_settings()).execute(SpellRequest(name, parameters, timeout, sandbox_id)))
+        result = asyncio.run(build_executor(_settings()).execute(SpellRequest(name, parameters, timeout, sandbox_id)))
     except SpellError as exc:
         raise _fail(exc.message) from None
     if out is not None:

@@ -44,7 +44,7 @@ from jsonschema.exceptions import best_match
 from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events.schemas import describe
-from pmoves_e2b.mcp.metrics import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
+from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
@@ -436,19 +436,12 @@ class SpellExecutor:
             log.warning("could not release spell sandbox %s: %s", sandbox.sandbox_id, exc)
 
 
-_executors: dict[int, tuple[Settings, SpellExecutor]] = {}
-
-
-def executor_for(settings: Settings) -> SpellExecutor:
-    """The process's executor for these settings (REST, MCP and NATS share it)."""
-    cached = _executors.get(id(settings))
-    if cached is not None and cached[0] is settings:
-        return cached[1]
+def build_executor(settings: Settings) -> SpellExecutor:
+    """The executor a service builds once and hands to its adapters (REST, MCP, NATS share it)."""
     registry = SpellRegistry(settings.e2b_spells_dir)
     # Leave room under E2B_MAX_SANDBOXES for the other tools.
     concurrent = max(1, min(4, settings.e2b_max_sandboxes - 1))
     executor = SpellExecutor(
         registry, sdk_config(settings), max_concurrent=concurrent, max_timeout=settings.e2b_spells_timeout
     )
-    _executors[id(settings)] = (settings, executor)
     return executor

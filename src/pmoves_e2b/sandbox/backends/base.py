@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-ENVD_PORT = 49983
+from pmoves_e2b.envd import ENVD_PORT as ENVD_PORT  # re-exported: backends and their tests use it
 
 
 @dataclass(frozen=True)
