@@ -19,11 +19,10 @@ from starlette.routing import BaseRoute
 
 from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings, get_settings
-from pmoves_e2b.desktop import pmoves_rest as desktop_rest
 from pmoves_e2b.desktop.desktops import DesktopOps
 from pmoves_e2b.desktop.desktops import ops_for as desktop_ops_for
 from pmoves_e2b.desktop.links import viewer_urls
-from pmoves_e2b.mcp import desktop_tools, spell_rest, spell_tools
+from pmoves_e2b.mcp import desktop_rest, desktop_tools, spell_rest, spell_tools
 from pmoves_e2b.mcp.auth import AuthMiddleware, parse_allowed_hosts, transport_security
 from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
