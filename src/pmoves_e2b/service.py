@@ -169,7 +169,11 @@ def make_service_app(
         finally:
             await events.close()
 
-    app = FastAPI(title=title or service.name, version=__version__, lifespan=frame_lifespan)
+    # No /docs or /redoc: Swagger UI and ReDoc load their code from a CDN, and they are unauthenticated
+    # pages; /openapi.json stays as the API's description.
+    app = FastAPI(
+        title=title or service.name, version=__version__, lifespan=frame_lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     app.state.service = service
     app.add_middleware(RequestGuard, error_body=error_body)

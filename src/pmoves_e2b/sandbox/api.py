@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -287,12 +287,16 @@ class ApiKeys:
 
 
 def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> APIRouter:
-    router = APIRouter()
+    def require_api_key(request: Request) -> None:
+        """Every route of this router: the caller's key (sync, so its database lookup runs off the loop)."""
+        request.state.api_key_id = keys.authenticate(request)
+
+    router = APIRouter(dependencies=[Depends(require_api_key)])
     shapes = Shapes(public_domain)
     idempotency_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, requests using it)
 
     async def create(request: Request) -> Response:
-        key_id = keys.authenticate(request)
+        key_id: str = request.state.api_key_id
         body: NewSandbox = await parse_body(request, NewSandbox)
         idem_key = request.headers.get("idempotency-key")
         if idem_key is None:
@@ -344,7 +348,6 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return JSONResponse(shapes.sandbox(row, manager.network(row.sandbox_id)), status_code=201)
 
     async def connect(request: Request, sandbox_id: str) -> JSONResponse:
-        keys.authenticate(request)
         body: ConnectBody = await parse_body(request, ConnectBody, required=False)
         if body.memory is False:
             raise ApiError(400, f"resuming without memory {_UNSUPPORTED}: sandboxes pause in memory")
@@ -352,7 +355,6 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return JSONResponse(shapes.sandbox(row, manager.network(sandbox_id)), status_code=201 if resumed else 200)
 
     async def resume(request: Request, sandbox_id: str) -> JSONResponse:
-        keys.authenticate(request)
         body: ConnectBody = await parse_body(request, ConnectBody, required=False)
         if body.memory is False:
             raise ApiError(400, f"resuming without memory {_UNSUPPORTED}: sandboxes pause in memory")
@@ -363,18 +365,16 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return JSONResponse(shapes.sandbox(row, manager.network(sandbox_id)), status_code=201)
 
     async def kill(request: Request, sandbox_id: str) -> Response:
-        actor = keys.authenticate(request)
+        actor: str = request.state.api_key_id
         await manager.kill(sandbox_id, actor=actor)
         return Response(status_code=204)
 
     async def set_timeout(request: Request, sandbox_id: str) -> Response:
-        keys.authenticate(request)
         body: TimeoutBody = await parse_body(request, TimeoutBody)
         manager.set_timeout(sandbox_id, body.timeout)
         return Response(status_code=204)
 
     async def refresh(request: Request, sandbox_id: str) -> Response:
-        keys.authenticate(request)
         body: RefreshBody = await parse_body(request, RefreshBody, required=False)
         row = manager.get(sandbox_id)
         if row.state == "paused":
@@ -385,12 +385,10 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return Response(status_code=204)
 
     async def info(request: Request, sandbox_id: str) -> JSONResponse:
-        keys.authenticate(request)
         row, network = manager.get(sandbox_id), manager.network(sandbox_id)
         return JSONResponse(shapes.detail(row, network, manager.auto_resumes(sandbox_id)))
 
     async def update_network(request: Request, sandbox_id: str) -> Response:
-        keys.authenticate(request)
         body: NetworkBody = await parse_body(request, NetworkBody, required=False)
         if body.allow_public_traffic is not None or body.mask_request_host is not None or body.https_ports is not None:
             raise ApiError(400, "allowPublicTraffic, maskRequestHost and httpsPorts are set at create time only")
@@ -402,12 +400,10 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return Response(status_code=204)
 
     async def not_implemented(request: Request) -> Response:
-        keys.authenticate(request)
         what = "forking sandboxes" if request.url.path.endswith("/fork") else "snapshots"
         raise ApiError(501, f"{what} {_UNSUPPORTED} (pmoves-e2b pauses sandboxes in memory only)")
 
     async def pause(request: Request, sandbox_id: str) -> Response:
-        keys.authenticate(request)
         body: PauseBody = await parse_body(request, PauseBody, required=False)
         if body.memory is False:
             raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
@@ -415,7 +411,6 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return Response(status_code=204)
 
     async def sandbox_metrics(request: Request, sandbox_id: str) -> JSONResponse:
-        keys.authenticate(request)
         start, end = _int_query(request, "start"), _int_query(request, "end")
         samples = manager.samples(sandbox_id)
         if not samples or manager.get(sandbox_id).state == "running":
@@ -445,11 +440,9 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         return rows
 
     async def list_v1(request: Request) -> JSONResponse:
-        keys.authenticate(request)
         return JSONResponse([shapes.listed(r) for r in _filtered(request, {"running"})])
 
     async def list_v2(request: Request) -> JSONResponse:
-        keys.authenticate(request)
         rows = _filtered(request, {"running", "paused"})
         limit = _int_query(request, "limit")
         limit = MAX_PAGE if limit is None else limit
