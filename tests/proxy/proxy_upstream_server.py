@@ -13,6 +13,7 @@ Prints ``ready`` once every port is bound. Endpoints:
 - ``GET /stats``: counters (clients that left a stream or an upload)
 - WebSocket ``/ws``: echo; ``"headers?"`` answers the handshake headers; ``"close-me"`` closes 4001
 - port 8081: answers one request per connection, then drops the connection at the next one
+- port 8082: answers every request with two responses in one write (a broken or hostile server)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import uvicorn
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
 STATS = {"stream_disconnects": 0, "streams_open": 0, "upload_disconnects": 0}
 FLAKY_PORT = 8081
+DOUBLE_PORT = 8082
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -201,6 +203,23 @@ async def answer_once_per_connection(reader: asyncio.StreamReader, writer: async
     writer.close()
 
 
+async def answer_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Every request gets its answer plus a second, unasked-for response right behind it."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            answer = json.dumps({"request": head.split(b"\r\n")[0].decode()}).encode()
+            extra = json.dumps({"request": "smuggled"}).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                + b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(extra), extra)
+            )
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+
+
 async def serve(address: str, ports: list[int]) -> None:
     sockets = []
     for port in ports:
@@ -209,9 +228,10 @@ async def serve(address: str, ports: list[int]) -> None:
         sock.bind((address, port))
         sockets.append(sock)
     flaky = await asyncio.start_server(answer_once_per_connection, address, FLAKY_PORT)
+    double = await asyncio.start_server(answer_twice, address, DOUBLE_PORT)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
     print("ready", flush=True)
-    async with flaky:
+    async with flaky, double:
         await uvicorn.Server(config).serve(sockets=sockets)
 
 

@@ -166,6 +166,12 @@ def test_pooled_connection_dropped_by_the_sandbox_is_retried(client: httpx.Clien
         assert response.json() == {"request": f"POST /post{i} HTTP/1.1", "body": "payload"}
 
 
+def test_a_server_answering_twice_cannot_poison_the_next_request(client: httpx.Client) -> None:
+    """Issue 11 finding 8: the extra response of a misbehaving server must never reach another request."""
+    for i in range(4):
+        assert client.get(f"/req{i}", headers=host_for(8082)).json()["request"] == f"GET /req{i} HTTP/1.1"
+
+
 def test_concurrent_requests_get_their_own_answers(proxy_port: int) -> None:
     async def run() -> list[tuple[str, str]]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}", timeout=30, trust_env=False) as http:

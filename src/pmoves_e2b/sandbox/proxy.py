@@ -377,7 +377,10 @@ class Upstream(asyncio.Protocol):
         return not self.closed and not self._eof
 
     def reusable(self) -> bool:
-        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE and self.alive()
+        # Bytes after the end of the response (a second, unasked-for response) would be read as
+        # the next request's answer: such a connection is never reused.
+        unread, _ = self.http.trailing_data
+        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE and not unread and self.alive()
 
     def abort(self) -> None:
         self.closed = True
