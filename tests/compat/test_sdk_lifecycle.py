@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException, SandboxException
@@ -77,6 +78,42 @@ def test_list_filters_by_metadata_and_state_and_pages(sdk_env: dict[str, str]) -
             Sandbox.list(query=SandboxQuery(metadata={"suite": tag, "n": "2"})).next_items()[0].sandbox_id
             == boxes[2].sandbox_id
         )
+    finally:
+        for b in boxes:
+            Sandbox.kill(b.sandbox_id)
+
+
+def test_list_is_newest_first_filters_by_start_and_pages_stably(sdk_env: dict[str, str]) -> None:
+    """Issue 12 item 6: E2B's spec lists newest first; startedAfter/startedBefore are honoured; a
+    sandbox created between two pages neither repeats nor hides one already listed."""
+    tag = f"order-{time.monotonic_ns()}"
+    boxes = []
+    try:
+        for i in range(3):
+            boxes.append(Sandbox.create(metadata={"suite": tag, "n": str(i)}, timeout=120))
+            time.sleep(0.05)
+        created = [b.sandbox_id for b in boxes]
+        query = SandboxQuery(metadata={"suite": tag})
+        assert [s.sandbox_id for s in Sandbox.list(query=query).next_items()] == created[::-1]
+        oldest_first = Sandbox.list(query=query, order="asc").next_items()
+        assert [s.sandbox_id for s in oldest_first] == created
+        after_first = SandboxQuery(metadata={"suite": tag}, started_after=oldest_first[1].started_at)
+        assert [s.sandbox_id for s in Sandbox.list(query=after_first).next_items()] == created[:0:-1]
+        pages = Sandbox.list(query=query, limit=2)
+        first = [s.sandbox_id for s in pages.next_items()]
+        boxes.append(Sandbox.create(metadata={"suite": tag, "n": "late"}, timeout=120))
+        rest = [s.sandbox_id for s in pages.next_items()]
+        assert first + rest == created[::-1] and not pages.has_next
+        api = {"X-API-KEY": sdk_env["E2B_API_KEY"]}
+        before = httpx.get(
+            f"{sdk_env['E2B_API_URL']}/v2/sandboxes",
+            params={"metadata": f"suite={tag}", "startedBefore": oldest_first[0].started_at.isoformat()},
+            headers=api,
+            timeout=30,
+        )
+        assert [s["sandboxID"] for s in before.json()] == created[:1]
+        bad = httpx.get(f"{sdk_env['E2B_API_URL']}/v2/sandboxes", params={"order": "sideways"}, headers=api, timeout=30)
+        assert bad.status_code == 400 and "order" in bad.json()["message"]
     finally:
         for b in boxes:
             Sandbox.kill(b.sandbox_id)

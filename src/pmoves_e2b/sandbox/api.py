@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -422,37 +422,50 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         ]
         return JSONResponse(chosen)
 
-    def _filtered(request: Request, default_states: set[str]) -> list[SandboxRow]:
+    def _filtered(request: Request, default_states: set[str], default_order: str = "asc") -> list[SandboxRow]:
         wanted_meta = dict(parse_qsl(request.query_params.get("metadata", ""), keep_blank_values=True))
         states_param = request.query_params.get("state")
         states = set(states_param.split(",")) if states_param else default_states
         if not states <= {"running", "paused"}:
             raise ApiError(400, "state must be a comma-separated list of 'running' and 'paused'")
         template = request.query_params.get("template")
+        order = request.query_params.get("order") or default_order
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be 'asc' or 'desc'")
+        after = _time_query(request, "startedAfter")
+        before = _time_query(request, "startedBefore")
         rows = [
             r
             for r in manager.list_rows()
             if r.state in states
             and (template is None or r.template_id == template)
             and all((r.metadata_ or {}).get(k) == v for k, v in wanted_meta.items())
+            and (after is None or r.started_at >= after)
+            and (before is None or r.started_at <= before)
         ]
-        rows.sort(key=lambda r: (r.started_at, r.sandbox_id), reverse=request.query_params.get("order") == "desc")
+        rows.sort(key=_sort_key, reverse=order == "desc")
         return rows
 
     async def list_v1(request: Request) -> JSONResponse:
         return JSONResponse([shapes.listed(r) for r in _filtered(request, {"running"})])
 
     async def list_v2(request: Request) -> JSONResponse:
-        rows = _filtered(request, {"running", "paused"})
+        # E2B's spec: newest first unless order=asc.
+        rows = _filtered(request, {"running", "paused"}, default_order="desc")
         limit = _int_query(request, "limit")
         limit = MAX_PAGE if limit is None else limit
         if not 1 <= limit <= MAX_PAGE:
             raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
-        offset = _decode_token(request.query_params.get("nextToken"))
-        page = rows[offset : offset + limit]
+        cursor = _decode_token(request.query_params.get("nextToken"))
+        if cursor is not None:
+            # A cursor, not an offset: sandboxes created or killed between pages neither repeat
+            # nor skip the ones already listed.
+            newest_first = (request.query_params.get("order") or "desc") == "desc"
+            rows = [r for r in rows if (_sort_key(r) < cursor if newest_first else _sort_key(r) > cursor)]
+        page = rows[:limit]
         headers = {}
-        if offset + limit < len(rows):
-            headers["x-next-token"] = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+        if len(rows) > limit:
+            headers["x-next-token"] = _encode_token(_sort_key(page[-1]))
         return JSONResponse([shapes.listed(r) for r in page], headers=headers)
 
     add = router.add_api_route
@@ -493,16 +506,39 @@ def _int_query(request: Request, name: str) -> int | None:
         raise ApiError(400, f"query parameter '{name}' must be an integer") from None
 
 
-def _decode_token(token: str | None) -> int:
-    if not token:
-        return 0
+def _sort_key(row: SandboxRow) -> tuple[str, str]:
+    return (_aware(row.started_at).isoformat(timespec="microseconds"), row.sandbox_id)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _time_query(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name)
+    if not value:
+        return None
     try:
-        offset = int(base64.urlsafe_b64decode(token.encode()).decode())
+        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except ValueError:
+        raise ApiError(400, f"query parameter '{name}' must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from None
+
+
+def _encode_token(key: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode("|".join(key).encode()).decode()
+
+
+def _decode_token(token: str | None) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        started, _, sandbox_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        datetime.fromisoformat(started)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "nextToken is not valid: pass the x-next-token of the previous page") from None
-    if offset < 0:
+    if not sandbox_id:
         raise ApiError(400, "nextToken is not valid: pass the x-next-token of the previous page")
-    return offset
+    return (started, sandbox_id)
 
 
 def install_error_handlers(app: FastAPI) -> None:
