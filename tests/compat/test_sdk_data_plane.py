@@ -115,3 +115,22 @@ def test_download_and_upload_urls_work_over_plain_http(sbx: Sandbox) -> None:
     res = httpx.post(sbx.upload_url("/home/user/up.txt"), files={"file": ("up.txt", b"uploaded")}, timeout=10)
     assert res.status_code == 200
     assert sbx.files.read("/home/user/up.txt") == "uploaded"
+
+
+def test_expired_or_forged_signed_urls_are_401_like_envd(sbx: Sandbox) -> None:
+    """Issue 12 item 8: through E2B_SANDBOX_URL an expired signed URL answered 404; envd says 401."""
+    import time
+
+    import httpx
+
+    sbx.files.write("/home/user/signed.txt", "secret")
+    expired = sbx.download_url("/home/user/signed.txt", use_signature_expiration=1)
+    time.sleep(2.5)
+    response = httpx.get(expired, timeout=10)
+    assert response.status_code == 401 and "signature is already expired" in response.text
+    forged = sbx.download_url("/home/user/signed.txt").replace("signature=v1_", "signature=v1_X")
+    response = httpx.get(forged, timeout=10)
+    assert response.status_code == 401 and "invalid signature" in response.text
+    assert (
+        httpx.get(sbx.download_url("/home/user/signed.txt", use_signature_expiration=60), timeout=10).text == "secret"
+    )

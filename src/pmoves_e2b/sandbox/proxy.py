@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import h11
 import websockets
@@ -138,6 +139,13 @@ class Refusal(Exception):
         super().__init__(message)
         self.status = status
         self.payload = {**fields, "message": message, "code": status}
+
+
+def _signature_refusal(query: str) -> str:
+    expiration = dict(parse_qsl(query, keep_blank_values=True)).get("signature_expiration")
+    if expiration is not None and expiration.isdigit() and int(expiration) < time.time():
+        return "signature is already expired"
+    return "invalid signature"
 
 
 def not_found(sandbox_id: str) -> Refusal:
@@ -601,7 +609,11 @@ class SandboxProxy:
             return
         route = route_request(scope["headers"], self.domain, scope["path"]) if kind in ("http", "websocket") else None
         if route is None and kind == "http":
-            route = await self._signed_file_route(scope)
+            try:
+                route = await self._signed_file_route(scope)
+            except Refusal as refusal:
+                await send_json(send, refusal.status, refusal.payload)
+                return
         if route is None:
             await self.app(scope, receive, send)
         elif kind == "http":
@@ -615,7 +627,10 @@ class SandboxProxy:
         if self.resolve_signed_file is None or scope["path"] != "/files" or b"signature=" not in query:
             return None
         sandbox_id = await self.resolve_signed_file(scope["method"], query.decode("latin-1"))
-        return Route(sandbox_id, str(ENVD_PORT)) if sandbox_id else None
+        if sandbox_id is None:
+            # What envd answers for a signature that is not (or no longer) good.
+            raise Refusal(401, _signature_refusal(query.decode("latin-1")))
+        return Route(sandbox_id, str(ENVD_PORT))
 
     def close(self) -> None:
         """Close pooled upstream connections (also done on lifespan shutdown)."""
