@@ -68,6 +68,22 @@ def test_metadata_round_trip(sandbox: Sandbox, workdir: str) -> None:
     assert sandbox.files.get_info(f"{workdir}/meta.txt").metadata == {"owner-team": "infra"}
 
 
+def test_overwriting_without_metadata_clears_it(sandbox: Sandbox, workdir: str) -> None:
+    """Issue 12 item 8: the old metadata outlived an overwrite that sent none."""
+    sandbox.files.write(f"{workdir}/over.txt", "v1", metadata={"stage": "draft"})
+    sandbox.files.write(f"{workdir}/over.txt", "v2")
+    assert not sandbox.files.get_info(f"{workdir}/over.txt").metadata
+    assert sandbox.files.read(f"{workdir}/over.txt") == "v2"
+
+
+def test_deep_list_is_a_name_sorted_depth_first_walk(sandbox: Sandbox, workdir: str) -> None:
+    """Issue 12 item 8: like Go's filepath.WalkDir in E2B's envd: each directory, then its entries."""
+    for path in ("b/z.txt", "a/y/deep.txt", "a/x.txt", "a-c.txt", "c.txt"):
+        sandbox.files.write(f"{workdir}/walk/{path}", "1")
+    listed = [e.path.removeprefix(f"{workdir}/walk/") for e in sandbox.files.list(f"{workdir}/walk", depth=3)]
+    assert listed == ["a", "a/x.txt", "a/y", "a/y/deep.txt", "a-c.txt", "b", "b/z.txt", "c.txt"]
+
+
 def test_list_exists_info_rename_remove(sandbox: Sandbox, workdir: str) -> None:
     sandbox.files.write(f"{workdir}/dir/inner/f.txt", "1")
     sandbox.files.write(f"{workdir}/top.txt", "22")

@@ -25,6 +25,16 @@ def read_metadata(path: str) -> dict[str, str]:
     return metadata
 
 
+def clear_metadata(path: str) -> None:
+    """Remove the file's metadata (an upload without metadata replaces the file, as E2B's envd);
+    nothing to do where the filesystem has no xattrs."""
+    try:
+        replace_metadata(path, {})
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+
+
 def replace_metadata(path: str, metadata: dict[str, str]) -> None:
     """Make ``metadata`` the file's whole metadata map (keys lower-cased, like E2B's envd)."""
     for name in os.listxattr(path):

@@ -23,7 +23,7 @@ from ..users import (
     lookup_user,
     resolve_path,
 )
-from ..xattrs import replace_metadata
+from ..xattrs import clear_metadata, replace_metadata
 from . import multipart
 from .http import ClientDisconnected, HTTPError, Request, Send
 
@@ -224,6 +224,7 @@ def _entry(path: str, metadata: dict[str, str] | None) -> dict[str, object]:
 
 def _apply_metadata(path: str, metadata: dict[str, str] | None) -> None:
     if metadata is None:
+        clear_metadata(path)  # overwriting a file without metadata drops the old one
         return
     try:
         replace_metadata(path, metadata)

@@ -212,18 +212,20 @@ class FilesystemService:
         self._watchers.clear()
 
 
-def _walk(requested: str, real: str, depth: int) -> Iterator[EntryInfo]:
-    """Entries below ``real`` down to ``depth`` levels, reported under the requested path."""
-    stack = [(real, requested, 1)]
-    while stack:
-        directory, shown, level = stack.pop()
-        with os.scandir(directory) as it:
-            children = sorted(it, key=lambda e: e.name)
-        for child in children:
-            shown_path = os.path.join(shown, child.name)
+def _walk(requested: str, real: str, depth: int, level: int = 1) -> Iterator[EntryInfo]:
+    """Entries below ``real`` down to ``depth`` levels, reported under the requested path, in
+    the order of Go's filepath.WalkDir (as E2B's envd): names sorted, each directory followed by
+    its own entries before its next sibling."""
+    with os.scandir(real) as it:
+        children = sorted(it, key=lambda e: e.name)
+    for child in children:
+        shown_path = os.path.join(requested, child.name)
+        try:
+            yield entry_info(shown_path, child.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+        if level < depth and child.is_dir(follow_symlinks=False):
             try:
-                yield entry_info(shown_path, child.stat(follow_symlinks=False))
-            except FileNotFoundError:
-                continue
-            if level < depth and child.is_dir(follow_symlinks=False):
-                stack.append((child.path, shown_path, level + 1))
+                yield from _walk(shown_path, child.path, depth, level + 1)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while listing
