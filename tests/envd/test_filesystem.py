@@ -155,6 +155,23 @@ def test_sync_watch_dir_recursive(sandbox: Sandbox, workdir: str) -> None:
         handle.stop()
 
 
+def test_one_write_of_a_new_file_gives_create_chmod_write(sandbox: Sandbox, workdir: str) -> None:
+    """Issue 12 item 8: E2B's own suite counts exactly these three events for one files.write."""
+    sandbox.files.make_dir(f"{workdir}/counted")
+    handle = sandbox.files.watch_dir(f"{workdir}/counted")
+    try:
+        sandbox.files.write(f"{workdir}/counted/new.txt", "This file will be watched.")
+        time.sleep(0.3)
+        events = handle.get_new_events()
+        assert [(e.name, e.type) for e in events] == [
+            ("new.txt", FilesystemEventType.CREATE),
+            ("new.txt", FilesystemEventType.CHMOD),
+            ("new.txt", FilesystemEventType.WRITE),
+        ]
+    finally:
+        handle.stop()
+
+
 def test_watch_of_missing_dir_is_not_found(sandbox: Sandbox, workdir: str) -> None:
     with pytest.raises(NotFoundException):
         sandbox.files.watch_dir(f"{workdir}/nope")

@@ -154,14 +154,15 @@ class _FileWriter:
             raise HTTPError(400, f"path is a directory: {path}")
         try:
             # O_NONBLOCK first: a FIFO in the way must not hang envd (ENXIO without a reader).
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+            # O_TRUNC at open, as E2B's envd: a watcher sees CREATE, CHMOD (chown), WRITE.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NONBLOCK
+            self._fd = os.open(path, flags, 0o666)
         except OSError as exc:
             raise _os_error(exc, path) from exc
         try:
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 raise HTTPError(400, f"path is not a regular file: {path}")
             os.set_blocking(self._fd, True)
-            os.ftruncate(self._fd, 0)
             chown_to(path, user)
         except OSError as exc:
             self.close()
