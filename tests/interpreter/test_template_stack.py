@@ -30,10 +30,17 @@ def sbx(running_stack) -> Iterator[Sandbox]:  # type: ignore[no-untyped-def]
     box.kill()
 
 
-def test_python_runs_as_the_sandbox_user_in_its_home(sbx: Sandbox) -> None:
+def test_kernels_run_as_root_in_the_users_home_and_commands_as_user(sbx: Sandbox) -> None:
+    """Issue 12 item 10: as in E2B's template, kernels are root (so %pip installs into the
+    environment and cwd="/root" contexts work) while commands keep running as `user`."""
     execution = sbx.run_code("import os, getpass\nprint(getpass.getuser(), os.getcwd())\n40 + 2")
-    assert execution.logs.stdout == ["user /home/user\n"]
+    assert execution.logs.stdout == ["root /home/user\n"]
     assert execution.text == "42"
+    assert sbx.commands.run("whoami").stdout.strip() == "user"
+    in_root = sbx.create_code_context(cwd="/root")
+    assert sbx.run_code("import os; os.getcwd()", context=in_root).text == "/root"
+    # the environment is writable by the kernel, as %pip needs
+    assert sbx.run_code("import os, sys; os.access(sys.prefix + '/lib', os.W_OK)").text == "True"
 
 
 @pytest.mark.parametrize(

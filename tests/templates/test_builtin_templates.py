@@ -53,9 +53,10 @@ def test_base_has_the_tools_users_expect(templates_dir: Path) -> None:
     out = run(
         "base",
         templates_dir,
-        "python3 --version; node --version; npm --version; git --version; "
+        "python3 --version; python --version; node --version; npm --version; git --version; "
         "curl --version | head -1; ps --version; ip -V; cat /etc/hostname",
     )
+    assert out.count("Python 3.11") == 2, out  # `python` too, as E2B's base (issue 12 item 9)
     for expected in ("Python 3.11", "v18.", "10.9.9", "git version", "curl 7", "procps-ng", "iproute2", "e2b"):
         assert expected in out
 

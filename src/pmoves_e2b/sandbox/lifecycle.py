@@ -346,7 +346,7 @@ class SandboxManager:
         try:
             await self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
             if template.start_cmd:
-                await self.envd.start_background(handle.address, None, template.start_cmd, template.user)
+                await self.envd.start_background(handle.address, None, template.start_cmd, template.start_user)
             if template.ready_port:
                 await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
         except Exception as exc:

@@ -28,6 +28,7 @@ class TemplateImage:
     # Port that must answer HTTP GET /health before the sandbox counts as ready (0 = none).
     ready_port: int = 0
     user: str = "user"
+    start_user: str = "user"  # who runs start_cmd
     workdir: str = "/home/user"
     # Per-template resources; 0 means the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
     memory_mb: int = 0

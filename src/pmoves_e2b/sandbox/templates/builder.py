@@ -115,6 +115,7 @@ class TemplateBuilder:
                     "start_cmd": spec.start_cmd,
                     "ready_port": spec.ready_port,
                     "user": spec.user,
+                    "start_user": spec.start_user or spec.user,
                     "workdir": spec.workdir,
                     "memory_mb": spec.memory_mb,
                     "cpu_count": spec.cpu_count,

@@ -25,7 +25,8 @@ from .rootfs import PRIVATE_NAMESPACES, remove_tree
 
 PACKAGE_DIR = Path(pmoves_e2b.__file__).resolve().parent
 SUITE = "bookworm"
-OS_PACKAGES = "python3 ca-certificates git curl sudo procps iproute2 less nodejs"
+# python-is-python3: `python` on PATH, as in E2B's base template
+OS_PACKAGES = "python3 python-is-python3 ca-certificates git curl sudo procps iproute2 less nodejs"
 NPM_VERSION = "10.9.9"  # the newest npm that still runs on Debian's Node 18
 SANDBOX_USER, SANDBOX_UID = "user", 1000
 # The sandbox backend sets this hostname; /etc/hosts must resolve it or every sudo complains.
@@ -451,6 +452,9 @@ TEMPLATES: dict[str, TemplateSpec] = {
         name="code-interpreter-v1",
         layers=("interpreter", "kernels", "envd", "os"),
         start_cmd=f"{VENV}/bin/python -m pmoves_e2b.interpreter --host 0.0.0.0 --port {INTERPRETER_PORT}",
+        # Kernels run as root, as in E2B's template (%pip install into the venv, cwd="/root");
+        # commands keep running as `user`.
+        start_user="root",
         ready_port=INTERPRETER_PORT,
         check=f"{ENVD_CHECK} && {VENV}/bin/python -c 'import pmoves_e2b.interpreter' && jupyter kernelspec list "
         f"| awk '{{print $1}}' > /tmp/kernels && for k in {' '.join(KERNEL_NAMES)}; do grep -qx $k /tmp/kernels; done",

@@ -60,6 +60,8 @@ class TemplateSpec:
     start_cmd: str = ""
     ready_port: int = 0
     user: str = "user"
+    # Who runs start_cmd (empty: ``user``); commands keep running as ``user``.
+    start_user: str = ""
     workdir: str = "/home/user"
     # Resources of the template's sandboxes; 0: the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
     memory_mb: int = 0

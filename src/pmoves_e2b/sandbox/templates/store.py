@@ -77,6 +77,7 @@ def load_template(name: str, templates_dir: Path | str | None = None) -> Templat
         start_cmd=record.get("start_cmd", ""),
         ready_port=int(record.get("ready_port", 0)),
         user=record.get("user", "user"),
+        start_user=record.get("start_user") or record.get("user", "user"),
         workdir=record.get("workdir", "/home/user"),
         memory_mb=int(record.get("memory_mb", 0)),
         cpu_count=float(record.get("cpu_count", 0)),
