@@ -51,6 +51,8 @@ from pmoves_e2b.desktop.keys import parse_keys
 
 log = logging.getLogger(__name__)
 
+TYPE_CHUNK = 50  # characters per xdotool call
+
 DESKTOP_TEMPLATE = "desktop"
 DISPLAY = ":0"
 VNC_PORT = 5900
@@ -294,6 +296,18 @@ class DesktopOps:
         if await self._sdk(sandbox.get_cursor_position) != (x, y):
             await self._sdk(sandbox.move_mouse, x, y)
 
+    async def _type_chunk(self, sandbox: DesktopSandbox, chunk: str) -> None:
+        """xdotool fails with BadWindow when the focused window's helper windows come and go as it
+        starts (an editor just opened); it has typed nothing then, so one retry is safe."""
+        for attempt in (1, 2):
+            try:
+                await self._sdk(sandbox.write, chunk, chunk_size=TYPE_CHUNK, delay_in_ms=12)
+                return
+            except CommandExitException as exc:
+                if attempt == 2 or "BadWindow" not in str(exc):
+                    raise
+                await asyncio.sleep(0.3)
+
     async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
         match action:
             case Click(x=x, y=y, button=button):
@@ -315,7 +329,8 @@ class DesktopOps:
                 await self._move(sandbox, x, y)
                 await self._sdk(sandbox.scroll, direction, amount)
             case Type(text=text):
-                await self._sdk(sandbox.write, text, chunk_size=50, delay_in_ms=12)
+                for offset in range(0, len(text), TYPE_CHUNK):
+                    await self._type_chunk(sandbox, text[offset : offset + TYPE_CHUNK])
             case Key(keys=keys):
                 await self._sdk(sandbox.press, parse_keys(keys))
             case Open(url=url):
