@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # Sandbox limits (seed defaults).
     e2b_max_sandboxes: int = Field(5, ge=1)
     e2b_sandbox_memory_mb: int = Field(2048, ge=64)
+    # What all live sandboxes together may be promised; unset: the machine's physical memory.
+    e2b_memory_budget_mb: int | None = Field(None, ge=64)
     e2b_sandbox_cpu_limit: float = Field(2, gt=0)
     e2b_sandbox_timeout_sec: int = Field(3600, ge=1)
     e2b_execution_timeout_sec: int = Field(300, ge=1)

@@ -28,6 +28,8 @@ STACK_TEST_ENV: dict[str, str] = {
     "AGENT_ZERO_URL": "http://127.0.0.1:9",
     # The compatibility suite runs 20 sandboxes at once.
     "E2B_MAX_SANDBOXES": "24",
+    # ...idle ones: promise them more memory than the machine has (the default budget is its memory).
+    "E2B_MEMORY_BUDGET_MB": str(24 * 2048),
     # One warm sandbox per template keeps creates fast without crowding the 2-core CI machine.
     "E2B_POOL_SIZE": "1",
 }

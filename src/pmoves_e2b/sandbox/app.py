@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 POOLED_TEMPLATES = ("base", "code-interpreter-v1", "desktop")
 
 
+def _physical_memory_mb() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+
+
 def create_app(settings: Settings | None = None) -> Any:
     settings = settings or get_settings()
     if not (settings.e2b_database_url and settings.e2b_templates_dir):  # derived by Settings
@@ -45,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Any:
             memory_mb=settings.e2b_sandbox_memory_mb,
             cpu_count=settings.e2b_sandbox_cpu_limit,
             max_timeout_s=settings.e2b_sandbox_timeout_sec,
+            memory_budget_mb=settings.e2b_memory_budget_mb or _physical_memory_mb(),
         ),
         publish=_publisher(lambda: getattr(app.state, "publisher", None)),
         pool_size=settings.e2b_pool_size,

@@ -91,6 +91,8 @@ class Limits:
     cpu_count: float
     max_timeout_s: int
     disk_mb: int = 2048
+    # The memory all live sandboxes together may be promised (E2B_MEMORY_BUDGET_MB); None: no check.
+    memory_budget_mb: int | None = None
 
 
 @dataclass
@@ -154,6 +156,7 @@ class SandboxManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._create_slots = asyncio.Lock()
         self._reserved = 0  # creates in flight, counted against the limit
+        self._reserved_mb = 0  # their memory, counted against the memory budget
         # Called with a sandbox id once it is frozen (the proxy fails its requests in flight).
         self.pause_listeners: list[Callable[[str], None]] = []
         self.egress = EgressProxy()
@@ -220,7 +223,10 @@ class SandboxManager:
                     f"You have reached the maximum number of concurrent sandboxes ({self.limits.max_sandboxes}). "
                     "Kill a sandbox or raise E2B_MAX_SANDBOXES."
                 )
+            memory_mb = template.memory_mb or self.limits.memory_mb
+            self._check_memory_budget(memory_mb)
             self._reserved += 1
+            self._reserved_mb += memory_mb
         try:
             pooled = self._claim_pooled(template)
             if pooled is not None:
@@ -267,6 +273,7 @@ class SandboxManager:
             self._live[row.sandbox_id] = _Live(handle, access_token)
         finally:
             self._reserved -= 1
+            self._reserved_mb -= memory_mb
         elapsed = time.perf_counter() - started
         metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
         metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
@@ -314,6 +321,19 @@ class SandboxManager:
             return self.load_template(template_id)
         except KeyError as exc:
             raise NotFound(exc.args[0] if exc.args else f"template '{template_id}' not found") from exc
+
+    def _check_memory_budget(self, memory_mb: int) -> None:
+        # Memory limits are promises: refuse the create that would promise more than the machine has.
+        budget = self.limits.memory_budget_mb
+        if budget is None:
+            return
+        promised = repo.sum_live_memory_mb(self.db) + self._reserved_mb
+        if promised + memory_mb > budget:
+            raise LimitReached(
+                f"Not enough memory for another sandbox: live sandboxes hold {promised} MB of the "
+                f"{budget} MB budget (E2B_MEMORY_BUDGET_MB) and this one needs {memory_mb} MB "
+                "(E2B_SANDBOX_MEMORY_MB or the template's). Kill a sandbox or change those settings."
+            )
 
     def _check_timeout(self, timeout_s: int) -> int:
         if timeout_s < 0:

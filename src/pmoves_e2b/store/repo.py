@@ -97,6 +97,12 @@ def count_live_sandboxes(db: Database) -> int:
         return s.scalar(select(func.count()).select_from(SandboxRow).where(SandboxRow.state != "killed")) or 0
 
 
+def sum_live_memory_mb(db: Database) -> int:
+    with db.session() as s:
+        live = SandboxRow.state != "killed"
+        return s.scalar(select(func.coalesce(func.sum(SandboxRow.memory_mb), 0)).where(live)) or 0
+
+
 def update_sandbox(db: Database, sandbox_id: str, **changes: Any) -> SandboxRow | None:
     with db.session() as s:
         row = s.get(SandboxRow, sandbox_id)
