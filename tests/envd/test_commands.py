@@ -67,6 +67,30 @@ def test_timeout_kills_the_process(sandbox: Sandbox) -> None:
         pytest.fail("process outlived its Connect-Timeout-Ms deadline")
 
 
+def _gone(sandbox: Sandbox, pattern: str) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not sandbox.commands.run(f"pgrep -f '{pattern}' || true").stdout.strip():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_timeout_kills_the_commands_children_too(sandbox: Sandbox) -> None:
+    with pytest.raises((TimeoutException, CommandExitException)):
+        sandbox.commands.run("sleep 41.123 & sleep 42.123 & wait", timeout=1)
+    assert _gone(sandbox, "sleep 4[12].123"), "a child outlived its command's deadline"
+
+
+def test_kill_takes_the_commands_children_too(sandbox: Sandbox) -> None:
+    handle = sandbox.commands.run("sleep 43.123 & sleep 44.123 & wait", background=True)
+    assert sandbox.commands.run(
+        "for i in $(seq 50); do pgrep -f 'sleep 4[34].123' && break; sleep 0.05; done"
+    ).stdout.strip()
+    assert sandbox.commands.kill(handle.pid) is True
+    assert _gone(sandbox, "sleep 4[34].123"), "a child outlived its command's kill"
+
+
 def test_background_list_connect_and_kill(sandbox: Sandbox) -> None:
     handle = sandbox.commands.run("echo started; sleep 30", background=True)
     pids = [p.pid for p in sandbox.commands.list()]

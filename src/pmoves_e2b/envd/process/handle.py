@@ -294,7 +294,12 @@ class ProcessHandle:
 
     def signal(self, sig: int) -> None:
         if self.end is None:
-            os.kill(self.pid, sig)
+            if sig == signal.SIGKILL:
+                # A kill takes the command's whole process group (its children, a fork bomb's
+                # copies), not just its shell: what is left would keep the sandbox's pids.
+                os.killpg(self.pid, sig)
+            else:
+                os.kill(self.pid, sig)
 
     def kill_group(self) -> None:
         """SIGKILL the process and everything in its process group (envd shutdown)."""
