@@ -1,0 +1,158 @@
+"""Issue 13 item 2: the stock e2b-desktop SDK (pinned in the test extra), unmodified, against the
+stack — every call with its effect checked, and the stream URL opened in real headless Chromium
+through the TLS host routing. One desktop serves the module."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS, changed_fraction, is_blank, save_shot
+from e2b_desktop import Sandbox
+from PIL import Image
+from playwright.sync_api import sync_playwright
+from stack.harness import RunningStack
+
+pytestmark = pytest.mark.stack
+
+SIZE = (1024, 768)
+
+
+def _shot(desktop: Sandbox) -> Image.Image:
+    return Image.open(io.BytesIO(bytes(desktop.screenshot()))).convert("RGB")
+
+
+def _wait(condition: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def desktop(running_stack: RunningStack) -> Iterator[Sandbox]:
+    box = Sandbox.create(
+        resolution=SIZE,
+        timeout=600,
+        api_key=running_stack.api_key,
+        api_url=running_stack.sandbox_url,
+        sandbox_url=running_stack.sandbox_url,
+        envs={"LANG": "C.UTF-8"},
+    )
+    try:
+        yield box
+    finally:
+        box.kill()
+
+
+def test_screen_size_screenshot_and_pointer(desktop: Sandbox) -> None:
+    assert desktop.get_screen_size() == SIZE
+    first = _shot(desktop)
+    assert first.size == SIZE and not is_blank(first)
+    desktop.move_mouse(300, 200)
+    assert desktop.get_cursor_position() == (300, 200)
+    desktop.right_click(600, 400)  # xfdesktop's menu opens
+    desktop.wait(500)
+    menu = _wait(lambda: _changed(desktop, first), "the desktop menu")
+    save_shot("sdk-right-click.png", _png(menu))
+    desktop.press("escape")
+    desktop.left_click(700, 500)
+    desktop.double_click(710, 510)
+    desktop.middle_click(720, 520)
+    desktop.scroll("down", 2)
+    desktop.drag((100, 650), (160, 700))
+    assert desktop.get_cursor_position() == (160, 700)
+
+
+def test_typing_and_keys_land_in_the_editor(desktop: Sandbox) -> None:
+    path = f"/home/user/sdk-{uuid.uuid4().hex[:8]}.txt"
+    desktop.files.write(path, "")
+    desktop.launch("org.xfce.mousepad", path)
+    window = _wait(
+        lambda: (w := desktop.get_current_window_id()) and path.rsplit("/", 1)[1] in desktop.get_window_title(w) and w,
+        "mousepad to take the focus",
+    )
+    assert window in desktop.get_application_windows("mousepad")
+    time.sleep(1.5)  # mousepad maps and drops helper windows right after it takes the focus
+    text = "héllo wörld — " + "typed by the stock SDK " * 4
+    desktop.write(text)
+    desktop.press(["ctrl", "s"])
+    _wait(lambda: desktop.files.read(path).rstrip("\n") == text, "the saved file")
+    desktop.press(["ctrl", "q"])
+
+
+def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
+    page = "/home/user/hello.html"
+    desktop.files.write(page, "<title>pmoves-open-check</title><h1 style='font-size:120px'>Hello</h1>")
+    before = _shot(desktop)
+    desktop.open(page)
+    _wait(
+        lambda: "pmoves-open-check" in desktop.get_window_title(desktop.get_current_window_id() or ""),
+        "the browser to show the page",
+        timeout=90,
+    )
+    shown = _shot(desktop)
+    save_shot("sdk-open.png", _png(shown))
+    assert changed_fraction(before, shown) > 0.05
+
+
+def test_stream_url_shows_the_live_desktop_in_chromium(running_stack: RunningStack, desktop: Sandbox) -> None:
+    desktop.stream.start(require_auth=True)
+    try:
+        key = desktop.stream.get_auth_key()
+        url = desktop.stream.get_url(auth_key=key)
+        assert url.startswith(f"https://6080-{desktop.sandbox_id}.")
+        cert = x509.load_pem_x509_certificate((running_stack.data_dir / "tls" / "cert.pem").read_bytes())
+        spki = base64.b64encode(
+            hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
+        ).decode()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=[*_browser_args(), f"--ignore-certificate-errors-spki-list={spki}"]
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url)
+                canvas = page.locator("#noVNC_container canvas")
+                canvas.wait_for(state="visible", timeout=60_000)
+                time.sleep(2)
+                shown = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
+                save_shot("sdk-stream.png", _png(shown))
+                assert not is_blank(shown)
+                box = canvas.bounding_box()
+                assert box is not None and abs(box["width"] / box["height"] - SIZE[0] / SIZE[1]) < 0.02
+            finally:
+                browser.close()
+    finally:
+        desktop.stream.stop()
+
+
+def _browser_args() -> list[str]:
+    """The no-phone-home flags, but *.e2b.localhost resolves to loopback as in any Chromium
+    (the shared rules refuse every name but localhost)."""
+    rules = (
+        "--host-resolver-rules=MAP *.e2b.localhost 127.0.0.1, MAP * ~NOTFOUND , EXCLUDE 127.0.0.1, EXCLUDE localhost"
+    )
+    return [rules if arg.startswith("--host-resolver-rules=") else arg for arg in CHROMIUM_ARGS]
+
+
+def _changed(desktop: Sandbox, before: Image.Image) -> Image.Image | None:
+    now = _shot(desktop)
+    return now if changed_fraction(before, now) > 0.005 else None
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
