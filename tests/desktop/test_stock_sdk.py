@@ -105,6 +105,40 @@ def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
     shown = _shot(desktop)
     save_shot("sdk-open.png", _png(shown))
     assert changed_fraction(before, shown) > 0.05
+    # and a URL served inside the sandbox
+    desktop.files.write("/home/user/site/index.html", "<title>pmoves-url-check</title><h1>Served</h1>")
+    server = desktop.commands.run("python3 -m http.server 8765 --directory /home/user/site", background=True)
+    try:
+        _wait(lambda: desktop.commands.run("curl -sf localhost:8765/ || true").stdout, "the page server")
+        desktop.open("http://localhost:8765/")
+        _wait(
+            lambda: "pmoves-url-check" in desktop.get_window_title(desktop.get_current_window_id() or ""),
+            "the browser to show the served page",
+            timeout=60,
+        )
+    finally:
+        server.kill()
+
+
+def test_stream_of_one_window_without_auth(running_stack: RunningStack, desktop: Sandbox) -> None:
+    """stream.start(require_auth=False, window_id=...): x11vnc serves that window alone. (Runs
+    before the authenticated stream: SDK 2.7.2 keeps auth on for later streams once enabled.)"""
+    path = f"/home/user/win-{uuid.uuid4().hex[:8]}.txt"
+    desktop.files.write(path, "one window")
+    desktop.launch("org.xfce.mousepad", path)
+    window = _wait(
+        lambda: (w := desktop.get_current_window_id()) and path.rsplit("/", 1)[1] in desktop.get_window_title(w) and w,
+        "mousepad to take the focus",
+    )
+    desktop.stream.start(require_auth=False, window_id=window)
+    try:
+        _, framebuffer = _stream_canvas(running_stack, desktop.stream.get_url(), "sdk-stream-window.png")
+        geometry = desktop.commands.run(f"xdotool getwindowgeometry --shell {window}", envs={"DISPLAY": ":0"}).stdout
+        fields = dict(line.split("=", 1) for line in geometry.split())
+        assert framebuffer == (int(fields["WIDTH"]), int(fields["HEIGHT"])) != SIZE  # the window alone
+    finally:
+        desktop.stream.stop()
+        desktop.press(["ctrl", "q"])
 
 
 def test_stream_url_shows_the_live_desktop_in_chromium(running_stack: RunningStack, desktop: Sandbox) -> None:
@@ -113,29 +147,35 @@ def test_stream_url_shows_the_live_desktop_in_chromium(running_stack: RunningSta
         key = desktop.stream.get_auth_key()
         url = desktop.stream.get_url(auth_key=key)
         assert url.startswith(f"https://6080-{desktop.sandbox_id}.")
-        cert = x509.load_pem_x509_certificate((running_stack.data_dir / "tls" / "cert.pem").read_bytes())
-        spki = base64.b64encode(
-            hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
-        ).decode()
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=[*_browser_args(), f"--ignore-certificate-errors-spki-list={spki}"]
-            )
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(url)
-                canvas = page.locator("#noVNC_container canvas")
-                canvas.wait_for(state="visible", timeout=60_000)
-                time.sleep(2)
-                shown = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
-                save_shot("sdk-stream.png", _png(shown))
-                assert not is_blank(shown)
-                box = canvas.bounding_box()
-                assert box is not None and abs(box["width"] / box["height"] - SIZE[0] / SIZE[1]) < 0.02
-            finally:
-                browser.close()
+        _, framebuffer = _stream_canvas(running_stack, url, "sdk-stream.png")
+        assert framebuffer == SIZE
     finally:
         desktop.stream.stop()
+
+
+def _stream_canvas(running_stack: RunningStack, url: str, shot_name: str) -> tuple[Image.Image, tuple[int, int]]:
+    """The noVNC canvas of ``url`` in headless Chromium, trusting the stack's server certificate."""
+    cert = x509.load_pem_x509_certificate((running_stack.data_dir / "tls" / "cert.pem").read_bytes())
+    spki = base64.b64encode(
+        hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
+    ).decode()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=[*_browser_args(), f"--ignore-certificate-errors-spki-list={spki}"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            canvas = page.locator("#noVNC_container canvas")
+            canvas.wait_for(state="visible", timeout=60_000)
+            time.sleep(2)
+            shown = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
+            save_shot(shot_name, _png(shown))
+            assert not is_blank(shown)
+            width, height = canvas.evaluate("c => [c.width, c.height]")  # the VNC framebuffer
+            return shown, (width, height)
+        finally:
+            browser.close()
 
 
 def _browser_args() -> list[str]:
