@@ -77,12 +77,7 @@ def test_screen_size_screenshot_and_pointer(desktop: Sandbox) -> None:
 
 def test_typing_and_keys_land_in_the_editor(desktop: Sandbox) -> None:
     path = f"/home/user/sdk-{uuid.uuid4().hex[:8]}.txt"
-    desktop.files.write(path, "")
-    desktop.launch("org.xfce.mousepad", path)
-    window = _wait(
-        lambda: (w := desktop.get_current_window_id()) and path.rsplit("/", 1)[1] in desktop.get_window_title(w) and w,
-        "mousepad to take the focus",
-    )
+    window = _edit(desktop, path, "")
     assert window in desktop.get_application_windows("mousepad")
     time.sleep(1.5)  # mousepad maps and drops helper windows right after it takes the focus
     text = "héllo wörld — " + "typed by the stock SDK " * 4
@@ -124,12 +119,7 @@ def test_stream_of_one_window_without_auth(running_stack: RunningStack, desktop:
     """stream.start(require_auth=False, window_id=...): x11vnc serves that window alone. (Runs
     before the authenticated stream: SDK 2.7.2 keeps auth on for later streams once enabled.)"""
     path = f"/home/user/win-{uuid.uuid4().hex[:8]}.txt"
-    desktop.files.write(path, "one window")
-    desktop.launch("org.xfce.mousepad", path)
-    window = _wait(
-        lambda: (w := desktop.get_current_window_id()) and path.rsplit("/", 1)[1] in desktop.get_window_title(w) and w,
-        "mousepad to take the focus",
-    )
+    window = _edit(desktop, path, "one window")
     desktop.stream.start(require_auth=False, window_id=window)
     try:
         _, framebuffer = _stream_canvas(running_stack, desktop.stream.get_url(), "sdk-stream-window.png")
@@ -176,6 +166,19 @@ def _stream_canvas(running_stack: RunningStack, url: str, shot_name: str) -> tup
             return shown, (width, height)
         finally:
             browser.close()
+
+
+def _edit(desktop: Sandbox, path: str, content: str) -> str:
+    """Open ``path`` in mousepad (launch) and return its window id once it has the focus."""
+    desktop.files.write(path, content)
+    desktop.launch("org.xfce.mousepad", path)
+    name = path.rsplit("/", 1)[1]
+    return str(
+        _wait(
+            lambda: (w := desktop.get_current_window_id()) and name in desktop.get_window_title(w) and w,
+            "mousepad to take the focus",
+        )
+    )
 
 
 def _browser_args() -> list[str]:
