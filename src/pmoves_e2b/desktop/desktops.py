@@ -52,6 +52,7 @@ from pmoves_e2b.desktop.keys import parse_keys
 log = logging.getLogger(__name__)
 
 TYPE_CHUNK = 50  # characters per xdotool call
+KEYBOARD_TRIES = 4
 
 DESKTOP_TEMPLATE = "desktop"
 DISPLAY = ":0"
@@ -296,17 +297,18 @@ class DesktopOps:
         if await self._sdk(sandbox.get_cursor_position) != (x, y):
             await self._sdk(sandbox.move_mouse, x, y)
 
-    async def _type_chunk(self, sandbox: DesktopSandbox, chunk: str) -> None:
-        """xdotool fails with BadWindow when the focused window's helper windows come and go as it
-        starts (an editor just opened); it has typed nothing then, so one retry is safe."""
-        for attempt in (1, 2):
+    async def _keyboard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """xdotool's type and key fail with BadWindow when the focused window's helper windows come
+        and go as they start (an editor just opened): they have sent no key then, so retrying is
+        safe. A few tries, half a second apart, outlast the editor settling."""
+        for attempt in range(1, KEYBOARD_TRIES + 1):
             try:
-                await self._sdk(sandbox.write, chunk, chunk_size=TYPE_CHUNK, delay_in_ms=12)
-                return
+                return await self._sdk(fn, *args, **kwargs)
             except CommandExitException as exc:
-                if attempt == 2 or "BadWindow" not in str(exc):
+                if attempt == KEYBOARD_TRIES or "BadWindow" not in str(exc):
                     raise
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
         match action:
@@ -330,9 +332,10 @@ class DesktopOps:
                 await self._sdk(sandbox.scroll, direction, amount)
             case Type(text=text):
                 for offset in range(0, len(text), TYPE_CHUNK):
-                    await self._type_chunk(sandbox, text[offset : offset + TYPE_CHUNK])
+                    chunk = text[offset : offset + TYPE_CHUNK]
+                    await self._keyboard(sandbox.write, chunk, chunk_size=TYPE_CHUNK, delay_in_ms=12)
             case Key(keys=keys):
-                await self._sdk(sandbox.press, parse_keys(keys))
+                await self._keyboard(sandbox.press, parse_keys(keys))
             case Open(url=url):
                 # The SDK puts the argument into a shell command unquoted.
                 await self._sdk(sandbox.open, shlex.quote(url))
