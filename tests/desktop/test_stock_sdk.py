@@ -139,20 +139,16 @@ def test_stream_url_shows_the_live_desktop_in_chromium(running_stack: RunningSta
         assert url.startswith(f"https://6080-{desktop.sandbox_id}.")
         _, framebuffer = _stream_canvas(running_stack, url, "sdk-stream.png")
         assert framebuffer == SIZE
+        # require_auth means it: the same URL with a wrong key shows no desktop
+        assert _stream_refused(running_stack, desktop.stream.get_url(auth_key="wrong-key"))
     finally:
         desktop.stream.stop()
 
 
 def _stream_canvas(running_stack: RunningStack, url: str, shot_name: str) -> tuple[Image.Image, tuple[int, int]]:
     """The noVNC canvas of ``url`` in headless Chromium, trusting the stack's server certificate."""
-    cert = x509.load_pem_x509_certificate((running_stack.data_dir / "tls" / "cert.pem").read_bytes())
-    spki = base64.b64encode(
-        hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
-    ).decode()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=[*_browser_args(), f"--ignore-certificate-errors-spki-list={spki}"]
-        )
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*_browser_args(), _pin(running_stack)])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
@@ -166,6 +162,29 @@ def _stream_canvas(running_stack: RunningStack, url: str, shot_name: str) -> tup
             return shown, (width, height)
         finally:
             browser.close()
+
+
+def _stream_refused(running_stack: RunningStack, url: str) -> bool:
+    """True when noVNC at ``url`` reports a failed authentication and never shows a framebuffer."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*_browser_args(), _pin(running_stack)])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.wait_for_function(
+                "() => /fail/i.test(document.getElementById('noVNC_status')?.textContent || '')", timeout=60_000
+            )
+            canvases = page.locator("#noVNC_container canvas")
+            return canvases.count() == 0 or canvases.first.evaluate("c => c.width * c.height") == 0
+        finally:
+            browser.close()
+
+
+def _pin(running_stack: RunningStack) -> str:
+    """Chromium trusts the stack's server certificate by its public key."""
+    cert = x509.load_pem_x509_certificate((running_stack.data_dir / "tls" / "cert.pem").read_bytes())
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return f"--ignore-certificate-errors-spki-list={base64.b64encode(hashlib.sha256(der).digest()).decode()}"
 
 
 def _edit(desktop: Sandbox, path: str, content: str) -> str:
