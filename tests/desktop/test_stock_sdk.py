@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS, changed_fraction, is_blank, save_shot
+from desktop_service.desktop_harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    changed_fraction,
+    is_blank,
+    mean_difference,
+    save_shot,
+)
 from e2b_desktop import Sandbox
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -62,9 +69,12 @@ def test_screen_size_screenshot_and_pointer(desktop: Sandbox) -> None:
     assert first.size == SIZE and not is_blank(first)
     desktop.move_mouse(300, 200)
     assert desktop.get_cursor_position() == (300, 200)
-    desktop.right_click(600, 400)  # xfdesktop's menu opens
+    _wait(lambda: desktop.commands.run("pgrep -x xfdesktop || true").stdout.strip(), "xfdesktop to run", 60)
+    time.sleep(1)  # xfdesktop paints its background after it starts
+    before = _shot(desktop)
+    desktop.right_click(600, 400)  # xfdesktop's menu opens, its corner at the pointer
     desktop.wait(500)
-    menu = _wait(lambda: _changed(desktop, first), "the desktop menu")
+    menu = _wait(lambda: _menu_shown(desktop, before), "the desktop menu")
     save_shot("sdk-right-click.png", _png(menu))
     desktop.press("escape")
     desktop.left_click(700, 500)
@@ -207,6 +217,13 @@ def _browser_args() -> list[str]:
         "--host-resolver-rules=MAP *.e2b.localhost 127.0.0.1, MAP * ~NOTFOUND , EXCLUDE 127.0.0.1, EXCLUDE localhost"
     )
     return [rules if arg.startswith("--host-resolver-rules=") else arg for arg in CHROMIUM_ARGS]
+
+
+def _menu_shown(desktop: Sandbox, before: Image.Image) -> Image.Image | None:
+    """The screenshot once a light menu covers the dark desktop just below-right of (600, 400)."""
+    now = _shot(desktop)
+    area = (605, 405, 700, 480)
+    return now if mean_difference(before.crop(area), now.crop(area)) > 60 else None
 
 
 def _changed(desktop: Sandbox, before: Image.Image) -> Image.Image | None:
