@@ -9,26 +9,16 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from stack.harness import clean_environ, free_ports, serve_alone
 
 # Agent Zero pins mcp==1.22.0; the tests drive our server with that exact client too.
 MCP122_VERSION = "1.22.0"
 MCP122_VENV = Path(os.environ.get("PMOVES_E2B_MCP122_VENV", "/var/cache/pmoves-e2b/mcp-1.22.0-venv"))
 PROBE = Path(__file__).with_name("mcp122_probe.py")
-OWN_VAR_PREFIXES = ("E2B_", "NATS_URL", "AGENT_ZERO_URL", "NEXT_PUBLIC_API_URL", "LOG_LEVEL", "LOG_FORMAT")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -47,8 +37,9 @@ class McpService:
 
 
 def service_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VAR_PREFIXES)}
-    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: "backend down"
+    env = clean_environ()
+    closed_port, nats_port = free_ports(2)
+    closed = f"http://127.0.0.1:{closed_port}"  # nothing listens: "backend down"
     env.update(
         E2B_DATA_DIR=str(data_dir),
         E2B_BIND="127.0.0.1",
@@ -57,7 +48,7 @@ def service_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
         E2B_MCP_SERVER_TOKEN="test-token-" + "b" * 32,
         E2B_SANDBOX_URL=closed,
         AGENT_ZERO_URL=closed,
-        NATS_URL=f"nats://127.0.0.1:{free_port()}",
+        NATS_URL=f"nats://127.0.0.1:{nats_port}",
         LOG_FORMAT="text",
     )
     env.update(extra)
@@ -67,37 +58,9 @@ def service_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def run_service(data_dir: Path, **extra: str) -> Iterator[McpService]:
     """e2b-mcp-server alone (``pmoves-e2b serve mcp``), its sandbox backend unreachable."""
-    port = free_port()
-    env = service_env(data_dir, port, **extra)
-    log = open(data_dir / "mcp.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pmoves_e2b.cli", "serve", "mcp"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2, trust_env=False)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_text = (data_dir / "mcp.log").read_text()
-                    raise RuntimeError("e2b-mcp-server did not start:\n" + log_text) from None
-                time.sleep(0.1)
+    env = service_env(data_dir, free_ports(1)[0], **extra)
+    with serve_alone("mcp", env, data_dir / "mcp.log", "/healthz") as url:
         yield McpService(url, env["E2B_MCP_SERVER_TOKEN"], env["E2B_API_KEY"], env)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def mcp122_python() -> Path:

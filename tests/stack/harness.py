@@ -7,6 +7,7 @@ Import it from any test (``tests/`` is on sys.path through the root conftest):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,41 @@ def free_ports(count: int) -> list[int]:
 
 def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(OWN_VAR_PREFIXES)}
+
+
+@contextlib.contextmanager
+def serve_alone(service: str, env: dict[str, str], log_path: Path, health_path: str) -> Iterator[str]:
+    """One service on its own (``pmoves-e2b serve <service>``) with ``env``; yields its base URL
+    (from ``E2B_BIND`` and the service's port variable) once ``health_path`` answers."""
+    port = env[PORT_VARS[service]]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pmoves_e2b.cli", "serve", service],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    url = f"http://{env['E2B_BIND']}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + health_path, timeout=2, trust_env=False)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{service} did not start:\n" + log_path.read_text()) from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
 
 
 def mounts_of(data_dir: Path) -> list[str]:
