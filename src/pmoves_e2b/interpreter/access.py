@@ -2,7 +2,7 @@
 
 envd is the one holder of the token (set by the host through ``POST /init``, replaced when a pooled
 sandbox is claimed), so a token is valid exactly when envd accepts it: this server asks envd
-(``GET /envs`` with the token, loopback) and remembers a yes for a few seconds. No token is kept
+(``GET /envs`` with the token, through ``envvars.get_envd_envs``) and remembers a yes for a few seconds. No token is kept
 here, only a digest of the last accepted one. Without an envd URL (the server run on a host for
 tests) nothing is checked, as envd itself checks nothing before ``/init``.
 
@@ -17,15 +17,14 @@ import asyncio
 import hashlib
 import hmac
 import time
-import urllib.error
-import urllib.request
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .envvars import get_envd_envs
+
 ACCESS_TOKEN_HEADER = b"x-access-token"
 REMEMBER_SECONDS = 5.0
-ENVD_TIMEOUT_SECONDS = 5.0
 ALWAYS_GUARDED = frozenset({("POST", "/execute")})
 OPEN = frozenset({("GET", "/health")})
 
@@ -57,16 +56,13 @@ class EnvdTokenCheck:
         return verdict
 
     def _ask_envd(self, token: str | None) -> bool | None:
-        headers = {"X-Access-Token": token} if token is not None else {}
-        request = urllib.request.Request(f"{self.envd_url}/envs", headers=headers)  # noqa: S310 - envd's URL, built here
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
         try:
-            with opener.open(request, timeout=ENVD_TIMEOUT_SECONDS) as response:
-                return 200 <= response.status < 300
-        except urllib.error.HTTPError as error:
-            return False if error.code == 401 else None
-        except (urllib.error.URLError, OSError):
+            status, _ = get_envd_envs(self.envd_url, token)
+        except OSError:
             return None
+        if 200 <= status < 300:
+            return True
+        return False if status == 401 else None
 
 
 class AccessTokenGuard:

@@ -24,19 +24,29 @@ def is_valid_name(name: str) -> bool:
     return bool(ENV_NAME.match(name))
 
 
-def _fetch_envs_blocking(envd_url: str, access_token: str | None) -> dict[str, str] | None:
+def get_envd_envs(envd_url: str, access_token: str | None) -> tuple[int, bytes]:
+    """``GET /envs`` on envd with the caller's token: (status, body). Raises OSError when envd
+    cannot be reached. The one place this server talks to envd (env vars and token checks)."""
     request = urllib.request.Request(f"{envd_url.rstrip('/')}/envs")  # noqa: S310 - the URL is envd's, built here
-    if access_token:
+    if access_token is not None:
         request.add_header("X-Access-Token", access_token)
     # envd is on loopback: never go through a proxy from the environment.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=ENVD_TIMEOUT_SECONDS) as response:
-            payload = json.loads(response.read() or b"{}")
+            return response.status, response.read()
     except urllib.error.HTTPError as error:
-        raise EnvdUnavailableError(f"envd answered {error.code} on /envs") from error
-    except (urllib.error.URLError, OSError):
+        return error.code, b""
+
+
+def _fetch_envs_blocking(envd_url: str, access_token: str | None) -> dict[str, str] | None:
+    try:
+        status, body = get_envd_envs(envd_url, access_token)
+    except OSError:
         return None
+    if status != 200:
+        raise EnvdUnavailableError(f"envd answered {status} on /envs")
+    payload = json.loads(body or b"{}")
     if not isinstance(payload, dict):
         raise EnvdUnavailableError("envd /envs did not return a JSON object")
     return {str(k): str(v) for k, v in payload.items() if isinstance(k, str) and is_valid_name(k)}
