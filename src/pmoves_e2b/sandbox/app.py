@@ -21,8 +21,8 @@ from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.sandbox import tls
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
 from pmoves_e2b.sandbox.backends.ns import NsBackend
-from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
-from pmoves_e2b.sandbox.proxy import SandboxProxy, Target
+from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, SignatureRefused, template_dir_loader
+from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store.db import Database
 
@@ -103,8 +103,11 @@ def create_app(settings: Settings | None = None) -> Any:
             https_ports=frozenset(network.https_ports),
         )
 
-    async def resolve_signed_file(method: str, query: str) -> str | None:
-        return manager.find_by_file_signature(method, query)
+    async def resolve_signed_file(method: str, query: str) -> str:
+        try:
+            return manager.find_by_file_signature(method, query)
+        except SignatureRefused as refused:
+            raise Refusal(refused.status, refused.message) from None
 
     outer: SandboxProxy = SandboxProxy(
         app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file

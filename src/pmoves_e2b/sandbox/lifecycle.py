@@ -84,6 +84,13 @@ class BadRequest(SandboxError):
     retryable = False
 
 
+class SignatureRefused(SandboxError):
+    """A signed /files URL that no live sandbox signed (or no longer honours); envd's words."""
+
+    status = 401
+    retryable = False
+
+
 @dataclass(frozen=True)
 class Limits:
     max_sandboxes: int
@@ -456,22 +463,25 @@ class SandboxManager:
     def list_rows(self) -> list[SandboxRow]:
         return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
 
-    def find_by_file_signature(self, method: str, query: str) -> str | None:
-        """The live sandbox whose envd token signed this /files URL (see envd's auth rules)."""
+    def find_by_file_signature(self, method: str, query: str) -> str:
+        """The live sandbox whose envd token signed this /files URL (see envd's auth rules);
+        ``SignatureRefused`` with envd's message when none did."""
         params = dict(parse_qsl(query, keep_blank_values=True))
         path, given = params.get("path", ""), params.get("signature", "")
         operation = "write" if method == "POST" else "read"
         expiration_text = params.get("signature_expiration")
         expiration = int(expiration_text) if expiration_text and expiration_text.isdigit() else None
-        if expiration_text is not None and (expiration is None or expiration < time.time()):
-            return None  # malformed or expired: no need to try every sandbox
+        if expiration_text is not None and expiration is None:
+            raise SignatureRefused("invalid signature")
+        if expiration is not None and expiration < time.time():
+            raise SignatureRefused("signature is already expired")  # no need to try every sandbox
         for sandbox_id, live in list(self._live.items()):
             if live.handle.state != "running":
                 continue
             expected = file_signature(path, operation, params.get("username", ""), live.access_token, expiration)
             if hmac.compare_digest(expected.encode(), given.encode()):
                 return sandbox_id
-        return None
+        raise SignatureRefused("invalid signature")
 
     def auto_resumes(self, sandbox_id: str) -> bool:
         """lifecycle.autoResume: traffic through the proxy resumes the paused sandbox."""

@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl
 
 import h11
 import websockets
@@ -103,7 +102,8 @@ class Target:
 
 Resolver = Callable[[str], Awaitable[Target | None]]
 # Finds the sandbox a signed /files URL belongs to: (method, query string) -> sandbox id.
-SignedFileResolver = Callable[[str, str], Awaitable[str | None]]
+# It raises Refusal (envd's 401 message) when no live sandbox signed the URL.
+SignedFileResolver = Callable[[str, str], Awaitable[str]]
 
 
 @dataclass(eq=False)
@@ -139,13 +139,6 @@ class Refusal(Exception):
         super().__init__(message)
         self.status = status
         self.payload = {**fields, "message": message, "code": status}
-
-
-def _signature_refusal(query: str) -> str:
-    expiration = dict(parse_qsl(query, keep_blank_values=True)).get("signature_expiration")
-    if expiration is not None and expiration.isdigit() and int(expiration) < time.time():
-        return "signature is already expired"
-    return "invalid signature"
 
 
 def not_found(sandbox_id: str) -> Refusal:
@@ -627,9 +620,6 @@ class SandboxProxy:
         if self.resolve_signed_file is None or scope["path"] != "/files" or b"signature=" not in query:
             return None
         sandbox_id = await self.resolve_signed_file(scope["method"], query.decode("latin-1"))
-        if sandbox_id is None:
-            # What envd answers for a signature that is not (or no longer) good.
-            raise Refusal(401, _signature_refusal(query.decode("latin-1")))
         return Route(sandbox_id, str(ENVD_PORT))
 
     def close(self) -> None:
