@@ -507,11 +507,7 @@ def _int_query(request: Request, name: str) -> int | None:
 
 
 def _sort_key(row: SandboxRow) -> tuple[str, str]:
-    return (_aware(row.started_at).isoformat(timespec="microseconds"), row.sandbox_id)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return (row.started_at.isoformat(timespec="microseconds"), row.sandbox_id)  # UTC-aware from the store
 
 
 def _time_query(request: Request, name: str) -> datetime | None:
@@ -519,9 +515,10 @@ def _time_query(request: Request, name: str) -> datetime | None:
     if not value:
         return None
     try:
-        return _aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ApiError(400, f"query parameter '{name}' must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # a naive time means UTC
 
 
 def _encode_token(key: tuple[str, str]) -> str:
