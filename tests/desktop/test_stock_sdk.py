@@ -226,11 +226,6 @@ def _menu_shown(desktop: Sandbox, before: Image.Image) -> Image.Image | None:
     return now if mean_difference(before.crop(area), now.crop(area)) > 60 else None
 
 
-def _changed(desktop: Sandbox, before: Image.Image) -> Image.Image | None:
-    now = _shot(desktop)
-    return now if changed_fraction(before, now) > 0.005 else None
-
-
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG")

@@ -301,14 +301,14 @@ class DesktopOps:
         """xdotool's type and key fail with BadWindow when the focused window's helper windows come
         and go as they start (an editor just opened): they have sent no key then, so retrying is
         safe. A few tries, half a second apart, outlast the editor settling."""
-        for attempt in range(1, KEYBOARD_TRIES + 1):
+        for _ in range(KEYBOARD_TRIES - 1):
             try:
                 return await self._sdk(fn, *args, **kwargs)
             except CommandExitException as exc:
-                if attempt == KEYBOARD_TRIES or "BadWindow" not in str(exc):
+                if "BadWindow" not in str(exc):
                     raise
-                await asyncio.sleep(0.5)
-        raise AssertionError("unreachable")  # the loop returns or raises
+            await asyncio.sleep(0.5)
+        return await self._sdk(fn, *args, **kwargs)
 
     async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
         match action:
