@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException, SandboxNotFoundException
+
+from pmoves_e2b.sandbox.tls import ensure_tls
 
 pytestmark = pytest.mark.stack
 
@@ -251,39 +254,12 @@ server.serve_forever()
 """
 
 
-def _self_signed() -> tuple[str, str]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
-
-
-def test_https_ports_reach_a_tls_server_in_the_sandbox(sdk_env: dict[str, str]) -> None:
+def test_https_ports_reach_a_tls_server_in_the_sandbox(sdk_env: dict[str, str], tmp_path: Path) -> None:
     sbx = Sandbox.create(timeout=120, network={"https_ports": [8000]})
     try:
-        cert, key = _self_signed()
-        sbx.files.write("/tmp/cert.pem", cert)
-        sbx.files.write("/tmp/key.pem", key)
+        tls = ensure_tls(tmp_path)  # any certificate: the proxy does not verify a sandbox's own
+        sbx.files.write("/tmp/cert.pem", tls.cert.read_text())
+        sbx.files.write("/tmp/key.pem", tls.key.read_text())
         sbx.files.write("/tmp/https.py", HTTPS_SERVER)
         sbx.commands.run("python3 /tmp/https.py", background=True)
         served = _get(sdk_env, sbx.sandbox_id)
