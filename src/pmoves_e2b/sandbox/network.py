@@ -29,8 +29,12 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 TABLE = "pmoves_e2b"
 # Bump when the rules below change: an older table is then replaced on start.
@@ -209,8 +213,10 @@ def host_networks() -> list[str]:
     return [str(net) for net in ipaddress.collapse_addresses(found) if not net.overlaps(SANDBOX_NET)]
 
 
-def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
-    """Write /proc/sys/net values inside a netns from a throwaway thread (setns is per thread)."""
+def _in_netns(netns_path: Path, work: Callable[[], T], what: str) -> T:
+    """Run ``work`` inside a netns on a throwaway thread (setns is per thread, and the thread
+    ends right after, so its switched netns never leaks into other work)."""
+    results: list[T] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
@@ -221,17 +227,26 @@ def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
                     raise OSError(ctypes.get_errno(), f"setns {netns_path}")
             finally:
                 os.close(fd)
-            for key, value in values.items():
-                Path("/proc/sys", key.replace(".", "/")).write_text(value)
+            results.append(work())
         except BaseException as exc:  # noqa: BLE001 - reported to the caller below
             errors.append(exc)
 
-    # The thread ends right after, so its switched netns never leaks into other work.
-    thread = threading.Thread(target=worker, name="netns-sysctl")
+    thread = threading.Thread(target=worker, name=f"netns-{what}")
     thread.start()
     thread.join()
     if errors:
-        raise NetworkError(f"sysctls in {netns_path}: {errors[0]}")
+        raise NetworkError(f"{what} in {netns_path}: {errors[0]}")
+    return results[0]
+
+
+def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
+    """Write /proc/sys/net values inside a netns."""
+
+    def write() -> None:
+        for key, value in values.items():
+            Path("/proc/sys", key.replace(".", "/")).write_text(value)
+
+    _in_netns(netns_path, write, "sysctls")
 
 
 def create_netns(net: SandboxNet) -> None:
@@ -349,30 +364,14 @@ def open_intercept(net: SandboxNet) -> socket.socket:
     """A listening socket inside the sandbox's netns that its outbound TCP to ports 80/443 is
     redirected to (nft in that netns, which root inside cannot change: the netns belongs to the
     host's user namespace). The service serves it: see ``sandbox/egress.py``."""
-    sock: list[socket.socket] = []
-    errors: list[BaseException] = []
 
-    def worker() -> None:
-        try:
-            fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {net.netns_path}")
-            finally:
-                os.close(fd)
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(128)
-            sock.append(listener)
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-            errors.append(exc)
+    def listen() -> socket.socket:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        return listener
 
-    thread = threading.Thread(target=worker, name="netns-intercept")
-    thread.start()
-    thread.join()
-    if errors:
-        raise NetworkError(f"egress listener in {net.netns}: {errors[0]}")
-    listener = sock[0]
+    listener = _in_netns(net.netns_path, listen, "egress listener")
     port = listener.getsockname()[1]
     ports = ", ".join(str(p) for p in INTERCEPT_PORTS)
     rules = (
