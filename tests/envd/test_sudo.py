@@ -117,7 +117,7 @@ def _read_line(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:  # reaped
+    except OSError:  # gone: ENOENT once reaped, ESRCH if it dies mid-read
         return False
     return stat.split(") ")[-1][0] != "Z"
 

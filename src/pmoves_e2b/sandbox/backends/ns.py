@@ -597,7 +597,7 @@ class NsBackend:
             return
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
+        except OSError:  # gone: ENOENT once reaped, ESRCH if it exits while we read
             return
         if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
             try:
