@@ -80,6 +80,16 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
         soft_wrap=True,
     )
     console.print(f"  export E2B_API_URL={sandbox_url}\n  export E2B_SANDBOX_URL={sandbox_url}", highlight=False)
+    nats_secret = secret_paths.get("E2B_NATS_PASSWORD")
+    if settings.embedded_nats:
+        # The embedded server refuses anonymous clients: PMOVES' publishers connect as user `pmoves`.
+        password = f"$(cat {nats_secret})" if nats_secret else "$E2B_NATS_PASSWORD"
+        console.print("NATS clients (PMOVES' publishers) connect with:", highlight=False)
+        console.print(
+            f"  export NATS_URL=nats://pmoves:{password}@127.0.0.1:{settings.e2b_nats_port}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _wait_healthy(settings: Settings, supervisor: subprocess.Popen[bytes] | None, timeout: float) -> list:

@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # Secrets `up` generates when they are missing.
-SECRET_NAMES = ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN")
+SECRET_NAMES = ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN", "E2B_NATS_PASSWORD")
 
 Port = int
 
@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     e2b_api_key: SecretStr | None = None
     e2b_mcp_server_token: SecretStr | None = None
     e2b_desktop_auth_token: SecretStr | None = None
+    # The embedded nats-server's users derive from it (events/embedded.py); unused with NATS_URL.
+    e2b_nats_password: SecretStr | None = None
 
     # Where things are reached (derived from the ports when unset).
     e2b_sandbox_url: str | None = None
@@ -224,7 +226,8 @@ class Settings(BaseSettings):
 
     @property
     def nats_server_url(self) -> str:
-        """The URL clients connect to (may contain credentials: never log it)."""
+        """``NATS_URL`` (may contain credentials: never log it), else the embedded server's address
+        (without credentials: clients get theirs from ``events.embedded.client_url``)."""
         if self.nats_url is not None:
             return self.nats_url.get_secret_value()
         return f"nats://127.0.0.1:{self.e2b_nats_port}"

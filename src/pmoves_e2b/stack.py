@@ -358,7 +358,12 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(SUPERVISOR, settings.log_level, settings.log_format)
-    return Supervisor(settings).run()
+    try:
+        supervisor = Supervisor(settings)
+    except embedded.NatsCredentialsMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -181,7 +181,10 @@ class RunningStack:
 
     @property
     def nats_url(self) -> str:
-        return self.settings_env.get("NATS_URL") or f"nats://127.0.0.1:{self.ports['nats']}"
+        """The external ``NATS_URL``, else the embedded server as user ``pmoves`` (what PMOVES' publishers use)."""
+        if "NATS_URL" in self.settings_env:
+            return self.settings_env["NATS_URL"]
+        return f"nats://pmoves:{self._secret('E2B_NATS_PASSWORD')}@127.0.0.1:{self.ports['nats']}"
 
     @property
     def tls_port(self) -> int:

@@ -17,7 +17,7 @@ from stack.harness import free_ports
 from pmoves_e2b.config import load_settings
 from pmoves_e2b.events import envelope
 from pmoves_e2b.events.connection import EventConnection, connect, redact_url
-from pmoves_e2b.events.embedded import server_args
+from pmoves_e2b.events.embedded import CLIENT_USER, client_url, server_args
 from pmoves_e2b.events.publisher import STREAM_NAME, EventPublisher, ensure_stream
 from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED
 
@@ -25,7 +25,9 @@ from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED
 class NatsServer:
     def __init__(self, tmp_path: Path) -> None:
         port, monitor = free_ports(2)
-        self.settings = load_settings(e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor)
+        self.settings = load_settings(
+            e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor, e2b_nats_password="test-secret"
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -138,7 +140,7 @@ def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_respon
     async def scenario() -> None:
         connection = connect(nats_server.settings, "e2b-sandbox")
         connection.on_connect(ensure_stream)
-        client = await nats.connect(nats_server.settings.nats_server_url)
+        client = await nats.connect(client_url(nats_server.settings, CLIENT_USER))
         try:
             assert await connection.wait_connected(timeout=10)
             await ensure_stream(connection.client)  # idempotent, also when it exists already
@@ -166,9 +168,13 @@ def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_respon
             async def respond(msg: nats.aio.msg.Msg) -> None:
                 await msg.respond(b"answered")
 
-            await client.subscribe("e2b.spell.execute.v1", queue="spells", cb=respond)
+            # The spell service's user answers; the pmoves user asks.
+            responder = await nats.connect(client_url(nats_server.settings, "e2b-mcp-server"))
+            await responder.subscribe("e2b.spell.execute.v1", queue="spells", cb=respond)
+            await responder.flush()
             reply = await client.request("e2b.spell.execute.v1", b"{}", timeout=5)
             assert reply.data == b"answered"  # not a JetStream PubAck
+            await responder.close()
         finally:
             await client.close()
             await connection.close()

@@ -64,7 +64,7 @@ def test_secrets_are_generated_private_and_never_logged(running_stack) -> None: 
     secrets_dir = running_stack.data_dir / "secrets"
     key = running_stack.api_key
     assert key.startswith("e2b_") and len(key) == 44 and int(key[4:], 16) >= 0
-    for name in ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN"):
+    for name in ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN", "E2B_NATS_PASSWORD"):
         assert (secrets_dir / name).stat().st_mode & 0o777 == 0o600
     logs = "".join(running_stack.log(c) for c in ("supervisor", "nats", "sandbox", "mcp", "surf", "desktop"))
     for secret in (running_stack.api_key, running_stack.mcp_token, running_stack.desktop_token):

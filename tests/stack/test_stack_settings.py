@@ -71,7 +71,7 @@ def test_generated_secrets_are_private_shaped_and_kept(clean_env: Path, monkeypa
     ensure_secrets(load_settings())  # second start: same secrets
     settings = load_settings()
     assert settings.secret("E2B_API_KEY") == key
-    assert set(SECRET_NAMES) == {"E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN"}
+    assert set(SECRET_NAMES) == {"E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN", "E2B_NATS_PASSWORD"}
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 ``connect(settings, name)`` returns at once: the connection is made in the background and
 re-made forever (NATS is a soft dependency; a service never waits for it to start).
-Credentials travel in ``NATS_URL`` (``nats://user:pass@host:4222``); the URL is never logged.
+Credentials travel in ``NATS_URL`` (``nats://user:pass@host:4222``), or come from the embedded
+server's generated secret (``embedded.client_url``); the URL is never logged.
 Callbacks registered with ``on_connect`` run after every (re)connection, e.g. to ensure the
 JetStream stream exists or to announce the service again after a NATS restart.
 """
@@ -18,8 +19,11 @@ import nats
 from nats.aio.client import Client
 
 from pmoves_e2b.config import Settings
+from pmoves_e2b.events import embedded
 
 log = logging.getLogger(__name__)
+
+RECONNECT_WAIT_SECONDS = 0.2
 
 ConnectHook = Callable[[Client], Awaitable[None]]
 
@@ -87,7 +91,8 @@ class EventConnection:
             name=self.name,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
+            # Retries a refused connect this often: back well under a second after the server returns.
+            reconnect_time_wait=RECONNECT_WAIT_SECONDS,  # type: ignore[arg-type]  # float seconds; its hint says int
             connect_timeout=2,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
@@ -121,9 +126,16 @@ class EventConnection:
         await self._run_hooks()
 
 
+def server_url(settings: Settings, name: str) -> str:
+    """``NATS_URL``, else the embedded server with the credentials of ``name`` (a service, else ``pmoves``)."""
+    if not settings.embedded_nats:
+        return settings.nats_server_url
+    return embedded.client_url(settings, name if name in embedded.SERVICE_USERS else embedded.CLIENT_USER)
+
+
 def connect(settings: Settings, name: str) -> EventConnection:
     """Start a background connection to ``NATS_URL`` (or the embedded server). Call in a running loop."""
-    connection = EventConnection(settings.nats_server_url, name)
+    connection = EventConnection(server_url(settings, name), name)
     connection.start()
     return connection
 
