@@ -117,6 +117,17 @@ class Settings(BaseSettings):
     e2b_novnc_dir: Path | None = None
     e2b_surf_concurrent: int = Field(5, ge=1)
     e2b_surf_timeout: int = Field(60, ge=1)
+    # e2b-surf agent mode: the model ("provider:model", see surf/agent/providers), where each
+    # provider is reached, its key (the providers' usual variable names), and the run's limits.
+    e2b_surf_model: str = "openai:computer-use-preview"
+    e2b_surf_openai_base_url: str = "https://api.openai.com/v1"
+    e2b_surf_anthropic_base_url: str = "https://api.anthropic.com"
+    e2b_surf_chat_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    anthropic_api_key: SecretStr | None = None
+    e2b_surf_chat_api_key: SecretStr | None = None
+    e2b_surf_model_timeout: float = Field(120, gt=0)
+    e2b_surf_max_steps: int = Field(30, ge=1, le=500)
     e2b_spells_timeout: int = Field(300, ge=1)
     e2b_spells_max_memory: int = Field(1024, ge=64)
     e2b_debug: bool = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +16,10 @@ from pathlib import Path
 import pytest
 from leakcheck import ns_leftovers
 from ns_harness import (
-    FAKE_INTERNET_HOST_IP,
-    FAKE_INTERNET_HOST_VETH,
-    FAKE_INTERNET_NETNS,
-    FAKE_INTERNET_SERVER_IP,
     ID_PREFIX,
     Responder,
     Sandboxes,
+    fake_internet_netns,
     listening_socket_in_netns,
 )
 
@@ -96,27 +92,9 @@ def sandboxes(ns_backend: NsBackend, test_template: TemplateImage) -> Iterator[S
 @pytest.fixture()
 def fake_internet() -> Iterator[Responder]:
     """A netns with a public-looking TEST-NET-3 address, routed from the host, running a responder."""
-    script = (
-        f"netns add {FAKE_INTERNET_NETNS}\n"
-        f"link add {FAKE_INTERNET_HOST_VETH} type veth peer name eth0 netns {FAKE_INTERNET_NETNS}\n"
-        f"addr add {FAKE_INTERNET_HOST_IP}/24 dev {FAKE_INTERNET_HOST_VETH}\n"
-        f"link set {FAKE_INTERNET_HOST_VETH} up\n"
-    )
-    subprocess.run(["ip", "-batch", "-"], input=script.encode(), check=True)
-    try:
-        subprocess.run(
-            ["ip", "-n", FAKE_INTERNET_NETNS, "-batch", "-"],
-            input=(
-                f"addr add {FAKE_INTERNET_SERVER_IP}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
-                f"route add default via {FAKE_INTERNET_HOST_IP}\n"
-            ).encode(),
-            check=True,
-        )
-        responder = Responder(listening_socket_in_netns(Path("/run/netns") / FAKE_INTERNET_NETNS, "0.0.0.0"))
+    with fake_internet_netns() as netns:
+        responder = Responder(listening_socket_in_netns(netns, "0.0.0.0"))
         try:
             yield responder
         finally:
             responder.close()
-    finally:
-        subprocess.run(["ip", "link", "del", FAKE_INTERNET_HOST_VETH], check=False)
-        subprocess.run(["ip", "netns", "del", FAKE_INTERNET_NETNS], check=True)

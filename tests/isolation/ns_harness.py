@@ -4,13 +4,16 @@ host-side network stand-ins (listeners inside a netns, the fake internet's addre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import http.client
 import json
 import os
 import secrets
 import socket
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +137,30 @@ FAKE_INTERNET_NETNS = f"e2b-test-inet{os.getpid() % 100000}"
 FAKE_INTERNET_HOST_VETH = f"e2bti{os.getpid() % 100000}"
 FAKE_INTERNET_HOST_IP = "203.0.113.1"
 FAKE_INTERNET_SERVER_IP = "203.0.113.80"
+
+
+@contextlib.contextmanager
+def fake_internet_netns() -> Iterator[Path]:
+    """The "fake internet": a netns at FAKE_INTERNET_SERVER_IP (TEST-NET-3), routed from the host
+    through a veth; yields the netns path (listeners go in with ``listening_socket_in_netns``).
+    Fixed names: run tests that use it under ``flock /tmp/pmoves-netns.lock``."""
+    script = (
+        f"netns add {FAKE_INTERNET_NETNS}\n"
+        f"link add {FAKE_INTERNET_HOST_VETH} type veth peer name eth0 netns {FAKE_INTERNET_NETNS}\n"
+        f"addr add {FAKE_INTERNET_HOST_IP}/24 dev {FAKE_INTERNET_HOST_VETH}\n"
+        f"link set {FAKE_INTERNET_HOST_VETH} up\n"
+    )
+    subprocess.run(["ip", "-batch", "-"], input=script.encode(), check=True)
+    try:
+        subprocess.run(
+            ["ip", "-n", FAKE_INTERNET_NETNS, "-batch", "-"],
+            input=(
+                f"addr add {FAKE_INTERNET_SERVER_IP}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
+                f"route add default via {FAKE_INTERNET_HOST_IP}\n"
+            ).encode(),
+            check=True,
+        )
+        yield Path("/run/netns") / FAKE_INTERNET_NETNS
+    finally:
+        subprocess.run(["ip", "link", "del", FAKE_INTERNET_HOST_VETH], check=False)
+        subprocess.run(["ip", "netns", "del", FAKE_INTERNET_NETNS], check=True)

@@ -1,0 +1,237 @@
+"""Agent mode end to end on a real desktop sandbox: the loop photographs the desktop, asks a
+model service (speaking OpenAI's or Anthropic's real computer-use wire format, with a scripted
+policy that reads the screenshots) and runs its actions through DesktopOps; Chromium in the
+desktop fills the form of a site in the test's own "fake internet" netns, and the site must
+receive the submission. Run under ``flock /tmp/pmoves-netns.lock`` (fixed netns names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+from agent_harness import (
+    EMAIL,
+    LINK_BLUE,
+    NAME,
+    AnthropicDouble,
+    FormSite,
+    ModelDouble,
+    OpenAIResponsesDouble,
+    find,
+    png_image,
+    serving,
+)
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, fake_internet_netns, listening_socket_in_netns
+from stack.harness import RunningStack
+
+from pmoves_e2b.client import build_sdk_config
+from pmoves_e2b.desktop.actions import Click, Open
+from pmoves_e2b.desktop.desktops import DesktopOps
+from pmoves_e2b.surf.agent.computer import DesktopComputer
+from pmoves_e2b.surf.agent.loop import AgentResult, StepRecord, Takeover, run_agent
+from pmoves_e2b.surf.agent.providers import Display
+from pmoves_e2b.surf.agent.providers.anthropic import AnthropicComputerUse
+from pmoves_e2b.surf.agent.providers.base import Provider
+from pmoves_e2b.surf.agent.providers.openai_responses import OpenAIResponses
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+DISPLAY = Display(1024, 768)
+KEY = "sk-test-" + "d" * 24
+TASK = "Open the contact form, fill in name Ada Lovelace and email ada@example.test, and send it."
+T = TypeVar("T")
+
+
+class Loop:
+    """One event loop on a thread for the module: the desktop's SDK objects live in it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, work: Coroutine[Any, Any, T], timeout: float = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@dataclass
+class Desk:
+    loop: Loop
+    ops: DesktopOps
+    desktop_id: str
+    site: FormSite
+
+    @property
+    def site_url(self) -> str:
+        return f"http://{FAKE_INTERNET_SERVER_IP}:{self.site.port}/"
+
+    def show_landing(self) -> None:
+        """A fresh tab on the site's landing page, and wait until it is on the screen."""
+
+        async def show() -> None:
+            await self.ops.act(self.desktop_id, [Open(type="open", url=self.site_url)])
+            deadline = time.monotonic() + 60
+            while not find(png_image(await self.ops.screenshot(self.desktop_id)), LINK_BLUE):
+                assert time.monotonic() < deadline, "the site's landing page never showed in the desktop"
+                await asyncio.sleep(0.5)
+
+        self.loop.run(show())
+
+
+@pytest.fixture(scope="module")
+def desk(running_stack: RunningStack) -> Iterator[Desk]:
+    loop = Loop()
+    ops = DesktopOps(build_sdk_config(running_stack.sandbox_url, running_stack.api_key), source="e2b-surf")
+    with fake_internet_netns() as netns:
+        site = FormSite(listening_socket_in_netns(netns, "0.0.0.0"))
+        try:
+            desktop = loop.run(ops.create(resolution="1024x768", duration_s=900, created_by="surf-agent-test"))
+            try:
+                yield Desk(loop, ops, desktop.desktop_id, site)
+            finally:
+                loop.run(ops.kill(desktop.desktop_id))
+        finally:
+            site.close()
+            ops.close()
+            loop.close()
+
+
+def run_loop(
+    desk: Desk, provider: Provider, takeover: Takeover | None = None, max_steps: int = 20, budget_s: float = 240
+) -> tuple[AgentResult, list[StepRecord]]:
+    steps: list[StepRecord] = []
+
+    async def record(step: StepRecord) -> None:
+        steps.append(step)
+
+    async def go() -> AgentResult:
+        computer = DesktopComputer(desk.ops, desk.desktop_id, DISPLAY)
+        return await run_agent(
+            computer,
+            provider,
+            max_steps=max_steps,
+            deadline=time.monotonic() + budget_s,
+            stop=asyncio.Event(),
+            takeover=takeover or Takeover(),
+            record=record,
+        )
+
+    return desk.loop.run(go()), steps
+
+
+def provider_for(cls: type[Provider], double: ModelDouble, key: str = KEY) -> Provider:
+    base = double.url + ("/v1" if cls is OpenAIResponses else "")
+    return cls(model="test-cua", task=TASK, display=DISPLAY, base_url=base, api_key=key, timeout_s=30)
+
+
+def check_steps(steps: list[StepRecord]) -> None:
+    assert steps, "no step was recorded"
+    for step in steps:
+        assert step.screenshot.startswith(b"\x89PNG\r\n\x1a\n") and png_image(step.screenshot).size == (
+            1024,
+            768,
+        )
+        assert step.reasoning
+    overhead = [s.total_s - s.model_s - s.settle_s for s in steps if s.actions]
+    print(
+        f"agent step overhead excluding model time: n={len(overhead)} mean={sum(overhead) / len(overhead):.3f}s "
+        f"max={max(overhead):.3f}s"
+    )
+
+
+@pytest.mark.parametrize("cls", [OpenAIResponses, AnthropicComputerUse], ids=["openai", "anthropic"])
+def test_agent_fills_and_sends_the_form(desk: Desk, cls: type[Provider]) -> None:
+    double_cls = OpenAIResponsesDouble if cls is OpenAIResponses else AnthropicDouble
+    desk.show_landing()
+    before = len(desk.site.submissions)
+    with serving(double_cls, KEY) as double:
+        result, steps = run_loop(desk, provider_for(cls, double))
+    assert result.state == "completed", (result, [(s.reasoning, s.actions, s.errors) for s in steps])
+    assert result.message == "The page thanks me: the form was sent."
+    assert desk.site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
+    check_steps(steps)
+    kinds = [a["type"] for s in steps for a in s.actions]
+    assert kinds.count("type") == 2 and kinds.count("click") >= 4  # link (again if slow to load), name, email, send
+    assert steps[-1].done and not any(s.errors for s in steps)
+
+
+def test_a_person_takes_over_and_hands_back(desk: Desk) -> None:
+    """While taken over the loop asks the model nothing; the person opens the form themselves;
+    after hand-back the model goes on from the screen as the person left it."""
+    desk.show_landing()
+    before = len(desk.site.submissions)
+    takeover = Takeover()
+    takeover.take("a person is driving")
+    with serving(OpenAIResponsesDouble, KEY) as double:
+        provider = provider_for(OpenAIResponses, double)
+        steps: list[StepRecord] = []
+
+        async def record(step: StepRecord) -> None:
+            steps.append(step)
+
+        async def start() -> asyncio.Future[AgentResult]:
+            computer = DesktopComputer(desk.ops, desk.desktop_id, DISPLAY)
+            coro = run_agent(
+                computer,
+                provider,
+                max_steps=20,
+                deadline=time.monotonic() + 240,
+                stop=asyncio.Event(),
+                takeover=takeover,
+                record=record,
+            )
+            return asyncio.ensure_future(coro)
+
+        future = desk.loop.run(start())
+        time.sleep(2)
+        assert double.requests == [] and steps == [], "the model was asked while a person had the desktop"
+
+        async def person_opens_the_form() -> None:
+            shot = png_image(await desk.ops.screenshot(desk.desktop_id))
+            link = find(shot, LINK_BLUE)
+            assert link is not None
+            await desk.ops.act(desk.desktop_id, [Click(type="click", x=link.centre[0], y=link.centre[1])])
+
+        desk.loop.run(person_opens_the_form())
+        time.sleep(1.5)  # the form page loads
+        takeover.hand_back()
+
+        async def finish() -> AgentResult:
+            return await future
+
+        result = desk.loop.run(finish())
+    assert result.state == "completed", (result, [(s.reasoning, s.actions) for s in steps])
+    assert desk.site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
+    assert double.policy.seen[0] == "form"  # the model's first screen was the person's, not the landing page
+    assert "landing" not in double.policy.seen
+
+
+@pytest.mark.parametrize("status", [500, 401])
+def test_a_model_error_fails_the_run_cleanly(desk: Desk, status: int) -> None:
+    with serving(AnthropicDouble, KEY) as double:
+        if status == 500:
+            double.fail = (500, double.error_body("api_error", "Internal server error"))
+            provider = provider_for(AnthropicComputerUse, double)
+        else:
+            provider = provider_for(AnthropicComputerUse, double, key="sk-revoked")
+        started = time.monotonic()
+        result, steps = run_loop(desk, provider)
+    assert time.monotonic() - started < 30
+    assert result.state == "failed" and steps == []
+    if status == 500:
+        assert result.error_code == "model_error"
+        assert "HTTP 500" in result.message and "Internal server error" in result.message
+    else:
+        assert result.error_code == "model_auth"
+        assert "refused the API key" in result.message and "sk-revoked" not in result.message
