@@ -131,6 +131,7 @@ def has_text(image: Image.Image, box: Box) -> bool:
 class Decision:
     reasoning: str
     action: dict[str, Any] | None  # in the policy's own words: click/type/wait; None = done
+    target: str = ""  # what it acts on: link, name, email, send
 
 
 @dataclass
@@ -158,7 +159,7 @@ class FormPolicy:
                 return Decision("The email field is empty: click it.", {"type": "click", "at": email.centre})
             submit = find(screen, SUBMIT_ORANGE)
             if submit:
-                return Decision("Both fields are filled: press Send.", {"type": "click", "at": submit.centre})
+                return Decision("Both fields are filled: press Send.", {"type": "click", "at": submit.centre}, "send")
         link = find(screen, LINK_BLUE)
         if link:
             self.seen.append("landing")
@@ -263,10 +264,15 @@ class OpenAIResponsesDouble(ModelDouble):
 
     path = "/v1/responses"
 
+    SAFETY_CHECK = {"id": "cu_sc_0001", "code": "irrelevant_domain", "message": "Sending a form to an unknown site."}
+
     def __init__(self, api_key: str) -> None:
         super().__init__(api_key)
         self._last: tuple[str, str] | None = None  # (response id, call id) awaiting its output
         self.display: tuple[int, int] | None = None
+        self.check_before_send = False  # the call that presses Send carries a pending safety check
+        self._awaiting_ack = False
+        self.acknowledged: list[dict[str, Any]] = []
 
     def auth_error(self, headers: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
         if headers.get("authorization") != f"Bearer {self.api_key}":
@@ -304,6 +310,11 @@ class OpenAIResponsesDouble(ModelDouble):
             _need(items[0]["call_id"] == self._last[1], "call_id of the last computer_call")
             output = items[0]["output"]
             _need(output["type"] in ("computer_screenshot", "input_image"), "output is a screenshot")
+            acks = items[0].get("acknowledged_safety_checks") or []
+            if self._awaiting_ack:
+                _need(acks == [self.SAFETY_CHECK], "the pending safety check is acknowledged")
+                self.acknowledged += acks
+                self._awaiting_ack = False
             screen = decode_png(output["image_url"])
         _need(screen.size == self.display, f"screenshot {screen.size} is the declared display {self.display}")
         decision = self.policy.decide(screen)
@@ -329,13 +340,14 @@ class OpenAIResponsesDouble(ModelDouble):
         else:
             call_id = self.next_id("call")
             self._last = (response_id, call_id)
+            self._awaiting_ack = self.check_before_send and decision.target == "send"
             output_items.append(
                 {
                     "type": "computer_call",
                     "id": self.next_id("cu"),
                     "call_id": call_id,
                     "action": self._action(decision.action),
-                    "pending_safety_checks": [],
+                    "pending_safety_checks": [self.SAFETY_CHECK] if self._awaiting_ack else [],
                     "status": "completed",
                 }
             )

@@ -107,27 +107,49 @@ def desk(running_stack: RunningStack) -> Iterator[Desk]:
             loop.close()
 
 
-def run_loop(
+@dataclass
+class Run:
+    """An agent run going on in the module's event loop."""
+
+    desk: Desk
+    future: asyncio.Future[AgentResult]
+    steps: list[StepRecord]
+    stop: asyncio.Event
+
+    def result(self, timeout: float = 300) -> AgentResult:
+        async def wait() -> AgentResult:
+            return await self.future
+
+        return self.desk.loop.run(wait(), timeout)
+
+
+def start_run(
     desk: Desk, provider: Provider, takeover: Takeover | None = None, max_steps: int = 20, budget_s: float = 240
-) -> tuple[AgentResult, list[StepRecord]]:
+) -> Run:
     steps: list[StepRecord] = []
 
     async def record(step: StepRecord) -> None:
         steps.append(step)
 
-    async def go() -> AgentResult:
-        computer = DesktopComputer(desk.ops, desk.desktop_id, DISPLAY)
-        return await run_agent(
-            computer,
+    async def start() -> Run:
+        stop = asyncio.Event()
+        work = run_agent(
+            DesktopComputer(desk.ops, desk.desktop_id, DISPLAY),
             provider,
             max_steps=max_steps,
             deadline=time.monotonic() + budget_s,
-            stop=asyncio.Event(),
+            stop=stop,
             takeover=takeover or Takeover(),
             record=record,
         )
+        return Run(desk, asyncio.ensure_future(work), steps, stop)
 
-    return desk.loop.run(go()), steps
+    return desk.loop.run(start())
+
+
+def run_loop(desk: Desk, provider: Provider, **kwargs: Any) -> tuple[AgentResult, list[StepRecord]]:
+    run = start_run(desk, provider, **kwargs)
+    return run.result(), run.steps
 
 
 def provider_for(cls: type[Provider], double: ModelDouble, key: str = KEY) -> Provider:
@@ -174,47 +196,71 @@ def test_a_person_takes_over_and_hands_back(desk: Desk) -> None:
     takeover = Takeover()
     takeover.take("a person is driving")
     with serving(OpenAIResponsesDouble, KEY) as double:
-        provider = provider_for(OpenAIResponses, double)
-        steps: list[StepRecord] = []
-
-        async def record(step: StepRecord) -> None:
-            steps.append(step)
-
-        async def start() -> asyncio.Future[AgentResult]:
-            computer = DesktopComputer(desk.ops, desk.desktop_id, DISPLAY)
-            coro = run_agent(
-                computer,
-                provider,
-                max_steps=20,
-                deadline=time.monotonic() + 240,
-                stop=asyncio.Event(),
-                takeover=takeover,
-                record=record,
-            )
-            return asyncio.ensure_future(coro)
-
-        future = desk.loop.run(start())
+        run = start_run(desk, provider_for(OpenAIResponses, double), takeover=takeover)
         time.sleep(2)
-        assert double.requests == [] and steps == [], "the model was asked while a person had the desktop"
+        assert double.requests == [] and run.steps == [], "the model was asked while a person had the desktop"
 
         async def person_opens_the_form() -> None:
-            shot = png_image(await desk.ops.screenshot(desk.desktop_id))
-            link = find(shot, LINK_BLUE)
+            link = find(png_image(await desk.ops.screenshot(desk.desktop_id)), LINK_BLUE)
             assert link is not None
             await desk.ops.act(desk.desktop_id, [Click(type="click", x=link.centre[0], y=link.centre[1])])
 
         desk.loop.run(person_opens_the_form())
         time.sleep(1.5)  # the form page loads
         takeover.hand_back()
-
-        async def finish() -> AgentResult:
-            return await future
-
-        result = desk.loop.run(finish())
-    assert result.state == "completed", (result, [(s.reasoning, s.actions) for s in steps])
+        result = run.result()
+    assert result.state == "completed", (result, [(s.reasoning, s.actions) for s in run.steps])
     assert desk.site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
     assert double.policy.seen[0] == "form"  # the model's first screen was the person's, not the landing page
     assert "landing" not in double.policy.seen
+
+
+def test_a_pending_safety_check_waits_for_a_person(desk: Desk) -> None:
+    """OpenAI's pending_safety_checks: the action waits until a person hands back, then runs and
+    the next computer_call_output acknowledges the check."""
+    desk.show_landing()
+    before = len(desk.site.submissions)
+    takeover = Takeover()
+    with serving(OpenAIResponsesDouble, KEY) as double:
+        double.check_before_send = True
+        run = start_run(desk, provider_for(OpenAIResponses, double), takeover=takeover)
+        deadline = time.monotonic() + 180
+        while not takeover.paused:
+            assert not run.future.done(), run.result()
+            assert time.monotonic() < deadline, "the safety check never paused the run"
+            time.sleep(0.2)
+        assert "Sending a form to an unknown site." in takeover.reason
+        time.sleep(1.5)
+        assert desk.site.submissions[before:] == [], "the action ran before a person accepted the check"
+        takeover.hand_back()
+        result = run.result()
+    assert result.state == "completed", result
+    assert desk.site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
+    assert double.acknowledged == [OpenAIResponsesDouble.SAFETY_CHECK]
+    assert [s.note for s in run.steps if s.note] == ["safety check: Sending a form to an unknown site."]
+
+
+def test_stop_and_time_budget_end_a_run(desk: Desk) -> None:
+    """On a page the policy does not know it waits turn after turn: a stop ends the run as
+    stopped, the time budget as failed (timeout), both promptly."""
+
+    async def unknown_page() -> None:
+        await desk.ops.act(desk.desktop_id, [Open(type="open", url=desk.site_url + "nothing-here")])
+        await asyncio.sleep(3)
+
+    desk.loop.run(unknown_page())
+    with serving(AnthropicDouble, KEY) as double:
+        run = start_run(desk, provider_for(AnthropicComputerUse, double))
+        time.sleep(3)
+        desk.loop.loop.call_soon_threadsafe(run.stop.set)
+        started = time.monotonic()
+        stopped = run.result()
+        assert time.monotonic() - started < 5
+        assert stopped.state == "stopped" and stopped.error_code == "stopped"
+        started = time.monotonic()
+        timed_out, _ = run_loop(desk, provider_for(AnthropicComputerUse, double), budget_s=4)
+    assert timed_out.state == "failed" and timed_out.error_code == "timeout"
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("status", [500, 401])
