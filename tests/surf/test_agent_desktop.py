@@ -33,7 +33,7 @@ from stack.harness import RunningStack
 from pmoves_e2b.client import build_sdk_config
 from pmoves_e2b.desktop.actions import Click, Open
 from pmoves_e2b.desktop.desktops import DesktopOps
-from pmoves_e2b.surf.agent.computer import DesktopComputer
+from pmoves_e2b.surf.agent.computer import Computer, DesktopComputer, ScaledComputer
 from pmoves_e2b.surf.agent.loop import AgentResult, StepRecord, Takeover, run_agent
 from pmoves_e2b.surf.agent.providers import Display
 from pmoves_e2b.surf.agent.providers.anthropic import AnthropicComputerUse
@@ -124,7 +124,12 @@ class Run:
 
 
 def start_run(
-    desk: Desk, provider: Provider, takeover: Takeover | None = None, max_steps: int = 20, budget_s: float = 240
+    desk: Desk,
+    provider: Provider,
+    takeover: Takeover | None = None,
+    max_steps: int = 20,
+    budget_s: float = 240,
+    computer: Computer | None = None,
 ) -> Run:
     steps: list[StepRecord] = []
 
@@ -134,7 +139,7 @@ def start_run(
     async def start() -> Run:
         stop = asyncio.Event()
         work = run_agent(
-            DesktopComputer(desk.ops, desk.desktop_id, DISPLAY),
+            computer or DesktopComputer(desk.ops, desk.desktop_id, DISPLAY),
             provider,
             max_steps=max_steps,
             deadline=time.monotonic() + budget_s,
@@ -186,6 +191,23 @@ def test_agent_fills_and_sends_the_form(desk: Desk, cls: type[Provider]) -> None
     kinds = [a["type"] for s in steps for a in s.actions]
     assert kinds.count("type") == 2 and kinds.count("click") >= 4  # link (again if slow to load), name, email, send
     assert steps[-1].done and not any(s.errors for s in steps)
+
+
+def test_the_model_sees_a_scaled_screen_and_its_clicks_land(desk: Desk) -> None:
+    """A screen larger than models like is shown scaled down; the model's coordinates (on the
+    scaled screen) are mapped back onto the desktop, so its clicks still hit the form."""
+    desk.show_landing()
+    before = len(desk.site.submissions)
+    small = Display(800, 600)
+    with serving(OpenAIResponsesDouble, KEY) as double:
+        provider = OpenAIResponses(
+            model="test-cua", task=TASK, display=small, base_url=double.url + "/v1", api_key=KEY, timeout_s=30
+        )
+        computer = ScaledComputer(DesktopComputer(desk.ops, desk.desktop_id, DISPLAY), small)
+        result, steps = run_loop(desk, provider, computer=computer)
+        assert double.display == (800, 600)  # declared to the model, and every screenshot had that size
+    assert result.state == "completed", (result, [(s.reasoning, s.actions, s.errors) for s in steps])
+    assert desk.site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
 
 
 def test_a_person_takes_over_and_hands_back(desk: Desk) -> None:

@@ -7,9 +7,13 @@ page when there is one, else the browser's address bar (ctrl+L, the URL, Enter).
 
 from __future__ import annotations
 
+import asyncio
+import io
 from typing import Any, Protocol
 
-from pmoves_e2b.desktop.actions import Key, Type
+from PIL import Image
+
+from pmoves_e2b.desktop.actions import Drag, Key, Type
 from pmoves_e2b.desktop.desktops import DesktopOps
 from pmoves_e2b.surf.agent.providers.base import AgentAction, Display, Navigate
 
@@ -38,3 +42,58 @@ class DesktopComputer:
             await self.ops.act(self.desktop_id, typed)
             return
         await self.ops.act(self.desktop_id, [action])
+
+
+# Computer-use models work best on small screens: Anthropic scales images whose long side is
+# over 1568 px (its coordinates would then miss), OpenAI's preview model was trained near
+# 1024x768. A larger desktop is shown to the model scaled down to fit this, and the model's
+# coordinates are scaled back up.
+MODEL_SCREEN_LIMIT = Display(1280, 800)
+
+
+def fit(display: Display, limit: Display = MODEL_SCREEN_LIMIT) -> Display:
+    scale = min(1.0, limit.width / display.width, limit.height / display.height)
+    return Display(max(1, round(display.width * scale)), max(1, round(display.height * scale)))
+
+
+class ScaledComputer:
+    """``inner`` as the model sees it: screenshots resized to ``display``, coordinates mapped back."""
+
+    def __init__(self, inner: Computer, display: Display) -> None:
+        self.inner, self.display = inner, display
+        self._sx = inner.display.width / display.width
+        self._sy = inner.display.height / display.height
+
+    async def screenshot(self) -> bytes:
+        return await asyncio.to_thread(_resize, await self.inner.screenshot(), self.display)
+
+    async def act(self, action: AgentAction) -> None:
+        await self.inner.act(self._map(action))
+
+    def _map(self, action: AgentAction) -> AgentAction:
+        if isinstance(action, Drag):
+            return action.model_copy(update={"from_": self._point(*action.from_), "to": self._point(*action.to)})
+        x, y = getattr(action, "x", None), getattr(action, "y", None)
+        if x is None or y is None:
+            return action
+        sx, sy = self._point(x, y)
+        return action.model_copy(update={"x": sx, "y": sy})
+
+    def _point(self, x: int, y: int) -> tuple[int, int]:
+        return (
+            min(self.inner.display.width - 1, round(x * self._sx)),
+            min(self.inner.display.height - 1, round(y * self._sy)),
+        )
+
+
+def for_model(computer: Computer) -> Computer:
+    """The computer as the model should see it (scaled down when the screen is large)."""
+    display = fit(computer.display)
+    return computer if display == computer.display else ScaledComputer(computer, display)
+
+
+def _resize(png: bytes, display: Display) -> bytes:
+    image = Image.open(io.BytesIO(png)).convert("RGB").resize((display.width, display.height), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=1)  # fast: the model's service compresses anyway
+    return out.getvalue()
