@@ -11,6 +11,7 @@ screenshot. A model's pending safety checks also hand the desktop to a person: t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 # After a click, a key or a navigation the page needs a moment (a form posts, a page loads)
 # before the screenshot shows the result; without it the model sees the old screen and repeats.
 SETTLE_S = 0.4
+HANDBACK_POLL_S = 0.5
 SETTLING = frozenset({"click", "double_click", "key", "navigate", "drag"})
 
 
@@ -58,27 +60,36 @@ Record = Callable[[StepRecord], Awaitable[None]]
 
 
 class Takeover:
-    """A person drives the desktop between turns; the loop waits until they hand back."""
+    """A person drives the desktop between turns; the loop waits until they hand back.
 
-    def __init__(self) -> None:
-        self._resumed = asyncio.Event()
-        self._resumed.set()
+    The two events are the session's (``RunContext.taken_over`` / ``handed_back``, set by the
+    take-over endpoints) or private ones in a standalone loop.
+    """
+
+    def __init__(self, taken_over: asyncio.Event | None = None, handed_back: asyncio.Event | None = None) -> None:
+        self.taken_over = taken_over or asyncio.Event()
+        self.handed_back = handed_back or asyncio.Event()
         self.reason = ""
 
     @property
     def paused(self) -> bool:
-        return not self._resumed.is_set()
+        return self.taken_over.is_set()
 
     def take(self, reason: str = "taken over") -> None:
         self.reason = reason
-        self._resumed.clear()
+        self.taken_over.set()
 
     def hand_back(self) -> None:
         self.reason = ""
-        self._resumed.set()
+        self.taken_over.clear()
+        self.handed_back.set()
 
     async def wait(self) -> None:
-        await self._resumed.wait()
+        while self.taken_over.is_set():
+            self.handed_back.clear()
+            # Polled too: a hand-back between the check and the clear must not be missed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.handed_back.wait(), HANDBACK_POLL_S)
 
 
 class _Stop(Exception):
