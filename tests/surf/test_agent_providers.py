@@ -185,31 +185,24 @@ def test_openai_action_vocabulary_maps_onto_desktop_actions() -> None:
     asyncio.run(provider.aclose())
 
 
+@pytest.mark.parametrize("failure", ["wrong key", "server error"])
 @pytest.mark.parametrize("cls", [OpenAIResponses, AnthropicComputerUse])
-def test_a_wrong_key_is_a_clear_provider_error(
-    cls: type[Provider], openai_double: OpenAIResponsesDouble, anthropic_double: AnthropicDouble
+def test_a_model_service_error_is_a_clear_provider_error(
+    cls: type[Provider], failure: str, openai_double: OpenAIResponsesDouble, anthropic_double: AnthropicDouble
 ) -> None:
     double: ModelDouble = openai_double if cls is OpenAIResponses else anthropic_double
-    provider = provider_for(cls, double, key="sk-wrong")
+    if failure == "server error":
+        double.fail = (500, double.error_body("api_error", "The server had an error processing your request."))
+    provider = provider_for(cls, double, key="sk-wrong" if failure == "wrong key" else KEY)
     with pytest.raises(ProviderError) as caught:
         asyncio.run(provider.step(screen(link=True)))
     asyncio.run(provider.aclose())
-    assert caught.value.code == "model_auth"
-    assert "HTTP 401" in caught.value.message and "sk-wrong" not in caught.value.message
-
-
-@pytest.mark.parametrize("cls", [OpenAIResponses, AnthropicComputerUse])
-def test_a_server_error_is_a_clear_provider_error(
-    cls: type[Provider], openai_double: OpenAIResponsesDouble, anthropic_double: AnthropicDouble
-) -> None:
-    double: ModelDouble = openai_double if cls is OpenAIResponses else anthropic_double
-    double.fail = (500, double.error_body("api_error", "The server had an error processing your request."))
-    provider = provider_for(cls, double)
-    with pytest.raises(ProviderError) as caught:
-        asyncio.run(provider.step(screen(link=True)))
-    asyncio.run(provider.aclose())
-    assert caught.value.code == "model_error"
-    assert "HTTP 500" in caught.value.message and "had an error processing" in caught.value.message
+    if failure == "wrong key":
+        assert caught.value.code == "model_auth"
+        assert "HTTP 401" in caught.value.message and "sk-wrong" not in caught.value.message
+    else:
+        assert caught.value.code == "model_error"
+        assert "HTTP 500" in caught.value.message and "had an error processing" in caught.value.message
 
 
 def test_an_unreachable_model_is_a_clear_provider_error() -> None:
