@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -27,7 +28,7 @@ from agent_harness import (
     png_image,
     serving,
 )
-from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, fake_internet_netns, listening_socket_in_netns
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from stack.harness import RunningStack
 
 from pmoves_e2b.client import build_sdk_config
@@ -90,21 +91,20 @@ class Desk:
 
 
 @pytest.fixture(scope="module")
-def desk(running_stack: RunningStack) -> Iterator[Desk]:
+def desk(running_stack: RunningStack, internet_netns: Path) -> Iterator[Desk]:
     loop = Loop()
     ops = DesktopOps(build_sdk_config(running_stack.sandbox_url, running_stack.api_key), source="e2b-surf")
-    with fake_internet_netns() as netns:
-        site = FormSite(listening_socket_in_netns(netns, "0.0.0.0"))
+    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
+    try:
+        desktop = loop.run(ops.create(resolution="1024x768", duration_s=900, created_by="surf-agent-test"))
         try:
-            desktop = loop.run(ops.create(resolution="1024x768", duration_s=900, created_by="surf-agent-test"))
-            try:
-                yield Desk(loop, ops, desktop.desktop_id, site)
-            finally:
-                loop.run(ops.kill(desktop.desktop_id))
+            yield Desk(loop, ops, desktop.desktop_id, site)
         finally:
-            site.close()
-            ops.close()
-            loop.close()
+            loop.run(ops.kill(desktop.desktop_id))
+    finally:
+        site.close()
+        ops.close()
+        loop.close()
 
 
 @dataclass
