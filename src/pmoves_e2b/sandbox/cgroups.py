@@ -45,6 +45,13 @@ def parent_dirs(parent_name: str) -> dict[str, Path]:
     return dirs
 
 
+def cap_parent_pids(parents: dict[str, Path], limit: int) -> None:
+    """Cap the pids of all sandboxes under ``parents`` together (each also has its own pids.max)."""
+    parent = parents["pids"]
+    parent.mkdir(exist_ok=True)
+    _write(parent / "pids.max", str(limit))
+
+
 @dataclass(frozen=True)
 class SandboxCgroups:
     """The four groups of one sandbox, by absolute path (stored in the handle, so re-adoptable)."""

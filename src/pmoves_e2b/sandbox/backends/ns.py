@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pmoves_e2b.sandbox import cgroups, network, seccomp
+from pmoves_e2b.sandbox import cgroups, hostlimits, network, seccomp
 from pmoves_e2b.sandbox.backends.base import (
     ENVD_PORT,
     BackendError,
@@ -87,7 +87,7 @@ JOIN_AND_LIMIT = (
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-MS_NOSUID, MS_NODEV, MS_BIND, MS_SHARED = 0x2, 0x4, 0x1000, 1 << 20
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_SHARED = 0x2, 0x4, 0x8, 0x1000, 1 << 20
 MNT_DETACH = 0x2
 SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
 AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
@@ -138,7 +138,7 @@ def _idmapped_tree(path: str, userns_fd: int) -> int:
 
 
 def _unmount_sandbox(sandbox_dir: Path) -> None:
-    for mountpoint in (sandbox_dir / "m", sandbox_dir / "rw"):
+    for mountpoint in (sandbox_dir / "m", sandbox_dir / "pts", sandbox_dir / "rw"):
         _umount(mountpoint)
         if os.path.ismount(mountpoint):
             raise BackendError(f"{mountpoint} is still mounted")
@@ -244,6 +244,7 @@ class NsBackend:
                     directory.mkdir(mode=0o711, exist_ok=True)
                 _mount(str(self.runtime_dir), self.launch_root, None, MS_BIND)
             network.ensure_host_setup()
+            hostlimits.lift_global_tables()
             seccomp.denylist_bpf()
             self._host_ready = True
 
@@ -366,6 +367,7 @@ class NsBackend:
                 disk_mb=spec.disk_mb,
             )
             _write_json(sandbox_dir / "state.json", details)
+            cgroups.cap_parent_pids(self.cgroup_parents, hostlimits.sandboxes_pids_max())
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
             network.create_netns(net)
             inside = _Background(network.configure, net, spec.allow_internet)
@@ -398,6 +400,12 @@ class NsBackend:
         work.mkdir()
         os.chown(upper, uid_base, uid_base)
         upper.chmod(0o755)
+        # The sandbox's own devpts instance (bwrap's has no max): its PTYs count against its own
+        # max, not against the host-wide kernel.pty.max that every sandbox shares.
+        pts = sandbox_dir / "pts"
+        pts.mkdir()
+        pts_options = f"newinstance,ptmxmode=0666,mode=620,max={hostlimits.PTYS_PER_SANDBOX}"
+        _mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, pts_options)
 
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
@@ -416,6 +424,7 @@ class NsBackend:
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
             "--hostname", "e2b",
             "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
+            "--dev-bind", str(self.launch_root / spec.sandbox_id / "pts"), "/dev/pts",
             # POSIX shared memory for every user (its pages count against the memory limit)
             "--perms", "1777", "--size", str(spec.memory_mb * 1024 * 1024 // 2), "--tmpfs", "/dev/shm",  # noqa: S108 - the sandbox's own /dev/shm
             "--cap-drop", "ALL", *caps,
