@@ -77,6 +77,11 @@ class SdkConfig:
             return base + path, {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port), **headers}
         return f"wss://{port}-{sandbox_id}.{self.domain}{path}", headers
 
+    def port_http(self, sandbox_id: str, port: int, traffic_token: str | None = None) -> tuple[str, dict[str, str]]:
+        """HTTP base URL and headers that reach ``port`` of a sandbox through the sandbox proxy."""
+        url, headers = self.port_websocket(sandbox_id, port, "", traffic_token)
+        return "http" + url.removeprefix("ws"), headers
+
     @property
     def health_url(self) -> str | None:
         """Where the sandbox backend answers ``GET /health`` (self-hosted only)."""

@@ -20,7 +20,13 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # Secrets `up` generates when they are missing.
-SECRET_NAMES = ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN", "E2B_NATS_PASSWORD")
+SECRET_NAMES = (
+    "E2B_API_KEY",
+    "E2B_MCP_SERVER_TOKEN",
+    "E2B_DESKTOP_AUTH_TOKEN",
+    "E2B_NATS_PASSWORD",
+    "E2B_SURF_AUTH_TOKEN",
+)
 
 Port = int
 
@@ -88,6 +94,7 @@ class Settings(BaseSettings):
     e2b_api_key: SecretStr | None = None
     e2b_mcp_server_token: SecretStr | None = None
     e2b_desktop_auth_token: SecretStr | None = None
+    e2b_surf_auth_token: SecretStr | None = None
     # The embedded nats-server's users derive from it (events/embedded.py); unused with NATS_URL.
     e2b_nats_password: SecretStr | None = None
 
@@ -128,6 +135,9 @@ class Settings(BaseSettings):
     e2b_surf_chat_api_key: SecretStr | None = None
     e2b_surf_model_timeout: float = Field(120, gt=0)
     e2b_surf_max_steps: int = Field(30, ge=1, le=500)
+    # Browser access to e2b-surf: the login cookie, and signed URLs of result files.
+    e2b_surf_session_ttl: int = Field(8 * 3600, ge=60)
+    e2b_surf_file_url_ttl: int = Field(3600, ge=10)
     e2b_spells_timeout: int = Field(300, ge=1)
     e2b_spells_max_memory: int = Field(1024, ge=64)
     e2b_debug: bool = False

@@ -210,6 +210,10 @@ class RunningStack:
         return self._secret("E2B_DESKTOP_AUTH_TOKEN")
 
     @property
+    def surf_token(self) -> str:
+        return self._secret("E2B_SURF_AUTH_TOKEN")
+
+    @property
     def sdk_env(self) -> dict[str, str]:
         return {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.sandbox_url, "E2B_SANDBOX_URL": self.sandbox_url}
 

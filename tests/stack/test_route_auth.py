@@ -35,6 +35,7 @@ OPEN = {
     ("desktop", "GET", "/metrics"): "Prometheus scrape; aggregates only, no desktop ids",
     ("surf", "GET", "/metrics"): "Prometheus scrape; aggregates only",
     ("desktop", "POST", "/logout"): "clears the caller's own sign-in cookie",
+    ("surf", "POST", "/logout"): "clears the caller's own sign-in cookie",
     ("desktop", "GET", "/"): "sign-in page for browsers (lists nothing without the token)",
     ("desktop", "POST", "/"): "the sign-in form itself: checks the token it is given",
 }

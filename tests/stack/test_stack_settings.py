@@ -62,7 +62,7 @@ def test_generated_secrets_are_private_shaped_and_kept(clean_env: Path, monkeypa
     paths = ensure_secrets(load_settings())
     assert paths["E2B_DESKTOP_AUTH_TOKEN"] is None  # set by env: nothing generated
     assert not (clean_env / "secrets" / "E2B_DESKTOP_AUTH_TOKEN").exists()
-    for name in ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN"):
+    for name in ("E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_SURF_AUTH_TOKEN"):
         assert paths[name] == clean_env / "secrets" / name
         assert paths[name].stat().st_mode & 0o777 == 0o600
     key = (clean_env / "secrets" / "E2B_API_KEY").read_text().strip()
@@ -71,7 +71,13 @@ def test_generated_secrets_are_private_shaped_and_kept(clean_env: Path, monkeypa
     ensure_secrets(load_settings())  # second start: same secrets
     settings = load_settings()
     assert settings.secret("E2B_API_KEY") == key
-    assert set(SECRET_NAMES) == {"E2B_API_KEY", "E2B_MCP_SERVER_TOKEN", "E2B_DESKTOP_AUTH_TOKEN", "E2B_NATS_PASSWORD"}
+    assert set(SECRET_NAMES) == {
+        "E2B_API_KEY",
+        "E2B_MCP_SERVER_TOKEN",
+        "E2B_DESKTOP_AUTH_TOKEN",
+        "E2B_NATS_PASSWORD",
+        "E2B_SURF_AUTH_TOKEN",
+    }
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,18 @@ from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import ApiKeyRow, IdempotencyRow, SandboxRow, TemplateRow
 
-TABLES = {"sandboxes", "api_keys", "templates", "audit_events", "idempotency_keys", "alembic_version"}
+TABLES = {
+    "sandboxes",
+    "api_keys",
+    "templates",
+    "audit_events",
+    "idempotency_keys",
+    "alembic_version",
+    "surf_sessions",
+    "surf_steps",
+    "surf_pages",
+}
+HEAD = "0003"  # the newest migration
 NESTED = {
     "team": {"name": "ops", "tags": ["a", "b"], "limits": {"cpu": 1.5, "gpu": None}},
     "flags": [True, False, None, 0, -1, 3.25, "x"],
@@ -81,7 +92,7 @@ def test_migrations_create_the_schema_from_empty_and_reopening_keeps_data(db_url
     try:
         assert set(inspect(first.engine).get_table_names()) == TABLES
         with first.engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == HEAD
         key_id, key = repo.create_api_key(first, "kept")
         assert first.ping()
     finally:
@@ -109,7 +120,7 @@ def test_processes_starting_together_on_an_empty_database_all_come_up(db_url: st
     database = Database(db_url)
     try:
         with database.engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [HEAD]
     finally:
         database.close()
 

@@ -4,6 +4,11 @@
 203.0.113.80, routed from the host). Its names are fixed, so one fixture makes it for the whole
 session and every site listens in it (``listening_socket_in_netns(internet_netns, "0.0.0.0")``);
 run these tests under ``flock /tmp/pmoves-netns.lock``.
+
+``site`` (session) -> ``surf_site.Site``: the multi-page test site at http://203.0.113.80/ (port 80
+of that netns). ``surf_stack`` (session): a stack of its own with ``E2B_SURF_CONCURRENT=2`` (tests
+may restart its e2b-surf). ``surf``: an authenticated ``surf_harness.SurfClient`` of it (the site's
+request log cleared).
 """
 
 from __future__ import annotations
@@ -13,9 +18,38 @@ from pathlib import Path
 
 import pytest
 from isolation.ns_harness import fake_internet_netns
+from stack.harness import RunningStack, make_stack, stop_and_clean
+from surf_harness import SURF_CONCURRENT, SurfClient
+from surf_site import Site, serve_site
 
 
 @pytest.fixture(scope="session")
 def internet_netns() -> Iterator[Path]:
     with fake_internet_netns() as netns:
         yield netns
+
+
+@pytest.fixture(scope="session")
+def site(internet_netns: Path) -> Iterator[Site]:
+    with serve_site(internet_netns) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def surf_stack() -> Iterator[RunningStack]:
+    stack = make_stack({"E2B_SURF_CONCURRENT": str(SURF_CONCURRENT), "E2B_SURF_TIMEOUT": "180"})
+    try:
+        stack.up()
+    except BaseException:
+        stack.down()
+        raise
+    yield stack
+    stop_and_clean(stack)
+
+
+@pytest.fixture()
+def surf(surf_stack: RunningStack, site: Site) -> Iterator[SurfClient]:
+    client = SurfClient(surf_stack)
+    site.clear()
+    yield client
+    client.close()

@@ -10,49 +10,22 @@ Cookies are HttpOnly and SameSite=Strict. Secrets are compared in constant time 
 
 from __future__ import annotations
 
-import hmac
-from urllib.parse import urlsplit
-
 from starlette.requests import HTTPConnection
 
-from pmoves_e2b.desktop.links import ALL_DESKTOPS, DESKTOP_COOKIE, SESSION_COOKIE, TICKET_TTL_S, Grant, Signer
-
-CONTROL_ALL = Grant(ALL_DESKTOPS, "control", 2**62)
-
-
-def same_origin(conn: HTTPConnection) -> bool:
-    """No Origin (not a browser) or an Origin whose host:port is the Host the request came to."""
-    origin = conn.headers.get("origin")
-    if origin is None:
-        return True
-    return urlsplit(origin).netloc.lower() == conn.headers.get("host", "").lower()
+from pmoves_e2b.desktop.links import DESKTOP_COOKIE, PURPOSE, SESSION_COOKIE, TICKET_TTL_S, Grant, Signer
+from pmoves_e2b.web_auth import TokenAuth, same_origin
 
 
-class DesktopAuth:
+class DesktopAuth(TokenAuth):
     def __init__(self, token: str | None, link_ttl_s: int, session_ttl_s: int) -> None:
-        self.token = token
-        self.signer = Signer(token) if token else None
+        super().__init__(token, PURPOSE, SESSION_COOKIE, session_ttl_s)
+        self.signer: Signer | None = Signer(token) if token else None
         self.link_ttl_s = link_ttl_s
-        self.session_ttl_s = session_ttl_s
-
-    def token_matches(self, given: str | None) -> bool:
-        if not given or not self.token:
-            return False
-        return hmac.compare_digest(given.encode(), self.token.encode())
-
-    def bearer(self, conn: HTTPConnection) -> Grant | None:
-        scheme, _, value = conn.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self.token_matches(value.strip()):
-            return CONTROL_ALL
-        return None
 
     def browser(self, conn: HTTPConnection, desktop_id: str | None = None) -> Grant | None:
         """Bearer, else the session cookie, else (for one desktop's pages) its desktop cookie."""
-        grant = self.bearer(conn)
+        grant = self.bearer(conn) or self.session(conn)
         if grant is not None or self.signer is None:
-            return grant
-        grant = self.signer.verify("session", conn.cookies.get(SESSION_COOKIE))
-        if grant is not None:
             return grant
         if desktop_id is not None:
             grant = self.signer.verify("link", conn.cookies.get(DESKTOP_COOKIE))
@@ -76,16 +49,10 @@ class DesktopAuth:
             return ticket
         if not same_origin(conn):
             return None  # a cookie rides along on cross-site WebSockets: never let it open one
-        session = self.signer.verify("session", conn.cookies.get(SESSION_COOKIE))
+        session = self.session(conn)
         return session if session is not None and session.covers(desktop_id) else None
 
-    def _signer(self) -> Signer:
+    def ticket(self, desktop_id: str, grant: Grant) -> str:
         if self.signer is None:
             raise RuntimeError("E2B_DESKTOP_AUTH_TOKEN is not set")
-        return self.signer
-
-    def ticket(self, desktop_id: str, grant: Grant) -> str:
-        return self._signer().sign("ticket", desktop_id, grant.mode, TICKET_TTL_S)
-
-    def session_cookie(self) -> str:
-        return self._signer().sign("session", ALL_DESKTOPS, "control", self.session_ttl_s)
+        return self.signer.sign("ticket", desktop_id, grant.mode, TICKET_TTL_S)

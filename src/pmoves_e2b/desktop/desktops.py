@@ -361,6 +361,26 @@ class DesktopOps:
         )
         return StreamTarget(url, headers, password)
 
+    # ----- programs in the desktop (e2b-surf runs its browser this way) ------------------
+
+    async def run(self, desktop_id: str, command: str, background: bool = False, timeout_s: float = 60) -> str:
+        """Run a shell command in the desktop (user ``user``, ``DISPLAY`` set); answers its stdout.
+        A background command answers at once (empty) and lives until the desktop ends."""
+        live = await self._attach(desktop_id)
+        envs = {"DISPLAY": DISPLAY, **DESKTOP_ENVS}
+        async with self._translate(desktop_id):
+            if background:
+                await self._sdk(live.sandbox.commands.run, command, background=True, envs=envs, timeout=0)
+                return ""
+            result = await self._sdk(live.sandbox.commands.run, command, envs=envs, timeout=timeout_s)
+        return result.stdout
+
+    async def port(self, desktop_id: str, port: int) -> tuple[str, dict[str, str]]:
+        """HTTP base URL and headers reaching ``port`` of the desktop through the sandbox proxy
+        (with the desktop's traffic token: its ports answer nobody else)."""
+        live = await self._attach(desktop_id)
+        return self.config.port_http(desktop_id, port, getattr(live.sandbox, "traffic_access_token", None))
+
     def forget(self, desktop_id: str) -> None:
         """The desktop has ended: drop its SDK object."""
         self._live.pop(desktop_id, None)

@@ -13,71 +13,28 @@ Three kinds, all ``<expiry>.<mode>.<scope>.<mac>`` signed with a key derived fro
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
+from pmoves_e2b import web_auth
 from pmoves_e2b.config import Settings
+from pmoves_e2b.web_auth import ALL_SCOPES, Grant, Mode
 
-Mode = Literal["control", "view"]
+__all__ = ["ALL_DESKTOPS", "DESKTOP_COOKIE", "SESSION_COOKIE", "TICKET_TTL_S", "Grant", "Kind", "Mode", "Signer"]
+
 Kind = Literal["link", "session", "ticket"]
-ALL_DESKTOPS = "*"
+ALL_DESKTOPS = ALL_SCOPES
 TICKET_TTL_S = 60
 SESSION_COOKIE = "e2b_desktop_session"
 DESKTOP_COOKIE = "e2b_desktop_grant"
-_SCOPE = re.compile(r"^(\*|[A-Za-z0-9_-]{1,128})$")
+PURPOSE = b"pmoves-e2b desktop credentials v1"
 
 
-@dataclass(frozen=True)
-class Grant:
-    """What a verified credential allows: ``scope`` (a desktop id or ``*``) in ``mode`` until ``expires``."""
+class Signer(web_auth.Signer):
+    """Credentials of e2b-desktop (the generic signer with the desktop's key)."""
 
-    scope: str
-    mode: Mode
-    expires: int
-
-    def covers(self, desktop_id: str) -> bool:
-        return self.scope == ALL_DESKTOPS or hmac.compare_digest(self.scope, desktop_id)
-
-    @property
-    def view_only(self) -> bool:
-        return self.mode == "view"
-
-
-class Signer:
     def __init__(self, token: str) -> None:
-        self._key = hmac.new(token.encode(), b"pmoves-e2b desktop credentials v1", hashlib.sha256).digest()
-
-    def _mac(self, kind: Kind, body: str) -> str:
-        digest = hmac.new(self._key, f"{kind}|{body}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-    def sign(self, kind: Kind, scope: str, mode: Mode, ttl_s: int, now: float | None = None) -> str:
-        if not _SCOPE.match(scope):
-            raise ValueError(f"bad desktop scope {scope!r}")
-        expires = int((now if now is not None else time.time()) + ttl_s)
-        body = f"{expires}.{mode}.{scope}"
-        return f"{body}.{self._mac(kind, body)}"
-
-    def verify(self, kind: Kind, value: str | None, now: float | None = None) -> Grant | None:
-        """The grant, or None when ``value`` is missing, forged, of another kind or expired."""
-        if not value or len(value) > 512:
-            return None
-        body, _, mac = value.rpartition(".")
-        if not hmac.compare_digest(mac.encode(), self._mac(kind, body).encode()):
-            return None
-        expires_text, mode, scope = (body.split(".", 2) + ["", ""])[:3]
-        if mode not in ("control", "view") or not expires_text.isdigit() or not _SCOPE.match(scope):
-            return None
-        expires = int(expires_text)
-        if expires < (now if now is not None else time.time()):
-            return None
-        return Grant(scope, mode, expires)  # type: ignore[arg-type]
+        super().__init__(token, PURPOSE)
 
 
 def viewer_urls(settings: Settings) -> Callable[[str], str]:

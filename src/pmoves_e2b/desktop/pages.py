@@ -20,7 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pmoves_e2b.desktop.assets import novnc_ready
 from pmoves_e2b.desktop.auth import DesktopAuth
 from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, utcnow
-from pmoves_e2b.desktop.links import DESKTOP_COOKIE, SESSION_COOKIE, Grant
+from pmoves_e2b.desktop.links import DESKTOP_COOKIE, Grant
+from pmoves_e2b.web_auth import safe_next, set_cookie
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -76,17 +77,6 @@ def message_page(title: str, text: str, status: int, signed_in: bool = True) -> 
     body = f"""{bar(signed_in=signed_in)}<main class="center"><div class="panel"><h1>{_e(title)}</h1>
 <p>{_e(text)}</p><a class="button" href="/">All desktops</a></div></main>"""
     return page(f"{title} · e2b-desktop", body, status)
-
-
-def _safe_next(value: str | None) -> str:
-    # Only paths on this service: never an absolute URL (open redirect).
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/"
-
-
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
 
 
 def _age(moment: datetime) -> str:
@@ -148,26 +138,15 @@ def build_router() -> APIRouter:
     @router.post("/login")
     async def login(request: Request) -> Response:
         form = parse_qs((await request.body()).decode(errors="replace"))
-        next_path = _safe_next((form.get("next") or ["/"])[0])
+        next_path = safe_next((form.get("next") or ["/"])[0])
         auth = auth_of(request)
         if not auth.token_matches((form.get("token") or [""])[0]):
             return sign_in(next_path, "That token is not right.")
-        response = RedirectResponse(next_path, status_code=303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            auth.session_cookie(),
-            max_age=auth.session_ttl_s,
-            httponly=True,
-            samesite="strict",
-            secure=_secure(request),
-        )
-        return response
+        return auth.log_in(RedirectResponse(next_path, status_code=303), request)
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
-        response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
-        return response
+        return auth_of(request).log_out(RedirectResponse("/", status_code=303))
 
     @router.get("/desktop/{desktop_id}")
     async def viewer(desktop_id: str, request: Request) -> Response:
@@ -178,15 +157,8 @@ def build_router() -> APIRouter:
             if grant is None:
                 return sign_in(f"/desktop/{desktop_id}", "This viewer link has expired or is not valid.")
             response = RedirectResponse(f"/desktop/{quote(desktop_id)}", status_code=303)
-            response.set_cookie(
-                DESKTOP_COOKIE,
-                link,
-                max_age=max(1, grant.expires - int(utcnow().timestamp())),
-                path=f"/desktop/{desktop_id}",
-                httponly=True,
-                samesite="strict",
-                secure=_secure(request),
-            )
+            max_age = max(1, grant.expires - int(utcnow().timestamp()))
+            set_cookie(response, request, DESKTOP_COOKIE, link, max_age, path=f"/desktop/{desktop_id}")
             return response
         grant = auth.browser(request, desktop_id)
         if grant is None:

@@ -1,4 +1,4 @@
-"""Database tables: sandboxes, API keys, templates seen, audit events, idempotent creates."""
+"""Database tables: sandboxes, API keys, templates seen, audit events, idempotent creates, surf sessions."""
 
 from __future__ import annotations
 
@@ -99,3 +99,46 @@ class IdempotencyRow(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class SurfSessionRow(Base):
+    """One e2b-surf run (scrape or agent): what was asked, where it stands, what came out."""
+
+    __tablename__ = "surf_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    # queued | running | completed | failed | stopped | interrupted
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    desktop_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class SurfStepRow(Base):
+    """A recorded step of a run (agent action, scrape progress), in order."""
+
+    __tablename__ = "surf_steps"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class SurfPageRow(Base):
+    """A page a run visited, with what was extracted (large parts are files, named in ``data``)."""
+
+    __tablename__ = "surf_pages"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    url: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

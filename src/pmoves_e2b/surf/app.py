@@ -1,20 +1,99 @@
-"""e2b-surf: web browsing (scrape and computer-use runs).
+"""e2b-surf (port 3080): web browsing runs (scrape and computer-use agent) in desktop sandboxes.
 
-Only the shared frame (health, metrics, NATS announce) so far; the service's routers are
-added to `routers()` as they land.
+On one port: ``/api/health`` (no auth), the sessions API under ``/api`` (``routes.py``), the login
+(``POST /login``), ``/metrics``. Runs are ``SessionManager``'s (``sessions.py``); each mode's
+runner is registered in ``runners()``; each run gets its own desktop through e2b-sandbox.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
 from fastapi import APIRouter, FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
-from pmoves_e2b.service import make_service_app
+from pmoves_e2b.desktop.desktops import ops_for
+from pmoves_e2b.desktop.links import viewer_link
+from pmoves_e2b.service import DependencyCheck, make_service_app
+from pmoves_e2b.store.db import Database
+from pmoves_e2b.surf import routes, scrape
+from pmoves_e2b.surf.browser import Browsers
+from pmoves_e2b.surf.files import ResultFiles
+from pmoves_e2b.surf.run import Runner
+from pmoves_e2b.surf.sessions import SessionManager
+from pmoves_e2b.web_auth import Signer, TokenAuth
+
+HEALTH_TIMEOUT_S = 0.7
 
 
-def routers() -> list[APIRouter]:
-    return []
+def runners() -> dict[str, Runner]:
+    """The runner of each mode (``models.Mode``)."""
+    return {"scrape": scrape.run}
+
+
+def routers(settings: Settings) -> list[APIRouter]:
+    desktop_token = settings.secret("E2B_DESKTOP_AUTH_TOKEN")
+    base = str(settings.e2b_desktop_url)
+    ttl = settings.e2b_desktop_link_ttl
+
+    if not desktop_token:
+        return [routes.build_router(None)]
+    signing_token = desktop_token
+
+    def links(desktop_id: str) -> tuple[str, str]:
+        control = viewer_link(base, signing_token, desktop_id, ttl)
+        return control, viewer_link(base, signing_token, desktop_id, ttl, view_only=True)
+
+    return [routes.build_router(links)]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    return make_service_app("surf", settings or get_settings(), routers=routers())
+    settings = settings or get_settings()
+    token = settings.secret("E2B_SURF_AUTH_TOKEN")
+    ops = ops_for(settings, source="e2b-surf")
+    auth = TokenAuth(token, routes.PURPOSE, routes.SESSION_COOKIE, settings.e2b_surf_session_ttl)
+    files = ResultFiles(
+        settings.e2b_data_dir / "surf",
+        Signer(token, routes.PURPOSE) if token else None,
+        str(settings.next_public_api_url),
+        settings.e2b_surf_file_url_ttl,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(str(settings.e2b_database_url))
+        sessions = SessionManager(
+            db,
+            Browsers(ops),
+            files,
+            concurrent=settings.e2b_surf_concurrent,
+            timeout_s=settings.e2b_surf_timeout,
+            runners=runners(),
+        )
+        app.state.surf_sessions = sessions
+        await sessions.open()
+        try:
+            yield
+        finally:
+            await sessions.close()
+            ops.close()
+            db.close()
+
+    async def backend() -> bool:
+        url = ops.config.health_url or f"https://api.{ops.config.domain}/health"
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S) as client:
+            return (await client.get(url)).status_code < 500
+
+    app = make_service_app(
+        "surf",
+        settings,
+        health_checks=[DependencyCheck("sandbox_backend", backend, hard=True)],
+        routers=routers(settings),
+        lifespan=lifespan,
+    )
+    app.state.surf_auth = auth
+    app.state.surf_files = files
+    routes.install_error_handlers(app)
+    return app

@@ -1,0 +1,157 @@
+"""The browser of a surf session: headed Chromium in the session's own desktop sandbox.
+
+One desktop per session (``DesktopOps`` with source ``e2b-surf``, so e2b-desktop lists it and its
+viewer shows the run live). Chromium runs in it with the DevTools protocol on 127.0.0.1:9222
+(headed Chromium ignores ``--remote-debugging-address``), and a small relay in the desktop makes
+that reachable on ``CDP_PORT`` of the sandbox. Playwright attaches with ``connect_over_cdp``
+THROUGH e2b-sandbox's proxy (``E2b-Sandbox-Id``/``-Port`` header routing with the desktop's
+traffic token), never by reaching into the sandbox network. The proxy passes the Host we send
+(``localhost``/an IP), which DevTools requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+from playwright.async_api import Error as PlaywrightError
+
+from pmoves_e2b.desktop.desktops import DesktopError, DesktopOps, parse_resolution
+from pmoves_e2b.surf.models import SurfError
+
+log = logging.getLogger(__name__)
+
+RESOLUTION = "1280x800"
+DEVTOOLS_PORT = 9222  # Chromium's, loopback inside the desktop
+CDP_PORT = 9223  # the relay's, on the sandbox address (reached only through the proxy)
+PROFILE = "/home/user/.surf-chromium"  # a profile of its own: DevTools refuses the default one
+START_TIMEOUT_S = 30.0
+# Duration of the desktop beyond the run's timeout: a run that is killed at its deadline still
+# gets its desktop removed by us; this is only the backstop if e2b-surf itself dies.
+DESKTOP_SLACK_S = 120
+
+# Forward CDP_PORT (all addresses) to Chromium's loopback DevTools port, one task per connection.
+RELAY = f"""
+import asyncio
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+async def serve(r, w):
+    try:
+        ur, uw = await asyncio.open_connection("127.0.0.1", {DEVTOOLS_PORT})
+    except OSError:
+        w.close()
+        return
+    await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+async def main():
+    server = await asyncio.start_server(serve, "0.0.0.0", {CDP_PORT})
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+@dataclass
+class SurfBrowser:
+    """A session's desktop and the Playwright objects of the Chromium running in it."""
+
+    desktop_id: str
+    ops: DesktopOps
+    playwright: Playwright
+    browser: Browser
+    context: BrowserContext
+    page: Page
+    width: int
+    height: int
+
+    async def close(self) -> None:
+        """Drop the CDP connection (Chromium goes with the desktop)."""
+        with contextlib.suppress(Exception):
+            await self.browser.close()
+        with contextlib.suppress(Exception):
+            await self.playwright.stop()
+
+
+class Browsers:
+    """Makes and removes the desktops + browsers of surf sessions."""
+
+    def __init__(self, ops: DesktopOps, resolution: str = RESOLUTION) -> None:
+        self.ops = ops
+        self.resolution = resolution
+
+    async def create_desktop(self, session_id: str, timeout_s: int) -> str:
+        duration = min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
+        try:
+            desktop = await self.ops.create(
+                resolution=self.resolution,
+                duration_s=duration,
+                created_by="e2b-surf",
+                extra_metadata={"surf_session": session_id},
+            )
+        except DesktopError as exc:
+            raise SurfError("desktop_unavailable", f"no desktop for the run: {exc.message}", 503) from None
+        return desktop.desktop_id
+
+    async def open(self, desktop_id: str) -> SurfBrowser:
+        """Start Chromium in the desktop and attach Playwright to it."""
+        width, height = parse_resolution(self.resolution)
+        chromium = (
+            f"chromium --user-data-dir={PROFILE} --remote-debugging-port={DEVTOOLS_PORT} "
+            f"--window-position=0,0 --window-size={width},{height} --start-maximized "
+            "--disable-session-crashed-bubble --hide-crash-restore-bubble about:blank"
+        )
+        relay = f"python3 -c {shlex.quote(RELAY)}"
+        try:
+            await self.ops.run(desktop_id, f"{chromium} >/tmp/surf-chromium.log 2>&1", background=True)
+            await self.ops.run(desktop_id, f"{relay} >/tmp/surf-cdp-relay.log 2>&1", background=True)
+            base, headers = await self.ops.port(desktop_id, CDP_PORT)
+        except DesktopError as exc:
+            raise SurfError("browser_failed", f"could not start the browser: {exc.message}", 502) from None
+        await _wait_devtools(base, headers)
+        playwright = await async_playwright().start()
+        try:
+            browser = await playwright.chromium.connect_over_cdp(base, headers=headers, timeout=START_TIMEOUT_S * 1000)
+            context = browser.contexts[0] if browser.contexts else await browser.new_context()
+            page = context.pages[0] if context.pages else await context.new_page()
+        except PlaywrightError as exc:
+            await playwright.stop()
+            raise SurfError("browser_failed", f"could not attach to the browser: {exc}", 502) from None
+        return SurfBrowser(desktop_id, self.ops, playwright, browser, context, page, width, height)
+
+    async def remove(self, desktop_id: str) -> None:
+        """Kill the desktop (gone already is fine)."""
+        try:
+            await self.ops.kill(desktop_id)
+        except DesktopError as exc:
+            if exc.status != 404:
+                log.warning("could not kill surf desktop %s: %s", desktop_id, exc.message)
+
+    async def exists(self, desktop_id: str) -> bool:
+        return not await self.ops.is_gone(desktop_id)
+
+
+async def _wait_devtools(base: str, headers: dict[str, str]) -> dict[str, Any]:
+    """Wait until DevTools answers ``/json/version`` through the proxy (Chromium takes a moment)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = await client.get(f"{base}/json/version", headers=headers)
+                if response.status_code == 200:
+                    return dict(response.json())
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = str(exc) or type(exc).__name__
+            await asyncio.sleep(0.2)
+    raise SurfError("browser_failed", f"the browser's DevTools did not answer in {START_TIMEOUT_S:g} s ({last})", 502)
