@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/pmoves-e2b
 # The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
-APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates
+# libnss-myhostname: glibc (so Node and the JS SDK) resolves *.localhost to loopback, for host routing.
+APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
 APT_TEST_PACKAGES := postgresql chromium

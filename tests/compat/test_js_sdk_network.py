@@ -1,23 +1,18 @@
-"""The stock npm `e2b` SDK (pinned 2.51.0) against the stack: network options (issue 12 items 1-3).
+"""The stock npm `e2b` SDK (pinned in conftest.py) against the stack: network options (issue 12 items 1-3).
 
-The package is installed once from the npm registry into a cache directory; the script runs with
-Debian's node and the same E2B_* variables a user would set.
+The script runs with the host's node and the same E2B_* variables a user would set.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.stack
-
-NPM_E2B_VERSION = "2.51.0"
-CACHE = Path(f"/var/cache/pmoves-e2b/npm-e2b-{NPM_E2B_VERSION}")
 
 SCRIPT = r"""
 import { Sandbox } from 'e2b'
@@ -48,22 +43,6 @@ try {
 }
 console.log(JSON.stringify(out))
 """
-
-
-@pytest.fixture(scope="module")
-def npm_e2b() -> Path:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed for the JS SDK tests (apt install nodejs npm)")
-    if not (CACHE / "node_modules/e2b/package.json").exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", f"e2b@{NPM_E2B_VERSION}"],
-            cwd=CACHE,
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
-    return CACHE
 
 
 def test_js_sdk_network_options(sdk_env: dict[str, str], npm_e2b: Path) -> None:

@@ -75,6 +75,9 @@ def set_code(runtime: str, envs: dict[str, str]) -> str:
     if runtime == "r":
         pairs = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in envs.items())
         return f"invisible(Sys.setenv({pairs}))"
+    if runtime == "java":
+        # A JVM cannot change its environment: E2B's server sets system properties instead.
+        return "\n".join(f"System.setProperty({json.dumps(k)}, {json.dumps(v)});" for k, v in envs.items())
     return ""
 
 
@@ -92,6 +95,8 @@ def unset_code(runtime: str, names: list[str]) -> str:
         return "unset " + " ".join(names)
     if runtime == "r":
         return f"invisible(Sys.unsetenv(c({', '.join(json.dumps(n) for n in names)})))"
+    if runtime == "java":
+        return "\n".join(f"System.clearProperty({json.dumps(n)});" for n in names)
     return ""
 
 

@@ -22,6 +22,7 @@ PREFERRED_KERNELS = {
     "typescript": ("deno", "tslab"),
     "bash": ("bash",),
     "r": ("ir",),
+    "java": ("java",),
 }
 
 
@@ -37,7 +38,7 @@ class KernelChoice:
 
     kernel_name: str
     language: str
-    runtime: str  # python | node | deno | bash | r | other
+    runtime: str  # python | node | deno | bash | r | java | other
 
 
 def normalize_language(language: str | None) -> str:
@@ -52,7 +53,7 @@ def _runtime(spec: dict[str, Any]) -> str:
     argv = spec.get("argv") or [""]
     if spec_language in ("javascript", "typescript"):
         return "deno" if "deno" in os.path.basename(str(argv[0])) else "node"
-    if spec_language in ("python", "bash", "r"):
+    if spec_language in ("python", "bash", "r", "java"):
         return spec_language
     return "other"
 

@@ -3,7 +3,8 @@
 It makes IPython behave as E2B's code interpreter does: tracebacks without ANSI colours, full
 sequence reprs, matplotlib figures also sent as ``e2b/chart`` (E2B's chart schema, built by the
 ``e2b-charts`` package), pandas DataFrames also sent as ``e2b/data``, and lists and dicts also
-sent as ``application/json``.
+sent as ``application/json``, and PIL images shown (``.show()``) or saved to a path come back as
+``image/png`` results instead of starting a desktop viewer (``xdg-open``) that no sandbox has.
 """
 
 import json
@@ -74,6 +75,31 @@ class ContainerJSONFormatter(JSONFormatter):
         return super().__call__(obj)
 
 
+def _patch_pil() -> None:
+    """As E2B's template means to: desktop viewers do nothing, so ``Image.show()`` falls through to
+    PIL's IPython viewer (a display_data); ``Image.save(path)`` also displays the image."""
+    try:
+        from IPython.display import display
+        from PIL import Image, ImageShow
+    except ImportError:
+        return
+
+    def decline(self, image, **options):
+        return 0
+
+    # Every Unix viewer (xdg-open, display, eog, ...) declines before writing a temp file (its
+    # save would display the image a second time), so PIL's IPython viewer shows it, once.
+    ImageShow.UnixViewer.show = decline  # type: ignore[method-assign]
+    original_save = Image.Image.save
+
+    def save(self, fp, format=None, **params):
+        if isinstance(fp, str):
+            display(self)
+        return original_save(self, fp, format, **params)
+
+    Image.Image.save = save  # type: ignore[method-assign]
+
+
 def install(shell) -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "flush_interval"):
@@ -84,3 +110,4 @@ def install(shell) -> None:
     display.formatters["e2b/chart"] = ChartFormatter(parent=display)
     display.formatters["e2b/data"] = DataFrameFormatter(parent=display)
     display.formatters["application/json"] = ContainerJSONFormatter(parent=display)
+    _patch_pil()

@@ -65,10 +65,17 @@ VENV = "/opt/venv"
 VENV_SITE = f"{VENV}/lib/python3.11/site-packages"
 KERNEL_PACKAGES = "ipykernel jupyter_client e2b-charts bash_kernel nbformat"
 SERVER_PACKAGES = "fastapi 'uvicorn[standard]' httpx orjson"
+# The versions E2B's code-interpreter template pins (its template/requirements.txt) for the packages
+# both have: user code and E2B's own tests depend on them (matplotlib 3.11 dropped boxplot's `labels=`).
 DATA_PACKAGES = (
-    "numpy pandas matplotlib seaborn scipy scikit-learn requests beautifulsoup4 openpyxl pillow sympy plotly"
+    "numpy==2.3.5 pandas==2.2.3 matplotlib==3.10.9 seaborn==0.13.2 scipy==1.17.1 scikit-learn==1.6.1 "
+    "requests==2.33.0 beautifulsoup4==4.15.0 openpyxl==3.1.5 pillow==12.3.0 sympy==1.14.0 plotly==6.0.1 "
+    "orjson==3.11.9"
 )
 DENO_VERSION = "2.9.6"
+# Java: JJava (the maintained IJava fork; PyPI wheel with its jars) on Debian's JDK 17 (jshell).
+JAVA_APT = "openjdk-17-jdk-headless"
+JJAVA_VERSION = "1.0a8"
 INTERPRETER_PORT = 49999
 NETWORK_RETRIES = 2  # registry hiccups should not cost a whole rebuild
 
@@ -304,6 +311,15 @@ def _r_kernel(ctx: BuildContext) -> None:
     ctx.chroot('R -q -e \'IRkernel::installspec(user = FALSE, name = "ir", displayname = "R")\'')
 
 
+def _java_kernel(ctx: BuildContext) -> None:
+    # The JDK's postinst wants the man page dirs that dpkg's slim config leaves out.
+    ctx.chroot(
+        "mkdir -p /usr/share/man/man1 && apt-get update -q && apt-get install -y -q --no-install-recommends "
+        f"{JAVA_APT} && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin "
+        f"&& pip install -q jjava=={JJAVA_VERSION}"
+    )
+
+
 def _warm_caches(ctx: BuildContext) -> None:
     # matplotlib builds its font cache under $HOME on first import: do it once per user.
     warm = "MPLBACKEND=Agg python -c 'import matplotlib.pyplot'"
@@ -339,6 +355,12 @@ KERNELS_LAYER = LayerSpec(
             retries=NETWORK_RETRIES,
         ),
         Step("IRkernel kernelspec", _r_kernel, "ir"),
+        Step(
+            "Java kernel (JJava on Debian's JDK)",
+            _java_kernel,
+            f"{JAVA_APT} jjava=={JJAVA_VERSION}",
+            retries=NETWORK_RETRIES,
+        ),
         Step("font caches, clean up", _warm_caches, "v1"),
     ),
 )
@@ -444,7 +466,7 @@ ENVD_CHECK = (
     f"&& id -u {SANDBOX_USER} | grep -qx {SANDBOX_UID} && runuser -u {SANDBOX_USER} -- sudo -n true "
     "&& node --version && npm --version && git --version && curl --version"
 )
-KERNEL_NAMES = ("python3", "bash", "deno", "ir")
+KERNEL_NAMES = ("python3", "bash", "deno", "ir", "java")
 
 TEMPLATES: dict[str, TemplateSpec] = {
     "base": TemplateSpec(name="base", layers=("envd", "os"), check=ENVD_CHECK),
