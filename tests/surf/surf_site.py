@@ -8,7 +8,7 @@ fixed names, so run these tests under ``flock /tmp/pmoves-netns.lock``). Sandbox
 Pages (every one has the same navigation bar and footer around its ``<article>``):
 ``/`` (links to articles, the table, the form, a private page and another origin), ``/articles/1``
 … ``/articles/20`` (each links to the next: a chain for depth), ``/table`` (a table), ``/form``
-(POST ``/submit``, recorded in ``Site.submissions``), ``/private/secret`` (disallowed by
+(POST ``/submit``, recorded in ``Site.submissions``), ``/big`` (over 64 KiB of article), ``/private/secret`` (disallowed by
 ``/robots.txt``), ``/slow`` (answers after ``Site.slow_s`` seconds or when the site closes).
 ``Site.requests`` records every request (method, path, time).
 """
@@ -88,6 +88,8 @@ def render(path: str) -> tuple[int, str, str]:
             '<button type="submit" id="send">Send</button></form>'
         )
         return 200, "text/html", _page("Contact us", _paragraphs("FORM-PAGE", 2) + form)
+    if path == "/big":
+        return 200, "text/html", _page("A long report", _paragraphs("BIG-PAGE", 300))
     if path == "/private/secret":
         return 200, "text/html", _page("Members only", _paragraphs("SECRET-PAGE", 2))
     return 404, "text/html", _page("Not found", "<p>Nothing here.</p>")
