@@ -15,7 +15,7 @@ from typing import Any
 
 from ns_harness import Sandboxes
 
-from pmoves_e2b.sandbox import hostlimits
+from pmoves_e2b.sandbox import cgroups, hostlimits
 from pmoves_e2b.sandbox.backends.base import SandboxHandle
 
 # The issue's attack: 130 processes x 20,000 open /dev/null = 2.6 M files, more than this
@@ -169,3 +169,35 @@ def test_sandboxes_together_cannot_take_every_pid(sandboxes: Sandboxes) -> None:
     assert int((parent / "pids.max").read_text()) <= pid_max - hostlimits.HOST_PID_RESERVE
     # files: the global table is out of reach; each sandbox's memory cgroup is the limit
     assert int(Path("/proc/sys/fs/file-max").read_text()) >= 2**62
+
+
+CGROUP_PROBE = """
+import os
+root = "/sys/fs/cgroup"
+made = 0
+try:
+    while made < 600:
+        os.mkdir(f"{root}/g{made}")
+        made += 1
+except OSError as exc:
+    print(made, exc.errno)
+try:
+    open(f"{root}/cgroup.max.descendants", "w").write("max")
+except OSError as exc:
+    print("limits", exc.errno)
+for n in range(made):
+    os.rmdir(f"{root}/g{n}")
+print([line for line in open("/proc/self/cgroup").read().splitlines() if line.startswith("0::")][0])
+"""
+
+
+def test_the_delegated_cgroup_is_bounded_and_confined(sandboxes: Sandboxes) -> None:
+    handle = sandboxes.create()
+    result = sandboxes.python(handle, CGROUP_PROBE)
+    lines = result["stdout"].splitlines()
+    assert len(lines) == 3, result
+    made, limits, own = lines
+    # root inside may make child groups (envd: one per command), but no more than the host allows,
+    assert made.split() == [str(cgroups.MAX_DESCENDANTS), "11"], result  # EAGAIN
+    # may not raise that limit, and sees its own group as the root of the hierarchy
+    assert limits == "limits 13" and own == "0::/", result

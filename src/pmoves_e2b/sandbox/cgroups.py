@@ -18,6 +18,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 UNIFIED = "unified"
 CFS_PERIOD_US = 100_000
+MAX_DESCENDANTS = 512  # child groups a sandbox may make in its delegated cgroup2 group
+MAX_DEPTH = 2
 
 
 class CgroupError(RuntimeError):
@@ -91,6 +93,16 @@ class SandboxCgroups:
         _write(self.cpu / "cpu.cfs_quota_us", str(max(1000, int(cpu_count * CFS_PERIOD_US))))
         _write(self.pids / "pids.max", str(pids_max))
 
+    def delegate(self, uid: int) -> None:
+        """Hand the cgroup2 group to root inside (host ``uid``), as systemd delegates: it may make
+        child groups (envd: one per command, so a kill takes a command's whole tree) and move its
+        own processes between them. Limits stay in the root-owned files: at most
+        ``MAX_DESCENDANTS`` groups, ``MAX_DEPTH`` levels; the v1 limits are not affected."""
+        _write(self.unified / "cgroup.max.descendants", str(MAX_DESCENDANTS))
+        _write(self.unified / "cgroup.max.depth", str(MAX_DEPTH))
+        for path in (self.unified, self.unified / "cgroup.procs"):
+            os.chown(path, uid, uid)
+
     def procs_files(self) -> tuple[Path, ...]:
         """The cgroup.procs files a new process writes its pid into to join every group."""
         return tuple(path / "cgroup.procs" for path in self.all())
@@ -154,6 +166,7 @@ class SandboxCgroups:
     def remove(self, timeout: float = 2.0) -> None:
         """rmdir every group; EBUSY while the last processes exit is retried until ``timeout``."""
         deadline = time.monotonic() + timeout
+        _remove_children(self.unified)
         for path in self.all():
             while True:
                 try:
@@ -234,6 +247,7 @@ def kill_and_remove(groups: list[Path], timeout: float = 5.0) -> None:
             if not _wait(lambda g=group: "populated 0" in (g / "cgroup.events").read_text(), timeout):
                 raise CgroupError(f"processes still in {group} after cgroup.kill")
     for group in groups:
+        _remove_children(group)
         try:
             group.rmdir()
         except FileNotFoundError:
@@ -248,6 +262,20 @@ def remove_parents(parents: list[Path]) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
                 raise
+
+
+def _remove_children(group: Path) -> None:
+    """rmdir the (empty) child groups a sandbox made in its delegated group, deepest first."""
+    try:
+        entries = [entry for entry in os.scandir(group) if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        _remove_children(Path(entry.path))
+        try:
+            os.rmdir(entry.path)
+        except FileNotFoundError:
+            pass
 
 
 def _write(path: Path, value: str) -> None:

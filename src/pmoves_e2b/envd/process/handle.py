@@ -8,6 +8,7 @@ events only from the moment they subscribe: reconnecting replays nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import functools
 import os
@@ -24,6 +25,7 @@ from protobuf import Oneof
 
 from ..gen.process.process_pb import ProcessConfig, ProcessEvent
 from ..users import User
+from . import cgroup
 
 STD_CHUNK = 32 << 10
 PTY_CHUNK = 16 << 10
@@ -82,6 +84,14 @@ def _argv_as_user(spec: SpawnSpec) -> tuple[list[str], dict[str, object]]:
     return argv, {"user": spec.user.uid, "group": spec.user.gid, "extra_groups": spec.user.groups()}
 
 
+def _check_executable(spec: SpawnSpec) -> None:
+    command = os.path.join(spec.cwd, spec.cmd) if "/" in spec.cmd else spec.cmd
+    if shutil.which(command, path=spec.env.get("PATH", DEFAULT_PATH)) is None:
+        if os.path.exists(command):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), spec.cmd)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), spec.cmd)
+
+
 def _take_controlling_tty() -> None:
     # Runs in the child after setsid(): make the PTY slave (fd 0) the controlling terminal,
     # so job control and Ctrl-C work in interactive shells.
@@ -129,7 +139,13 @@ class ProcessHandle:
         self._paused = False
         self._write_waiter: asyncio.Future[None] | None = None
         self.end: ProcessEvent.EndEvent | None = None
-        self._popen = self._spawn(spec)
+        self._group = cgroup.CommandGroup() if cgroup.available() else None
+        try:
+            self._popen = self._spawn(spec)
+        except BaseException:
+            if self._group is not None:
+                self._group.release()
+            raise
         self.pid: int = self._popen.pid
         self._watch_exit()
         for fd in self._outputs:
@@ -138,6 +154,9 @@ class ProcessHandle:
 
     def _spawn(self, spec: SpawnSpec) -> subprocess.Popen[bytes]:
         argv, credentials = _argv_as_user(spec)
+        if self._group is not None:
+            _check_executable(spec)  # the wrapper would report a missing command as exit 127
+            argv = self._group.wrap(argv)
         if spec.pty_size is not None:
             master, slave = os.openpty()
             try:
@@ -287,6 +306,8 @@ class ProcessHandle:
         self._close_input()
         self.end = _exit_info(status)
         self._publish(ProcessEvent(event=Oneof("end", self.end)))
+        if self._group is not None:
+            self._group.release()
         for callback in self._on_end:
             callback(self)
 
@@ -295,19 +316,26 @@ class ProcessHandle:
     def signal(self, sig: int) -> None:
         if self.end is None:
             if sig == signal.SIGKILL:
-                # A kill takes the command's whole process group (its children, a fork bomb's
-                # copies), not just its shell: what is left would keep the sandbox's pids.
-                os.killpg(self.pid, sig)
+                self.kill_tree()
             else:
                 os.kill(self.pid, sig)
 
+    def kill_tree(self) -> None:
+        """SIGKILL the command and everything it started: its cgroup (also what left its process
+        group or session), else its process group. What is left would keep the sandbox's pids."""
+        if self.end is not None:
+            return
+        if self._group is not None:
+            self._group.kill()
+            return
+        os.killpg(self.pid, signal.SIGKILL)
+
     def kill_group(self) -> None:
-        """SIGKILL the process and everything in its process group (envd shutdown)."""
-        if self.end is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the process and everything it started (envd shutdown)."""
+        try:
+            self.kill_tree()
+        except ProcessLookupError:
+            pass
 
     def kill_after(self, seconds: float) -> None:
         """Enforce a Connect deadline: SIGKILL the process when it passes."""

@@ -42,6 +42,7 @@ from ..rpc import (
     request_user,
     resolve,
 )
+from . import cgroup
 from .handle import InputError, ProcessHandle, SpawnSpec, build_env
 
 if TYPE_CHECKING:
@@ -98,8 +99,14 @@ class ProcessService:
             pty_size=pty_size,
             stdin=request.stdin if request.has_field("stdin") else True,
         )
+        tag = request.tag if request.has_field("tag") else None
         try:
-            handle = ProcessHandle(spec, config, request.tag if request.has_field("tag") else None)
+            try:
+                handle = ProcessHandle(spec, config, tag)
+            except BlockingIOError:  # EAGAIN: the sandbox's pids.max is taken
+                if not cgroup.reclaim_pids():
+                    raise
+                handle = ProcessHandle(spec, config, tag)
         except (OSError, ValueError) as exc:
             raise connect_error(exc, f"error starting process '{config.cmd}'") from exc
         self._processes[handle.pid] = handle

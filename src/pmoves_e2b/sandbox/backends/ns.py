@@ -369,6 +369,7 @@ class NsBackend:
             _write_json(sandbox_dir / "state.json", details)
             cgroups.cap_parent_pids(self.cgroup_parents, hostlimits.sandboxes_pids_max())
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
+            cg.delegate(UID_BASE + UID_RANGE * slot)
             network.create_netns(net)
             inside = _Background(network.configure, net, spec.allow_internet)
             try:
@@ -425,6 +426,8 @@ class NsBackend:
             "--hostname", "e2b",
             "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
             "--dev-bind", str(self.launch_root / spec.sandbox_id / "pts"), "/dev/pts",
+            # its own cgroup2 group, delegated: envd puts each command in a child group
+            "--bind", str(cg.unified), "/sys/fs/cgroup",
             # POSIX shared memory for every user (its pages count against the memory limit)
             "--perms", "1777", "--size", str(spec.memory_mb * 1024 * 1024 // 2), "--tmpfs", "/dev/shm",  # noqa: S108 - the sandbox's own /dev/shm
             "--cap-drop", "ALL", *caps,
@@ -436,6 +439,7 @@ class NsBackend:
             "HOME": "/root",
             "LANG": "C.UTF-8",
             "ENVD_INIT_SECRET": spec.init_secret,
+            "ENVD_PIDS_MAX": str(self.pids_max),
             "NOFILE": str(nofile),
             "NPROC": str(nproc),
         }

@@ -1,0 +1,124 @@
+"""Per-command cgroups: a command and everything it starts share one cgroup2 group.
+
+The host delegates the sandbox's own cgroup2 group to root inside at /sys/fs/cgroup (ns backend).
+Each command gets a child group ``cmd-N`` that it joins before its first instruction (a ``sh``
+that writes itself into ``cgroup.procs`` and execs the command, so the spawn stays a vfork), and
+``cgroup.kill`` ends the whole tree: also the processes that left the command's process group or
+session (``setsid``, GNU ``timeout``, a fork bomb's copies). Without the delegated group (envd on a
+host, an older backend) commands fall back to their process group.
+
+A command whose first process ended while its tree lives on (``server &``) keeps its group until
+the tree is gone. When a new command finds the sandbox's processes near its pids.max
+(``ENVD_PIDS_MAX``, set by the host) or cannot fork at all, ``reclaim_pids`` first kills the
+largest such leftover tree: the way back from a fork bomb that outlived its command.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PIDS_MAX = int(os.environ.get("ENVD_PIDS_MAX", "0") or 0)
+CROWDED = 0.9  # share of PIDS_MAX at which a new command reclaims a leftover tree
+JOIN = 'echo 0 > "$0/cgroup.procs" && exec "$@"'
+_numbers = itertools.count(1)
+_leftovers: set[Path] = set()
+
+
+@functools.cache
+def available() -> bool:
+    return os.geteuid() == 0 and (ROOT / "cgroup.kill").exists() and os.access(ROOT / "cgroup.procs", os.W_OK)
+
+
+class CommandGroup:
+    """The cgroup of one command."""
+
+    def __init__(self) -> None:
+        sweep()
+        if _crowded():
+            reclaim_pids()
+        while True:
+            self.path = ROOT / f"cmd-{next(_numbers)}"
+            try:
+                self.path.mkdir()
+                return
+            except FileExistsError:
+                continue  # left by an earlier envd of this sandbox
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this group from its first instruction."""
+        return ["/bin/sh", "-c", JOIN, str(self.path), *argv]
+
+    def kill(self) -> None:
+        _kill(self.path)
+
+    def release(self) -> None:
+        """The command's first process ended: remove the group, or keep it while its tree lives."""
+        if not _remove(self.path):
+            _leftovers.add(self.path)
+
+
+def sweep() -> None:
+    """Remove the groups of leftover trees that have ended since."""
+    for path in list(_leftovers):
+        if _remove(path):
+            _leftovers.discard(path)
+
+
+def reclaim_pids(timeout: float = 2.0) -> bool:
+    """Kill the leftover tree with the most processes; True if one was killed (and is gone)."""
+    sweep()
+    sizes = {path: len(_procs(path)) for path in _leftovers}
+    if not sizes or max(sizes.values()) == 0:
+        return False
+    largest = max(sizes, key=lambda path: sizes[path])
+    _kill(largest)
+    deadline = time.monotonic() + timeout
+    while _populated(largest) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sweep()
+    return True
+
+
+def _crowded() -> bool:
+    if not PIDS_MAX or not _leftovers:
+        return False
+    return sum(name.isdigit() for name in os.listdir("/proc")) >= PIDS_MAX * CROWDED
+
+
+def _kill(path: Path) -> None:
+    try:
+        (path / "cgroup.kill").write_text("1")
+    except FileNotFoundError:
+        pass
+
+
+def _procs(path: Path) -> list[str]:
+    try:
+        return (path / "cgroup.procs").read_text().split()
+    except OSError:
+        return []
+
+
+def _populated(path: Path) -> bool:
+    try:
+        return "populated 1" in (path / "cgroup.events").read_text()
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
