@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -96,6 +97,23 @@ def test_the_cap_gives_429_and_delete_stops_a_run_and_kills_its_desktop(surf: Su
         first = running[0]
         desktop_id = first["desktop_id"]
         assert sandbox_exists(surf.stack, desktop_id)
+
+        # The run's desktop can be watched: a signed e2b-desktop viewer link that opens without a token.
+        viewer = surf.http.get(f"/api/sessions/{first['session_id']}/viewer").json()
+        assert viewer["desktop_id"] == desktop_id
+        link = urlsplit(viewer["viewer_url"])
+        assert link.port == surf.stack.ports["desktop"] and link.path == f"/desktop/{desktop_id}"
+        assert link.query.startswith("t=")
+        with httpx.Client(timeout=30, trust_env=False, follow_redirects=True) as browser:
+            opened = browser.get(viewer["viewer_url"])
+            assert opened.status_code == 200 and str(opened.url).endswith(f"/desktop/{desktop_id}")
+
+        # A person takes over and hands back (the flag an agent loop waits on).
+        path = f"/api/sessions/{first['session_id']}"
+        assert surf.http.post(path + "/takeover").json()["taken_over"] is True
+        assert surf.get(first["session_id"])["taken_over"] is True
+        assert surf.http.post(path + "/handback").json()["taken_over"] is False
+        assert surf.get(first["session_id"])["taken_over"] is False
         stopped = surf.http.delete(f"/api/sessions/{first['session_id']}")
         assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
         assert stopped.json()["error"]["code"] == "stopped"
@@ -107,7 +125,10 @@ def test_the_cap_gives_429_and_delete_stops_a_run_and_kills_its_desktop(surf: Su
         for session in sessions:
             surf.http.delete(f"/api/sessions/{session['session_id']}")
     events = surf.events(first["session_id"])
-    assert [e["state"] for e in events if e["type"] == "state"] == ["queued", "running", "stopped"]
+    states = [(e["state"], e.get("taken_over")) for e in events if e["type"] == "state"]
+    assert states == [("queued", None), ("running", None), ("running", True), ("running", False), ("stopped", None)]
+    assert surf.http.post(f"/api/sessions/{first['session_id']}/takeover").status_code == 409
+    assert surf.http.get(f"/api/sessions/{first['session_id']}/viewer").status_code == 409
 
 
 def test_a_restart_of_e2b_surf_lists_its_runs_as_interrupted(surf: SurfClient, site: Site) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STOP_WAIT_S = 30.0  # DELETE waits this long for the run to end and its desktop to go
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
+EndListener = Callable[[Session], Any]
 
 
 def new_session_id() -> str:
@@ -69,7 +70,6 @@ class SessionManager(Recorder):
         concurrent: int,
         timeout_s: int,
         runners: Mapping[str, Runner] | None = None,
-        on_end: Callable[[Session], Any] | None = None,
     ) -> None:
         self.db = db
         self.browsers = browsers
@@ -77,13 +77,18 @@ class SessionManager(Recorder):
         self.concurrent = concurrent
         self.timeout_s = timeout_s
         self.runners: dict[str, Runner] = dict(runners or {})
-        self.on_end = on_end
+        self._end_listeners: list[EndListener] = []
         self._live: dict[str, _Live] = {}
         self._closing = False
 
     def register(self, mode: str, runner: Runner) -> None:
         """The runner of ``mode`` (``scrape``, ``agent``); a mode without one answers 501."""
         self.runners[mode] = runner
+
+    def on_end(self, listener: EndListener) -> None:
+        """Call ``listener(session)`` (awaited when it is a coroutine) whenever a run ends, with the
+        final session (no steps/pages); its errors are logged and never affect the session."""
+        self._end_listeners.append(listener)
 
     # ----- start-up and shut-down --------------------------------------------------------
 
@@ -302,12 +307,15 @@ class SessionManager(Recorder):
         for queue in list(live.listeners):
             queue.put_nowait(None)
         live.listeners.clear()
-        if self.on_end is not None:
-            with contextlib.suppress(Exception):
-                session = await self.get(session_id, detail=False)
-                outcome = self.on_end(session)
-                if asyncio.iscoroutine(outcome):
-                    await outcome
+        if self._end_listeners:
+            session = await self.get(session_id, detail=False)
+            for listener in self._end_listeners:
+                try:
+                    outcome = listener(session)
+                    if asyncio.iscoroutine(outcome):
+                        await outcome
+                except Exception:  # a listener's trouble (NATS down) is its own
+                    log.exception("surf end listener failed for %s", session_id)
         # The history stays for late SSE listeners of a finished run only briefly; the store has it all.
         asyncio.get_running_loop().call_later(60, self._live.pop, session_id, None)
 
