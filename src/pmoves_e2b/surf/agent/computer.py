@@ -12,10 +12,13 @@ import io
 from typing import Any, Protocol
 
 from PIL import Image
+from playwright.async_api import Error as PlaywrightError
 
 from pmoves_e2b.desktop.actions import Drag, Key, Type
-from pmoves_e2b.desktop.desktops import DesktopOps
+from pmoves_e2b.desktop.desktops import DesktopError, DesktopOps
 from pmoves_e2b.surf.agent.providers.base import AgentAction, Display, Navigate
+
+NAVIGATE_TIMEOUT_MS = 30_000
 
 
 class Computer(Protocol):
@@ -24,6 +27,15 @@ class Computer(Protocol):
     async def screenshot(self) -> bytes: ...
 
     async def act(self, action: AgentAction) -> None: ...
+
+
+async def navigate(page: Any, url: str) -> None:
+    """``page.goto`` whose failure (DNS, refused, timeout) is a DesktopError the loop records."""
+    try:
+        await page.goto(url, timeout=NAVIGATE_TIMEOUT_MS)
+    except PlaywrightError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise DesktopError("navigate_failed", f"could not open {url}: {reason}", 409) from None
 
 
 class DesktopComputer:
@@ -36,7 +48,7 @@ class DesktopComputer:
     async def act(self, action: AgentAction) -> None:
         if isinstance(action, Navigate):
             if self.page is not None:
-                await self.page.goto(action.url)
+                await navigate(self.page, action.url)
                 return
             typed = [Key(type="key", keys="ctrl+l"), Type(type="type", text=action.url), Key(type="key", keys="enter")]
             await self.ops.act(self.desktop_id, typed)

@@ -56,9 +56,10 @@ class OpenAIResponses(Provider):
             "tools": [self._tool()],
             "truncation": "auto",
             "reasoning": {"summary": "concise"},
+            # Not carried over by previous_response_id: sent with every request.
+            "instructions": self.system_prompt(),
         }
         if self._previous is None:
-            body["instructions"] = self.system_prompt()
             body["input"] = [
                 {
                     "role": "user",
