@@ -454,3 +454,37 @@ def serving(double_cls: Callable[[str], ModelDouble], api_key: str) -> Iterator[
         yield double
     finally:
         double.close()
+
+
+MODEL_KEY = "sk-test-" + "m" * 24
+
+
+@dataclass
+class ModelDoubles:
+    """The model services an e2b-surf under test uses for agent mode (its settings in ``env``)."""
+
+    openai: OpenAIResponsesDouble
+    anthropic: AnthropicDouble
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "OPENAI_API_KEY": MODEL_KEY,
+            "ANTHROPIC_API_KEY": MODEL_KEY,
+            "E2B_SURF_OPENAI_BASE_URL": self.openai.url + "/v1",
+            "E2B_SURF_ANTHROPIC_BASE_URL": self.anthropic.url,
+        }
+
+    def reset(self) -> None:
+        """For a new run: policies that remember nothing, no scripted failure, no safety check."""
+        for double in (self.openai, self.anthropic):
+            double.policy = FormPolicy()
+            double.fail = None
+            double.requests.clear()
+        self.openai.check_before_send = False
+
+
+@contextlib.contextmanager
+def model_services() -> Iterator[ModelDoubles]:
+    with serving(OpenAIResponsesDouble, MODEL_KEY) as openai, serving(AnthropicDouble, MODEL_KEY) as anthropic:
+        yield ModelDoubles(openai, anthropic)

@@ -6,7 +6,9 @@ session and every site listens in it (``listening_socket_in_netns(internet_netns
 run these tests under ``flock /tmp/pmoves-netns.lock``.
 
 ``site`` (session) -> ``surf_site.Site``: the multi-page test site at http://203.0.113.80/ (port 80
-of that netns). ``surf_stack`` (session): a stack of its own with ``E2B_SURF_CONCURRENT=2`` (tests
+of that netns). ``model_doubles`` (session) -> ``agent_harness.ModelDoubles``: local model services
+speaking OpenAI's and Anthropic's computer-use wire formats; ``surf_stack`` (session): a stack of its
+own with ``E2B_SURF_CONCURRENT=2`` and agent mode's model settings pointing at those services (tests
 may restart its e2b-surf). ``surf``: an authenticated ``surf_harness.SurfClient`` of it (the site's
 request log cleared).
 """
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_harness import ModelDoubles, model_services
 from isolation.ns_harness import fake_internet_netns
 from stack.harness import RunningStack, make_stack, stop_and_clean
 from surf_harness import SURF_CONCURRENT, SurfClient
@@ -36,8 +39,14 @@ def site(internet_netns: Path) -> Iterator[Site]:
 
 
 @pytest.fixture(scope="session")
-def surf_stack() -> Iterator[RunningStack]:
-    stack = make_stack({"E2B_SURF_CONCURRENT": str(SURF_CONCURRENT), "E2B_SURF_TIMEOUT": "180"})
+def model_doubles() -> Iterator[ModelDoubles]:
+    with model_services() as doubles:
+        yield doubles
+
+
+@pytest.fixture(scope="session")
+def surf_stack(model_doubles: ModelDoubles) -> Iterator[RunningStack]:
+    stack = make_stack({"E2B_SURF_CONCURRENT": str(SURF_CONCURRENT), "E2B_SURF_TIMEOUT": "180", **model_doubles.env})
     try:
         stack.up()
     except BaseException:

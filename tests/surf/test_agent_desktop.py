@@ -91,9 +91,9 @@ class Desk:
 
 
 @pytest.fixture(scope="module")
-def desk(running_stack: RunningStack, internet_netns: Path) -> Iterator[Desk]:
+def desk(surf_stack: RunningStack, internet_netns: Path) -> Iterator[Desk]:
     loop = Loop()
-    ops = DesktopOps(build_sdk_config(running_stack.sandbox_url, running_stack.api_key), source="e2b-surf")
+    ops = DesktopOps(build_sdk_config(surf_stack.sandbox_url, surf_stack.api_key), source="e2b-surf")
     site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
     try:
         desktop = loop.run(ops.create(resolution="1024x768", duration_s=900, created_by="surf-agent-test"))

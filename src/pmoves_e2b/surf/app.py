@@ -19,6 +19,7 @@ from pmoves_e2b.desktop.links import viewer_link
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.surf import routes, scrape
+from pmoves_e2b.surf.agent import runner as agent_runner
 from pmoves_e2b.surf.browser import Browsers
 from pmoves_e2b.surf.files import ResultFiles
 from pmoves_e2b.surf.run import Runner
@@ -28,9 +29,9 @@ from pmoves_e2b.web_auth import Signer, TokenAuth
 HEALTH_TIMEOUT_S = 0.7
 
 
-def runners() -> dict[str, Runner]:
+def runners(settings: Settings) -> dict[str, Runner]:
     """The runner of each mode (``models.Mode``)."""
-    return {"scrape": scrape.run}
+    return {"scrape": scrape.run, "agent": agent_runner.make_runner(settings)}
 
 
 def routers(settings: Settings) -> list[APIRouter]:
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             files,
             concurrent=settings.e2b_surf_concurrent,
             timeout_s=settings.e2b_surf_timeout,
-            runners=runners(),
+            runners=runners(settings),
         )
         app.state.surf_sessions = sessions
         await sessions.open()

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pmoves_e2b.surf.agent.providers import parse_model
+
 Mode = Literal["scrape", "agent"]
 State = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
 LIVE_STATES: tuple[State, ...] = ("queued", "running")
@@ -63,6 +65,13 @@ class SurfRequest(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_model(value)  # 'provider:model' with a provider we have
         return value
 
     @field_validator("formats")
