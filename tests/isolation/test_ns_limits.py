@@ -78,3 +78,21 @@ def test_cpu_quota_throttles(sandboxes: Sandboxes) -> None:
     assert busy["rc"] == 0
     stat = dict(line.split() for line in (cpu_dir / "cpu.stat").read_text().splitlines())
     assert int(stat["nr_throttled"]) > 0, stat
+
+
+def test_filling_the_disk_is_enospc_not_an_oom(sandboxes: Sandboxes) -> None:
+    """The disk has its own limit: a disk larger than the memory limit fills up to ENOSPC for the
+    writer, and nothing is OOM-killed (the upper layer is not charged to the memory cgroup)."""
+    handle = sandboxes.create(memory_mb=128, disk_mb=512)
+    fill = sandboxes.run(
+        handle, "/bin/dd", "if=/dev/zero", "of=/home/user/fill", "bs=1M", "count=700", uid=1000, timeout=120
+    )
+    assert fill["rc"] != 0 and "No space left on device" in fill["stderr"], fill
+    cg = SandboxCgroups.from_dict(handle.details["cgroups"])
+    assert cg.oom_kills() == 0
+    assert agent_answers(handle)
+    stats = asyncio.run(sandboxes.backend.stats(handle))
+    assert stats.disk_used_bytes >= 400 * 1024 * 1024 and stats.disk_total_bytes >= 480 * 1024 * 1024, stats
+    used, _ = cg.memory_usage()
+    assert used < 128 * 1024 * 1024
+    assert sandboxes.run(handle, "/bin/rm", "/home/user/fill")["rc"] == 0

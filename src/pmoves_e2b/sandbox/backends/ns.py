@@ -18,7 +18,7 @@ What one sandbox is (recipe and measurements: reference/isolation-on-this-machin
 - a slot ``k`` from a host-wide registry (/run/pmoves-e2b/slots) gives root-inside the host uid
   range ``200000 + 65536*k`` and the routed /30 ``10.77.0.0/16 + 4k`` (see ``network.py``);
 - ``/`` is an overlayfs: the template layers, idmapped into the sandbox's own user namespace,
-  under an upper dir on a private tmpfs of ``spec.disk_mb``; envd's log is on that tmpfs too;
+  under an upper dir on its own disk (a sparse ext4 image of ``spec.disk_mb`` on a loop device), where envd's log is too;
 - bwrap runs as host uid B in the sandbox's netns and cgroups (joined before exec, so the
   cgroup namespace is rooted at the sandbox's group) with new user/pid/mount/ipc/uts/cgroup
   namespaces, Docker's default capabilities, no_new_privs and the seccomp denylist;
@@ -93,6 +93,8 @@ SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
 AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 MOUNT_ATTR_IDMAP = 0x100000
+LOOP_CONTROL = Path("/dev/loop-control")
+MKFS_EXT4 = "/sbin/mkfs.ext4"
 
 
 def _check(result: int, what: str) -> int:
@@ -142,6 +144,26 @@ def _unmount_sandbox(sandbox_dir: Path) -> None:
         _umount(mountpoint)
         if os.path.ismount(mountpoint):
             raise BackendError(f"{mountpoint} is still mounted")
+
+
+def _mount_disk(image: Path, target: Path, disk_mb: int) -> None:
+    """The sandbox's disk: a sparse ext4 image on a loop device (autoclear: it goes with the last
+    unmount). Filling it is ENOSPC for the writer, and its pages are page cache written back to the
+    host's disk; a tmpfs would be charged to the sandbox's memory cgroup, so a full disk OOM-killed
+    envd (issue 11). Without loop devices (some containers) it falls back to that tmpfs."""
+    if not LOOP_CONTROL.exists():
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=0700")
+        return
+    with open(image, "wb") as out:  # ext4's own metadata on top, so that disk_mb stay usable
+        out.truncate((disk_mb + disk_mb // 32 + 4) * 1024 * 1024)
+    for argv in (
+        [MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", str(image)],
+        ["/bin/mount", "-t", "ext4", "-o", "loop,noinit_itable,nosuid,nodev", str(image), str(target)],
+    ):
+        done = subprocess.run(argv, capture_output=True, check=False)
+        if done.returncode != 0:
+            raise BackendError(f"{argv[0]} failed for {image}: {done.stderr.decode(errors='replace').strip()}")
+    target.chmod(0o700)
 
 
 def _is_shared_mountpoint(path: Path) -> bool:
@@ -395,7 +417,7 @@ class NsBackend:
         merged, rw = sandbox_dir / "m", sandbox_dir / "rw"
         merged.mkdir()
         rw.mkdir(mode=0o700)
-        _mount("tmpfs", rw, "tmpfs", MS_NOSUID | MS_NODEV, f"size={spec.disk_mb}m,mode=0700")
+        _mount_disk(sandbox_dir / "disk.img", rw, spec.disk_mb)
         upper, work = rw / "u", rw / "w"
         upper.mkdir()
         work.mkdir()
@@ -692,13 +714,14 @@ class NsBackend:
         cpu_pct = min(100.0, max(0.0, (usage - last_usage) / 1e6 / elapsed / cpu_count * 100))
         mem_used, mem_total = cg.memory_usage()
         disk = os.statvfs(Path(handle.details["runtime_dir"]) / "rw")
+        disk_total = int(handle.details.get("disk_mb", 0)) * 1024 * 1024 or disk.f_blocks * disk.f_frsize
         return SandboxStats(
             cpu_count=cpu_count,
             cpu_used_pct=round(cpu_pct, 2),
             mem_used_bytes=mem_used,
             mem_total_bytes=mem_total,
-            disk_used_bytes=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
-            disk_total_bytes=disk.f_blocks * disk.f_frsize,
+            disk_used_bytes=min(disk_total, (disk.f_blocks - disk.f_bfree) * disk.f_frsize),
+            disk_total_bytes=disk_total,
         )
 
     def _cgroups(self, handle: SandboxHandle) -> SandboxCgroups:
