@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,7 +37,9 @@ PYTHON_PINS = (
     "pytest-xdist>=3.3,<4",
     "python-dotenv>=1,<2",
 )
-NPM_PINS = ("e2b@2.51.0", "@e2b/code-interpreter@2.8.0", "vitest@4", "dotenv@16", "msw@2")
+NPM_SDK_PINS = {"e2b": "2.51.0", "@e2b/code-interpreter": "2.8.0"}
+# What the tests need of the suite's devDependencies (the version it asks for, else this one).
+NPM_TEST_TOOLS = {"vitest": "^4.1.0", "dotenv": "^16.4.5", "msw": "^2.12.10", "error-stack-parser-es": "^1.0.5"}
 
 # suite -> (repo option, path in that repo, runner)
 SUITES = {
@@ -54,6 +58,7 @@ export default {
     testTimeout: 60_000,
     hookTimeout: 120_000,
     environment: 'node',
+    setupFiles: SETUP_FILES,
     reporters: ['default', 'junit'],
     outputFile: { junit: 'junit.xml' },
   },
@@ -61,11 +66,15 @@ export default {
 """
 
 
-def export(git_dir: Path, path: str, dest: Path) -> Path:
-    """The tree at HEAD:path, written under dest (fresh each run)."""
+def export(git_dir: Path, path: str, dest: Path, runner: str) -> Path:
+    """The suite at HEAD:path, written under dest. For pytest only its tests and pytest.ini: the
+    SDK's own source beside them would shadow the pinned SDK from PyPI. The JS tests import
+    their SDK from ../src, so the whole package comes along."""
+    paths = [f"{path}/tests", f"{path}/pytest.ini"] if runner == "pytest" else [path]
     archive = subprocess.run(
-        ["git", "--git-dir", str(git_dir), "archive", "HEAD", path], check=True, capture_output=True
+        ["git", "--git-dir", str(git_dir), "archive", "HEAD", *paths], check=True, capture_output=True
     )
+    shutil.rmtree(dest, ignore_errors=True)  # fresh each run
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return dest / path
@@ -79,11 +88,20 @@ def python_env(work: Path) -> Path:
     return venv / "bin/python"
 
 
-def node_env(work: Path) -> Path:
-    modules = work / "node"
+def node_env(work: Path, name: str, root: Path) -> Path:
+    """node_modules with the suite package's own dependencies (its tests import its ../src) and
+    the test tools; the stock npm SDK pinned where the package depends on it."""
+    package = json.loads((root / "package.json").read_text())
+    deps = {**package.get("dependencies", {}), **package.get("optionalDependencies", {})}
+    deps.update({sdk: version for sdk, version in NPM_SDK_PINS.items() if sdk in deps})
+    dev = package.get("devDependencies", {})
+    deps.update({tool: dev.get(tool, version) for tool, version in NPM_TEST_TOOLS.items()})
+    modules = work / f"node-{name}"
     modules.mkdir(exist_ok=True)
-    if not (modules / "node_modules/vitest").exists():
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NPM_PINS], cwd=modules, check=True)
+    manifest = json.dumps({"private": True, "dependencies": deps}, indent=1)
+    if not (modules / "node_modules/vitest").exists() or (modules / "package.json").read_text() != manifest:
+        (modules / "package.json").write_text(manifest)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=modules, check=True)
     return modules / "node_modules"
 
 
@@ -105,19 +123,36 @@ def counts(junit: Path) -> tuple[int, int, int]:
 def run_suite(name: str, root: Path, stack: RunningStack, work: Path, extra: list[str]) -> tuple[int, int, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
     env.update(stack.sdk_env)
+    # get_host()/getHost() URLs are https://{port}-{id}.e2b.localhost:<tls port>: trust our CA (README).
+    env.update(SSL_CERT_FILE=str(stack.ca_bundle), NODE_EXTRA_CA_CERTS=str(stack.ca_bundle.with_name("ca.pem")))
     junit = root / "junit.xml"
     junit.unlink(missing_ok=True)
     log = work / f"{name}.log"
     if SUITES[name][2] == "pytest":
-        python = work / "venv/bin/python"
-        cmd = [str(python), "-m", "pytest", *PYTEST_TARGETS[name], "-p", "no:cacheprovider", f"--junitxml={junit}"]
-        cmd += ["-o", "addopts=--import-mode=importlib", "-n", "2", "--timeout", "120", *extra]
+        # the pytest script, not `python -m pytest`: that would put the cwd on sys.path
+        cmd = [str(work / "venv/bin/pytest"), *PYTEST_TARGETS[name], "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        cmd += ["-o", "addopts=--import-mode=importlib", "-n", "2", "--timeout", "120", "-rfEs", *extra]
     else:
-        modules = work / "node/node_modules"
+        modules = node_env(work, name, root)
         (root / "node_modules").unlink(missing_ok=True)
         (root / "node_modules").symlink_to(modules)
-        (root / "vitest.upstream.mjs").write_text(VITEST_CONFIG)
-        cmd = [str(modules / ".bin/vitest"), "run", "--config", "vitest.upstream.mjs", *extra]
+        setup = [f for f in ("tests/globalFetchFallback.setup.ts",) if (root / f).exists()]
+        (root / "vitest.upstream.mjs").write_text(VITEST_CONFIG.replace("SETUP_FILES", json.dumps(setup)))
+        # Files that mock E2B's API with msw never reach a server: run them as upstream's CI does,
+        # without our URLs (which would send their requests past the mocks).
+        mocked = sorted(str(f.relative_to(root)) for f in (root / "tests").rglob("*.test.ts") if "msw" in f.read_text())
+        vitest = [str(modules / ".bin/vitest"), "run", "--config", "vitest.upstream.mjs"]
+        mock_env = {k: v for k, v in env.items() if not k.startswith("E2B_")} | {"E2B_API_KEY": "e2b_" + "0" * 40}
+        with log.open("w") as out:
+            subprocess.run(
+                [*vitest, *(f"--exclude={f}" for f in mocked), *extra], cwd=root, env=env, stdout=out, stderr=out
+            )
+            live = counts(junit)
+            junit.unlink(missing_ok=True)
+            if mocked:
+                subprocess.run([*vitest, *mocked, *extra], cwd=root, env=mock_env, stdout=out, stderr=out)
+        mock = counts(junit)
+        return live[0] + mock[0], live[1] + mock[1], live[2] + mock[2]
     with log.open("w") as out:
         subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     return counts(junit)
@@ -140,17 +175,15 @@ def main() -> int:
     runners = {SUITES[name][2] for name in suites}
     if "pytest" in runners:
         python_env(args.work)
-    if "vitest" in runners:
-        node_env(args.work)
     stack = make_stack()
     results = {}
     try:
         stack.up()
         for name in suites:
-            repo, path, _ = SUITES[name]
+            repo, path, runner = SUITES[name]
             if repos[repo] is None:
                 parser.error(f"--{repo.replace('_', '-')} is needed for suite {name}")
-            root = export(repos[repo], path, args.work / name)
+            root = export(repos[repo], path, args.work / name, runner)
             results[name] = run_suite(name, root, stack, args.work, args.extra)
             print(
                 f"{name}: {results[name][0]} passed, {results[name][1]} failed, {results[name][2]} skipped", flush=True
