@@ -25,7 +25,10 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 PIDS_MAX = int(os.environ.get("ENVD_PIDS_MAX", "0") or 0)
 CROWDED = 0.9  # share of PIDS_MAX at which a new command reclaims a leftover tree
-JOIN = 'echo 0 > "$0/cgroup.procs" && exec "$@"'
+# Join the group, then raise oom_score_adj (no privilege needed to raise): when the sandbox runs out
+# of memory the kernel kills commands before envd, even commands smaller than envd.
+COMMAND_OOM_SCORE_ADJ = 500
+JOIN = f'echo 0 > "$0/cgroup.procs" && echo {COMMAND_OOM_SCORE_ADJ} > /proc/self/oom_score_adj && exec "$@"'
 _numbers = itertools.count(1)
 _leftovers: set[Path] = set()
 
