@@ -16,6 +16,7 @@ import itertools
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class ModelDouble:
         self.policy = FormPolicy()
         self.requests: list[dict[str, Any]] = []
         self.fail: tuple[int, dict[str, Any]] | None = None
+        # (request received, answer sent) on time.monotonic(): the gaps are the client's time per turn
+        self.timeline: list[tuple[float, float]] = []
         self._ids = itertools.count(1)
         double = self
 
@@ -206,6 +209,7 @@ class ModelDouble:
                 pass
 
             def do_POST(self) -> None:
+                received = time.monotonic()
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 status, answer = double.answer(self.path, headers, body)
@@ -215,6 +219,7 @@ class ModelDouble:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                double.timeline.append((received, time.monotonic()))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -481,6 +486,7 @@ class ModelDoubles:
             double.policy = FormPolicy()
             double.fail = None
             double.requests.clear()
+            double.timeline.clear()
         self.openai.check_before_send = False
 
 
