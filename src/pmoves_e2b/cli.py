@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -80,6 +81,17 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
         soft_wrap=True,
     )
     console.print(f"  export E2B_API_URL={sandbox_url}\n  export E2B_SANDBOX_URL={sandbox_url}", highlight=False)
+    tls_dir = settings.e2b_data_dir / "tls"
+    console.print("or with host routing over TLS (no deprecated options; Node reads NODE_EXTRA_CA_CERTS):")
+    console.print(
+        f"  export E2B_DOMAIN={settings.public_domain} SSL_CERT_FILE={tls_dir}/bundle.pem "
+        f"NODE_EXTRA_CA_CERTS={tls_dir}/ca.pem",
+        highlight=False,
+        soft_wrap=True,
+    )
+    hint = host_routing_hint(settings.e2b_domain)
+    if hint:
+        console.print(f"  note: {hint}", highlight=False, soft_wrap=True)
     nats_secret = secret_paths.get("E2B_NATS_PASSWORD")
     if settings.embedded_nats:
         # The embedded server refuses anonymous clients: PMOVES' publishers connect as user `pmoves`.
@@ -90,6 +102,25 @@ def _print_access(settings: Settings, secret_paths: dict[str, Path | None]) -> N
             highlight=False,
             soft_wrap=True,
         )
+
+
+def host_routing_hint(domain: str, resolve: Callable[..., object] = socket.getaddrinfo) -> str | None:
+    """What this host lacks for `{port}-{id}.{domain}` names, or None when glibc resolves them.
+
+    The Python SDK maps `*.localhost` to loopback itself; Node (the JS SDK), curl and browsers ask
+    glibc, which needs nss-myhostname for that (or wildcard DNS for any other domain)."""
+    probe = f"49983-probe.{domain}"
+    try:
+        resolve(probe, 443, type=socket.SOCK_STREAM)
+        return None
+    except OSError:
+        pass
+    if domain == "localhost" or domain.endswith(".localhost"):
+        return (
+            f"this host does not resolve *.{domain}, so the JS SDK cannot use host routing: "
+            "apt-get install libnss-myhostname (`make sysdeps` does)"
+        )
+    return f"this host does not resolve *.{domain}: host routing needs wildcard DNS for it"
 
 
 def _wait_healthy(settings: Settings, supervisor: subprocess.Popen[bytes] | None, timeout: float) -> list:

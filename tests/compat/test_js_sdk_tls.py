@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pmoves_e2b.cli import host_routing_hint
+
 pytestmark = pytest.mark.stack
 
 SCRIPT = r"""
@@ -59,3 +61,14 @@ def test_js_sdk_over_tls_host_routing(running_stack, npm_e2b: Path) -> None:  # 
     assert out["echo"] == "over-tls\n"
     assert out["file"] == "tls-file"
     assert out["code"] == "42"
+
+
+def test_up_names_the_missing_resolver_step() -> None:
+    """`pmoves-e2b up` tells a user whose host cannot resolve the routing names what to install."""
+    assert host_routing_hint("e2b.localhost") is None  # this host has nss-myhostname (make sysdeps)
+
+    def unresolvable(*args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    assert "libnss-myhostname" in (host_routing_hint("e2b.localhost", unresolvable) or "")
+    assert "wildcard DNS" in (host_routing_hint("sandboxes.example.com", unresolvable) or "")
