@@ -47,19 +47,13 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
-from stack.harness import RunningStack, make_stack, stop_and_clean
+from stack.harness import RunningStack, make_stack, started_stack, stop_and_clean
 
 
 @pytest.fixture(scope="session")
 def running_stack() -> Iterator[RunningStack]:
-    stack = make_stack()
-    try:
-        stack.up()
-    except BaseException:
-        stack.down()
-        raise
-    yield stack
-    stop_and_clean(stack)
+    with started_stack() as stack:
+        yield stack
 
 
 @pytest.fixture()

@@ -306,6 +306,19 @@ def make_stack(extra_env: dict[str, str] | None = None) -> RunningStack:
     return RunningStack(data_dir, settings_env, ports)
 
 
+@contextlib.contextmanager
+def started_stack(extra_env: dict[str, str] | None = None) -> Iterator[RunningStack]:
+    """``make_stack(extra_env)``, up; afterwards stopped and checked that nothing is left."""
+    stack = make_stack(extra_env)
+    try:
+        stack.up()
+    except BaseException:
+        stack.down()
+        raise
+    yield stack
+    stop_and_clean(stack)
+
+
 def stop_and_clean(stack: RunningStack) -> None:
     """`down`, then make sure nothing is left; raises AssertionError describing any leak."""
     result = stack.down()

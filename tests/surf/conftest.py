@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from agent_harness import ModelDoubles, model_services
 from isolation.ns_harness import fake_internet_netns
-from stack.harness import RunningStack, make_stack, stop_and_clean
+from stack.harness import RunningStack, started_stack
 from surf_harness import SURF_CONCURRENT, SurfClient
 from surf_site import Site, serve_site
 
@@ -46,14 +46,9 @@ def model_doubles() -> Iterator[ModelDoubles]:
 
 @pytest.fixture(scope="session")
 def surf_stack(model_doubles: ModelDoubles) -> Iterator[RunningStack]:
-    stack = make_stack({"E2B_SURF_CONCURRENT": str(SURF_CONCURRENT), "E2B_SURF_TIMEOUT": "180", **model_doubles.env})
-    try:
-        stack.up()
-    except BaseException:
-        stack.down()
-        raise
-    yield stack
-    stop_and_clean(stack)
+    env = {"E2B_SURF_CONCURRENT": str(SURF_CONCURRENT), "E2B_SURF_TIMEOUT": "180", **model_doubles.env}
+    with started_stack(env) as stack:
+        yield stack
 
 
 @pytest.fixture()

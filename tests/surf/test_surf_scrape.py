@@ -109,6 +109,9 @@ def test_max_pages_ends_the_crawl(surf: SurfClient, site: Site) -> None:
     assert len(session["pages"]) == 3 and session["result"]["pages"] == 3
     assert session["result"]["not_visited"] > 0
     assert len([p for p, _ in fetched(site) if p != "/robots.txt"]) == 3
+    metrics = httpx.get(surf.stack.surf_url + "/metrics", timeout=30, trust_env=False).text
+    assert 'e2b_surf_sessions_ended_total{mode="scrape",state="completed"}' in metrics
+    assert 'e2b_surf_pages_total{outcome="loaded"}' in metrics
 
 
 def test_a_start_url_robots_txt_disallows_is_not_fetched(surf: SurfClient, site: Site) -> None:

@@ -64,13 +64,20 @@ def interrupt_live_sessions(db: Database) -> list[SurfSessionRow]:
         return rows
 
 
-def add_step(db: Database, session_id: str, kind: str, data: dict[str, Any]) -> tuple[int, datetime]:
-    """Append a step; answers its index (0-based, in order) and time."""
+def _append(
+    db: Database, row_type: type[SurfStepRow] | type[SurfPageRow], session_id: str, **fields: Any
+) -> tuple[int, datetime]:
+    """Add the session's next step or page (indexes 0, 1, … in order); answers its index and time."""
     now = utcnow()
     with db.session() as s:
-        index = s.scalar(select(func.count()).select_from(SurfStepRow).where(SurfStepRow.session_id == session_id))
-        s.add(SurfStepRow(session_id=session_id, index=index or 0, ts=now, kind=kind, data=data))
-    return index or 0, now
+        count = select(func.count()).select_from(row_type).where(row_type.session_id == session_id)
+        index = s.scalar(count) or 0
+        s.add(row_type(session_id=session_id, index=index, ts=now, **fields))
+    return index, now
+
+
+def add_step(db: Database, session_id: str, kind: str, data: dict[str, Any]) -> tuple[int, datetime]:
+    return _append(db, SurfStepRow, session_id, kind=kind, data=data)
 
 
 def steps(db: Database, session_id: str) -> list[SurfStepRow]:
@@ -80,11 +87,7 @@ def steps(db: Database, session_id: str) -> list[SurfStepRow]:
 
 
 def add_page(db: Database, session_id: str, url: str, data: dict[str, Any]) -> tuple[int, datetime]:
-    now = utcnow()
-    with db.session() as s:
-        index = s.scalar(select(func.count()).select_from(SurfPageRow).where(SurfPageRow.session_id == session_id))
-        s.add(SurfPageRow(session_id=session_id, index=index or 0, ts=now, url=url, data=data))
-    return index or 0, now
+    return _append(db, SurfPageRow, session_id, url=url, data=data)
 
 
 def pages(db: Database, session_id: str) -> list[SurfPageRow]:

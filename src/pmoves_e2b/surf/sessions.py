@@ -29,6 +29,7 @@ from typing import Any
 from pmoves_e2b.store import surf as store
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SurfPageRow, SurfSessionRow, SurfStepRow
+from pmoves_e2b.surf import metrics
 from pmoves_e2b.surf.browser import Browsers, SurfBrowser
 from pmoves_e2b.surf.files import ResultFiles
 from pmoves_e2b.surf.models import LIVE_STATES, PageResult, Session, Step, SurfError, SurfRequest
@@ -58,6 +59,8 @@ class _Live:
     history: list[dict[str, Any]] = field(default_factory=list)
     listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
     finished: bool = False
+    # Records get their index from the rows so far: one at a time per session.
+    record_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class SessionManager(Recorder):
@@ -122,12 +125,14 @@ class SessionManager(Recorder):
         # Counted synchronously (no await before the insert into _live): no two starts pass at once.
         running = sum(1 for live in self._live.values() if not live.finished)
         if running >= self.concurrent:
+            metrics.SESSIONS_REFUSED.inc()
             raise SurfError(
                 "too_many_sessions", f"{running} sessions are running (E2B_SURF_CONCURRENT={self.concurrent})", 429
             )
         session_id = new_session_id()
         live = _Live(session_id, request)
         self._live[session_id] = live
+        metrics.SESSIONS_RUNNING.inc()
         row = SurfSessionRow(
             session_id=session_id,
             mode=request.mode,
@@ -140,6 +145,7 @@ class SessionManager(Recorder):
             await asyncio.to_thread(store.add_session, self.db, row)
         except BaseException:
             self._live.pop(session_id, None)
+            metrics.SESSIONS_RUNNING.dec()
             raise
         session = self._session(row)
         self._emit(live, {"type": "state", "state": "queued", "session": session.model_dump(mode="json")})
@@ -215,13 +221,17 @@ class SessionManager(Recorder):
     # ----- Recorder (what RunContext calls) ----------------------------------------------
 
     async def step(self, session_id: str, kind: str, data: dict[str, Any]) -> Step:
-        index, ts = await asyncio.to_thread(store.add_step, self.db, session_id, kind, data)
+        async with self._live[session_id].record_lock:
+            index, ts = await asyncio.to_thread(store.add_step, self.db, session_id, kind, data)
+        metrics.STEPS.labels(kind).inc()
         step = Step(index=index, ts=ts, kind=kind, data=self.files.with_urls(session_id, data))
         self._emit(self._live[session_id], {"type": "step", "step": step.model_dump(mode="json")})
         return step
 
     async def page(self, session_id: str, url: str, data: dict[str, Any]) -> PageResult:
-        index, ts = await asyncio.to_thread(store.add_page, self.db, session_id, url, data)
+        async with self._live[session_id].record_lock:
+            index, ts = await asyncio.to_thread(store.add_page, self.db, session_id, url, data)
+        metrics.PAGES.labels("error" if "error" in data else "loaded").inc()
         page = PageResult(index=index, ts=ts, url=url, data=self.files.with_urls(session_id, data))
         self._emit(self._live[session_id], {"type": "page", "page": page.model_dump(mode="json")})
         return page
@@ -246,6 +256,7 @@ class SessionManager(Recorder):
                 live.desktop_id = await self.browsers.create_desktop(session_id, timeout_s)
                 await self._update(session_id, desktop_id=live.desktop_id)
                 browser = await self.browsers.open(live.desktop_id)
+                metrics.BROWSER_READY_SECONDS.observe(time.monotonic() - (deadline - timeout_s))
                 ctx = RunContext(
                     session_id, live.request, browser, deadline, timeout_s, self, stop_requested=live.stop_requested
                 )
@@ -304,6 +315,8 @@ class SessionManager(Recorder):
             )
         self._emit(live, {"type": "state", "state": state, "ended_at": ended.isoformat()})
         live.finished = True
+        metrics.SESSIONS_RUNNING.dec()
+        metrics.SESSIONS_ENDED.labels(live.request.mode, state).inc()
         for queue in list(live.listeners):
             queue.put_nowait(None)
         live.listeners.clear()
