@@ -4,7 +4,7 @@ Not part of `make test`: the suites live outside this repository. Get them as gi
 of e2b-dev/E2B and e2b-dev/code-interpreter) and run, as root:
 
     .venv/bin/python tests/upstream/run_upstream.py --e2b GITDIR --code-interpreter GITDIR \
-        [--work /var/tmp/pmoves-upstream] [--suite python-sdk ...] [-- extra pytest args]
+        [--work /var/tmp/pmoves-upstream] [--suite python-sdk ...] [--tls] [-- extra pytest args]
 
 Each suite's tests are exported (`git archive`) into the work dir, run with the pinned stock SDKs
 (below) in a venv / node_modules there, and summed up as `<suite>: N passed, N failed, N skipped`
@@ -120,9 +120,14 @@ def counts(junit: Path) -> tuple[int, int, int]:
     return passed, failed, skipped
 
 
-def run_suite(name: str, root: Path, stack: RunningStack, work: Path, extra: list[str]) -> tuple[int, int, int]:
+def run_suite(
+    name: str, root: Path, stack: RunningStack, work: Path, extra: list[str], tls: bool
+) -> tuple[int, int, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
-    env.update(stack.sdk_env)
+    if tls:  # the production-style route: no deprecated URL options, https://{port}-{id}.{domain}
+        env.update(E2B_API_KEY=stack.api_key, E2B_DOMAIN=f"e2b.localhost:{stack.tls_port}")
+    else:
+        env.update(stack.sdk_env)
     # get_host()/getHost() URLs are https://{port}-{id}.e2b.localhost:<tls port>: trust our CA (README).
     env.update(SSL_CERT_FILE=str(stack.ca_bundle), NODE_EXTRA_CA_CERTS=str(stack.ca_bundle.with_name("ca.pem")))
     junit = root / "junit.xml"
@@ -166,6 +171,7 @@ def main() -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/pmoves-upstream"))
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="default: every suite with a repo")
+    parser.add_argument("--tls", action="store_true", help="E2B_DOMAIN host routing over TLS, not E2B_*_URL")
     parser.add_argument("extra", nargs="*", help="passed on to pytest / vitest (after --)")
     args = parser.parse_args()
     repos = {"e2b": args.e2b, "code_interpreter": args.code_interpreter}
@@ -184,7 +190,7 @@ def main() -> int:
             if repos[repo] is None:
                 parser.error(f"--{repo.replace('_', '-')} is needed for suite {name}")
             root = export(repos[repo], path, args.work / name, runner)
-            results[name] = run_suite(name, root, stack, args.work, args.extra)
+            results[name] = run_suite(name, root, stack, args.work, args.extra, args.tls)
             print(
                 f"{name}: {results[name][0]} passed, {results[name][1]} failed, {results[name][2]} skipped", flush=True
             )
