@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import http.client
 import json
 import os
@@ -139,11 +140,28 @@ FAKE_INTERNET_HOST_IP = "203.0.113.1"
 FAKE_INTERNET_SERVER_IP = "203.0.113.80"
 
 
+FAKE_INTERNET_LOCK = Path("/run/lock/pmoves-e2b-fake-internet.lock")
+
+
+@contextlib.contextmanager
+def _fake_internet_lock() -> Iterator[None]:
+    """Its host address is fixed, so two test processes (a CI run and a developer's) take turns."""
+    FAKE_INTERNET_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with FAKE_INTERNET_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @contextlib.contextmanager
 def fake_internet_netns() -> Iterator[Path]:
     """The "fake internet": a netns at FAKE_INTERNET_SERVER_IP (TEST-NET-3), routed from the host
     through a veth; yields the netns path (listeners go in with ``listening_socket_in_netns``).
-    Fixed names: run tests that use it under ``flock /tmp/pmoves-netns.lock``."""
+    One at a time per process; other processes wait for it (``_fake_internet_lock``)."""
+    with _fake_internet_lock():
+        yield from _fake_internet_netns()
+
+
+def _fake_internet_netns() -> Iterator[Path]:
     script = (
         f"netns add {FAKE_INTERNET_NETNS}\n"
         f"link add {FAKE_INTERNET_HOST_VETH} type veth peer name eth0 netns {FAKE_INTERNET_NETNS}\n"
