@@ -452,6 +452,69 @@ class AnthropicDouble(ModelDouble):
         return {"type": "tool_use", "id": self.next_id("toolu"), "name": "computer", "input": tool_input}
 
 
+class ChatDouble(ModelDouble):
+    """An OpenAI-compatible vision chat server (``POST /v1/chat/completions``, as vLLM, Ollama or
+    LM Studio serve it) whose answers follow the JSON action protocol of ``openai_chat.py``."""
+
+    path = "/v1/chat/completions"
+
+    def auth_error(self, headers: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, self.error_body("invalid_request_error", "Invalid API key")
+        return None
+
+    def error_body(self, kind: str, message: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+    def respond(self, headers: dict[str, str], body: Any) -> dict[str, Any]:
+        _need(isinstance(body.get("model"), str), "model is required")
+        messages = body["messages"]
+        _need(messages[0]["role"] == "system" and messages[-1]["role"] == "user", "system first, user last")
+        images = [
+            part["image_url"]["url"]
+            for message in messages
+            if isinstance(message["content"], list)
+            for part in message["content"]
+            if part["type"] == "image_url"
+        ]
+        _need(len(images) == 1, "one image in the conversation")
+        screen = decode_png(images[0])
+        decision = self.policy.decide(screen)
+        actions: list[dict[str, Any]] = []
+        if decision.action is not None:
+            if decision.action["type"] == "click":
+                x, y = decision.action["at"]
+                actions.append({"type": "click", "x": x, "y": y})
+                if self.policy.typing_into is not None:  # click and type in one answer
+                    typed = self.policy.decide(screen).action
+                    assert typed is not None
+                    actions.append({"type": "type", "text": typed["text"]})
+            elif decision.action["type"] == "type":
+                actions.append({"type": "type", "text": decision.action["text"]})
+            else:
+                actions.append({"type": "wait", "ms": 1000})
+        answer = {
+            "reasoning": decision.reasoning,
+            "actions": actions,
+            "done": decision.action is None,
+            "message": decision.reasoning if decision.action is None else "",
+        }
+        return {
+            "id": self.next_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": 1_765_000_000,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "```json\n" + json.dumps(answer) + "\n```"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 40, "total_tokens": 1040},
+        }
+
+
 @contextlib.contextmanager
 def serving(double_cls: Callable[[str], ModelDouble], api_key: str) -> Iterator[Any]:
     double = double_cls(api_key)
@@ -470,19 +533,22 @@ class ModelDoubles:
 
     openai: OpenAIResponsesDouble
     anthropic: AnthropicDouble
+    chat: ChatDouble
 
     @property
     def env(self) -> dict[str, str]:
         return {
             "OPENAI_API_KEY": MODEL_KEY,
             "ANTHROPIC_API_KEY": MODEL_KEY,
+            "E2B_SURF_CHAT_API_KEY": MODEL_KEY,
             "E2B_SURF_OPENAI_BASE_URL": self.openai.url + "/v1",
             "E2B_SURF_ANTHROPIC_BASE_URL": self.anthropic.url,
+            "E2B_SURF_CHAT_BASE_URL": self.chat.url + "/v1",
         }
 
     def reset(self) -> None:
         """For a new run: policies that remember nothing, no scripted failure, no safety check."""
-        for double in (self.openai, self.anthropic):
+        for double in (self.openai, self.anthropic, self.chat):
             double.policy = FormPolicy()
             double.fail = None
             double.requests.clear()
@@ -492,5 +558,9 @@ class ModelDoubles:
 
 @contextlib.contextmanager
 def model_services() -> Iterator[ModelDoubles]:
-    with serving(OpenAIResponsesDouble, MODEL_KEY) as openai, serving(AnthropicDouble, MODEL_KEY) as anthropic:
-        yield ModelDoubles(openai, anthropic)
+    with (
+        serving(OpenAIResponsesDouble, MODEL_KEY) as openai,
+        serving(AnthropicDouble, MODEL_KEY) as anthropic,
+        serving(ChatDouble, MODEL_KEY) as chat,
+    ):
+        yield ModelDoubles(openai, anthropic, chat)

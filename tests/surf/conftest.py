@@ -7,7 +7,7 @@ run these tests under ``flock /tmp/pmoves-netns.lock``.
 
 ``site`` (session) -> ``surf_site.Site``: the multi-page test site at http://203.0.113.80/ (port 80
 of that netns). ``model_doubles`` (session) -> ``agent_harness.ModelDoubles``: local model services
-speaking OpenAI's and Anthropic's computer-use wire formats; ``surf_stack`` (session): a stack of its
+speaking OpenAI's and Anthropic's computer-use wire formats and OpenAI-compatible chat; ``surf_stack`` (session): a stack of its
 own with ``E2B_SURF_CONCURRENT=2`` and agent mode's model settings pointing at those services (tests
 may restart its e2b-surf). ``surf``: an authenticated ``surf_harness.SurfClient`` of it (the site's
 request log cleared).

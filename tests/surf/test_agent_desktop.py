@@ -21,6 +21,7 @@ from agent_harness import (
     LINK_BLUE,
     NAME,
     AnthropicDouble,
+    ChatDouble,
     FormSite,
     ModelDouble,
     OpenAIResponsesDouble,
@@ -39,6 +40,7 @@ from pmoves_e2b.surf.agent.loop import AgentResult, StepRecord, Takeover, run_ag
 from pmoves_e2b.surf.agent.providers import Display
 from pmoves_e2b.surf.agent.providers.anthropic import AnthropicComputerUse
 from pmoves_e2b.surf.agent.providers.base import Provider
+from pmoves_e2b.surf.agent.providers.openai_chat import OpenAIChat
 from pmoves_e2b.surf.agent.providers.openai_responses import OpenAIResponses
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -158,7 +160,7 @@ def run_loop(desk: Desk, provider: Provider, **kwargs: Any) -> tuple[AgentResult
 
 
 def provider_for(cls: type[Provider], double: ModelDouble, key: str = KEY) -> Provider:
-    base = double.url + ("/v1" if cls is OpenAIResponses else "")
+    base = double.url + ("" if cls is AnthropicComputerUse else "/v1")
     return cls(model="test-cua", task=TASK, display=DISPLAY, base_url=base, api_key=key, timeout_s=30)
 
 
@@ -177,9 +179,11 @@ def check_steps(steps: list[StepRecord]) -> None:
     )
 
 
-@pytest.mark.parametrize("cls", [OpenAIResponses, AnthropicComputerUse], ids=["openai", "anthropic"])
+@pytest.mark.parametrize(
+    "cls", [OpenAIResponses, AnthropicComputerUse, OpenAIChat], ids=["openai", "anthropic", "openai-compatible"]
+)
 def test_agent_fills_and_sends_the_form(desk: Desk, cls: type[Provider]) -> None:
-    double_cls = OpenAIResponsesDouble if cls is OpenAIResponses else AnthropicDouble
+    double_cls = {OpenAIResponses: OpenAIResponsesDouble, AnthropicComputerUse: AnthropicDouble}.get(cls, ChatDouble)
     desk.show_landing()
     before = len(desk.site.submissions)
     with serving(double_cls, KEY) as double:

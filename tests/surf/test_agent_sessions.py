@@ -1,5 +1,6 @@
 """Agent mode through e2b-surf's API: the surf stack's model settings point at local services
-speaking OpenAI's and Anthropic's computer-use wire formats (``model_doubles``), whose scripted
+speaking OpenAI's and Anthropic's computer-use wire formats and OpenAI-compatible chat
+(``model_doubles``), whose scripted
 policy reads the screenshots. ``POST /api/surf`` with ``mode: agent`` must get the form of a site
 in the fake internet filled and sent; take-over and hand-back go through the endpoints; a failing
 model fails the session with the provider's error. Run under ``flock /tmp/pmoves-netns.lock``.
@@ -39,7 +40,7 @@ def start(surf: SurfClient, site: FormSite, model: str) -> str:
     return str(surf.start(mode="agent", url=url, task=TASK, model=model, max_steps=25)["session_id"])
 
 
-@pytest.mark.parametrize("model", ["openai:test-cua", "anthropic:test-cua"])
+@pytest.mark.parametrize("model", ["openai:test-cua", "anthropic:test-cua", "openai-compatible:test-vl"])
 def test_an_agent_session_sends_the_form(
     surf: SurfClient, form_site: FormSite, doubles: ModelDoubles, model: str
 ) -> None:
