@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, HTTPException, Request
@@ -65,6 +66,12 @@ def health_checks(settings: Settings, ops: DesktopOps, novnc_dir: Path) -> list[
     ]
 
 
+def surf_origin(settings: Settings) -> str:
+    """e2b-surf's public origin (``NEXT_PUBLIC_API_URL``): its web UI embeds the viewer in a frame."""
+    parts = urlsplit(str(settings.next_public_api_url or ""))
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else ""
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     ops = ops_for(settings)
@@ -104,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "desktop",
         settings,
         health_checks=health_checks(settings, ops, novnc_dir),
-        routers=[routes.build_router(require_bearer), pages.build_router()],
+        routers=[routes.build_router(require_bearer), pages.build_router(surf_origin(settings))],
         lifespan=lifespan,
     )
     app.state.desktop_ops = ops

@@ -46,13 +46,24 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def page(title: str, body: str, status: int = 200, body_class: str = "") -> HTMLResponse:
+def framed_headers(framers: str) -> dict[str, str]:
+    """The headers of a viewer page that e2b-surf's UI (``framers``: its origin) may embed."""
+    if not framers:
+        return SECURITY_HEADERS
+    headers = {k: v for k, v in SECURITY_HEADERS.items() if k != "X-Frame-Options"}
+    headers["Content-Security-Policy"] = headers["Content-Security-Policy"].replace(
+        "frame-ancestors 'self'", f"frame-ancestors 'self' {framers}"
+    )
+    return headers
+
+
+def page(title: str, body: str, status: int = 200, body_class: str = "", framers: str = "") -> HTMLResponse:
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title><link rel="icon" href="{FAVICON}">
 <link rel="stylesheet" href="/static/desktop.css"></head>
 <body class="{body_class}">{body}</body></html>"""
-    return HTMLResponse(document, status_code=status, headers=SECURITY_HEADERS)
+    return HTMLResponse(document, status_code=status, headers=framed_headers(framers))
 
 
 def bar(extra: str = "", signed_in: bool = False) -> str:
@@ -61,7 +72,7 @@ def bar(extra: str = "", signed_in: bool = False) -> str:
     return f'<header class="bar">{brand}{extra}<span class="spacer"></span>{logout}</header>'
 
 
-def sign_in(next_path: str, notice: str = "", status: int = 401) -> HTMLResponse:
+def sign_in(next_path: str, notice: str = "", status: int = 401, framers: str = "") -> HTMLResponse:
     message = f'<p class="notice">{_e(notice)}</p>' if notice else ""
     body = f"""{bar()}<main class="center"><form class="panel" method="post" action="/login">
 <h1>Sign in to view desktops</h1>{message}
@@ -70,13 +81,13 @@ def sign_in(next_path: str, notice: str = "", status: int = 401) -> HTMLResponse
 <input type="password" name="token" placeholder="Access token" autocomplete="current-password" autofocus required>
 <input type="hidden" name="next" value="{_e(next_path)}">
 <button class="primary" type="submit">Sign in</button></form></main>"""
-    return page("Sign in · e2b-desktop", body, status)
+    return page("Sign in · e2b-desktop", body, status, framers=framers)
 
 
-def message_page(title: str, text: str, status: int, signed_in: bool = True) -> HTMLResponse:
+def message_page(title: str, text: str, status: int, signed_in: bool = True, framers: str = "") -> HTMLResponse:
     body = f"""{bar(signed_in=signed_in)}<main class="center"><div class="panel"><h1>{_e(title)}</h1>
 <p>{_e(text)}</p><a class="button" href="/">All desktops</a></div></main>"""
-    return page(f"{title} · e2b-desktop", body, status)
+    return page(f"{title} · e2b-desktop", body, status, framers=framers)
 
 
 def _age(moment: datetime) -> str:
@@ -104,7 +115,8 @@ def card(desktop: Desktop) -> str:
 <a class="button" href="/desktop/{did}?view_only=1">View only</a></div></div></article>"""
 
 
-def build_router() -> APIRouter:
+def build_router(framers: str = "") -> APIRouter:
+    """``framers``: origins (space-separated) that may embed the viewer, e.g. e2b-surf's UI."""
     router = APIRouter(include_in_schema=False)
 
     def auth_of(request: Request) -> DesktopAuth:
@@ -155,23 +167,27 @@ def build_router() -> APIRouter:
         if link is not None:
             grant = auth.link(link, desktop_id)
             if grant is None:
-                return sign_in(f"/desktop/{desktop_id}", "This viewer link has expired or is not valid.")
+                return sign_in(
+                    f"/desktop/{desktop_id}", "This viewer link has expired or is not valid.", framers=framers
+                )
             response = RedirectResponse(f"/desktop/{quote(desktop_id)}", status_code=303)
             max_age = max(1, grant.expires - int(utcnow().timestamp()))
             set_cookie(response, request, DESKTOP_COOKIE, link, max_age, path=f"/desktop/{desktop_id}")
             return response
         grant = auth.browser(request, desktop_id)
         if grant is None:
-            return sign_in(f"/desktop/{desktop_id}")
+            return sign_in(f"/desktop/{desktop_id}", framers=framers)
         try:
             desktop = await ops_of(request).get(desktop_id)
         except DesktopError as exc:
             title = "Desktop not found" if exc.status == 404 else "Desktop unavailable"
-            return message_page(title, exc.message, exc.status)
+            return message_page(title, exc.message, exc.status, framers=framers)
         if not novnc_ready(request.app.state.novnc_dir):
-            return message_page("Viewer not installed", "noVNC's files are missing: run `make novnc`.", 503)
+            return message_page(
+                "Viewer not installed", "noVNC's files are missing: run `make novnc`.", 503, framers=framers
+            )
         view_only = grant.view_only or request.query_params.get("view_only") in ("1", "true")
-        return _viewer_page(desktop, auth, grant, view_only)
+        return _viewer_page(desktop, auth, grant, view_only, framers)
 
     @router.get("/desktop/{desktop_id}/ticket")
     async def ticket(desktop_id: str, request: Request) -> Response:
@@ -194,7 +210,7 @@ def build_router() -> APIRouter:
     return router
 
 
-def _viewer_page(desktop: Desktop, auth: DesktopAuth, grant: Grant, view_only: bool) -> HTMLResponse:
+def _viewer_page(desktop: Desktop, auth: DesktopAuth, grant: Grant, view_only: bool, framers: str) -> HTMLResponse:
     mode_grant = Grant(grant.scope, "view" if view_only else grant.mode, grant.expires)
     config = {
         "desktop_id": desktop.desktop_id,
@@ -218,4 +234,4 @@ def _viewer_page(desktop: Desktop, auth: DesktopAuth, grant: Grant, view_only: b
 <main id="screen"><div id="overlay">Connecting to the desktop…</div></main>
 <script id="config" type="application/json">{data}</script>
 <script type="module" src="/static/viewer.js"></script>"""
-    return page(f"{desktop.desktop_id} · e2b-desktop", body, body_class="viewer")
+    return page(f"{desktop.desktop_id} · e2b-desktop", body, body_class="viewer", framers=framers)

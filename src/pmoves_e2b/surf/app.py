@@ -1,7 +1,8 @@
 """e2b-surf (port 3080): web browsing runs (scrape and computer-use agent) in desktop sandboxes.
 
 On one port: ``/api/health`` (no auth), the sessions API under ``/api`` (``routes.py``), the login
-(``POST /login``), ``/metrics``. Runs are ``SessionManager``'s (``sessions.py``); each mode's
+(``POST /login``), ``/metrics``, the web UI at ``/`` (``pages.py``, ``static/``).
+Runs are ``SessionManager``'s (``sessions.py``); each mode's
 runner is registered in ``runners()``; each run gets its own desktop through e2b-sandbox.
 """
 
@@ -12,13 +13,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, FastAPI
+from starlette.staticfiles import StaticFiles
 
 from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.desktop.desktops import ops_for
 from pmoves_e2b.desktop.links import viewer_link
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store.db import Database
-from pmoves_e2b.surf import routes, scrape
+from pmoves_e2b.surf import pages, routes, scrape
 from pmoves_e2b.surf.agent import runner as agent_runner
 from pmoves_e2b.surf.browser import Browsers
 from pmoves_e2b.surf.files import ResultFiles
@@ -39,15 +41,16 @@ def routers(settings: Settings) -> list[APIRouter]:
     base = str(settings.e2b_desktop_url)
     ttl = settings.e2b_desktop_link_ttl
 
+    ui = pages.build_router(base)
     if not desktop_token:
-        return [routes.build_router(None)]
+        return [routes.build_router(None), ui]
     signing_token = desktop_token
 
     def links(desktop_id: str) -> tuple[str, str]:
         control = viewer_link(base, signing_token, desktop_id, ttl)
         return control, viewer_link(base, signing_token, desktop_id, ttl, view_only=True)
 
-    return [routes.build_router(links)]
+    return [routes.build_router(links), ui]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -97,4 +100,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.surf_auth = auth
     app.state.surf_files = files
     routes.install_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     return app

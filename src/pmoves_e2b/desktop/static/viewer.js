@@ -66,4 +66,6 @@ document.getElementById("fullscreen").addEventListener("click", () => {
   else document.documentElement.requestFullscreen();
 });
 
+// Embedded (e2b-surf's live view): the page around it has the controls, so the screen gets all the room.
+if (window.top !== window) document.body.classList.add("embedded");
 connect(config.ticket);
