@@ -741,7 +741,7 @@ function renderSteps() {
       continue;
     }
     const { kind, data = {} } = item.step;
-    if (kind === "visit") list.append(stepView("visit", `Opening ${hostOf(data.url)}`, data.depth ? `depth ${data.depth}` : null));
+    if (kind === "visit" || kind === "navigate") list.append(stepView("visit", `Opening ${hostOf(data.url)}`, data.depth ? `depth ${data.depth}` : null));
     else if (kind === "skip") list.append(stepView("skip", `Skipped ${hostOf(data.url)}`, data.reason));
     else if (kind === "action") list.append(stepView("action", describeAction(data.action), data.reasoning, data.screenshot, s.session_id));
     else list.append(stepView(kind, kind, JSON.stringify(data).slice(0, 240), data.screenshot, s.session_id));
