@@ -146,8 +146,10 @@ class SandboxManager:
         publish: LifecyclePublisher,
         pool_size: int = 0,
         pool_templates: tuple[str, ...] = (),
+        clock: Callable[[], datetime] = repo.utcnow,
     ) -> None:
         self.db = db
+        self.clock = clock  # wall clock of sandbox lifetimes (end_at, pause); tests pass a fake one
         self.backend = backend
         self.load_template = load_template
         self.limits = limits
@@ -209,7 +211,7 @@ class SandboxManager:
                     log.exception("egress proxy not restored", extra={"sandbox_id": row.sandbox_id})
                 log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
                 continue
-            repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="lost")
+            repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=self.clock(), kill_reason="lost")
             log.warning("sandbox died while the service was down", extra={"sandbox_id": row.sandbox_id})
             await self._event("killed", row, "lost")
         removed = await self.backend.cleanup_orphans(known)
@@ -257,7 +259,7 @@ class SandboxManager:
             except SandboxError as exc:
                 self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
                 raise
-            now = repo.utcnow()
+            now = self.clock()
             row = SandboxRow(
                 sandbox_id=spec.sandbox_id,
                 template_id=template.name,
@@ -310,7 +312,7 @@ class SandboxManager:
                     "accessToken": token,
                     "defaultUser": template.user,
                     "defaultWorkdir": template.workdir,
-                    "timestamp": repo.utcnow().isoformat(),
+                    "timestamp": repo.utcnow().isoformat(),  # envd sets its clock from it: the real time
                 },
             )
         except Exception as exc:
@@ -449,8 +451,7 @@ class SandboxManager:
                     metrics.POOL_READY.labels(template=name).set(len(items))
                 metrics.POOL_READY.labels(template=name).set(len(items))
             self._pool_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pool_wakeup.wait(), timeout=30)
+            await _wait_event(self._pool_wakeup, 30)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -535,7 +536,7 @@ class SandboxManager:
         resumed = False
         async with live.lock:
             row = self.get(sandbox_id)
-            now = repo.utcnow()
+            now = self.clock()
             if row.state == "paused":
                 await self.backend.resume(live.handle)
                 live.handle.state = "running"
@@ -574,7 +575,7 @@ class SandboxManager:
             row = repo.update_sandbox(self.db, sandbox_id, paused_remaining_s=float(timeout_s)) or row
         else:
             end_at = min(
-                repo.utcnow() + timedelta(seconds=timeout_s),
+                self.clock() + timedelta(seconds=timeout_s),
                 row.started_at + timedelta(seconds=self.limits.max_timeout_s),
             )
             row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
@@ -592,7 +593,7 @@ class SandboxManager:
             live.handle.state = "paused"
             for listener in self.pause_listeners:
                 listener(sandbox_id)
-            remaining = max(0.0, (row.end_at - repo.utcnow()).total_seconds())
+            remaining = max(0.0, (row.end_at - self.clock()).total_seconds())
             row = (
                 repo.update_sandbox(
                     self.db, sandbox_id, state="paused", paused_remaining_s=remaining, handle=live.handle.to_dict()
@@ -612,7 +613,7 @@ class SandboxManager:
             row = self.get(sandbox_id)  # a concurrent kill may have won
             del self._live[sandbox_id]
             row = (
-                repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason=reason)
+                repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=self.clock(), kill_reason=reason)
                 or row
             )
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
@@ -638,29 +639,34 @@ class SandboxManager:
 
     async def _reaper(self) -> None:
         while True:
-            now = repo.utcnow()
-            next_deadline: datetime | None = None
-            for row in self.list_rows():
-                if row.state != "running":
-                    continue
-                if row.end_at <= now:
-                    try:
-                        if row.auto_pause:
-                            await self.pause(row.sandbox_id, reason="timeout")
-                        else:
-                            await self.kill(row.sandbox_id, reason="timeout", actor="system")
-                    except SandboxError:
-                        pass
-                    except Exception:
-                        log.exception("could not end an expired sandbox", extra={"sandbox_id": row.sandbox_id})
-                elif next_deadline is None or row.end_at < next_deadline:
-                    next_deadline = row.end_at
-            wait = (
-                5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - repo.utcnow()).total_seconds()))
-            )
+            next_deadline = await self.reap()
+            wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - self.clock()).total_seconds()))
             self._reaper_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reaper_wakeup.wait(), timeout=wait)
+            await _wait_event(self._reaper_wakeup, wait)
+
+    async def reap(self) -> datetime | None:
+        """End (kill, or pause if auto_pause) every running sandbox past its end time; return the
+        next end time among the others (None: no running sandbox)."""
+        now = self.clock()
+        next_deadline: datetime | None = None
+        for row in self.list_rows():
+            if row.state != "running":
+                continue
+            if row.end_at <= now:
+                try:
+                    if row.auto_pause:
+                        await self.pause(row.sandbox_id, reason="timeout")
+                    else:
+                        await self.kill(row.sandbox_id, reason="timeout", actor="system")
+                except SandboxError as exc:  # a kill or pause by a client won the race
+                    log.info(
+                        "expired sandbox already ended", extra={"sandbox_id": row.sandbox_id, "error": exc.message}
+                    )
+                except Exception:
+                    log.exception("could not end an expired sandbox", extra={"sandbox_id": row.sandbox_id})
+            elif next_deadline is None or row.end_at < next_deadline:
+                next_deadline = row.end_at
+        return next_deadline
 
     # --- metrics ------------------------------------------------------------------------
 
@@ -693,6 +699,14 @@ class SandboxManager:
                 with contextlib.suppress(Exception):
                     await self.sample_now(sandbox_id)
             await asyncio.sleep(5)
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set or ``timeout_s`` passed. Not ``asyncio.wait_for``: on 3.11 it
+    drops a cancel that arrives as the event is set, and ``stop()`` then waits forever."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
 
 
 def _sample(stats: SandboxStats) -> dict[str, Any]:
