@@ -304,6 +304,27 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+SHARED_TEMPLATES_DIR = Path("/var/lib/pmoves-e2b/templates")
+
+
+def templates_dir() -> Path:
+    """E2B_TEMPLATES_DIR as the services see it (it honours E2B_DATA_DIR). A setting that only the
+    services need must not stop a template build: if the settings do not load, the variable alone."""
+    try:
+        configured = get_settings().e2b_templates_dir
+        if configured is not None:
+            return configured
+    except Exception:  # noqa: BLE001, S110 - see above; the services report the broken setting
+        pass
+    return Path(os.environ.get("E2B_TEMPLATES_DIR") or SHARED_TEMPLATES_DIR)
+
+
+def contracts_dir_override() -> Path | None:
+    """PMOVES_CONTRACTS_DIR (PMOVES' variable): another contracts directory for events/schemas.py."""
+    configured = os.environ.get("PMOVES_CONTRACTS_DIR")
+    return Path(configured) if configured else None
+
+
 def generate_secret(name: str) -> str:
     # E2B cloud keys look like e2b_ + 40 hex; the SDK accepts any string, PMOVES checks the shape.
     if name == "E2B_API_KEY":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from pmoves_e2b.config import contracts_dir_override
 from pmoves_e2b.events.envelope import Envelope
 
 ENVELOPE_SCHEMA = "schemas/common/envelope.schema.json"
@@ -33,8 +33,7 @@ class ContractError(ValueError):
 
 
 def contracts_dir() -> Path:
-    configured = os.environ.get("PMOVES_CONTRACTS_DIR")
-    return Path(configured) if configured else PACKAGE_CONTRACTS_DIR
+    return contracts_dir_override() or PACKAGE_CONTRACTS_DIR
 
 
 def field_path(path: Any) -> str:

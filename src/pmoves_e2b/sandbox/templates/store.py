@@ -22,21 +22,14 @@ from typing import Any
 from ..backends.base import TemplateImage
 from .errors import TemplateNotFound
 
-DEFAULT_TEMPLATES_DIR = Path("/var/lib/pmoves-e2b/templates")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 def default_templates_dir() -> Path:
     """E2B_TEMPLATES_DIR from the settings (which also honour E2B_DATA_DIR)."""
-    try:
-        from pmoves_e2b.config import get_settings
+    from pmoves_e2b.config import templates_dir
 
-        configured = get_settings().e2b_templates_dir
-        if configured is not None:
-            return Path(configured)
-    except Exception:  # noqa: BLE001, S110 - a settings problem elsewhere must not stop template builds
-        pass
-    return Path(os.environ.get("E2B_TEMPLATES_DIR") or DEFAULT_TEMPLATES_DIR)
+    return templates_dir()
 
 
 def layers_dir(templates_dir: Path) -> Path:
