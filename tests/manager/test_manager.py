@@ -19,16 +19,8 @@ import pytest
 from manager.fake_backend import FakeBackend
 
 from pmoves_e2b.sandbox.backends.base import TemplateImage
-from pmoves_e2b.sandbox.lifecycle import (
-    DEFAULT_TIMEOUT_S,
-    Conflict,
-    CreateRequest,
-    LimitReached,
-    Limits,
-    NotFound,
-    SandboxError,
-    SandboxManager,
-)
+from pmoves_e2b.sandbox.errors import Conflict, LimitReached, NotFound, SandboxError
+from pmoves_e2b.sandbox.lifecycle import DEFAULT_TIMEOUT_S, CreateRequest, Limits, SandboxManager
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.backends.base import BackendError
-from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxError, SandboxManager
+from pmoves_e2b.sandbox.errors import ApiError, SandboxError
+from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxManager
 from pmoves_e2b.sandbox.netpolicy import (
     NetworkOptionError,
     NetworkPolicy,
@@ -40,12 +41,6 @@ MAX_BODY_BYTES = 1 << 20
 MAX_PAGE = 100
 CLIENT_ID = "pmoves"
 _IDEMPOTENCY_KEY = re.compile(r"^[a-z0-9-]{1,255}$")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.message, self.retryable = status, message, retryable
 
 
 def error_response(status: int, message: str, retryable: bool = False) -> JSONResponse:
@@ -541,7 +536,7 @@ def _decode_token(token: str | None) -> tuple[str, str] | None:
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure to E2B's ``{code, message}``."""
 
-    async def api_error(_: Request, exc: ApiError | SandboxError) -> JSONResponse:
+    async def api_error(_: Request, exc: SandboxError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.retryable)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -553,7 +548,6 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(500, f"the sandbox backend failed: {exc}", retryable=True)
         return error_response(500, "internal error; the e2b-sandbox log has the details", retryable=True)
 
-    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(SandboxError, api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

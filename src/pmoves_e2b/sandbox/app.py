@@ -21,7 +21,8 @@ from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.sandbox import tls
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
 from pmoves_e2b.sandbox.backends.ns import NsBackend
-from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, SignatureRefused, template_dir_loader
+from pmoves_e2b.sandbox.errors import SignatureRefused
+from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store.db import Database

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 
 from pmoves_e2b.envd import ENVD_PORT, file_signature
 from pmoves_e2b.sandbox import metrics
+from pmoves_e2b.sandbox.aio import wait_event
 from pmoves_e2b.sandbox.backends.base import (
     Backend,
     BackendError,
@@ -34,7 +35,9 @@ from pmoves_e2b.sandbox.backends.base import (
 )
 from pmoves_e2b.sandbox.egress import EgressProxy
 from pmoves_e2b.sandbox.envd_client import EnvdClient
+from pmoves_e2b.sandbox.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxError, SignatureRefused
 from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
+from pmoves_e2b.sandbox.pool import WarmPool
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.store import repo
@@ -51,44 +54,6 @@ METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
 # publish(kind, sandbox_id, template, metadata, reason); kinds: created paused resumed killed timeout failed
 LifecyclePublisher = Callable[[str, str, str, dict[str, str], str | None], Awaitable[None]]
 TemplateLoader = Callable[[str], TemplateImage]
-
-
-class SandboxError(Exception):
-    """An error the API turns into ``{code, message}``."""
-
-    status = 500
-    retryable = True
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class NotFound(SandboxError):
-    status = 404
-    retryable = False
-
-
-class Conflict(SandboxError):
-    status = 409
-    retryable = False
-
-
-class LimitReached(SandboxError):
-    status = 429
-    retryable = False
-
-
-class BadRequest(SandboxError):
-    status = 400
-    retryable = False
-
-
-class SignatureRefused(SandboxError):
-    """A signed /files URL that no live sandbox signed (or no longer honours); envd's words."""
-
-    status = 401
-    retryable = False
 
 
 @dataclass(frozen=True)
@@ -113,12 +78,6 @@ class CreateRequest:
     api_key_id: str
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     auto_resume: bool = False
-
-
-@dataclass
-class _Pooled:
-    handle: SandboxHandle
-    spec: SandboxSpec
 
 
 @dataclass
@@ -158,8 +117,14 @@ class SandboxManager:
         self.pool_templates = pool_templates
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
-        self._pool: dict[str, list[_Pooled]] = {}
-        self._pool_wakeup = asyncio.Event()
+        self.pool = WarmPool(
+            pool_size,
+            pool_templates,
+            load_template,
+            lambda template: self._spec(new_sandbox_id(), template, True),
+            self._boot,
+            lambda handle: self._spawn(self._destroy_quietly(handle)),
+        )
         self._reaper_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -178,8 +143,8 @@ class SandboxManager:
             asyncio.create_task(self._reaper(), name="sandbox-reaper"),
             asyncio.create_task(self._sampler(), name="sandbox-sampler"),
         ]
-        if self.pool_size > 0 and self.pool_templates:
-            self._tasks.append(asyncio.create_task(self._pool_filler(), name="sandbox-pool"))
+        if self.pool.enabled:
+            self._tasks.append(asyncio.create_task(self.pool.run(), name="sandbox-pool"))
 
     async def stop(self) -> None:
         """Stop background work. User sandboxes keep running; pooled ones are destroyed."""
@@ -188,9 +153,7 @@ class SandboxManager:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        pooled = [p for items in self._pool.values() for p in items]
-        self._pool.clear()
-        await asyncio.gather(*(self._destroy_quietly(p.handle) for p in pooled))
+        await asyncio.gather(*(self._destroy_quietly(handle) for handle in self.pool.drain()))
         if self._background:
             # Within the supervisor's stop grace; what is cut off, the next start cleans up.
             await asyncio.wait(self._background, timeout=5)
@@ -237,7 +200,7 @@ class SandboxManager:
             self._reserved += 1
             self._reserved_mb += memory_mb
         try:
-            pooled = self._claim_pooled(template)
+            pooled = self.pool.claim(template)
             if pooled is not None:
                 handle, spec = pooled.handle, dataclasses.replace(pooled.spec, allow_internet=req.allow_internet)
             else:
@@ -297,7 +260,7 @@ class SandboxManager:
             seconds=round(elapsed, 4),
         )
         self._reaper_wakeup.set()
-        self._pool_wakeup.set()
+        self.pool.wake()
         self._spawn(self._event("created", row, None))
         return row
 
@@ -386,19 +349,6 @@ class SandboxManager:
             raise
         return handle
 
-    # --- warm pool ----------------------------------------------------------------------
-
-    def _claim_pooled(self, template: TemplateImage) -> _Pooled | None:
-        """A warm sandbox of exactly this build of the template (older builds are discarded)."""
-        items = self._pool.get(template.name, [])
-        while items:
-            pooled = items.pop(0)
-            metrics.POOL_READY.labels(template=template.name).set(len(items))
-            if pooled.spec.template == template:
-                return pooled
-            self._spawn(self._destroy_quietly(pooled.handle))  # booted from layers since rebuilt
-        return None
-
     async def _apply_egress(self, handle: SandboxHandle, network: NetworkPolicy) -> None:
         try:
             await self.backend.set_egress(handle, network.allow_cidrs, cidrs(network.deny_out))
@@ -430,28 +380,6 @@ class SandboxManager:
         except Exception as exc:
             await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"could not turn off the sandbox's internet access: {exc}") from exc
-
-    async def _pool_filler(self) -> None:
-        while True:
-            for name in self.pool_templates:
-                try:
-                    template = self.load_template(name)
-                except KeyError:
-                    continue  # not built: nothing to pool
-                items = self._pool.setdefault(name, [])
-                while len(items) < self.pool_size:
-                    spec = self._spec(new_sandbox_id(), template, True)
-                    try:
-                        handle = await self._boot(spec)
-                    except SandboxError as exc:
-                        log.warning("warm pool could not start a sandbox", extra={"template": name, "error": str(exc)})
-                        await asyncio.sleep(5)
-                        break
-                    items.append(_Pooled(handle, spec))
-                    metrics.POOL_READY.labels(template=name).set(len(items))
-                metrics.POOL_READY.labels(template=name).set(len(items))
-            self._pool_wakeup.clear()
-            await _wait_event(self._pool_wakeup, 30)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -642,7 +570,7 @@ class SandboxManager:
             next_deadline = await self.reap()
             wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - self.clock()).total_seconds()))
             self._reaper_wakeup.clear()
-            await _wait_event(self._reaper_wakeup, wait)
+            await wait_event(self._reaper_wakeup, wait)
 
     async def reap(self) -> datetime | None:
         """End (kill, or pause if auto_pause) every running sandbox past its end time; return the
@@ -699,14 +627,6 @@ class SandboxManager:
                 with contextlib.suppress(Exception):
                     await self.sample_now(sandbox_id)
             await asyncio.sleep(5)
-
-
-async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``event`` is set or ``timeout_s`` passed. Not ``asyncio.wait_for``: on 3.11 it
-    drops a cancel that arrives as the event is set, and ``stop()`` then waits forever."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await event.wait()
 
 
 def _sample(stats: SandboxStats) -> dict[str, Any]:
