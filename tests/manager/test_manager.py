@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TypeVar
 
 import pytest
 from manager.fake_backend import FakeBackend
+from sqlalchemy.orm import Session
 
 from pmoves_e2b.sandbox.backends.base import TemplateImage
 from pmoves_e2b.sandbox.errors import Conflict, LimitReached, NotFound, SandboxError
@@ -338,5 +341,30 @@ def test_unknown_template_is_not_found(tmp_path: Path) -> None:
             with pytest.raises(NotFound, match="template 'nope' not found"):
                 await manager.create(request(template="nope"))
             assert env.backend.created == []
+
+    run(tmp_path, body)
+
+
+# --- the store off the event loop --------------------------------------------------------------
+
+
+def test_create_and_reaper_reach_the_store_off_the_event_loop(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        loop_thread = threading.get_ident()
+        on_loop: list[str] = []
+        sessions = env.db.session
+
+        @contextlib.contextmanager
+        def watched() -> Iterator[Session]:
+            if threading.get_ident() == loop_thread:
+                on_loop.append("".join(traceback.format_stack(limit=4)))
+            with sessions() as session:
+                yield session
+
+        async with started(env) as manager:
+            env.db.session = watched  # type: ignore[method-assign]
+            await manager.create(request(timeout_s=10))
+            await manager.reap()
+        assert on_loop == []
 
     run(tmp_path, body)

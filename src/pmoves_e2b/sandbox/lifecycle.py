@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pmoves_e2b.envd import ENVD_PORT, file_signature
@@ -45,6 +45,7 @@ from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 DEFAULT_TIMEOUT_S = 300
@@ -135,6 +136,15 @@ class SandboxManager:
         self.pause_listeners: list[Callable[[str], None]] = []
         self.egress = EgressProxy()
 
+    async def _store(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a store call on a worker thread: a database round trip (Postgres) must not stall the
+        event loop that also streams the data-plane proxy."""
+        return await asyncio.to_thread(call, self.db, *args, **kwargs)
+
+    async def _update_row(self, sandbox_id: str, **changes: Any) -> SandboxRow | None:
+        updated: SandboxRow | None = await self._store(repo.update_sandbox, sandbox_id, **changes)
+        return updated
+
     # --- service start / stop -----------------------------------------------------------
 
     async def start(self) -> None:
@@ -162,7 +172,7 @@ class SandboxManager:
 
     async def _readopt(self) -> None:
         known: set[str] = set()
-        for row in repo.live_sandboxes(self.db):
+        for row in await self._store(repo.live_sandboxes):
             handle = SandboxHandle.from_dict(row.handle) if row.handle else None
             if handle is not None and await self.backend.is_alive(handle):
                 handle.state = row.state
@@ -174,7 +184,7 @@ class SandboxManager:
                     log.exception("egress proxy not restored", extra={"sandbox_id": row.sandbox_id})
                 log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
                 continue
-            repo.update_sandbox(self.db, row.sandbox_id, state="killed", killed_at=self.clock(), kill_reason="lost")
+            await self._update_row(row.sandbox_id, state="killed", killed_at=self.clock(), kill_reason="lost")
             log.warning("sandbox died while the service was down", extra={"sandbox_id": row.sandbox_id})
             await self._event("killed", row, "lost")
         removed = await self.backend.cleanup_orphans(known)
@@ -190,13 +200,13 @@ class SandboxManager:
         started = time.perf_counter()
         async with self._create_slots:
             # Count and reserve under one lock so concurrent creates cannot overshoot the limit.
-            if repo.count_live_sandboxes(self.db) + self._reserved >= self.limits.max_sandboxes:
+            if await self._store(repo.count_live_sandboxes) + self._reserved >= self.limits.max_sandboxes:
                 raise LimitReached(
                     f"You have reached the maximum number of concurrent sandboxes ({self.limits.max_sandboxes}). "
                     "Kill a sandbox or raise E2B_MAX_SANDBOXES."
                 )
             memory_mb = template.memory_mb or self.limits.memory_mb
-            self._check_memory_budget(memory_mb)
+            await self._check_memory_budget(memory_mb)
             self._reserved += 1
             self._reserved_mb += memory_mb
         try:
@@ -241,7 +251,7 @@ class SandboxManager:
                 api_key_id=req.api_key_id,
                 handle=handle.to_dict(),
             )
-            repo.add_sandbox(self.db, row)
+            await self._store(repo.add_sandbox, row)
             self._live[row.sandbox_id] = _Live(handle, access_token)
         finally:
             self._reserved -= 1
@@ -250,8 +260,8 @@ class SandboxManager:
         metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
         metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
-        repo.audit(
-            self.db,
+        await self._store(
+            repo.audit,
             req.api_key_id,
             "sandbox.create",
             row.sandbox_id,
@@ -294,12 +304,12 @@ class SandboxManager:
         except KeyError as exc:
             raise NotFound(exc.args[0] if exc.args else f"template '{template_id}' not found") from exc
 
-    def _check_memory_budget(self, memory_mb: int) -> None:
+    async def _check_memory_budget(self, memory_mb: int) -> None:
         # Memory limits are promises: refuse the create that would promise more than the machine has.
         budget = self.limits.memory_budget_mb
         if budget is None:
             return
-        promised = repo.sum_live_memory_mb(self.db) + self._reserved_mb
+        promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb
         if promised + memory_mb > budget:
             raise LimitReached(
                 f"Not enough memory for another sandbox: live sandboxes hold {promised} MB of the "
@@ -442,9 +452,9 @@ class SandboxManager:
                 changes["allow_internet"] = allow_internet
             live.handle.details["network"] = network.to_dict()
             await self._sync_intercept(live.handle)
-            row = repo.update_sandbox(self.db, sandbox_id, handle=live.handle.to_dict(), **changes) or row
-        repo.audit(
-            self.db, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
+            row = await self._update_row(sandbox_id, handle=live.handle.to_dict(), **changes) or row
+        await self._store(
+            repo.audit, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
         )
         return row
 
@@ -475,8 +485,7 @@ class SandboxManager:
                     end_at = now + timedelta(seconds=self._check_timeout(timeout_s))
                 # The lifetime limit counts running time: a resumed sandbox starts a new run.
                 row = (
-                    repo.update_sandbox(
-                        self.db,
+                    await self._update_row(
                         sandbox_id,
                         state="running",
                         started_at=now,
@@ -490,7 +499,7 @@ class SandboxManager:
             elif timeout_s is not None:
                 end_at = max(row.end_at, now + timedelta(seconds=self._check_timeout(timeout_s)))
                 end_at = min(end_at, row.started_at + timedelta(seconds=self.limits.max_timeout_s))
-                row = repo.update_sandbox(self.db, sandbox_id, end_at=end_at) or row
+                row = await self._update_row(sandbox_id, end_at=end_at) or row
         self._reaper_wakeup.set()
         if resumed:
             self._spawn(self._event("resumed", row, None))
@@ -523,8 +532,11 @@ class SandboxManager:
                 listener(sandbox_id)
             remaining = max(0.0, (row.end_at - self.clock()).total_seconds())
             row = (
-                repo.update_sandbox(
-                    self.db, sandbox_id, state="paused", paused_remaining_s=remaining, handle=live.handle.to_dict()
+                await self._update_row(
+                    sandbox_id,
+                    state="paused",
+                    paused_remaining_s=remaining,
+                    handle=live.handle.to_dict(),
                 )
                 or row
             )
@@ -540,13 +552,10 @@ class SandboxManager:
         async with live.lock:
             row = self.get(sandbox_id)  # a concurrent kill may have won
             del self._live[sandbox_id]
-            row = (
-                repo.update_sandbox(self.db, sandbox_id, state="killed", killed_at=self.clock(), kill_reason=reason)
-                or row
-            )
+            row = await self._update_row(sandbox_id, state="killed", killed_at=self.clock(), kill_reason=reason) or row
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
-        repo.audit(self.db, actor, "sandbox.kill", sandbox_id, reason=reason)
+        await self._store(repo.audit, actor, "sandbox.kill", sandbox_id, reason=reason)
         await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_quietly(live.handle))
@@ -577,8 +586,8 @@ class SandboxManager:
         next end time among the others (None: no running sandbox)."""
         now = self.clock()
         next_deadline: datetime | None = None
-        for row in self.list_rows():
-            if row.state != "running":
+        for row in await self._store(repo.live_sandboxes):
+            if row.state != "running" or row.sandbox_id not in self._live:
                 continue
             if row.end_at <= now:
                 try:
