@@ -131,6 +131,24 @@ def test_the_cap_gives_429_and_delete_stops_a_run_and_kills_its_desktop(surf: Su
     assert surf.http.get(f"/api/sessions/{first['session_id']}/viewer").status_code == 409
 
 
+def surf_desktops(stack: RunningStack, session_id: str) -> list[str]:
+    """Live sandboxes made for that surf session (by their metadata)."""
+    response = httpx.get(f"{stack.sandbox_url}/sandboxes", headers={"X-API-Key": stack.api_key}, timeout=30)
+    assert response.status_code == 200, response.text
+    return [s["sandboxID"] for s in response.json() if (s.get("metadata") or {}).get("surf_session") == session_id]
+
+
+def test_a_run_stopped_while_its_desktop_is_being_made_leaves_no_desktop(surf: SurfClient, site: Site) -> None:
+    started = time.monotonic()
+    session = surf.start(url=site.url("/slow"), formats=["text"])
+    stopped = surf.http.delete(f"/api/sessions/{session['session_id']}")
+    assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+    # The desktop the SDK was making is removed once made (before the fix it lived out its duration).
+    while time.monotonic() - started < 25 or surf_desktops(surf.stack, session["session_id"]):
+        assert time.monotonic() - started < 60, "the stopped run's desktop is still running"
+        time.sleep(0.5)
+
+
 def test_a_restart_of_e2b_surf_lists_its_runs_as_interrupted(surf: SurfClient, site: Site) -> None:
     stack = surf.stack
     session = surf.start(url=site.url("/slow"), formats=["text"])

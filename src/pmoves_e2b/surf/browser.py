@@ -23,7 +23,7 @@ import httpx
 from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
-from pmoves_e2b.desktop.desktops import DesktopError, DesktopOps, parse_resolution
+from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, parse_resolution
 from pmoves_e2b.surf.models import SurfError
 
 log = logging.getLogger(__name__)
@@ -88,19 +88,34 @@ class Browsers:
     def __init__(self, ops: DesktopOps, resolution: str = RESOLUTION) -> None:
         self.ops = ops
         self.resolution = resolution
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     async def create_desktop(self, session_id: str, timeout_s: int) -> str:
         duration = min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
-        try:
-            desktop = await self.ops.create(
+        creating = asyncio.ensure_future(
+            self.ops.create(
                 resolution=self.resolution,
                 duration_s=duration,
                 created_by="e2b-surf",
                 extra_metadata={"surf_session": session_id},
             )
+        )
+        try:
+            # Shielded: the SDK call goes on in its thread when the run is stopped or times out
+            # meanwhile, and the desktop it makes must then be removed, not left to its duration.
+            desktop = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            creating.add_done_callback(self._remove_when_made)
+            raise
         except DesktopError as exc:
             raise SurfError("desktop_unavailable", f"no desktop for the run: {exc.message}", 503) from None
         return desktop.desktop_id
+
+    def _remove_when_made(self, creating: asyncio.Future[Desktop]) -> None:
+        if not creating.cancelled() and creating.exception() is None:
+            task = asyncio.ensure_future(self.remove(creating.result().desktop_id))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
 
     async def open(self, desktop_id: str) -> SurfBrowser:
         """Start Chromium in the desktop and attach Playwright to it."""
@@ -135,6 +150,11 @@ class Browsers:
         except DesktopError as exc:
             if exc.status != 404:
                 log.warning("could not kill surf desktop %s: %s", desktop_id, exc.message)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for the removals of desktops made after their run had ended."""
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=timeout_s)
 
     async def exists(self, desktop_id: str) -> bool:
         return not await self.ops.is_gone(desktop_id)

@@ -113,6 +113,7 @@ class SessionManager(Recorder):
         tasks = [live.task for live in self._live.values() if live.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        await self.browsers.drain(STOP_WAIT_S)
 
     # ----- the API -----------------------------------------------------------------------
 
