@@ -36,6 +36,7 @@ OPEN = {
     ("surf", "GET", "/metrics"): "Prometheus scrape; aggregates only",
     ("desktop", "POST", "/logout"): "clears the caller's own sign-in cookie",
     ("surf", "POST", "/logout"): "clears the caller's own sign-in cookie",
+    ("surf", "GET", "/"): "the web UI's shell; every datum it shows comes from the API, which needs the token",
     ("desktop", "GET", "/"): "sign-in page for browsers (lists nothing without the token)",
     ("desktop", "POST", "/"): "the sign-in form itself: checks the token it is given",
 }
@@ -69,8 +70,8 @@ def _service_routes(tmp: Path) -> dict[str, set[tuple[str, str]]]:
 
 
 def _open(service: str, method: str, path: str) -> bool:
-    if service == "desktop" and method == "GET" and path.startswith("/static/"):
-        return True  # the viewer's JS/CSS/images
+    if service in ("desktop", "surf") and method == "GET" and path.startswith("/static/"):
+        return True  # the pages' JS/CSS/images
     return (service, method, path) in OPEN or ("*", method, path) in OPEN
 
 
