@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_harness import EMAIL, NAME, FormSite, ModelDoubles
 from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS, is_blank, png
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from playwright.sync_api import Frame, Page, sync_playwright
 from surf_harness import SurfClient
 from surf_site import TABLE_ROWS, Site
@@ -178,3 +181,51 @@ def test_watch_the_live_desktop_and_stop_the_run(page: Page, surf: SurfClient, s
     # A phone-sized window still shows the whole app in one column.
     page.set_viewport_size({"width": 420, "height": 900})
     page.screenshot(path=SHOTS.format("narrow"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def form_site(internet_netns: Path) -> Iterator[FormSite]:
+    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
+    yield site
+    site.close()
+
+
+@pytest.mark.slow
+def test_an_agent_run_pauses_for_a_person_who_hands_back_from_the_page(
+    page: Page, surf: SurfClient, form_site: FormSite, model_doubles: ModelDoubles
+) -> None:
+    """The model (OpenAI's wire format, a pending safety check before Send) pauses the run; the page
+    shows the desktop as the person's, the person hands it back, the agent sends the form."""
+    model_doubles.reset()
+    model_doubles.openai.check_before_send = True
+    page.emulate_media(color_scheme="dark")
+    page.wait_for_selector("#signin")
+    sign_in(page, surf.stack.surf_token)
+    page.click("#new-run [data-mode=agent]")
+    page.fill("#new-run input[name=url]", f"http://{FAKE_INTERNET_SERVER_IP}:{form_site.port}/")
+    page.fill("#new-run textarea[name=task]", f"Send the contact form as {NAME} <{EMAIL}>.")
+    page.click("#new-run details.more summary")
+    page.fill("#new-run input[name=model]", "openai:test-cua")
+    page.fill("#new-run input[name=max_steps]", "25")
+    page.screenshot(path=SHOTS.format("agent-form"))
+    before = len(form_site.submissions)
+    page.click("#start")
+    page.wait_for_selector("#session-head")
+    session_id = page.evaluate("window.surfUI.selected")
+    assert surf.get(session_id)["request"]["model"] == "openai:test-cua"
+
+    # The agent's turns arrive with their screenshots; then it waits for a person.
+    wait_until(page, lambda: page.locator("#step-list .step.action img").count() >= 2, "agent steps", 180)
+    wait_until(page, lambda: page.locator("#control:has-text('Hand back')").count() == 1, "the pause", 180)
+    assert "safety check" in page.inner_text("#step-list")
+    assert surf.get(session_id)["taken_over"] is True
+    assert form_site.submissions[before:] == []
+    # The frame now holds a control link (t=<expiry>.<mode>.<id>.<mac>): the person may drive.
+    assert ".control." in (page.get_attribute("#desktop-frame", "src") or "")
+    page.screenshot(path=SHOTS.format("agent-paused"))
+
+    page.click("#control")
+    wait_until(page, lambda: state_of(page) == "completed", "the agent to finish", 180)
+    assert form_site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
+    assert "form was sent" in page.inner_text("#result-summary")
+    page.screenshot(path=SHOTS.format("agent-done"), full_page=True)

@@ -369,6 +369,13 @@ async function refreshList() {
   try {
     const body = await api("/api/sessions?limit=100");
     sessions = body.sessions;
+    // A run can pause for a person on its own (a safety check): no event says so, the list does.
+    const listed = current && sessions.find((x) => x.session_id === current.session.session_id);
+    if (listed && !FINAL.includes(current.session.state) && listed.taken_over !== current.session.taken_over) {
+      current.session.taken_over = listed.taken_over;
+      renderHead();
+      if (liveKey(current.session) !== current.liveKey) renderLive();
+    }
     document.getElementById("running-count").replaceChildren(
       body.running ? h("span", { class: "pill running" }, `${body.running} running`) : "",
     );
@@ -626,7 +633,8 @@ function lastScreenshot() {
 }
 
 function liveKey(session) {
-  return FINAL.includes(session.state) ? "ended" : session.desktop_id || "preparing";
+  if (FINAL.includes(session.state)) return "ended";
+  return session.desktop_id ? `${session.desktop_id}:${session.taken_over ? "person" : "agent"}` : "preparing";
 }
 
 async function renderLive() {
@@ -663,9 +671,13 @@ async function renderLive() {
   }
   if (!current || current.session !== s || FINAL.includes(s.state)) return;
   const viewer = current.viewer;
+  if (s.mode === "agent") current.viewOnly = !s.taken_over;
   const src = current.viewOnly ? viewer.view_only_url : viewer.viewer_url;
   const frame = h("iframe", { id: "desktop-frame", src, title: "Live desktop", allow: "fullscreen; clipboard-read; clipboard-write" });
   screen.replaceChildren(frame);
+  // Agent runs: a person takes the desktop over (the agent waits) and hands it back; the model may
+  // also pause for a person (a safety check). Scrape runs: just view or control.
+  const agent = s.mode === "agent";
   const toggle = h(
     "button",
     {
@@ -673,11 +685,14 @@ async function renderLive() {
       type: "button",
       id: "control",
       onclick: async () => {
-        const takeOver = current.viewOnly;
         try {
-          if (s.mode === "agent") await api(`/api/sessions/${s.session_id}/${takeOver ? "takeover" : "handback"}`, { method: "POST" });
-          current.viewOnly = !takeOver;
-          current.session.taken_over = s.mode === "agent" ? takeOver : false;
+          if (agent) {
+            const takeOver = !current.session.taken_over;
+            await api(`/api/sessions/${s.session_id}/${takeOver ? "takeover" : "handback"}`, { method: "POST" });
+            current.session.taken_over = takeOver;
+          } else {
+            current.viewOnly = !current.viewOnly;
+          }
           renderHead();
           renderLive();
         } catch (err) {
@@ -685,7 +700,7 @@ async function renderLive() {
         }
       },
     },
-    current.viewOnly ? (s.mode === "agent" ? "Take over" : "Take control") : s.mode === "agent" ? "Hand back" : "View only",
+    agent ? (s.taken_over ? "Hand back" : "Take over") : current.viewOnly ? "Take control" : "View only",
   );
   const open = h("a", { class: "btn small", href: viewer.view_only_url, target: "_blank", rel: "noopener" }, "Open");
   head.append(h("span", { class: current.viewOnly ? "pill" : "pill warn" }, current.viewOnly ? "watching" : "you control"), toggle, open);
@@ -742,6 +757,7 @@ function renderSteps() {
     }
     const { kind, data = {} } = item.step;
     if (kind === "visit" || kind === "navigate") list.append(stepView("visit", `Opening ${hostOf(data.url)}`, data.depth ? `depth ${data.depth}` : null));
+    else if (kind === "note") list.append(stepView("skip", data.note, data.reasoning, data.screenshot, s.session_id));
     else if (kind === "skip") list.append(stepView("skip", `Skipped ${hostOf(data.url)}`, data.reason));
     else if (kind === "action") list.append(stepView("action", describeAction(data.action), data.reasoning, data.screenshot, s.session_id));
     else list.append(stepView(kind, kind, JSON.stringify(data).slice(0, 240), data.screenshot, s.session_id));
@@ -774,8 +790,11 @@ function renderResults() {
   const children = [h("div", { class: "card-head" }, "Results", h("span", { class: "spacer" }), pages.length ? allDownloads(pages) : null)];
   if (s.result) children.push(resultSummary(s.result));
   if (!pages.length) {
-    const text = FINAL.includes(s.state) ? "This run produced no pages." : "Pages appear here as they are scraped.";
-    if (!s.result || s.mode === "scrape") children.push(h("div", { class: "pane" }, h("div", { class: "empty" }, text)));
+    const agent = s.mode === "agent";
+    const text = FINAL.includes(s.state)
+      ? agent ? "The agent left no result." : "This run produced no pages."
+      : agent ? "The agent's answer appears here when it is done." : "Pages appear here as they are scraped.";
+    if (!s.result) children.push(h("div", { class: "pane" }, h("div", { class: "empty" }, text)));
     parts.results.replaceChildren(...children);
     return;
   }
