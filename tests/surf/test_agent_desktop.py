@@ -307,3 +307,35 @@ def test_a_model_error_fails_the_run_cleanly(desk: Desk, status: int) -> None:
     else:
         assert result.error_code == "model_auth"
         assert "refused the API key" in result.message and "sk-revoked" not in result.message
+
+
+def test_a_desktop_that_ends_under_the_run_fails_it_cleanly(desk: Desk) -> None:
+    """Its own desktop (blank: the policy waits turn after turn), killed during the run."""
+    other = desk.loop.run(desk.ops.create(resolution="1024x768", duration_s=300, created_by="surf-agent-test"))
+    with serving(AnthropicDouble, KEY) as double:
+        provider = provider_for(AnthropicComputerUse, double)
+
+        async def start() -> Run:
+            steps: list[StepRecord] = []
+
+            async def record(step: StepRecord) -> None:
+                steps.append(step)
+
+            work = run_agent(
+                DesktopComputer(desk.ops, other.desktop_id, DISPLAY),
+                provider,
+                max_steps=50,
+                deadline=time.monotonic() + 120,
+                stop=asyncio.Event(),
+                takeover=Takeover(),
+                record=record,
+            )
+            return Run(desk, asyncio.ensure_future(work), steps, asyncio.Event())
+
+        run = desk.loop.run(start())
+        time.sleep(3)
+        desk.loop.run(desk.ops.kill(other.desktop_id))
+        started = time.monotonic()
+        result = run.result(timeout=60)
+    assert result.state == "failed" and result.error_code == "desktop_gone", result
+    assert other.desktop_id in result.message and time.monotonic() - started < 20

@@ -115,6 +115,9 @@ async def run_agent(
         return await runner.run(max_steps)
     except _Stop as halt:
         return halt.result
+    except DesktopError as exc:  # a screenshot failed: the desktop is gone or broken
+        code = "desktop_gone" if exc.status == 404 else exc.code
+        return AgentResult("failed", exc.message, runner.steps, code)
     finally:
         await provider.aclose()
 

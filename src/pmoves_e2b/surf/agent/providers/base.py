@@ -120,6 +120,10 @@ class Provider(ABC):
             raise ProviderError(
                 "model_unreachable", f"{self.name} model at {self.base_url} is unreachable ({type(exc).__name__})"
             ) from None
+        except httpx.HTTPError as exc:  # e.g. a body that does not decode
+            raise ProviderError(
+                "model_bad_answer", f"{self.name} model answer unreadable ({type(exc).__name__})"
+            ) from None
         if response.status_code >= 400:
             detail = _error_detail(response)
             if response.status_code in (401, 403):
