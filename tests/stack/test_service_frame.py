@@ -22,7 +22,7 @@ def _app(tmp_path: Path, checks: list[DependencyCheck]):  # type: ignore[no-unty
         return {"id": item_id}
 
     # NATS points at a closed port: the frame must not wait for it.
-    settings = load_settings(e2b_data_dir=tmp_path, e2b_nats_port=free_ports(1)[0])
+    settings = load_settings(e2b_data_dir=tmp_path, e2b_nats_port=free_ports(1)[0], e2b_nats_password="test-secret")
     return make_service_app("surf", settings, health_checks=checks, routers=[router])
 
 
