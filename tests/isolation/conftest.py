@@ -91,7 +91,7 @@ def sandboxes(ns_backend: NsBackend, test_template: TemplateImage) -> Iterator[S
 
 @pytest.fixture()
 def fake_internet() -> Iterator[Responder]:
-    """A netns with a public-looking TEST-NET-3 address, routed from the host, running a responder."""
+    """A netns with a public-looking TEST-NET-2 address, routed from the host, running a responder."""
     with fake_internet_netns() as netns:
         responder = Responder(listening_socket_in_netns(netns, "0.0.0.0"))
         try:

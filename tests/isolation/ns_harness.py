@@ -136,8 +136,10 @@ class Responder:
 
 FAKE_INTERNET_NETNS = f"e2b-test-inet{os.getpid() % 100000}"
 FAKE_INTERNET_HOST_VETH = f"e2bti{os.getpid() % 100000}"
-FAKE_INTERNET_HOST_IP = "203.0.113.1"
-FAKE_INTERNET_SERVER_IP = "203.0.113.80"
+# TEST-NET-2, not TEST-NET-3: on the CI machine the package registries (PyPI, npm, Debian) answer at
+# 203.0.113.80, and a fake internet there cut the host off from them while it existed.
+FAKE_INTERNET_HOST_IP = "198.51.100.1"
+FAKE_INTERNET_SERVER_IP = "198.51.100.80"
 
 
 FAKE_INTERNET_LOCK = Path("/run/lock/pmoves-e2b-fake-internet.lock")
@@ -154,7 +156,7 @@ def _fake_internet_lock() -> Iterator[None]:
 
 @contextlib.contextmanager
 def fake_internet_netns() -> Iterator[Path]:
-    """The "fake internet": a netns at FAKE_INTERNET_SERVER_IP (TEST-NET-3), routed from the host
+    """The "fake internet": a netns at FAKE_INTERNET_SERVER_IP (TEST-NET-2), routed from the host
     through a veth; yields the netns path (listeners go in with ``listening_socket_in_netns``).
     One at a time per process; other processes wait for it (``_fake_internet_lock``)."""
     with _fake_internet_lock():

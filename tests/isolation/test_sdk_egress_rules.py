@@ -19,10 +19,10 @@ from pmoves_e2b.sandbox import network
 
 pytestmark = pytest.mark.stack
 
-SECOND_IP = "203.0.113.81"  # same fake-internet netns, another address
-FAR_IP = "198.51.100.9"  # routed via the fake internet: "beyond the gateway"
+SECOND_IP = "198.51.100.81"  # same fake-internet netns, another address
+FAR_IP = "192.88.99.9"  # routed via the fake internet: "beyond the gateway"
 METADATA_IP = "169.254.169.254"
-HOST_SIDE_IP = "203.0.113.1"  # the host's own end of the fake-internet link
+HOST_SIDE_IP = "198.51.100.1"  # the host's own end of the fake-internet link
 
 PROBE = (
     'python3 -c "import socket\n'
@@ -58,7 +58,7 @@ def reach(sbx: Sandbox, ip: str, port: int) -> bool:
 def test_allow_and_deny_rules_and_their_updates(sdk_env: dict[str, str], more_addresses: Responder) -> None:
     port = more_addresses.port
     only_one = Sandbox.create(timeout=120, network={"deny_out": ["0.0.0.0/0"], "allow_out": [SECOND_IP]})
-    no_far = Sandbox.create(timeout=120, network={"deny_out": ["198.51.100.0/24"]})
+    no_far = Sandbox.create(timeout=120, network={"deny_out": ["192.88.99.0/24"]})
     try:
         # deny-all with one exception: allow wins over deny
         assert reach(only_one, SECOND_IP, port)
@@ -95,7 +95,7 @@ def test_the_host_lan_and_gateway_are_out_of_reach(sdk_env: dict[str, str], more
         subprocess.run(["ip", "route", "add", *route], check=True)
         try:
             network.ensure_host_setup()  # what every backend start does
-            assert "203.0.113.0/24" in network.host_networks()
+            assert "198.51.100.0/24" in network.host_networks()
             assert not reach(sbx, FAKE_INTERNET_SERVER_IP, port)  # the gateway
             assert not reach(sbx, SECOND_IP, port)  # a neighbour on the LAN
             assert reach(sbx, FAR_IP, port)  # the internet beyond the gateway

@@ -1,6 +1,6 @@
 """Through the stock SDK: `allow_internet_access=False` cuts a sandbox off from the (fake) internet.
 
-The fake internet is a netns at TEST-NET-3 (203.0.113.80) made by the `fake_internet` fixture;
+The fake internet is a netns at TEST-NET-2 (198.51.100.80) made by the `fake_internet` fixture;
 nothing leaves the machine.
 """
 

@@ -1,11 +1,11 @@
 """Fixtures of the e2b-surf tests.
 
 ``internet_netns`` (session scope) -> Path: the "fake internet" netns (FAKE_INTERNET_SERVER_IP,
-203.0.113.80, routed from the host). Its names are fixed, so one fixture makes it for the whole
+198.51.100.80, routed from the host). Its names are fixed, so one fixture makes it for the whole
 session and every site listens in it (``listening_socket_in_netns(internet_netns, "0.0.0.0")``);
 run these tests under ``flock /tmp/pmoves-netns.lock``.
 
-``site`` (session) -> ``surf_site.Site``: the multi-page test site at http://203.0.113.80/ (port 80
+``site`` (session) -> ``surf_site.Site``: the multi-page test site at http://198.51.100.80/ (port 80
 of that netns). ``model_doubles`` (session) -> ``agent_harness.ModelDoubles``: local model services
 speaking OpenAI's and Anthropic's computer-use wire formats and OpenAI-compatible chat; ``surf_stack`` (session): a stack of its
 own with ``E2B_SURF_CONCURRENT=2`` and agent mode's model settings pointing at those services (tests

@@ -1,9 +1,9 @@
 """A small multi-page web site served in the test's own "fake internet" network namespace.
 
 ``serve_site(netns)`` serves ``Site`` on port 80 of the "fake internet" netns (conftest's
-``internet_netns``: the public-looking TEST-NET-3 address ``203.0.113.80`` routed from the host;
+``internet_netns``: the public-looking TEST-NET-2 address ``198.51.100.80`` routed from the host;
 fixed names, so run these tests under ``flock /tmp/pmoves-netns.lock``). Sandboxes reach it as
-``http://203.0.113.80/`` the way they reach the internet.
+``http://198.51.100.80/`` the way they reach the internet.
 
 Pages (every one has the same navigation bar and footer around its ``<article>``):
 ``/`` (links to articles, the table, the form, a private page and another origin), ``/articles/1``
@@ -65,7 +65,7 @@ def render(path: str) -> tuple[int, str, str]:
         links = (
             '<p>Read <a href="/articles/1">the first article</a>, see <a href="/table">the price table</a>, '
             '<a href="/form">write to us</a>, visit <a href="/private/secret">the members area</a> '
-            'or <a href="http://203.0.113.81/elsewhere">another site</a>.</p>'
+            'or <a href="http://198.51.100.81/elsewhere">another site</a>.</p>'
         )
         return 200, "text/html", _page("Welcome to the harbour", _paragraphs("HOME-ARTICLE"), links)
     if path.startswith("/articles/"):
@@ -160,7 +160,7 @@ def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
 
 @contextmanager
 def serve_site(netns: Path) -> Iterator[Site]:
-    """The site on port 80 of ``netns`` (http://203.0.113.80/ in the fake internet)."""
+    """The site on port 80 of ``netns`` (http://198.51.100.80/ in the fake internet)."""
     sock = listening_socket_in_netns(netns, "0.0.0.0", 80)
     site = Site()
     server = ThreadingHTTPServer((FAKE_INTERNET_SERVER_IP, 80), _handler(site), bind_and_activate=False)

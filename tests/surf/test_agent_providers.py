@@ -227,7 +227,7 @@ def test_openai_compatible_chat_reads_json_actions() -> None:
     answers = iter(
         [
             'Sure! ```json\n{"reasoning": "open the form", "actions": [{"type": "navigate", "url": '
-            '"http://203.0.113.80/form"}, {"type": "click", "x": 310, "y": 128}], "done": false}\n```',
+            '"http://198.51.100.80/form"}, {"type": "click", "x": 310, "y": 128}], "done": false}\n```',
             "I cannot decide.",
             '{"reasoning": "sent", "actions": [], "done": true, "message": "form sent"}',
         ]
@@ -280,7 +280,7 @@ def test_openai_compatible_chat_reads_json_actions() -> None:
     finally:
         server.shutdown()
         server.server_close()
-    assert turns[0].actions == [Navigate(url="http://203.0.113.80/form"), Click(type="click", x=310, y=128)]
+    assert turns[0].actions == [Navigate(url="http://198.51.100.80/form"), Click(type="click", x=310, y=128)]
     assert turns[1].rejected == ["the answer was not one JSON object"] and not turns[1].done
     assert turns[2].done and turns[2].message == "form sent"
     # only the newest screenshot travels; the model is told what was wrong with its last answer

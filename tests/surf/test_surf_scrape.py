@@ -141,7 +141,7 @@ def test_large_content_is_a_file_with_a_signed_url_and_a_missing_page_is_recorde
 
 def test_a_site_whose_robots_txt_is_unreachable_is_not_crawled(surf: SurfClient) -> None:
     """RFC 9309: robots.txt unreachable means complete disallow; the run says why it has no pages."""
-    session = surf.wait(surf.start(url="http://203.0.113.80:9/", formats=["text"])["session_id"])
+    session = surf.wait(surf.start(url="http://198.51.100.80:9/", formats=["text"])["session_id"])
     assert session["state"] == "completed", session.get("error")
     assert session["pages"] == []
     [skipped] = session["result"]["skipped"]

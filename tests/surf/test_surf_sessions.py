@@ -36,16 +36,16 @@ def wait_gone(stack: RunningStack, sandbox_id: str, timeout: float = 30) -> bool
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"url": "http://203.0.113.80/", "colour": "red"}, "colour: unknown field"),
-        ({"url": "ftp://203.0.113.80/"}, "url: "),
-        ({"url": "http://203.0.113.80/", "depth": "2"}, "depth: "),
-        ({"url": "http://203.0.113.80/", "max_pages": 0}, "max_pages: "),
-        ({"url": "http://203.0.113.80/", "task": "do it"}, "task: not an option of mode 'scrape'"),
-        ({"url": "http://203.0.113.80/", "mode": "agent", "task": "x", "depth": 2}, "depth: not an option of mode"),
-        ({"url": "http://203.0.113.80/", "mode": "agent"}, "needs a task"),
-        ({"url": "http://203.0.113.80/", "formats": ["pdf"]}, "formats.0"),
-        ({"url": "http://203.0.113.80/", "timeout": 100000}, "exceeds E2B_SURF_TIMEOUT"),
-        (["http://203.0.113.80/"], "JSON object"),
+        ({"url": "http://198.51.100.80/", "colour": "red"}, "colour: unknown field"),
+        ({"url": "ftp://198.51.100.80/"}, "url: "),
+        ({"url": "http://198.51.100.80/", "depth": "2"}, "depth: "),
+        ({"url": "http://198.51.100.80/", "max_pages": 0}, "max_pages: "),
+        ({"url": "http://198.51.100.80/", "task": "do it"}, "task: not an option of mode 'scrape'"),
+        ({"url": "http://198.51.100.80/", "mode": "agent", "task": "x", "depth": 2}, "depth: not an option of mode"),
+        ({"url": "http://198.51.100.80/", "mode": "agent"}, "needs a task"),
+        ({"url": "http://198.51.100.80/", "formats": ["pdf"]}, "formats.0"),
+        ({"url": "http://198.51.100.80/", "timeout": 100000}, "exceeds E2B_SURF_TIMEOUT"),
+        (["http://198.51.100.80/"], "JSON object"),
     ],
 )
 def test_a_bad_request_is_a_400_naming_the_problem(surf: SurfClient, body: object, fragment: str) -> None:
@@ -78,7 +78,7 @@ def test_a_browser_logs_in_for_a_cookie(surf: SurfClient) -> None:
         assert browser.get("/api/auth").json() == {"authenticated": True, "via": "web"}
         # The cookie does not let another site make the browser start runs.
         evil = browser.post(
-            "/api/surf", json={"url": "http://203.0.113.80/"}, headers={"Origin": "http://evil.example"}
+            "/api/surf", json={"url": "http://198.51.100.80/"}, headers={"Origin": "http://evil.example"}
         )
         assert evil.status_code == 403
         browser.post("/logout")
