@@ -34,7 +34,8 @@ def embedded(tmp_path: Path) -> Iterator[Settings]:
         e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor, e2b_nats_password=SECRET
     )
     settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(server_args(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "nats-server.log").open("wb")
+    process = subprocess.Popen(server_args(settings), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -50,6 +51,11 @@ def embedded(tmp_path: Path) -> Iterator[Settings]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        log.close()
+
+
+def _server_log(settings: Settings) -> str:
+    return (settings.e2b_data_dir / "nats-server.log").read_text(errors="replace")[-3000:]
 
 
 async def _refusal(url: str) -> str:
@@ -110,18 +116,29 @@ def test_each_user_may_do_its_job_and_nothing_more(embedded: Settings) -> None:
     async def scenario() -> None:
         async with (
             as_user(embedded, CLIENT_USER) as (pmoves, pmoves_errors),
-            as_user(embedded, "e2b-mcp-server") as (spells, _),
+            as_user(embedded, "e2b-mcp-server") as (spells, spells_errors),
             as_user(embedded, "e2b-surf") as (surf, surf_errors),
         ):
             events = await _received(pmoves, "e2b.>")
 
+            answered: list[str] = []
+
             async def answer(msg: Any) -> None:
+                answered.append(msg.reply)
                 await msg.respond(b"done")
 
             await spells.subscribe("e2b.spell.execute.v1", queue="spells", cb=answer)
             await spells.flush()
-            # PMOVES' publisher requests a spell and the spell service answers it.
-            reply = await pmoves.request("e2b.spell.execute.v1", b"{}", timeout=5)
+            # PMOVES' publisher requests a spell and the spell service answers it. The timeout is
+            # generous because CI runs this on a loaded 2-core machine; on failure, say which side
+            # stopped: the request never arrived, or the answer was refused/lost.
+            try:
+                reply = await pmoves.request("e2b.spell.execute.v1", b"{}", timeout=20)
+            except nats.errors.TimeoutError:
+                pytest.fail(
+                    f"no answer: responder got {answered!r}; responder errors {spells_errors!r}; "
+                    f"client errors {pmoves_errors!r}; server log: {_server_log(embedded)}"
+                )
             assert reply.data == b"done"
             # No user forges another's events: a client cannot publish a lifecycle event,
             # surf cannot request spells, surf cannot listen to spell requests.
