@@ -1,15 +1,25 @@
-"""envd outlives its sandbox's own OOM (issue 11 item 3), with the stock `e2b` SDK.
+"""envd outlives its sandbox's own OOM, and a sandbox whose envd dies anyway is reported (issue 11
+item 3), with the stock `e2b` SDK.
 
 Commands run with a raised oom_score_adj, so when a sandbox runs out of memory the kernel kills
-them, not envd, even when every one of them is smaller than envd.
+them, not envd, even when every one of them is smaller than envd. envd is the sandbox's first
+process: when it dies the sandbox ends, and the API says so (killed, reason "died", its event, an
+error naming the cause) within the manager's 5 s check.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
+import httpx
+import nats
 import pytest
-from e2b import CommandExitException, Sandbox
+from e2b import CommandExitException, Sandbox, SandboxNotFoundException
+
+from pmoves_e2b.events import envelope
+from pmoves_e2b.events.publisher import STREAM_NAME
 
 pytestmark = pytest.mark.stack
 
@@ -37,3 +47,55 @@ def test_envd_survives_an_oom_of_many_processes_smaller_than_itself(
         assert sbx.commands.run("pgrep -o -f pmoves_e2b.envd", user="root").stdout.strip() == envd
     finally:
         sbx.kill()
+
+
+def killed_events(nats_url: str, sandbox_id: str) -> list[envelope.Envelope]:
+    """The `killed` events of one sandbox kept in the E2B stream."""
+
+    async def scan() -> list[envelope.Envelope]:
+        client = await nats.connect(nats_url)
+        try:
+            js = client.jetstream()
+            subscription = await js.pull_subscribe("e2b.sandbox.killed.v1", stream=STREAM_NAME)
+            found: list[envelope.Envelope] = []
+            while True:
+                try:
+                    batch = await subscription.fetch(500, timeout=2)
+                except nats.errors.TimeoutError:
+                    return found
+                for message in batch:
+                    event = envelope.parse(message.data, message.subject)
+                    if event.payload.get("sandbox_id") == sandbox_id:
+                        found.append(event)
+        finally:
+            await client.close()
+
+    return asyncio.run(scan())
+
+
+def test_a_sandbox_whose_envd_died_is_reported_and_removed(running_stack: Any, sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=300)
+    try:
+        try:  # envd is the sandbox's first process: the sandbox ends with it
+            sbx.commands.run("kill -9 $(pgrep -o -f pmoves_e2b.envd)", user="root", timeout=10)
+        except Exception:  # noqa: BLE001, S110 - the stream breaks as envd dies
+            pass
+        deadline = time.monotonic() + 30
+        while any(info.sandbox_id == sbx.sandbox_id for info in Sandbox.list(limit=100).next_items()):
+            assert time.monotonic() < deadline, "the API still lists a sandbox whose envd is dead"
+            time.sleep(0.5)
+        with pytest.raises(Exception, match="envd died"):  # the data plane says why, not only "not found"
+            sbx.commands.run("echo hello", timeout=10)
+        with pytest.raises(SandboxNotFoundException):  # the SDK words its own 404s
+            Sandbox.get_info(sbx.sandbox_id)
+        answer = httpx.get(
+            f"{sdk_env['E2B_API_URL']}/sandboxes/{sbx.sandbox_id}", headers={"X-API-Key": sdk_env["E2B_API_KEY"]}
+        )
+        assert answer.status_code == 404 and "envd died" in answer.json()["message"]
+        [event] = killed_events(running_stack.nats_url, sbx.sandbox_id)
+        assert event.payload["reason"] == "died"
+    finally:
+        try:
+            sbx.kill()
+        except Exception:  # noqa: BLE001, S110 - already removed
+            pass

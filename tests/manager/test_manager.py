@@ -262,6 +262,26 @@ def test_restart_readopts_live_sandboxes_and_buries_dead_ones(tmp_path: Path) ->
     run(tmp_path, body)
 
 
+def test_a_sandbox_whose_envd_died_is_killed_and_says_why(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        async with started(env) as manager:
+            dead = await manager.create(request())
+            alive = await manager.create(request())
+            env.backend.die(dead.sandbox_id)  # envd, its first process, exited and took it along
+            assert await manager.bury_dead() == [dead.sandbox_id]
+            assert [r.sandbox_id for r in manager.list_rows()] == [alive.sandbox_id]
+            with pytest.raises(NotFound, match="envd died"):
+                manager.get(dead.sandbox_id)
+            assert manager.death(dead.sandbox_id) is not None and manager.death(alive.sandbox_id) is None
+            await until(lambda: ("killed", dead.sandbox_id, "died") in env.events)
+            await until(lambda: dead.sandbox_id in env.backend.destroyed)  # its slot and mounts are freed
+            row = repo.get_sandbox(env.db, dead.sandbox_id)
+            assert row is not None and row.state == "killed" and row.kill_reason == "died"
+            assert await manager.bury_dead() == []
+
+    run(tmp_path, body)
+
+
 # --- warm pool -------------------------------------------------------------------------------
 
 

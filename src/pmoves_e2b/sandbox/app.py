@@ -93,6 +93,8 @@ def create_app(settings: Settings | None = None) -> Any:
         if found is not None and found[1] == "paused" and manager.auto_resumes(sandbox_id):
             await manager.connect(sandbox_id, None)  # lifecycle.autoResume: traffic wakes it
             found = manager.address(sandbox_id)
+        if found is None and (death := manager.death(sandbox_id)) is not None:
+            raise Refusal(502, f"The sandbox was not found: {death}", sandboxId=sandbox_id)
         if found is None or found[1] != "running":
             return None  # other paused sandboxes answer "not found" until connect resumes them
         network = manager.network(sandbox_id)

@@ -51,6 +51,8 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 DEFAULT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 120.0
 METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
+DIED_KEEP = 1024  # sandboxes whose death the proxy still explains
+DIED = "it ended when its envd died (envd is its first process: out of memory, or killed inside the sandbox)"
 
 # publish(kind, sandbox_id, template, metadata, reason); kinds: created paused resumed killed timeout failed
 LifecyclePublisher = Callable[[str, str, str, dict[str, str], str | None], Awaitable[None]]
@@ -118,6 +120,7 @@ class SandboxManager:
         self.pool_templates = pool_templates
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
+        self._died: dict[str, None] = {}  # recently died sandboxes, oldest first (insertion order)
         self.pool = WarmPool(
             pool_size,
             pool_templates,
@@ -395,9 +398,15 @@ class SandboxManager:
 
     def get(self, sandbox_id: str) -> SandboxRow:
         row = repo.get_sandbox(self.db, sandbox_id)
+        if row is not None and row.state == "killed" and row.kill_reason == "died":
+            raise NotFound(f"sandbox '{sandbox_id}' not found: {DIED}")
         if row is None or row.state == "killed" or sandbox_id not in self._live:
             raise NotFound(f"sandbox '{sandbox_id}' not found")
         return row
+
+    def death(self, sandbox_id: str) -> str | None:
+        """Why a recently died sandbox is gone (None if it did not die), for the proxy's answer."""
+        return DIED if sandbox_id in self._died else None
 
     def list_rows(self) -> list[SandboxRow]:
         return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
@@ -628,8 +637,31 @@ class SandboxManager:
     def _update_memory_metric(self) -> None:
         metrics.set_memory_quantiles([live.samples[-1]["memUsed"] for live in self._live.values() if live.samples])
 
+    async def bury_dead(self) -> list[str]:
+        """Kill (reason ``died``, with its ``killed`` event) every running sandbox whose processes
+        are all gone: envd is its first process, so when envd dies (the sandbox's OOM, a kill -9
+        inside) the sandbox ends with it, and nothing else would notice. Returns their ids."""
+        dead: list[str] = []
+        for sandbox_id, live in list(self._live.items()):
+            if live.handle.state != "running" or await self.backend.is_alive(live.handle):
+                continue
+            log.warning("sandbox died: its envd exited", extra={"sandbox_id": sandbox_id})
+            try:
+                await self.kill(sandbox_id, reason="died", actor="system")
+            except SandboxError:  # a caller killed it meanwhile
+                continue
+            self._died[sandbox_id] = None
+            while len(self._died) > DIED_KEEP:
+                del self._died[next(iter(self._died))]
+            dead.append(sandbox_id)
+        return dead
+
     async def _sampler(self) -> None:
         while True:
+            try:
+                await self.bury_dead()
+            except Exception:
+                log.exception("checking for dead sandboxes failed")
             for sandbox_id, live in list(self._live.items()):
                 if live.handle.state != "running":
                     continue

@@ -100,6 +100,7 @@ class Target:
         return self.host_mask.replace("${PORT}", str(port)).encode() if self.host_mask else None
 
 
+# Where a sandbox is (None: not found); it may raise Refusal to say why a sandbox is gone.
 Resolver = Callable[[str], Awaitable[Target | None]]
 # Finds the sandbox a signed /files URL belongs to: (method, query string) -> sandbox id.
 # It raises Refusal (envd's 401 message) when no live sandbox signed the URL.
@@ -642,6 +643,8 @@ class SandboxProxy:
             raise not_found(route.sandbox_id[:64])
         try:
             target = await self.resolve(route.sandbox_id)
+        except Refusal:  # the resolver's own answer (e.g. why a sandbox is gone)
+            raise
         except Exception:
             log.exception("resolving sandbox %s failed", route.sandbox_id)
             raise Refusal(502, "The sandbox could not be looked up; try again", sandboxId=route.sandbox_id) from None
