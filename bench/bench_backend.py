@@ -24,7 +24,7 @@ from measure import percentiles, timed
 
 from pmoves_e2b.sandbox.backends.base import SandboxSpec
 from pmoves_e2b.sandbox.backends.ns import NsBackend
-from pmoves_e2b.sandbox.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.templates.store import load_template
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pmoves_e2b.sandbox import cgroups, network
-from pmoves_e2b.sandbox.backends.ns import SLOTS_DIR, UID_BASE, UID_RANGE, SlotRegistry
+from pmoves_e2b.sandbox.backends.ns import cgroups, network
+from pmoves_e2b.sandbox.backends.ns.slots import SLOTS_DIR, UID_BASE, UID_RANGE, SlotRegistry
 
 
 def _mountpoints_under(root: Path) -> list[str]:

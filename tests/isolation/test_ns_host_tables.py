@@ -15,8 +15,8 @@ from typing import Any
 
 from ns_harness import Sandboxes
 
-from pmoves_e2b.sandbox import cgroups, hostlimits
 from pmoves_e2b.sandbox.backends.base import SandboxHandle
+from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits
 
 # The attack: 130 processes x 20,000 open /dev/null = 2.6 M files, more than this
 # machine's default fs.file-max (2,466,252).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ns_harness import Sandboxes
 
-from pmoves_e2b.sandbox.backends.ns import UID_BASE, UID_RANGE
+from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE
 
 CAPS_DOCKER_DEFAULT = 0xA00405FB
 SYSCALL_PROBE = """

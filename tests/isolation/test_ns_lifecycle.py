@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from ns_harness import Sandboxes
 
-from pmoves_e2b.sandbox import cgroups
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, TemplateImage
-from pmoves_e2b.sandbox.backends.ns import NsBackend
+from pmoves_e2b.sandbox.backends.ns import NsBackend, cgroups
 
 COUNTER = (
     "import time\n"
@@ -212,7 +211,7 @@ def test_concurrent_creates_get_distinct_ranges_and_addresses(sandboxes: Sandbox
 
 
 def test_cleanup_orphans_releases_slots_of_vanished_runtime_dirs(sandboxes: Sandboxes, tmp_path: Path) -> None:
-    from pmoves_e2b.sandbox import network
+    from pmoves_e2b.sandbox.backends.ns import network
 
     gone = tmp_path / "deleted-data-dir" / "sandboxes"
     sandbox_id = f"{sandboxes.spec().sandbox_id}-gone"
@@ -226,7 +225,7 @@ def test_cleanup_orphans_releases_slots_of_vanished_runtime_dirs(sandboxes: Sand
 
 
 def test_cleanup_orphans_drops_internet_permission_of_unowned_addresses(sandboxes: Sandboxes) -> None:
-    from pmoves_e2b.sandbox import network
+    from pmoves_e2b.sandbox.backends.ns import network
 
     owned = set(sandboxes.backend.slots.owners())
     slot = next(s for s in range(network.MAX_SLOTS - 1, 0, -1) if s not in owned)

@@ -10,7 +10,7 @@ from ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT
 from pmoves_e2b.sandbox.backends.ns import NsBackend
-from pmoves_e2b.sandbox.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 
 
 def agent_answers(handle) -> bool:

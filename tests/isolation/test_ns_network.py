@@ -19,8 +19,8 @@ from ns_harness import (
     listening_socket_in_netns,
 )
 
-from pmoves_e2b.sandbox import network
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+from pmoves_e2b.sandbox.backends.ns import network
 
 PROBE = """
 import json, socket, sys

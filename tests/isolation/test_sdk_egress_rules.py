@@ -15,7 +15,7 @@ import pytest
 from e2b import Sandbox
 from ns_harness import FAKE_INTERNET_HOST_VETH, FAKE_INTERNET_NETNS, FAKE_INTERNET_SERVER_IP, Responder
 
-from pmoves_e2b.sandbox import network
+from pmoves_e2b.sandbox.backends.ns import network
 
 pytestmark = pytest.mark.stack
 

@@ -29,8 +29,6 @@ What one sandbox is (recipe and measurements: reference/isolation-on-this-machin
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
 import functools
 import hashlib
 import ipaddress
@@ -42,7 +40,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -51,7 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pmoves_e2b.sandbox import cgroups, hostlimits, network, seccomp
 from pmoves_e2b.sandbox.backends.base import (
     ENVD_PORT,
     BackendError,
@@ -59,14 +55,13 @@ from pmoves_e2b.sandbox.backends.base import (
     SandboxSpec,
     SandboxStats,
 )
-from pmoves_e2b.sandbox.cgroups import SandboxCgroups
-from pmoves_e2b.sandbox.network import SandboxNet
+from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits, mounts, network, seccomp
+from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
+from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE, SlotRegistry
 
 T = TypeVar("T")
 ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))  # noqa: S104 - envd inside the sandbox's own netns
-UID_BASE = 200_000
-UID_RANGE = 65_536
-SLOTS_DIR = Path("/run/pmoves-e2b/slots")
 LAUNCH_ROOTS = Path("/run/pmoves-e2b/roots")
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -84,141 +79,11 @@ JOIN_AND_LIMIT = (
     'ulimit -c 0; ulimit -n "$NOFILE"; ulimit -p "$NPROC"; unset NOFILE NPROC; exec "$@"'
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_SHARED = 0x2, 0x4, 0x8, 0x1000, 1 << 20
-MNT_DETACH = 0x2
-SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
-AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
-OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
-MOUNT_ATTR_IDMAP = 0x100000
-LOOP_CONTROL = Path("/dev/loop-control")
-MKFS_EXT4 = "/sbin/mkfs.ext4"
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(
-        _libc.mount(
-            source.encode(), str(target).encode(), fstype.encode() if fstype else None, flags,
-            data.encode() if data else None,
-        ),
-        f"mount {target}",
-    )  # fmt: skip
-
-
-def _umount(target: Path) -> None:
-    if _libc.umount2(str(target).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def _idmapped_tree(path: str, userns_fd: int) -> int:
-    """A detached clone of ``path`` whose owners are shifted into the given user namespace."""
-    tree = _check(
-        _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
-        f"open_tree {path}",
-    )
-    attr = struct.pack("QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    try:
-        _check(
-            _libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, len(attr)),
-            f"idmap {path}",
-        )
-    except OSError:
-        os.close(tree)
-        raise
-    return tree
-
-
-def _unmount_sandbox(sandbox_dir: Path) -> None:
-    for mountpoint in (sandbox_dir / "m", sandbox_dir / "pts", sandbox_dir / "rw"):
-        _umount(mountpoint)
-        if os.path.ismount(mountpoint):
-            raise BackendError(f"{mountpoint} is still mounted")
-
-
-def _mount_disk(image: Path, target: Path, disk_mb: int) -> None:
-    """The sandbox's disk: a sparse ext4 image on a loop device (autoclear: it goes with the last
-    unmount). Filling it is ENOSPC for the writer, and its pages are page cache written back to the
-    host's disk; a tmpfs would be charged to the sandbox's memory cgroup, so a full disk OOM-killed
-    envd (issue 11). Without loop devices (some containers) it falls back to that tmpfs."""
-    if not LOOP_CONTROL.exists():
-        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=0700")
-        return
-    with open(image, "wb") as out:  # ext4's own metadata on top, so that disk_mb stay usable
-        out.truncate((disk_mb + disk_mb // 32 + 4) * 1024 * 1024)
-    for argv in (
-        [MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", str(image)],
-        ["/bin/mount", "-t", "ext4", "-o", "loop,noinit_itable,nosuid,nodev", str(image), str(target)],
-    ):
-        done = subprocess.run(argv, capture_output=True, check=False)
-        if done.returncode != 0:
-            raise BackendError(f"{argv[0]} failed for {image}: {done.stderr.decode(errors='replace').strip()}")
-    target.chmod(0o700)
-
-
-def _is_shared_mountpoint(path: Path) -> bool:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == str(path):
-            optional = fields[6 : fields.index("-")]
-            return any(tag.startswith("shared:") for tag in optional)
-    return False
-
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
-
-
-class SlotRegistry:
-    """Host-wide slots; slot k = uid range + /30. A slot file holds its owner, made with O_EXCL."""
-
-    def __init__(self, directory: Path = SLOTS_DIR) -> None:
-        self.directory = directory
-
-    def allocate(self, sandbox_id: str, runtime_dir: Path) -> int:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        used = {int(name) for name in os.listdir(self.directory) if name.isdigit()}
-        owner = json.dumps({"sandbox_id": sandbox_id, "runtime_dir": str(runtime_dir)}).encode()
-        for slot in range(network.MAX_SLOTS):
-            if slot in used:
-                continue
-            try:
-                fd = os.open(self.directory / str(slot), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue
-            with os.fdopen(fd, "wb") as out:
-                out.write(owner)
-            return slot
-        raise BackendError("no free sandbox slot (uid range / network) left on this host")
-
-    def owners(self) -> dict[int, dict[str, str]]:
-        result = {}
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return {}
-        for name in names:
-            if name.isdigit():
-                try:
-                    result[int(name)] = json.loads((self.directory / name).read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue
-        return result
-
-    def release(self, slot: int) -> None:
-        (self.directory / str(slot)).unlink(missing_ok=True)
 
 
 class NsBackend:
@@ -256,15 +121,15 @@ class NsBackend:
                 return
             self.runtime_dir.mkdir(parents=True, exist_ok=True)
             self.runtime_dir.chmod(0o711)
-            if not _is_shared_mountpoint(self.runtime_dir):
-                _mount(str(self.runtime_dir), self.runtime_dir, None, MS_BIND)
-                _mount("none", self.runtime_dir, None, MS_SHARED)
+            if not mounts.is_shared_mountpoint(self.runtime_dir):
+                mounts.mount(str(self.runtime_dir), self.runtime_dir, None, mounts.MS_BIND)
+                mounts.mount("none", self.runtime_dir, None, mounts.MS_SHARED)
             # bwrap runs as host uid B and must walk to the overlay; the data dir's ancestors may be
             # private (0700), so it gets a peer of the runtime dir under world-searchable /run.
-            if not _is_shared_mountpoint(self.launch_root):
+            if not mounts.is_shared_mountpoint(self.launch_root):
                 for directory in (*reversed(self.launch_root.parents[:2]), self.launch_root):
                     directory.mkdir(mode=0o711, exist_ok=True)
-                _mount(str(self.runtime_dir), self.launch_root, None, MS_BIND)
+                mounts.mount(str(self.runtime_dir), self.launch_root, None, mounts.MS_BIND)
             network.ensure_host_setup()
             hostlimits.lift_global_tables()
             seccomp.denylist_bpf()
@@ -277,8 +142,8 @@ class NsBackend:
                 return
             cgroups.remove_parents(cgroups.existing_parent_dirs(self.cgroup_parent_name))
             for mountpoint in (self.launch_root, self.runtime_dir):
-                if _is_shared_mountpoint(mountpoint):
-                    _umount(mountpoint)
+                if mounts.is_shared_mountpoint(mountpoint):
+                    mounts.umount(mountpoint)
             try:
                 self.launch_root.rmdir()
             except FileNotFoundError:
@@ -417,7 +282,7 @@ class NsBackend:
         merged, rw = sandbox_dir / "m", sandbox_dir / "rw"
         merged.mkdir()
         rw.mkdir(mode=0o700)
-        _mount_disk(sandbox_dir / "disk.img", rw, spec.disk_mb)
+        mounts.mount_disk(sandbox_dir / "disk.img", rw, spec.disk_mb)
         upper, work = rw / "u", rw / "w"
         upper.mkdir()
         work.mkdir()
@@ -428,7 +293,7 @@ class NsBackend:
         pts = sandbox_dir / "pts"
         pts.mkdir()
         pts_options = f"newinstance,ptmxmode=0666,mode=620,max={hostlimits.PTYS_PER_SANDBOX}"
-        _mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, pts_options)
+        mounts.mount("devpts", pts, "devpts", mounts.MS_NOSUID | mounts.MS_NOEXEC, pts_options)
 
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
@@ -493,9 +358,9 @@ class NsBackend:
             trees: list[int] = []
             try:
                 for layer in spec.template.layers:
-                    trees.append(_idmapped_tree(layer, userns))
+                    trees.append(mounts.idmapped_tree(layer, userns))
                 lower = ":".join(f"/proc/self/fd/{tree}" for tree in trees)
-                _mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+                mounts.mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
             finally:
                 for fd in (userns, *trees):
                     os.close(fd)
@@ -585,7 +450,7 @@ class NsBackend:
 
         step("stop processes", self._stop_processes, sandbox_id, details, cg)
         step("remove cgroups", cg.remove)
-        step("unmount", _unmount_sandbox, sandbox_dir)
+        step("unmount", mounts.unmount_sandbox, sandbox_dir)
         if slot is not None:
             step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
         else:
