@@ -26,7 +26,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import functools
 import glob
 import grp
 import json
@@ -40,15 +39,16 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Any
+
+from .spawn import SECURE_PATH, as_user, watch_exit
+from .users import User
 
 SOCKET_ENV = "ENVD_SUDO_SOCKET"  # set by the template's envd launcher; unset = no sudo server
 GROUP_ENV = "ENVD_SUDO_GROUP"
 DEFAULT_GROUP = "sudo"
 SUDOERS_FILES = ("/etc/sudoers", "/etc/sudoers.d/*")
-SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Debian's env_keep plus sudo's built-in list (USER/LOGNAME/SHELL/MAIL/HOME are set afterwards).
 ENV_KEEP = frozenset({
     "COLORS", "DISPLAY", "HOSTNAME", "KRB5CCNAME", "LS_COLORS", "PS1", "PS2", "XAUTHORITY",
@@ -251,25 +251,9 @@ def _command_env(
     return env
 
 
-@functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv", path=SECURE_PATH)
-
-
 def _spawn(command: Command, fds: list[int]) -> subprocess.Popen[bytes]:
-    argv = command.argv
-    credentials: dict[str, Any] = {}
-    if command.target.pw_uid != os.geteuid():
-        helper = _setpriv()
-        if helper is not None:  # vfork-friendly credential switch, as in process/handle.py
-            argv = [helper, f"--reuid={command.target.pw_uid}", f"--regid={command.target.pw_gid}",
-                    "--init-groups", "--", *argv]  # fmt: skip
-        else:
-            credentials = {
-                "user": command.target.pw_uid,
-                "group": command.target.pw_gid,
-                "extra_groups": os.getgrouplist(command.target.pw_name, command.target.pw_gid),
-            }
+    target = command.target
+    argv, credentials = as_user(command.argv, User(target.pw_name, target.pw_uid, target.pw_gid, target.pw_dir))
     try:
         return subprocess.Popen(
             argv,
@@ -430,32 +414,9 @@ class SudoServer:
             self._children.discard(child)
 
     def _exit_future(self, child: subprocess.Popen[bytes]) -> asyncio.Future[int]:
-        """The wait status, from a pidfd on the loop (a waiting thread where pidfd_open fails)."""
+        """The wait status, once the command exits."""
         done: asyncio.Future[int] = self._loop.create_future()
-
-        def reap() -> None:
-            _, status = os.waitpid(child.pid, 0)
-            child.returncode = status  # reaped here; keeps Popen from waiting again
-            done.set_result(status)
-
-        try:
-            pidfd = os.pidfd_open(child.pid)
-        except OSError:
-
-            def wait_in_thread() -> None:
-                _, status = os.waitpid(child.pid, 0)
-                child.returncode = status
-                self._loop.call_soon_threadsafe(done.set_result, status)
-
-            threading.Thread(target=wait_in_thread, name=f"sudo-wait-{child.pid}", daemon=True).start()
-            return done
-
-        def on_pidfd() -> None:
-            self._loop.remove_reader(pidfd)
-            os.close(pidfd)
-            reap()
-
-        self._loop.add_reader(pidfd, on_pidfd)
+        watch_exit(self._loop, child, done.set_result)
         return done
 
 

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import functools
 import os
 import shutil
 import signal
 import struct
 import subprocess
 import termios
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from protobuf import Oneof
 
 from ..gen.process.process_pb import ProcessConfig, ProcessEvent
+from ..spawn import as_user, watch_exit
 from ..users import User
 from . import cgroup
 
@@ -60,28 +59,6 @@ def build_env(user: User, sandbox_env: dict[str, str], request_env: dict[str, st
     env.update(sandbox_env)
     env.update(request_env)
     return env
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv")
-
-
-def _argv_as_user(spec: SpawnSpec) -> tuple[list[str], dict[str, object]]:
-    """The argv and Popen credential options that run the command as ``spec.user``.
-
-    Popen(user=...) makes CPython fork() instead of vfork(); forking envd's whole address space
-    costs ~10 ms per command under load. util-linux ``setpriv`` switches uid/gid/groups right
-    before exec instead, so the spawn stays a cheap vfork.
-    """
-    argv = [spec.cmd, *spec.args]
-    if spec.user.is_current():
-        return argv, {}
-    helper = _setpriv()
-    if helper is not None:
-        switch = [helper, f"--reuid={spec.user.uid}", f"--regid={spec.user.gid}", "--init-groups", "--"]
-        return switch + argv, {}
-    return argv, {"user": spec.user.uid, "group": spec.user.gid, "extra_groups": spec.user.groups()}
 
 
 def _check_executable(spec: SpawnSpec) -> None:
@@ -147,13 +124,13 @@ class ProcessHandle:
                 self._group.release()
             raise
         self.pid: int = self._popen.pid
-        self._watch_exit()
+        watch_exit(self._loop, self._popen, self._on_exit)
         for fd in self._outputs:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._on_readable, fd)
 
     def _spawn(self, spec: SpawnSpec) -> subprocess.Popen[bytes]:
-        argv, credentials = _argv_as_user(spec)
+        argv, credentials = as_user([spec.cmd, *spec.args], spec.user)
         if self._group is not None:
             _check_executable(spec)  # the wrapper would report a missing command as exit 127
             argv = self._group.wrap(argv)
@@ -161,7 +138,7 @@ class ProcessHandle:
             master, slave = os.openpty()
             try:
                 _set_winsize(slave, *spec.pty_size)
-                popen = subprocess.Popen(  # type: ignore[call-overload]  # credentials: user/group kwargs
+                popen = subprocess.Popen(
                     argv,
                     stdin=slave,
                     stdout=slave,
@@ -184,7 +161,7 @@ class ProcessHandle:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
         try:
-            popen = subprocess.Popen(  # type: ignore[call-overload]  # credentials: user/group kwargs
+            popen = subprocess.Popen(
                 argv,
                 stdin=in_r,
                 stdout=out_w,
@@ -278,28 +255,7 @@ class ProcessHandle:
                     break
                 self._publish(_data_event(self._outputs[fd], data))
 
-    def _watch_exit(self) -> None:
-        """Get told when the process exits: a pidfd on the loop, or a waiting thread where
-        pidfd_open is unavailable (old kernel, seccomp)."""
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            threading.Thread(target=self._wait_in_thread, name=f"wait-{self.pid}", daemon=True).start()
-            return
-        self._loop.add_reader(pidfd, self._reap_pidfd, pidfd)
-
-    def _wait_in_thread(self) -> None:
-        _, status = os.waitpid(self.pid, 0)
-        self._loop.call_soon_threadsafe(self._on_exit, status)
-
-    def _reap_pidfd(self, pidfd: int) -> None:
-        self._loop.remove_reader(pidfd)
-        os.close(pidfd)
-        _, status = os.waitpid(self.pid, 0)
-        self._on_exit(status)
-
     def _on_exit(self, status: int) -> None:
-        self._popen.returncode = status  # reaped here; keeps Popen from waiting again
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self._drain()
