@@ -172,8 +172,12 @@ def test_create_failures_are_clear_and_leave_nothing(sandboxes: Sandboxes, tmp_p
     envd.write_text("#!/bin/sh\necho envd-cannot-start >&2\nexit 3\n")
     envd.chmod(0o755)
     broken = TemplateImage(name="broken", layers=(str(broken_layer), *sandboxes.template.layers[1:]))
-    with pytest.raises(BackendError, match="envd-cannot-start"):
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="envd-cannot-start") as failure:
         asyncio.run(backend.create(sandboxes.spec(template=broken)))
+    # seen as soon as it exits, not after waiting ready_timeout for a port nobody will open
+    assert "envd exited before listening" in str(failure.value)
+    assert time.monotonic() - started < backend.ready_timeout
     assert sandboxes.handles == []
     assert os.listdir(backend.runtime_dir) == []
 

@@ -7,15 +7,14 @@ which refuses /init).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import struct
-import time
 from typing import Any
 
 import httpx
 
+from pmoves_e2b.sandbox.aio import poll_until
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError
 
 _CONNECT_JSON = "application/connect+json"
@@ -87,15 +86,17 @@ class EnvdClient:
 
     async def wait_http_ok(self, address: str, port: int, path: str, timeout_s: float) -> None:
         """Poll ``GET http://address:port/path`` until it answers 2xx."""
-        deadline = time.monotonic() + timeout_s
         last = "no answer"
-        while time.monotonic() < deadline:
+
+        async def answers() -> bool:
+            nonlocal last
             try:
                 res = await self._http.get(f"http://{address}:{port}{path}", timeout=2.0)
-                if res.status_code < 300:
-                    return
-                last = f"HTTP {res.status_code}"
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
-            await asyncio.sleep(0.02)
-        raise BackendError(f"port {port} of the sandbox did not become ready in {timeout_s:.0f} s ({last})")
+                return False
+            last = f"HTTP {res.status_code}"
+            return res.status_code < 300
+
+        if not await poll_until(answers, timeout_s, max_delay_s=0.02):
+            raise BackendError(f"port {port} of the sandbox did not become ready in {timeout_s:.0f} s ({last})")

@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as websocket_connect
 
 from pmoves_e2b.envd import ENVD_PORT, HOST_ONLY_PATHS
+from pmoves_e2b.sandbox.aio import poll_until
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -897,19 +898,14 @@ async def relay_websocket(
 
 async def wait_port(address: str, port: int, path: str = "/health", timeout: float = 10.0) -> bool:
     """Poll ``GET http://address:port/path`` until it answers 2xx; False if ``timeout`` passes first."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
+
+    async def answers() -> bool:
         try:
-            if await asyncio.wait_for(_probe(address, port, path), min(remaining, 2.0)):
-                return True
-        except (TimeoutError, OSError, h11.ProtocolError):
-            pass
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.05)
+            return await _probe(address, port, path)
+        except h11.ProtocolError:
+            return False
+
+    return await poll_until(answers, timeout)
 
 
 async def _probe(address: str, port: int, path: str) -> bool:

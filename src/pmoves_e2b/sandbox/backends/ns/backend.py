@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pmoves_e2b.sandbox.aio import poll_until
 from pmoves_e2b.sandbox.backends.base import (
     ENVD_PORT,
     BackendError,
@@ -155,7 +156,7 @@ class NsBackend:
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         handle = await self._in_thread(self._start, spec)
         try:
-            await self._wait_ready_async(handle)
+            await self._wait_ready(handle)
         except BaseException as exc:
             await asyncio.shield(self._in_thread(self._fail, handle.sandbox_id, handle.details, exc))
             raise
@@ -212,7 +213,7 @@ class NsBackend:
         """``create`` for callers without an event loop (bench, scripts)."""
         handle = self._start(spec)
         try:
-            self._wait_ready(handle)
+            asyncio.run(self._wait_ready(handle))
         except BaseException as exc:
             self._fail(handle.sandbox_id, handle.details, exc)
             raise
@@ -381,48 +382,29 @@ class NsBackend:
             message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
             raise BackendError(f"{message}{cleanup}{log_tail}") from exc
 
-    def _not_ready_reason(self, handle: SandboxHandle, deadline: float) -> str | None:
-        """None while it is worth trying again; else why envd will not come up."""
-        proc = self._children.get(handle.sandbox_id)
-        if proc is not None and proc.poll() is not None:
-            return f"sandbox {handle.sandbox_id}: envd exited before listening (rc {proc.returncode})"
-        if time.monotonic() > deadline:
-            return (
+    async def _wait_ready(self, handle: SandboxHandle) -> None:
+        """Until envd accepts TCP; a BackendError once its launcher has exited or the time is up."""
+
+        async def envd_listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection(handle.address, ENVD_PORT)
+            except OSError:
+                proc = self._children.get(handle.sandbox_id)
+                if proc is not None and proc.poll() is not None:
+                    raise BackendError(
+                        f"sandbox {handle.sandbox_id}: envd exited before listening (rc {proc.returncode})"
+                    ) from None
+                return False
+            writer.close()
+            return True
+
+        if not await poll_until(
+            envd_listening, self.ready_timeout, first_delay_s=0.001, max_delay_s=0.003, attempt_s=1.0
+        ):
+            raise BackendError(
                 f"sandbox {handle.sandbox_id}: envd did not listen on {handle.address}:{ENVD_PORT} "
                 f"within {self.ready_timeout:.0f}s"
             )
-        return None
-
-    def _wait_ready(self, handle: SandboxHandle) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        delay = 0.001
-        while True:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.settimeout(1.0)
-                try:
-                    sock.connect((handle.address, ENVD_PORT))
-                    return
-                except OSError:
-                    pass
-            if reason := self._not_ready_reason(handle, deadline):
-                raise BackendError(reason)
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.003)
-
-    async def _wait_ready_async(self, handle: SandboxHandle) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        delay = 0.001
-        while True:
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(handle.address, ENVD_PORT), 1.0)
-                writer.close()
-                return
-            except (TimeoutError, OSError):
-                pass
-            if reason := self._not_ready_reason(handle, deadline):
-                raise BackendError(reason)
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.003)
 
     # --- destroy / cleanup -------------------------------------------------------------------
 
