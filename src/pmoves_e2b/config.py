@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # Where things are reached (derived from the ports when unset).
     e2b_sandbox_url: str | None = None
     e2b_desktop_url: str | None = None
+    # Where e2b-mcp-server reaches e2b-surf (its /surf/scrape and surf_* tools run sessions there).
+    e2b_surf_url: str | None = None
     next_public_api_url: str | None = None
     agent_zero_url: str = "http://agent-zero:8080"
     # Unset: `up` runs an embedded nats-server. May carry credentials (nats://user:pass@host:4222).
@@ -192,6 +194,7 @@ class Settings(BaseSettings):
         self.e2b_database_url = self.e2b_database_url or f"sqlite:///{data / 'pmoves-e2b.db'}"
         self.e2b_sandbox_url = self.e2b_sandbox_url or f"http://localhost:{self.e2b_sandbox_port}"
         self.e2b_desktop_url = self.e2b_desktop_url or f"http://localhost:{self.e2b_desktop_port}"
+        self.e2b_surf_url = self.e2b_surf_url or f"http://localhost:{self.e2b_surf_port}"
         self.next_public_api_url = self.next_public_api_url or f"http://localhost:{self.e2b_surf_port}"
         for name in SECRET_NAMES:
             field = name.lower()

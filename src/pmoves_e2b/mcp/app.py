@@ -22,7 +22,7 @@ from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.desktop.desktops import DesktopOps
 from pmoves_e2b.desktop.desktops import ops_for as desktop_ops_for
 from pmoves_e2b.desktop.links import viewer_urls
-from pmoves_e2b.mcp import desktop_rest, desktop_tools, spell_rest, spell_tools
+from pmoves_e2b.mcp import desktop_rest, desktop_tools, spell_rest, spell_tools, surf_rest, surf_tools
 from pmoves_e2b.mcp.auth import AuthMiddleware, parse_allowed_hosts, transport_security
 from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
@@ -30,6 +30,7 @@ from pmoves_e2b.mcp.tools import build_mcp_server
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.spells.bus import serve_spells
 from pmoves_e2b.spells.executor import SpellExecutor, build_executor
+from pmoves_e2b.surf.client import SurfApi
 
 # SSE streams (both transports) send a comment line this often when idle, so a client with a
 # short read timeout (Agent Zero: 10 s) never sees a silent stream. sse-starlette's default is 15 s.
@@ -45,14 +46,23 @@ def build_ops(settings: Settings) -> tuple[SdkConfig, SandboxOps]:
     return config, SandboxOps(config)
 
 
+def surf_api(settings: Settings) -> SurfApi:
+    return SurfApi(str(settings.e2b_surf_url), settings.secret("E2B_SURF_AUTH_TOKEN"))
+
+
 def build_server(
-    settings: Settings, ops: SandboxOps, desktops: DesktopOps | None = None, spells: SpellExecutor | None = None
+    settings: Settings,
+    ops: SandboxOps,
+    desktops: DesktopOps | None = None,
+    spells: SpellExecutor | None = None,
+    surf: SurfApi | None = None,
 ) -> MCPServer:
     """Every MCP tool, the same for HTTP, SSE and stdio."""
     server = build_mcp_server(ops, settings.e2b_sandbox_timeout_sec, settings.e2b_execution_timeout_sec)
     spell_tools.register(server, spells or build_executor(settings))
     desktops = desktops or desktop_ops_for(settings, "e2b-mcp-server")
     desktop_tools.register(server, desktops, viewer_urls(settings))
+    surf_tools.register(server, surf or surf_api(settings), settings.e2b_surf_timeout)
     return server
 
 
@@ -106,7 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     config, ops = build_ops(settings)
     desktops = desktop_ops_for(settings, "e2b-mcp-server")
     spells = build_executor(settings)
-    server = build_server(settings, ops, desktops, spells)
+    surf = surf_api(settings)
+    server = build_server(settings, ops, desktops, spells, surf)
     mcp_routes = _mcp_routes(server, settings)
 
     @contextlib.asynccontextmanager
@@ -114,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The streamable HTTP transport's task group lives as long as the service;
         # the e2b.spell.execute.v1 consumer too.
         async with server.session_manager.run(), serve_spells(service_app, spells):
-            yield
+            try:
+                yield
+            finally:
+                await surf.close()
 
     app = make_service_app(
         "mcp",
@@ -124,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             build_router(ops, server, settings),
             spell_rest.router(spells),
             desktop_rest.build_router(desktops, viewer_urls(settings), str(settings.e2b_desktop_url)),
+            surf_rest.build_router(surf),
         ],
         lifespan=lifespan,
     )

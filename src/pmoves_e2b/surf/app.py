@@ -23,6 +23,7 @@ from pmoves_e2b.store.db import Database
 from pmoves_e2b.surf import pages, routes, scrape
 from pmoves_e2b.surf.agent import runner as agent_runner
 from pmoves_e2b.surf.browser import Browsers
+from pmoves_e2b.surf.bus import serve_surf
 from pmoves_e2b.surf.files import ResultFiles
 from pmoves_e2b.surf.run import Runner
 from pmoves_e2b.surf.sessions import SessionManager
@@ -79,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.surf_sessions = sessions
         await sessions.open()
         try:
-            yield
+            async with serve_surf(app, sessions, settings.e2b_surf_concurrent):
+                yield
         finally:
             await sessions.close()
             ops.close()
