@@ -1,10 +1,11 @@
-"""envd outlives its sandbox's own OOM, and a sandbox whose envd dies anyway is reported (issue 11
-item 3), with the stock `e2b` SDK.
+"""envd outlives its sandbox's own OOM, is restarted when it dies anyway, and a sandbox that ends
+with it is reported (issue 11 item 3), with the stock `e2b` SDK.
 
 Commands run with a raised oom_score_adj, so when a sandbox runs out of memory the kernel kills
-them, not envd, even when every one of them is smaller than envd. envd is the sandbox's first
-process: when it dies the sandbox ends, and the API says so (killed, reason "died", its event, an
-error naming the cause) within the manager's 5 s check.
+them, not envd, even when every one of them is smaller than envd. The sandbox's first process is the
+template's envd launcher: it restarts a dead envd with the state `/init` gave it (same token, env
+vars), so the sandbox stays usable. When the launcher itself dies the sandbox ends, and the API says
+so (killed, reason "died", its event, an error naming the cause) within the manager's 5 s check.
 """
 
 from __future__ import annotations
@@ -73,14 +74,49 @@ def killed_events(nats_url: str, sandbox_id: str) -> list[envelope.Envelope]:
     return asyncio.run(scan())
 
 
-def test_a_sandbox_whose_envd_died_is_reported_and_removed(running_stack: Any, sdk_env: dict[str, str]) -> None:
-    sbx = Sandbox.create(timeout=300)
+def test_an_envd_that_died_is_restarted_and_serves_the_sandbox_as_before(sdk_env: dict[str, str]) -> None:
+    sbx = Sandbox.create(timeout=300, envs={"KEPT": "yes"})
     try:
-        try:  # envd is the sandbox's first process: the sandbox ends with it
-            sbx.commands.run("kill -9 $(pgrep -o -f pmoves_e2b.envd)", user="root", timeout=10)
+        sbx.commands.run("sleep 600 >/dev/null 2>&1 &", timeout=30)  # a command of the envd that dies
+        envd = sbx.commands.run("pgrep -o -f pmoves_e2b.envd", user="root").stdout.strip()
+        try:
+            sbx.commands.run(f"kill -9 {envd}", user="root", timeout=10)
         except Exception:  # noqa: BLE001, S110 - the stream breaks as envd dies
             pass
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                result = sbx.commands.run("echo $KEPT; whoami", timeout=10)  # the sandbox's token, env, user
+                break
+            except Exception:  # noqa: BLE001 - envd is coming back
+                assert time.monotonic() < deadline, "envd was not restarted"
+                time.sleep(0.5)
+        assert result.stdout == "yes\nuser\n"
+        assert sbx.commands.run("pgrep -o -f pmoves_e2b.envd", user="root").stdout.strip() != envd
+        assert "sleep 600" in sbx.commands.run("ps -eo args", user="root").stdout  # its command lives on
+        time.sleep(6)  # one pass of the manager's check: a restarted envd is no dead sandbox
+        assert sbx.is_running()
+        assert any(info.sandbox_id == sbx.sandbox_id for info in Sandbox.list(limit=100).next_items())
+    finally:
+        sbx.kill()
+
+
+ENVD = "^/usr/bin/python3 -m pmoves_e2b.envd"
+LAUNCHER = "^/bin/sh /opt/pmoves/bin/envd"
+# envd dies 3 times in a row: the launcher gives up and ends every process of the sandbox
+KEEPS_DYING = f'for i in 1 2 3; do until p=$(pgrep -f "{ENVD}"); do sleep 0.1; done; kill -9 $p; sleep 0.3; done'
+# the launcher, then envd: nothing restarts envd while a command lives on (the port refuses)
+GONE_WITH_PROCESSES_LEFT = f'sleep 600 & kill -9 $(pgrep -f "{LAUNCHER}"); sleep 0.5; kill -9 $(pgrep -f "{ENVD}")'
+
+
+@pytest.mark.parametrize("attack", [KEEPS_DYING, GONE_WITH_PROCESSES_LEFT], ids=["keeps-dying", "processes-left"])
+def test_a_sandbox_whose_envd_died_is_reported_and_removed(
+    running_stack: Any, sdk_env: dict[str, str], attack: str
+) -> None:
+    sbx = Sandbox.create(timeout=300)
+    try:
+        sbx.commands.run(f"nohup sh -c '{attack}' >/dev/null 2>&1 &", user="root", timeout=30)
+        deadline = time.monotonic() + 60
         while any(info.sandbox_id == sbx.sandbox_id for info in Sandbox.list(limit=100).next_items()):
             assert time.monotonic() < deadline, "the API still lists a sandbox whose envd is dead"
             time.sleep(0.5)

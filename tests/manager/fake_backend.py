@@ -96,6 +96,10 @@ class FakeBackend:
         if envd is not None:
             envd.server.close()
 
+    def stop_envd(self, sandbox_id: str) -> None:
+        """Only envd is gone: its port refuses, other processes of the sandbox live on."""
+        self.envds[sandbox_id].server.close()
+
     def die(self, sandbox_id: str) -> None:
         """The sandbox's processes are gone (as after a host reboot)."""
         self.envds.pop(sandbox_id).server.close()

@@ -282,6 +282,21 @@ def test_a_sandbox_whose_envd_died_is_killed_and_says_why(tmp_path: Path) -> Non
     run(tmp_path, body)
 
 
+def test_a_sandbox_whose_envd_stays_gone_is_killed_though_other_processes_live_on(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        async with started(env) as manager:
+            row = await manager.create(request())
+            other = await manager.create(request())
+            env.backend.stop_envd(row.sandbox_id)
+            assert await manager.bury_dead() == []  # a restart takes a moment: not yet
+            assert await manager.bury_dead() == []
+            assert await manager.bury_dead() == [row.sandbox_id]
+            assert [r.sandbox_id for r in manager.list_rows()] == [other.sandbox_id]
+            await until(lambda: ("killed", row.sandbox_id, "died") in env.events)
+
+    run(tmp_path, body)
+
+
 # --- warm pool -------------------------------------------------------------------------------
 
 

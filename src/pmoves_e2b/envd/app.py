@@ -20,6 +20,7 @@ from .auth import ACCESS_TOKEN_HEADER, TOKEN_EXEMPT, secrets_equal
 from .filesystem.service import FilesystemService
 from .gen.filesystem.filesystem_connect import FilesystemASGIApplication
 from .gen.process.process_connect import ProcessASGIApplication
+from .process import cgroup
 from .process.service import ProcessService
 from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
@@ -126,6 +127,8 @@ class EnvdApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._sudo = start_sudo_server()  # sudo for sandbox users (sudo.py)
+                if self.state.restored:  # the commands of the envd that died run on untracked
+                    cgroup.adopt_leftovers()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._sudo is not None:

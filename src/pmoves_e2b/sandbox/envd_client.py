@@ -7,7 +7,9 @@ which refuses /init).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import struct
 from typing import Any
@@ -83,6 +85,21 @@ class EnvdClient:
                     if start is not None:
                         return int(start.get("pid", 0))
         raise BackendError(f"envd closed the Start stream for {cmd!r} without a start event")
+
+    async def listening(self, address: str, timeout_s: float = 2.0) -> bool | None:
+        """True when envd accepts a connection; False when the sandbox refuses it (nothing listens
+        on envd's port: envd is gone); None when there is no answer in time (busy, not dead)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, writer = await asyncio.open_connection(address, ENVD_PORT)
+        except ConnectionRefusedError:
+            return False
+        except (OSError, TimeoutError):
+            return None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def wait_http_ok(self, address: str, port: int, path: str, timeout_s: float) -> None:
         """Poll ``GET http://address:port/path`` until it answers 2xx."""

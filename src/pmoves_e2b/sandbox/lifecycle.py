@@ -52,7 +52,8 @@ DEFAULT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 120.0
 METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
 DIED_KEEP = 1024  # sandboxes whose death the proxy still explains
-DIED = "it ended when its envd died (envd is its first process: out of memory, or killed inside the sandbox)"
+ENVD_GONE_CHECKS = 3  # passes (5 s apart) envd's port must refuse in a row: a restart takes ~1 s
+DIED = "it ended when its envd died and was not restarted (out of memory, or killed inside the sandbox)"
 
 # publish(kind, sandbox_id, template, metadata, reason); kinds: created paused resumed killed timeout failed
 LifecyclePublisher = Callable[[str, str, str, dict[str, str], str | None], Awaitable[None]]
@@ -121,6 +122,7 @@ class SandboxManager:
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
         self._died: dict[str, None] = {}  # recently died sandboxes, oldest first (insertion order)
+        self._refused: dict[str, int] = {}  # sandbox id -> passes in a row its envd port refused
         self.pool = WarmPool(
             pool_size,
             pool_templates,
@@ -638,14 +640,19 @@ class SandboxManager:
         metrics.set_memory_quantiles([live.samples[-1]["memUsed"] for live in self._live.values() if live.samples])
 
     async def bury_dead(self) -> list[str]:
-        """Kill (reason ``died``, with its ``killed`` event) every running sandbox whose processes
-        are all gone: envd is its first process, so when envd dies (the sandbox's OOM, a kill -9
-        inside) the sandbox ends with it, and nothing else would notice. Returns their ids."""
+        """Kill (reason ``died``, with its ``killed`` event) every running sandbox whose envd is
+        gone for good: its processes are all gone, or envd's port refused ``ENVD_GONE_CHECKS``
+        passes in a row (other processes may live on). The template's envd launcher restarts a dead
+        envd within a second or so; when it cannot (no /init yet, too many deaths, the launcher
+        itself killed) nothing else would notice. Returns their ids."""
+        running = [(i, live) for i, live in self._live.items() if live.handle.state == "running"]
+        verdicts = await asyncio.gather(*(self._envd_gone(i, live.handle) for i, live in running))
         dead: list[str] = []
-        for sandbox_id, live in list(self._live.items()):
-            if live.handle.state != "running" or await self.backend.is_alive(live.handle):
+        for (sandbox_id, _), gone in zip(running, verdicts, strict=True):
+            if not gone:
                 continue
-            log.warning("sandbox died: its envd exited", extra={"sandbox_id": sandbox_id})
+            log.warning("sandbox died: its envd is gone", extra={"sandbox_id": sandbox_id})
+            self._refused.pop(sandbox_id, None)
             try:
                 await self.kill(sandbox_id, reason="died", actor="system")
             except SandboxError:  # a caller killed it meanwhile
@@ -654,7 +661,18 @@ class SandboxManager:
             while len(self._died) > DIED_KEEP:
                 del self._died[next(iter(self._died))]
             dead.append(sandbox_id)
+        for sandbox_id in set(self._refused) - set(self._live):
+            del self._refused[sandbox_id]
         return dead
+
+    async def _envd_gone(self, sandbox_id: str, handle: SandboxHandle) -> bool:
+        if not await self.backend.is_alive(handle):
+            return True
+        if await self.envd.listening(handle.address) is False:
+            self._refused[sandbox_id] = self._refused.get(sandbox_id, 0) + 1
+        else:  # answering, or too busy to say: not dead
+            self._refused.pop(sandbox_id, None)
+        return self._refused.get(sandbox_id, 0) >= ENVD_GONE_CHECKS
 
     async def _sampler(self) -> None:
         while True:

@@ -59,4 +59,5 @@ async def init(state: EnvdState, request: Request, send: Send) -> None:
         state.default_user = user
     if workdir is not None:
         state.default_workdir = workdir
+    state.save()
     await send_response(send, 204)

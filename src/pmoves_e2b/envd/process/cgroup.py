@@ -66,6 +66,17 @@ class CommandGroup:
             _leftovers.add(self.path)
 
 
+def adopt_leftovers() -> int:
+    """Take the groups an earlier envd of this sandbox left (it died and was restarted): their trees
+    live on without a handle; like any leftover they are removed once ended and reclaimed first."""
+    if not available():
+        return 0
+    found = [path for path in ROOT.glob("cmd-*") if path.is_dir()]
+    _leftovers.update(found)
+    sweep()
+    return len(found)
+
+
 def sweep() -> None:
     """Remove the groups of leftover trees that have ended since."""
     for path in list(_leftovers):

@@ -47,6 +47,7 @@ ENVD_SITE = "/opt/pmoves/site"
 ENVD_BIN = "/opt/pmoves/bin/envd"
 SUDO_SHIM = "/usr/local/bin/sudo"  # before /usr/bin in every PATH the sandbox sets
 SUDO_SOCKET = "/run/pmoves/sudo.sock"  # the shim's default too (envd/sudo_shim.py)
+ENVD_STATE_FILE = "/dev/shm/pmoves-envd/state.json"  # noqa: S108 - the sandbox's own tmpfs (envd/state.py)
 # envd runs on the rootfs's /usr/bin/python3 (3.11): its wheels are fetched for that interpreter.
 # httptools and uvloop: envd's uvicorn picks them up when present (faster HTTP parsing and loop).
 # connectrpc is pinned to the version that generated envd/gen (its MethodInfo changed in 0.13).
@@ -214,10 +215,27 @@ def _envd_sources(ctx: BuildContext) -> None:
 
 
 def _envd_launcher(ctx: BuildContext) -> None:
-    script = (
-        f"#!/bin/sh\nENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} "
-        'exec /usr/bin/python3 -m pmoves_e2b.envd "$@"\n'
-    )
+    # The sandbox's first process (a few hundred KB of dash): restarts an envd that died, e.g. when the
+    # sandbox's OOM chose it, with the state /init gave it (ENVD_STATE_FILE). An envd that never got
+    # /init, or died 3 times in a row within a minute each, is not restarted: the launcher ends every
+    # process of the sandbox (bwrap's init would wait for them), so the sandbox ends and the host
+    # reports it (killed, reason "died").
+    script = f"""#!/bin/sh
+export ENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} ENVD_STATE_FILE={ENVD_STATE_FILE}
+quick=0
+while :; do
+    started=$(cut -d. -f1 /proc/uptime)
+    /usr/bin/python3 -m pmoves_e2b.envd "$@"
+    status=$?
+    if [ $(($(cut -d. -f1 /proc/uptime) - started)) -lt 60 ]; then quick=$((quick + 1)); else quick=1; fi
+    if [ ! -s "$ENVD_STATE_FILE" ] || [ "$quick" -ge 3 ]; then
+        echo "envd launcher: envd exited (status $status); not restarting it, the sandbox ends" >&2
+        kill -KILL -1
+        exit "$status"
+    fi
+    echo "envd launcher: envd exited (status $status); restarting it" >&2
+done
+"""
     _write(ctx.target, ENVD_BIN, script.encode(), mode=0o755)
 
 
@@ -236,7 +254,7 @@ ENVD_LAYER = LayerSpec(
             retries=NETWORK_RETRIES,
         ),
         Step("envd sources", _envd_sources, ENVD_SITE),
-        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} v2"),
+        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v3"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
     ),
     inputs=lambda host: _package_digest("envd"),
