@@ -7,7 +7,8 @@ fixed names, so run these tests under ``flock /tmp/pmoves-netns.lock``). Sandbox
 
 Pages (every one has the same navigation bar and footer around its ``<article>``):
 ``/`` (links to articles, the table, the form, a private page and another origin), ``/articles/1``
-… ``/articles/20`` (each links to the next: a chain for depth), ``/table`` (a table), ``/form``
+… ``/articles/20`` (each links to the next: a chain for depth), ``/articles`` (an index linking all
+20, linked from nowhere: a 20-page crawl in one hop for bench/bench_surf_scrape.py), ``/table`` (a table), ``/form``
 (POST ``/submit``, recorded in ``Site.submissions``), ``/big`` (over 64 KiB of article), ``/private/secret`` (disallowed by
 ``/robots.txt``), ``/slow`` (answers after ``Site.slow_s`` seconds or when the site closes).
 ``Site.requests`` records every request (method, path, time).
@@ -68,6 +69,9 @@ def render(path: str) -> tuple[int, str, str]:
             'or <a href="http://198.51.100.81/elsewhere">another site</a>.</p>'
         )
         return 200, "text/html", _page("Welcome to the harbour", _paragraphs("HOME-ARTICLE"), links)
+    if path == "/articles":
+        items = "".join(f'<li><a href="/articles/{n}">Article {n}</a></li>' for n in range(1, ARTICLES + 1))
+        return 200, "text/html", _page("All articles", _paragraphs("INDEX-PAGE", 1) + f"<ul>{items}</ul>")
     if path.startswith("/articles/"):
         try:
             n = int(path.removeprefix("/articles/"))
