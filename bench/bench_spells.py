@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from measure import report, report_baseline, timed_interleaved  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
-from pmoves_e2b.client import build_sdk_config  # noqa: E402
+from pmoves_e2b.sdk.config import build_sdk_config  # noqa: E402
 from pmoves_e2b.spells.executor import SpellExecutor, SpellRequest  # noqa: E402
 from pmoves_e2b.spells.registry import SpellRegistry  # noqa: E402
 

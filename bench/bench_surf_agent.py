@@ -43,9 +43,9 @@ from isolation.ns_harness import (  # noqa: E402
 from measure import report, report_baseline  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
-from pmoves_e2b.client import build_sdk_config  # noqa: E402
 from pmoves_e2b.desktop.actions import Click, Open  # noqa: E402
 from pmoves_e2b.desktop.desktops import DesktopOps  # noqa: E402
+from pmoves_e2b.sdk.config import build_sdk_config  # noqa: E402
 from pmoves_e2b.surf.agent.computer import DesktopComputer  # noqa: E402
 from pmoves_e2b.surf.agent.loop import SETTLE_S, SETTLING, StepRecord, Takeover, run_agent  # noqa: E402
 from pmoves_e2b.surf.agent.providers import Display  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pmoves_e2b.client import build_sdk_config, cloud_domain
+from pmoves_e2b.sdk.config import build_sdk_config, cloud_domain
 
 
 def test_self_hosted_uses_our_url_for_api_and_sandboxes() -> None:

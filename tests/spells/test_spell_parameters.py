@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pmoves_e2b.client import build_sdk_config
+from pmoves_e2b.sdk.config import build_sdk_config
 from pmoves_e2b.spells.executor import SpellError, SpellExecutor, SpellRequest, prepare
 from pmoves_e2b.spells.registry import SpellRegistry
 

@@ -32,9 +32,9 @@ from agent_harness import (
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from stack.harness import RunningStack
 
-from pmoves_e2b.client import build_sdk_config
 from pmoves_e2b.desktop.actions import Click, Open
 from pmoves_e2b.desktop.desktops import DesktopOps
+from pmoves_e2b.sdk.config import build_sdk_config
 from pmoves_e2b.surf.agent.computer import Computer, DesktopComputer, ScaledComputer
 from pmoves_e2b.surf.agent.loop import AgentResult, StepRecord, Takeover, run_agent
 from pmoves_e2b.surf.agent.providers import Display

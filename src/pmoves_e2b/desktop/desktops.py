@@ -8,7 +8,7 @@ objects and the VNC password of the stream we started (``DesktopOps``).
 
 The ``e2b_desktop`` SDK is synchronous: its calls run on a private thread pool, never on
 the event loop. Listing, info and kill use the async core ``e2b`` SDK. The SDK is configured
-only by :mod:`pmoves_e2b.client`.
+only by :mod:`pmoves_e2b.sdk.config`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from e2b.sandbox.sandbox_api import SandboxInfo
 from e2b_desktop import Sandbox as DesktopSandbox
 from e2b_desktop.main import _VNCServer
 
-from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings
 from pmoves_e2b.desktop import metrics
 from pmoves_e2b.desktop.actions import (
@@ -48,6 +47,7 @@ from pmoves_e2b.desktop.actions import (
     Wait,
 )
 from pmoves_e2b.desktop.keys import parse_keys
+from pmoves_e2b.sdk.config import SdkConfig, sdk_config
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The credential is checked before the WebSocket is accepted (401, no VNC byte flows). The
 desktop's VNC is reached as noVNC's websockify inside the sandbox, through the sandbox
-proxy (``client.py`` says where), never through the sandbox's network directly.
+proxy (``sdk/config.py`` says where), never through the sandbox's network directly.
 """
 
 from __future__ import annotations

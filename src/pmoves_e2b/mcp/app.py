@@ -17,7 +17,6 @@ from mcp.server.mcpserver import MCPServer
 from sse_starlette import EventSourceResponse
 from starlette.routing import BaseRoute
 
-from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.desktop.desktops import DesktopOps
 from pmoves_e2b.desktop.desktops import ops_for as desktop_ops_for
@@ -27,6 +26,7 @@ from pmoves_e2b.mcp.auth import AuthMiddleware, parse_allowed_hosts, transport_s
 from pmoves_e2b.mcp.rest import build_router, install_error_handlers
 from pmoves_e2b.mcp.sandboxes import SandboxOps
 from pmoves_e2b.mcp.tools import build_mcp_server
+from pmoves_e2b.sdk.config import SdkConfig, sdk_config
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.spells.bus import serve_spells
 from pmoves_e2b.spells.executor import SpellExecutor, build_executor

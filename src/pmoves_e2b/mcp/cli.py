@@ -27,8 +27,8 @@ def mcp(
         )
         raise typer.Exit(2)
     from pmoves_e2b.cli_support import settings_or_exit
-    from pmoves_e2b.client import exit_without_finalizing
     from pmoves_e2b.mcp.app import build_ops, build_server
+    from pmoves_e2b.sdk.config import exit_without_finalizing
 
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     settings = settings_or_exit()

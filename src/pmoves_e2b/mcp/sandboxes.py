@@ -1,7 +1,7 @@
 """Sandbox operations shared by the MCP tools and the REST routes.
 
 Everything goes through the stock async E2B SDK classes (the event loop is never blocked),
-configured only by :mod:`pmoves_e2b.client`. Failures become :class:`SandboxOpError` with a
+configured only by :mod:`pmoves_e2b.sdk.config`. Failures become :class:`SandboxOpError` with a
 message an agent can act on and the HTTP status the REST routes answer with.
 """
 
@@ -22,8 +22,8 @@ from e2b.sandbox.sandbox_api import SandboxInfo
 from e2b_code_interpreter import AsyncSandbox
 from e2b_code_interpreter.models import Execution, Result
 
-from pmoves_e2b.client import SdkConfig
 from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
+from pmoves_e2b.sdk.config import SdkConfig
 
 CODE_INTERPRETER_TEMPLATE = "code-interpreter-v1"
 BASE_TEMPLATE = "base"

@@ -15,7 +15,7 @@ from rich.table import Table
 from pmoves_e2b.cli_support import err_console
 from pmoves_e2b.cli_support import fail as _fail
 from pmoves_e2b.cli_support import settings_or_exit as _settings
-from pmoves_e2b.client import exit_without_finalizing
+from pmoves_e2b.sdk.config import exit_without_finalizing
 from pmoves_e2b.spells.executor import SpellError, SpellRequest, build_executor
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell

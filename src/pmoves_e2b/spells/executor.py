@@ -1,6 +1,6 @@
 """Running a spell in a sandbox: the one executor behind REST, MCP, NATS and the CLI.
 
-Everything goes through the stock async E2B SDK configured by :mod:`pmoves_e2b.client`, so
+Everything goes through the stock async E2B SDK configured by :mod:`pmoves_e2b.sdk.config`, so
 spells run the same on this platform and on E2B cloud. One run:
 
 1. check the parameters against the spell's schema (nothing starts when they are wrong);
@@ -41,10 +41,10 @@ from e2b.sandbox.commands.command_handle import CommandExitException
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import best_match
 
-from pmoves_e2b.client import SdkConfig, sdk_config
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events.schemas import describe
 from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
+from pmoves_e2b.sdk.config import SdkConfig, sdk_config
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
