@@ -126,7 +126,7 @@ def host_routing_hint(domain: str, resolve: Callable[..., object] = socket.getad
 def _wait_healthy(settings: Settings, supervisor: subprocess.Popen[bytes] | None, timeout: float) -> list:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from pmoves_e2b.stack import check_health
+    from pmoves_e2b.supervisor import check_health
 
     deadline = time.monotonic() + timeout
     results: list = []
@@ -157,7 +157,7 @@ def up(
     timeout: float = typer.Option(UP_TIMEOUT_SECONDS, help="Seconds to wait for every component to be healthy."),
 ) -> None:
     """Start NATS and the four services (detached), and wait until they are healthy."""
-    from pmoves_e2b.stack import SUPERVISOR, Supervisor, log_file, supervisor_pid
+    from pmoves_e2b.supervisor import SUPERVISOR, Supervisor, log_file, supervisor_pid
 
     settings = _settings()
     running = supervisor_pid(settings)
@@ -188,7 +188,7 @@ def up(
         raise typer.Exit(Supervisor(settings).run())
     with open_private_append(log_file(settings, SUPERVISOR)) as log_handle:
         supervisor = subprocess.Popen(
-            [sys.executable, "-m", "pmoves_e2b.stack"],
+            [sys.executable, "-m", "pmoves_e2b.supervisor"],
             stdin=subprocess.DEVNULL,
             stdout=log_handle,
             stderr=subprocess.STDOUT,
@@ -221,7 +221,7 @@ def _print_log_tail(path: Path, lines: int = 8) -> None:
 @app.command()
 def down(timeout: float = typer.Option(30.0, help="Seconds to wait for everything to stop.")) -> None:
     """Stop the supervisor, the services and nats-server; return once they are gone."""
-    from pmoves_e2b.stack import stop_stack
+    from pmoves_e2b.supervisor import stop_stack
 
     settings = _settings()
     survivors = stop_stack(settings, timeout=timeout)
@@ -247,7 +247,7 @@ def _health_table(results: list) -> None:
 @app.command()
 def health() -> None:
     """Check NATS and the four services; exit 1 if any is unhealthy."""
-    from pmoves_e2b.stack import check_health
+    from pmoves_e2b.supervisor import check_health
 
     results = check_health(_settings())
     _health_table(results)
@@ -258,7 +258,7 @@ def health() -> None:
 @app.command()
 def status() -> None:
     """Show each component's pid and health."""
-    from pmoves_e2b.stack import COMPONENTS, SUPERVISOR, check_health, read_pid
+    from pmoves_e2b.supervisor import COMPONENTS, SUPERVISOR, check_health, read_pid
 
     settings = _settings()
     supervisor = read_pid(settings, SUPERVISOR)
@@ -282,7 +282,7 @@ def logs(
     lines: int = typer.Option(50, "--lines", "-n", help="Lines to show from the end of each log."),
 ) -> None:
     """Print the JSON logs of one component or all of them."""
-    from pmoves_e2b.stack import COMPONENTS, SUPERVISOR, log_file
+    from pmoves_e2b.supervisor import COMPONENTS, SUPERVISOR, log_file
 
     settings = _settings()
     names = (SUPERVISOR, *COMPONENTS)

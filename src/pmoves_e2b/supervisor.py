@@ -6,7 +6,7 @@ writing pid files to ``<data>/run``. A component that dies is restarted with exp
 backoff. On SIGTERM/SIGINT it stops the services (SIGTERM, SIGKILL after a grace period;
 e2b-sandbox gets its SIGTERM like the others and may clean up), then nats-server, and exits.
 
-Run it with ``python -m pmoves_e2b.stack`` (what ``up`` does, detached) or ``up --foreground``.
+Run it with ``python -m pmoves_e2b.supervisor`` (what ``up`` does, detached) or ``up --foreground``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pmoves_e2b.events.connection import redact_url
 from pmoves_e2b.observability.logging import configure_logging
 from pmoves_e2b.private_files import open_private_append, private_dir
 
-log = logging.getLogger("pmoves_e2b.stack")
+log = logging.getLogger("pmoves_e2b.supervisor")
 
 NATS = "nats"
 SUPERVISOR = "supervisor"
