@@ -16,23 +16,47 @@ from typing import Any, Protocol
 from pmoves_e2b.envd import ENVD_PORT as ENVD_PORT  # re-exported: backends and their tests use it
 
 
-@dataclass(frozen=True)
-class TemplateImage:
-    """A built template, as the backend needs it."""
+@dataclass(frozen=True, kw_only=True)
+class TemplateRuntime:
+    """How a template's sandboxes run: declared by its definition (``templates/model.py``), written
+    into its record by the builder and read back for the backend, so the fields exist once."""
 
-    name: str
-    # Read-only rootfs layers, topmost first (overlayfs lowerdir order).
-    layers: tuple[str, ...]
     # Command envd should start once initialised, e.g. the code interpreter; may be empty.
     start_cmd: str = ""
     # Port that must answer HTTP GET /health before the sandbox counts as ready (0 = none).
     ready_port: int = 0
     user: str = "user"
-    start_user: str = "user"  # who runs start_cmd
+    start_user: str = ""  # who runs start_cmd; empty: ``user``
     workdir: str = "/home/user"
     # Per-template resources; 0 means the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
     memory_mb: int = 0
     cpu_count: float = 0
+
+    def __post_init__(self) -> None:
+        if not self.start_user:
+            object.__setattr__(self, "start_user", self.user)
+
+    def runtime_record(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TemplateRuntime)}
+
+    @staticmethod
+    def runtime_from_record(record: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments from a record; fields it lacks (older records) keep their defaults."""
+        types = {"ready_port": int, "memory_mb": int, "cpu_count": float}
+        return {
+            f.name: types.get(f.name, str)(record[f.name])
+            for f in dataclasses.fields(TemplateRuntime)
+            if record.get(f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
+class TemplateImage(TemplateRuntime):
+    """A built template, as the backend needs it."""
+
+    name: str
+    # Read-only rootfs layers, topmost first (overlayfs lowerdir order).
+    layers: tuple[str, ...]
 
 
 @dataclass(frozen=True)

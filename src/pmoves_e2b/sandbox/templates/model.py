@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..backends.base import TemplateRuntime
 from .hostconfig import HostConfig
 from .rootfs import run_host, run_in_rootfs
 
@@ -54,18 +55,11 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
-class TemplateSpec:
+class TemplateSpec(TemplateRuntime):
+    """A template's definition: its layers (by name) and how its sandboxes run."""
+
     name: str
     layers: tuple[str, ...]  # topmost first
-    start_cmd: str = ""
-    ready_port: int = 0
-    user: str = "user"
-    # Who runs start_cmd (empty: ``user``); commands keep running as ``user``.
-    start_user: str = ""
-    workdir: str = "/home/user"
-    # Resources of the template's sandboxes; 0: the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
-    memory_mb: int = 0
-    cpu_count: float = 0
     # Bash run as root in the finished rootfs after a build; non-zero exit fails the build.
     check: str = ""
 

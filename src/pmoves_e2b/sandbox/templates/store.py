@@ -1,7 +1,7 @@
 """Where built templates live, and the loader the control plane uses.
 
     <templates dir>/
-      <template>.json         name, layer ids (topmost first), start_cmd, ready_port, user, workdir
+      <template>.json         name, layer ids (topmost first), how its sandboxes run (TemplateRuntime)
       layers/<name>-<hash>/   one read-only layer: a rootfs tree or an overlay upper dir
       layers/<name>-<hash>.json  how and when the layer was built (steps, seconds, bytes)
       logs/<name>-<hash>.log  build output
@@ -64,17 +64,7 @@ def load_template(name: str, templates_dir: Path | str | None = None) -> Templat
     layers = tuple(str(layers_dir(root) / layer) for layer in record["layers"])
     if not layers or not all(Path(layer).is_dir() for layer in layers):
         raise TemplateNotFound(name, str(root))
-    return TemplateImage(
-        name=name,
-        layers=layers,
-        start_cmd=record.get("start_cmd", ""),
-        ready_port=int(record.get("ready_port", 0)),
-        user=record.get("user", "user"),
-        start_user=record.get("start_user") or record.get("user", "user"),
-        workdir=record.get("workdir", "/home/user"),
-        memory_mb=int(record.get("memory_mb", 0)),
-        cpu_count=float(record.get("cpu_count", 0)),
-    )
+    return TemplateImage(name=name, layers=layers, **TemplateImage.runtime_from_record(record))
 
 
 def list_templates(templates_dir: Path | str | None = None) -> list[TemplateImage]:
