@@ -5,6 +5,7 @@
 - Every plain HTTP path envd's router serves is classified client or host-only, and the proxy
   refuses every host-only one, so a new envd route cannot be exposed by accident.
 - No two top-level packages import each other (layers point one way).
+- What a failed stock-SDK call means is decided once (``sdk/errors.py``), not per feature.
 """
 
 from __future__ import annotations
@@ -80,6 +81,36 @@ def envd_router_paths() -> set[str]:
     return paths
 
 
+# SDK exceptions whose meaning sdk/errors.classify decides (NotFoundException stays usable for
+# "is this sandbox gone?" probes, FileNotFoundException for a path's own 404).
+CLASSIFIED_SDK_ERRORS = {
+    "AuthenticationException",
+    "RateLimitException",
+    "TimeoutException",
+    "InvalidArgumentException",
+    "SandboxNotRunningException",
+}
+
+
+def sdk_errors_mapped_outside_sdk() -> list[str]:
+    found = []
+    for path, tree in _modules():
+        if path.relative_to(SRC).parts[0] == "sdk":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in CLASSIFIED_SDK_ERRORS:
+                value = node.value
+                if isinstance(value, ast.Name) and value.id != "httpx":
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}: {node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("e2b"):
+                found += [
+                    f"{path.relative_to(SRC)}:{node.lineno}: imports {a.name}"
+                    for a in node.names
+                    if a.name in CLASSIFIED_SDK_ERRORS
+                ]
+    return found
+
+
 def package_cycles() -> list[str]:
     graph: dict[str, set[str]] = {}
     for path, tree in _modules():
@@ -124,3 +155,7 @@ def test_every_envd_route_is_classified_and_host_only_ones_are_refused_by_the_pr
 
 def test_no_two_packages_import_each_other() -> None:
     assert package_cycles() == []
+
+
+def test_sdk_failures_are_classified_in_one_place() -> None:
+    assert sdk_errors_mapped_outside_sdk() == []

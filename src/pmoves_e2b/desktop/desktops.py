@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-import httpx
 from e2b import AsyncSandbox, SandboxQuery
 from e2b import exceptions as e2b_errors
 from e2b.sandbox.commands.command_handle import CommandExitException
@@ -48,6 +47,7 @@ from pmoves_e2b.desktop.actions import (
 )
 from pmoves_e2b.desktop.keys import parse_keys
 from pmoves_e2b.sdk.config import SdkConfig, sdk_config
+from pmoves_e2b.sdk.errors import Failure, classify
 
 log = logging.getLogger(__name__)
 
@@ -466,35 +466,35 @@ class _Translate:
 
     async def _translate(self, exc: Exception) -> DesktopError:
         did = self.desktop_id
-        if did is not None and (
-            isinstance(exc, (e2b_errors.NotFoundException, e2b_errors.SandboxNotRunningException))
-            or await self.ops.is_gone(did)
-        ):
+        failure = classify(exc)
+        if did is not None and (failure.gone or await self.ops.is_gone(did)):
             self.ops._live.pop(did, None)
             return not_found(did)
         if isinstance(exc, CommandExitException):
             detail = (exc.stderr or exc.stdout or str(exc)).strip()[:300]
             return DesktopError("desktop_error", f"the desktop could not do it: {detail}", 409)
-        if isinstance(exc, e2b_errors.AuthenticationException):
+        if failure is Failure.AUTH:
             return DesktopError(
-                "backend_auth", "the sandbox backend rejected E2B_API_KEY; check the configuration", 502
+                "backend_auth", "the sandbox backend rejected E2B_API_KEY; check the configuration", failure.status
             )
-        if isinstance(exc, e2b_errors.TimeoutException):
-            return DesktopError("timeout", f"the desktop did not answer in time: {exc}", 504)
-        if isinstance(exc, e2b_errors.RateLimitException):
-            return DesktopError("limit_reached", f"sandbox limit reached: {exc}; end unused desktops", 429)
-        if isinstance(exc, e2b_errors.InvalidArgumentException):
-            return DesktopError("invalid_argument", str(exc), 422)
-        if isinstance(exc, e2b_errors.SandboxException) and "template" in str(exc).lower():
+        if failure in (Failure.TIMEOUT, Failure.NOT_RUNNING):
+            return DesktopError("timeout", f"the desktop did not answer in time: {exc}", failure.status)
+        if failure is Failure.LIMIT:
+            return DesktopError("limit_reached", f"sandbox limit reached: {exc}; end unused desktops", failure.status)
+        if failure is Failure.INVALID:
+            return DesktopError("invalid_argument", str(exc), failure.status)
+        if failure in (Failure.SANDBOX, Failure.NOT_FOUND) and "template" in str(exc).lower():
             return DesktopError(
                 "template_missing",
                 f"template {self.ops.template!r} is not available: {exc}; build it with "
                 f"`pmoves-e2b template build {self.ops.template}`",
                 503,
             )
-        if isinstance(exc, (httpx.TransportError, OSError)):
+        if failure is Failure.UNREACHABLE:
             return DesktopError(
-                "backend_unreachable", "the sandbox backend is unreachable; check e2b-sandbox (pmoves-e2b status)", 503
+                "backend_unreachable",
+                "the sandbox backend is unreachable; check e2b-sandbox (pmoves-e2b status)",
+                failure.status,
             )
         log.warning("desktop operation failed", exc_info=exc)
         return DesktopError("backend_error", f"sandbox backend error: {type(exc).__name__}: {exc}", 502)

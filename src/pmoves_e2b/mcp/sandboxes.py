@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from e2b import exceptions as e2b_errors
 from e2b.sandbox.commands.command_handle import CommandExitException
 from e2b.sandbox.sandbox_api import SandboxInfo
@@ -24,6 +23,7 @@ from e2b_code_interpreter.models import Execution, Result
 
 from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
 from pmoves_e2b.sdk.config import SdkConfig
+from pmoves_e2b.sdk.errors import Failure, classify
 
 CODE_INTERPRETER_TEMPLATE = "code-interpreter-v1"
 BASE_TEMPLATE = "base"
@@ -276,29 +276,35 @@ class _Translate:
 
     async def _translate(self, exc: Exception) -> SandboxOpError:
         sid = self.sandbox_id
+        failure = classify(exc)
         if isinstance(exc, e2b_errors.FileNotFoundException) or (
-            self.path and isinstance(exc, e2b_errors.NotFoundException) and not await self._gone()
+            self.path and failure is Failure.NOT_FOUND and not await self._gone()
         ):
             return SandboxOpError(f"path {self.path} does not exist in sandbox {sid}; check it with list_files", 404)
-        if sid is not None and (
-            isinstance(exc, (e2b_errors.NotFoundException, e2b_errors.SandboxNotRunningException)) or await self._gone()
-        ):
+        if sid is not None and (failure.gone or await self._gone()):
             return not_found(sid)
-        if isinstance(exc, e2b_errors.AuthenticationException):
-            return SandboxOpError("the sandbox backend rejected E2B_API_KEY; check the server's configuration", 502)
-        if isinstance(exc, e2b_errors.TimeoutException):
-            return SandboxOpError(f"timed out: {exc}; raise the timeout or split the work into smaller steps", 504)
-        if isinstance(exc, e2b_errors.InvalidArgumentException):
-            return SandboxOpError(f"invalid argument: {exc}", 422)
-        if isinstance(exc, e2b_errors.RateLimitException):
-            return SandboxOpError(f"sandbox limit reached: {exc}; kill unused sandboxes with sandbox_kill", 429)
-        if isinstance(exc, (httpx.TransportError, OSError)):
+        if failure is Failure.AUTH:
             return SandboxOpError(
-                "the sandbox backend is unreachable; check that e2b-sandbox is running (pmoves-e2b status)", 503
+                "the sandbox backend rejected E2B_API_KEY; check the server's configuration", failure.status
             )
-        if isinstance(exc, e2b_errors.SandboxException):
-            return SandboxOpError(str(exc) or type(exc).__name__, 400)
-        return SandboxOpError(f"sandbox backend error: {type(exc).__name__}: {exc}", 502)
+        if failure in (Failure.TIMEOUT, Failure.NOT_RUNNING):
+            return SandboxOpError(
+                f"timed out: {exc}; raise the timeout or split the work into smaller steps", failure.status
+            )
+        if failure is Failure.INVALID:
+            return SandboxOpError(f"invalid argument: {exc}", failure.status)
+        if failure is Failure.LIMIT:
+            return SandboxOpError(
+                f"sandbox limit reached: {exc}; kill unused sandboxes with sandbox_kill", failure.status
+            )
+        if failure is Failure.UNREACHABLE:
+            return SandboxOpError(
+                "the sandbox backend is unreachable; check that e2b-sandbox is running (pmoves-e2b status)",
+                failure.status,
+            )
+        if failure in (Failure.SANDBOX, Failure.NOT_FOUND):
+            return SandboxOpError(str(exc) or type(exc).__name__, Failure.SANDBOX.status)
+        return SandboxOpError(f"sandbox backend error: {type(exc).__name__}: {exc}", failure.status)
 
     async def _gone(self) -> bool:
         if self.sandbox_id is None:

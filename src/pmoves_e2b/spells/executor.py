@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from e2b import AsyncSandbox
 from e2b import exceptions as e2b_errors
 from e2b.sandbox.commands.command_handle import CommandExitException
@@ -45,6 +44,7 @@ from pmoves_e2b.config import Settings
 from pmoves_e2b.events.schemas import describe
 from pmoves_e2b.observability.executions import EXECUTION_DURATION, EXECUTIONS, EXECUTIONS_FAILED
 from pmoves_e2b.sdk.config import SdkConfig, sdk_config
+from pmoves_e2b.sdk.errors import Failure, classify
 from pmoves_e2b.spells.format import Spell
 from pmoves_e2b.spells.registry import SpellRegistry, UnknownSpell
 
@@ -226,15 +226,16 @@ def _tail(text: str) -> str:
 
 
 def _translate(exc: Exception, what: str) -> SpellError:
-    if isinstance(exc, e2b_errors.AuthenticationException):
-        return SpellError("unavailable", f"{what}: the sandbox backend rejected E2B_API_KEY", 502)
-    if isinstance(exc, e2b_errors.RateLimitException):
-        return SpellError("unavailable", f"{what}: sandbox limit reached ({exc}); try again later", 429)
-    if isinstance(exc, e2b_errors.NotFoundException):
-        return SpellError("not_found", f"{what}: {exc or 'not found'}", 404)
-    if isinstance(exc, (httpx.TransportError, OSError)):
-        return SpellError("unavailable", f"{what}: the sandbox backend is unreachable ({exc})", 503)
-    return SpellError("sandbox_error", f"{what}: {type(exc).__name__}: {exc}", 502)
+    failure = classify(exc)
+    if failure is Failure.AUTH:
+        return SpellError("unavailable", f"{what}: the sandbox backend rejected E2B_API_KEY", failure.status)
+    if failure is Failure.LIMIT:
+        return SpellError("unavailable", f"{what}: sandbox limit reached ({exc}); try again later", failure.status)
+    if failure is Failure.NOT_FOUND:
+        return SpellError("not_found", f"{what}: {exc or 'not found'}", failure.status)
+    if failure is Failure.UNREACHABLE:
+        return SpellError("unavailable", f"{what}: the sandbox backend is unreachable ({exc})", failure.status)
+    return SpellError("sandbox_error", f"{what}: {type(exc).__name__}: {exc}", Failure.OTHER.status)
 
 
 class SpellExecutor:
