@@ -25,6 +25,7 @@ from pmoves_e2b.cli_support import EXIT_FAILED, err_console
 from pmoves_e2b.cli_support import fail as _fail
 from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, Settings, ensure_secrets, get_settings
+from pmoves_e2b.envd import ENVD_PORT
 from pmoves_e2b.private_files import open_private_append, private_dir
 
 app = typer.Typer(
@@ -109,7 +110,7 @@ def host_routing_hint(domain: str, resolve: Callable[..., object] = socket.getad
 
     The Python SDK maps `*.localhost` to loopback itself; Node (the JS SDK), curl and browsers ask
     glibc, which needs nss-myhostname for that (or wildcard DNS for any other domain)."""
-    probe = f"49983-probe.{domain}"
+    probe = f"{ENVD_PORT}-probe.{domain}"
     try:
         resolve(probe, 443, type=socket.SOCK_STREAM)
         return None

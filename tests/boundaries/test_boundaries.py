@@ -159,3 +159,9 @@ def test_no_two_packages_import_each_other() -> None:
 
 def test_sdk_failures_are_classified_in_one_place() -> None:
     assert sdk_errors_mapped_outside_sdk() == []
+
+
+def test_the_interpreter_reaches_envd_on_envds_port() -> None:
+    from pmoves_e2b.interpreter.app import Settings
+
+    assert Settings().envd_url == f"http://127.0.0.1:{envd.ENVD_PORT}"

@@ -31,6 +31,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 @dataclass
 class Settings:
     default_cwd: str = "/home/user"
+    # envd.ENVD_PORT, written out: the interpreter imports nothing outside its package (a boundary test checks they agree)
     envd_url: str = "http://127.0.0.1:49983"
     keepalive_seconds: float = 5.0
     output_buffer_bytes: int = 8 * 1024 * 1024
