@@ -44,8 +44,8 @@ from playwright.async_api import async_playwright  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
 from surf_site import Site, serve_site  # noqa: E402
 
-from pmoves_e2b.client import build_sdk_config  # noqa: E402
 from pmoves_e2b.desktop.desktops import DesktopOps  # noqa: E402
+from pmoves_e2b.sdk.config import build_sdk_config  # noqa: E402
 from pmoves_e2b.surf.browser import RESOLUTION  # noqa: E402
 from pmoves_e2b.surf.extract import extract  # noqa: E402
 from pmoves_e2b.surf.scrape import HOST_INTERVAL_S  # noqa: E402
