@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     # What all live sandboxes together may be promised; unset: the machine's physical memory.
     e2b_memory_budget_mb: int | None = Field(None, ge=64)
     e2b_sandbox_cpu_limit: float = Field(2, gt=0)
+    # The sandbox's own disk (a sparse image: only what it writes takes host disk); E2B Hobby's 10 GB.
+    e2b_sandbox_disk_mb: int = Field(10240, ge=64)
     e2b_sandbox_timeout_sec: int = Field(3600, ge=1)
     e2b_execution_timeout_sec: int = Field(300, ge=1)
     e2b_pool_size: int = Field(2, ge=0)

@@ -26,6 +26,7 @@ def test_template_resources_override_the_service_defaults(
             "E2B_POOL_SIZE": "0",
             "E2B_SANDBOX_MEMORY_MB": "768",
             "E2B_SANDBOX_CPU_LIMIT": "2",
+            "E2B_SANDBOX_DISK_MB": "300",
         }
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -38,6 +39,12 @@ def test_template_resources_override_the_service_defaults(
             assert (default.get_info().memory_mb, default.get_info().cpu_count) == (768, 2)
             # The limit is real: the sandbox's cgroup caps it.
             assert small.get_metrics()[-1].mem_total == 256 * 1024 * 1024
+            # The disk setting too (issue 11 item 3): `/` is that big, and a write beyond it is ENOSPC.
+            assert default.get_metrics()[-1].disk_total == 300 * 1024 * 1024
+            size = int(default.commands.run("df -m --output=size / | tail -1").stdout)
+            assert 270 <= size <= 320, size
+            full = default.commands.run("fallocate -l 400M /tmp/big 2>&1 || true").stdout
+            assert "No space left on device" in full, full
         finally:
             small.kill()
             default.kill()

@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Any:
             memory_mb=settings.e2b_sandbox_memory_mb,
             cpu_count=settings.e2b_sandbox_cpu_limit,
             max_timeout_s=settings.e2b_sandbox_timeout_sec,
+            disk_mb=settings.e2b_sandbox_disk_mb,
             memory_budget_mb=settings.e2b_memory_budget_mb or _physical_memory_mb(),
         ),
         publish=_publisher(lambda: getattr(app.state, "publisher", None)),
