@@ -8,6 +8,7 @@ inotify by its own host uid, pids by its pids cgroup under a parent that leaves 
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from ns_harness import Sandboxes
 from pmoves_e2b.sandbox.backends.base import SandboxHandle
 from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits
 
+AS_NOBODY = ("/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 # The issue's attack: 130 processes x 20,000 open /dev/null = 2.6 M files, more than this
 # machine's default fs.file-max (2,466,252).
 OPEN_FILES_ATTACK = """
@@ -93,6 +95,15 @@ def test_open_files_of_one_sandbox_do_not_starve_another(sandboxes: Sandboxes) -
             neighbour, "import os, ssl; fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(1000)]; print(len(fds))"
         )
         assert fresh["rc"] == 0 and fresh["stdout"].strip() == "1000", fresh
+        # and an unprivileged host process still loads its shared libraries (the issue saw it fail)
+        host = subprocess.run(
+            [*AS_NOBODY, "/usr/bin/python3", "-c", "import os, ssl, sqlite3; print(os.getuid())"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert host.returncode == 0 and host.stdout.strip() == "65534", host
     finally:
         thread.join()
     assert result.get("rc") == 0, result
