@@ -82,6 +82,7 @@ def test_envd_starts_from_its_launcher_and_answers_http(templates_dir: Path) -> 
         """),
     )
     assert out.split()[-1] in ("200", "204"), out
+    assert not Path("/dev/shm/pmoves-envd").exists()  # envd's state dir stayed in the rootfs's own /dev/shm
 
 
 def test_code_interpreter_has_the_kernels_and_the_server(templates_dir: Path) -> None:
