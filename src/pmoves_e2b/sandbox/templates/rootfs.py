@@ -186,7 +186,7 @@ def run_in_layers(
                 f"mount -t proc proc {q(root)}/proc",
                 f"mount --rbind /dev {q(root)}/dev && mount --make-rslave {q(root)}/dev",
                 # its own /dev/shm, as in a sandbox: what runs there (envd's state) stays off the host's
-                f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/dev/shm",
+                f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/dev/shm",  # noqa: S108 - the rootfs's own
                 f"mount -t tmpfs -o mode=1777 tmpfs {q(root)}/tmp",  # noqa: S108 - /tmp of the build rootfs
                 f"chroot {q(root)} /usr/bin/env -i PATH={CHROOT_PATH} HOME=/root LANG=C.UTF-8 /bin/bash -c {q(command)}",
             ]
