@@ -14,7 +14,7 @@ netns tests). Times are the client's, from its ``POST /api/surf`` and the sessio
 - pages/s: a crawl of 20 pages of the site (``follow_links`` one hop from its ``/articles`` index,
   breadth first) from its first page event to its last; each host is paced at one request per ``HOST_INTERVAL_S`` (the ceiling).
 - memory: e2b-sandbox's metrics of a session's desktop with its Chromium on a page, and the growth
-  of e2b-surf's RSS while the session runs.
+  of e2b-surf's RSS (with its children: Playwright's driver) while the session runs.
 
 Baselines from the same run: a bare desktop create through ``DesktopOps`` (what a cold session must
 do before its browser); Debian's Chromium headless on the host (Playwright, already launched)
@@ -134,12 +134,26 @@ def memory_mb(stack, sandbox_id: str) -> float:  # type: ignore[no-untyped-def]
 
 
 def rss_mb(pid: int | None) -> float:
+    """RSS of ``pid`` and its descendants (Playwright's node driver is a child of e2b-surf)."""
     if pid is None:
         return float("nan")
-    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if row.startswith("VmRSS:"):
-            return int(row.split()[1]) / 1024
-    return float("nan")
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total_kb, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            rows = Path(f"/proc/{current}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total_kb += sum(int(row.split()[1]) for row in rows if row.startswith("VmRSS:"))
+    return total_kb / 1024
 
 
 async def bench(stack, site: Site, runs: int) -> None:  # type: ignore[no-untyped-def]
@@ -210,8 +224,8 @@ async def bench(stack, site: Site, runs: int) -> None:  # type: ignore[no-untype
         line("baseline: idle desktop memory (no browser)", idle_mb, "MB")
         line("surf session desktop memory (Chromium on a page)", session_mb, "MB")
         line("  ratio to the idle desktop", session_mb / idle_mb, "x")
-        line("e2b-surf RSS growth for the session", rss_during - rss_before, "MB")
-        line("e2b-surf RSS (info)", rss_during, "MB")
+        line("e2b-surf RSS growth for the session (+children)", rss_during - rss_before, "MB")
+        line("e2b-surf RSS with its children (info)", rss_during, "MB")
     finally:
         await api.aclose()
         ops.close()

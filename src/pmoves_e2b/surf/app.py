@@ -69,9 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(str(settings.e2b_database_url))
+        browsers = Browsers(ops)
         sessions = SessionManager(
             db,
-            Browsers(ops),
+            browsers,
             files,
             concurrent=settings.e2b_surf_concurrent,
             timeout_s=settings.e2b_surf_timeout,
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
         finally:
             await sessions.close()
+            await browsers.close()
             ops.close()
             db.close()
 

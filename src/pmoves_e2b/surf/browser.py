@@ -4,6 +4,7 @@ One desktop per session (``DesktopOps`` with source ``e2b-surf``, so e2b-desktop
 viewer shows the run live). Chromium runs in it with the DevTools protocol on 127.0.0.1:9222
 (headed Chromium ignores ``--remote-debugging-address``), and a small relay in the desktop makes
 that reachable on ``CDP_PORT`` of the sandbox. Playwright attaches with ``connect_over_cdp``
+(one Playwright driver for all sessions of the process: starting one takes about a second)
 THROUGH e2b-sandbox's proxy (``E2b-Sandbox-Id``/``-Port`` header routing with the desktop's
 traffic token), never by reaching into the sandbox network. The proxy passes the Host we send
 (``localhost``/an IP), which DevTools requires.
@@ -33,6 +34,7 @@ DEVTOOLS_PORT = 9222  # Chromium's, loopback inside the desktop
 CDP_PORT = 9223  # the relay's, on the sandbox address (reached only through the proxy)
 PROFILE = "/home/user/.surf-chromium"  # a profile of its own: DevTools refuses the default one
 START_TIMEOUT_S = 30.0
+DEVTOOLS_POLL_S = 0.05  # Chromium's DevTools come up within a second: poll finely, it is the cold path
 # Duration of the desktop beyond the run's timeout: a run that is killed at its deadline still
 # gets its desktop removed by us; this is only the backstop if e2b-surf itself dies.
 DESKTOP_SLACK_S = 120
@@ -75,11 +77,9 @@ class SurfBrowser:
     height: int
 
     async def close(self) -> None:
-        """Drop the CDP connection (Chromium goes with the desktop)."""
+        """Drop the CDP connection (Chromium goes with the desktop; the shared driver stays)."""
         with contextlib.suppress(Exception):
             await self.browser.close()
-        with contextlib.suppress(Exception):
-            await self.playwright.stop()
 
 
 class Browsers:
@@ -89,8 +89,26 @@ class Browsers:
         self.ops = ops
         self.resolution = resolution
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._driver: asyncio.Task[Playwright] | None = None
+
+    def _playwright(self) -> asyncio.Task[Playwright]:
+        """The shared Playwright driver (a node process), started on first use; a failed start is
+        retried by the next session."""
+        if self._driver is None or (
+            self._driver.done() and (self._driver.cancelled() or self._driver.exception() is not None)
+        ):
+            self._driver = asyncio.ensure_future(async_playwright().start())
+        return self._driver
+
+    async def close(self) -> None:
+        """Service shutdown: stop the shared driver."""
+        if self._driver is not None:
+            driver, self._driver = self._driver, None
+            with contextlib.suppress(Exception):
+                await (await driver).stop()
 
     async def create_desktop(self, session_id: str, timeout_s: int) -> str:
+        self._playwright()  # the driver starts while the desktop is made
         duration = min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
         creating = asyncio.ensure_future(
             self.ops.create(
@@ -133,13 +151,21 @@ class Browsers:
         except DesktopError as exc:
             raise SurfError("browser_failed", f"could not start the browser: {exc.message}", 502) from None
         await _wait_devtools(base, headers)
-        playwright = await async_playwright().start()
+        try:
+            # Shielded: a run cancelled meanwhile must not cancel the start other sessions share.
+            playwright = await asyncio.shield(self._playwright())
+        except PlaywrightError as exc:
+            raise SurfError("browser_failed", f"could not start Playwright: {exc}", 502) from None
         try:
             browser = await playwright.chromium.connect_over_cdp(base, headers=headers, timeout=START_TIMEOUT_S * 1000)
+        except PlaywrightError as exc:
+            raise SurfError("browser_failed", f"could not attach to the browser: {exc}", 502) from None
+        try:
             context = browser.contexts[0] if browser.contexts else await browser.new_context()
             page = context.pages[0] if context.pages else await context.new_page()
         except PlaywrightError as exc:
-            await playwright.stop()
+            with contextlib.suppress(Exception):
+                await browser.close()
             raise SurfError("browser_failed", f"could not attach to the browser: {exc}", 502) from None
         return SurfBrowser(desktop_id, self.ops, playwright, browser, context, page, width, height)
 
@@ -173,5 +199,5 @@ async def _wait_devtools(base: str, headers: dict[str, str]) -> dict[str, Any]:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
             except httpx.HTTPError as exc:
                 last = str(exc) or type(exc).__name__
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(DEVTOOLS_POLL_S)
     raise SurfError("browser_failed", f"the browser's DevTools did not answer in {START_TIMEOUT_S:g} s ({last})", 502)
