@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "proxy"))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from proxy_harness import KNOWN_ID, SandboxNetns, can_make_netns  # noqa: E402
+from proxy.proxy_harness import KNOWN_ID, SandboxNetns, can_make_netns  # noqa: E402
 
 MIB = 1024 * 1024
 

@@ -24,9 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "surf"))
 import httpx  # noqa: E402
-from agent_harness import (  # noqa: E402
+from isolation.ns_harness import (  # noqa: E402
+    FAKE_INTERNET_SERVER_IP,
+    fake_internet_netns,
+    listening_socket_in_netns,
+)
+from measure import report, report_baseline  # noqa: E402
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+from surf.agent_harness import (  # noqa: E402
     LINK_BLUE,
     FormSite,
     ModelDoubles,
@@ -35,13 +41,6 @@ from agent_harness import (  # noqa: E402
     model_services,
     png_image,
 )
-from isolation.ns_harness import (  # noqa: E402
-    FAKE_INTERNET_SERVER_IP,
-    fake_internet_netns,
-    listening_socket_in_netns,
-)
-from measure import report, report_baseline  # noqa: E402
-from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
 from pmoves_e2b.desktop.actions import Click, Open  # noqa: E402
 from pmoves_e2b.desktop.desktops import DesktopOps  # noqa: E402

@@ -36,13 +36,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "surf"))
 from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, fake_internet_netns  # noqa: E402
 from measure import report, report_baseline  # noqa: E402
 from playwright.async_api import async_playwright  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
-from surf_site import Site, serve_site  # noqa: E402
+from surf.surf_site import Site, serve_site  # noqa: E402
 
 from pmoves_e2b.desktop.desktops import DesktopOps  # noqa: E402
 from pmoves_e2b.sdk.config import build_sdk_config  # noqa: E402

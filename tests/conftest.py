@@ -32,8 +32,9 @@ Fixtures
     ``processes()`` -> live pids tied to the data dir (command line, cwd or E2B_DATA_DIR in env).
 
 ``RunningStack`` and the helpers live in ``tests/stack/harness.py``; import them from any test as
-``from stack.harness import free_ports`` (not ``from conftest import``: several directories have
-a conftest.py, and the name ``conftest`` resolves to whichever was loaded first). Helpers:
+``from stack.harness import free_ports``. Every test helper is imported by its directory like that
+(``from isolation.ns_harness import ...``), never by bare module name or relatively
+(tests/boundaries/test_test_imports.py checks it). Helpers:
 ``free_ports(n)``, ``clean_environ()`` (os.environ without our settings), ``processes_of(data_dir)``,
 ``mounts_of(data_dir)``, ``make_stack(extra_env)``, ``stop_and_clean(stack)``.
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from desktop_harness import DesktopService, run_service
+from desktop_service.desktop_harness import DesktopService, run_service
 
 
 @pytest.fixture(scope="session")

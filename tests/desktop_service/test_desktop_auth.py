@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import websockets
-from desktop_harness import DesktopService
+from desktop_service.desktop_harness import DesktopService
 
 from pmoves_e2b.desktop.links import Signer
 

@@ -25,7 +25,7 @@ import httpx2
 import nats
 import pytest
 import websockets
-from desktop_harness import (
+from desktop_service.desktop_harness import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DesktopService,

@@ -9,7 +9,7 @@ import pytest
 from e2b import CommandExitException, NotFoundException, Sandbox, TimeoutException
 from e2b.sandbox.commands.command_handle import PtySize
 
-from .conftest import RunningEnvd, make_sandbox, stop_envd
+from envd.conftest import RunningEnvd, make_sandbox, stop_envd
 
 
 def test_run_returns_stdout_stderr_and_exit_code(sandbox: Sandbox) -> None:

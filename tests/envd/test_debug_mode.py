@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from e2b import AsyncSandbox, Sandbox
 
-from .conftest import RunningEnvd, start_envd, stop_envd
+from envd.conftest import RunningEnvd, start_envd, stop_envd
 
 DEBUG_PORT = 49983
 LOCK_FILE = Path("/tmp/pmoves-e2b-envd-49983.lock")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import REPO_SRC, make_sandbox, start_envd, stop_envd
+from envd.conftest import REPO_SRC, make_sandbox, start_envd, stop_envd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="envd keeps its state only as root")
 

@@ -15,7 +15,7 @@ from e2b.sandbox.filesystem.filesystem import FileType
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 from e2b.sandbox_sync.filesystem.filesystem import WriteEntry
 
-from .conftest import RunningEnvd
+from envd.conftest import RunningEnvd
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from e2b import AuthenticationException, Sandbox
 from e2b.sandbox.signature import get_signature
 
-from .conftest import RunningEnvd, make_sandbox
+from envd.conftest import RunningEnvd, make_sandbox
 
 CONNECT_JSON = {"Content-Type": "application/json", "Connect-Protocol-Version": "1"}
 
@@ -34,7 +34,7 @@ def test_init_requires_the_secret_when_configured(fresh_envd: RunningEnvd) -> No
 
 
 def test_init_without_secret_configured_is_open(envd_user: str) -> None:
-    from .conftest import start_envd, stop_envd
+    from envd.conftest import start_envd, stop_envd
 
     running = start_envd(envd_user, extra_env={"ENVD_INIT_SECRET": ""})
     try:

@@ -11,6 +11,7 @@ from connectrpc.codec import proto_binary_codec, proto_json_codec
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
+from envd.conftest import RunningEnvd
 from pmoves_e2b.envd.gen.process.process_connect import ProcessClientSync
 from pmoves_e2b.envd.gen.process.process_pb import (
     ConnectRequest,
@@ -21,8 +22,6 @@ from pmoves_e2b.envd.gen.process.process_pb import (
     Signal,
     StartRequest,
 )
-
-from .conftest import RunningEnvd
 
 
 @pytest.fixture(params=["json", "proto"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import RunningEnvd, free_port, stop_envd, wait_healthy
+from envd.conftest import RunningEnvd, free_port, stop_envd, wait_healthy
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "pmoves_e2b"
 # Host-side libraries that must never load in envd (templates ship only connectrpc, protobuf-py,

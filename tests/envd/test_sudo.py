@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from envd.conftest import REPO_SRC, RunningEnvd, start_envd, stop_envd
 from pmoves_e2b.envd.sudo import SECURE_PATH, sudoers_grants
-
-from .conftest import REPO_SRC, RunningEnvd, start_envd, stop_envd
 
 SHIM_SOURCE = REPO_SRC / "pmoves_e2b/envd/sudo_shim.py"
 TIMEOUT = 20.0

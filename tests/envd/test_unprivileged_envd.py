@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from e2b import SandboxException
 
-from .conftest import (
+from envd.conftest import (
     REPO_SRC,
     RunningEnvd,
     free_port,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from e2b_code_interpreter import AsyncSandbox
 
-from .conftest import InterpreterServer
+from interpreter.conftest import InterpreterServer
 
 
 @pytest.fixture()

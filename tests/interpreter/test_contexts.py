@@ -8,7 +8,7 @@ import pytest
 from e2b import NotFoundException, SandboxException
 from e2b_code_interpreter import Sandbox
 
-from .conftest import InterpreterServer
+from interpreter.conftest import InterpreterServer
 
 
 def test_context_has_its_own_cwd_and_state(sandbox: Sandbox, server: InterpreterServer) -> None:
@@ -110,7 +110,7 @@ def test_default_contexts_start_with_the_server_and_others_on_first_use(
 ) -> None:
     from e2b_code_interpreter import Sandbox as SDKSandbox
 
-    from .conftest import start_server, stop_server
+    from interpreter.conftest import start_server, stop_server
 
     server = start_server(tmp_path_factory.mktemp("defaults"), ["--default-languages", "bash"])
     try:

@@ -12,7 +12,7 @@ import pytest
 from e2b import TimeoutException
 from e2b_code_interpreter import Sandbox
 
-from .conftest import InterpreterServer, rss_bytes
+from interpreter.conftest import InterpreterServer, rss_bytes
 
 
 def test_timeout_interrupts_the_cell_and_the_next_one_works(sandbox: Sandbox) -> None:

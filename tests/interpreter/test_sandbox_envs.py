@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .conftest import InterpreterServer, free_port, start_server, stop_server
+from interpreter.conftest import InterpreterServer, free_port, start_server, stop_server
 
 ACCESS_TOKEN = secrets.token_hex(16)
 SANDBOX_ENVS = {"SANDBOX_LEVEL": "from envd", "OVERRIDDEN": "sandbox value"}

@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leakcheck import ns_leftovers
-from ns_harness import (
+from isolation.ns_harness import (
     ID_PREFIX,
     Responder,
     Sandboxes,
     fake_internet_netns,
     listening_socket_in_netns,
 )
+from leakcheck import ns_leftovers
 
 from pmoves_e2b.sandbox.backends.base import TemplateImage
 from pmoves_e2b.sandbox.backends.ns import NsBackend

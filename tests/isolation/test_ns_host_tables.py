@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ns_harness import Sandboxes
+from isolation.ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.base import SandboxHandle
 from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits

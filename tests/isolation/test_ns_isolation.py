@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ns_harness import Sandboxes
+from isolation.ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE
 

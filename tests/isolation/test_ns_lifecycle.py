@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ns_harness import Sandboxes
+from isolation.ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, TemplateImage
 from pmoves_e2b.sandbox.backends.ns import NsBackend, cgroups

@@ -6,7 +6,7 @@ import asyncio
 import socket
 from pathlib import Path
 
-from ns_harness import Sandboxes
+from isolation.ns_harness import Sandboxes
 
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT
 from pmoves_e2b.sandbox.backends.ns import NsBackend

@@ -9,7 +9,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from ns_harness import (
+from isolation.ns_harness import (
     FAKE_INTERNET_HOST_IP,
     FAKE_INTERNET_HOST_VETH,
     FAKE_INTERNET_NETNS,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from e2b import Sandbox
-from ns_harness import FAKE_INTERNET_HOST_VETH, FAKE_INTERNET_NETNS, FAKE_INTERNET_SERVER_IP, Responder
+from isolation.ns_harness import FAKE_INTERNET_HOST_VETH, FAKE_INTERNET_NETNS, FAKE_INTERNET_SERVER_IP, Responder
 
 from pmoves_e2b.sandbox.backends.ns import network
 
@@ -129,7 +129,7 @@ TLS_PROBE = (
 
 @pytest.fixture()
 def web_ports(fake_internet: Responder) -> Iterator[tuple[Responder, Responder, Responder]]:
-    from ns_harness import listening_socket_in_netns
+    from isolation.ns_harness import listening_socket_in_netns
 
     path = network.NETNS_DIR / FAKE_INTERNET_NETNS
     http = Responder(listening_socket_in_netns(path, "0.0.0.0", 80))

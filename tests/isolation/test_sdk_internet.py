@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from e2b import Sandbox
-from ns_harness import FAKE_INTERNET_SERVER_IP, Responder
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, Responder
 
 pytestmark = pytest.mark.stack
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from proxy_harness import DOMAIN, SandboxNetns, ServedApp, can_make_netns, make_proxy
+from proxy.proxy_harness import DOMAIN, SandboxNetns, ServedApp, can_make_netns, make_proxy
 
 
 @pytest.fixture(scope="session")

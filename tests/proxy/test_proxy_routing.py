@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from proxy_harness import KNOWN_ID, SandboxNetns, host_for, raw_request, via_headers
+from proxy.proxy_harness import KNOWN_ID, SandboxNetns, host_for, raw_request, via_headers
 
 from pmoves_e2b.sandbox.proxy import wait_port
 

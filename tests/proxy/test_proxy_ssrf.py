@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from proxy_harness import KNOWN_ID, ConnectionRecorder, SandboxNetns, raw_request
+from proxy.proxy_harness import KNOWN_ID, ConnectionRecorder, SandboxNetns, raw_request
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Iterator
 
 import httpx
-from proxy_harness import KNOWN_ID, host_for, via_headers
-from proxy_upstream_server import PATTERN as PATTERN_MIB
+from proxy.proxy_harness import KNOWN_ID, host_for, via_headers
+from proxy.proxy_upstream_server import PATTERN as PATTERN_MIB
 
 MIB = 1024 * 1024
 

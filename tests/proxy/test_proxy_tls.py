@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from proxy_harness import KNOWN_ID, SandboxNetns, ServedApp, make_proxy
+from proxy.proxy_harness import KNOWN_ID, SandboxNetns, ServedApp, make_proxy
 
 from pmoves_e2b.sandbox.tls import TlsFiles, ensure_tls
 

@@ -6,7 +6,7 @@ import json
 import socket
 
 import pytest
-from proxy_harness import KNOWN_ID
+from proxy.proxy_harness import KNOWN_ID
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 

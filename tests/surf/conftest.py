@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import ModelDoubles, model_services
 from isolation.ns_harness import fake_internet_netns
 from stack.harness import RunningStack, started_stack
-from surf_harness import SURF_CONCURRENT, SurfClient
-from surf_site import Site, serve_site
+from surf.agent_harness import ModelDoubles, model_services
+from surf.surf_harness import SURF_CONCURRENT, SurfClient
+from surf.surf_site import Site, serve_site
 
 
 @pytest.fixture(scope="session")

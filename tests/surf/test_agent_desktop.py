@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from agent_harness import (
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
+from stack.harness import RunningStack
+from surf.agent_harness import (
     EMAIL,
     LINK_BLUE,
     NAME,
@@ -29,8 +31,6 @@ from agent_harness import (
     png_image,
     serving,
 )
-from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
-from stack.harness import RunningStack
 
 from pmoves_e2b.desktop.actions import Click, Open
 from pmoves_e2b.desktop.desktops import DesktopOps

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agent_harness import (
+from PIL import Image, ImageDraw
+from surf.agent_harness import (
     EMAIL,
     EMAIL_FIELD,
     LINK_BLUE,
@@ -27,7 +28,6 @@ from agent_harness import (
     OpenAIResponsesDouble,
     serving,
 )
-from PIL import Image, ImageDraw
 
 from pmoves_e2b.config import Settings
 from pmoves_e2b.desktop.actions import Click, Key, Scroll, Type, Wait

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import EMAIL, MODEL_KEY, NAME, FormSite, ModelDoubles, png_image
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
-from surf_harness import FINAL, SurfClient
+from surf.agent_harness import EMAIL, MODEL_KEY, NAME, FormSite, ModelDoubles, png_image
+from surf.surf_harness import FINAL, SurfClient
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -15,13 +15,13 @@ import httpx
 import httpx2
 import nats
 import pytest
-from agent_harness import EMAIL, NAME, FormSite, ModelDoubles
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from stack.harness import RunningStack
-from surf_harness import SurfClient
-from surf_site import FOOTER_TEXT, NAV_TEXT, Site
+from surf.agent_harness import EMAIL, NAME, FormSite, ModelDoubles
+from surf.surf_harness import SurfClient
+from surf.surf_site import FOOTER_TEXT, NAV_TEXT, Site
 
 from pmoves_e2b.events import envelope
 

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from PIL import Image
-from surf_harness import SurfClient
-from surf_site import FOOTER_TEXT, NAV_TEXT, TABLE_ROWS, Site
+from surf.surf_harness import SurfClient
+from surf.surf_site import FOOTER_TEXT, NAV_TEXT, TABLE_ROWS, Site
 
 from pmoves_e2b.surf.scrape import HOST_INTERVAL_S
 

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from stack.harness import RunningStack
-from surf_harness import SURF_CONCURRENT, SurfClient
-from surf_site import Site
+from surf.surf_harness import SURF_CONCURRENT, SurfClient
+from surf.surf_site import Site
 
 pytestmark = pytest.mark.stack
 

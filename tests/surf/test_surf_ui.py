@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_harness import EMAIL, NAME, FormSite, ModelDoubles
 from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS, is_blank, png
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from playwright.sync_api import Frame, Page, sync_playwright
-from surf_harness import SurfClient
-from surf_site import TABLE_ROWS, Site
+from surf.agent_harness import EMAIL, NAME, FormSite, ModelDoubles
+from surf.surf_harness import SurfClient
+from surf.surf_site import TABLE_ROWS, Site
 
 pytestmark = pytest.mark.stack
 

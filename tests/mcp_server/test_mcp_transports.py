@@ -12,7 +12,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_harness import McpService, run_probe
+from mcp_server.mcp_harness import McpService, run_probe
 
 TOOLS = {
     "sandbox_create",
@@ -104,7 +104,7 @@ def test_host_and_origin_protection_stays_on(mcp_service: McpService) -> None:
 
 
 def test_allowed_hosts_are_configurable(tmp_path: Path) -> None:
-    from mcp_harness import run_service
+    from mcp_server.mcp_harness import run_service
 
     with run_service(tmp_path, E2B_MCP_ALLOWED_HOSTS="mcp.internal, proxy.lan:8443") as service:
         init = {

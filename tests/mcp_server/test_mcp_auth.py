@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from mcp_harness import McpService
+from mcp_server.mcp_harness import McpService
 
 PROTECTED = [
     ("GET", "/metrics"),

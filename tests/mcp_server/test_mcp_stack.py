@@ -17,7 +17,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_harness import McpService, run_probe
+from mcp_server.mcp_harness import McpService, run_probe
 
 pytestmark = pytest.mark.stack
 

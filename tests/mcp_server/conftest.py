@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mcp_harness import McpService, mcp122_python, run_service
+from mcp_server.mcp_harness import McpService, mcp122_python, run_service
 
 
 @pytest.fixture(scope="session")
