@@ -264,7 +264,8 @@ def test_a_killed_builder_leaves_no_build_process_and_no_mount(tmp_path: Path) -
     builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
 
     def sleepers() -> list[str]:
-        out = subprocess.run(["pgrep", "-f", "sleep 4243"], capture_output=True, text=True).stdout
+        # the build command itself (-x: whole command line), not the builder whose -c code names it
+        out = subprocess.run(["pgrep", "-x", "-f", "sleep 4243"], capture_output=True, text=True).stdout
         return out.split()
 
     deadline = time.monotonic() + 30

@@ -10,6 +10,7 @@ with a live /dev rbind inside must never be removed recursively.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shlex
 import shutil
@@ -40,10 +41,14 @@ PRIVATE_NAMESPACES = (
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_builder() -> None:
-    """preexec_fn: the child gets SIGKILL if the builder dies, so no build runs on orphaned."""
+def die_with_builder(builder_pid: int) -> None:
+    """preexec_fn (bound to the builder's pid): the child gets SIGKILL if the builder dies, so no
+    build runs on orphaned. A builder killed between fork and prctl sends no death signal, so the
+    child checks it still has its parent once the signal is armed."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != builder_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -78,7 +83,7 @@ def run_host(argv: Sequence[str], log: IO[str], *, env: Mapping[str, str] | None
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        preexec_fn=die_with_builder,
+        preexec_fn=functools.partial(die_with_builder, os.getpid()),
     )
     if result.returncode != 0:
         raise TemplateBuildError(f"{argv[0]} exited with {result.returncode}")
@@ -90,7 +95,11 @@ def run_private(script: str, log: IO[str]) -> None:
     log.flush()
     argv = [*PRIVATE_NAMESPACES, "bash", "-euo", "pipefail", "-c", script]
     result = subprocess.run(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_builder
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=functools.partial(die_with_builder, os.getpid()),
     )
     if result.returncode != 0:
         raise TemplateBuildError(f"build command exited with {result.returncode}")
@@ -193,5 +202,10 @@ def run_in_layers(
         )
         argv = [*PRIVATE_NAMESPACES, "bash", "-eu", "-c", script]
         return subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=die_with_builder
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=functools.partial(die_with_builder, os.getpid()),
         )
