@@ -64,6 +64,9 @@ def ns_leftovers(
     looked for under ``runtime_dir`` and ``peer_roots`` (its peer mounts); with
     ``host_setup_mounts`` also the backend's own mounts and cgroup parents (after ``close()``)."""
     runtime_dir = runtime_dir.resolve()
+    # nft elements before the owners: a backend adds an address's elements only after taking its
+    # slot, so an element of a slot another backend took meanwhile shows up with that owner below
+    internet, egress = network.internet_addresses(), network.egress_addresses()
     owners = SlotRegistry(SLOTS_DIR).owners()
     # a released slot may already serve another backend's sandbox (shared host): not ours to judge
     slots = {s for s in slots if owners.get(s, {}).get("runtime_dir", str(runtime_dir)) == str(runtime_dir)}
@@ -82,7 +85,7 @@ def ns_leftovers(
         left += [f"mount {m}" for m in host_setup_mounts if str(m) in mounted]
     left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
     addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
-    left += [f"nft internet4 {a}" for a in sorted(addresses & network.internet_addresses())]
-    left += [f"nft egress4 {a}" for a in sorted(addresses & network.egress_addresses())]
+    left += [f"nft internet4 {a}" for a in sorted(addresses & internet)]
+    left += [f"nft egress4 {a}" for a in sorted(addresses & egress)]
     left += _processes_in_uid_ranges(slots, cgroup_parent_name)
     return left
