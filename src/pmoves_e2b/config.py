@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     e2b_novnc_dir: Path | None = None
     e2b_surf_concurrent: int = Field(5, ge=1)
     e2b_surf_timeout: int = Field(60, ge=1)
+    # Desktops kept made with Chromium attached, for a fast first page (each holds a sandbox).
+    e2b_surf_warm_desktops: int = Field(0, ge=0, le=10)
     # e2b-surf agent mode: the model ("provider:model", see surf/agent/providers), where each
     # provider is reached, its key (the providers' usual variable names), and the run's limits.
     e2b_surf_model: str = "openai:computer-use-preview"

@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(str(settings.e2b_database_url))
-        browsers = Browsers(ops)
+        browsers = Browsers(ops, warm=settings.e2b_surf_warm_desktops, max_timeout_s=settings.e2b_surf_timeout)
         sessions = SessionManager(
             db,
             browsers,
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.surf_sessions = sessions
         await sessions.open()
+        browsers.start()
         try:
             async with serve_surf(app, sessions, settings.e2b_surf_concurrent):
                 yield

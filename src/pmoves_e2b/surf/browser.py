@@ -8,6 +8,12 @@ that reachable on ``CDP_PORT`` of the sandbox. Playwright attaches with ``connec
 THROUGH e2b-sandbox's proxy (``E2b-Sandbox-Id``/``-Port`` header routing with the desktop's
 traffic token), never by reaching into the sandbox network. The proxy passes the Host we send
 (``localhost``/an IP), which DevTools requires.
+
+Warm desktops (``E2B_SURF_WARM_DESKTOPS``, default 0): that many desktops are kept made, their
+Chromium started and attached, never used; a new session claims one (its first page then costs
+only the page) and another is made behind it. A warm desktop is replaced after ``WARM_TTL_S`` and
+its sandbox's duration covers that plus the longest run, so one left by a crashed e2b-surf ends on
+its own. Warm desktops count against ``E2B_MAX_SANDBOXES``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from playwright.async_api import Browser, BrowserContext, Page, Playwright, asyn
 from playwright.async_api import Error as PlaywrightError
 
 from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, parse_resolution
+from pmoves_e2b.surf import metrics
 from pmoves_e2b.surf.models import SurfError
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,9 @@ DEVTOOLS_POLL_S = 0.05  # Chromium's DevTools come up within a second: poll fine
 # Duration of the desktop beyond the run's timeout: a run that is killed at its deadline still
 # gets its desktop removed by us; this is only the backstop if e2b-surf itself dies.
 DESKTOP_SLACK_S = 120
+WARM_TTL_S = 600  # a warm desktop unclaimed this long is replaced (bounds what a crash leaves)
+WARM_RETRY_S = 30.0  # after a warm desktop could not be made (e.g. E2B_MAX_SANDBOXES reached)
+WARM = "warm"  # the surf_session metadata of a warm desktop
 
 # Forward CDP_PORT (all addresses) to Chromium's loopback DevTools port, one task per connection.
 RELAY = f"""
@@ -82,14 +92,88 @@ class SurfBrowser:
             await self.browser.close()
 
 
+@dataclass
+class _Warm:
+    browser: SurfBrowser
+    made: float  # time.monotonic()
+
+
 class Browsers:
     """Makes and removes the desktops + browsers of surf sessions."""
 
-    def __init__(self, ops: DesktopOps, resolution: str = RESOLUTION) -> None:
+    def __init__(self, ops: DesktopOps, resolution: str = RESOLUTION, warm: int = 0, max_timeout_s: int = 60) -> None:
         self.ops = ops
         self.resolution = resolution
+        self.warm_size = warm
+        self.max_timeout_s = max_timeout_s  # the longest run (E2B_SURF_TIMEOUT)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._driver: asyncio.Task[Playwright] | None = None
+        self._warm: list[_Warm] = []
+        self._claimed: dict[str, SurfBrowser] = {}  # warm desktop id -> its browser, until open()
+        self._filler: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        """Service start: begin keeping the warm desktops."""
+        if self.warm_size > 0 and self._filler is None:
+            self._filler = asyncio.create_task(self._keep_warm(), name="surf-warm-desktops")
+
+    async def _keep_warm(self) -> None:
+        while True:
+            self._wake.clear()
+            for warm in [w for w in self._warm if time.monotonic() - w.made > WARM_TTL_S]:
+                self._warm.remove(warm)
+                self._discard(warm.browser)
+            metrics.WARM_DESKTOPS.set(len(self._warm))
+            wait_s = WARM_TTL_S / 4
+            while len(self._warm) < self.warm_size:
+                try:
+                    self._warm.append(await self._make_warm())
+                    metrics.WARM_DESKTOPS.set(len(self._warm))
+                except SurfError as exc:
+                    log.warning("could not make a warm surf desktop: %s", exc.message)
+                    wait_s = WARM_RETRY_S
+                    break
+                except Exception:  # keep trying later: sessions still get cold desktops meanwhile
+                    log.exception("could not make a warm surf desktop")
+                    wait_s = WARM_RETRY_S
+                    break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
+
+    async def _make_warm(self) -> _Warm:
+        duration = min(WARM_TTL_S + self.max_timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
+        desktop_id = await self._create(WARM, duration)
+        try:
+            browser = await self.open(desktop_id)
+        except BaseException:
+            await asyncio.shield(self.remove(desktop_id))
+            raise
+        return _Warm(browser, time.monotonic())
+
+    def _claim(self, timeout_s: int) -> str | None:
+        """A warm desktop for a run of ``timeout_s`` (its duration must outlast the run), if any."""
+        while self._warm:
+            warm = self._warm.pop(0)
+            metrics.WARM_DESKTOPS.set(len(self._warm))
+            self._wake.set()  # make the next one
+            duration = min(WARM_TTL_S + self.max_timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
+            left = duration - (time.monotonic() - warm.made)
+            if left >= timeout_s + DESKTOP_SLACK_S and warm.browser.browser.is_connected():
+                self._claimed[warm.browser.desktop_id] = warm.browser
+                return warm.browser.desktop_id
+            self._discard(warm.browser)
+        return None
+
+    def _discard(self, browser: SurfBrowser) -> None:
+        async def discard() -> None:
+            await browser.close()
+            await self.remove(browser.desktop_id)
+
+        task = asyncio.ensure_future(discard())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _playwright(self) -> asyncio.Task[Playwright]:
         """The shared Playwright driver (a node process), started on first use; a failed start is
@@ -101,21 +185,38 @@ class Browsers:
         return self._driver
 
     async def close(self) -> None:
-        """Service shutdown: stop the shared driver."""
+        """Service shutdown: remove the warm desktops, stop the shared driver."""
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filler
+            self._filler = None
+        warm, self._warm = self._warm, []
+        metrics.WARM_DESKTOPS.set(0)
+        for browser in [w.browser for w in warm] + list(self._claimed.values()):
+            self._discard(browser)
+        self._claimed.clear()
+        await self.drain(30)
         if self._driver is not None:
             driver, self._driver = self._driver, None
             with contextlib.suppress(Exception):
                 await (await driver).stop()
 
     async def create_desktop(self, session_id: str, timeout_s: int) -> str:
+        """A desktop for the session: a warm one if there is one, else a new one."""
+        claimed = self._claim(timeout_s)
+        if claimed is not None:
+            return claimed
+        return await self._create(session_id, min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s))
+
+    async def _create(self, surf_session: str, duration: int) -> str:
         self._playwright()  # the driver starts while the desktop is made
-        duration = min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
         creating = asyncio.ensure_future(
             self.ops.create(
                 resolution=self.resolution,
                 duration_s=duration,
                 created_by="e2b-surf",
-                extra_metadata={"surf_session": session_id},
+                extra_metadata={"surf_session": surf_session},
             )
         )
         try:
@@ -136,7 +237,10 @@ class Browsers:
             task.add_done_callback(self._cleanups.discard)
 
     async def open(self, desktop_id: str) -> SurfBrowser:
-        """Start Chromium in the desktop and attach Playwright to it."""
+        """Start Chromium in the desktop and attach Playwright to it (a claimed warm desktop's is ready)."""
+        claimed = self._claimed.pop(desktop_id, None)
+        if claimed is not None:
+            return claimed
         width, height = parse_resolution(self.resolution)
         chromium = (
             f"chromium --user-data-dir={PROFILE} --remote-debugging-port={DEVTOOLS_PORT} "
@@ -171,6 +275,9 @@ class Browsers:
 
     async def remove(self, desktop_id: str) -> None:
         """Kill the desktop (gone already is fine)."""
+        claimed = self._claimed.pop(desktop_id, None)
+        if claimed is not None:  # stopped between claim and open
+            await claimed.close()
         try:
             await self.ops.kill(desktop_id)
         except DesktopError as exc:

@@ -12,3 +12,4 @@ BROWSER_READY_SECONDS = Histogram(
 )
 PAGES = Counter("e2b_surf_pages_total", "Pages recorded by surf runs", ["outcome"])
 STEPS = Counter("e2b_surf_steps_total", "Steps recorded by surf runs", ["kind"])
+WARM_DESKTOPS = Gauge("e2b_surf_warm_desktops", "Warm desktops ready to be claimed (E2B_SURF_WARM_DESKTOPS)")
