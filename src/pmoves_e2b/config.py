@@ -118,7 +118,12 @@ class Settings(BaseSettings):
     e2b_sandbox_disk_mb: int = Field(10240, ge=64)
     e2b_sandbox_timeout_sec: int = Field(3600, ge=1)
     e2b_execution_timeout_sec: int = Field(300, ge=1)
-    e2b_pool_size: int = Field(2, ge=0)
+    e2b_pool_size: int = Field(2, ge=0)  # warm sandboxes per pooled template, at least (0: no pool)
+    e2b_pool_max: int = Field(8, ge=0)  # most warm sandboxes of one template when demand rises
+    # Sandboxes booting at once (default: the CPU count); creates beyond wait in a bounded queue.
+    e2b_create_parallel: int | None = Field(None, ge=1)
+    e2b_create_queue: int = Field(64, ge=0)
+    e2b_create_queue_wait_sec: float = Field(20, gt=0)
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
     # Browser access to e2b-desktop: signed viewer links and the session cookie they set.

@@ -45,10 +45,13 @@ class FakeBackend:
         self.orphan_calls: list[set[str]] = []
         self.fail_create: str | None = None  # a BackendError message for the next creates
         self.init_status = 204  # what new sandboxes' envd answers on /init
+        self.hold: asyncio.Event | None = None  # when set: creates wait for it (a slow boot)
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         if self.fail_create is not None:
             raise BackendError(self.fail_create)
+        if self.hold is not None:
+            await self.hold.wait()
         address, envd = await self._serve_envd()
         self.envds[spec.sandbox_id] = envd
         self.created.append(spec.sandbox_id)

@@ -21,8 +21,9 @@ import pytest
 from manager.fake_backend import FakeBackend
 from sqlalchemy.orm import Session
 
+from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.backends.base import TemplateImage
-from pmoves_e2b.sandbox.errors import Conflict, LimitReached, NotFound, SandboxError
+from pmoves_e2b.sandbox.errors import Busy, Conflict, LimitReached, NotFound, SandboxError
 from pmoves_e2b.sandbox.lifecycle import DEFAULT_TIMEOUT_S, CreateRequest, Limits, SandboxManager
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
@@ -41,6 +42,9 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
 
+    def monotonic(self) -> float:
+        return (self.now - START).total_seconds()
+
 
 @dataclass
 class Env:
@@ -50,7 +54,13 @@ class Env:
     templates: dict[str, TemplateImage]
     events: list[tuple[str, str, str | None]] = field(default_factory=list)
 
-    def manager(self, limits: Limits | None = None, pool_size: int = 0) -> SandboxManager:
+    def manager(
+        self,
+        limits: Limits | None = None,
+        pool_size: int = 0,
+        pool_max: int | None = None,
+        boot_gate: BootGate | None = None,
+    ) -> SandboxManager:
         async def publish(kind: str, sandbox_id: str, template: str, meta: dict[str, str], reason: str | None) -> None:
             self.events.append((kind, sandbox_id, reason))
 
@@ -68,6 +78,9 @@ class Env:
             pool_size=pool_size,
             pool_templates=("base",) if pool_size else (),
             clock=self.clock,
+            pool_max=pool_max,
+            boot_gate=boot_gate,
+            monotonic=self.clock.monotonic,
         )
 
 
@@ -336,6 +349,103 @@ def test_a_claimed_warm_sandbox_loses_internet_when_asked(tmp_path: Path) -> Non
             offline.allow_internet = False
             row = await manager.create(offline)
             assert env.backend.internet[row.sandbox_id] is False
+
+    run(tmp_path, body)
+
+
+def test_the_pool_grows_after_a_burst_and_shrinks_when_idle(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        limits = Limits(max_sandboxes=10, memory_mb=512, cpu_count=1, max_timeout_s=3600)
+        async with started(env, limits=limits, pool_size=1, pool_max=4) as manager:
+            await until(lambda: manager.pool.held()[0] == 1)
+            burst = await asyncio.gather(*(manager.create(request()) for _ in range(5)))
+            # Five creates in the window: the pool now keeps four (its ceiling) warm for the next burst.
+            await until(lambda: manager.pool.held()[0] == 4)
+            await until(lambda: len(env.backend.created) == 5 + 4)  # all booted
+            assert {r.sandbox_id for r in manager.list_rows()} == {r.sandbox_id for r in burst}
+            hits = [await manager.create(request()) for _ in range(3)]
+            assert all(r.sandbox_id in env.backend.created[:9] for r in hits)  # all warm, none booted for them
+            env.clock.advance(61)  # a minute without creates
+            manager.pool.wake()
+            await until(lambda: manager.pool.held()[0] == 1)  # back to the floor
+            await until(lambda: len(env.backend.destroyed) >= 3)
+            live = {r.sandbox_id for r in manager.list_rows()}
+            assert not live & set(env.backend.destroyed)  # only warm ones were let go
+
+    run(tmp_path, body)
+
+
+def test_warm_sandboxes_are_invisible_uncounted_and_grow_only_into_free_slots(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        limits = Limits(max_sandboxes=3, memory_mb=512, cpu_count=1, max_timeout_s=3600)
+        async with started(env, limits=limits, pool_size=1, pool_max=5) as manager:
+            await until(lambda: manager.pool.held()[0] == 1)
+            rows = [await manager.create(request()) for _ in range(3)]  # the warm one does not count
+            assert len(manager.list_rows()) == 3
+            with pytest.raises(LimitReached):
+                await manager.create(request())
+            manager.pool.wake()
+            await until(lambda: manager.pool.held()[0] == 1)
+            await asyncio.sleep(0.05)
+            # Demand is 4 creates, but every slot under E2B_MAX_SANDBOXES is taken: only the floor is kept.
+            assert manager.pool.held()[0] == 1
+            await manager.kill(rows[0].sandbox_id)
+            assert [r.sandbox_id for r in manager.list_rows()] == [r.sandbox_id for r in rows[1:]]
+
+    run(tmp_path, body)
+
+
+def test_pool_growth_stays_within_the_memory_budget(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        limits = Limits(max_sandboxes=20, memory_mb=512, cpu_count=1, max_timeout_s=3600, memory_budget_mb=2048)
+        async with started(env, limits=limits, pool_size=1, pool_max=8) as manager:
+            await until(lambda: manager.pool.held()[0] == 1)
+            await asyncio.gather(*(manager.create(request()) for _ in range(2)))
+            manager.pool.wake()
+            # 2 live x 512 MB + warm ones of 512 MB each within 2048 MB: two warm at most.
+            await until(lambda: manager.pool.held() == (2, 1024))
+            await asyncio.sleep(0.05)
+            assert manager.pool.held() == (2, 1024)
+
+    run(tmp_path, body)
+
+
+def test_a_full_create_queue_answers_busy_at_once(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        limits = Limits(max_sandboxes=10, memory_mb=512, cpu_count=1, max_timeout_s=3600)
+        gate = BootGate(1, queue_max=1, max_wait_s=30)
+        async with started(env, limits=limits, boot_gate=gate) as manager:
+            env.backend.hold = asyncio.Event()
+            booting = asyncio.create_task(manager.create(request()))
+            await until(lambda: gate.free_slots == 0)
+            queued = asyncio.create_task(manager.create(request()))
+            await until(lambda: gate.waiting_creates == 1)
+            with pytest.raises(Busy) as refused:
+                await manager.create(request())
+            assert refused.value.status == 503 and refused.value.retry_after_s >= 1
+            assert "E2B_CREATE_QUEUE" in refused.value.message
+            env.backend.hold.set()
+            first, second = await asyncio.gather(booting, queued)  # nobody failed for the others
+            assert {first.state, second.state} == {"running"}
+            assert len(manager.list_rows()) == 2
+
+    run(tmp_path, body)
+
+
+def test_a_create_that_waits_too_long_for_a_boot_slot_is_refused_and_frees_its_reservation(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        limits = Limits(max_sandboxes=2, memory_mb=512, cpu_count=1, max_timeout_s=3600)
+        gate = BootGate(1, queue_max=8, max_wait_s=0.2)
+        async with started(env, limits=limits, boot_gate=gate) as manager:
+            env.backend.hold = asyncio.Event()
+            booting = asyncio.create_task(manager.create(request()))
+            await until(lambda: gate.free_slots == 0)  # the first create is booting
+            with pytest.raises(Busy, match="E2B_CREATE_QUEUE_WAIT_SEC"):
+                await manager.create(request())
+            env.backend.hold.set()
+            await booting
+            await manager.create(request())  # the refused create's reservation is free again
+            assert len(manager.list_rows()) == 2
 
     run(tmp_path, body)
 

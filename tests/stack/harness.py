@@ -34,6 +34,9 @@ STACK_TEST_ENV: dict[str, str] = {
     "E2B_MEMORY_BUDGET_MB": str(24 * 2048),
     # One warm sandbox per template keeps creates fast without crowding the 2-core CI machine.
     "E2B_POOL_SIZE": "1",
+    # ...and no more: a pool that followed the suite's bursts would boot sandboxes under later tests.
+    # tests/manager pins how the pool follows demand.
+    "E2B_POOL_MAX": "1",
 }
 
 PORT_VARS = {

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.backends.base import BackendError
-from pmoves_e2b.sandbox.errors import ApiError, SandboxError
+from pmoves_e2b.sandbox.errors import ApiError, Busy, SandboxError
 from pmoves_e2b.sandbox.lifecycle import CreateRequest, SandboxManager
 from pmoves_e2b.sandbox.netpolicy import (
     NetworkOptionError,
@@ -43,8 +43,12 @@ CLIENT_ID = "pmoves"
 _IDEMPOTENCY_KEY = re.compile(r"^[a-z0-9-]{1,255}$")
 
 
-def error_response(status: int, message: str, retryable: bool = False) -> JSONResponse:
+def error_response(
+    status: int, message: str, retryable: bool = False, retry_after_s: int | None = None
+) -> JSONResponse:
     headers = {} if retryable else {"Should-Retry": "false"}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return JSONResponse({"code": status, "message": message}, status_code=status, headers=headers)
 
 
@@ -537,7 +541,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map every failure to E2B's ``{code, message}``."""
 
     async def api_error(_: Request, exc: SandboxError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.retryable)
+        retry_after_s = exc.retry_after_s if isinstance(exc, Busy) else None
+        return error_response(exc.status, exc.message, exc.retryable, retry_after_s)
 
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))

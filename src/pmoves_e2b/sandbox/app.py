@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.sandbox import tls
+from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.errors import SignatureRefused
@@ -57,6 +58,12 @@ def create_app(settings: Settings | None = None) -> Any:
         publish=_publisher(lambda: getattr(app.state, "publisher", None)),
         pool_size=settings.e2b_pool_size,
         pool_templates=POOLED_TEMPLATES,
+        pool_max=settings.e2b_pool_max,
+        boot_gate=BootGate(
+            settings.e2b_create_parallel or os.cpu_count() or 1,
+            queue_max=settings.e2b_create_queue,
+            max_wait_s=settings.e2b_create_queue_wait_sec,
+        ),
     )
     api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
     keys = ApiKeys(db, api_key)

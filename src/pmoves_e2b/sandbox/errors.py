@@ -48,3 +48,14 @@ class ApiError(SandboxError):
     def __init__(self, status: int, message: str, retryable: bool = False) -> None:
         super().__init__(message)
         self.status, self.retryable = status, retryable
+
+
+class Busy(SandboxError):
+    """The machine cannot take this create now (boot queue full); the client retries later."""
+
+    status = 503
+    retryable = True
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

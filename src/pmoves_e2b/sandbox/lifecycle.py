@@ -12,10 +12,12 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import os
 import secrets
 import string
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,6 +26,7 @@ from urllib.parse import parse_qsl
 
 from pmoves_e2b.envd import ENVD_PORT, file_signature
 from pmoves_e2b.sandbox import metrics
+from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.aio import wait_event
 from pmoves_e2b.sandbox.backends.base import (
     Backend,
@@ -37,7 +40,7 @@ from pmoves_e2b.sandbox.egress import EgressProxy
 from pmoves_e2b.sandbox.envd_client import EnvdClient
 from pmoves_e2b.sandbox.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxError, SignatureRefused
 from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
-from pmoves_e2b.sandbox.pool import WarmPool
+from pmoves_e2b.sandbox.pool import PoolSizes, WarmPool
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.store import repo
@@ -110,6 +113,9 @@ class SandboxManager:
         pool_size: int = 0,
         pool_templates: tuple[str, ...] = (),
         clock: Callable[[], datetime] = repo.utcnow,
+        pool_max: int | None = None,
+        boot_gate: BootGate | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.clock = clock  # wall clock of sandbox lifetimes (end_at, pause); tests pass a fake one
@@ -117,19 +123,21 @@ class SandboxManager:
         self.load_template = load_template
         self.limits = limits
         self.publish = publish
-        self.pool_size = pool_size
-        self.pool_templates = pool_templates
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
         self._died: dict[str, None] = {}  # recently died sandboxes, oldest first (insertion order)
         self._refused: dict[str, int] = {}  # sandbox id -> passes in a row its envd port refused
+        # Boots at once and the queue of creates beyond them (see sandbox/admission.py).
+        self.boot_gate = boot_gate or BootGate(os.cpu_count() or 1, queue_max=64, max_wait_s=20.0)
         self.pool = WarmPool(
-            pool_size,
+            PoolSizes(floor=pool_size, ceiling=pool_size if pool_max is None else pool_max),
             pool_templates,
             load_template,
             lambda template: self._spec(new_sandbox_id(), template, True),
-            self._boot,
+            lambda spec: self._boot(spec, self.boot_gate.refill),
             lambda handle: self._spawn(self._destroy_quietly(handle)),
+            self._pool_room,
+            monotonic,
         )
         self._reaper_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -223,7 +231,7 @@ class SandboxManager:
             access_token = secrets.token_urlsafe(24)
             try:
                 if pooled is None:
-                    handle = await self._boot(spec)
+                    handle = await self._boot(spec, self.boot_gate.create)
                 elif not req.allow_internet:
                     await self._cut_internet(handle)
                 network = req.network
@@ -322,6 +330,18 @@ class SandboxManager:
                 "(E2B_SANDBOX_MEMORY_MB or the template's). Kill a sandbox or change those settings."
             )
 
+    async def _pool_room(self, memory_mb: int) -> int:
+        """How many more warm sandboxes of ``memory_mb`` fit beside the live ones, the creates in
+        flight and the pool itself, under E2B_MAX_SANDBOXES and the memory budget."""
+        held, held_mb = self.pool.held()
+        live = await self._store(repo.count_live_sandboxes)
+        room = self.limits.max_sandboxes - live - self._reserved - held
+        budget = self.limits.memory_budget_mb
+        if budget is not None:
+            promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb + held_mb
+            room = min(room, (budget - promised) // memory_mb)
+        return max(0, room)
+
     def _check_timeout(self, timeout_s: int) -> int:
         if timeout_s < 0:
             raise BadRequest("timeout must be a non-negative number of seconds")
@@ -343,26 +363,37 @@ class SandboxManager:
             init_secret=secrets.token_urlsafe(24),
         )
 
-    async def _boot(self, spec: SandboxSpec) -> SandboxHandle:
-        """Start a sandbox and its template's start command; return once it is ready."""
+    async def _boot(
+        self, spec: SandboxSpec, slot: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+    ) -> SandboxHandle:
+        """Start a sandbox and its template's start command; return once it is ready. ``slot`` is
+        held while the sandbox starts up to envd answering (the CPU-heavy part, see admission.py)."""
+        async with slot():
+            try:
+                handle = await self.backend.create(spec)
+            except BackendError as exc:
+                raise SandboxError(f"could not start the sandbox: {exc}") from exc
+            await self._ready_or_destroyed(
+                handle, self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
+            )
+        await self._ready_or_destroyed(handle, self._start_template(handle, spec.template))
+        return handle
+
+    async def _start_template(self, handle: SandboxHandle, template: TemplateImage) -> None:
+        if template.start_cmd:
+            await self.envd.start_background(handle.address, None, template.start_cmd, template.start_user)
+        if template.ready_port:
+            await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
+
+    async def _ready_or_destroyed(self, handle: SandboxHandle, ready: Awaitable[None]) -> None:
         try:
-            handle = await self.backend.create(spec)
-        except BackendError as exc:
-            raise SandboxError(f"could not start the sandbox: {exc}") from exc
-        template = spec.template
-        try:
-            await self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
-            if template.start_cmd:
-                await self.envd.start_background(handle.address, None, template.start_cmd, template.start_user)
-            if template.ready_port:
-                await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
+            await ready
         except Exception as exc:
             await asyncio.shield(self._destroy_quietly(handle))
             raise SandboxError(f"the sandbox started but did not become ready: {exc}") from exc
         except BaseException:  # cancelled (shutdown): never leave a running sandbox nobody owns
             await asyncio.shield(self._destroy_quietly(handle))
             raise
-        return handle
 
     async def _apply_egress(self, handle: SandboxHandle, network: NetworkPolicy) -> None:
         try:

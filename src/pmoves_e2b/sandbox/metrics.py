@@ -15,6 +15,17 @@ CREATE_SECONDS = Histogram(
 SANDBOX_MEMORY = Gauge("e2b_sandbox_memory_bytes", "Memory used by live sandboxes (quantiles over them)", ["quantile"])
 MEMORY_QUANTILES = (0.5, 0.95, 1.0)
 POOL_READY = Gauge("e2b_sandbox_pool_ready", "Warm sandboxes waiting to be claimed", ["template"])
+POOL_TARGET = Gauge("e2b_sandbox_pool_target", "Warm sandboxes the pool aims to hold (follows demand)", ["template"])
+POOL_HITS = Counter("e2b_sandbox_pool_hits_total", "Creates served by a warm sandbox", ["template"])
+POOL_MISSES = Counter("e2b_sandbox_pool_misses_total", "Creates that booted a sandbox cold", ["template"])
+POOL_REFILL_SECONDS = Histogram(
+    "e2b_sandbox_pool_refill_seconds",
+    "Time to boot one warm sandbox for the pool",
+    ["template"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60),
+)
+CREATE_QUEUE = Gauge("e2b_sandbox_create_queue", "Creates waiting for a boot slot")
+CREATES_REFUSED_BUSY = Counter("e2b_sandbox_creates_busy_total", "Creates refused because the boot queue was full")
 
 
 def set_memory_quantiles(used_bytes: list[int]) -> None:
