@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -27,6 +28,9 @@ from pmoves_e2b.cli_support import settings_or_exit as _settings
 from pmoves_e2b.config import SECRET_NAMES, SERVICES, SERVICES_BY_KEY, Settings, ensure_secrets, get_settings
 from pmoves_e2b.envd import ENVD_PORT
 from pmoves_e2b.private_files import open_private_append, private_dir
+
+if TYPE_CHECKING:  # the CLI imports the supervisor only when a command needs it
+    from pmoves_e2b.supervisor import ComponentHealth
 
 app = typer.Typer(
     help="Self-hosted, E2B-compatible sandboxes for AI agents.",
@@ -124,13 +128,15 @@ def host_routing_hint(domain: str, resolve: Callable[..., object] = socket.getad
     return f"this host does not resolve *.{domain}: host routing needs wildcard DNS for it"
 
 
-def _wait_healthy(settings: Settings, supervisor: subprocess.Popen[bytes] | None, timeout: float) -> list:
+def _wait_healthy(
+    settings: Settings, supervisor: subprocess.Popen[bytes] | None, timeout: float
+) -> list[ComponentHealth]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from pmoves_e2b.supervisor import check_health
 
     deadline = time.monotonic() + timeout
-    results: list = []
+    results: list[ComponentHealth] = []
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
     ) as progress:
@@ -235,7 +241,7 @@ def down(timeout: float = typer.Option(30.0, help="Seconds to wait for everythin
     console.print(f"stopped ({removed} sandboxes removed)" if removed else "stopped")
 
 
-def _health_table(results: list) -> None:
+def _health_table(results: list[ComponentHealth]) -> None:
     table = Table(show_header=True)
     for column in ("component", "status", "url", "details"):
         table.add_column(column)

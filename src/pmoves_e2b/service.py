@@ -92,7 +92,9 @@ async def _run_check(dep: DependencyCheck) -> bool:
         return False
 
 
-async def health_report(service: ServiceInfo, started: float, checks: Sequence[DependencyCheck]) -> tuple[int, dict]:
+async def health_report(
+    service: ServiceInfo, started: float, checks: Sequence[DependencyCheck]
+) -> tuple[int, dict[str, Any]]:
     tasks = {dep.name: asyncio.ensure_future(_run_check(dep)) for dep in checks}
     if tasks:
         await asyncio.wait(tasks.values(), timeout=HEALTH_BUDGET_SECONDS)

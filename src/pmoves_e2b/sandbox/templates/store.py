@@ -44,9 +44,10 @@ def read_record(templates_dir: Path, name: str) -> dict[str, Any]:
     if not _NAME.match(name):
         raise TemplateNotFound(name, str(templates_dir))
     try:
-        return json.loads(template_record_path(templates_dir, name).read_text())
+        record: dict[str, Any] = json.loads(template_record_path(templates_dir, name).read_text())
     except (OSError, ValueError):
         raise TemplateNotFound(name, str(templates_dir)) from None
+    return record
 
 
 def write_record(templates_dir: Path, name: str, record: dict[str, Any]) -> None:

@@ -542,9 +542,10 @@ class NsBackend:
 
     def _load_details(self, sandbox_id: str) -> dict[str, Any]:
         try:
-            return json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
+            details: dict[str, Any] = json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        return details
 
     # --- stats -------------------------------------------------------------------------------
 

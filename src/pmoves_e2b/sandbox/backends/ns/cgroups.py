@@ -9,8 +9,10 @@ non-root memory cgroup here, and nesting under it keeps an OOM inside the sandbo
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +246,7 @@ def kill_and_remove(groups: list[Path], timeout: float = 5.0) -> None:
     for group in groups:
         if (group / "cgroup.kill").exists():
             _write(group / "cgroup.kill", "1")
-            if not _wait(lambda g=group: "populated 0" in (g / "cgroup.events").read_text(), timeout):
+            if not _wait(functools.partial(_emptied, group), timeout):
                 raise CgroupError(f"processes still in {group} after cgroup.kill")
     for group in groups:
         _remove_children(group)
@@ -283,7 +285,11 @@ def _write(path: Path, value: str) -> None:
         handle.write(value)
 
 
-def _wait(condition, timeout: float) -> bool:
+def _emptied(group: Path) -> bool:
+    return "populated 0" in (group / "cgroup.events").read_text()
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while True:
