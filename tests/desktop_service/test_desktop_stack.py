@@ -36,6 +36,7 @@ from desktop_service.desktop_harness import (
     save_shot,
 )
 from e2b import Sandbox
+from events.nats_client import synced
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from playwright.sync_api import Page, sync_playwright
@@ -424,7 +425,7 @@ def test_lifecycle_events_and_metrics(running_stack: Any, service: DesktopServic
                 return {subject: e for subject, e in events if e.payload.get("desktop_id") == desktop_id}
 
             await client.subscribe("e2b.desktop.*.v1", cb=on_event)
-            await client.flush()
+            await synced(client)
             created = await anyio.to_thread.run_sync(
                 lambda: api(service, "POST", "/desktops", json={"resolution": "800x600", "duration": 300})
             )
@@ -480,7 +481,7 @@ def test_a_desktop_whose_display_dies_is_reported_failed(running_stack: Any, ser
                     await failed.put(event)
 
             await client.subscribe("e2b.desktop.failed.v1", cb=on_failed)
-            await client.flush()
+            await synced(client)
             sandbox = await anyio.to_thread.run_sync(
                 lambda: Sandbox.connect(
                     desktop_id,

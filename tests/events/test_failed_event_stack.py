@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from events.nats_client import synced
 
 from pmoves_e2b.events import envelope, schemas
 from pmoves_e2b.events.envelope import Envelope
@@ -45,7 +46,7 @@ def test_failed_create_is_published_with_its_reason(stack_factory: Any, running_
             events.append(event)
 
         await client.subscribe("e2b.sandbox.failed.v1", cb=collect)
-        await client.flush()
+        await synced(client)
         try:
             async with httpx.AsyncClient(timeout=120) as http:
                 res = await http.post(

@@ -10,6 +10,7 @@ from typing import Any
 import nats
 import pytest
 from e2b import AsyncSandbox
+from events.nats_client import synced
 
 from pmoves_e2b.events import envelope, schemas
 from pmoves_e2b.events.envelope import Envelope
@@ -48,7 +49,7 @@ def test_lifecycle_events_for_create_pause_resume_kill_and_timeout(running_stack
             events.append(event)
 
         await client.subscribe("e2b.sandbox.*.v1", cb=collect)
-        await client.flush()
+        await synced(client)
         sandbox = None
         try:
             sandbox = await AsyncSandbox.create(template="base", timeout=300, metadata={"test": marker}, **options)

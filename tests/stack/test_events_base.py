@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from events.nats_client import synced
 from stack.harness import free_ports
 
 from pmoves_e2b.config import load_settings
@@ -171,7 +172,7 @@ def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_respon
             # The spell service's user answers; the pmoves user asks.
             responder = await nats.connect(client_url(nats_server.settings, "e2b-mcp-server"))
             await responder.subscribe("e2b.spell.execute.v1", queue="spells", cb=respond)
-            await responder.flush()
+            await synced(responder)
             reply = await client.request("e2b.spell.execute.v1", b"{}", timeout=5)
             assert reply.data == b"answered"  # not a JetStream PubAck
             await responder.close()

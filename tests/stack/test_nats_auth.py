@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from events.nats_client import synced
 from nats.aio.client import Client
 from stack.harness import free_ports
 
@@ -89,7 +90,7 @@ async def _received(client: Client, subject: str) -> list[Any]:
         got.append(msg)
 
     await client.subscribe(subject, cb=collect)
-    await client.flush()
+    await synced(client)
     return got
 
 
@@ -128,12 +129,11 @@ def test_each_user_may_do_its_job_and_nothing_more(embedded: Settings) -> None:
                 await msg.respond(b"done")
 
             await spells.subscribe("e2b.spell.execute.v1", queue="spells", cb=answer)
-            await spells.flush()
-            # PMOVES' publisher requests a spell and the spell service answers it. The timeout is
-            # generous because CI runs this on a loaded 2-core machine; on failure, say which side
-            # stopped: the request never arrived, or the answer was refused/lost.
+            await synced(spells)
+            # PMOVES' publisher requests a spell and the spell service answers it. On failure, say
+            # which side stopped: the request never arrived, or the answer was refused or lost.
             try:
-                reply = await pmoves.request("e2b.spell.execute.v1", b"{}", timeout=20)
+                reply = await pmoves.request("e2b.spell.execute.v1", b"{}", timeout=5)
             except nats.errors.TimeoutError:
                 pytest.fail(
                     f"no answer: responder got {answered!r}; responder errors {spells_errors!r}; "
@@ -146,8 +146,8 @@ def test_each_user_may_do_its_job_and_nothing_more(embedded: Settings) -> None:
             await surf.publish("e2b.spell.execute.v1", b"forged")
             await surf.publish("e2b.surf.completed.v1", b"{}")  # its own subject is fine
             await surf.subscribe("e2b.spell.execute.v1")
-            await pmoves.flush()
-            await surf.flush()
+            await synced(pmoves)
+            await synced(surf)
             await asyncio.sleep(0.3)
             subjects = [m.subject for m in events]
             assert "e2b.sandbox.created.v1" not in subjects

@@ -15,6 +15,7 @@ import httpx
 import httpx2
 import nats
 import pytest
+from events.nats_client import synced
 from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -255,7 +256,7 @@ def test_nats_published_request_is_answered_once_on_the_completed_subject(
         try:
             await client.subscribe("e2b.surf.completed.v1", cb=collect)
             await client.subscribe("e2b.surf.failed.v1", cb=collect)
-            await client.flush()
+            await synced(client)
             body = {"request_id": request_id, "url": site.url("/"), **PMOVES_DEFAULTS}
             await client.publish("e2b.surf.request.v1", json.dumps(body).encode())
             with anyio.fail_after(RUN_TIMEOUT):
