@@ -48,6 +48,9 @@ DESKTOP_SLACK_S = 120
 WARM_TTL_S = 600  # a warm desktop unclaimed this long is replaced (bounds what a crash leaves)
 WARM_RETRY_S = 30.0  # after a warm desktop could not be made (e.g. E2B_MAX_SANDBOXES reached)
 WARM = "warm"  # the surf_session metadata of a warm desktop
+# A fresh Chromium's first navigation, content() and screenshot are slow (about 0.5 s more than
+# later ones); a warm desktop's browser does them once on a page of its own, no request made.
+PREWARM_URL = "data:text/html,<title>ready</title><p>ready</p>"
 
 # Forward CDP_PORT (all addresses) to Chromium's loopback DevTools port, one task per connection.
 RELAY = f"""
@@ -147,6 +150,7 @@ class Browsers:
         desktop_id = await self._create(WARM, duration)
         try:
             browser = await self.open(desktop_id)
+            await _prewarm(browser.page)
         except BaseException:
             await asyncio.shield(self.remove(desktop_id))
             raise
@@ -291,6 +295,16 @@ class Browsers:
 
     async def exists(self, desktop_id: str) -> bool:
         return not await self.ops.is_gone(desktop_id)
+
+
+async def _prewarm(page: Page) -> None:
+    try:
+        await page.goto(PREWARM_URL, wait_until="load", timeout=START_TIMEOUT_S * 1000)
+        await page.content()
+        await page.screenshot(type="png", full_page=True, timeout=START_TIMEOUT_S * 1000)
+        await page.goto("about:blank", timeout=START_TIMEOUT_S * 1000)
+    except PlaywrightError as exc:
+        raise SurfError("browser_failed", f"the warm browser did not answer: {exc}", 502) from None
 
 
 async def _wait_devtools(base: str, headers: dict[str, str]) -> dict[str, Any]:
