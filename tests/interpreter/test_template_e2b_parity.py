@@ -37,7 +37,7 @@ def test_java_kernel_with_env_vars_at_all_three_levels(sbx: Sandbox) -> None:
     """As E2B's server does for Java: env vars become system properties (a JVM cannot set its env)."""
     first = sbx.run_code("int x = 6 * 7;\nSystem.out.println(x);", language="java", timeout=180)
     assert first.error is None, first.error
-    assert first.logs.stdout == ["42\n"]
+    assert first.logs.stdout == ["42", "\n"]  # println's text and line end: two messages, as E2B's kernel sends
     assert sbx.run_code('System.getProperty("SANDBOX_LEVEL")', language="java").text == "from create"
     call = sbx.run_code(
         'System.getProperty("OVERRIDDEN") + "/" + System.getProperty("CALL_ONLY")',
@@ -50,6 +50,21 @@ def test_java_kernel_with_env_vars_at_all_three_levels(sbx: Sandbox) -> None:
     )
     assert after.text == "sandbox value/default"  # back to the sandbox level, the call-only one gone
     assert sbx.run_code("x + 1", language="java").text == "43"  # state kept
+
+
+def test_java_println_sends_its_text_then_the_line_end_like_e2b(sbx: Sandbox) -> None:
+    """E2B's suite: run_code('System.out.println("Hello, World!")', language="java").logs.stdout[0] is the
+    text alone (IJava on JDK 11 flushes println's text and its newline separately); print() streams as written."""
+    execution = sbx.run_code(
+        'System.out.println("Hello, World!");\nSystem.err.println("oops");\nSystem.out.print("a\\nb");',
+        language="java",
+        timeout=180,
+    )
+    assert execution.error is None, execution.error
+    assert execution.logs.stdout == ["Hello, World!", "\n", "a\nb"]
+    assert execution.logs.stderr == ["oops", "\n"]
+    # The streams stay that way in later cells (JJava resets System.out before every cell).
+    assert sbx.run_code('System.out.println("again")', language="java").logs.stdout == ["again", "\n"]
 
 
 def test_java_context_and_errors(sbx: Sandbox) -> None:

@@ -19,6 +19,20 @@ logger = logging.getLogger(__name__)
 _PYTHON_SETUP_SOURCE = Path(__file__).with_name("python_setup.py").read_text() + "\ninstall(get_ipython())\n"
 PYTHON_SETUP_CELL = f"exec(compile({_PYTHON_SETUP_SOURCE!r}, '<pmoves-e2b setup>', 'exec'), {{}})"
 
+# E2B's Java kernel (IJava on JDK 11) sends println's text and its line end as two stream messages
+# (its PrintStream flushes per write); JDK 17 writes the line in one. The suites count on the former
+# (stdout[0] == "Hello, World!"), so the kernel's out/err become PrintStream subclasses, which JDK 17
+# still writes the old way. JJava resets System.out to these fields before every cell.
+JAVA_SETUP_CELL = """{
+    var io = org.dflib.jjava.kernel.JavaNotebookStatics.kernel().getIO();
+    for (var name : new String[] {"out", "err"}) {
+        var field = io.getClass().getField(name);
+        field.setAccessible(true);
+        var plain = (java.io.PrintStream) field.get(io);
+        field.set(io, new java.io.PrintStream(plain, true, java.nio.charset.StandardCharsets.UTF_8) {});
+    }
+}"""
+
 
 def kernel_environment() -> dict[str, str]:
     env = dict(os.environ)
@@ -68,6 +82,8 @@ class Context:
         kernel = await Kernel.start(self.choice, self.cwd, kernel_environment())
         if self.choice.runtime == "python":
             await kernel.run_silent(PYTHON_SETUP_CELL)
+        elif self.choice.runtime == "java":
+            await kernel.run_silent(JAVA_SETUP_CELL)
         return kernel
 
 
