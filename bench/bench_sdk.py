@@ -4,7 +4,9 @@ Run as root: ``.venv/bin/python bench/bench_sdk.py [--runs 30] [--concurrent 50]
 Starts its own stack (temp data dir, free ports). Baselines come from the same run: fork+exec
 of /bin/true and ``bwrap ... /bin/true`` (the floor of any namespace sandbox).
 
-Prints: ``Sandbox.create()`` p50/p95 with the warm pool and with the pool off; the
+Prints: ``Sandbox.create()`` p50/p95 with the warm pool and with the pool off; 20 sandboxes held
+and created one after another, twice, with a fixed pool of 2 and with the pool following demand
+(``--held-only`` prints just that); the
 ``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
 creates per second; idle memory per sandbox; how many idle sandboxes were alive at once.
 """
@@ -166,13 +168,54 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
             list(pool.map(Sandbox.kill, alive))
 
 
+def measure_held(stack, count: int, bases: dict[str, list[float]], label: str) -> None:  # type: ignore[no-untyped-def]
+    """A script that holds ``count`` sandboxes, created one after another; two rounds (the second
+    shows what the pool learned from the first)."""
+    from e2b import Sandbox
+
+    os.environ.update(stack.sdk_env)
+    for round_no in (1, 2):
+        held, times = [], []
+        for _ in range(count):
+            started = time.perf_counter()
+            held.append(Sandbox.create(timeout=300))
+            times.append((time.perf_counter() - started) * 1000)
+        line(f"{count} held, one after another, {label}, round {round_no}", times, "bwrap /bin/true", bases["bwrap"])
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda box: box.kill(), held))
+        time.sleep(15)  # the pool refills between rounds, as it would between a planner's waves
+
+
+def held_rows(options: argparse.Namespace, bases: dict[str, list[float]]) -> None:
+    for label, pool_max in (("fixed pool of 2", "2"), ("pool follows demand", str(options.held))):
+        stack = make_stack(
+            {
+                "E2B_POOL_SIZE": "2",
+                "E2B_POOL_MAX": pool_max,
+                "E2B_MAX_SANDBOXES": str(options.held * 2 + 10),
+                "E2B_MEMORY_BUDGET_MB": str((options.held * 2 + 10) * 2048),
+            }
+        )
+        try:
+            stack.up(timeout=300)
+            time.sleep(5)  # the floor fills
+            measure_held(stack, options.held, bases, label)
+        finally:
+            stop_and_clean(stack)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--concurrent", type=int, default=50)
     parser.add_argument("--idle", type=int, default=200)
+    parser.add_argument("--held", type=int, default=20)
+    parser.add_argument("--held-only", action="store_true")
     options = parser.parse_args()
     bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50)}
+    held_rows(options, bases)
+    if options.held_only:
+        return 0
 
     stack = make_stack({"E2B_POOL_SIZE": "2", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
     try:
