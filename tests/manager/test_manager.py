@@ -52,7 +52,19 @@ class Env:
     backend: FakeBackend
     clock: FakeClock
     templates: dict[str, TemplateImage]
-    events: list[tuple[str, str, str | None]] = field(default_factory=list)
+    sent: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    @property
+    def events(self) -> list[tuple[str, str, str | None]]:
+        """(kind, sandbox id, reason) of the lifecycle events committed so far, in order: what the
+        outbox relay sends (read here when a test looks, so the manager's own store calls stay the
+        only ones during a test)."""
+        pending = repo.pending_outbox(self.db, 1000)
+        for _, event in pending:
+            payload = event["payload"]
+            self.sent.append((event["topic"].split(".")[2], payload["sandbox_id"], payload.get("reason")))
+        repo.delete_outbox(self.db, [seq for seq, _ in pending])
+        return self.sent
 
     def manager(
         self,
@@ -61,8 +73,8 @@ class Env:
         pool_max: int | None = None,
         boot_gate: BootGate | None = None,
     ) -> SandboxManager:
-        async def publish(kind: str, sandbox_id: str, template: str, meta: dict[str, str], reason: str | None) -> None:
-            self.events.append((kind, sandbox_id, reason))
+        def events_written() -> None:
+            pass  # the events wait in the outbox; ``events`` reads them
 
         def load(name: str) -> TemplateImage:
             if name not in self.templates:
@@ -74,7 +86,7 @@ class Env:
             self.backend,
             load,
             limits or LIMITS,
-            publish,
+            events_written,
             pool_size=pool_size,
             pool_templates=("base",) if pool_size else (),
             clock=self.clock,

@@ -13,12 +13,21 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from pmoves_e2b.store import repo
-from pmoves_e2b.store.db import Database
+from pmoves_e2b.store.db import MIGRATIONS_DIR, Database
 from pmoves_e2b.store.models import ApiKeyRow, IdempotencyRow, SandboxRow, TemplateRow
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
 
 TABLES = {
     "sandboxes",
@@ -30,8 +39,9 @@ TABLES = {
     "surf_sessions",
     "surf_steps",
     "surf_pages",
+    "event_outbox",
 }
-HEAD = "0003"  # the newest migration
+HEAD = "0004"  # the newest migration
 NESTED = {
     "team": {"name": "ops", "tags": ["a", "b"], "limits": {"cpu": 1.5, "gpu": None}},
     "flags": [True, False, None, 0, -1, 3.25, "x"],
@@ -327,3 +337,23 @@ def test_health_ping_follows_postgres_going_away_and_coming_back(  # type: ignor
         assert [e.action for e in repo.audit_events(database)] == ["after.restart"]
     finally:
         database.close()
+
+
+def test_migrations_are_one_line_of_revisions_ending_at_head() -> None:
+    # Two migrations revising the same one (two engineers adding one each) make two heads: upgrade fails.
+    assert ScriptDirectory.from_config(_alembic_config()).get_heads() == [HEAD]
+
+
+def test_outbox_events_commit_with_their_state_change_and_come_back_in_order(db: Database) -> None:
+    first = {"id": "e-1", "topic": "e2b.sandbox.created.v1", "payload": {"n": 1}}
+    second = {"id": "e-2", "topic": "e2b.sandbox.killed.v1", "payload": {"n": 2}}
+    repo.add_sandbox(db, sandbox_row("ob1"), outbox=[first])
+    repo.update_sandbox(db, "ob1", state="killed", outbox=[second])
+    # A change that fails (the same event id twice) leaves neither the state nor its event behind.
+    with pytest.raises(Exception):  # noqa: B017 - the backend's own IntegrityError
+        repo.update_sandbox(db, "ob1", state="paused", outbox=[second])
+    assert repo.get_sandbox(db, "ob1").state == "killed"  # type: ignore[union-attr]
+    pending = repo.pending_outbox(db, 10)
+    assert [event for _, event in pending] == [first, second]
+    repo.delete_outbox(db, [pending[0][0]])
+    assert [event for _, event in repo.pending_outbox(db, 10)] == [second]

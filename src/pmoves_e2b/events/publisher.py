@@ -20,7 +20,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from pmoves_e2b.events import envelope, schemas, subjects
+from pmoves_e2b.events import envelope, outbox, schemas, subjects
 from pmoves_e2b.events.connection import EventConnection
 from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED, NATS_PUBLISHED
 
@@ -112,9 +112,7 @@ class EventPublisher:
         correlation_id: str | None = None,
     ) -> envelope.Envelope | None:
         """``e2b.sandbox.<kind>.v1`` with the sandbox id, template, metadata and reason."""
-        payload: dict[str, Any] = {"sandbox_id": sandbox_id, "template": template, "metadata": dict(metadata or {})}
-        if reason is not None:
-            payload["reason"] = reason
+        payload = outbox.lifecycle_payload(sandbox_id, template, metadata, reason)
         return await self.publish(subjects.sandbox_lifecycle(kind), payload, correlation_id=correlation_id)
 
     def _dropped(self, topic: str, why: str) -> None:

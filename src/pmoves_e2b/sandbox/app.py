@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
+from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent
 from pmoves_e2b.sandbox import tls
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
@@ -26,6 +27,7 @@ from pmoves_e2b.sandbox.errors import SignatureRefused
 from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.service import DependencyCheck, make_service_app
+from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def create_app(settings: Settings | None = None) -> Any:
             disk_mb=settings.e2b_sandbox_disk_mb,
             memory_budget_mb=settings.e2b_memory_budget_mb or _physical_memory_mb(),
         ),
-        publish=_publisher(lambda: getattr(app.state, "publisher", None)),
+        events_written=lambda: _wake_outbox(app),
         pool_size=settings.e2b_pool_size,
         pool_templates=POOLED_TEMPLATES,
         pool_max=settings.e2b_pool_max,
@@ -70,6 +72,12 @@ def create_app(settings: Settings | None = None) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before the manager starts: re-adoption may write events (sandboxes lost while down).
+        relay = OutboxRelay(
+            app.state.events, pending=lambda n: _pending(db, n), delivered=lambda s: repo.delete_outbox(db, s)
+        )
+        app.state.outbox = relay
+        relay.start()
         await manager.start()
         tls_server = asyncio.create_task(_serve_tls(settings, outer), name="tls-listener")
         try:
@@ -79,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Any:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await tls_server
             await manager.stop()
+            await relay.stop()
             db.close()
 
     async def database_up() -> bool:
@@ -132,14 +141,14 @@ def e2b_error(status: int, _code: str, message: str) -> dict[str, Any]:
     return {"code": status, "message": message}
 
 
-def _publisher(get_publisher: Any) -> Any:
-    async def publish(kind: str, sandbox_id: str, template: str, metadata: dict[str, str], reason: str | None) -> None:
-        publisher = get_publisher()
-        if publisher is None:
-            return
-        await publisher.publish_lifecycle(kind, sandbox_id, template, metadata, reason)
+def _wake_outbox(app: FastAPI) -> None:
+    relay = getattr(app.state, "outbox", None)
+    if relay is not None:
+        relay.wake()
 
-    return publish
+
+def _pending(db: Database, limit: int) -> list[StoredEvent]:
+    return [StoredEvent(seq, event) for seq, event in repo.pending_outbox(db, limit)]
 
 
 async def _serve_tls(settings: Settings, app: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pmoves_e2b.envd import ENVD_PORT, file_signature
+from pmoves_e2b.events.outbox import lifecycle_event
 from pmoves_e2b.sandbox import metrics
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.aio import wait_event
@@ -58,8 +59,10 @@ DIED_KEEP = 1024  # sandboxes whose death the proxy still explains
 ENVD_GONE_CHECKS = 3  # passes (5 s apart) envd's port must refuse in a row: a restart takes ~1 s
 DIED = "it ended when its envd died and was not restarted (out of memory, or killed inside the sandbox)"
 
-# publish(kind, sandbox_id, template, metadata, reason); kinds: created paused resumed killed timeout failed
-LifecyclePublisher = Callable[[str, str, str, dict[str, str], str | None], Awaitable[None]]
+# Lifecycle events (e2b.sandbox.<kind>.v1) are stored in the outbox in the same transaction as the
+# state change they report; this is called after each write so the relay sends them at once.
+EventsWritten = Callable[[], None]
+EVENT_SOURCE = "e2b-sandbox"
 TemplateLoader = Callable[[str], TemplateImage]
 
 
@@ -109,7 +112,7 @@ class SandboxManager:
         backend: Backend,
         load_template: TemplateLoader,
         limits: Limits,
-        publish: LifecyclePublisher,
+        events_written: EventsWritten = lambda: None,
         pool_size: int = 0,
         pool_templates: tuple[str, ...] = (),
         clock: Callable[[], datetime] = repo.utcnow,
@@ -122,7 +125,7 @@ class SandboxManager:
         self.backend = backend
         self.load_template = load_template
         self.limits = limits
-        self.publish = publish
+        self.events_written = events_written
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
         self._died: dict[str, None] = {}  # recently died sandboxes, oldest first (insertion order)
@@ -197,9 +200,15 @@ class SandboxManager:
                     log.exception("egress proxy not restored", extra={"sandbox_id": row.sandbox_id})
                 log.info("re-adopted sandbox", extra={"sandbox_id": row.sandbox_id, "state": row.state})
                 continue
-            await self._update_row(row.sandbox_id, state="killed", killed_at=self.clock(), kill_reason="lost")
+            await self._update_row(
+                row.sandbox_id,
+                state="killed",
+                killed_at=self.clock(),
+                kill_reason="lost",
+                outbox=[_event("killed", row, "lost")],
+            )
+            self.events_written()
             log.warning("sandbox died while the service was down", extra={"sandbox_id": row.sandbox_id})
-            await self._event("killed", row, "lost")
         removed = await self.backend.cleanup_orphans(known)
         if removed:
             log.info("cleaned up remains of dead sandboxes", extra={"count": len(removed)})
@@ -243,7 +252,11 @@ class SandboxManager:
                 handle.details["autoResume"] = req.auto_resume
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
-                self._spawn(self.publish("failed", spec.sandbox_id, template.name, req.metadata, exc.message))
+                failed = lifecycle_event(
+                    "failed", spec.sandbox_id, template.name, req.metadata, exc.message, source=EVENT_SOURCE
+                )
+                await self._store(repo.add_outbox, [failed])
+                self.events_written()
                 raise
             now = self.clock()
             row = SandboxRow(
@@ -264,7 +277,7 @@ class SandboxManager:
                 api_key_id=req.api_key_id,
                 handle=handle.to_dict(),
             )
-            await self._store(repo.add_sandbox, row)
+            await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)])
             self._live[row.sandbox_id] = _Live(handle, access_token)
         finally:
             self._reserved -= 1
@@ -284,7 +297,7 @@ class SandboxManager:
         )
         self._reaper_wakeup.set()
         self.pool.wake()
-        self._spawn(self._event("created", row, None))
+        self.events_written()
         return row
 
     async def _init(self, handle: SandboxHandle, template: TemplateImage, env_vars: dict[str, str], token: str) -> None:
@@ -307,9 +320,6 @@ class SandboxManager:
         except BaseException:
             await asyncio.shield(self._destroy_quietly(handle))
             raise
-
-    async def _event(self, kind: str, row: SandboxRow, reason: str | None) -> None:
-        await self.publish(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason)
 
     def _template(self, template_id: str) -> TemplateImage:
         try:
@@ -534,6 +544,7 @@ class SandboxManager:
                         end_at=end_at,
                         paused_remaining_s=None,
                         handle=live.handle.to_dict(),
+                        outbox=[_event("resumed", row, None)],
                     )
                     or row
                 )
@@ -544,7 +555,7 @@ class SandboxManager:
                 row = await self._update_row(sandbox_id, end_at=end_at) or row
         self._reaper_wakeup.set()
         if resumed:
-            self._spawn(self._event("resumed", row, None))
+            self.events_written()
         return row, resumed
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRow:
@@ -579,10 +590,11 @@ class SandboxManager:
                     state="paused",
                     paused_remaining_s=remaining,
                     handle=live.handle.to_dict(),
+                    outbox=[_event("paused", row, reason)],
                 )
                 or row
             )
-        self._spawn(self._event("paused", row, reason))
+        self.events_written()
         return row
 
     # --- kill ---------------------------------------------------------------------------
@@ -594,14 +606,24 @@ class SandboxManager:
         async with live.lock:
             row = self.get(sandbox_id)  # a concurrent kill may have won
             del self._live[sandbox_id]
-            row = await self._update_row(sandbox_id, state="killed", killed_at=self.clock(), kill_reason=reason) or row
+            kind = "timeout" if reason == "timeout" else "killed"
+            row = (
+                await self._update_row(
+                    sandbox_id,
+                    state="killed",
+                    killed_at=self.clock(),
+                    kill_reason=reason,
+                    outbox=[_event(kind, row, reason)],
+                )
+                or row
+            )
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
         await self._store(repo.audit, actor, "sandbox.kill", sandbox_id, reason=reason)
         await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_quietly(live.handle))
-        self._spawn(self._event("timeout" if reason == "timeout" else "killed", row, reason))
+        self.events_written()
 
     async def _destroy_quietly(self, handle: SandboxHandle) -> None:
         try:
@@ -719,6 +741,11 @@ class SandboxManager:
             await asyncio.sleep(5)
 
 
+def _event(kind: str, row: SandboxRow, reason: str | None) -> dict[str, Any]:
+    """The envelope of ``e2b.sandbox.<kind>.v1`` about ``row``, to store with the state change."""
+    return lifecycle_event(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason, source=EVENT_SOURCE)
+
+
 def _sample(stats: SandboxStats) -> dict[str, Any]:
     now = repo.utcnow()
     return {
@@ -758,7 +785,15 @@ async def destroy_all_sandboxes(db: Database, backend: Backend) -> int:
                 await backend.destroy(SandboxHandle.from_dict(row.handle))
             except Exception:
                 log.exception("sandbox teardown failed", extra={"sandbox_id": row.sandbox_id})
-        repo.update_sandbox(db, row.sandbox_id, state="killed", killed_at=repo.utcnow(), kill_reason="shutdown")
+        # Sent by the next e2b-sandbox that starts (or whichever relay reaches the store first).
+        repo.update_sandbox(
+            db,
+            row.sandbox_id,
+            state="killed",
+            killed_at=repo.utcnow(),
+            kill_reason="shutdown",
+            outbox=[_event("killed", row, "shutdown")],
+        )
     await backend.cleanup_orphans(set())
     backend.close()
     return len(rows)

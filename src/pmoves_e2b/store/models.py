@@ -1,4 +1,5 @@
-"""Database tables: sandboxes, API keys, templates seen, audit events, idempotent creates, surf sessions."""
+"""Database tables: sandboxes, API keys, templates seen, audit events, idempotent creates, surf sessions,
+the event outbox."""
 
 from __future__ import annotations
 
@@ -142,3 +143,17 @@ class SurfPageRow(Base):
     ts: Mapped[datetime] = mapped_column(UTCDateTime())
     url: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class OutboxRow(Base):
+    """An event written with the state change it reports, until NATS has it (``events/outbox.py``)."""
+
+    __tablename__ = "event_outbox"
+
+    # Sending order: the order the state changes were committed in.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    topic: Mapped[str] = mapped_column(String(128))
+    # The whole envelope, sent as it is (id and ts stay what they were when it was written).
+    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

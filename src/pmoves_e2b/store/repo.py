@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pmoves_e2b.store.db import Database
-from pmoves_e2b.store.models import ApiKeyRow, AuditEventRow, IdempotencyRow, SandboxRow, TemplateRow
+from pmoves_e2b.store.models import ApiKeyRow, AuditEventRow, IdempotencyRow, OutboxRow, SandboxRow, TemplateRow
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
@@ -70,9 +70,11 @@ def find_api_key(db: Database, key: str) -> str | None:
 # --- sandboxes --------------------------------------------------------------------------
 
 
-def add_sandbox(db: Database, row: SandboxRow) -> None:
+def add_sandbox(db: Database, row: SandboxRow, outbox: Sequence[dict[str, Any]] = ()) -> None:
+    """Insert the sandbox, and the events that report it (``outbox``) in the same transaction."""
     with db.session() as s:
         s.add(row)
+        _add_outbox(s, outbox)
         _upsert(
             s,
             TemplateRow,
@@ -103,14 +105,44 @@ def sum_live_memory_mb(db: Database) -> int:
         return s.scalar(select(func.coalesce(func.sum(SandboxRow.memory_mb), 0)).where(live)) or 0
 
 
-def update_sandbox(db: Database, sandbox_id: str, **changes: Any) -> SandboxRow | None:
+def update_sandbox(
+    db: Database, sandbox_id: str, *, outbox: Sequence[dict[str, Any]] = (), **changes: Any
+) -> SandboxRow | None:
+    """Apply ``changes``; the events that report them (``outbox``) commit with them or not at all."""
     with db.session() as s:
         row = s.get(SandboxRow, sandbox_id)
         if row is None:
             return None
         for name, value in changes.items():
             setattr(row, name, value)
+        _add_outbox(s, outbox)
         return row
+
+
+# --- event outbox (sent to NATS by events/outbox.py) ------------------------------------
+
+
+def _add_outbox(s: Session, events: Sequence[dict[str, Any]]) -> None:
+    for event in events:
+        s.add(OutboxRow(event_id=str(event["id"]), topic=str(event["topic"]), event=event, created_at=utcnow()))
+
+
+def add_outbox(db: Database, events: Sequence[dict[str, Any]]) -> None:
+    """Events with no state change of their own (a create that failed before its row existed)."""
+    with db.session() as s:
+        _add_outbox(s, events)
+
+
+def pending_outbox(db: Database, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    """The oldest ``limit`` unsent events as (seq, envelope), in the order they were committed."""
+    with db.session() as s:
+        rows = s.scalars(select(OutboxRow).order_by(OutboxRow.seq).limit(limit))
+        return [(row.seq, row.event) for row in rows]
+
+
+def delete_outbox(db: Database, seqs: Sequence[int]) -> None:
+    with db.session() as s:
+        s.execute(delete(OutboxRow).where(OutboxRow.seq.in_(list(seqs))))
 
 
 # --- audit and idempotency --------------------------------------------------------------
