@@ -82,7 +82,11 @@ class Robots:
 
 @dataclass
 class HostPace:
-    """At least ``interval_s`` (or the host's Crawl-delay) between two requests to one host."""
+    """At least ``interval_s`` (or the host's Crawl-delay) between two requests to one host.
+
+    ``wait`` before a request, ``done`` once its answer came: the interval counts from the later
+    of the two, so the host sees the gap even when one request takes longer to reach it than the next.
+    """
 
     interval_s: float
     _last: dict[str, float] = field(default_factory=dict)
@@ -98,3 +102,6 @@ class HostPace:
             if pause > 0:
                 await sleep(pause)
         self._last[host] = time.monotonic()
+
+    def done(self, url: str) -> None:
+        self._last[origin_of(url)] = time.monotonic()

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urldefrag, urlsplit
 
 from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Page
 
 from pmoves_e2b.surf.extract import Extracted, extract
 from pmoves_e2b.surf.robots import HostPace, Robots, origin_of
@@ -63,6 +64,8 @@ class Scraper:
             return response.status, await response.text()
         except PlaywrightError:
             return None, ""
+        finally:
+            self.pace.done(url)
 
     async def run(self) -> dict[str, Any]:
         queue: deque[tuple[str, int]] = deque([(_normal(self.request.url), 0)])
@@ -110,18 +113,27 @@ class Scraper:
         try:
             response = await page.goto(url, wait_until="load", timeout=self._nav_timeout_ms())
         except PlaywrightError as exc:
+            self.pace.done(url)
             self.failed += 1
             await self.ctx.record_page(url, {"depth": depth, "error": {"code": "load_failed", "message": _short(exc)}})
             return []
+        self.pace.done(url)
         self.ctx.check()
         data: dict[str, Any] = {"depth": depth, "final_url": page.url, "status": response.status if response else None}
-        content_type = (await response.header_value("content-type") or "") if response else ""
-        html = await page.content()
-        extracted: Extracted = await asyncio.to_thread(
-            extract, html, page.url, self.request.extract_content and ("html" in content_type or not content_type)
-        )
-        data["title"] = extracted.title or await page.title()
         formats = set(self.request.formats)
+        # The screenshot is taken while the page's HTML is read and extracted (the cold path's page part).
+        shooting = asyncio.ensure_future(_screenshot(page)) if "screenshot" in formats else None
+        try:
+            content_type = (await response.header_value("content-type") or "") if response else ""
+            html = await page.content()
+            extracted: Extracted = await asyncio.to_thread(
+                extract, html, page.url, self.request.extract_content and ("html" in content_type or not content_type)
+            )
+            data["title"] = extracted.title or await page.title()
+        except BaseException:
+            if shooting is not None:
+                shooting.cancel()
+            raise
         if "markdown" in formats:
             data["markdown"] = await self.ctx.spill(f"page-{index:04d}.md", extracted.markdown)
         if "text" in formats:
@@ -132,15 +144,23 @@ class Scraper:
             data["links"] = extracted.links
         if "tables" in formats:
             data["tables"] = extracted.tables
-        if "screenshot" in formats:
-            try:
-                png = await page.screenshot(type="png", full_page=True, timeout=SCREENSHOT_TIMEOUT_S * 1000)
+        if shooting is not None:
+            png = await shooting
+            if isinstance(png, bytes):
                 data["screenshot"] = await self.ctx.save_file(f"page-{index:04d}.png", png)
-            except PlaywrightError as exc:
-                data["screenshot_error"] = _short(exc)
+            else:
+                data["screenshot_error"] = png
         self.loaded += 1
         await self.ctx.record_page(url, data)
         return [link["url"] for link in extracted.links if urlsplit(link["url"]).scheme in ("http", "https")]
+
+
+async def _screenshot(page: Page) -> bytes | str:
+    """A full-page PNG, or why there is none."""
+    try:
+        return await page.screenshot(type="png", full_page=True, timeout=SCREENSHOT_TIMEOUT_S * 1000)
+    except PlaywrightError as exc:
+        return _short(exc)
 
 
 async def run(ctx: RunContext) -> dict[str, Any]:
