@@ -17,6 +17,12 @@ after the first table accepted):
   (``hostnets4``: maybe public addresses, a cloud VM's LAN), refreshed on every host setup;
 - a sandbox's own ``allowOut`` / ``denyOut`` CIDRs live in its chain ``egress_<slot>``, reached via
   the ``egress4`` verdict map; allow is checked before deny, so allow wins.
+
+Connection tracking (table ``inet pmoves_e2b_conns``, after both): the host's conntrack table is one
+per host, and a full one drops every new connection of the host and of every sandbox. The
+connections a sandbox gets through the host are counted per sandbox address (``ct count``, set
+``conns4``) and a new one beyond ``CONNS_PER_SANDBOX`` is dropped before the kernel confirms it, so
+it never takes a table entry. Connections to the host itself are dropped by ``input`` before that.
 """
 
 from __future__ import annotations
@@ -97,6 +103,22 @@ table inet {EGRESS_TABLE} {{
 }}
 """
 
+CONNS_TABLE = "pmoves_e2b_conns"
+CONNS_RULES_VERSION = "v1"
+# 64 sandboxes at this cap fill half of the kernel's default nf_conntrack_max (262,144); a sandbox's
+# browser or crawler uses a few hundred at most.
+CONNS_PER_SANDBOX = 2048
+CONNS_RULESET = f"""
+table inet {CONNS_TABLE} {{
+  chain {CONNS_RULES_VERSION} {{ }}
+  set conns4 {{ type ipv4_addr; size {MAX_SLOTS}; flags dynamic; }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{HOST_VETH_PREFIX}*" ct state new add @conns4 {{ ip saddr ct count over {CONNS_PER_SANDBOX} }} drop
+  }}
+}}
+"""
+
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -160,10 +182,14 @@ def ensure_host_setup() -> None:
         if state != "current":
             drop_old = f"delete table inet {TABLE}\n" if state == "outdated" else ""
             _run(["nft", "-f", "-"], drop_old + RULESET)
-        state = _table_state(EGRESS_TABLE, EGRESS_RULES_VERSION)
-        if state != "current":
-            drop_old = f"delete table inet {EGRESS_TABLE}\n" if state == "outdated" else ""
-            _run(["nft", "-f", "-"], drop_old + EGRESS_RULESET)
+        for table, version, ruleset in (
+            (EGRESS_TABLE, EGRESS_RULES_VERSION, EGRESS_RULESET),
+            (CONNS_TABLE, CONNS_RULES_VERSION, CONNS_RULESET),
+        ):
+            state = _table_state(table, version)
+            if state != "current":
+                drop_old = f"delete table inet {table}\n" if state == "outdated" else ""
+                _run(["nft", "-f", "-"], drop_old + ruleset)
         resolvers = host_resolvers()
         for table in (TABLE, EGRESS_TABLE):
             elements = f"add element inet {table} resolvers4 {{ {', '.join(resolvers)} }}\n" if resolvers else ""
@@ -356,6 +382,15 @@ def clear_egress(net: SandboxNet) -> None:
                 raise
 
 
+def forget_connections(net: SandboxNet) -> None:
+    """Drop the sandbox address's connection count, so the next sandbox in its slot starts at 0."""
+    try:
+        _run(["nft", "delete", "element", "inet", CONNS_TABLE, "conns4", f"{{ {net.address} }}"])
+    except NetworkError as exc:
+        if "No such file or directory" not in str(exc):
+            raise  # no element: the sandbox made no connection through the host
+
+
 INTERCEPT_TABLE = "pmoves_e2b_intercept"
 INTERCEPT_PORTS = (80, 443)
 
@@ -407,6 +442,7 @@ def destroy(net: SandboxNet) -> None:
     """Remove the set element, the veth and the netns; tolerant of parts already gone (~30 ms)."""
     set_internet(net, False)
     clear_egress(net)
+    forget_connections(net)
     commands = []
     if Path(f"/sys/class/net/{net.host_veth}").exists():
         commands.append(f"link del {net.host_veth}\n")
