@@ -373,7 +373,8 @@ class DesktopOps:
                 await self._sdk(live.sandbox.commands.run, command, background=True, envs=envs, timeout=0)
                 return ""
             result = await self._sdk(live.sandbox.commands.run, command, envs=envs, timeout=timeout_s)
-        return result.stdout
+        stdout: str = result.stdout
+        return stdout
 
     async def port(self, desktop_id: str, port: int) -> tuple[str, dict[str, str]]:
         """HTTP base URL and headers reaching ``port`` of the desktop through the sandbox proxy

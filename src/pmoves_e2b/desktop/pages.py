@@ -120,10 +120,12 @@ def build_router(framers: str = "") -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
     def auth_of(request: Request) -> DesktopAuth:
-        return request.app.state.desktop_auth
+        auth: DesktopAuth = request.app.state.desktop_auth
+        return auth
 
     def ops_of(request: Request) -> DesktopOps:
-        return request.app.state.desktop_ops
+        ops: DesktopOps = request.app.state.desktop_ops
+        return ops
 
     @router.get("/")
     async def listing(request: Request) -> Response:

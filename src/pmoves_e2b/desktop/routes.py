@@ -78,7 +78,8 @@ def build_router(require_bearer: Any) -> APIRouter:
     router = APIRouter(prefix="/desktops", tags=["desktops"], dependencies=[Depends(require_bearer)])
 
     def ops_of(request: Request) -> DesktopOps:
-        return request.app.state.desktop_ops
+        ops: DesktopOps = request.app.state.desktop_ops
+        return ops
 
     @router.post("", status_code=201, summary="Create a desktop")
     async def create(body: CreateBody, request: Request) -> dict[str, Any]:

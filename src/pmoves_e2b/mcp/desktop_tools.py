@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
@@ -24,7 +24,10 @@ DesktopId = Annotated[str, Field(description="Id returned by desktop_create")]
 Coord = Annotated[int, Field(ge=0, le=65_535, description="Pixels from the left/top edge of the screen")]
 
 
-async def _tool(call: Awaitable[Any]) -> Any:
+T = TypeVar("T")
+
+
+async def _tool(call: Awaitable[T]) -> T:
     try:
         return await call
     except DesktopError as exc:
