@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -167,6 +168,31 @@ def test_concurrent_creates_never_pass_the_sandbox_limit(tmp_path: Path) -> None
             assert refused[0].status == 429 and "E2B_MAX_SANDBOXES" in refused[0].message
             await manager.kill(made[0].sandbox_id)
             await manager.create(request())  # a kill frees a slot
+
+    run(tmp_path, body)
+
+
+def test_the_limit_holds_when_the_store_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that finishes while another counts (a slow database) must still be counted: it
+    once was in neither the count nor the reservations, and a 4th sandbox passed a limit of 3."""
+    count = repo.count_live_sandboxes
+
+    def slow_count(db: Database) -> int:
+        live = count(db)
+        time.sleep(0.05)  # the answer takes a while to come back; creates finish meanwhile
+        return live
+
+    monkeypatch.setattr(repo, "count_live_sandboxes", slow_count)
+
+    async def body(env: Env) -> None:
+        async with started(env) as manager:
+            first = [asyncio.create_task(manager.create(request())) for _ in range(3)]
+            await asyncio.sleep(0)  # the three hold the reservations; later creates count meanwhile
+            later = [asyncio.create_task(manager.create(request())) for _ in range(3)]
+            results = await asyncio.gather(*first, *later, return_exceptions=True)
+            made = [r for r in results if not isinstance(r, BaseException)]
+            assert len(made) == 3, results
+            assert all(isinstance(r, LimitReached) for r in results if isinstance(r, BaseException))
 
     run(tmp_path, body)
 

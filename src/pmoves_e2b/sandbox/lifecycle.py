@@ -231,6 +231,7 @@ class SandboxManager:
             await self._check_memory_budget(memory_mb)
             self._reserved += 1
             self._reserved_mb += memory_mb
+            reserved = True
         try:
             pooled = self.pool.claim(template)
             if pooled is not None:
@@ -277,11 +278,19 @@ class SandboxManager:
                 api_key_id=req.api_key_id,
                 handle=handle.to_dict(),
             )
-            await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)])
-            self._live[row.sandbox_id] = _Live(handle, access_token)
+            # Stored and unreserved in one step under the create lock: a create counting meanwhile
+            # sees this one reserved or stored, never neither (the limit was once overshot when the
+            # reservation went while another create's count was on its way back from the store).
+            async with self._create_slots:
+                await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)])
+                self._live[row.sandbox_id] = _Live(handle, access_token)
+                self._reserved -= 1
+                self._reserved_mb -= memory_mb
+                reserved = False
         finally:
-            self._reserved -= 1
-            self._reserved_mb -= memory_mb
+            if reserved:
+                self._reserved -= 1
+                self._reserved_mb -= memory_mb
         elapsed = time.perf_counter() - started
         metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
         metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
