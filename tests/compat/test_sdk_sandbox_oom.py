@@ -128,7 +128,10 @@ def test_a_sandbox_whose_envd_died_is_reported_and_removed(
             f"{sdk_env['E2B_API_URL']}/sandboxes/{sbx.sandbox_id}", headers={"X-API-Key": sdk_env["E2B_API_KEY"]}
         )
         assert answer.status_code == 404 and "envd died" in answer.json()["message"]
-        [event] = killed_events(running_stack.nats_url, sbx.sandbox_id)
+        deadline = time.monotonic() + 30  # the outbox relay publishes after the state change
+        while not (events := killed_events(running_stack.nats_url, sbx.sandbox_id)):
+            assert time.monotonic() < deadline, "no killed event in the E2B stream"
+        [event] = events
         assert event.payload["reason"] == "died"
     finally:
         try:
