@@ -354,7 +354,7 @@ def test_a_sandbox_whose_envd_stays_gone_is_killed_though_other_processes_live_o
 def test_create_claims_a_warm_sandbox_and_the_pool_refills(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         async with started(env, pool_size=1) as manager:
-            await until(lambda: len(env.backend.created) == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             warm = env.backend.created[0]
             row = await manager.create(request())
             assert row.sandbox_id == warm
@@ -369,7 +369,7 @@ def test_create_claims_a_warm_sandbox_and_the_pool_refills(tmp_path: Path) -> No
 def test_a_warm_sandbox_of_an_older_build_is_discarded(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         async with started(env, pool_size=1) as manager:
-            await until(lambda: len(env.backend.created) == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             stale = env.backend.created[0]
             env.templates["base"] = TemplateImage("base", ("/layers/base-2",))  # rebuilt
             row = await manager.create(request())
@@ -382,7 +382,7 @@ def test_a_warm_sandbox_of_an_older_build_is_discarded(tmp_path: Path) -> None:
 def test_a_claimed_warm_sandbox_loses_internet_when_asked(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         async with started(env, pool_size=1) as manager:
-            await until(lambda: len(env.backend.created) == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             offline = request()
             offline.allow_internet = False
             row = await manager.create(offline)
@@ -395,7 +395,7 @@ def test_the_pool_grows_after_a_burst_and_shrinks_when_idle(tmp_path: Path) -> N
     async def body(env: Env) -> None:
         limits = Limits(max_sandboxes=10, memory_mb=512, cpu_count=1, max_timeout_s=3600)
         async with started(env, limits=limits, pool_size=1, pool_max=4) as manager:
-            await until(lambda: manager.pool.held()[0] == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             burst = await asyncio.gather(*(manager.create(request()) for _ in range(5)))
             # Five creates in the window: the pool now keeps four (its ceiling) warm for the next burst.
             await until(lambda: manager.pool.held()[0] == 4)
@@ -417,13 +417,13 @@ def test_warm_sandboxes_are_invisible_uncounted_and_grow_only_into_free_slots(tm
     async def body(env: Env) -> None:
         limits = Limits(max_sandboxes=3, memory_mb=512, cpu_count=1, max_timeout_s=3600)
         async with started(env, limits=limits, pool_size=1, pool_max=5) as manager:
-            await until(lambda: manager.pool.held()[0] == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             rows = [await manager.create(request()) for _ in range(3)]  # the warm one does not count
             assert len(manager.list_rows()) == 3
             with pytest.raises(LimitReached):
                 await manager.create(request())
             manager.pool.wake()
-            await until(lambda: manager.pool.held()[0] == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             await asyncio.sleep(0.05)
             # Demand is 4 creates, but every slot under E2B_MAX_SANDBOXES is taken: only the floor is kept.
             assert manager.pool.held()[0] == 1
@@ -437,7 +437,7 @@ def test_pool_growth_stays_within_the_memory_budget(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         limits = Limits(max_sandboxes=20, memory_mb=512, cpu_count=1, max_timeout_s=3600, memory_budget_mb=2048)
         async with started(env, limits=limits, pool_size=1, pool_max=8) as manager:
-            await until(lambda: manager.pool.held()[0] == 1)
+            await until(lambda: manager.pool.ready("base") == 1)
             await asyncio.gather(*(manager.create(request()) for _ in range(2)))
             manager.pool.wake()
             # 2 live x 512 MB + warm ones of 512 MB each within 2048 MB: two warm at most.

@@ -352,13 +352,14 @@ class SandboxManager:
     async def _pool_room(self, memory_mb: int) -> int:
         """How many more warm sandboxes of ``memory_mb`` fit beside the live ones, the creates in
         flight and the pool itself, under E2B_MAX_SANDBOXES and the memory budget."""
-        held, held_mb = self.pool.held()
-        live = await self._store(repo.count_live_sandboxes)
-        room = self.limits.max_sandboxes - live - self._reserved - held
-        budget = self.limits.memory_budget_mb
-        if budget is not None:
-            promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb + held_mb
-            room = min(room, (budget - promised) // memory_mb)
+        async with self._create_slots:  # a create moves from reserved to live under this lock
+            held, held_mb = self.pool.held()
+            live = await self._store(repo.count_live_sandboxes)
+            room = self.limits.max_sandboxes - live - self._reserved - held
+            budget = self.limits.memory_budget_mb
+            if budget is not None:
+                promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb + held_mb
+                room = min(room, (budget - promised) // memory_mb)
         return max(0, room)
 
     def _check_timeout(self, timeout_s: int) -> int:

@@ -98,6 +98,10 @@ class WarmPool:
         count = len(ready) + sum(self._booting.values())
         return count, sum(p.spec.memory_mb for p in ready) + self._booting_mb
 
+    def ready(self, name: str) -> int:
+        """Warm sandboxes of this template that a create can claim now."""
+        return len(self._ready.get(name, ()))
+
     def target(self, name: str) -> int:
         recent = self._demand.get(name)
         horizon = self._clock() - DEMAND_WINDOW_S
