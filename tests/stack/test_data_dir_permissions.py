@@ -47,3 +47,22 @@ def test_a_local_user_reads_nothing_in_the_data_dir(running_stack: RunningStack,
             assert not _nobody_can_read(path), path
     finally:
         sandbox.kill()
+
+
+def test_a_local_user_cannot_read_a_sandbox_filesystem_from_the_host(
+    running_stack: RunningStack, sdk_env: dict[str, str]
+) -> None:
+    """A sandbox's root is mounted on the host under /run/pmoves-e2b/roots/…/<id>/m, a path `ps`
+    shows every local user (bwrap's command line); what is world-readable inside must not be
+    readable there by another host user."""
+    sandbox = Sandbox.create()
+    try:
+        sandbox.files.write("/home/user/notes.txt", "tenant data")
+        roots = list(Path("/run/pmoves-e2b/roots").glob(f"*/{sandbox.sandbox_id}/m"))
+        assert len(roots) == 1, roots
+        inside = roots[0] / "home/user/notes.txt"
+        assert inside.read_text() == "tenant data"  # the host's root (the service) still can
+        assert not _nobody_can_read(inside)
+        assert sandbox.commands.run("cat /home/user/notes.txt").stdout == "tenant data"
+    finally:
+        sandbox.kill()

@@ -255,6 +255,10 @@ class NsBackend:
                 disk_mb=spec.disk_mb,
             )
             _write_json(sandbox_dir / "state.json", details)
+            # `ps` shows this path (bwrap's command line) to every local user: only the sandbox's
+            # own host uid (bwrap binds m/ as it) and root may enter, so its files stay its own.
+            os.chown(sandbox_dir, details["uid_base"], details["uid_base"])
+            sandbox_dir.chmod(0o700)
             cgroups.cap_parent_pids(self.cgroup_parents, hostlimits.sandboxes_pids_max())
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
             cg.delegate(UID_BASE + UID_RANGE * slot)
