@@ -11,55 +11,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import nats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from events.embedded_nats import EmbeddedNats  # noqa: E402
 from measure import pct  # noqa: E402
-from stack.harness import free_ports  # noqa: E402
 
-from pmoves_e2b.config import Settings, load_settings  # noqa: E402
 from pmoves_e2b.events.connection import connect  # noqa: E402
-from pmoves_e2b.events.embedded import client_url, server_args  # noqa: E402
+from pmoves_e2b.events.embedded import client_url  # noqa: E402
 
 
-def start_server(settings: Settings) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(server_args(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{settings.e2b_nats_monitor_port}/healthz", timeout=0.5).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.01)
-    raise RuntimeError("nats-server did not start")
-
-
-async def scenario(settings: Settings, runs: int) -> tuple[list[float], list[float]]:
+async def scenario(server: EmbeddedNats, runs: int) -> tuple[list[float], list[float]]:
+    settings = server.settings
     connection = connect(settings, "e2b-sandbox")
-    server = await asyncio.to_thread(start_server, settings)
+    await asyncio.to_thread(server.start)
     connection.start()
     back, fresh = [], []
     try:
         if not await connection.wait_connected(timeout=10):
             raise RuntimeError("did not connect")
         for _ in range(runs):
-            server.terminate()
-            server.wait(timeout=10)
+            server.stop()
             while connection.connected:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(1.0)  # the server is away for a while
-            server = await asyncio.to_thread(start_server, settings)
+            await asyncio.to_thread(server.start)
             returned = time.perf_counter()
             while not connection.connected:
                 await asyncio.sleep(0.005)
@@ -70,8 +54,7 @@ async def scenario(settings: Settings, runs: int) -> tuple[list[float], list[flo
             await client.close()
     finally:
         await connection.close()
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
     return back, fresh
 
 
@@ -80,15 +63,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
-        port, monitor = free_ports(2)
-        settings = load_settings(
-            e2b_data_dir=Path(data_dir),
-            e2b_nats_port=port,
-            e2b_nats_monitor_port=monitor,
-            e2b_nats_password=secrets.token_hex(16),
-        )
-        settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-        back, fresh = asyncio.run(scenario(settings, options.runs))
+        back, fresh = asyncio.run(scenario(EmbeddedNats(Path(data_dir)), options.runs))
     p50, base = statistics.median(back), statistics.median(fresh)
     print(
         f"NATS connection back after the server returned (n={options.runs}): p50 {p50:.0f} ms, max {max(back):.0f} ms,"

@@ -20,15 +20,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import pytest
-from stack.harness import free_ports
+from events.embedded_nats import EmbeddedNats
 
-from pmoves_e2b.config import Settings, load_settings
+from pmoves_e2b.config import Settings
 from pmoves_e2b.events import envelope
 from pmoves_e2b.events.connection import connect
-from pmoves_e2b.events.embedded import CLIENT_USER, client_url, server_args
+from pmoves_e2b.events.embedded import CLIENT_USER, client_url
 from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent, lifecycle_event
 from pmoves_e2b.events.publisher import STREAM_NAME, ensure_stream
 from pmoves_e2b.store import repo
@@ -38,43 +37,9 @@ from pmoves_e2b.store.models import SandboxRow
 WAIT = 20.0
 
 
-class Embedded:
-    """The embedded nats-server, stopped and started on the same ports and JetStream store."""
-
-    def __init__(self, data_dir: Path) -> None:
-        port, monitor = free_ports(2)
-        self.settings: Settings = load_settings(
-            e2b_data_dir=data_dir, e2b_nats_port=port, e2b_nats_monitor_port=monitor, e2b_nats_password="outbox-test"
-        )
-        self.settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            server_args(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        health = f"http://127.0.0.1:{self.settings.e2b_nats_monitor_port}/healthz?js-enabled-only=true"
-        while True:
-            try:
-                if httpx.get(health, timeout=0.5, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("embedded nats-server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[Embedded]:
-    embedded = Embedded(tmp_path / "data")
+def server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    embedded = EmbeddedNats(tmp_path / "data")
     try:
         yield embedded
     finally:
@@ -161,7 +126,7 @@ async def delivered(db: Database) -> None:
             await asyncio.sleep(0.05)
 
 
-def test_events_made_while_nats_is_down_arrive_in_order_when_it_is_back(server: Embedded, db: Database) -> None:
+def test_events_made_while_nats_is_down_arrive_in_order_when_it_is_back(server: EmbeddedNats, db: Database) -> None:
     async def scenario() -> None:
         server.start()
         connection = connect(server.settings, "e2b-sandbox")
@@ -198,7 +163,7 @@ def test_events_made_while_nats_is_down_arrive_in_order_when_it_is_back(server: 
     asyncio.run(scenario())
 
 
-def test_a_repeat_after_a_crash_keeps_its_id_and_the_stream_keeps_it_once(server: Embedded, db: Database) -> None:
+def test_a_repeat_after_a_crash_keeps_its_id_and_the_stream_keeps_it_once(server: EmbeddedNats, db: Database) -> None:
     async def scenario() -> None:
         server.start()
         connection = connect(server.settings, "e2b-sandbox")
@@ -239,7 +204,7 @@ KILLED_WRITER = textwrap.dedent(
 
 
 def test_a_service_killed_between_write_and_publish_loses_nothing(
-    server: Embedded, db: Database, tmp_path: Path
+    server: EmbeddedNats, db: Database, tmp_path: Path
 ) -> None:
     url = str(db.engine.url)
     here = str(Path(__file__).parent)

@@ -4,58 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import nats
 import pytest
+from events.embedded_nats import EmbeddedNats
 from events.nats_client import synced
 from stack.harness import free_ports
 
-from pmoves_e2b.config import load_settings
 from pmoves_e2b.events import envelope
 from pmoves_e2b.events.connection import EventConnection, connect, redact_url
-from pmoves_e2b.events.embedded import CLIENT_USER, client_url, server_args
+from pmoves_e2b.events.embedded import CLIENT_USER, client_url
 from pmoves_e2b.events.publisher import STREAM_NAME, EventPublisher, ensure_stream
 from pmoves_e2b.observability.metrics import NATS_PUBLISH_FAILED
 
 
-class NatsServer:
-    def __init__(self, tmp_path: Path) -> None:
-        port, monitor = free_ports(2)
-        self.settings = load_settings(
-            e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor, e2b_nats_password="test-secret"
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            server_args(self.settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        url = f"http://127.0.0.1:{self.settings.e2b_nats_monitor_port}/healthz?js-enabled-only=true"
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url, timeout=0.5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise TimeoutError("nats-server did not become ready")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture()
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path)
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path)
     server.start()
     yield server
     server.stop()
@@ -120,7 +87,7 @@ def test_publishing_while_nats_is_down_never_raises(tmp_path: Path) -> None:
 
 
 def test_connection_made_before_the_server_starts_connects_later(tmp_path: Path) -> None:
-    server = NatsServer(tmp_path)
+    server = EmbeddedNats(tmp_path)
 
     async def scenario() -> None:
         connection = connect(server.settings, "late-test")
@@ -137,7 +104,7 @@ def test_connection_made_before_the_server_starts_connects_later(tmp_path: Path)
         server.stop()
 
 
-def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_responder(nats_server: NatsServer) -> None:
+def test_lifecycle_events_are_kept_in_the_stream_and_requests_reach_their_responder(nats_server: EmbeddedNats) -> None:
     async def scenario() -> None:
         connection = connect(nats_server.settings, "e2b-sandbox")
         connection.on_connect(ensure_stream)

@@ -6,57 +6,37 @@ Runs the real server with the arguments the supervisor uses (``embedded.server_a
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import pytest
+from events.embedded_nats import EmbeddedNats
 from events.nats_client import synced
 from nats.aio.client import Client
-from stack.harness import free_ports
 
 from pmoves_e2b.config import Settings, ensure_secrets, load_settings
 from pmoves_e2b.events.connection import connect, server_url
-from pmoves_e2b.events.embedded import CLIENT_USER, SERVICE_USERS, client_url, config_path, password, server_args
+from pmoves_e2b.events.embedded import CLIENT_USER, SERVICE_USERS, client_url, config_path, password
 from pmoves_e2b.events.publisher import STREAM_NAME, EventPublisher, ensure_stream
-
-SECRET = "0123456789abcdef-test-secret"
 
 
 @pytest.fixture()
-def embedded(tmp_path: Path) -> Iterator[Settings]:
-    port, monitor = free_ports(2)
-    settings = load_settings(
-        e2b_data_dir=tmp_path, e2b_nats_port=port, e2b_nats_monitor_port=monitor, e2b_nats_password=SECRET
-    )
-    settings.nats_store_dir.mkdir(parents=True, exist_ok=True)
-    log = (tmp_path / "nats-server.log").open("wb")
-    process = subprocess.Popen(server_args(settings), stdout=log, stderr=subprocess.STDOUT)
+def server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    embedded = EmbeddedNats(tmp_path)
+    embedded.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{monitor}/healthz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("embedded nats-server did not start")
-            time.sleep(0.05)
-        yield settings
+        yield embedded
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
+        embedded.stop()
 
 
-def _server_log(settings: Settings) -> str:
-    return (settings.e2b_data_dir / "nats-server.log").read_text(errors="replace")[-3000:]
+@pytest.fixture()
+def embedded(server: EmbeddedNats) -> Settings:
+    return server.settings
 
 
 async def _refusal(url: str) -> str:
@@ -113,7 +93,7 @@ def test_anonymous_and_wrong_credentials_are_refused(embedded: Settings) -> None
     assert conf.parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_each_user_may_do_its_job_and_nothing_more(embedded: Settings) -> None:
+def test_each_user_may_do_its_job_and_nothing_more(server: EmbeddedNats, embedded: Settings) -> None:
     async def scenario() -> None:
         async with (
             as_user(embedded, CLIENT_USER) as (pmoves, pmoves_errors),
@@ -137,7 +117,7 @@ def test_each_user_may_do_its_job_and_nothing_more(embedded: Settings) -> None:
             except nats.errors.TimeoutError:
                 pytest.fail(
                     f"no answer: responder got {answered!r}; responder errors {spells_errors!r}; "
-                    f"client errors {pmoves_errors!r}; server log: {_server_log(embedded)}"
+                    f"client errors {pmoves_errors!r}; server log: {server.log()}"
                 )
             assert reply.data == b"done"
             # No user forges another's events: a client cannot publish a lifecycle event,
