@@ -33,6 +33,7 @@ SUBMIT_ORANGE = (250, 130, 10)
 THANKS_GREEN = (10, 190, 60)
 TOLERANCE = 14
 NAME, EMAIL = "Ada Lovelace", "ada@example.test"
+FORM_TASK = f"Open the contact form, fill in name {NAME} and email {EMAIL}, and send it."
 
 LANDING = f"""<!doctype html><title>pmoves agent site</title>
 <body style="margin:40px;font:20px sans-serif;background:#fff">

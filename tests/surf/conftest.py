@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from isolation.ns_harness import fake_internet_netns
+from isolation.ns_harness import fake_internet_netns, listening_socket_in_netns
 from stack.harness import RunningStack, started_stack
-from surf.agent_harness import ModelDoubles, model_services
+from surf.agent_harness import FormSite, ModelDoubles, model_services
 from surf.surf_harness import SURF_CONCURRENT, SurfClient
 from surf.surf_site import Site, serve_site
 
@@ -57,3 +57,18 @@ def surf(surf_stack: RunningStack, site: Site) -> Iterator[SurfClient]:
     site.clear()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def form_site(internet_netns: Path) -> Iterator[FormSite]:
+    """The contact form the agent tests have the model fill in and send, in the fake internet."""
+    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
+    yield site
+    site.close()
+
+
+@pytest.fixture()
+def doubles(model_doubles: ModelDoubles) -> ModelDoubles:
+    """The model services with no requests recorded yet."""
+    model_doubles.reset()
+    return model_doubles

@@ -20,6 +20,7 @@ from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_ne
 from stack.harness import RunningStack
 from surf.agent_harness import (
     EMAIL,
+    FORM_TASK,
     LINK_BLUE,
     NAME,
     AnthropicDouble,
@@ -47,7 +48,6 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 DISPLAY = Display(1024, 768)
 KEY = "sk-test-" + "d" * 24
-TASK = "Open the contact form, fill in name Ada Lovelace and email ada@example.test, and send it."
 T = TypeVar("T")
 
 
@@ -161,7 +161,7 @@ def run_loop(desk: Desk, provider: Provider, **kwargs: Any) -> tuple[AgentResult
 
 def provider_for(cls: type[Provider], double: ModelDouble, key: str = KEY) -> Provider:
     base = double.url + ("" if cls is AnthropicComputerUse else "/v1")
-    return cls(model="test-cua", task=TASK, display=DISPLAY, base_url=base, api_key=key, timeout_s=30)
+    return cls(model="test-cua", task=FORM_TASK, display=DISPLAY, base_url=base, api_key=key, timeout_s=30)
 
 
 def check_steps(steps: list[StepRecord]) -> None:
@@ -205,7 +205,7 @@ def test_the_model_sees_a_scaled_screen_and_its_clicks_land(desk: Desk) -> None:
     small = Display(800, 600)
     with serving(OpenAIResponsesDouble, KEY) as double:
         provider = OpenAIResponses(
-            model="test-cua", task=TASK, display=small, base_url=double.url + "/v1", api_key=KEY, timeout_s=30
+            model="test-cua", task=FORM_TASK, display=small, base_url=double.url + "/v1", api_key=KEY, timeout_s=30
         )
         computer = ScaledComputer(DesktopComputer(desk.ops, desk.desktop_id, DISPLAY), small)
         result, steps = run_loop(desk, provider, computer=computer)

@@ -9,35 +9,18 @@ model fails the session with the provider's error. Run under ``flock /tmp/pmoves
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
-from surf.agent_harness import EMAIL, MODEL_KEY, NAME, FormSite, ModelDoubles, png_image
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP
+from surf.agent_harness import EMAIL, FORM_TASK, MODEL_KEY, NAME, FormSite, ModelDoubles, png_image
 from surf.surf_harness import FINAL, SurfClient
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-TASK = "Open the contact form, fill in name Ada Lovelace and email ada@example.test, and send it."
-
-
-@pytest.fixture(scope="module")
-def form_site(internet_netns: Path) -> Iterator[FormSite]:
-    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
-    yield site
-    site.close()
-
-
-@pytest.fixture()
-def doubles(model_doubles: ModelDoubles) -> ModelDoubles:
-    model_doubles.reset()
-    return model_doubles
-
 
 def start(surf: SurfClient, site: FormSite, model: str) -> str:
     url = f"http://{FAKE_INTERNET_SERVER_IP}:{site.port}/"
-    return str(surf.start(mode="agent", url=url, task=TASK, model=model, max_steps=25)["session_id"])
+    return str(surf.start(mode="agent", url=url, task=FORM_TASK, model=model, max_steps=25)["session_id"])
 
 
 @pytest.mark.parametrize("model", ["openai:test-cua", "anthropic:test-cua", "openai-compatible:test-vl"])
@@ -109,6 +92,8 @@ def test_a_model_error_fails_the_session_cleanly(
 
 def test_an_unknown_model_provider_is_a_400(surf: SurfClient, form_site: FormSite) -> None:
     url = f"http://{FAKE_INTERNET_SERVER_IP}:{form_site.port}/"
-    answer = surf.http.post("/api/surf", json={"mode": "agent", "url": url, "task": TASK, "model": "google:gemini"})
+    answer = surf.http.post(
+        "/api/surf", json={"mode": "agent", "url": url, "task": FORM_TASK, "model": "google:gemini"}
+    )
     assert answer.status_code == 400
     assert answer.json()["error"] == "invalid_request" and "provider:model" in answer.json()["detail"]

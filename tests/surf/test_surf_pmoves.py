@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,11 +14,11 @@ import httpx2
 import nats
 import pytest
 from events.nats_client import synced
-from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from stack.harness import RunningStack
-from surf.agent_harness import EMAIL, NAME, FormSite, ModelDoubles
+from surf.agent_harness import EMAIL, FORM_TASK, NAME, FormSite, ModelDoubles
 from surf.surf_harness import SurfClient
 from surf.surf_site import FOOTER_TEXT, NAV_TEXT, Site
 
@@ -32,20 +30,6 @@ RUN_TIMEOUT = 150
 # What PMOVES' Agent Zero wrapper sends for e2b.surf.scrape (its defaults), §4.1 of the contract notes.
 PMOVES_DEFAULTS = {"depth": 2, "extract_content": True, "follow_links": False}
 SOME_URL = f"http://{FAKE_INTERNET_SERVER_IP}/"
-TASK = "Open the contact form, fill in name Ada Lovelace and email ada@example.test, and send it."
-
-
-@pytest.fixture(scope="module")
-def form_site(internet_netns: Path) -> Iterator[FormSite]:
-    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
-    yield site
-    site.close()
-
-
-@pytest.fixture()
-def doubles(model_doubles: ModelDoubles) -> ModelDoubles:
-    model_doubles.reset()
-    return model_doubles
 
 
 def scrape_rest(stack: RunningStack, body: Any, **headers: str) -> httpx.Response:
@@ -167,7 +151,7 @@ def test_mcp_tool_surf_agent_sends_the_form_through_a_real_mcp_client(
 ) -> None:
     before = len(form_site.submissions)
     url = f"http://{FAKE_INTERNET_SERVER_IP}:{form_site.port}/"
-    arguments = {"url": url, "task": TASK, "model": "openai:test-cua", "max_steps": 25}
+    arguments = {"url": url, "task": FORM_TASK, "model": "openai:test-cua", "max_steps": 25}
     result = call_tool(surf_stack, "surf_agent", arguments)
     assert not result.is_error, result.content
     assert form_site.submissions[before:] == [{"name": NAME, "email": EMAIL}]
@@ -184,7 +168,7 @@ def test_mcp_tool_surf_agent_with_a_failing_model_is_a_tool_error(
 ) -> None:
     doubles.anthropic.fail = (500, doubles.anthropic.error_body("api_error", "Internal server error"))
     url = f"http://{FAKE_INTERNET_SERVER_IP}:{form_site.port}/"
-    arguments = {"url": url, "task": TASK, "model": "anthropic:test-cua", "max_steps": 5, "timeout_seconds": 60}
+    arguments = {"url": url, "task": FORM_TASK, "model": "anthropic:test-cua", "max_steps": 5, "timeout_seconds": 60}
     result = call_tool(surf_stack, "surf_agent", arguments)
     assert result.is_error
     text = result.content[0].text

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from desktop_service.desktop_harness import CHROMIUM, CHROMIUM_ARGS, is_blank, png
-from isolation.ns_harness import FAKE_INTERNET_SERVER_IP, listening_socket_in_netns
+from isolation.ns_harness import FAKE_INTERNET_SERVER_IP
 from playwright.sync_api import Frame, Page, sync_playwright
 from surf.agent_harness import EMAIL, NAME, FormSite, ModelDoubles
 from surf.surf_harness import SurfClient
@@ -181,13 +180,6 @@ def test_watch_the_live_desktop_and_stop_the_run(page: Page, surf: SurfClient, s
     # A phone-sized window still shows the whole app in one column.
     page.set_viewport_size({"width": 420, "height": 900})
     page.screenshot(path=SHOTS.format("narrow"), full_page=True)
-
-
-@pytest.fixture(scope="module")
-def form_site(internet_netns: Path) -> Iterator[FormSite]:
-    site = FormSite(listening_socket_in_netns(internet_netns, "0.0.0.0"))
-    yield site
-    site.close()
 
 
 @pytest.mark.slow
