@@ -9,7 +9,7 @@ BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
-APT_TEST_PACKAGES := postgresql chromium
+APT_TEST_PACKAGES := postgresql chromium prometheus
 
 .PHONY: sysdeps test-sysdeps venv novnc build-e2b templates e2b-up e2b-down e2b-logs e2b-health check test test-fast bench proto proto-check
 

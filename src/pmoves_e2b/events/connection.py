@@ -20,6 +20,7 @@ from nats.aio.client import Client
 
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events import embedded
+from pmoves_e2b.observability.metrics import NATS_CONNECTED
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class EventConnection:
             reconnected_cb=self._on_reconnected,
         )
         log.info("connected to NATS", extra={"nats": redact_url(self.url)})
+        NATS_CONNECTED.set(1)
         self._reported_error = False
         self._connected.set()
         await self._run_hooks()
@@ -117,11 +119,13 @@ class EventConnection:
             log.warning("NATS unreachable, retrying in the background: %s", exc, extra={"nats": redact_url(self.url)})
 
     async def _on_disconnected(self) -> None:
+        NATS_CONNECTED.set(0)
         if self._connected.is_set():
             log.warning("disconnected from NATS")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS", extra={"nats": redact_url(self.url)})
+        NATS_CONNECTED.set(1)
         self._reported_error = False
         await self._run_hooks()
 

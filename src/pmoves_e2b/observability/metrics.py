@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +23,8 @@ NATS_RECEIVED = Counter("nats_messages_received_total", "NATS messages received"
 NATS_PUBLISH_FAILED = Counter(
     "nats_publish_failures_total", "NATS publishes dropped because the bus was unreachable", ["subject"]
 )
+
+NATS_CONNECTED = Gauge("e2b_nats_connected", "1 while this service's NATS connection is up, else 0")
 
 UNMATCHED_PATH = "<unmatched>"
 

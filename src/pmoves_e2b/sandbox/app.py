@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from fastapi import FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
 from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent
-from pmoves_e2b.sandbox import tls
+from pmoves_e2b.sandbox import metrics, tls
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
 from pmoves_e2b.sandbox.backends.ns import NsBackend
@@ -37,6 +38,14 @@ POOLED_TEMPLATES = ("base", "code-interpreter-v1", "desktop")
 
 def _physical_memory_mb() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+
+
+def _export_capacity(settings: Settings) -> None:
+    """What the alert rules compare against: the sandbox limit, and the data dir's disk (read at scrape)."""
+    metrics.SANDBOX_LIMIT.set(settings.e2b_max_sandboxes)
+    data_dir = settings.e2b_data_dir
+    metrics.DATA_DIR_FREE.set_function(lambda: shutil.disk_usage(data_dir).free)
+    metrics.DATA_DIR_SIZE.set_function(lambda: shutil.disk_usage(data_dir).total)
 
 
 def create_app(settings: Settings | None = None) -> Any:
@@ -67,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Any:
             max_wait_s=settings.e2b_create_queue_wait_sec,
         ),
     )
+    _export_capacity(settings)
     api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
     keys = ApiKeys(db, api_key)
 

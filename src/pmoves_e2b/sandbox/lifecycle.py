@@ -253,6 +253,7 @@ class SandboxManager:
                 handle.details["autoResume"] = req.auto_resume
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
+                metrics.CREATE_FAILURES.labels(template=template.name).inc()
                 failed = lifecycle_event(
                     "failed", spec.sandbox_id, template.name, req.metadata, exc.message, source=EVENT_SOURCE
                 )

@@ -4,6 +4,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 SANDBOXES_ACTIVE = Gauge("e2b_sandboxes_active", "Sandboxes running or paused")
 SANDBOXES_CREATED = Counter("e2b_sandboxes_created_total", "Sandboxes created", ["template"])
+CREATE_FAILURES = Counter(
+    "e2b_sandbox_create_failures_total", "Creates that failed to boot or configure a sandbox", ["template"]
+)
+SANDBOX_LIMIT = Gauge("e2b_sandbox_limit", "Most sandboxes that may be live at once (E2B_MAX_SANDBOXES)")
+DATA_DIR_FREE = Gauge("e2b_data_dir_free_bytes", "Free space on the file system of the data dir (E2B_DATA_DIR)")
+DATA_DIR_SIZE = Gauge("e2b_data_dir_size_bytes", "Size of the file system of the data dir (E2B_DATA_DIR)")
 CREATE_SECONDS = Histogram(
     "e2b_sandbox_create_seconds",
     "Time to create a sandbox until it is ready",
