@@ -227,7 +227,7 @@ class SandboxManager:
                     f"You have reached the maximum number of concurrent sandboxes ({self.limits.max_sandboxes}). "
                     "Kill a sandbox or raise E2B_MAX_SANDBOXES."
                 )
-            memory_mb = template.memory_mb or self.limits.memory_mb
+            memory_mb = self._memory_mb(template)
             await self._check_memory_budget(memory_mb)
             self._reserved += 1
             self._reserved_mb += memory_mb
@@ -350,9 +350,13 @@ class SandboxManager:
                 "(E2B_SANDBOX_MEMORY_MB or the template's). Kill a sandbox or change those settings."
             )
 
-    async def _pool_room(self, memory_mb: int) -> int:
-        """How many more warm sandboxes of ``memory_mb`` fit beside the live ones, the creates in
+    def _memory_mb(self, template: TemplateImage) -> int:
+        return template.memory_mb or self.limits.memory_mb
+
+    async def _pool_room(self, template: TemplateImage) -> int:
+        """How many more warm sandboxes of ``template`` fit beside the live ones, the creates in
         flight and the pool itself, under E2B_MAX_SANDBOXES and the memory budget."""
+        memory_mb = self._memory_mb(template)
         async with self._create_slots:  # a create moves from reserved to live under this lock
             held, held_mb = self.pool.held()
             live = await self._store(repo.count_live_sandboxes)
@@ -377,7 +381,7 @@ class SandboxManager:
         return SandboxSpec(
             sandbox_id=sandbox_id,
             template=template,
-            memory_mb=template.memory_mb or self.limits.memory_mb,
+            memory_mb=self._memory_mb(template),
             cpu_count=template.cpu_count or self.limits.cpu_count,
             disk_mb=self.limits.disk_mb,
             allow_internet=allow_internet,

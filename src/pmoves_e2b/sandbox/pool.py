@@ -56,7 +56,7 @@ class WarmPool:
         new_spec: Callable[[TemplateImage], SandboxSpec],
         boot: Callable[[SandboxSpec], Awaitable[SandboxHandle]],
         discard: Callable[[SandboxHandle], None],
-        room: Callable[[int], Awaitable[int]],
+        room: Callable[[TemplateImage], Awaitable[int]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sizes = PoolSizes(sizes.floor, max(sizes.floor, sizes.ceiling))
@@ -65,7 +65,7 @@ class WarmPool:
         self._new_spec = new_spec
         self._boot = boot  # raises SandboxError when a boot fails
         self._discard = discard  # destroys a sandbox in the background
-        self._room = room  # how many more sandboxes of this memory size fit beside the live ones
+        self._room = room  # how many more sandboxes of this template fit beside the live ones
         self._clock = clock
         self._ready: dict[str, list[Pooled]] = {}
         self._booting: dict[str, int] = {}
@@ -144,7 +144,7 @@ class WarmPool:
             to_floor = max(0, floor - have)  # the floor is kept whatever the room
             growth = target - have - to_floor
             if growth > 0:  # demand beyond the floor: only what fits beside the live sandboxes
-                growth = min(growth, max(0, await self._room(self._new_spec(template).memory_mb) - len(boots)))
+                growth = min(growth, max(0, await self._room(template) - len(boots)))
             boots.extend(self._boot_one(name, template) for _ in range(to_floor + growth))
         if boots:
             await asyncio.gather(*boots)
