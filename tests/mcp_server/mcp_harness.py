@@ -21,6 +21,22 @@ MCP122_VENV = Path(os.environ.get("PMOVES_E2B_MCP122_VENV", "/var/cache/pmoves-e
 PROBE = Path(__file__).with_name("mcp122_probe.py")
 
 
+# The sandbox tools every transport of e2b-mcp-server lists.
+TOOLS = {
+    "sandbox_create",
+    "sandbox_list",
+    "sandbox_kill",
+    "sandbox_set_timeout",
+    "run_code",
+    "run_command",
+    "read_file",
+    "write_file",
+    "list_files",
+    "upload_url",
+    "download_url",
+}
+
+
 @dataclass
 class McpService:
     url: str

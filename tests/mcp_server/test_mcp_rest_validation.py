@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from mcp_server.mcp_harness import McpService
+from mcp_server.mcp_harness import TOOLS, McpService
 
 
 def post(service: McpService, path: str, content: bytes | str) -> httpx.Response:
@@ -85,18 +85,6 @@ def test_backend_down_is_a_clear_503(mcp_service: McpService) -> None:
 def test_tools_list_over_rest(mcp_service: McpService) -> None:
     response = post(mcp_service, "/mcp/tools/list", b"")
     tools = {tool["name"]: tool for tool in response.json()["tools"]}
-    assert set(tools) >= {
-        "sandbox_create",
-        "sandbox_list",
-        "sandbox_kill",
-        "sandbox_set_timeout",
-        "run_code",
-        "run_command",
-        "read_file",
-        "write_file",
-        "list_files",
-        "upload_url",
-        "download_url",
-    }
+    assert set(tools) >= TOOLS
     assert not any("." in name for name in tools)  # Agent Zero splits "<server>.<tool>" on dots
     assert tools["run_code"]["inputSchema"]["required"] == ["code"]

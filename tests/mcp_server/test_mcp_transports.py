@@ -12,21 +12,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_server.mcp_harness import McpService, run_probe
-
-TOOLS = {
-    "sandbox_create",
-    "sandbox_list",
-    "sandbox_kill",
-    "sandbox_set_timeout",
-    "run_code",
-    "run_command",
-    "read_file",
-    "write_file",
-    "list_files",
-    "upload_url",
-    "download_url",
-}
+from mcp_server.mcp_harness import TOOLS, McpService, run_probe
 
 
 async def list_tools(transport: object) -> set[str]:
