@@ -337,6 +337,42 @@ def serve(service: str = typer.Argument(..., help="sandbox, mcp, surf or desktop
 
 
 # --- Sub-command groups owned by other modules --------------------------------------------
+@app.command()
+def install(
+    root: Path = typer.Option(Path("/"), "--root", help="Write under this directory instead of / (tests, images)."),
+    data_dir: Path = typer.Option(Path("/var/lib/pmoves-e2b"), "--data-dir", help="E2B_DATA_DIR of the service."),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="E2B_BIND written into the environment file."),
+    domain: str = typer.Option("e2b.localhost", "--domain", help="E2B_DOMAIN written into the environment file."),
+    start: bool = typer.Option(True, "--start/--no-start", help="Enable and start the unit (when systemd runs)."),
+) -> None:
+    """Install the systemd unit of the supervisor and its environment file (docs/deploy.md)."""
+    from pmoves_e2b.install import InstallError
+    from pmoves_e2b.install import install as do_install
+
+    try:
+        written = do_install(root, data_dir=data_dir, bind=bind, domain=domain, start=start)
+    except (InstallError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def uninstall(
+    root: Path = typer.Option(Path("/"), "--root", help="The --root given to install."),
+) -> None:
+    """Stop and remove exactly what `install` wrote (sandboxes and the data dir stay)."""
+    from pmoves_e2b.install import InstallError
+    from pmoves_e2b.install import uninstall as do_uninstall
+
+    try:
+        removed = do_uninstall(root)
+    except (InstallError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    for path in removed:
+        console.print(f"removed {path}", highlight=False, soft_wrap=True)
+
+
 # Add a line here for a new group: name -> (module, typer attribute, help). A group whose
 # module does not exist yet is simply absent; a module is imported only when its group is
 # used (or for --help), so a slow or broken group never slows down or breaks `up`.
