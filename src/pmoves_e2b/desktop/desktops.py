@@ -9,16 +9,26 @@ objects and the VNC password of the stream we started (``DesktopOps``).
 The ``e2b_desktop`` SDK is synchronous: its calls run on a private thread pool, never on
 the event loop. Listing, info and kill use the async core ``e2b`` SDK. The SDK is configured
 only by :mod:`pmoves_e2b.sdk.config`.
+
+A desktop is booted here with the very commands the SDK's ``create`` runs (same Xvfb line, same
+``startxfce4``, same process checks, as ``user``), but each wait is one command polling inside
+the sandbox every ``BOOT_POLL_S`` instead of the SDK's client-side polls every 0.5 s, which cost
+up to half a second per step. The SDK calls XFCE ready when its processes exist, about 0.3 s
+before xfdesktop has drawn anything (a screenshot then is black); ours also waits for the drawn
+backdrop (``_XROOTPMAP_ID`` on the root window), so the first screenshot shows the desktop.
+``on_display`` lets a caller start its programs (e2b-surf: Chromium) as soon as X answers, while
+XFCE starts; ``wait_for_session=False`` returns without waiting for XFCE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +72,13 @@ MARKER = "pmoves_desktop"
 # xdotool types non-ASCII text only under a UTF-8 locale (C.UTF-8 is always in Debian's libc).
 DESKTOP_ENVS = {"LANG": "C.UTF-8"}
 SDK_THREADS = 16
+# Boot (the SDK's create, e2b-wire-protocol.md §10): Xvfb, then XFCE, each waited for in the sandbox.
+BOOT_POLL_S = 0.05
+X_START_S = 10  # the SDK's limits
+XFCE_START_S = 60
+XFCE_READY = "pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null"
+BACKDROP_DRAWN = f"xprop -display {DISPLAY} -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap"
+BACKDROP_S = 5  # a session set up to draw no backdrop is ready this long after its processes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -180,7 +197,12 @@ class DesktopOps:
         cpu_count: float | None = None,
         created_by: str = "e2b-desktop",
         extra_metadata: dict[str, str] | None = None,
+        on_display: Callable[[str], Awaitable[None]] | None = None,
+        wait_for_session: bool = True,
     ) -> Desktop:
+        """A new desktop, its XFCE session up and drawn (or only started: ``wait_for_session=False``).
+        ``on_display(desktop_id)`` runs once X answers, beside XFCE's start; the create fails
+        (desktop removed) when it fails."""
         resolution = resolution or self.default_resolution
         size = parse_resolution(resolution)
         duration_s = duration_s or self.max_duration_s
@@ -199,26 +221,54 @@ class DesktopOps:
         started = time.monotonic()
         async with self._translate(None):
             sandbox = await self._sdk(
-                DesktopSandbox.create,
+                _new_sandbox,
                 template=self.template,
-                resolution=size,
                 timeout=duration_s,
                 metadata=metadata,
-                envs=dict(DESKTOP_ENVS),
+                envs={**DESKTOP_ENVS, "DISPLAY": DISPLAY},
                 # Its ports (the VNC stream on 6080) answer only requests that carry the
                 # sandbox's traffic token, which the relay sends: knowing the id is not enough.
                 network={"allow_public_traffic": False},
                 **self.config.options(),
             )
+        await self._boot(sandbox, size, on_display, wait_for_session)
         metrics.CREATE_SECONDS.observe(time.monotonic() - started)
         metrics.DESKTOPS_CREATED.labels(created_by).inc()
-        self._live[sandbox.sandbox_id] = _Live(sandbox)
         desktop = await self.get(sandbox.sandbox_id)
         short = self._short_of(desktop, memory_mb, cpu_count)
         if short:
             await self.kill(desktop.desktop_id)
             raise DesktopError("insufficient_resources", short, 422)
         return desktop
+
+    async def _boot(
+        self,
+        sandbox: DesktopSandbox,
+        size: tuple[int, int],
+        on_display: Callable[[str], Awaitable[None]] | None,
+        wait_for_session: bool,
+    ) -> None:
+        desktop_id = sandbox.sandbox_id
+        self._live[desktop_id] = _Live(sandbox)
+        hook: asyncio.Future[None] | None = None
+        try:
+            async with self._translate(None):
+                await self._sdk(_start_display, sandbox, *size)
+            if on_display is not None:
+                hook = asyncio.ensure_future(on_display(desktop_id))
+            async with self._translate(None):
+                await self._sdk(_start_xfce, sandbox, wait_for_session)
+            if hook is not None:
+                await hook
+        except BaseException:
+            # As the SDK does: a desktop that did not boot is removed.
+            if hook is not None:
+                hook.cancel()
+                await asyncio.gather(hook, return_exceptions=True)
+            self._live.pop(desktop_id, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(AsyncSandbox.kill(desktop_id, **self.config.options()))
+            raise
 
     @staticmethod
     def _short_of(desktop: Desktop, memory_mb: int | None, cpu_count: float | None) -> str | None:
@@ -430,6 +480,54 @@ def ops_for(settings: Settings, source: str = "e2b-desktop") -> DesktopOps:
         max_duration_s=settings.e2b_desktop_max_duration,
         source=source,
     )
+
+
+def _new_sandbox(**create: Any) -> DesktopSandbox:
+    """The core SDK's create for a desktop object: the sandbox alone, nothing started in it yet."""
+    sandbox: DesktopSandbox = super(DesktopSandbox, DesktopSandbox).create(**create)
+    return sandbox
+
+
+def _until(check: str, limit_s: int) -> str:
+    """A subshell: ``check`` every BOOT_POLL_S until it succeeds (exit 0) or ``limit_s`` passed (exit 1)."""
+    return (
+        f"(end=$(($(date +%s) + {limit_s} + 1)); until {check}; do "
+        f'[ "$(date +%s)" -ge "$end" ] && exit 1; sleep {BOOT_POLL_S}; done)'
+    )
+
+
+def _wait_in_sandbox(sandbox: DesktopSandbox, script: str, limit_s: int, what: str) -> None:
+    try:
+        sandbox.commands.run(script, timeout=limit_s + 10)
+    except CommandExitException:
+        raise DesktopError("timeout", f"the desktop's {what} did not start in {limit_s} s", 504) from None
+
+
+def _start_display(sandbox: DesktopSandbox, width: int, height: int) -> None:
+    """Xvfb as the SDK starts it (e2b-wire-protocol.md §10), and the SDK object set as its create leaves it."""
+    sandbox._display = DISPLAY
+    sandbox.commands.run(
+        f"Xvfb {DISPLAY} -ac -screen 0 {width}x{height}x24 -retro -dpi 96 -nolisten tcp -nolisten unix",
+        background=True,
+        timeout=0,
+    ).disconnect()
+    _wait_in_sandbox(
+        sandbox, _until(f"xdpyinfo -display {DISPLAY} >/dev/null 2>&1", X_START_S), X_START_S, "display (Xvfb)"
+    )
+    sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
+
+
+def _start_xfce(sandbox: DesktopSandbox, wait: bool) -> None:
+    handle = sandbox.commands.run("startxfce4", background=True, timeout=0)
+    sandbox._last_xfce4_pid = str(handle.pid)
+    handle.disconnect()
+    if wait:
+        _wait_in_sandbox(
+            sandbox,
+            f"{_until(XFCE_READY, XFCE_START_S)} && {{ {_until(BACKDROP_DRAWN, BACKDROP_S)}; true; }}",
+            XFCE_START_S + BACKDROP_S,
+            "XFCE session",
+        )
 
 
 def _restart_stream(sandbox: DesktopSandbox) -> None:

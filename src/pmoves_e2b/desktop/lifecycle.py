@@ -22,7 +22,7 @@ from e2b import AsyncSandbox
 from e2b.sandbox.commands.command_handle import CommandExitException
 
 from pmoves_e2b.desktop import metrics
-from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, utcnow
+from pmoves_e2b.desktop.desktops import X_START_S, Desktop, DesktopError, DesktopOps, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ Emit = Callable[[EndKind, Desktop, str], Awaitable[None]]
 # A desktop whose end time is this close when it vanishes ended by timeout.
 TIMEOUT_SLACK = timedelta(seconds=3)
 DISPLAY_POLL_S = 5.0
+# From the sandbox's start: longer than a create takes to start Xvfb (desktops.X_START_S is its limit).
+BOOT_GRACE = timedelta(seconds=X_START_S + 5)
+BOOT_POLL_S = 0.5
 
 
 @dataclass
@@ -116,6 +119,9 @@ class DesktopWatcher:
                 with contextlib.suppress(Exception):  # any exit, a pid already gone, or a broken stream
                     handle = await sandbox.commands.connect(xvfb.pid, timeout=0)
                     await handle.wait()
+            else:  # no Xvfb yet: a desktop listed while it boots gets the time its boot has to start one
+                while not await self._display_runs(sandbox) and utcnow() < desktop.started_at + BOOT_GRACE:
+                    await asyncio.sleep(BOOT_POLL_S)
             while await self._display_runs(sandbox):
                 await asyncio.sleep(DISPLAY_POLL_S)
         except asyncio.CancelledError:
