@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import shlex
 import time
@@ -112,7 +113,7 @@ class Browsers:
         self._cleanups: set[asyncio.Task[None]] = set()
         self._driver: asyncio.Task[Playwright] | None = None
         self._warm: list[_Warm] = []
-        self._claimed: dict[str, SurfBrowser] = {}  # warm desktop id -> its browser, until open()
+        self._ready: dict[str, SurfBrowser] = {}  # desktop id -> its attached browser, until open()
         self._filler: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -165,7 +166,7 @@ class Browsers:
             duration = min(WARM_TTL_S + self.max_timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
             left = duration - (time.monotonic() - warm.made)
             if left >= timeout_s + DESKTOP_SLACK_S and warm.browser.browser.is_connected():
-                self._claimed[warm.browser.desktop_id] = warm.browser
+                self._ready[warm.browser.desktop_id] = warm.browser
                 return warm.browser.desktop_id
             self._discard(warm.browser)
         return None
@@ -197,30 +198,42 @@ class Browsers:
             self._filler = None
         warm, self._warm = self._warm, []
         metrics.WARM_DESKTOPS.set(0)
-        for browser in [w.browser for w in warm] + list(self._claimed.values()):
+        for browser in [w.browser for w in warm] + list(self._ready.values()):
             self._discard(browser)
-        self._claimed.clear()
+        self._ready.clear()
         await self.drain(30)
         if self._driver is not None:
             driver, self._driver = self._driver, None
             with contextlib.suppress(Exception):
                 await (await driver).stop()
 
-    async def create_desktop(self, session_id: str, timeout_s: int) -> str:
-        """A desktop for the session: a warm one if there is one, else a new one."""
+    async def create_desktop(self, session_id: str, timeout_s: int, wait_for_session: bool = True) -> str:
+        """A desktop for the session: a warm one if there is one, else a new one (XFCE's start
+        not waited for unless ``wait_for_session``)."""
         claimed = self._claim(timeout_s)
         if claimed is not None:
             return claimed
-        return await self._create(session_id, min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s))
+        duration = min(timeout_s + DESKTOP_SLACK_S, self.ops.max_duration_s)
+        return await self._create(session_id, duration, wait_for_session)
 
-    async def _create(self, surf_session: str, duration: int) -> str:
+    async def _create(self, surf_session: str, duration: int, wait_for_session: bool = True) -> str:
+        """A desktop with its browser attached (kept for ``open``): Chromium starts and Playwright
+        attaches as soon as X answers, while XFCE starts (waited for unless ``wait_for_session``
+        is false: a scrape drives the page only)."""
         self._playwright()  # the driver starts while the desktop is made
+        launched: dict[str, SurfBrowser] = {}
+
+        async def launch(desktop_id: str) -> None:
+            launched[desktop_id] = await self._launch(desktop_id)
+
         creating = asyncio.ensure_future(
             self.ops.create(
                 resolution=self.resolution,
                 duration_s=duration,
                 created_by="e2b-surf",
                 extra_metadata={"surf_session": surf_session},
+                on_display=launch,
+                wait_for_session=wait_for_session,
             )
         )
         try:
@@ -228,23 +241,30 @@ class Browsers:
             # meanwhile, and the desktop it makes must then be removed, not left to its duration.
             desktop = await asyncio.shield(creating)
         except asyncio.CancelledError:
-            creating.add_done_callback(self._remove_when_made)
+            creating.add_done_callback(functools.partial(self._remove_when_made, launched))
             raise
         except DesktopError as exc:
             raise SurfError("desktop_unavailable", f"no desktop for the run: {exc.message}", 503) from None
+        self._ready[desktop.desktop_id] = launched[desktop.desktop_id]
         return desktop.desktop_id
 
-    def _remove_when_made(self, creating: asyncio.Future[Desktop]) -> None:
+    def _remove_when_made(self, launched: dict[str, SurfBrowser], creating: asyncio.Future[Desktop]) -> None:
         if not creating.cancelled() and creating.exception() is None:
-            task = asyncio.ensure_future(self.remove(creating.result().desktop_id))
+            desktop_id = creating.result().desktop_id
+            self._ready[desktop_id] = launched[desktop_id]  # closed by remove()
+            task = asyncio.ensure_future(self.remove(desktop_id))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
 
     async def open(self, desktop_id: str) -> SurfBrowser:
-        """Start Chromium in the desktop and attach Playwright to it (a claimed warm desktop's is ready)."""
-        claimed = self._claimed.pop(desktop_id, None)
-        if claimed is not None:
-            return claimed
+        """The desktop's browser: attached while the desktop was made (a warm one's long before)."""
+        ready = self._ready.pop(desktop_id, None)
+        if ready is not None:
+            return ready
+        return await self._launch(desktop_id)
+
+    async def _launch(self, desktop_id: str) -> SurfBrowser:
+        """Start Chromium in the desktop (X is enough: no need to wait for XFCE) and attach Playwright."""
         width, height = parse_resolution(self.resolution)
         chromium = (
             f"chromium --user-data-dir={PROFILE} --remote-debugging-port={DEVTOOLS_PORT} "
@@ -279,7 +299,7 @@ class Browsers:
 
     async def remove(self, desktop_id: str) -> None:
         """Kill the desktop (gone already is fine)."""
-        claimed = self._claimed.pop(desktop_id, None)
+        claimed = self._ready.pop(desktop_id, None)
         if claimed is not None:  # stopped between claim and open
             await claimed.close()
         try:

@@ -3,7 +3,9 @@
 Breadth first: ``url`` is depth 0; with ``follow_links`` the links of a page at depth d < ``depth``
 are visited at depth d+1 (only ``url``'s origin when ``same_origin``), until ``max_pages`` pages
 were loaded. robots.txt is obeyed for every page (``url`` included) and each host gets at most one
-request per ``HOST_INTERVAL_S`` (or its Crawl-delay). Per page, as ``formats`` asks: final URL,
+page request per ``HOST_INTERVAL_S`` (or its Crawl-delay); the robots.txt fetch itself, one small
+file per host before its first page, is not paced (a browser opening one page asks for far more
+at once), so a run's first page follows it at once. Per page, as ``formats`` asks: final URL,
 title, HTTP status, main content as Markdown and text (readability unless ``extract_content`` is
 false), its HTML, links, tables, a full-page PNG screenshot; large values become files.
 
@@ -55,8 +57,7 @@ class Scraper:
         return max(1.0, min(NAV_TIMEOUT_S, self.ctx.time_left())) * 1000
 
     async def _fetch_robots(self, url: str) -> tuple[int | None, str]:
-        """robots.txt through the browser (its network, its proxy settings, nothing of ours)."""
-        await self.pace.wait(url, sleep=self.ctx.sleep)
+        """robots.txt through the browser (its network, its proxy settings, nothing of ours); not paced."""
         try:
             response = await self.ctx.page.goto(url, wait_until="load", timeout=self._nav_timeout_ms())
             if response is None:
@@ -64,8 +65,6 @@ class Scraper:
             return response.status, await response.text()
         except PlaywrightError:
             return None, ""
-        finally:
-            self.pace.done(url)
 
     async def run(self) -> dict[str, Any]:
         queue: deque[tuple[str, int]] = deque([(_normal(self.request.url), 0)])

@@ -254,7 +254,10 @@ class SessionManager(Recorder):
         error: dict[str, Any] | None = None
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s):
-                live.desktop_id = await self.browsers.create_desktop(session_id, timeout_s)
+                # A scrape drives the page only: its run need not wait for XFCE (agent mode sees the screen).
+                live.desktop_id = await self.browsers.create_desktop(
+                    session_id, timeout_s, wait_for_session=live.request.mode != "scrape"
+                )
                 await self._update(session_id, desktop_id=live.desktop_id)
                 browser = await self.browsers.open(live.desktop_id)
                 metrics.BROWSER_READY_SECONDS.observe(time.monotonic() - (deadline - timeout_s))
