@@ -8,6 +8,8 @@ same run: the stock ``e2b_desktop`` SDK straight against e2b-sandbox (create + f
 i.e. taken before XFCE drew its backdrop, are counted for both); ``GET /desktops/{id}/screenshot``;
 a right click over REST until the first VNC framebuffer update reaches a viewer through
 ``/websockify``; the desktop's memory when idle, without and with Chromium (e2b-sandbox's metrics). ``--pool 0`` for cold creates.
+Then a second stack with ``E2B_DESKTOP_WARM=1``: a 1920x1080 desktop over REST claimed from the
+pool of booted ones, and one of 1920x1081 booted on demand, against the SDK's create at 1920x1080.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import re
 import struct
 import sys
 import time
@@ -111,6 +114,58 @@ def memory_mb(stack, sandbox_id: str) -> float:  # type: ignore[no-untyped-def]
     return samples[-1]["memUsed"] / 2**20 if samples else float("nan")
 
 
+def pool_ready(stack, template: str) -> float:  # type: ignore[no-untyped-def]
+    text = httpx.get(f"{stack.sandbox_url}/metrics", timeout=10).text
+    found = re.search(rf'^e2b_sandbox_pool_ready{{template="{template}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def bench_warm(creates: int) -> None:
+    """E2B_DESKTOP_WARM=1: default-resolution desktops claimed from the pool of booted ones."""
+    stack = make_stack({"E2B_POOL_SIZE": "1", "E2B_DESKTOP_WARM": "1"})
+    try:
+        stack.up()
+        auth = {"Authorization": f"Bearer {stack.desktop_token}"}
+        api = httpx.Client(base_url=stack.desktop_url, headers=auth, timeout=120)
+        size = (1920, 1080)
+
+        def ready(template: str) -> None:
+            deadline = time.monotonic() + 180
+            while pool_ready(stack, template) < 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"no warm {template} sandbox got ready")
+                time.sleep(0.3)
+
+        sdk: list[float] = []
+        warm: list[float] = []
+        cold: list[float] = []
+        black = 0
+        for _ in range(creates):
+            ready("desktop")
+            started = time.perf_counter()
+            desktop = Sandbox.create(resolution=size, timeout=300, **sdk_options(stack))
+            desktop.screenshot()
+            sdk.append((time.perf_counter() - started) * 1000)
+            desktop.kill()
+            for template, samples, body in (
+                ("desktop-warm", warm, {"duration": 300}),
+                ("desktop", cold, {"duration": 300, "resolution": "1920x1081"}),
+            ):
+                ready(template)
+                started = time.perf_counter()
+                desktop_id = api.post("/desktops", json=body).json()["desktop_id"]
+                shot = api.get(f"/desktops/{desktop_id}/screenshot")
+                samples.append((time.perf_counter() - started) * 1000)
+                black += is_black(shot.content)
+                api.delete(f"/desktops/{desktop_id}")
+        report_baseline("SDK Sandbox.create + screenshot() 1920x1080", sdk)
+        report("REST create from a booted one + first shot", warm, sdk)
+        report("REST create, booted on demand (1920x1081)", cold, sdk)
+        print(f"{'  first screenshots still black, REST':46s} {black:3d} of {2 * creates}", flush=True)
+    finally:
+        stop_and_clean(stack)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -174,6 +229,8 @@ def main() -> int:
             api.delete(f"/desktops/{desktop_id}")
     finally:
         stop_and_clean(stack)
+    print("--- a stack with E2B_DESKTOP_WARM=1 (desktops of 1920x1080 booted ahead by the warm pool)", flush=True)
+    bench_warm(options.creates)
     return 0
 
 

@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     e2b_create_queue_wait_sec: float = Field(20, gt=0)
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
+    # Desktops booted ahead (template desktop-warm, 1920x1080, kept by the warm pool: E2B_POOL_SIZE).
+    e2b_desktop_warm: bool = False
     # Browser access to e2b-desktop: signed viewer links and the session cookie they set.
     e2b_desktop_link_ttl: int = Field(600, ge=10)
     e2b_desktop_session_ttl: int = Field(8 * 3600, ge=60)

@@ -65,6 +65,9 @@ TYPE_CHUNK = 50  # characters per xdotool call
 KEYBOARD_TRIES = 4
 
 DESKTOP_TEMPLATE = "desktop"
+# Booted ahead by its start command (sandbox/templates/definitions.py), at this resolution only.
+WARM_TEMPLATE = "desktop-warm"
+WARM_RESOLUTION = (1920, 1080)
 DISPLAY = ":0"
 VNC_PORT = 5900
 STREAM_PORT = 6080  # noVNC's websockify inside the sandbox (the SDK's stream.start)
@@ -179,6 +182,9 @@ class DesktopOps:
     max_duration_s: int = 3600
     template: str = DESKTOP_TEMPLATE
     source: str = "e2b-desktop"
+    # E2B_DESKTOP_WARM: desktops of WARM_RESOLUTION come from WARM_TEMPLATE, whose sandboxes the
+    # warm pool keeps booted (X and XFCE up and drawn): a create is then a pool claim.
+    warm: bool = False
     _live: dict[str, _Live] = field(default_factory=dict)
     _pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="desktop-sdk")
@@ -219,10 +225,11 @@ class DesktopOps:
             "created_by": created_by,
         }
         started = time.monotonic()
+        booted = self.warm and size == WARM_RESOLUTION and wait_for_session
         async with self._translate(None):
             sandbox = await self._sdk(
                 _new_sandbox,
-                template=self.template,
+                template=WARM_TEMPLATE if booted else self.template,
                 timeout=duration_s,
                 metadata=metadata,
                 envs={**DESKTOP_ENVS, "DISPLAY": DISPLAY},
@@ -231,7 +238,10 @@ class DesktopOps:
                 network={"allow_public_traffic": False},
                 **self.config.options(),
             )
-        await self._boot(sandbox, size, on_display, wait_for_session)
+        if booted:  # up and drawn before the create answered
+            await self._booted(sandbox, on_display)
+        else:
+            await self._boot(sandbox, size, on_display, wait_for_session)
         metrics.CREATE_SECONDS.observe(time.monotonic() - started)
         metrics.DESKTOPS_CREATED.labels(created_by).inc()
         desktop = await self.get(sandbox.sandbox_id)
@@ -240,6 +250,21 @@ class DesktopOps:
             await self.kill(desktop.desktop_id)
             raise DesktopError("insufficient_resources", short, 422)
         return desktop
+
+    async def _booted(self, sandbox: DesktopSandbox, on_display: Callable[[str], Awaitable[None]] | None) -> None:
+        """A desktop of WARM_TEMPLATE: set the SDK object as its create leaves it, run the caller's start."""
+        sandbox._display = DISPLAY
+        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
+        self._live[sandbox.sandbox_id] = _Live(sandbox)
+        if on_display is None:
+            return
+        try:
+            await on_display(sandbox.sandbox_id)
+        except BaseException:
+            self._live.pop(sandbox.sandbox_id, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(AsyncSandbox.kill(sandbox.sandbox_id, **self.config.options()))
+            raise
 
     async def _boot(
         self,
@@ -479,6 +504,7 @@ def ops_for(settings: Settings, source: str = "e2b-desktop") -> DesktopOps:
         default_resolution=settings.e2b_desktop_resolution,
         max_duration_s=settings.e2b_desktop_max_duration,
         source=source,
+        warm=settings.e2b_desktop_warm,
     )
 
 

@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Any:
         ),
         events_written=lambda: _wake_outbox(app),
         pool_size=settings.e2b_pool_size,
-        pool_templates=POOLED_TEMPLATES,
+        pool_templates=POOLED_TEMPLATES + (("desktop-warm",) if settings.e2b_desktop_warm else ()),
         pool_max=settings.e2b_pool_max,
         boot_gate=BootGate(
             settings.e2b_create_parallel or os.cpu_count() or 1,

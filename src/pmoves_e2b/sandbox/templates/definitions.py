@@ -13,6 +13,7 @@ or on the interpreter server, which has a small layer of its own.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -485,6 +486,47 @@ ENVD_CHECK = (
     "&& node --version && npm --version && git --version && curl --version"
 )
 KERNEL_NAMES = ("python3", "bash", "deno", "ir", "java")
+DESKTOP_CHECK = (
+    f"{ENVD_CHECK} && for t in Xvfb startxfce4 xdotool scrot x11vnc netstat xdpyinfo xrandr gtk-launch "
+    "xdg-open pgrep chromium mousepad; do command -v $t >/dev/null; done && test -x /opt/noVNC/utils/novnc_proxy "
+    "&& test -f /opt/noVNC/vnc.html"
+)
+
+# ---- desktop-warm: a desktop booted before anyone asks (E2B_DESKTOP_WARM) ------------------
+
+# The stock SDK's boot (e2b-wire-protocol.md §10) run by the template's start command, so the warm
+# pool keeps desktops whose XFCE is up and drawn. Xvfb's size is fixed here: e2b-desktop takes a
+# desktop from this template only for this resolution (E2B_DESKTOP_RESOLUTION's default).
+DESKTOP_WARM_RESOLUTION = "1920x1080"
+DESKTOP_READY_PORT = 49982
+# Answers one GET /health (the boot's ready check) and exits: nothing stays listening.
+_READY_ONCE = (
+    "import http.server as h\n"
+    "class H(h.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        ok = self.path == '/health'\n"
+    "        self.send_response(200 if ok else 404)\n"
+    "        self.end_headers()\n"
+    "        self.server.done = ok\n"
+    "    def log_message(self, *args):\n"
+    "        pass\n"
+    f"s = h.HTTPServer(('0.0.0.0', {DESKTOP_READY_PORT}), H)\n"
+    "s.done = False\n"
+    "while not s.done:\n"
+    "    s.handle_request()\n"
+)
+DESKTOP_BOOT = (
+    "export DISPLAY=:0 LANG=C.UTF-8; "
+    f"Xvfb :0 -ac -screen 0 {DESKTOP_WARM_RESOLUTION}x24 -retro -dpi 96 -nolisten tcp -nolisten unix & x=$!; "
+    "until xdpyinfo -display :0 >/dev/null 2>&1; do sleep 0.05; done; "
+    "startxfce4 >/dev/null 2>&1 & "
+    "until pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null; "
+    "do sleep 0.05; done; "
+    "for i in $(seq 100); do xprop -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap && break; sleep 0.05; done; "
+    'printf %s "$READY" | python3 - ; '
+    # This command lives as long as Xvfb, so e2b-desktop's watcher waits on it as on the SDK's Xvfb.
+    "wait $x"
+)
 
 TEMPLATES: dict[str, TemplateSpec] = {
     "base": TemplateSpec(name="base", layers=("envd", "os"), check=ENVD_CHECK),
@@ -506,9 +548,16 @@ TEMPLATES: dict[str, TemplateSpec] = {
         layers=("desktop", "envd", "os"),
         memory_mb=4096,
         cpu_count=2,
-        check=f"{ENVD_CHECK} && for t in Xvfb startxfce4 xdotool scrot x11vnc netstat xdpyinfo xrandr gtk-launch "
-        "xdg-open pgrep chromium mousepad; do command -v $t >/dev/null; done && test -x /opt/noVNC/utils/novnc_proxy "
-        "&& test -f /opt/noVNC/vnc.html",
+        check=DESKTOP_CHECK,
+    ),
+    "desktop-warm": TemplateSpec(
+        name="desktop-warm",
+        layers=("desktop", "envd", "os"),
+        memory_mb=4096,
+        cpu_count=2,
+        start_cmd=f"READY={shlex.quote(_READY_ONCE)}; {DESKTOP_BOOT}",
+        ready_port=DESKTOP_READY_PORT,
+        check=DESKTOP_CHECK,
     ),
 }
 
