@@ -9,9 +9,11 @@ BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
-APT_TEST_PACKAGES := postgresql chromium prometheus
+APT_TEST_PACKAGES := postgresql chromium prometheus $(IMAGE_APT_PACKAGES)
+# `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout).
+IMAGE_APT_PACKAGES := podman runc catatonit containernetworking-plugins debootstrap
 
-.PHONY: sysdeps test-sysdeps venv novnc build-e2b templates e2b-up e2b-down e2b-logs e2b-health check test test-fast bench proto proto-check
+.PHONY: sysdeps test-sysdeps venv novnc build-e2b images templates e2b-up e2b-down e2b-logs e2b-health check test test-fast bench proto proto-check
 
 sysdeps: ## install the Debian packages the stack needs (idempotent, fast when present)
 	@missing=$$(for p in $(APT_PACKAGES) $(EXTRA_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -35,6 +37,10 @@ novnc: venv ## noVNC's browser library for e2b-desktop's viewer, from the npm re
 	$(PY) -m pmoves_e2b.desktop.assets
 
 build-e2b: sysdeps venv templates novnc
+
+images: venv novnc ## the debootstrap base + the pmoves-e2b image in podman (rebuilt only when their inputs change)
+	@$(MAKE) --no-print-directory sysdeps EXTRA_APT_PACKAGES="$(IMAGE_APT_PACKAGES)"
+	PY=$(PY) images/build.sh
 
 e2b-up: build-e2b
 	$(CLI) up
