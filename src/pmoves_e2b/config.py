@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     e2b_create_parallel: int | None = Field(None, ge=1)
     e2b_create_queue: int = Field(64, ge=0)
     e2b_create_queue_wait_sec: float = Field(20, gt=0)
+    # envd forked into each sandbox from a pre-imported one per template (false: each starts its own)
+    e2b_envd_zygote: bool = True
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
     # Desktops booted ahead (template desktop-warm, 1920x1080, kept by the warm pool: E2B_POOL_SIZE).

@@ -2,13 +2,15 @@
 
 Environment: ``ENVD_INIT_SECRET`` (when set, ``POST /init`` needs header
 ``X-Envd-Init-Secret`` equal to it), ``ENVD_DEFAULT_USER`` (default ``user`` if it exists, else
-``root``).
+``root``). With ``ENVD_ZYGOTE=<fd>`` (set by the host) this process is the template's zygote
+(``zygote.py``): it imports everything, then forks one envd per sandbox with these options.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import types
 
@@ -31,6 +33,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="warning")
     options = parser.parse_args(argv)
 
+    zygote_fd = os.environ.pop("ENVD_ZYGOTE", None)
+    if zygote_fd is not None:
+        from .zygote import serve
+
+        serve(int(zygote_fd), run_envd=lambda: _run(options), preload=_preload)
+        return
+    _run(options)
+
+
+def _preload() -> None:
+    """What envd imports before it listens, so a zygote's children start with it in memory."""
+    _skip_connectrpc_version_lookup()
+    import uvicorn.lifespan.on
+    import uvicorn.loops.auto
+    import uvicorn.protocols.http.auto
+    import uvicorn.server
+
+    from . import app  # noqa: F401
+
+    if importlib.util.find_spec("httptools"):
+        import uvicorn.protocols.http.httptools_impl
+    if importlib.util.find_spec("uvloop"):
+        import uvicorn.loops.uvloop  # noqa: F401
+
+
+def _run(options: argparse.Namespace) -> None:
     _skip_connectrpc_version_lookup()
     import uvicorn
 

@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Any:
     if not (settings.e2b_database_url and settings.e2b_templates_dir):  # derived by Settings
         raise RuntimeError("E2B_DATABASE_URL / E2B_TEMPLATES_DIR were not derived")
     db = Database(settings.e2b_database_url)
-    backend = NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes")
+    backend = NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
     manager = SandboxManager(
         db=db,
         backend=backend,

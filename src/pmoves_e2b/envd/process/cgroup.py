@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-PIDS_MAX = int(os.environ.get("ENVD_PIDS_MAX", "0") or 0)
-CROWDED = 0.9  # share of PIDS_MAX at which a new command reclaims a leftover tree
+PIDS_MAX_ENV = "ENVD_PIDS_MAX"  # read when used: a zygote-forked envd gets its env after import
+CROWDED = 0.9  # share of ENVD_PIDS_MAX at which a new command reclaims a leftover tree
 # Join the group, then raise oom_score_adj (no privilege needed to raise): when the sandbox runs out
 # of memory the kernel kills commands before envd, even commands smaller than envd.
 COMMAND_OOM_SCORE_ADJ = 500
@@ -100,9 +100,10 @@ def reclaim_pids(timeout: float = 2.0) -> bool:
 
 
 def _crowded() -> bool:
-    if not PIDS_MAX or not _leftovers:
+    pids_max = int(os.environ.get(PIDS_MAX_ENV, "0") or 0)
+    if not pids_max or not _leftovers:
         return False
-    return sum(name.isdigit() for name in os.listdir("/proc")) >= PIDS_MAX * CROWDED
+    return sum(name.isdigit() for name in os.listdir("/proc")) >= pids_max * CROWDED
 
 
 def _kill(path: Path) -> None:

@@ -221,18 +221,39 @@ def _envd_launcher(ctx: BuildContext) -> None:
     # /init, or died 3 times in a row within a minute each, is not restarted: the launcher ends every
     # process of the sandbox (bwrap's init would wait for them), so the sandbox ends and the host
     # reports it (killed, reason "died").
+    # With ENVD_FORKED_FD=R,W (the ns backend's zygote path) the first envd is forked into the sandbox
+    # by the host from the template's envd zygote: the launcher opens pipe R, says it runs on pipe W, and
+    # envd (the only writer of R) writes a line when it runs; R's end is its exit. No line = no envd
+    # came (the zygote failed): start one here. ENVD_ZYGOTE: this is the zygote itself (host side).
     script = f"""#!/bin/sh
 export ENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} ENVD_STATE_FILE={ENVD_STATE_FILE}
+[ -n "$ENVD_ZYGOTE" ] && exec /usr/bin/python3 -m pmoves_e2b.envd "$@"
 quick=0
+forked=$ENVD_FORKED_FD
+unset ENVD_FORKED_FD
 while :; do
     started=$(cut -d. -f1 /proc/uptime)
-    /usr/bin/python3 -m pmoves_e2b.envd "$@"
-    status=$?
+    if [ -n "$forked" ]; then
+        exec 3</proc/self/fd/${{forked%,*}}
+        printf x >/proc/self/fd/${{forked#*,}}
+        forked=
+        if read -r _ <&3; then
+            read -r _ <&3
+            status=unknown code=1
+        else
+            exec 3<&-
+            continue
+        fi
+        exec 3<&-
+    else
+        /usr/bin/python3 -m pmoves_e2b.envd "$@"
+        status=$? code=$?
+    fi
     if [ $(($(cut -d. -f1 /proc/uptime) - started)) -lt 60 ]; then quick=$((quick + 1)); else quick=1; fi
     if [ ! -s "$ENVD_STATE_FILE" ] || [ "$quick" -ge 3 ]; then
         echo "envd launcher: envd exited (status $status); not restarting it, the sandbox ends" >&2
         kill -KILL -1
-        exit "$status"
+        exit "$code"
     fi
     echo "envd launcher: envd exited (status $status); restarting it" >&2
 done
@@ -255,7 +276,7 @@ ENVD_LAYER = LayerSpec(
             retries=NETWORK_RETRIES,
         ),
         Step("envd sources", _envd_sources, ENVD_SITE),
-        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v3"),
+        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v4"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
     ),
     inputs=lambda host: _package_digest("envd"),

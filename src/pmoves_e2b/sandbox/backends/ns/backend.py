@@ -60,6 +60,7 @@ from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits, mounts, network,
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE, SlotRegistry
+from pmoves_e2b.sandbox.backends.ns.zygote import Zygotes
 
 T = TypeVar("T")
 ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))  # noqa: S104 - envd inside the sandbox's own netns
@@ -72,6 +73,11 @@ CAPABILITIES = (
     "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
     "CAP_SETFCAP",
 )  # fmt: skip
+CAPABILITY_NUMBERS = {
+    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6,
+    "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10, "CAP_SYS_CHROOT": 18, "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
+}  # fmt: skip
 # Runs (as host root, inside the netns) between nsenter and setpriv: join the four cgroups so that
 # bwrap and everything it starts are accounted from the first instruction, then lower rlimits
 # (root here lacks CAP_SYS_RESOURCE, so they can only be set on the way down).
@@ -98,6 +104,7 @@ class NsBackend:
         pids_max: int = 1024,
         ready_timeout: float = 15.0,
         slots: SlotRegistry | None = None,
+        zygote: bool = True,
     ) -> None:
         self.runtime_dir = Path(runtime_dir).resolve()
         self.init_argv = tuple(init_argv)
@@ -113,6 +120,12 @@ class NsBackend:
         self._setup_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ns-backend")
         self._host_ready = False
+        # envd forked from a per-template zygote (zygote.py) when the sandbox runs the stock envd
+        self.zygotes: Zygotes | None = None
+        if zygote and self.init_argv == ENVD_ARGV:
+            self.zygotes = Zygotes(
+                seccomp.bpf_pipe, ENVD_ARGV, {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+            )
 
     # --- host setup -------------------------------------------------------------------------
 
@@ -138,6 +151,8 @@ class NsBackend:
 
     def close(self) -> None:
         """Undo the host setup of this runtime dir if no sandbox is left in it (tests, shutdown)."""
+        if self.zygotes is not None:
+            self.zygotes.close()
         with self._setup_lock:
             if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
                 return
@@ -326,28 +341,43 @@ class NsBackend:
             "--new-session", "--chdir", "/",
             "--", *self.init_argv,
         ]  # fmt: skip
-        env = {
+        envd_env = {
             "PATH": SANDBOX_PATH,
             "HOME": "/root",
             "LANG": "C.UTF-8",
             "ENVD_INIT_SECRET": spec.init_secret,
             "ENVD_PIDS_MAX": str(self.pids_max),
-            "NOFILE": str(nofile),
-            "NPROC": str(nproc),
         }
-        log_fd = os.open(rw / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        env = {**envd_env, "NOFILE": str(nofile), "NPROC": str(nproc)}
+        zygote_layers = self.zygotes.layers_for(spec.template.layers) if self.zygotes is not None else None
+        passed = [info_w, block_r, seccomp_r]
+        forked: tuple[int, int] | None = None  # (ready read end, alive write end)
+        if zygote_layers is not None:
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+            alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+            forked = (ready_r, alive_w)
+            for fd in (alive_r, ready_w):  # the launcher (dash) reopens them through /proc/self/fd
+                os.fchown(fd, uid_base, uid_base)
+            env["ENVD_FORKED_FD"] = f"{alive_r},{ready_w}"  # the launcher's side (definitions.py)
+            passed += [alive_r, ready_w]
+        log_path = rw / "envd.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(info_w, block_r, seccomp_r),
+                pass_fds=passed,
                 env=env,
                 start_new_session=True,
             )
+        except BaseException:
+            for fd in forked or ():
+                os.close(fd)
+            raise
         finally:
-            for fd in (log_fd, info_w, block_r, seccomp_r):
+            for fd in (log_fd, *passed):
                 os.close(fd)
         self._children[spec.sandbox_id] = proc
         details["pid"] = proc.pid
@@ -369,10 +399,30 @@ class NsBackend:
             finally:
                 for fd in (userns, *trees):
                     os.close(fd)
-            os.write(block_w, b"1")  # bwrap continues: mounts, pivot_root, exec of envd
+            os.write(block_w, b"1")  # bwrap continues: mounts, pivot_root, exec of the launcher
+            if forked is not None and zygote_layers is not None:
+                # the launcher runs (the sandbox is complete): fork its envd into it
+                if _read_until_eof(forked[0], timeout=self.ready_timeout, limit=1) != b"x":
+                    raise BackendError(f"sandbox {spec.sandbox_id}: its launcher did not start")
+                self.zygotes.fork_envd(  # type: ignore[union-attr]
+                    zygote_layers,
+                    pid1=child,
+                    netns_path=str(net.netns_path),
+                    procs=cg.procs_files(),
+                    log_path=log_path,
+                    alive=forked[1],
+                    config={
+                        "env": {**envd_env, "PWD": "/"},
+                        "uid": uid_base,
+                        "rlimits": {"RLIMIT_CORE": 0, "RLIMIT_NOFILE": nofile, "RLIMIT_NPROC": nproc},
+                        "capabilities": sum(1 << CAPABILITY_NUMBERS[cap] for cap in CAPABILITIES),
+                    },
+                )
         finally:
             os.close(info_r)
             os.close(block_w)
+            for fd in forked or ():
+                os.close(fd)
 
     def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
         """Tear down a sandbox that did not start, then raise a BackendError with envd's log tail."""
@@ -607,10 +657,11 @@ class _Background:
             raise self._error
 
 
-def _read_until_eof(fd: int, timeout: float) -> bytes:
+def _read_until_eof(fd: int, timeout: float, limit: int = 0) -> bytes:
+    """What ``fd`` yields until EOF (or until ``limit`` bytes, when set)."""
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
-    while True:
+    while not limit or sum(map(len, chunks)) < limit:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BackendError(f"bwrap did not report its child within {timeout:.0f}s")
@@ -620,6 +671,7 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
