@@ -8,7 +8,9 @@ Prints: ``Sandbox.create()`` p50/p95 with the warm pool and with the pool off; 2
 and created one after another, twice, with a fixed pool of 2 and with the pool following demand
 (``--held-only`` prints just that); the
 ``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
-creates per second; idle memory per sandbox; how many idle sandboxes were alive at once.
+creates per second (4 clients in a create+kill loop); idle memory per sandbox; how many idle
+sandboxes were alive at once. ``--before`` also runs the pool-off rows with ``E2B_ENVD_ZYGOTE=false``
+(every sandbox starts its own envd, as before the zygote).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +64,54 @@ def bwrap_true(runs: int) -> list[float]:
     return timed(lambda: subprocess.run(argv, check=True), runs)
 
 
+def bwrap_python(runs: int) -> list[float]:
+    bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
+    argv = [
+        bwrap,
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--unshare-all",
+        "/usr/bin/python3",
+        "-c",
+        "pass",
+    ]
+    return timed(lambda: subprocess.run(argv, check=True), runs)
+
+
+def sustained(clients: int, seconds: float) -> tuple[int, float]:
+    """``clients`` threads each creating and killing sandboxes in a loop: (creates, creates per second)."""
+    from e2b import Sandbox
+
+    stop, done, errors = threading.Event(), [0] * clients, []
+
+    def loop(index: int) -> None:
+        while not stop.is_set():
+            try:
+                Sandbox.create(timeout=120).kill()
+            except Exception as exc:  # noqa: BLE001 - counted and shown
+                errors.append(repr(exc))
+                continue
+            done[index] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        print(f"  ({len(errors)} creates failed, e.g. {errors[0][:200]})", flush=True)
+    return sum(done), sum(done) / elapsed
+
+
 def line(name: str, values: list[float], base_name: str, base: list[float]) -> None:
     p50, p95, b50 = statistics.median(values), pct(values, 0.95), statistics.median(base)
     print(
@@ -83,12 +134,18 @@ def pss_kb(pids: list[int]) -> int:
 
 
 def sandbox_pids(data_dir: Path) -> list[int]:
-    """Processes in our sandboxes: their cgroup path carries the runtime dir's tag."""
+    """Processes in our sandboxes (their cgroup path carries the runtime dir's tag), and the envd
+    zygotes they were forked from (outside any sandbox, sharing their pages with all of them)."""
     pids = []
+    host_pid_ns = os.readlink("/proc/self/ns/pid")
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if "pmoves-e2b-" in (entry / "cgroup").read_text():
+                    pids.append(int(entry.name))
+                elif b"pmoves_e2b.envd" in (entry / "cmdline").read_bytes() and (
+                    os.readlink(entry / "ns/pid") == host_pid_ns
+                ):
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -115,7 +172,7 @@ def measure(stack, options: argparse.Namespace, bases: dict[str, list[float]]) -
     sbx.kill()
 
 
-def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float]]) -> None:  # type: ignore[no-untyped-def]
+def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float]], label: str = "") -> None:  # type: ignore[no-untyped-def]
     from e2b import Sandbox
 
     os.environ.update(stack.sdk_env)
@@ -125,7 +182,16 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
         sbx = Sandbox.create(timeout=120)
         cold.append((time.perf_counter() - started) * 1000)
         sbx.kill()
-    line(f"create, pool off (n={options.runs})", cold, "bwrap /bin/true", bases["bwrap"])
+    line(f"create, pool off{label} (n={options.runs})", cold, "bwrap /bin/true", bases["bwrap"])
+    line(f"create, pool off{label} (n={options.runs})", cold, "bwrap python3 -c pass", bases["python"])
+    count, rate = sustained(options.clients, options.seconds)
+    print(
+        f"sustained, pool off{label}: {options.clients} clients create+kill for {options.seconds:.0f} s: "
+        f"{count} creates, {rate:.1f} creates/s",
+        flush=True,
+    )
+    if label:
+        return
 
     with ThreadPoolExecutor(max_workers=options.concurrent) as pool:
         started = time.perf_counter()
@@ -211,9 +277,28 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=200)
     parser.add_argument("--held", type=int, default=20)
     parser.add_argument("--held-only", action="store_true")
+    parser.add_argument("--clients", type=int, default=4, help="clients of the sustained create+kill loop")
+    parser.add_argument("--seconds", type=float, default=20, help="length of the sustained loop")
+    parser.add_argument("--before", action="store_true", help="also the pool-off rows with E2B_ENVD_ZYGOTE=false")
+    parser.add_argument("--skip-held", action="store_true")
     options = parser.parse_args()
-    bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50)}
-    held_rows(options, bases)
+    bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50), "python": bwrap_python(30)}
+    print(
+        f"baselines: fork+exec /bin/true p50 {statistics.median(bases['fork']):.2f} ms, bwrap /bin/true p50 "
+        f"{statistics.median(bases['bwrap']):.2f} ms, bwrap python3 -c pass p50 {statistics.median(bases['python']):.2f} ms",
+        flush=True,
+    )
+    if options.before:
+        before = make_stack(
+            {"E2B_POOL_SIZE": "0", "E2B_ENVD_ZYGOTE": "false", "E2B_MAX_SANDBOXES": str(options.concurrent + 5)}
+        )
+        try:
+            before.up(timeout=300)
+            measure_cold(before, options, bases, label=" (envd not forked: before)")
+        finally:
+            stop_and_clean(before)
+    if not options.skip_held:
+        held_rows(options, bases)
     if options.held_only:
         return 0
 
@@ -222,6 +307,12 @@ def main() -> int:
         stack.up(timeout=300)
         time.sleep(5)  # the pool fills in the background
         measure(stack, options, bases)
+        count, rate = sustained(options.clients, options.seconds)
+        print(
+            f"sustained, default pool: {options.clients} clients create+kill for {options.seconds:.0f} s: "
+            f"{count} creates, {rate:.1f} creates/s",
+            flush=True,
+        )
     finally:
         stop_and_clean(stack)
     stack = make_stack({"E2B_POOL_SIZE": "0", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
