@@ -281,6 +281,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20, help="length of the sustained loop")
     parser.add_argument("--before", action="store_true", help="also the pool-off rows with E2B_ENVD_ZYGOTE=false")
     parser.add_argument("--skip-held", action="store_true")
+    parser.add_argument("--cold-only", action="store_true", help="only the pool-off rows")
     options = parser.parse_args()
     bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50), "python": bwrap_python(30)}
     print(
@@ -288,34 +289,35 @@ def main() -> int:
         f"{statistics.median(bases['bwrap']):.2f} ms, bwrap python3 -c pass p50 {statistics.median(bases['python']):.2f} ms",
         flush=True,
     )
+    most = max(options.idle, options.concurrent) + 5
+    # every sandbox of a burst must fit the memory budget (its default is the machine's memory)
+    limits = {"E2B_MAX_SANDBOXES": str(most), "E2B_MEMORY_BUDGET_MB": str(most * 2048)}
     if options.before:
-        before = make_stack(
-            {"E2B_POOL_SIZE": "0", "E2B_ENVD_ZYGOTE": "false", "E2B_MAX_SANDBOXES": str(options.concurrent + 5)}
-        )
+        before = make_stack({"E2B_POOL_SIZE": "0", "E2B_ENVD_ZYGOTE": "false", **limits})
         try:
             before.up(timeout=300)
             measure_cold(before, options, bases, label=" (envd not forked: before)")
         finally:
             stop_and_clean(before)
-    if not options.skip_held:
+    if not (options.skip_held or options.cold_only):
         held_rows(options, bases)
     if options.held_only:
         return 0
-
-    stack = make_stack({"E2B_POOL_SIZE": "2", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
-    try:
-        stack.up(timeout=300)
-        time.sleep(5)  # the pool fills in the background
-        measure(stack, options, bases)
-        count, rate = sustained(options.clients, options.seconds)
-        print(
-            f"sustained, default pool: {options.clients} clients create+kill for {options.seconds:.0f} s: "
-            f"{count} creates, {rate:.1f} creates/s",
-            flush=True,
-        )
-    finally:
-        stop_and_clean(stack)
-    stack = make_stack({"E2B_POOL_SIZE": "0", "E2B_MAX_SANDBOXES": str(max(options.idle, options.concurrent) + 5)})
+    if not options.cold_only:
+        stack = make_stack({"E2B_POOL_SIZE": "2", **limits})
+        try:
+            stack.up(timeout=300)
+            time.sleep(5)  # the pool fills in the background
+            measure(stack, options, bases)
+            count, rate = sustained(options.clients, options.seconds)
+            print(
+                f"sustained, default pool: {options.clients} clients create+kill for {options.seconds:.0f} s: "
+                f"{count} creates, {rate:.1f} creates/s",
+                flush=True,
+            )
+        finally:
+            stop_and_clean(stack)
+    stack = make_stack({"E2B_POOL_SIZE": "0", **limits})
     try:
         stack.up(timeout=300)
         measure_cold(stack, options, bases)
