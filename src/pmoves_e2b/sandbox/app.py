@@ -27,6 +27,7 @@ from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.errors import SignatureRefused
 from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
+from pmoves_e2b.sandbox.template_api import build_template_router
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
@@ -107,7 +108,16 @@ def create_app(settings: Settings | None = None) -> Any:
         "sandbox",
         settings,
         health_checks=[DependencyCheck("database", database_up, hard=True)],
-        routers=[build_router(manager, keys, settings.public_domain)],
+        routers=[
+            build_router(manager, keys, settings.public_domain),
+            build_template_router(
+                keys.authenticate,
+                settings.e2b_templates_dir,
+                settings.e2b_sandbox_memory_mb,
+                settings.e2b_sandbox_cpu_limit,
+                settings.e2b_sandbox_disk_mb,
+            ),
+        ],
         lifespan=lifespan,
         title="pmoves-e2b sandbox API (E2B-compatible)",
         error_body=e2b_error,
