@@ -1,8 +1,9 @@
-"""E2B's template read API over the built templates: aliases and the list.
+"""E2B's template API over the built templates: aliases, the list, and custom builds.
 
 The stock SDK's ``Template.exists(name)`` asks ``GET /templates/aliases/{alias}``; here every
-complete built template is its own alias (its name). Building templates through the API
-(POST /v3/templates and the build routes) is not served yet: those paths answer E2B's 404.
+complete built template is its own alias (its name). ``Template.build`` requests a build
+(POST /v3/templates), starts it (POST /v2/templates/{id}/builds/{build}) and polls its status
+with logs; the builds themselves are ``templates/custom.py``'s.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 from pmoves_e2b.envd import ENVD_VERSION
+from pmoves_e2b.sandbox.api import parse_body
 from pmoves_e2b.sandbox.errors import ApiError
+from pmoves_e2b.sandbox.templates.custom import BuildRefused, CustomBuilds
 from pmoves_e2b.sandbox.templates.store import list_templates, read_record
 
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class _Any(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
 
 def _iso(value: str | None) -> str:
@@ -38,6 +46,66 @@ def build_template_router(
         request.state.api_key_id = authenticate(request)
 
     router = APIRouter(dependencies=[Depends(require_api_key)])
+    builds = CustomBuilds(templates_dir)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        parsed: _Any = await parse_body(request, _Any)
+        return parsed.model_dump()
+
+    async def request_build(request: Request) -> JSONResponse:
+        body = await body_of(request)
+        name = body.get("name") or body.get("alias")
+        if not isinstance(name, str) or not _ALIAS.match(name):
+            raise ApiError(
+                400, f"invalid template name {name!r}: use lowercase letters, digits, '.', '_' and '-' (max 63)"
+            )
+        if body.get("tags"):
+            raise ApiError(400, "template tags are not supported by this server yet")
+        try:
+            cpu, memory = float(body.get("cpuCount") or 0), int(body.get("memoryMB") or 0)
+        except (TypeError, ValueError):
+            raise ApiError(400, "cpuCount and memoryMB must be numbers") from None
+        try:
+            state = builds.request(name, cpu, memory)
+        except BuildRefused as exc:
+            raise ApiError(400, str(exc)) from None
+        shape = {"templateID": name, "buildID": state.build_id, "public": False}
+        return JSONResponse(shape | {"names": [name], "tags": [], "aliases": [name]}, status_code=202)
+
+    async def start_build(request: Request, template_id: str, build_id: str) -> Response:
+        body = await body_of(request)
+        try:
+            state = builds.get(template_id, build_id)
+            await asyncio.to_thread(builds.start, state, body)
+        except KeyError as exc:
+            raise ApiError(404, str(exc.args[0])) from None
+        except BuildRefused as exc:
+            raise ApiError(400, str(exc)) from None
+        return Response(status_code=202)
+
+    async def build_status(request: Request, template_id: str, build_id: str) -> JSONResponse:
+        try:
+            state = builds.get(template_id, build_id)
+        except KeyError as exc:
+            raise ApiError(404, str(exc.args[0])) from None
+        try:
+            offset = max(0, int(request.query_params.get("logsOffset") or 0))
+        except ValueError:
+            raise ApiError(400, "logsOffset must be an integer") from None
+        entries = state.entries[offset : offset + 100]  # E2B's page: the SDK polls until drained
+        shape: dict[str, Any] = {
+            "templateID": template_id,
+            "buildID": build_id,
+            "status": state.status,
+            "logs": [e["message"] for e in entries],
+            "logEntries": entries,
+        }
+        if state.status == "error":
+            shape["reason"] = {"message": state.reason, "step": state.step, "logEntries": state.entries[-20:]}
+        return JSONResponse(shape)
+
+    async def upload_link(template_id: str, hash: str) -> JSONResponse:
+        raise ApiError(400, "COPY (file uploads) is not supported by this server yet")
 
     def _shape(name: str) -> dict[str, Any]:
         record = read_record(templates_dir, name)
@@ -78,4 +146,14 @@ def build_template_router(
 
     router.add_api_route("/templates/aliases/{alias}", alias, methods=["GET"], summary="Does a template alias exist")
     router.add_api_route("/templates", listed, methods=["GET"], summary="List built templates")
+    router.add_api_route("/v3/templates", request_build, methods=["POST"], status_code=202, summary="Request a build")
+    router.add_api_route(
+        "/v2/templates/{template_id}/builds/{build_id}", start_build, methods=["POST"], summary="Start a build"
+    )
+    router.add_api_route(
+        "/templates/{template_id}/builds/{build_id}/status", build_status, methods=["GET"], summary="Build status, logs"
+    )
+    router.add_api_route(
+        "/templates/{template_id}/files/{hash}", upload_link, methods=["GET"], summary="Upload link (COPY: refused)"
+    )
     return router

@@ -1,0 +1,86 @@
+"""Custom templates built with the stock SDK's Template().build against a real stack."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2b import Sandbox, Template
+from e2b.exceptions import BuildException
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture()
+def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Any:
+    """A stack whose templates dir is private (built-in layers linked in), so builds write only there."""
+    shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
+    (tmp_path / "layers").mkdir()
+    for layer in (shared / "layers").iterdir():
+        if layer.is_dir() and not layer.name.startswith("."):
+            (tmp_path / "layers" / layer.name).symlink_to(layer)
+    for record in shared.glob("*.json"):
+        (tmp_path / record.name).write_text(record.read_text())
+    stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(tmp_path), "E2B_POOL_SIZE": "0"})
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in stack.sdk_env.items():
+            patch.setenv(name, value)
+        yield tmp_path
+
+
+def test_build_on_base_runs_steps_caches_them_and_sandboxes_use_it(own_templates: Path) -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    marker = uuid.uuid4().hex
+    template = (
+        Template()
+        .from_template("base")
+        .set_envs({"GREETING": marker})
+        .run_cmd("echo $GREETING > /etc/greeting", user="root")
+        .set_workdir("/home/user/app")
+        .run_cmd("echo made by $(whoami) in $(pwd) > made.txt")
+    )
+    logs: list[str] = []
+    Template.build(template, name, on_build_logs=lambda e: logs.append(e.message))
+    assert not any("CACHED" in line for line in logs), logs
+    assert Template.exists(name)
+
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        assert sandbox.files.read("/etc/greeting").strip() == marker
+        assert sandbox.files.read("/home/user/app/made.txt").strip() == "made by user in /home/user/app"
+    finally:
+        sandbox.kill()
+
+    # The same steps again: every layer comes from the cache.
+    again: list[str] = []
+    Template.build(template, name, on_build_logs=lambda e: again.append(e.message))
+    assert sum("CACHED" in line for line in again) == 2, again
+
+
+def test_a_failing_step_fails_the_build_with_its_output_and_the_old_build_keeps_working(own_templates: Path) -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_template("base").run_cmd("echo v1 > /tmp/../home/user/v.txt"), name)
+    broken = Template().from_template("base").run_cmd("echo about-to-fail-output; exit 3")
+    with pytest.raises(BuildException, match="(?s)step 1 failed.*about-to-fail-output"):
+        Template.build(broken, name)
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        assert sandbox.files.read("/home/user/v.txt").strip() == "v1"
+    finally:
+        sandbox.kill()
+
+
+def test_bad_requests_are_refused_with_400_and_nothing_is_built(own_templates: Path) -> None:
+    before = sorted(p.name for p in (own_templates / "layers").iterdir())
+    with pytest.raises(Exception, match="invalid template name"):
+        Template.build(Template().from_template("base").run_cmd("true"), "../escape")
+    with pytest.raises(Exception, match="built in"):
+        Template.build(Template().from_template("base").run_cmd("true"), "base")
+    with pytest.raises(BuildException, match="not a built template"):
+        Template.build(Template().from_template("no-such-parent").run_cmd("true"), "child-x")
+    with pytest.raises(BuildException, match="not supported"):
+        Template.build(Template().from_image("debian:12").run_cmd("true"), "child-y")
+    assert sorted(p.name for p in (own_templates / "layers").iterdir()) == before
+    assert not (own_templates / "child-x.json").exists()
