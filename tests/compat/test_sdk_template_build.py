@@ -84,3 +84,63 @@ def test_bad_requests_are_refused_with_400_and_nothing_is_built(own_templates: P
         Template.build(Template().from_image("debian:12").run_cmd("true"), "child-y")
     assert sorted(p.name for p in (own_templates / "layers").iterdir()) == before
     assert not (own_templates / "child-x.json").exists()
+
+
+def test_copy_uploads_files_checks_their_hash_and_sets_owner_and_mode(own_templates: Path, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    (context / "app").mkdir(parents=True)
+    (context / "app" / "main.py").write_text("print('hi')\n")
+    (context / "app" / "lib.txt").write_text("lib\n")
+    (context / "single.txt").write_text("one file\n")
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    template = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .copy("app", "/home/user/app/")
+        .copy("single.txt", "/opt/single.txt", user="root", mode=0o600)
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        listing = sandbox.commands.run(
+            "stat -c '%U %a %n' /home/user/app/main.py /home/user/app/lib.txt /opt/single.txt", user="root"
+        ).stdout.split("\n")
+        assert listing[:3] == [
+            "user 644 /home/user/app/main.py",
+            "user 644 /home/user/app/lib.txt",
+            "root 600 /opt/single.txt",
+        ], listing
+        assert sandbox.commands.run("python3 /home/user/app/main.py").stdout == "hi\n"
+    finally:
+        sandbox.kill()
+    # Same files again: nothing uploaded or built anew.
+    logs: list[str] = []
+    Template.build(template, name, on_build_logs=lambda e: logs.append(e.message))
+    assert sum("CACHED" in line for line in logs) == 2, logs
+
+
+def test_copy_with_tampered_upload_is_refused(own_templates: Path, tmp_path: Path) -> None:
+    import httpx
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "a.txt").write_text("real\n")
+    template = Template(file_context_path=str(context)).from_template("base").copy("a.txt", "/opt/a.txt")
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    Template.build(template, name)  # uploads the real files
+    # Replace the stored upload with other bytes under the same hash: the build must notice.
+    stored = next((own_templates / "uploads").glob("*.tar"))
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"fake\n"))
+    stored.write_bytes(buffer.getvalue())
+    with pytest.raises(BuildException, match="file hash mismatch"):
+        Template.build(template, f"{name}-2")
+    assert (
+        httpx.put(f"{__import__('os').environ['E2B_API_URL']}/templates/x/files/{'0' * 64}/upload").status_code == 401
+    )

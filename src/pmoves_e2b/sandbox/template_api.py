@@ -9,7 +9,11 @@ with logs; the builds themselves are ``templates/custom.py``'s.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import os
 import re
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from pmoves_e2b.envd import ENVD_VERSION
+from pmoves_e2b.request_guard import MAX_REQUEST_BODY_BYTES
 from pmoves_e2b.sandbox.api import parse_body
 from pmoves_e2b.sandbox.errors import ApiError
 from pmoves_e2b.sandbox.templates.custom import BuildRefused, CustomBuilds
 from pmoves_e2b.sandbox.templates.store import list_templates, read_record
 
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+MAX_UPLOAD_BYTES = MAX_REQUEST_BODY_BYTES  # every service refuses larger bodies (request_guard)
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -45,8 +52,10 @@ def build_template_router(
     def require_api_key(request: Request) -> None:
         request.state.api_key_id = authenticate(request)
 
+    outer = APIRouter()
     router = APIRouter(dependencies=[Depends(require_api_key)])
     builds = CustomBuilds(templates_dir)
+    upload_secret = secrets.token_bytes(32)
 
     async def body_of(request: Request) -> dict[str, Any]:
         parsed: _Any = await parse_body(request, _Any)
@@ -104,8 +113,39 @@ def build_template_router(
             shape["reason"] = {"message": state.reason, "step": state.step, "logEntries": state.entries[-20:]}
         return JSONResponse(shape)
 
-    async def upload_link(template_id: str, hash: str) -> JSONResponse:
-        raise ApiError(400, "COPY (file uploads) is not supported by this server yet")
+    def _token(template_id: str, digest: str) -> str:
+        return hmac.new(upload_secret, f"{template_id}/{digest}".encode(), hashlib.sha256).hexdigest()
+
+    async def upload_link(request: Request, template_id: str, hash: str) -> JSONResponse:
+        if not _HASH.match(hash):
+            raise ApiError(400, "files hash must be 64 lowercase hex digits (sha256)")
+        if not _ALIAS.match(template_id):
+            raise ApiError(400, f"invalid template name {template_id!r}")
+        if builds.upload_path(hash).is_file():
+            return JSONResponse({"present": True}, status_code=201)
+        url = f"{str(request.base_url).rstrip('/')}/templates/{template_id}/files/{hash}/upload"
+        return JSONResponse({"present": False, "url": f"{url}?token={_token(template_id, hash)}"}, status_code=201)
+
+    async def upload(request: Request, template_id: str, hash: str) -> Response:
+        """The signed upload link (the SDK PUTs without its API key, as to S3)."""
+        token = request.query_params.get("token", "")
+        if not (_HASH.match(hash) and hmac.compare_digest(token.encode(), _token(template_id, hash).encode())):
+            raise ApiError(401, "invalid or missing upload token: ask GET /templates/{id}/files/{hash} for a link")
+        final = builds.upload_path(hash)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{hash}.{secrets.token_hex(4)}.tmp")
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+                    out.write(chunk)
+            os.replace(tmp, final)  # the hash is checked against the COPY step when the build starts
+        finally:
+            tmp.unlink(missing_ok=True)
+        return Response(status_code=200)
 
     def _shape(name: str) -> dict[str, Any]:
         record = read_record(templates_dir, name)
@@ -154,6 +194,14 @@ def build_template_router(
         "/templates/{template_id}/builds/{build_id}/status", build_status, methods=["GET"], summary="Build status, logs"
     )
     router.add_api_route(
-        "/templates/{template_id}/files/{hash}", upload_link, methods=["GET"], summary="Upload link (COPY: refused)"
+        "/templates/{template_id}/files/{hash}",
+        upload_link,
+        methods=["GET"],
+        status_code=201,
+        summary="Upload link for COPY files",
     )
-    return router
+    outer.include_router(router)
+    outer.add_api_route(
+        "/templates/{template_id}/files/{hash}/upload", upload, methods=["PUT"], summary="Signed upload (token)"
+    )
+    return outer

@@ -9,10 +9,16 @@ failed build leaves the previous build of that name working.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
+import os
+import re
 import shlex
+import stat
+import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -21,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TemplateBuildError, TemplateNotFound
-from .hostconfig import HostConfig, read_host_config
+from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .rootfs import remove_tree, run_in_rootfs
 from .store import layers_dir, read_record, write_record
 
-STEP_TYPES = ("RUN", "ENV", "WORKDIR", "USER")
+STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
 # Made by `pmoves-e2b template build`: not replaceable through the API.
 BUILT_IN = frozenset({"base", "code-interpreter-v1", "desktop", "desktop-warm"})
 LAYER_FORMAT = "custom-1"
@@ -56,6 +63,7 @@ class Step:
     kind: str
     args: tuple[str, ...]
     force: bool
+    files_hash: str = ""
 
 
 def parse_steps(raw: Any) -> list[Step]:
@@ -69,21 +77,60 @@ def parse_steps(raw: Any) -> list[Step]:
             raise BuildRefused(f"step {index + 1} must be an object")
         kind = item.get("type")
         args = item.get("args") or []
-        if kind == "COPY":
-            raise BuildRefused(f"step {index + 1}: COPY is not supported by this server yet")
         if kind not in STEP_TYPES:
             raise BuildRefused(f"step {index + 1}: unknown step type {kind!r} (supported: {', '.join(STEP_TYPES)})")
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise BuildRefused(f"step {index + 1}: args must be a list of strings")
-        need = {"RUN": (1, 2), "WORKDIR": (1, 1), "USER": (1, 1)}.get(kind)
+        need = {"RUN": (1, 2), "COPY": (2, 4), "WORKDIR": (1, 1), "USER": (1, 1)}.get(kind)
         if need and not need[0] <= len(args) <= need[1]:
             raise BuildRefused(f"step {index + 1}: {kind} takes {need[0]}..{need[1]} arguments, got {len(args)}")
         if kind == "ENV" and (len(args) % 2 or not args):
             raise BuildRefused(f"step {index + 1}: ENV takes name/value pairs")
         if kind == "WORKDIR" and not args[0].startswith("/"):
             raise BuildRefused(f"step {index + 1}: WORKDIR must be an absolute path")
-        steps.append(Step(kind, tuple(args), bool(item.get("force"))))
+        files_hash = ""
+        if kind == "COPY":
+            files_hash = str(item.get("filesHash") or "")
+            if not _HASH.match(files_hash):
+                raise BuildRefused(f"step {index + 1}: COPY needs filesHash (64 hex digits)")
+            if os.path.isabs(args[0]) or ".." in Path(args[0]).parts:
+                raise BuildRefused(f"step {index + 1}: COPY source {args[0]!r} is outside the build context")
+            if len(args) > 3 and args[3] and not re.fullmatch(r"[0-7]{3,4}", args[3]):
+                raise BuildRefused(f"step {index + 1}: COPY mode {args[3]!r} is not an octal mode")
+        steps.append(Step(kind, tuple(args), bool(item.get("force")), files_hash))
     return steps
+
+
+def files_hash(archive: Path, src: str, dest: str) -> str:
+    """The SDK's ``calculate_files_hash``, recomputed from the uploaded archive."""
+    digest = hashlib.sha256(f"COPY {src} {dest}".encode())
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            kind = stat.S_IFDIR if member.isdir() else stat.S_IFLNK if member.issym() else stat.S_IFREG
+            digest.update(member.name.encode())
+            digest.update(str(kind | member.mode).encode())
+            if member.issym():
+                digest.update(str(len(member.linkname.encode())).encode())
+                digest.update(member.linkname.encode())
+                continue
+            if not member.isdir():
+                digest.update(str(member.size).encode())
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    while chunk := handle.read(1 << 20):
+                        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_archive(archive: Path) -> None:
+    """Members stay inside the context: relative paths without '..', no links pointing out."""
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            name = Path(member.name)
+            if name.is_absolute() or ".." in name.parts:
+                raise BuildRefused(f"uploaded files: {member.name!r} is outside the build context")
+            if member.islnk() or member.isdev():
+                raise BuildRefused(f"uploaded files: {member.name!r} is a hard link or device")
 
 
 class CustomBuilds:
@@ -94,6 +141,9 @@ class CustomBuilds:
         self._host = host
         self.builds: dict[str, BuildState] = {}
         self._lock = threading.Lock()  # one build at a time: they share the layers dir
+
+    def upload_path(self, digest: str) -> Path:
+        return self.templates_dir / "uploads" / f"{digest}.tar"
 
     def request(self, name: str, cpu_count: float, memory_mb: int) -> BuildState:
         if name in BUILT_IN:
@@ -123,6 +173,19 @@ class CustomBuilds:
         except TemplateNotFound:
             raise BuildRefused(f"fromTemplate '{parent}' is not a built template") from None
         steps = parse_steps(body.get("steps"))
+        for index, step in enumerate(steps, start=1):
+            if step.kind != "COPY":
+                continue
+            archive = self.upload_path(step.files_hash)
+            if not archive.is_file():
+                raise BuildRefused(f"step {index}: the files of COPY {step.args[0]} were not uploaded")
+            try:
+                check_archive(archive)
+                actual = files_hash(archive, step.args[0], step.args[1])
+            except (tarfile.TarError, OSError) as exc:
+                raise BuildRefused(f"step {index}: the uploaded files are not a tar archive: {exc}") from None
+            if actual != step.files_hash:
+                raise BuildRefused(f"step {index}: file hash mismatch for COPY {step.args[0]} (uploaded files differ)")
         state.status = "building"
         threading.Thread(
             target=self._run, args=(state, parent_record, steps, bool(body.get("force"))), daemon=True
@@ -154,13 +217,13 @@ class CustomBuilds:
                 workdir = step.args[0]
             elif step.kind == "USER":
                 user = step.args[0]
-            if step.kind != "RUN":
+            if step.kind not in ("RUN", "COPY"):
                 state.log(title)
                 continue
-            run_as = step.args[1] if len(step.args) > 1 else user
-            digest = hashlib.sha256(
-                json.dumps([LAYER_FORMAT, layers[0], step.args[0], run_as, workdir, env]).encode()
-            ).hexdigest()[:16]
+            user_arg = 1 if step.kind == "RUN" else 2  # RUN cmd [user]; COPY src dest [user [mode]]
+            run_as = step.args[user_arg] if len(step.args) > user_arg and step.args[user_arg] else user
+            inputs = [LAYER_FORMAT, layers[0], step.kind, *step.args, step.files_hash, run_as, workdir, env]
+            digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
             lid = f"custom-{digest}"
             final = root / lid
             if final.is_dir() and not (force or step.force):
@@ -168,9 +231,11 @@ class CustomBuilds:
                 layers.insert(0, lid)
                 continue
             state.log(title)
-            size += self._run_layer(
-                state, final, [root / layer for layer in layers], step.args[0], run_as, workdir, env, host
-            )
+            lowers = [root / layer for layer in layers]
+            if step.kind == "RUN":
+                size += self._run_layer(state, final, lowers, step.args[0], run_as, workdir, env, host)
+            else:
+                size += self._copy_layer(state, final, lowers, step, run_as, workdir, host)
             layers.insert(0, lid)
         write_record(
             self.templates_dir,
@@ -240,3 +305,41 @@ class CustomBuilds:
         tmp.rename(final)
         state.log(f"layer {final.name} built in {time.monotonic() - started:.1f} s")
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
+
+    def _copy_layer(
+        self, state: BuildState, final: Path, lowers: list[Path], step: Step, user: str, workdir: str, host: HostConfig
+    ) -> int:
+        """COPY: the uploaded files, unpacked on the host, copied in by root inside the rootfs (so
+        owners resolve against the rootfs's users), then owned by ``user`` with the step's mode."""
+        src, dest = step.args[0], step.args[1]
+        mode = step.args[3] if len(step.args) > 3 else ""
+        with tempfile.TemporaryDirectory(prefix="pmoves-copy-") as scratch:
+            staging = Path(scratch) / "files"
+            staging.mkdir()
+            with tarfile.open(self.upload_path(step.files_hash), "r:*") as tar:
+                tar.extractall(staging, filter="data")
+            # Docker's rule: a directory's contents go into dest; a file goes into dest/ or becomes dest.
+            base = staging / src
+            inside = f"{HOST_MOUNT_PREFIX}{staging}"
+            q = shlex.quote
+            target = dest if dest.startswith("/") else f"{workdir}/{dest}"
+            if base.is_dir():
+                script = f"mkdir -p {q(target)} && cp -rP {q(f'{inside}/{src}/.')} {q(target)}"
+                owned = [f"{target.rstrip('/')}/{p.name}" for p in base.iterdir()]
+            else:
+                files = sorted(p for p in staging.rglob("*") if p.is_file() or p.is_symlink())
+                if target.endswith("/") or len(files) > 1:
+                    sources = " ".join(q(f"{inside}/{f.relative_to(staging)}") for f in files)
+                    script = f"mkdir -p {q(target)} && cp -P {sources} {q(target)}"
+                    owned = [f"{target.rstrip('/')}/{f.name}" for f in files]
+                else:
+                    parent = os.path.dirname(target) or "/"
+                    script = f"mkdir -p {q(parent)} && cp -P {q(f'{inside}/{src}')} {q(target)}"
+                    owned = [target]
+            if owned:
+                paths = " ".join(q(p) for p in owned)
+                script += f' && chown -hR {q(user)}:"$(id -gn {q(user)})" {paths}'
+                if mode:
+                    script += f" && chmod -R {q(mode)} {paths}"
+            staged = dataclasses.replace(host, host_paths=(*host.host_paths, str(staging)))
+            return self._run_layer(state, final, lowers, script, "root", "/", {}, staged)
