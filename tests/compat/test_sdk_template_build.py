@@ -144,3 +144,23 @@ def test_copy_with_tampered_upload_is_refused(own_templates: Path, tmp_path: Pat
     assert (
         httpx.put(f"{__import__('os').environ['E2B_API_URL']}/templates/x/files/{'0' * 64}/upload").status_code == 401
     )
+
+
+def test_start_command_runs_at_create_and_create_waits_for_the_ready_command(own_templates: Path) -> None:
+    from e2b import wait_for_file
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    template = (
+        Template()
+        .from_template("base")
+        .set_start_cmd(
+            "sleep 2; echo started-by-$(whoami) > /tmp/ready-marker; sleep infinity", wait_for_file("/tmp/ready-marker")
+        )
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        # Create returned only once the ready command succeeded: the marker is there at once.
+        assert sandbox.files.read("/tmp/ready-marker").strip() == "started-by-user"
+    finally:
+        sandbox.kill()

@@ -86,6 +86,48 @@ class EnvdClient:
                         return int(start.get("pid", 0))
         raise BackendError(f"envd closed the Start stream for {cmd!r} without a start event")
 
+    async def wait_command_ok(self, address: str, cmd: str, user: str, timeout_s: float) -> None:
+        """Run ``cmd`` (bash) as ``user`` until it exits 0 (a template's ready command)."""
+        last = "never ran"
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    code = await self._run_to_exit(address, cmd, user)
+                    if code == 0:
+                        return
+                    last = f"exit {code}"
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            raise BackendError(f"ready command {cmd!r} did not succeed in {timeout_s:.0f} s (last: {last})") from None
+
+    async def _run_to_exit(self, address: str, cmd: str, user: str) -> int:
+        message = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {}}, "stdin": False}
+        payload = json.dumps(message).encode()
+        headers = {
+            "Content-Type": _CONNECT_JSON,
+            "Connect-Protocol-Version": "1",
+            "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
+        }
+        url = f"http://{address}:{ENVD_PORT}/process.Process/Start"
+        body = struct.pack(">BI", 0, len(payload)) + payload
+        async with self._http.stream("POST", url, content=body, headers=headers, timeout=None) as res:
+            if res.status_code != 200:
+                raise BackendError(f"envd Start answered {res.status_code}: {(await res.aread())[:200]!r}")
+            buf = b""
+            async for chunk in res.aiter_bytes():
+                buf += chunk
+                while len(buf) >= 5:
+                    flags, size = struct.unpack(">BI", buf[:5])
+                    if len(buf) < 5 + size:
+                        break
+                    frame, buf = json.loads(buf[5 : 5 + size] or b"{}"), buf[5 + size :]
+                    if flags & 0x02:
+                        raise BackendError(f"envd refused to run {cmd!r}: {frame.get('error')}")
+                    end = frame.get("event", {}).get("end")
+                    if end is not None:
+                        return int(end.get("exitCode", 0))  # proto3 JSON leaves out a zero
+        raise BackendError(f"envd closed the stream of {cmd!r} without its exit")
+
     async def listening(self, address: str, timeout_s: float = 2.0) -> bool | None:
         """True when envd accepts a connection; False when the sandbox refuses it (nothing listens
         on envd's port: envd is gone); None when there is no answer in time (busy, not dead)."""

@@ -409,6 +409,8 @@ class SandboxManager:
             await self.envd.start_background(handle.address, None, template.start_cmd, template.start_user)
         if template.ready_port:
             await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
+        if template.ready_cmd:  # custom templates (E2B's set_start_cmd(start, ready))
+            await self.envd.wait_command_ok(handle.address, template.ready_cmd, template.start_user, READY_TIMEOUT_S)
 
     async def _ready_or_destroyed(self, handle: SandboxHandle, ready: Awaitable[None]) -> None:
         try:

@@ -25,6 +25,8 @@ class TemplateRuntime:
     start_cmd: str = ""
     # Port that must answer HTTP GET /health before the sandbox counts as ready (0 = none).
     ready_port: int = 0
+    # Bash that must exit 0 (retried) before the sandbox counts as ready ("" = none).
+    ready_cmd: str = ""
     user: str = "user"
     start_user: str = ""  # who runs start_cmd; empty: ``user``
     workdir: str = "/home/user"

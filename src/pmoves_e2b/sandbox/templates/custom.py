@@ -52,6 +52,8 @@ class BuildState:
     entries: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     step: str = ""
+    start_cmd: str = ""
+    ready_cmd: str = ""
 
     def log(self, message: str, level: str = "info") -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat()
@@ -162,7 +164,7 @@ class CustomBuilds:
         """Validate the whole request first (nothing is written for a refused one), then build in a thread."""
         if state.status != "waiting":
             raise BuildRefused(f"build '{state.build_id}' was already started")
-        for unsupported in ("fromImage", "fromImageRegistry", "readyCmd", "startCmd"):
+        for unsupported in ("fromImage", "fromImageRegistry"):
             if body.get(unsupported):
                 raise BuildRefused(f"{unsupported} is not supported by this server yet; use fromTemplate")
         parent = body.get("fromTemplate")
@@ -173,6 +175,10 @@ class CustomBuilds:
         except TemplateNotFound:
             raise BuildRefused(f"fromTemplate '{parent}' is not a built template") from None
         steps = parse_steps(body.get("steps"))
+        start_cmd, ready_cmd = body.get("startCmd") or "", body.get("readyCmd") or ""
+        if not isinstance(start_cmd, str) or not isinstance(ready_cmd, str):
+            raise BuildRefused("startCmd and readyCmd must be strings")
+        state.start_cmd, state.ready_cmd = start_cmd, ready_cmd
         for index, step in enumerate(steps, start=1):
             if step.kind != "COPY":
                 continue
@@ -246,6 +252,10 @@ class CustomBuilds:
                 "layers": layers,
                 "user": user,
                 "workdir": workdir,
+                # set_start_cmd: runs as the last USER at sandbox start; create returns once readyCmd exits 0.
+                "start_user": user if state.start_cmd else parent.get("start_user", ""),
+                "start_cmd": state.start_cmd or parent.get("start_cmd", ""),
+                "ready_cmd": state.ready_cmd if state.start_cmd else parent.get("ready_cmd", ""),
                 "memory_mb": state.memory_mb or parent.get("memory_mb", 0),
                 "cpu_count": state.cpu_count or parent.get("cpu_count", 0),
                 "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
