@@ -164,3 +164,23 @@ def test_start_command_runs_at_create_and_create_waits_for_the_ready_command(own
         assert sandbox.files.read("/tmp/ready-marker").strip() == "started-by-user"
     finally:
         sandbox.kill()
+
+
+def test_delete_is_refused_while_in_use_and_for_built_ins(own_templates: Path) -> None:
+    import os
+
+    import httpx
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_template("base").run_cmd("true"), name)
+    url, key = os.environ["E2B_API_URL"], {"X-API-KEY": os.environ["E2B_API_KEY"]}
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        refused = httpx.delete(f"{url}/templates/{name}", headers=key)
+        assert refused.status_code == 409, refused.text
+    finally:
+        sandbox.kill()
+    assert httpx.delete(f"{url}/templates/base", headers=key).status_code == 400
+    assert httpx.delete(f"{url}/templates/{name}", headers=key).status_code == 204
+    assert Template.exists(name) is False
+    assert httpx.delete(f"{url}/templates/{name}", headers=key).status_code == 404

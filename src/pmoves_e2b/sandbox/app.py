@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> Any:
                 settings.e2b_sandbox_memory_mb,
                 settings.e2b_sandbox_cpu_limit,
                 settings.e2b_sandbox_disk_mb,
+                in_use=lambda name: any(r.template_id == name for r in manager.list_rows()),
             ),
         ],
         lifespan=lifespan,

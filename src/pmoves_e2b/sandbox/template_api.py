@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.request_guard import MAX_REQUEST_BODY_BYTES
 from pmoves_e2b.sandbox.api import parse_body
 from pmoves_e2b.sandbox.errors import ApiError
-from pmoves_e2b.sandbox.templates.custom import BuildRefused, CustomBuilds
-from pmoves_e2b.sandbox.templates.store import list_templates, read_record
+from pmoves_e2b.sandbox.templates.custom import BUILT_IN, BuildRefused, CustomBuilds
+from pmoves_e2b.sandbox.templates.store import list_templates, read_record, template_record_path
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 MAX_UPLOAD_BYTES = MAX_REQUEST_BODY_BYTES  # every service refuses larger bodies (request_guard)
@@ -45,7 +46,12 @@ def _iso(value: str | None) -> str:
 
 
 def build_template_router(
-    authenticate: Any, templates_dir: Path, memory_mb: int, cpu_count: float, disk_mb: int
+    authenticate: Any,
+    templates_dir: Path,
+    memory_mb: int,
+    cpu_count: float,
+    disk_mb: int,
+    in_use: Callable[[str], bool] = lambda name: False,
 ) -> APIRouter:
     """``authenticate(request)`` is the control plane's API-key check (raises 401)."""
 
@@ -180,12 +186,28 @@ def build_template_router(
             raise ApiError(404, f"template alias '{alias}' not found")
         return JSONResponse({"templateID": alias, "public": True})
 
+    async def delete(template_id: str) -> Response:
+        if not _ALIAS.match(template_id):
+            raise ApiError(400, f"invalid template name {template_id!r}")
+        if template_id in BUILT_IN:
+            raise ApiError(400, f"template '{template_id}' is built in; it cannot be deleted through the API")
+        path = template_record_path(templates_dir, template_id)
+        if not path.is_file():
+            raise ApiError(404, f"template '{template_id}' not found")
+        if await asyncio.to_thread(in_use, template_id):
+            raise ApiError(409, f"template '{template_id}' has running or paused sandboxes; kill them first")
+        path.unlink()  # its layers stay for `pmoves-e2b template prune` (cached for a rebuild)
+        return Response(status_code=204)
+
     async def listed() -> JSONResponse:
         images = await asyncio.to_thread(list_templates, templates_dir)
         return JSONResponse([_shape(t.name) for t in images])
 
     router.add_api_route("/templates/aliases/{alias}", alias, methods=["GET"], summary="Does a template alias exist")
     router.add_api_route("/templates", listed, methods=["GET"], summary="List built templates")
+    router.add_api_route(
+        "/templates/{template_id}", delete, methods=["DELETE"], status_code=204, summary="Delete a custom template"
+    )
     router.add_api_route("/v3/templates", request_build, methods=["POST"], status_code=202, summary="Request a build")
     router.add_api_route(
         "/v2/templates/{template_id}/builds/{build_id}", start_build, methods=["POST"], summary="Start a build"
