@@ -1,0 +1,108 @@
+"""Custom templates built through E2B's build API with the stock SDK (issue 15).
+
+Starts its own stack on a private templates dir (the shared built-in layers linked in, so builds
+write only there). Measures: a small template on base built cold (a fresh marker, nothing cached)
+vs rebuilt with every step cached; the bytes its layers add; create+kill from the custom template
+vs from `base` in the same run (both with the warm pool off, and `base` with the pool on as the
+baseline users see today; custom templates are not pooled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from measure import pct, timed  # noqa: E402
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+
+from pmoves_e2b.config import SHARED_TEMPLATES_DIR  # noqa: E402
+
+
+def private_templates(shared: Path) -> Path:
+    root = Path(tempfile.mkdtemp(prefix="pmoves-bench-templates-"))
+    (root / "layers").mkdir()
+    for layer in (shared / "layers").iterdir():
+        if layer.is_dir() and not layer.name.startswith("."):
+            (root / "layers" / layer.name).symlink_to(layer)
+    for record in shared.glob("*.json"):
+        (root / record.name).write_text(record.read_text())
+    return root
+
+
+def custom_layer_bytes(root: Path) -> int:
+    layers = [str(p) for p in (root / "layers").glob("custom-*") if p.is_dir() and not p.is_symlink()]
+    if not layers:
+        return 0
+    out = subprocess.run(["du", "-scb", *layers], capture_output=True, text=True, check=True).stdout
+    return int(out.splitlines()[-1].split()[0])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=8, help="creates per row")
+    args = parser.parse_args()
+    from e2b import Sandbox, Template
+
+    templates = private_templates(Path(os.environ.get("E2B_TEMPLATES_DIR", SHARED_TEMPLATES_DIR)))
+    rows: list[tuple[str, str]] = []
+    for pool in ("0", "1"):
+        stack = make_stack({"E2B_TEMPLATES_DIR": str(templates), "E2B_POOL_SIZE": pool})
+        try:
+            stack.up()
+            os.environ.update(stack.sdk_env)
+            if pool == "0":
+                name = f"bench-{uuid.uuid4().hex[:8]}"
+                template = (
+                    Template()
+                    .from_template("base")
+                    .set_envs({"MARKER": name})
+                    .run_cmd("echo $MARKER > /etc/bench-marker && mkdir -p /opt/bench", user="root")
+                    .run_cmd("python3 -c 'print(1)' > /home/user/one.txt")
+                )
+                started = time.monotonic()
+                Template.build(template, name)
+                cold = time.monotonic() - started
+                started = time.monotonic()
+                Template.build(template, name)
+                cached = time.monotonic() - started
+                rows.append(("build cold (2 RUN steps on base)", f"{cold * 1000:.0f} ms"))
+                rows.append(("build all cached (baseline: cold)", f"{cached * 1000:.0f} ms  ratio {cached / cold:.3f}"))
+                rows.append(("bytes the custom layers add", f"{custom_layer_bytes(templates)}"))
+                for label, tpl in (
+                    ("create+kill custom, pool off", name),
+                    ("create+kill base, pool off (baseline)", "base"),
+                ):
+                    ms = timed(lambda tpl=tpl: Sandbox.create(template=tpl, timeout=60).kill(), args.runs, warmup=1)
+                    rows.append(
+                        (label, f"p50 {statistics.median(ms):.0f} ms  p95 {pct(ms, 0.95):.0f} ms  n={args.runs}")
+                    )
+            else:
+                time.sleep(3)  # let the pool fill
+                ms = timed(lambda: Sandbox.create(template="base", timeout=60).kill(), args.runs, warmup=1)
+                rows.append(
+                    (
+                        "create+kill base, pool on",
+                        f"p50 {statistics.median(ms):.0f} ms  p95 {pct(ms, 0.95):.0f} ms  n={args.runs}",
+                    )
+                )
+        finally:
+            stop_and_clean(stack)
+    shutil.rmtree(templates, ignore_errors=True)
+    for label, value in rows:
+        print(f"{label:45s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
