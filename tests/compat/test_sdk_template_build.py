@@ -184,3 +184,13 @@ def test_delete_is_refused_while_in_use_and_for_built_ins(own_templates: Path) -
     assert httpx.delete(f"{url}/templates/{name}", headers=key).status_code == 204
     assert Template.exists(name) is False
     assert httpx.delete(f"{url}/templates/{name}", headers=key).status_code == 404
+
+
+def test_from_base_image_builds_on_the_base_template(own_templates: Path) -> None:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_base_image().run_cmd("echo on-base > /home/user/b.txt"), name)
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        assert sandbox.files.read("/home/user/b.txt").strip() == "on-base"
+    finally:
+        sandbox.kill()

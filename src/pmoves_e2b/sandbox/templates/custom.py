@@ -36,6 +36,7 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 # Made by `pmoves-e2b template build`: not replaceable through the API.
 BUILT_IN = frozenset({"base", "code-interpreter-v1", "desktop", "desktop-warm"})
 LAYER_FORMAT = "custom-1"
+BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 
 
 class BuildRefused(ValueError):
@@ -164,10 +165,11 @@ class CustomBuilds:
         """Validate the whole request first (nothing is written for a refused one), then build in a thread."""
         if state.status != "waiting":
             raise BuildRefused(f"build '{state.build_id}' was already started")
-        for unsupported in ("fromImage", "fromImageRegistry"):
-            if body.get(unsupported):
-                raise BuildRefused(f"{unsupported} is not supported by this server yet; use fromTemplate")
         parent = body.get("fromTemplate")
+        if body.get("fromImage") in BASE_IMAGES and not parent and not body.get("fromImageRegistry"):
+            parent = "base"  # from_base_image(): our `base` template is E2B's base image's counterpart
+        elif body.get("fromImage") or body.get("fromImageRegistry"):
+            raise BuildRefused("fromImage is not supported by this server yet; use fromTemplate or from_base_image()")
         if not isinstance(parent, str) or not parent:
             raise BuildRefused("fromTemplate is required (the template to build on, e.g. 'base')")
         try:
