@@ -139,7 +139,7 @@ def bench_warm(creates: int) -> None:
         sdk: list[float] = []
         warm: list[float] = []
         cold: list[float] = []
-        black = 0
+        black = {"desktop-warm": 0, "desktop": 0}
         for _ in range(creates):
             ready("desktop")
             started = time.perf_counter()
@@ -156,12 +156,14 @@ def bench_warm(creates: int) -> None:
                 desktop_id = api.post("/desktops", json=body).json()["desktop_id"]
                 shot = api.get(f"/desktops/{desktop_id}/screenshot")
                 samples.append((time.perf_counter() - started) * 1000)
-                black += is_black(shot.content)
+                black[template] += is_black(shot.content)
+                Path(f"/tmp/bench-desktop-{template}.png").write_bytes(shot.content)
                 api.delete(f"/desktops/{desktop_id}")
         report_baseline("SDK Sandbox.create + screenshot() 1920x1080", sdk)
         report("REST create from a booted one + first shot", warm, sdk)
         report("REST create, booted on demand (1920x1081)", cold, sdk)
-        print(f"{'  first screenshots still black, REST':46s} {black:3d} of {2 * creates}", flush=True)
+        for template, count in black.items():
+            print(f"{'  first screenshots still black, ' + template:46s} {count:3d} of {creates}", flush=True)
     finally:
         stop_and_clean(stack)
 

@@ -81,7 +81,7 @@ X_START_S = 10  # the SDK's limits
 XFCE_START_S = 60
 XFCE_READY = "pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null"
 BACKDROP_DRAWN = f"xprop -display {DISPLAY} -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap"
-BACKDROP_S = 5  # a session set up to draw no backdrop is ready this long after its processes
+BACKDROP_S = 10  # a session set up to draw no backdrop is ready this long after its processes
 
 P = ParamSpec("P")
 R = TypeVar("R")

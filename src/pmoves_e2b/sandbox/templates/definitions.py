@@ -543,7 +543,7 @@ DESKTOP_BOOT = (
     "startxfce4 >/dev/null 2>&1 & "
     "until pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null; "
     "do sleep 0.05; done; "
-    "for i in $(seq 100); do xprop -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap && break; sleep 0.05; done; "
+    "for i in $(seq 200); do xprop -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap && break; sleep 0.05; done; "
     'printf %s "$READY" | python3 - ; '
     # This command lives as long as Xvfb, so e2b-desktop's watcher waits on it as on the SDK's Xvfb.
     "wait $x"
