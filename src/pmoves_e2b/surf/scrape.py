@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urldefrag, urlsplit
 
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page
+from playwright.async_api import Page, Response
 
 from pmoves_e2b.surf.extract import Extracted, extract
 from pmoves_e2b.surf.robots import HostPace, Robots, origin_of
@@ -59,7 +59,8 @@ class Scraper:
     async def _fetch_robots(self, url: str) -> tuple[int | None, str]:
         """robots.txt through the browser (its network, its proxy settings, nothing of ours); not paced."""
         try:
-            response = await self.ctx.page.goto(url, wait_until="load", timeout=self._nav_timeout_ms())
+            # Its answer is all we need: no waiting for the browser to render the text as a page.
+            response = await self.ctx.page.goto(url, wait_until="commit", timeout=self._nav_timeout_ms())
             if response is None:
                 return None, ""
             return response.status, await response.text()
@@ -78,8 +79,13 @@ class Scraper:
                 await self._skip(url, depth, rules.why)
                 continue
             await self.pace.wait(url, rules.crawl_delay(), sleep=self.ctx.sleep)
-            await self.ctx.record_step("visit", {"url": url, "depth": depth})
-            links = await self._visit(url, depth)
+            # The visit step is stored while the page loads (it is recorded before the page).
+            visit = asyncio.ensure_future(self.ctx.record_step("visit", {"url": url, "depth": depth}))
+            try:
+                links = await self._visit(url, depth, visit)
+            finally:
+                if not visit.done():
+                    await asyncio.gather(visit, return_exceptions=True)
             depth_reached = max(depth_reached, depth)
             if not (self.request.follow_links and depth < self.request.depth):
                 continue
@@ -105,8 +111,8 @@ class Scraper:
         self.skipped.append({"url": url, "reason": reason})
         await self.ctx.record_step("skip", {"url": url, "depth": depth, "reason": reason})
 
-    async def _visit(self, url: str, depth: int) -> list[str]:
-        """Load and record one page; answers its links (to follow)."""
+    async def _visit(self, url: str, depth: int, visit: asyncio.Future[Any]) -> list[str]:
+        """Load and record one page (after its ``visit`` step); answers its links (to follow)."""
         page = self.ctx.page
         index = self.loaded + self.failed
         try:
@@ -114,6 +120,7 @@ class Scraper:
         except PlaywrightError as exc:
             self.pace.done(url)
             self.failed += 1
+            await visit
             await self.ctx.record_page(url, {"depth": depth, "error": {"code": "load_failed", "message": _short(exc)}})
             return []
         self.pace.done(url)
@@ -123,8 +130,7 @@ class Scraper:
         # The screenshot is taken while the page's HTML is read and extracted (the cold path's page part).
         shooting = asyncio.ensure_future(_screenshot(page)) if "screenshot" in formats else None
         try:
-            content_type = (await response.header_value("content-type") or "") if response else ""
-            html = await page.content()
+            content_type, html = await asyncio.gather(_content_type(response), page.content())
             extracted: Extracted = await asyncio.to_thread(
                 extract, html, page.url, self.request.extract_content and ("html" in content_type or not content_type)
             )
@@ -150,8 +156,13 @@ class Scraper:
             else:
                 data["screenshot_error"] = png
         self.loaded += 1
+        await visit
         await self.ctx.record_page(url, data)
         return [link["url"] for link in extracted.links if urlsplit(link["url"]).scheme in ("http", "https")]
+
+
+async def _content_type(response: Response | None) -> str:
+    return (await response.header_value("content-type") or "") if response else ""
 
 
 async def _screenshot(page: Page) -> bytes | str:
