@@ -20,6 +20,7 @@ from isolation.ns_harness import (
     Sandboxes,
     fake_internet_netns,
     listening_socket_in_netns,
+    sandboxes_for_test,
 )
 from leakcheck import ns_leftovers
 
@@ -75,18 +76,7 @@ def ns_backend(runtime_dir: Path) -> Iterator[NsBackend]:
 
 @pytest.fixture()
 def sandboxes(ns_backend: NsBackend, test_template: TemplateImage) -> Iterator[Sandboxes]:
-    box = Sandboxes(ns_backend, test_template)
-    yield box
-    for handle in box.handles:
-        asyncio.run(ns_backend.destroy(handle))
-    left = ns_leftovers(
-        ns_backend.runtime_dir,
-        ns_backend.cgroup_parent_name,
-        ID_PREFIX,
-        box.slots,
-        peer_roots=(ns_backend.launch_root,),
-    )
-    assert not left, f"left behind after the test: {left}"
+    yield from sandboxes_for_test(ns_backend, test_template)
 
 
 @pytest.fixture()

@@ -18,10 +18,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from leakcheck import ns_leftovers
+
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, SandboxHandle, SandboxSpec, TemplateImage
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 
 ID_PREFIX = f"it{os.getpid()}"
+
+
+def sandboxes_for_test(backend: NsBackend, template: TemplateImage) -> Iterator[Sandboxes]:
+    """A fixture's body: the test's Sandboxes, destroyed afterwards, with nothing left behind."""
+    box = Sandboxes(backend, template)
+    yield box
+    for handle in box.handles:
+        asyncio.run(backend.destroy(handle))
+    left = ns_leftovers(
+        backend.runtime_dir, backend.cgroup_parent_name, ID_PREFIX, box.slots, peer_roots=(backend.launch_root,)
+    )
+    assert not left, f"left behind after the test: {left}"
 
 
 class Sandboxes:

@@ -8,7 +8,6 @@ its place, which the backend starts cold: a layer above envd's replaces the laun
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -18,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from isolation.ns_harness import ID_PREFIX, Sandboxes
-from leakcheck import ns_leftovers
+from isolation.ns_harness import Sandboxes, sandboxes_for_test
 
 from pmoves_e2b.envd import ENVD_PORT
 from pmoves_e2b.sandbox.backends.base import SandboxHandle, TemplateImage
@@ -36,18 +34,7 @@ NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 def envd_sandboxes(ns_backend: NsBackend, base_template: TemplateImage) -> Iterator[Sandboxes]:
     if ns_backend.zygotes is None or ns_backend.zygotes.layers_for(base_template.layers) is None:
         pytest.skip("the base template's envd layer predates zygotes; rebuild it (make templates)")
-    box = Sandboxes(ns_backend, base_template)
-    yield box
-    for handle in box.handles:
-        asyncio.run(ns_backend.destroy(handle))
-    left = ns_leftovers(
-        ns_backend.runtime_dir,
-        ns_backend.cgroup_parent_name,
-        ID_PREFIX,
-        box.slots,
-        peer_roots=(ns_backend.launch_root,),
-    )
-    assert not left, f"left behind after the test: {left}"
+    yield from sandboxes_for_test(ns_backend, base_template)
 
 
 def _envd_pids(handle: SandboxHandle) -> list[int]:

@@ -57,34 +57,8 @@ class EnvdClient:
             "tag": tag,
             "stdin": False,
         }
-        payload = json.dumps(message).encode()
-        headers = {
-            "Content-Type": _CONNECT_JSON,
-            "Connect-Protocol-Version": "1",
-            # Basic auth with an empty password selects the user, as the SDK does.
-            "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
-        }
-        if access_token:
-            headers["X-Access-Token"] = access_token
-        url = f"http://{address}:{ENVD_PORT}/process.Process/Start"
-        body = struct.pack(">BI", 0, len(payload)) + payload
-        async with self._http.stream("POST", url, content=body, headers=headers) as res:
-            if res.status_code != 200:
-                raise BackendError(f"envd Start answered {res.status_code}: {(await res.aread())[:200]!r}")
-            buf = b""
-            async for chunk in res.aiter_bytes():
-                buf += chunk
-                while len(buf) >= 5:
-                    flags, size = struct.unpack(">BI", buf[:5])
-                    if len(buf) < 5 + size:
-                        break
-                    frame, buf = json.loads(buf[5 : 5 + size] or b"{}"), buf[5 + size :]
-                    if flags & 0x02:
-                        raise BackendError(f"envd refused to start {cmd!r}: {frame.get('error')}")
-                    start = frame.get("event", {}).get("start")
-                    if start is not None:
-                        return int(start.get("pid", 0))
-        raise BackendError(f"envd closed the Start stream for {cmd!r} without a start event")
+        start = await self._process_event(address, access_token, user, message, "start", self._http.timeout)
+        return int(start.get("pid", 0))
 
     async def wait_command_ok(self, address: str, cmd: str, user: str, timeout_s: float) -> None:
         """Run ``cmd`` (bash) as ``user`` until it exits 0 (a template's ready command)."""
@@ -102,15 +76,33 @@ class EnvdClient:
 
     async def _run_to_exit(self, address: str, cmd: str, user: str) -> int:
         message = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {}}, "stdin": False}
+        end = await self._process_event(address, None, user, message, "end", None)
+        return int(end.get("exitCode", 0))  # proto3 JSON leaves out a zero
+
+    async def _process_event(
+        self,
+        address: str,
+        access_token: str | None,
+        user: str,
+        message: dict[str, Any],
+        kind: str,
+        timeout: httpx.Timeout | None,
+    ) -> dict[str, Any]:
+        """Call envd's process.Process/Start (Connect streaming, JSON) and return the first event
+        of ``kind`` ("start" or "end") from its stream; ``timeout`` None waits as long as the command runs."""
         payload = json.dumps(message).encode()
         headers = {
             "Content-Type": _CONNECT_JSON,
             "Connect-Protocol-Version": "1",
+            # Basic auth with an empty password selects the user, as the SDK does.
             "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
         }
+        if access_token:
+            headers["X-Access-Token"] = access_token
         url = f"http://{address}:{ENVD_PORT}/process.Process/Start"
         body = struct.pack(">BI", 0, len(payload)) + payload
-        async with self._http.stream("POST", url, content=body, headers=headers, timeout=None) as res:
+        cmd = message["process"]["args"][-1]
+        async with self._http.stream("POST", url, content=body, headers=headers, timeout=timeout) as res:
             if res.status_code != 200:
                 raise BackendError(f"envd Start answered {res.status_code}: {(await res.aread())[:200]!r}")
             buf = b""
@@ -123,10 +115,10 @@ class EnvdClient:
                     frame, buf = json.loads(buf[5 : 5 + size] or b"{}"), buf[5 + size :]
                     if flags & 0x02:
                         raise BackendError(f"envd refused to run {cmd!r}: {frame.get('error')}")
-                    end = frame.get("event", {}).get("end")
-                    if end is not None:
-                        return int(end.get("exitCode", 0))  # proto3 JSON leaves out a zero
-        raise BackendError(f"envd closed the stream of {cmd!r} without its exit")
+                    event = frame.get("event", {}).get(kind)
+                    if event is not None:
+                        return dict(event)
+        raise BackendError(f"envd closed the stream of {cmd!r} without its {kind} event")
 
     async def listening(self, address: str, timeout_s: float = 2.0) -> bool | None:
         """True when envd accepts a connection; False when the sandbox refuses it (nothing listens
