@@ -107,9 +107,14 @@ def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
         "the browser to show the page",
         timeout=90,
     )
-    shown = _shot(desktop)
+
+    # The title can arrive before Chromium's first paint (seen in CI): wait for the page on screen.
+    def page_drawn() -> Image.Image | None:
+        shot = _shot(desktop)
+        return shot if changed_fraction(before, shot) > 0.05 else None
+
+    shown = _wait(page_drawn, "the page to be drawn on the screen")
     save_shot("sdk-open.png", _png(shown))
-    assert changed_fraction(before, shown) > 0.05
     # and a URL served inside the sandbox
     desktop.files.write("/home/user/site/index.html", "<title>pmoves-url-check</title><h1>Served</h1>")
     server = desktop.commands.run("python3 -m http.server 8765 --directory /home/user/site", background=True)
