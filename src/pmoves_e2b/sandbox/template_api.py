@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import re
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,19 +23,27 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from pmoves_e2b.envd import ENVD_VERSION
-from pmoves_e2b.request_guard import MAX_REQUEST_BODY_BYTES
 from pmoves_e2b.sandbox.api import parse_body
 from pmoves_e2b.sandbox.errors import ApiError
-from pmoves_e2b.sandbox.templates.custom import BUILT_IN, BuildRefused, CustomBuilds
-from pmoves_e2b.sandbox.templates.store import list_templates, read_record, template_record_path
-
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-MAX_UPLOAD_BYTES = MAX_REQUEST_BODY_BYTES  # every service refuses larger bodies (request_guard)
-_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+from pmoves_e2b.sandbox.templates.custom import BUILT_IN, FILES_HASH, BuildRefused, CustomBuilds
+from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+from pmoves_e2b.sandbox.templates.store import (
+    TEMPLATE_NAME,
+    list_templates,
+    load_template,
+    read_record,
+    template_record_path,
+)
 
 
 class _Any(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _checked_name(name: object, what: str = "template name") -> str:
+    if not isinstance(name, str) or not TEMPLATE_NAME.match(name):
+        raise ApiError(400, f"invalid {what} {name!r}: use lowercase letters, digits, '.', '_' and '-' (max 63)")
+    return name
 
 
 def _iso(value: str | None) -> str:
@@ -69,11 +76,7 @@ def build_template_router(
 
     async def request_build(request: Request) -> JSONResponse:
         body = await body_of(request)
-        name = body.get("name") or body.get("alias")
-        if not isinstance(name, str) or not _ALIAS.match(name):
-            raise ApiError(
-                400, f"invalid template name {name!r}: use lowercase letters, digits, '.', '_' and '-' (max 63)"
-            )
+        name = _checked_name(body.get("name") or body.get("alias"))
         if body.get("tags"):
             raise ApiError(400, "template tags are not supported by this server yet")
         try:
@@ -123,10 +126,9 @@ def build_template_router(
         return hmac.new(upload_secret, f"{template_id}/{digest}".encode(), hashlib.sha256).hexdigest()
 
     async def upload_link(request: Request, template_id: str, hash: str) -> JSONResponse:
-        if not _HASH.match(hash):
+        if not FILES_HASH.match(hash):
             raise ApiError(400, "files hash must be 64 lowercase hex digits (sha256)")
-        if not _ALIAS.match(template_id):
-            raise ApiError(400, f"invalid template name {template_id!r}")
+        _checked_name(template_id)
         if builds.upload_path(hash).is_file():
             return JSONResponse({"present": True}, status_code=201)
         url = f"{str(request.base_url).rstrip('/')}/templates/{template_id}/files/{hash}/upload"
@@ -135,18 +137,14 @@ def build_template_router(
     async def upload(request: Request, template_id: str, hash: str) -> Response:
         """The signed upload link (the SDK PUTs without its API key, as to S3)."""
         token = request.query_params.get("token", "")
-        if not (_HASH.match(hash) and hmac.compare_digest(token.encode(), _token(template_id, hash).encode())):
+        if not (FILES_HASH.match(hash) and hmac.compare_digest(token.encode(), _token(template_id, hash).encode())):
             raise ApiError(401, "invalid or missing upload token: ask GET /templates/{id}/files/{hash} for a link")
         final = builds.upload_path(hash)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{hash}.{secrets.token_hex(4)}.tmp")
-        size = 0
         try:
-            with open(tmp, "wb") as out:
+            with open(tmp, "wb") as out:  # the request guard already refused a body over its limit (413)
                 async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD_BYTES:
-                        raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
                     out.write(chunk)
             os.replace(tmp, final)  # the hash is checked against the COPY step when the build starts
         finally:
@@ -177,18 +175,15 @@ def build_template_router(
         }
 
     async def alias(alias: str) -> JSONResponse:
-        if not _ALIAS.match(alias):
-            raise ApiError(
-                400, f"invalid template alias {alias!r}: use lowercase letters, digits, '.', '_' and '-' (max 63)"
-            )
-        names = {t.name for t in await asyncio.to_thread(list_templates, templates_dir)}
-        if alias not in names:
-            raise ApiError(404, f"template alias '{alias}' not found")
+        _checked_name(alias, "template alias")
+        try:
+            await asyncio.to_thread(load_template, alias, templates_dir)  # built and complete
+        except TemplateNotFound:
+            raise ApiError(404, f"template alias '{alias}' not found") from None
         return JSONResponse({"templateID": alias, "public": True})
 
     async def delete(template_id: str) -> Response:
-        if not _ALIAS.match(template_id):
-            raise ApiError(400, f"invalid template name {template_id!r}")
+        _checked_name(template_id)
         if template_id in BUILT_IN:
             raise ApiError(400, f"template '{template_id}' is built in; it cannot be deleted through the API")
         path = template_record_path(templates_dir, template_id)
@@ -200,8 +195,8 @@ def build_template_router(
         return Response(status_code=204)
 
     async def listed() -> JSONResponse:
-        images = await asyncio.to_thread(list_templates, templates_dir)
-        return JSONResponse([_shape(t.name) for t in images])
+        shapes = await asyncio.to_thread(lambda: [_shape(t.name) for t in list_templates(templates_dir)])
+        return JSONResponse(shapes)
 
     router.add_api_route("/templates/aliases/{alias}", alias, methods=["GET"], summary="Does a template alias exist")
     router.add_api_route("/templates", listed, methods=["GET"], summary="List built templates")

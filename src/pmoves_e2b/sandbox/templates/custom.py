@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .definitions import TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .rootfs import remove_tree, run_in_rootfs
 from .store import layers_dir, read_record, write_record
 
 STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+FILES_HASH = re.compile(r"^[0-9a-f]{64}$")  # the SDK's sha256 of a COPY step's files
 # Made by `pmoves-e2b template build`: not replaceable through the API.
-BUILT_IN = frozenset({"base", "code-interpreter-v1", "desktop", "desktop-warm"})
+BUILT_IN = frozenset(TEMPLATES)
 LAYER_FORMAT = "custom-1"
 BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 
@@ -94,7 +95,7 @@ def parse_steps(raw: Any) -> list[Step]:
         files_hash = ""
         if kind == "COPY":
             files_hash = str(item.get("filesHash") or "")
-            if not _HASH.match(files_hash):
+            if not FILES_HASH.match(files_hash):
                 raise BuildRefused(f"step {index + 1}: COPY needs filesHash (64 hex digits)")
             if os.path.isabs(args[0]) or ".." in Path(args[0]).parts:
                 raise BuildRefused(f"step {index + 1}: COPY source {args[0]!r} is outside the build context")

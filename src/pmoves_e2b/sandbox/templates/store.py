@@ -22,7 +22,7 @@ from typing import Any
 from ..backends.base import TemplateImage
 from .errors import TemplateNotFound
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # also a file name: no "/" or ".."
 
 
 def default_templates_dir() -> Path:
@@ -41,7 +41,7 @@ def template_record_path(templates_dir: Path, name: str) -> Path:
 
 
 def read_record(templates_dir: Path, name: str) -> dict[str, Any]:
-    if not _NAME.match(name):
+    if not TEMPLATE_NAME.match(name):
         raise TemplateNotFound(name, str(templates_dir))
     try:
         record: dict[str, Any] = json.loads(template_record_path(templates_dir, name).read_text())
