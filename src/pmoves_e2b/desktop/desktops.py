@@ -12,7 +12,7 @@ only by :mod:`pmoves_e2b.sdk.config`.
 
 A desktop is booted here with the very commands the SDK's ``create`` runs (same Xvfb line, same
 ``startxfce4``, same process checks, as ``user``), but each wait is one command polling inside
-the sandbox every ``BOOT_POLL_S`` instead of the SDK's client-side polls every 0.5 s, which cost
+the sandbox every ``desktop_boot.POLL_S`` instead of the SDK's client-side polls every 0.5 s, which cost
 up to half a second per step. The SDK calls XFCE ready when its processes exist, about 0.3 s
 before xfdesktop has drawn anything (a screenshot then is black); ours also waits for the drawn
 backdrop (``_XROOTPMAP_ID`` on the root window), so the first screenshot shows the desktop.
@@ -56,6 +56,17 @@ from pmoves_e2b.desktop.actions import (
     Wait,
 )
 from pmoves_e2b.desktop.keys import parse_keys
+from pmoves_e2b.desktop_boot import (
+    DISPLAY,
+    SESSION_READY,
+    SESSION_READY_S,
+    WARM_RESOLUTION,
+    WARM_TEMPLATE,
+    X_READY,
+    X_START_S,
+    until,
+    xvfb,
+)
 from pmoves_e2b.sdk.config import SdkConfig, sdk_config
 from pmoves_e2b.sdk.errors import Failure, classify
 
@@ -65,23 +76,12 @@ TYPE_CHUNK = 50  # characters per xdotool call
 KEYBOARD_TRIES = 4
 
 DESKTOP_TEMPLATE = "desktop"
-# Booted ahead by its start command (sandbox/templates/definitions.py), at this resolution only.
-WARM_TEMPLATE = "desktop-warm"
-WARM_RESOLUTION = (1920, 1080)
-DISPLAY = ":0"
 VNC_PORT = 5900
 STREAM_PORT = 6080  # noVNC's websockify inside the sandbox (the SDK's stream.start)
 MARKER = "pmoves_desktop"
 # xdotool types non-ASCII text only under a UTF-8 locale (C.UTF-8 is always in Debian's libc).
 DESKTOP_ENVS = {"LANG": "C.UTF-8"}
 SDK_THREADS = 16
-# Boot (the SDK's create, e2b-wire-protocol.md §10): Xvfb, then XFCE, each waited for in the sandbox.
-BOOT_POLL_S = 0.05
-X_START_S = 10  # the SDK's limits
-XFCE_START_S = 60
-XFCE_READY = "pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null"
-BACKDROP_DRAWN = f"xprop -display {DISPLAY} -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap"
-BACKDROP_S = 10  # a session set up to draw no backdrop is ready this long after its processes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -253,17 +253,14 @@ class DesktopOps:
 
     async def _booted(self, sandbox: DesktopSandbox, on_display: Callable[[str], Awaitable[None]] | None) -> None:
         """A desktop of WARM_TEMPLATE: set the SDK object as its create leaves it, run the caller's start."""
-        sandbox._display = DISPLAY
-        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
+        _as_sdk_create_leaves_it(sandbox)
         self._live[sandbox.sandbox_id] = _Live(sandbox)
         if on_display is None:
             return
         try:
             await on_display(sandbox.sandbox_id)
         except BaseException:
-            self._live.pop(sandbox.sandbox_id, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(AsyncSandbox.kill(sandbox.sandbox_id, **self.config.options()))
+            await self._remove_unbooted(sandbox.sandbox_id)
             raise
 
     async def _boot(
@@ -286,14 +283,17 @@ class DesktopOps:
             if hook is not None:
                 await hook
         except BaseException:
-            # As the SDK does: a desktop that did not boot is removed.
             if hook is not None:
                 hook.cancel()
                 await asyncio.gather(hook, return_exceptions=True)
-            self._live.pop(desktop_id, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(AsyncSandbox.kill(desktop_id, **self.config.options()))
+            await self._remove_unbooted(desktop_id)
             raise
+
+    async def _remove_unbooted(self, desktop_id: str) -> None:
+        """As the SDK does: a desktop that did not boot is removed (even when the create was cancelled)."""
+        self._live.pop(desktop_id, None)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(AsyncSandbox.kill(desktop_id, **self.config.options()))
 
     @staticmethod
     def _short_of(desktop: Desktop, memory_mb: int | None, cpu_count: float | None) -> str | None:
@@ -476,10 +476,8 @@ class DesktopOps:
         await self.get(desktop_id)
         async with self._translate(desktop_id):
             sandbox = await self._sdk(DesktopSandbox.connect, desktop_id, **self.config.options())
-        # The SDK sets these only in create(); a desktop made by another process (or before a
-        # restart) needs them to take screenshots and stream. Our desktops always use DISPLAY.
-        sandbox._display = DISPLAY
-        sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
+        # A desktop made by another process (or before a restart) needs them to take screenshots and stream.
+        _as_sdk_create_leaves_it(sandbox)
         return self._live.setdefault(desktop_id, _Live(sandbox))
 
     def _translate(self, desktop_id: str | None) -> _Translate:
@@ -514,14 +512,6 @@ def _new_sandbox(**create: Any) -> DesktopSandbox:
     return sandbox
 
 
-def _until(check: str, limit_s: int) -> str:
-    """A subshell: ``check`` every BOOT_POLL_S until it succeeds (exit 0) or ``limit_s`` passed (exit 1)."""
-    return (
-        f"(end=$(($(date +%s) + {limit_s} + 1)); until {check}; do "
-        f'[ "$(date +%s)" -ge "$end" ] && exit 1; sleep {BOOT_POLL_S}; done)'
-    )
-
-
 def _wait_in_sandbox(sandbox: DesktopSandbox, script: str, limit_s: int, what: str) -> None:
     try:
         sandbox.commands.run(script, timeout=limit_s + 10)
@@ -531,15 +521,14 @@ def _wait_in_sandbox(sandbox: DesktopSandbox, script: str, limit_s: int, what: s
 
 def _start_display(sandbox: DesktopSandbox, width: int, height: int) -> None:
     """Xvfb as the SDK starts it (e2b-wire-protocol.md §10), and the SDK object set as its create leaves it."""
+    sandbox.commands.run(xvfb(width, height), background=True, timeout=0).disconnect()
+    _wait_in_sandbox(sandbox, until(X_READY, X_START_S), X_START_S, "display (Xvfb)")
+    _as_sdk_create_leaves_it(sandbox)
+
+
+def _as_sdk_create_leaves_it(sandbox: DesktopSandbox) -> None:
+    """The SDK sets these only in its create(); our desktops always use DISPLAY."""
     sandbox._display = DISPLAY
-    sandbox.commands.run(
-        f"Xvfb {DISPLAY} -ac -screen 0 {width}x{height}x24 -retro -dpi 96 -nolisten tcp -nolisten unix",
-        background=True,
-        timeout=0,
-    ).disconnect()
-    _wait_in_sandbox(
-        sandbox, _until(f"xdpyinfo -display {DISPLAY} >/dev/null 2>&1", X_START_S), X_START_S, "display (Xvfb)"
-    )
     sandbox._Sandbox__vnc_server = _VNCServer(sandbox)
 
 
@@ -548,12 +537,7 @@ def _start_xfce(sandbox: DesktopSandbox, wait: bool) -> None:
     sandbox._last_xfce4_pid = str(handle.pid)
     handle.disconnect()
     if wait:
-        _wait_in_sandbox(
-            sandbox,
-            f"{_until(XFCE_READY, XFCE_START_S)} && {{ {_until(BACKDROP_DRAWN, BACKDROP_S)}; true; }}",
-            XFCE_START_S + BACKDROP_S,
-            "XFCE session",
-        )
+        _wait_in_sandbox(sandbox, SESSION_READY, SESSION_READY_S, "XFCE session")
 
 
 def _restart_stream(sandbox: DesktopSandbox) -> None:

@@ -22,7 +22,8 @@ from e2b import AsyncSandbox
 from e2b.sandbox.commands.command_handle import CommandExitException
 
 from pmoves_e2b.desktop import metrics
-from pmoves_e2b.desktop.desktops import X_START_S, Desktop, DesktopError, DesktopOps, utcnow
+from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, utcnow
+from pmoves_e2b.desktop_boot import X_START_S
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ Emit = Callable[[EndKind, Desktop, str], Awaitable[None]]
 # A desktop whose end time is this close when it vanishes ended by timeout.
 TIMEOUT_SLACK = timedelta(seconds=3)
 DISPLAY_POLL_S = 5.0
-# From the sandbox's start: longer than a create takes to start Xvfb (desktops.X_START_S is its limit).
+# From the sandbox's start: longer than a create takes to start Xvfb (desktop_boot.X_START_S is its limit).
 BOOT_GRACE = timedelta(seconds=X_START_S + 5)
 BOOT_POLL_S = 0.5
 

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from pmoves_e2b.config import Settings, get_settings
+from pmoves_e2b.desktop_boot import WARM_TEMPLATE
 from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent
 from pmoves_e2b.sandbox import metrics, tls
 from pmoves_e2b.sandbox.admission import BootGate
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> Any:
         ),
         events_written=lambda: _wake_outbox(app),
         pool_size=settings.e2b_pool_size,
-        pool_templates=POOLED_TEMPLATES + (("desktop-warm",) if settings.e2b_desktop_warm else ()),
+        pool_templates=POOLED_TEMPLATES + ((WARM_TEMPLATE,) if settings.e2b_desktop_warm else ()),
         pool_max=settings.e2b_pool_max,
         boot_gate=BootGate(
             settings.e2b_create_parallel or os.cpu_count() or 1,

@@ -19,6 +19,16 @@ import sys
 from pathlib import Path
 
 import pmoves_e2b
+from pmoves_e2b.desktop_boot import (
+    DISPLAY,
+    SESSION_READY,
+    WARM_RESOLUTION,
+    WARM_TEMPLATE,
+    X_READY,
+    X_START_S,
+    until,
+    xvfb,
+)
 
 from .errors import MissingHostTool
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
@@ -515,10 +525,9 @@ DESKTOP_CHECK = (
 
 # ---- desktop-warm: a desktop booted before anyone asks (E2B_DESKTOP_WARM) ------------------
 
-# The stock SDK's boot (e2b-wire-protocol.md §10) run by the template's start command, so the warm
-# pool keeps desktops whose XFCE is up and drawn. Xvfb's size is fixed here: e2b-desktop takes a
-# desktop from this template only for this resolution (E2B_DESKTOP_RESOLUTION's default).
-DESKTOP_WARM_RESOLUTION = "1920x1080"
+# The stock SDK's boot (desktop_boot.py) run by the template's start command, so the warm pool
+# keeps desktops whose XFCE is up and drawn. Xvfb's size is fixed: e2b-desktop takes a desktop
+# from this template only for WARM_RESOLUTION.
 DESKTOP_READY_PORT = 49982
 # Answers one GET /health (the boot's ready check) and exits: nothing stays listening.
 _READY_ONCE = (
@@ -537,13 +546,12 @@ _READY_ONCE = (
     "    s.handle_request()\n"
 )
 DESKTOP_BOOT = (
-    "export DISPLAY=:0 LANG=C.UTF-8; "
-    f"Xvfb :0 -ac -screen 0 {DESKTOP_WARM_RESOLUTION}x24 -retro -dpi 96 -nolisten tcp -nolisten unix & x=$!; "
-    "until xdpyinfo -display :0 >/dev/null 2>&1; do sleep 0.05; done; "
+    f"export DISPLAY={DISPLAY} LANG=C.UTF-8; "
+    f"{xvfb(*WARM_RESOLUTION)} & x=$!; "
+    # A boot that fails never answers the ready check: the pool drops the sandbox at its ready timeout.
+    f"{until(X_READY, X_START_S)} || exit 1; "
     "startxfce4 >/dev/null 2>&1 & "
-    "until pgrep -x xfce4-session >/dev/null && pgrep -x xfwm4 >/dev/null && pgrep -x xfdesktop >/dev/null; "
-    "do sleep 0.05; done; "
-    "for i in $(seq 200); do xprop -root _XROOTPMAP_ID 2>/dev/null | grep -q pixmap && break; sleep 0.05; done; "
+    f"{SESSION_READY} || exit 1; "
     'printf %s "$READY" | python3 - ; '
     # This command lives as long as Xvfb, so e2b-desktop's watcher waits on it as on the SDK's Xvfb.
     "wait $x"
@@ -571,8 +579,8 @@ TEMPLATES: dict[str, TemplateSpec] = {
         cpu_count=2,
         check=DESKTOP_CHECK,
     ),
-    "desktop-warm": TemplateSpec(
-        name="desktop-warm",
+    WARM_TEMPLATE: TemplateSpec(
+        name=WARM_TEMPLATE,
         layers=("desktop", "envd", "os"),
         memory_mb=4096,
         cpu_count=2,
