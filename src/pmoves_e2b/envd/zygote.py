@@ -117,12 +117,8 @@ def _enter(fds: list[int], seccomp: bytes, run_envd: Callable[[], None]) -> None
     for fd in (0, 1, 2):
         os.dup2(log if fd else os.open("/dev/null", os.O_RDONLY), fd)
     os.set_inheritable(alive, False)
-    keep = sorted({alive})
-    low = 3
-    for fd in keep:
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
+    os.closerange(3, alive)  # every fd but 0-2 and the alive pipe (the request's others are dup'ed or used)
+    os.closerange(alive + 1, 1 << 20)
     _set_capabilities(int(config["capabilities"]))
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
     _load_seccomp(seccomp)

@@ -67,17 +67,15 @@ ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--po
 LAUNCH_ROOTS = Path("/run/pmoves-e2b/roots")
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Docker's default set (0xa00405fb); everything else is dropped from the bounding set.
-CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
-    "CAP_SETFCAP",
-)  # fmt: skip
-CAPABILITY_NUMBERS = {
+# Docker's default set (0xa00405fb), by capability number; everything else is dropped from the bounding set.
+CAPABILITIES = {
     "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6,
     "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10, "CAP_SYS_CHROOT": 18, "CAP_AUDIT_WRITE": 29,
     "CAP_SETFCAP": 31,
 }  # fmt: skip
+CAPABILITY_MASK = sum(1 << number for number in CAPABILITIES.values())
+# envd's environment before its per-sandbox part (also the zygote's, which envd children inherit).
+SANDBOX_ENV = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
 # Runs (as host root, inside the netns) between nsenter and setpriv: join the four cgroups so that
 # bwrap and everything it starts are accounted from the first instruction, then lower rlimits
 # (root here lacks CAP_SYS_RESOURCE, so they can only be set on the way down).
@@ -123,9 +121,7 @@ class NsBackend:
         # envd forked from a per-template zygote (zygote.py) when the sandbox runs the stock envd
         self.zygotes: Zygotes | None = None
         if zygote and self.init_argv == ENVD_ARGV:
-            self.zygotes = Zygotes(
-                seccomp.bpf_pipe, ENVD_ARGV, {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
-            )
+            self.zygotes = Zygotes(seccomp.bpf_pipe, ENVD_ARGV, SANDBOX_ENV)
 
     # --- host setup -------------------------------------------------------------------------
 
@@ -342,9 +338,7 @@ class NsBackend:
             "--", *self.init_argv,
         ]  # fmt: skip
         envd_env = {
-            "PATH": SANDBOX_PATH,
-            "HOME": "/root",
-            "LANG": "C.UTF-8",
+            **SANDBOX_ENV,
             "ENVD_INIT_SECRET": spec.init_secret,
             "ENVD_PIDS_MAX": str(self.pids_max),
         }
@@ -415,7 +409,7 @@ class NsBackend:
                         "env": {**envd_env, "PWD": "/"},
                         "uid": uid_base,
                         "rlimits": {"RLIMIT_CORE": 0, "RLIMIT_NOFILE": nofile, "RLIMIT_NPROC": nproc},
-                        "capabilities": sum(1 << CAPABILITY_NUMBERS[cap] for cap in CAPABILITIES),
+                        "capabilities": CAPABILITY_MASK,
                     },
                 )
         finally:
