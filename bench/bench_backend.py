@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from measure import percentiles, timed
+from measure import bwrap_argv, percentiles, timed
 
 from pmoves_e2b.sandbox.backends.base import SandboxSpec
 from pmoves_e2b.sandbox.backends.ns import NsBackend
@@ -92,7 +92,7 @@ def main() -> None:
             cpu_count=1.0, disk_mb=256, allow_internet=False, init_secret=secrets.token_hex(16),
         )  # fmt: skip
 
-    bwrap = ["/usr/bin/bwrap", "--ro-bind", rootfs, "/", "--proc", "/proc", "--dev", "/dev", "--unshare-all"]
+    bwrap = bwrap_argv(rootfs)
     try:
         print(f"ns backend, template {args.template!r}, n={args.runs} (load {os.getloadavg()[0]:.2f})")
         print("baselines:")

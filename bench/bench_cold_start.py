@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from measure import bwrap_argv
+
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, SandboxSpec
 from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
@@ -115,17 +117,7 @@ def main() -> None:
     cold = NsBackend(work / "sandboxes", zygote=False)
     if forked.zygotes is None or forked.zygotes.layers_for(template.layers) is None:
         sys.exit(f"template {args.template!r} has no zygote-capable envd layer: rebuild it")
-    bwrap = [
-        "/usr/bin/bwrap",
-        "--ro-bind",
-        template.layers[-1],
-        "/",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--unshare-all",
-    ]
+    bwrap = bwrap_argv(template.layers[-1])
     try:
         print(f"cold sandbox, template {args.template!r}, n={args.runs} (load {os.getloadavg()[0]:.2f})")
         print("baselines:")

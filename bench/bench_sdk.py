@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import pct, timed  # noqa: E402
+from measure import bwrap_argv, pct, timed  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
 
 
@@ -65,21 +65,7 @@ def bwrap_true(runs: int) -> list[float]:
 
 
 def bwrap_python(runs: int) -> list[float]:
-    bwrap = shutil.which("bwrap") or "/usr/bin/bwrap"
-    argv = [
-        bwrap,
-        "--ro-bind",
-        "/",
-        "/",
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--unshare-all",
-        "/usr/bin/python3",
-        "-c",
-        "pass",
-    ]
+    argv = [*bwrap_argv("/"), "/usr/bin/python3", "-c", "pass"]
     return timed(lambda: subprocess.run(argv, check=True), runs)
 
 

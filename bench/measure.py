@@ -1,10 +1,15 @@
-"""Timing helpers every bench shares: samples in milliseconds, percentiles, interleaving."""
+"""Helpers every bench shares: samples in milliseconds, percentiles, interleaving, the bwrap baseline."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+
+
+def bwrap_argv(root: str) -> list[str]:
+    """bwrap with ``root`` read-only as / and every namespace unshared: the baseline sandbox."""
+    return ["/usr/bin/bwrap", "--ro-bind", root, "/", "--proc", "/proc", "--dev", "/dev", "--unshare-all"]
 
 
 def pct(values: list[float], q: float) -> float:
