@@ -280,6 +280,20 @@ def status() -> None:
         result = health_by_component[component]
         table.add_row(result.name, str(pid) if pid else "-", result.status, result.url)
     console.print(table)
+    _tiers_table(settings)
+
+
+def _tiers_table(settings: Settings) -> None:
+    """The isolation tiers this host can run (probed here, as e2b-sandbox does when it starts)."""
+    from pmoves_e2b.sandbox import tiers
+
+    table = Table(show_header=True, title=f"isolation tiers (default: {settings.e2b_isolation})")
+    for column in ("tier", "status", "what"):
+        table.add_column(column)
+    for tier in tiers.probe(settings.e2b_isolation_tiers):
+        status = "[green]available[/green]" if tier.available else f"[red]unavailable[/red]: {tier.reason}"
+        table.add_row(tier.name, status, tier.summary)
+    console.print(table)
 
 
 @app.command()

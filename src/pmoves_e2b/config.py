@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     e2b_create_queue_wait_sec: float = Field(20, gt=0)
     # envd forked into each sandbox from a pre-imported one per template (false: each starts its own)
     e2b_envd_zygote: bool = True
+    # Isolation tier of sandboxes whose template and create do not choose one (sandbox/tiers.py),
+    # and the tiers this service may use (comma-separated; empty: every tier this host can run).
+    e2b_isolation: str = Field("ns", pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    e2b_isolation_tiers: str = Field("", pattern=r"^[a-z0-9, -]*$")
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
     # Desktops booted ahead (template desktop-warm, 1920x1080, kept by the warm pool: E2B_POOL_SIZE).

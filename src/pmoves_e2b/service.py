@@ -138,13 +138,15 @@ def make_service_app(
     lifespan: Lifespan | None = None,
     title: str | None = None,
     error_body: ErrorBody = pmoves_error,
+    health_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """Build the FastAPI app of service ``name`` (key like "sandbox" or name like "e2b-sandbox").
 
     ``health_checks`` are added to the built-in NATS check (soft). ``lifespan`` runs inside the
     frame's lifespan, after the NATS connection was started and before it is closed.
     ``error_body(status, code, message)`` shapes the frame's own errors (oversized, too deeply
-    nested bodies) in the service's error format.
+    nested bodies) in the service's error format. ``health_extra()`` adds fields to the health
+    answer (e2b-sandbox: its isolation tiers).
     """
     service = service_info(name)
     started = time.monotonic()
@@ -191,6 +193,8 @@ def make_service_app(
 
     async def health(_: Request) -> JSONResponse:
         code, body = await health_report(service, started, checks)
+        if health_extra is not None:
+            body.update(health_extra())
         return JSONResponse(body, status_code=code, headers={"Cache-Control": "no-store"})
 
     for path in dict.fromkeys((service.health_path, PMOVES_HEALTH_PATH)):

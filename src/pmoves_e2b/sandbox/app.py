@@ -24,11 +24,11 @@ from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent
 from pmoves_e2b.sandbox import metrics, tls
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
-from pmoves_e2b.sandbox.backends.ns import NsBackend
 from pmoves_e2b.sandbox.errors import SignatureRefused
 from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.sandbox.template_api import build_template_router
+from pmoves_e2b.sandbox.tiers import TieredBackend, Tiers
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
@@ -55,10 +55,13 @@ def create_app(settings: Settings | None = None) -> Any:
     if not (settings.e2b_database_url and settings.e2b_templates_dir):  # derived by Settings
         raise RuntimeError("E2B_DATABASE_URL / E2B_TEMPLATES_DIR were not derived")
     db = Database(settings.e2b_database_url)
-    backend = NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
+    tiers = Tiers.from_settings(settings)
+    for status in tiers.statuses.values():
+        if not status.available:
+            log.info("isolation tier unavailable", extra={"tier": status.name, "reason": status.reason})
     manager = SandboxManager(
         db=db,
-        backend=backend,
+        backend=tiers,
         load_template=template_dir_loader(settings.e2b_templates_dir),
         limits=Limits(
             max_sandboxes=settings.e2b_max_sandboxes,
@@ -123,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Any:
         lifespan=lifespan,
         title="pmoves-e2b sandbox API (E2B-compatible)",
         error_body=e2b_error,
+        health_extra=lambda: {"isolation": tiers.report()},
     )
     install_error_handlers(app)
     app.state.manager = manager
@@ -204,8 +208,6 @@ def destroy_all_sandboxes(settings: Settings) -> int:
         raise RuntimeError("E2B_DATABASE_URL was not derived")
     db = Database(settings.e2b_database_url)
     try:
-        return asyncio.run(
-            lifecycle.destroy_all_sandboxes(db, NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes"))
-        )
+        return asyncio.run(lifecycle.destroy_all_sandboxes(db, TieredBackend(Tiers.from_settings(settings))))
     finally:
         db.close()

@@ -44,6 +44,7 @@ from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
 from pmoves_e2b.sandbox.pool import PoolSizes, WarmPool
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.store import load_template
+from pmoves_e2b.sandbox.tiers import METADATA_KEY, TieredBackend, Tiers
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 from pmoves_e2b.store.models import SandboxRow
@@ -109,7 +110,7 @@ class SandboxManager:
     def __init__(
         self,
         db: Database,
-        backend: Backend,
+        backend: Backend | Tiers,
         load_template: TemplateLoader,
         limits: Limits,
         events_written: EventsWritten = lambda: None,
@@ -122,7 +123,9 @@ class SandboxManager:
     ) -> None:
         self.db = db
         self.clock = clock  # wall clock of sandbox lifetimes (end_at, pause); tests pass a fake one
-        self.backend = backend
+        # One backend per isolation tier behind one dispatcher (a plain backend is the only tier).
+        self.tiers = backend if isinstance(backend, Tiers) else Tiers.single(backend)
+        self.backend: Backend = TieredBackend(self.tiers)
         self.load_template = load_template
         self.limits = limits
         self.events_written = events_written
@@ -136,7 +139,7 @@ class SandboxManager:
             PoolSizes(floor=pool_size, ceiling=pool_size if pool_max is None else pool_max),
             pool_templates,
             load_template,
-            lambda template: self._spec(new_sandbox_id(), template, True),
+            lambda template: self._spec(new_sandbox_id(), template, True, self.tiers.default_for(template.isolation)),
             lambda spec: self._boot(spec, self.boot_gate.refill),
             lambda handle: self._spawn(self._destroy_quietly(handle)),
             self._pool_room,
@@ -219,6 +222,7 @@ class SandboxManager:
     async def create(self, req: CreateRequest) -> SandboxRow:
         timeout_s = self._check_timeout(req.timeout_s if req.timeout_s is not None else DEFAULT_TIMEOUT_S)
         template = self._template(req.template_id)
+        tier = self.tiers.choose(req.metadata.get(METADATA_KEY), template.name, template.isolation)
         started = time.perf_counter()
         async with self._create_slots:
             # Count and reserve under one lock so concurrent creates cannot overshoot the limit.
@@ -233,11 +237,12 @@ class SandboxManager:
             self._reserved_mb += memory_mb
             reserved = True
         try:
-            pooled = self.pool.claim(template)
+            # Warm sandboxes run the template's default tier.
+            pooled = self.pool.claim(template) if tier == self.tiers.default_for(template.isolation) else None
             if pooled is not None:
                 handle, spec = pooled.handle, dataclasses.replace(pooled.spec, allow_internet=req.allow_internet)
             else:
-                spec = self._spec(new_sandbox_id(), template, req.allow_internet)
+                spec = self._spec(new_sandbox_id(), template, req.allow_internet, tier)
             access_token = secrets.token_urlsafe(24)
             try:
                 if pooled is None:
@@ -377,7 +382,7 @@ class SandboxManager:
             )
         return timeout_s
 
-    def _spec(self, sandbox_id: str, template: TemplateImage, allow_internet: bool) -> SandboxSpec:
+    def _spec(self, sandbox_id: str, template: TemplateImage, allow_internet: bool, tier: str) -> SandboxSpec:
         return SandboxSpec(
             sandbox_id=sandbox_id,
             template=template,
@@ -386,6 +391,7 @@ class SandboxManager:
             disk_mb=self.limits.disk_mb,
             allow_internet=allow_internet,
             init_secret=secrets.token_urlsafe(24),
+            isolation=tier,
         )
 
     async def _boot(

@@ -33,6 +33,8 @@ class TemplateRuntime:
     # Per-template resources; 0 means the service defaults (E2B_SANDBOX_MEMORY_MB / _CPU_LIMIT).
     memory_mb: int = 0
     cpu_count: float = 0
+    # Isolation tier of its sandboxes (sandbox/tiers.py); empty: the service's E2B_ISOLATION.
+    isolation: str = ""
 
     def __post_init__(self) -> None:
         if not self.start_user:
@@ -71,6 +73,8 @@ class SandboxSpec:
     allow_internet: bool = True
     # Secret envd requires on POST /init (so only the host can configure it).
     init_secret: str = ""
+    # The tier chosen for it (sandbox/tiers.py); empty: the service's default.
+    isolation: str = ""
 
 
 @dataclass
