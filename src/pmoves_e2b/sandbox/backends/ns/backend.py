@@ -572,7 +572,8 @@ class NsBackend:
         for address in addresses | egress:
             slot = network.slot_of_address(address)
             if slot is not None and slot not in owned:
-                network.forget(SandboxNet.for_slot(slot, "unowned"))
+                network.set_internet(SandboxNet.for_slot(slot, "unowned"), False)
+                network.clear_egress(SandboxNet.for_slot(slot, "unowned"))
 
     def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
         """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted
