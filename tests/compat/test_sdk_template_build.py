@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compat.private_templates import private_templates_stack
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
 
@@ -15,19 +16,9 @@ pytestmark = pytest.mark.stack
 
 @pytest.fixture()
 def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Any:
-    """A stack whose templates dir is private (built-in layers linked in), so builds write only there."""
-    shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
-    (tmp_path / "layers").mkdir()
-    for layer in (shared / "layers").iterdir():
-        if layer.is_dir() and not layer.name.startswith("."):
-            (tmp_path / "layers" / layer.name).symlink_to(layer)
-    for record in shared.glob("*.json"):
-        (tmp_path / record.name).write_text(record.read_text())
-    stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(tmp_path), "E2B_POOL_SIZE": "0"})
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in stack.sdk_env.items():
-            patch.setenv(name, value)
-        yield tmp_path
+    """A stack whose templates dir is private, so builds write only there."""
+    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (_, templates):
+        yield templates
 
 
 def test_build_on_base_runs_steps_caches_them_and_sandboxes_use_it(own_templates: Path) -> None:

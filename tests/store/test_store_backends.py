@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import OperationalError
 
-from pmoves_e2b.store import repo
+from pmoves_e2b.store import repo, template_builds
 from pmoves_e2b.store.db import MIGRATIONS_DIR, Database
 from pmoves_e2b.store.models import ApiKeyRow, IdempotencyRow, SandboxRow, TemplateRow
 
@@ -40,8 +40,9 @@ TABLES = {
     "surf_steps",
     "surf_pages",
     "event_outbox",
+    "template_builds",
 }
-HEAD = "0004"  # the newest migration
+HEAD = "0005"  # the newest migration
 NESTED = {
     "team": {"name": "ops", "tags": ["a", "b"], "limits": {"cpu": 1.5, "gpu": None}},
     "flags": [True, False, None, 0, -1, 3.25, "x"],
@@ -252,6 +253,33 @@ def test_idempotency_keys_are_replayed_overwritten_and_expire(db: Database) -> N
     assert repo.get_idempotent(db, "key_1", "req-1") is None
     with db.session() as s:
         assert s.get(IdempotencyRow, ("key_1", "req-1")) is None, "expired keys are deleted"
+
+
+def test_template_builds_round_trip_and_unfinished_ones_are_failed(db: Database) -> None:
+    entries = [{"timestamp": "2026-12-05T19:00:00+00:00", "level": "info", "message": "grüße ✓"}]
+    build = {
+        "build_id": "b-1",
+        "template_id": "mine",
+        "status": "building",
+        "tags": ["v1", "default"],
+        "cpu_count": 1.5,
+        "memory_mb": 512,
+        "reason": "",
+        "step": "2",
+        "entries": entries,
+        "created_at": "2026-12-05T19:00:00+00:00",
+        "updated_at": "2026-12-05T19:00:01+00:00",
+        "finished_at": "",
+    }
+    template_builds.save(db, build)
+    template_builds.save(db, build | {"build_id": "b-0", "status": "ready", "created_at": "2026-12-05T18:00:00+00:00"})
+    assert template_builds.load(db, "b-1") == build
+    assert [b["build_id"] for b in template_builds.of_template(db, "mine")] == ["b-0", "b-1"]
+    assert template_builds.of_template(db, "other") == [] and template_builds.load(db, "nope") is None
+    assert template_builds.interrupt_unfinished(db, "cut") == 1
+    cut = template_builds.load(db, "b-1")
+    assert cut is not None and (cut["status"], cut["reason"]) == ("error", "cut") and cut["finished_at"]
+    assert template_builds.load(db, "b-0")["status"] == "ready"  # type: ignore[index]
 
 
 def test_concurrent_writers_lose_no_updates(db: Database) -> None:

@@ -27,7 +27,7 @@ from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
 from pmoves_e2b.sandbox.errors import SignatureRefused
 from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
-from pmoves_e2b.sandbox.template_api import build_template_router
+from pmoves_e2b.sandbox.template_api import DatabaseJournal, build_template_router
 from pmoves_e2b.sandbox.tiers import TieredBackend, Tiers
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store import repo
@@ -120,7 +120,8 @@ def create_app(settings: Settings | None = None) -> Any:
                 settings.e2b_sandbox_memory_mb,
                 settings.e2b_sandbox_cpu_limit,
                 settings.e2b_sandbox_disk_mb,
-                in_use=lambda name: any(r.template_id == name for r in manager.list_rows()),
+                in_use=lambda name: any(r.template_id.split(":")[0] == name for r in manager.list_rows()),
+                journal=DatabaseJournal(db),
             ),
         ],
         lifespan=lifespan,

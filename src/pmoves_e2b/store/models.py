@@ -1,5 +1,5 @@
 """Database tables: sandboxes, API keys, templates seen, audit events, idempotent creates, surf sessions,
-the event outbox."""
+the event outbox, custom template builds."""
 
 from __future__ import annotations
 
@@ -157,3 +157,23 @@ class OutboxRow(Base):
     # The whole envelope, sent as it is (id and ts stay what they were when it was written).
     event: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TemplateBuildRow(Base):
+    """A custom template build (E2B's build API): its status and logs outlive the process."""
+
+    __tablename__ = "template_builds"
+
+    build_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    template_id: Mapped[str] = mapped_column(String(128), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # waiting | building | ready | error
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    cpu_count: Mapped[float] = mapped_column(Float)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    step: Mapped[str] = mapped_column(String(16), default="")
+    # E2B's log entries ({timestamp, level, message}), written when the status changes.
+    entries: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

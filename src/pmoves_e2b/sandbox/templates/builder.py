@@ -22,7 +22,7 @@ from .errors import MissingHostTool, TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
-from .store import layers_dir, load_template, read_record, write_record
+from .store import layers_dir, load_template, read_record, referenced_layers, write_record
 
 LOG_TAIL_LINES = 25
 
@@ -138,11 +138,7 @@ class TemplateBuilder:
         root = layers_dir(self.templates_dir)
         removed: list[Path] = []
         with self._lock():
-            referenced = {
-                layer
-                for path in self.templates_dir.glob("*.json")
-                for layer in json.loads(path.read_text()).get("layers", [])
-            }
+            referenced = referenced_layers(self.templates_dir)
             for path in sorted(root.iterdir()) if root.is_dir() else []:
                 if path.is_dir() and not path.name.startswith(".") and path.name not in referenced:
                     remove_tree(path)

@@ -3,8 +3,9 @@
 A build starts from a built template (``fromTemplate``) and runs its steps in order. Every RUN
 step makes one layer (an overlay upper dir) whose id hashes the layer below, the step and the
 ENV/WORKDIR/USER state it runs with: a step whose inputs did not change reuses its layer
-("CACHED" in the log). The template record is replaced only when every step succeeded, so a
-failed build leaves the previous build of that name working.
+("CACHED" in the log). The build's tags (``name:tag``, else ``default``) are moved to it only
+when every step succeeded, so a failed build leaves the previous build of that name working.
+A build's state goes to a ``BuildJournal`` (the database) so its status outlives the process.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .definitions import TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .rootfs import remove_tree, run_in_rootfs
-from .store import layers_dir, read_record, write_record
+from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
 
 STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
 FILES_HASH = re.compile(r"^[0-9a-f]{64}$")  # the SDK's sha256 of a COPY step's files
@@ -44,22 +45,53 @@ class BuildRefused(ValueError):
     """A build request this server refuses as a whole (the API answers 400)."""
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
 @dataclass
 class BuildState:
     template_id: str
     build_id: str
     cpu_count: float
     memory_mb: int
+    tags: list[str] = field(default_factory=lambda: [DEFAULT_TAG])
     status: str = "waiting"  # waiting, building, ready, error
     entries: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     step: str = ""
     start_cmd: str = ""
     ready_cmd: str = ""
+    created_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    finished_at: str = ""
 
     def log(self, message: str, level: str = "info") -> None:
-        now = datetime.datetime.now(datetime.UTC).isoformat()
-        self.entries.append({"timestamp": now, "level": level, "message": message})
+        self.entries.append({"timestamp": _now(), "level": level, "message": message})
+
+
+class BuildJournal(Protocol):
+    """Where build states outlive the process (``store/template_builds.py``)."""
+
+    def save(self, state: BuildState) -> None: ...
+
+    def load(self, build_id: str) -> BuildState | None: ...
+
+    def of_template(self, template_id: str) -> list[BuildState]: ...
+
+
+def build_tags(name: str, extra: Any) -> tuple[str, list[str]]:
+    """The SDK's ``name[:tag]`` plus its ``tags``: (template id, tags); none given -> ``default``."""
+    try:
+        template_id, tag = split_ref(name)
+    except ValueError as exc:
+        raise BuildRefused(str(exc)) from None
+    if extra is not None and (not isinstance(extra, list) or not all(isinstance(t, str) for t in extra)):
+        raise BuildRefused("tags must be a list of strings")
+    tags = ([tag] if ":" in name else []) + [t for t in extra or [] if t != tag or ":" not in name]
+    for bad in (t for t in tags if not TAG.match(t)):
+        raise BuildRefused(f"invalid tag {bad!r}: use letters, digits, '.', '_' and '-' (max 64)")
+    return template_id, tags or [DEFAULT_TAG]
 
 
 @dataclass(frozen=True)
@@ -138,29 +170,48 @@ def check_archive(archive: Path) -> None:
 
 
 class CustomBuilds:
-    """Build state by build id (in memory: a restarted service forgets builds in flight)."""
+    """Build states by build id: in memory while this process builds, saved to the journal at
+    each change of status (a build a restart interrupted is marked failed by the journal)."""
 
-    def __init__(self, templates_dir: Path, host: HostConfig | None = None) -> None:
+    def __init__(
+        self, templates_dir: Path, host: HostConfig | None = None, journal: BuildJournal | None = None
+    ) -> None:
         self.templates_dir = templates_dir
         self._host = host
+        self._journal = journal
         self.builds: dict[str, BuildState] = {}
         self._lock = threading.Lock()  # one build at a time: they share the layers dir
 
     def upload_path(self, digest: str) -> Path:
         return self.templates_dir / "uploads" / f"{digest}.tar"
 
-    def request(self, name: str, cpu_count: float, memory_mb: int) -> BuildState:
-        if name in BUILT_IN:
-            raise BuildRefused(f"template '{name}' is built in; choose another name")
-        state = BuildState(name, str(uuid.uuid4()), cpu_count, memory_mb)
+    def request(self, name: str, cpu_count: float, memory_mb: int, tags: Any = None) -> BuildState:
+        template_id, assigned = build_tags(name, tags)
+        if template_id in BUILT_IN:
+            raise BuildRefused(f"template '{template_id}' is built in; choose another name")
+        state = BuildState(template_id, str(uuid.uuid4()), cpu_count, memory_mb, assigned)
         self.builds[state.build_id] = state
+        self._save(state)
         return state
 
     def get(self, template_id: str, build_id: str) -> BuildState:
         state = self.builds.get(build_id)
+        if state is None and self._journal is not None:
+            state = self._journal.load(build_id)
         if state is None or state.template_id != template_id:
             raise KeyError(f"build '{build_id}' of template '{template_id}' not found")
         return state
+
+    def of_template(self, template_id: str) -> list[BuildState]:
+        """This template's builds, oldest first (those of this process as they are now)."""
+        saved = {s.build_id: s for s in (self._journal.of_template(template_id) if self._journal else [])}
+        saved.update({b: s for b, s in self.builds.items() if s.template_id == template_id})
+        return sorted(saved.values(), key=lambda s: s.created_at)
+
+    def _save(self, state: BuildState) -> None:
+        state.updated_at = _now()
+        if self._journal is not None:
+            self._journal.save(state)
 
     def start(self, state: BuildState, body: dict[str, Any]) -> None:
         """Validate the whole request first (nothing is written for a refused one), then build in a thread."""
@@ -174,9 +225,12 @@ class CustomBuilds:
         if not isinstance(parent, str) or not parent:
             raise BuildRefused("fromTemplate is required (the template to build on, e.g. 'base')")
         try:
-            parent_record = read_record(self.templates_dir, parent)
-        except TemplateNotFound:
-            raise BuildRefused(f"fromTemplate '{parent}' is not a built template") from None
+            parent_name, parent_tag = split_ref(parent)
+            parent_record = build_record(read_record(self.templates_dir, parent_name), parent_tag)
+        except (ValueError, TemplateNotFound):
+            parent_record = None
+        if parent_record is None:
+            raise BuildRefused(f"fromTemplate '{parent}' is not a built template")
         steps = parse_steps(body.get("steps"))
         start_cmd, ready_cmd = body.get("startCmd") or "", body.get("readyCmd") or ""
         if not isinstance(start_cmd, str) or not isinstance(ready_cmd, str):
@@ -196,6 +250,7 @@ class CustomBuilds:
             if actual != step.files_hash:
                 raise BuildRefused(f"step {index}: file hash mismatch for COPY {step.args[0]} (uploaded files differ)")
         state.status = "building"
+        self._save(state)
         threading.Thread(
             target=self._run, args=(state, parent_record, steps, bool(body.get("force"))), daemon=True
         ).start()
@@ -209,6 +264,12 @@ class CustomBuilds:
             state.reason = str(exc)
             state.log(str(exc), "error")
             state.status = "error"
+        state.finished_at = _now()
+        try:
+            self._save(state)
+        finally:
+            if self._journal is not None:
+                self.builds.pop(state.build_id, None)  # the journal answers from now on
 
     def _build(self, state: BuildState, parent: dict[str, Any], steps: list[Step], force: bool) -> None:
         host = self._host or read_host_config()
@@ -246,11 +307,16 @@ class CustomBuilds:
             else:
                 size += self._copy_layer(state, final, lowers, step, run_as, workdir, host)
             layers.insert(0, lid)
-        write_record(
+        assign_tags(
             self.templates_dir,
             state.template_id,
+            state.tags,
             {
-                **{k: v for k, v in parent.items() if k not in ("layers", "name", "built_at", "size_bytes")},
+                **{
+                    k: v
+                    for k, v in parent.items()
+                    if k not in ("layers", "name", "built_at", "size_bytes", "tags", "builds")
+                },
                 "name": state.template_id,
                 "layers": layers,
                 "user": user,
