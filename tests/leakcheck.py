@@ -23,6 +23,19 @@ def _mountpoints_under(root: Path) -> list[str]:
     return found
 
 
+def _loop_devices_under(root: Path) -> list[tuple[str, str]]:
+    """Loop devices still bound to a file under ``root`` (a sandbox's disk image)."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip()
+        except OSError:
+            continue  # detached meanwhile
+        if path.startswith(f"{root}/"):
+            found.append((backing.parent.parent.name, path))
+    return found
+
+
 def _in_other_backends_group(pid: str, cgroup_parent_name: str) -> bool:
     """A process of another backend instance that got one of our released slots meanwhile."""
     try:
@@ -74,6 +87,7 @@ def ns_leftovers(
     left += [f"netns {name}" for name in network.list_netns() if name.startswith(network.NETNS_PREFIX + id_prefix)]
     left += [f"veth e2bh{s}" for s in slots if Path(f"/sys/class/net/e2bh{s}").exists()]
     left += [f"mount {m}" for root in (runtime_dir, *peer_roots) for m in _mountpoints_under(root)]
+    left += [f"loop device {dev} ({path})" for dev, path in _loop_devices_under(runtime_dir)]
     if runtime_dir.exists():
         left += [f"dir {p}" for p in runtime_dir.iterdir()]
     parents = cgroups.existing_parent_dirs(cgroup_parent_name)

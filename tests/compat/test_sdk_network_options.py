@@ -121,30 +121,6 @@ def test_unknown_network_fields_are_refused(sdk_env: dict[str, str]) -> None:
     assert "network.denyOutt" in response.json()["message"]
 
 
-def test_fork_and_snapshots_say_they_are_not_supported(sdk_env: dict[str, str]) -> None:
-    sbx = Sandbox.create(timeout=60)
-    try:
-
-        def list_snapshots() -> object:
-            page = sbx.list_snapshots()
-            return page.next_items() if hasattr(page, "next_items") else page
-
-        for call in (sbx.create_snapshot, list_snapshots):
-            with pytest.raises(SandboxException) as caught:
-                call()
-            assert not isinstance(caught.value, SandboxNotFoundException)
-            assert "not supported by this server" in str(caught.value)
-        fork = getattr(sbx, "fork", None)
-        if fork is not None:
-            with pytest.raises(SandboxException) as caught:
-                fork()
-            assert not isinstance(caught.value, SandboxNotFoundException)
-            assert "not supported by this server" in str(caught.value)
-        assert sbx.is_running()
-    finally:
-        sbx.kill()
-
-
 def test_auto_resume_in_the_shape_older_sdks_send(sdk_env: dict[str, str]) -> None:
     body = {"templateID": "base", "timeout": 60, "autoResume": {"policy": "any"}}
     headers = {"X-API-Key": sdk_env["E2B_API_KEY"]}

@@ -70,6 +70,27 @@ def test_disk_limit_gives_enospc(sandboxes: Sandboxes) -> None:
     assert sandboxes.run(handle, "/bin/sh", "-c", "echo ok > /tmp/ok")["rc"] == 0
 
 
+def test_each_sandbox_gets_a_fresh_disk(sandboxes: Sandboxes) -> None:
+    """Disks are copies of one blank file system made ahead: nothing one sandbox wrote is on the
+    next one's disk, which has its whole size free, and each disk's loop device goes with it."""
+    first = sandboxes.create(disk_mb=64)
+    wrote = sandboxes.run(first, "/bin/dd", "if=/dev/urandom", "of=/home/user/secret", "bs=1M", "count=20", uid=1000)
+    assert wrote["rc"] == 0, wrote
+    second = sandboxes.create(disk_mb=64)
+    image = Path(first.details["runtime_dir"], "disk.img")
+    sandboxes.destroy(first)
+    assert not image.exists()
+    assert not [p for p in Path("/sys/block").glob("loop*/loop/backing_file") if str(image) in p.read_text()]
+    third = sandboxes.create(disk_mb=64)
+    for handle in (second, third):
+        assert sandboxes.run(handle, "/bin/ls", "/home/user/secret")["rc"] != 0
+        stats = asyncio.run(sandboxes.backend.stats(handle))
+        assert stats.disk_total_bytes == 64 * 1024 * 1024
+        assert stats.disk_used_bytes < 8 * 1024 * 1024, stats
+        fill = sandboxes.run(handle, "/bin/dd", "if=/dev/zero", "of=/home/user/f", "bs=1M", "count=48", uid=1000)
+        assert fill["rc"] == 0, fill
+
+
 def test_cpu_quota_throttles(sandboxes: Sandboxes) -> None:
     handle = sandboxes.create(cpu_count=0.2)
     cpu_dir = Path(handle.details["cgroups"]["cpu"])

@@ -398,10 +398,6 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         await manager.update_network(sandbox_id, allow_out, deny_out, dns_servers, body.allow_internet_access)
         return Response(status_code=204)
 
-    async def not_implemented(request: Request) -> Response:
-        what = "forking sandboxes" if request.url.path.endswith("/fork") else "snapshots"
-        raise ApiError(501, f"{what} {_UNSUPPORTED} (pmoves-e2b pauses sandboxes in memory only)")
-
     async def pause(request: Request, sandbox_id: str) -> Response:
         body: PauseBody = await parse_body(request, PauseBody, required=False)
         if body.memory is False:
@@ -487,10 +483,6 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         status_code=204,
         summary="Replace egress rules",
     )
-    unsupported = "Not supported here: answers 501"
-    add("/sandboxes/{sandbox_id}/fork", not_implemented, methods=["POST"], summary=unsupported)
-    add("/sandboxes/{sandbox_id}/snapshots", not_implemented, methods=["POST"], summary=unsupported)
-    add("/snapshots", not_implemented, methods=["GET"], summary=unsupported)
     add("/sandboxes/{sandbox_id}/metrics", sandbox_metrics, methods=["GET"], summary="Resource metrics")
     return router
 

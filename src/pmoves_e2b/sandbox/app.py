@@ -23,10 +23,12 @@ from pmoves_e2b.desktop_boot import WARM_TEMPLATE
 from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent
 from pmoves_e2b.sandbox import metrics, tls
 from pmoves_e2b.sandbox.admission import BootGate
-from pmoves_e2b.sandbox.api import ApiKeys, build_router, install_error_handlers
+from pmoves_e2b.sandbox.api import ApiKeys, Shapes, build_router, install_error_handlers
 from pmoves_e2b.sandbox.errors import SignatureRefused
 from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
+from pmoves_e2b.sandbox.snapshot_api import build_snapshot_router
+from pmoves_e2b.sandbox.snapshots import Snapshots
 from pmoves_e2b.sandbox.template_api import DatabaseJournal, build_template_router
 from pmoves_e2b.sandbox.tiers import TieredBackend, Tiers
 from pmoves_e2b.service import DependencyCheck, make_service_app
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None) -> Any:
         health_checks=[DependencyCheck("database", database_up, hard=True)],
         routers=[
             build_router(manager, keys, settings.public_domain),
+            build_snapshot_router(Snapshots(manager, settings.e2b_templates_dir), keys, Shapes(settings.public_domain)),
             build_template_router(
                 keys.authenticate,
                 settings.e2b_templates_dir,

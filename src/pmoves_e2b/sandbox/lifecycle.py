@@ -91,6 +91,28 @@ class CreateRequest:
     auto_resume: bool = False
 
 
+@dataclass(frozen=True)
+class SandboxImage:
+    """What a snapshot was taken of: the sandbox's template, the layers it runs on (topmost
+    first), its tier, its envd's /init secret and how its template runs (TemplateRuntime record)."""
+
+    template_id: str
+    layers: tuple[str, ...]
+    tier: str
+    init_secret: str
+    runtime: dict[str, Any]
+
+
+INIT_SECRET_FILE = "init-secret"  # noqa: S105 - a file name; in a memory snapshot's image dir, 0600
+
+
+def snapshot_init_secret(template: TemplateImage) -> str:
+    try:
+        return (Path(template.restore_image) / INIT_SECRET_FILE).read_text().strip()
+    except OSError as exc:
+        raise SandboxError(f"snapshot '{template.name}' is incomplete ({exc}); delete it and take it again") from exc
+
+
 @dataclass
 class _Live:
     """In-memory companion of a database row: the handle and recent metrics."""
@@ -390,7 +412,8 @@ class SandboxManager:
             cpu_count=template.cpu_count or self.limits.cpu_count,
             disk_mb=self.limits.disk_mb,
             allow_internet=allow_internet,
-            init_secret=secrets.token_urlsafe(24),
+            # A restored envd keeps the secret of the sandbox it was snapshotted from.
+            init_secret=snapshot_init_secret(template) if template.restore_image else secrets.token_urlsafe(24),
             isolation=tier,
         )
 
@@ -407,8 +430,61 @@ class SandboxManager:
             await self._ready_or_destroyed(
                 handle, self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
             )
+        # What it runs on, for snapshots (its template may be rebuilt or deleted meanwhile).
+        handle.details["layers"] = list(spec.template.layers)
+        handle.details["runtime"] = spec.template.runtime_record()
+        if spec.template.restore_image:  # restored: its processes run already
+            return handle
         await self._ready_or_destroyed(handle, self._start_template(handle, spec.template))
         return handle
+
+    # --- snapshots (sandbox/snapshots.py keeps them as templates) ------------------------
+
+    async def capture(self, sandbox_id: str, layer_dir: Path, image_dir: Path | None) -> SandboxImage:
+        """Write the sandbox's file changes as a template layer at ``layer_dir`` and, with
+        ``image_dir``, its memory image there; the sandbox is frozen meanwhile and then runs on."""
+        self.get(sandbox_id)
+        live = self._live[sandbox_id]
+        tier = live.handle.backend
+        backend = self.tiers.backend(tier)
+        export = getattr(backend, "export_filesystem", None)
+        checkpoint = getattr(backend, "checkpoint", None)
+        if export is None or (image_dir is not None and checkpoint is None):
+            able = [name for name in self.tiers.statuses if self._can_snapshot(name, image_dir is not None)]
+            what = "snapshots with memory (mode 'full', and forks)" if image_dir else "filesystem snapshots"
+            hints = (
+                [f"tiers here that can: {', '.join(able)} (choose one with metadata '{METADATA_KEY}')"] if able else []
+            )
+            if image_dir is not None and export is not None:
+                hints.append("a filesystem-only snapshot (mode 'filesystem') works on this tier")
+            raise BadRequest(
+                f"{what} are not supported by this sandbox's isolation tier '{tier}'"
+                + "".join(f"; {hint}" for hint in hints)
+            )
+        async with live.lock:
+            handle = live.handle
+            if image_dir is not None and handle.state != "running":
+                raise Conflict(f"sandbox '{sandbox_id}' is paused; resume it (connect) before a snapshot with memory")
+            running = handle.state == "running"
+            if running:
+                await self.backend.pause(handle)
+            try:
+                await export(handle, layer_dir)
+                if image_dir is not None and checkpoint is not None:
+                    await checkpoint(handle, image_dir)
+            finally:
+                if running:
+                    await self.backend.resume(handle)
+        row = self.get(sandbox_id)
+        layers = handle.details.get("layers") or list(self.load_template(row.template_id).layers)
+        runtime = handle.details.get("runtime") or self.load_template(row.template_id).runtime_record()
+        return SandboxImage(row.template_id, tuple(layers), tier, handle.init_secret, runtime)
+
+    def _can_snapshot(self, tier: str, memory: bool) -> bool:
+        if not self.tiers.statuses[tier].available:
+            return False
+        backend = self.tiers.backend(tier)
+        return hasattr(backend, "export_filesystem") and (not memory or hasattr(backend, "checkpoint"))
 
     async def _start_template(self, handle: SandboxHandle, template: TemplateImage) -> None:
         if template.start_cmd:

@@ -35,6 +35,8 @@ class TemplateRuntime:
     cpu_count: float = 0
     # Isolation tier of its sandboxes (sandbox/tiers.py); empty: the service's E2B_ISOLATION.
     isolation: str = ""
+    # A memory snapshot (sandbox/snapshots.py): its sandboxes restore this image instead of booting.
+    restore_image: str = ""
 
     def __post_init__(self) -> None:
         if not self.start_user:

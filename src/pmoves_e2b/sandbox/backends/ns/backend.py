@@ -56,7 +56,7 @@ from pmoves_e2b.sandbox.backends.base import (
     SandboxSpec,
     SandboxStats,
 )
-from pmoves_e2b.sandbox.backends.ns import cgroups, hostlimits, mounts, network, seccomp
+from pmoves_e2b.sandbox.backends.ns import cgroups, fsexport, hostlimits, mounts, network, seccomp
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE, SlotRegistry
@@ -183,6 +183,11 @@ class NsBackend:
 
     async def destroy(self, handle: SandboxHandle) -> None:
         await self._in_thread(self.destroy_sync, handle)
+
+    async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
+        """The sandbox's file changes as a new template layer at ``dest`` (it is paused meanwhile)."""
+        upper = Path(handle.details["runtime_dir"]) / "rw" / "u"
+        await self._in_thread(fsexport.export_upper, upper, dest, int(handle.details["uid_base"]), UID_RANGE)
 
     async def stats(self, handle: SandboxHandle) -> SandboxStats:
         return await self._in_thread(self.stats_sync, handle)
@@ -572,8 +577,7 @@ class NsBackend:
         for address in addresses | egress:
             slot = network.slot_of_address(address)
             if slot is not None and slot not in owned:
-                network.set_internet(SandboxNet.for_slot(slot, "unowned"), False)
-                network.clear_egress(SandboxNet.for_slot(slot, "unowned"))
+                network.forget(SandboxNet.for_slot(slot, "unowned"))
 
     def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
         """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted

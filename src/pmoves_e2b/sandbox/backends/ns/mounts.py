@@ -1,13 +1,16 @@
 """Mounts of the ns backend through libc (mount, umount2, open_tree + mount_setattr for idmapped
-layers) and the sandbox's disk (a sparse ext4 image on a loop device)."""
+layers) and the sandbox's disk (a sparse ext4 image on a loop device, attached by ioctl)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import struct
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 from pmoves_e2b.sandbox.backends.base import BackendError
@@ -23,6 +26,9 @@ OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 MOUNT_ATTR_IDMAP = 0x100000
 LOOP_CONTROL = Path("/dev/loop-control")
 MKFS_EXT4 = "/sbin/mkfs.ext4"
+LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
+LO_FLAGS_AUTOCLEAR = 4
+LOOP_ATTEMPTS = 20  # another process may bind the free device we were given first: ask again
 
 
 def check(result: int, what: str) -> int:
@@ -78,20 +84,97 @@ def mount_disk(image: Path, target: Path, disk_mb: int) -> None:
     """The sandbox's disk: a sparse ext4 image on a loop device (autoclear: it goes with the last
     unmount). Filling it is ENOSPC for the writer, and its pages are page cache written back to the
     host's disk; a tmpfs would be charged to the sandbox's memory cgroup, so a full disk OOM-killed
-    envd (issue 11). Without loop devices (some containers) it falls back to that tmpfs."""
+    envd (issue 11). Without loop devices (some containers) it falls back to that tmpfs.
+
+    No exec per sandbox: the image is a copy of a blank file system made once per size (mkfs.ext4
+    writes ~1 MB of metadata into the sparse file; only those extents are kept and written), the
+    loop device is attached with LOOP_CONFIGURE and mounted with mount(2)."""
     if not LOOP_CONTROL.exists():
         mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=0700")
         return
-    with open(image, "wb") as out:  # ext4's own metadata on top, so that disk_mb stay usable
-        out.truncate((disk_mb + disk_mb // 32 + 4) * 1024 * 1024)
-    for argv in (
-        [MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", str(image)],
-        ["/bin/mount", "-t", "ext4", "-o", "loop,noinit_itable,nosuid,nodev", str(image), str(target)],
-    ):
-        done = subprocess.run(argv, capture_output=True, check=False)
-        if done.returncode != 0:
-            raise BackendError(f"{argv[0]} failed for {image}: {done.stderr.decode(errors='replace').strip()}")
+    size = (disk_mb + disk_mb // 32 + 4) * 1024 * 1024  # ext4's own metadata on top, so that disk_mb stay usable
+    extents = _blank_ext4(size)
+    backing = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(backing, size)
+        for offset, data in extents:
+            os.pwrite(backing, data, offset)
+        loop, loop_fd = _attach_loop(backing, image)
+    finally:
+        os.close(backing)
+    try:
+        mount(loop, target, "ext4", MS_NOSUID | MS_NODEV, "noinit_itable")
+    except OSError as exc:
+        raise BackendError(f"mounting {image} ({loop}) failed: {exc}") from exc
+    finally:
+        os.close(loop_fd)  # the mount holds the device now; never mounted: autoclear detaches it
     target.chmod(0o700)
+
+
+_blank_lock = threading.Lock()
+_blank_images: dict[int, list[tuple[int, bytes]]] = {}
+
+
+def _blank_ext4(size: int) -> list[tuple[int, bytes]]:
+    """The data extents (offset, bytes) of a freshly made ext4 image of ``size`` bytes."""
+    with _blank_lock:
+        extents = _blank_images.get(size)
+        if extents is not None:
+            return extents
+        with tempfile.TemporaryDirectory(prefix="pmoves-e2b-disk-") as scratch:
+            path = Path(scratch) / "blank.img"
+            with open(path, "wb") as out:
+                out.truncate(size)
+            argv = [MKFS_EXT4, "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"]
+            done = subprocess.run([*argv, str(path)], capture_output=True, check=False)
+            if done.returncode != 0:
+                raise BackendError(f"{MKFS_EXT4} failed: {done.stderr.decode(errors='replace').strip()}")
+            extents = []
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                offset = 0
+                while offset < size:
+                    try:
+                        start = os.lseek(fd, offset, os.SEEK_DATA)
+                    except OSError as exc:
+                        if exc.errno != errno.ENXIO:  # ENXIO: no data after offset
+                            raise
+                        break
+                    end = os.lseek(fd, start, os.SEEK_HOLE)
+                    extents.append((start, os.pread(fd, end - start, start)))
+                    offset = end
+            finally:
+                os.close(fd)
+        _blank_images[size] = extents
+        return extents
+
+
+def _attach_loop(backing: int, image: Path) -> tuple[str, int]:
+    """A free loop device bound to ``backing``, with autoclear: its path and an open fd of it."""
+    control = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(LOOP_ATTEMPTS):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            path = f"/dev/loop{number}"
+            try:
+                loop = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # its node not made yet
+            # struct loop_config: fd, block_size, loop_info64 (..., lo_flags, lo_file_name[64], ...), reserved
+            name = str(image).encode()[:63]
+            config = struct.pack("<II5Q4I64s64s32s2Q8Q", backing, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                 LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0, *([0] * 8))  # fmt: skip
+            try:
+                fcntl.ioctl(loop, LOOP_CONFIGURE, config)
+            except OSError as exc:
+                os.close(loop)
+                if exc.errno == errno.EBUSY:
+                    continue  # taken meanwhile
+                raise BackendError(f"cannot attach {image} to {path}: {exc}") from exc
+            return path, loop
+    finally:
+        os.close(control)
+    raise BackendError(f"no free loop device for {image} after {LOOP_ATTEMPTS} attempts")
 
 
 def is_shared_mountpoint(path: Path) -> bool:
