@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     # and the tiers this service may use (comma-separated; empty: every tier this host can run).
     e2b_isolation: str = Field("ns", pattern=r"^[a-z][a-z0-9-]{0,31}$")
     e2b_isolation_tiers: str = Field("", pattern=r"^[a-z0-9, -]*$")
+    # microvm tier: accelerator (auto: KVM when it boots the guest kernel, else TCG), whether creates
+    # restore a saved VM per template and shape, where guest images and saved VMs are kept (default <data dir>/microvm).
+    e2b_microvm_accel: str = Field("auto", pattern=r"^(auto|kvm|tcg)$")
+    e2b_microvm_snapshots: bool = True
+    e2b_microvm_cache_dir: Path | None = None
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)
     # Desktops booted ahead (template desktop-warm, 1920x1080, kept by the warm pool: E2B_POOL_SIZE).

@@ -49,9 +49,31 @@ def _ns_factory(settings: Settings) -> Backend:
     return NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
 
 
+def _microvm_probe() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (namespaces, cgroups, nftables, tap devices)"
+    from pmoves_e2b.sandbox.backends.microvm.qemu import qemu_available
+
+    return qemu_available()
+
+
+def _microvm_factory(settings: Settings) -> Backend:
+    from pmoves_e2b.sandbox.backends.microvm import MicrovmBackend
+
+    return MicrovmBackend(
+        runtime_dir=settings.e2b_data_dir / "microvm-sandboxes",
+        cache_dir=settings.e2b_microvm_cache_dir or settings.e2b_data_dir / "microvm",
+        accel=settings.e2b_microvm_accel,
+        snapshots=settings.e2b_microvm_snapshots,
+    )
+
+
 TIERS: dict[str, Tier] = {
     tier.name: tier
-    for tier in (Tier("ns", "namespaces + seccomp + cgroups (bubblewrap), shared host kernel", _ns_probe, _ns_factory),)
+    for tier in (
+        Tier("ns", "namespaces + seccomp + cgroups (bubblewrap), shared host kernel", _ns_probe, _ns_factory),
+        Tier("microvm", "QEMU microvm guest, own kernel (KVM, else TCG: slow)", _microvm_probe, _microvm_factory),
+    )
 }
 
 

@@ -566,3 +566,29 @@ def slot_of_address(address: str) -> int | None:
     if ip not in SANDBOX_NET:
         return None
     return (int(ip) - int(SANDBOX_NET.network_address)) // 4
+
+
+VM_TABLE = "pmoves_e2b_vm"
+
+
+def attach_vm_tap(net: SandboxNet, tap: str, tap_address: str, guest_address: str, prefix: int, tap_mac: str) -> None:
+    """A tap device for a microVM inside the sandbox's netns (after ``configure``): the guest sits
+    behind it at a fixed private address, and the sandbox address is translated to and from it, so
+    the host reaches the guest at ``net.address`` and the host's per-address rules hold for it."""
+    _run(
+        ["ip", "-n", net.netns, "-batch", "-"],
+        f"tuntap add dev {tap} mode tap\n"
+        f"link set {tap} address {tap_mac}\n"
+        f"addr add {tap_address}/{prefix} dev {tap}\n"
+        f"link set {tap} up\n",
+    )
+    _write_sysctls_in_netns(net.netns_path, {"net.ipv4.ip_forward": "1"})
+    rules = (
+        f"table ip {VM_TABLE} {{\n"
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        f'    iifname "eth0" ip daddr {net.address} dnat to {guest_address}\n  }}\n'
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    oifname "eth0" ip saddr {guest_address} snat to {net.address}\n  }}\n'
+        "}\n"
+    )
+    _run(["nsenter", f"--net={net.netns_path}", "nft", "-f", "-"], rules)

@@ -1,0 +1,136 @@
+"""The microvm isolation tier through the stock `e2b` SDK, beside the ns tier of the same stack.
+
+Run as root: ``.venv/bin/python bench/bench_microvm.py [--runs 8] [--boot-runs 3] [--command-runs 30]``.
+Starts its own stacks (temp data dirs, free ports, pool off, 512 MB / 1 CPU sandboxes). Baselines
+from the same run: the ns tier's ``Sandbox.create()`` and ``commands.run("true")``.
+
+Prints: the first microvm create (boots a VM and saves it), creates restored from that saved VM,
+creates that boot (``E2B_MICROVM_SNAPSHOTS=false``, a second stack), ``commands.run("true")`` in a
+microvm sandbox, and the host memory (PSS) of one idle VM. On the dev/CI machines the VM runs on TCG
+(KVM there is PVM and boots no stock kernel): every number is the software CPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from measure import pct  # noqa: E402
+from stack.harness import make_stack, stop_and_clean  # noqa: E402
+
+STACK_ENV = {
+    "E2B_SANDBOX_MEMORY_MB": "512",
+    "E2B_SANDBOX_CPU_LIMIT": "1",
+    "E2B_SANDBOX_DISK_MB": "1024",
+    "E2B_POOL_SIZE": "0",
+}
+TIMEOUT = 600
+
+
+def create_kill(tier: str, runs: int) -> list[float]:
+    from e2b import Sandbox
+
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+        samples.append(time.perf_counter() - started)
+        sandbox.kill()
+    return samples
+
+
+def command_true(tier: str, runs: int) -> tuple[list[float], int]:
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+    try:
+        sandbox.commands.run("true", request_timeout=TIMEOUT)  # first command: warm
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox.commands.run("true", request_timeout=TIMEOUT)
+            samples.append(time.perf_counter() - started)
+        return samples, _qemu_pss_kb(sandbox.sandbox_id)
+    finally:
+        sandbox.kill()
+
+
+def _qemu_pss_kb(sandbox_id: str) -> int:
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (
+                sandbox_id.encode() not in (entry / "cmdline").read_bytes()
+                or b"qemu" not in (entry / "comm").read_bytes()
+            ):
+                continue
+            for row in (entry / "smaps_rollup").read_text().splitlines():
+                if row.startswith("Pss:"):
+                    total += int(row.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def row(name: str, values: list[float], base_name: str = "", base: list[float] | None = None) -> None:
+    p50 = statistics.median(values)
+    text = f"{name:<44} p50 {p50 * 1000:9.1f} ms  p95 {pct(values, 95) * 1000:9.1f} ms  n={len(values)}"
+    if base:
+        base_p50 = statistics.median(base)
+        text += f"   vs {base_name} p50 {base_p50 * 1000:.1f} ms = {p50 / base_p50:.1f}x"
+    print(text, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--boot-runs", type=int, default=3)
+    parser.add_argument("--command-runs", type=int, default=30)
+    options = parser.parse_args()
+    cache = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-microvm-"))
+    env = {**STACK_ENV, "E2B_MICROVM_CACHE_DIR": str(cache)}
+    load = os.getloadavg()[0]
+    print(f"load average at start: {load:.1f} (2 cores)", flush=True)
+    stack = make_stack(env)
+    try:
+        stack.up()
+        os.environ.update(stack.sdk_env)
+        ns_create = create_kill("ns", options.runs)
+        ns_command, _ = command_true("ns", options.command_runs)
+        first = create_kill("microvm", 1)
+        restored = create_kill("microvm", options.runs)
+        vm_command, pss_kb = command_true("microvm", options.command_runs)
+    finally:
+        stop_and_clean(stack)
+    row("ns: Sandbox.create() + kill (baseline)", ns_create)
+    row("microvm: first create (boot + save the VM)", first)
+    row("microvm: create restored from the saved VM", restored, "ns create", ns_create)
+    row('ns: commands.run("true") (baseline)', ns_command)
+    row('microvm: commands.run("true")', vm_command, "ns", ns_command)
+    print(f"microvm: idle VM (512 MB guest) host PSS {pss_kb / 1024:.0f} MB", flush=True)
+    if options.boot_runs:
+        stack = make_stack({**env, "E2B_MICROVM_SNAPSHOTS": "false"})
+        try:
+            stack.up()
+            os.environ.update(stack.sdk_env)
+            booted = create_kill("microvm", options.boot_runs)
+        finally:
+            stop_and_clean(stack)
+        row("microvm: create that boots (snapshots off)", booted, "restored", restored)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

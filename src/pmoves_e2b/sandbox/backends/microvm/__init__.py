@@ -1,0 +1,11 @@
+"""The microVM isolation tier ("microvm"), one module per concern:
+
+- ``backend.py``: ``MicrovmBackend`` (the ``Backend`` interface), on the ns tier's network and cgroups;
+- ``qemu.py``: QEMU's command line, QMP, the KVM probe;
+- ``image.py``: kernel, initramfs, erofs layer images and disks, built once and cached;
+- ``guest.py``: the scripts that run inside the guest before envd.
+"""
+
+from pmoves_e2b.sandbox.backends.microvm.backend import MicrovmBackend
+
+__all__ = ["MicrovmBackend"]

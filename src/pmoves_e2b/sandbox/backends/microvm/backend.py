@@ -1,0 +1,632 @@
+"""The microVM isolation tier: each sandbox is a QEMU ``microvm`` guest with its own kernel.
+
+    backend = MicrovmBackend(runtime_dir=data_dir / "microvm-sandboxes", cache_dir=data_dir / "microvm")
+    handle = await backend.create(spec)      # returns once envd accepts TCP on handle.address:49983
+    await backend.destroy(handle)
+
+What one sandbox is:
+- the ns tier's slot, netns, veth, nftables rules and cgroups (``ns/network.py``, ``ns/cgroups.py``,
+  reused, not copied), so the host reaches it at the same kind of address under the same policy;
+- in that netns a tap device and QEMU (``qemu.py``) joined to the sandbox's cgroups: memory limit =
+  guest RAM + QEMU's own overhead, CPU quota = the sandbox's CPUs, pids for QEMU's threads;
+- the guest (``guest.py``): Debian's cloud kernel booted directly, the template's layers as
+  read-only erofs disks under an overlay whose upper layer is the sandbox's ext4 disk (``image.py``),
+  envd started by the guest's pid 1; the guest's fixed address is translated to the sandbox address
+  in the netns, so envd is reached exactly as in the ns tier.
+
+Creates restore a snapshot when the backend keeps them (default): a VM of the same template and
+shape (memory, CPUs, disk) is booted once, saved once (QMP ``migrate`` to a file) with its disk, and
+every create starts a QEMU that loads it (``migrate-incoming``) on a copy-on-write disk over the
+saved one; the host then tells the guest the time and hands it fresh entropy (``guest.py``), since
+every restored VM starts with the snapshot's clock and random pool. All sandboxes restored from one
+snapshot share its envd init secret (envd reads it once, at start): the secret only guards ``/init``,
+which the proxy never forwards and no other sandbox can reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pmoves_e2b.sandbox.aio import poll_until
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, SandboxSpec, SandboxStats
+from pmoves_e2b.sandbox.backends.microvm import guest, image, qemu
+from pmoves_e2b.sandbox.backends.ns import cgroups, network
+from pmoves_e2b.sandbox.backends.ns.backend import JOIN_AND_LIMIT, SANDBOX_ID
+from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
+from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
+
+T = TypeVar("T")
+TAP = "tap0"
+# Bump when what a saved VM holds changes in a way its key does not see.
+SNAPSHOT_VERSION = "2"
+ACCELS = ("auto", "kvm", "tcg")
+# QEMU's threads (vCPUs, I/O workers); the guest's own processes live in the guest.
+QEMU_PIDS_MAX = 256
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The guest's boot files and layer disks, shared by every VM of a template."""
+
+    kernel: Path
+    initrd: Path
+    layers: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A saved VM: its memory and device state, its disk, the initramfs it booted from, envd's secret."""
+
+    directory: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "vm.state"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.img"
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / "ram"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd"
+
+    @property
+    def secret(self) -> str:
+        return (self.directory / "secret").read_text()
+
+    def complete(self) -> bool:
+        return (self.directory / "meta.json").exists()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+class MicrovmBackend:
+    name = "microvm"
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        cache_dir: Path,
+        *,
+        accel: str = "auto",
+        pids_max: int = 1024,
+        ready_timeout: float = 180.0,
+        slots: SlotRegistry | None = None,
+        snapshots: bool = True,
+    ) -> None:
+        if accel not in ACCELS:
+            raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
+        self.runtime_dir = Path(runtime_dir).resolve()
+        self.cache_dir = Path(cache_dir).resolve()
+        self.requested_accel = accel
+        self.pids_max = pids_max
+        self.ready_timeout = ready_timeout
+        self.slots = slots or SlotRegistry()
+        self.use_snapshots = snapshots
+        tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
+        self.cgroup_parent_name = f"pmoves-e2b-{tag}"
+        self.cgroup_parents = cgroups.parent_dirs(self.cgroup_parent_name)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._cpu_samples: dict[str, tuple[float, int]] = {}
+        self._setup_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="microvm-backend")
+        self._host_ready = False
+        self._accel: str | None = None
+
+    # --- host setup -------------------------------------------------------------------------
+
+    def _ensure_host_setup(self) -> None:
+        with self._setup_lock:
+            if self._host_ready:
+                return
+            for directory in (self.runtime_dir, self.cache_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+                directory.chmod(0o700)
+            network.ensure_host_setup()
+            self._host_ready = True
+
+    @property
+    def accel(self) -> str:
+        """``kvm`` or ``tcg``: as configured, or for ``auto`` whether KVM boots the guest kernel
+        (probed once per kernel and kept in the cache dir)."""
+        if self._accel is None:
+            if self.requested_accel != "auto":
+                self._accel = self.requested_accel
+            else:
+                kernel, modules = image.find_kernel()
+                record = self.cache_dir / f"accel-{kernel.name}.json"
+                try:
+                    self._accel = str(json.loads(record.read_text())["accel"])
+                except (FileNotFoundError, ValueError, KeyError):
+                    initrd = image.initramfs(self.cache_dir, modules)
+                    self._accel = "kvm" if qemu.kvm_boots(kernel, initrd) else "tcg"
+                    _write_json(record, {"accel": self._accel})
+        return self._accel
+
+    def close(self) -> None:
+        """Remove this runtime dir's cgroup parents if no sandbox is left (tests, shutdown)."""
+        with self._setup_lock:
+            if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
+                return
+            cgroups.remove_parents(cgroups.existing_parent_dirs(self.cgroup_parent_name))
+            self._host_ready = False
+
+    # --- the Backend interface ---------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        handle = await self._in_thread(self._start, spec)
+        try:
+            await self._wait_ready(handle)
+        except BaseException as exc:
+            await asyncio.shield(self._in_thread(self._fail, handle.sandbox_id, handle.details, exc))
+            raise
+        return handle
+
+    async def pause(self, handle: SandboxHandle) -> None:
+        await self._in_thread(self._cgroups(handle).freeze, True)
+        handle.state = "paused"
+
+    async def resume(self, handle: SandboxHandle) -> None:
+        await self._in_thread(self._cgroups(handle).freeze, False)
+        handle.state = "running"
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        await self._in_thread(self._teardown, handle.sandbox_id, handle.details)
+
+    async def stats(self, handle: SandboxHandle) -> SandboxStats:
+        return await self._in_thread(self.stats_sync, handle)
+
+    async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(network.set_internet, net, allowed)
+        handle.details["allow_internet"] = allowed
+
+    async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(network.set_egress, net, allow, deny)
+
+    async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
+        # The ns tier redirects the sandbox's own outbound connections in its netns; a guest's are
+        # forwarded through the netns, which that redirect does not see.
+        raise BackendError("domain-based egress rules are not supported by the microvm isolation tier; use CIDRs")
+
+    async def close_intercept(self, handle: SandboxHandle) -> None:
+        return None
+
+    def never_reachable(self) -> list[ipaddress.IPv4Network]:
+        return network.never_reachable()
+
+    async def is_alive(self, handle: SandboxHandle) -> bool:
+        return self._cgroups(handle).populated()
+
+    async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
+        return await self._in_thread(self.cleanup_orphans_sync, known_ids)
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(func, *args))
+
+    # --- create ------------------------------------------------------------------------------
+
+    def _start(self, spec: SandboxSpec) -> SandboxHandle:
+        """Validate and build the guest's images; then restore the template's snapshot or boot."""
+        if not SANDBOX_ID.match(spec.sandbox_id):
+            raise BackendError(f"invalid sandbox id {spec.sandbox_id!r}: use 1-63 of [A-Za-z0-9_-]")
+        if not spec.template.layers:
+            raise BackendError(f"template {spec.template.name!r} has no layers")
+        for layer in spec.template.layers:
+            if not Path(layer).is_dir():
+                raise BackendError(f"template {spec.template.name!r}: layer {layer} is not a directory")
+        if spec.memory_mb < 128 or spec.disk_mb < 64 or spec.cpu_count <= 0:
+            raise BackendError("the microvm tier needs memory_mb >= 128, disk_mb >= 64 and cpu_count > 0")
+        self._ensure_host_setup()
+        kernel, modules = image.find_kernel()
+        parts = _Parts(
+            kernel=kernel,
+            initrd=image.initramfs(self.cache_dir, modules),
+            layers=tuple(image.layer_image(self.cache_dir, Path(layer)) for layer in spec.template.layers),
+        )
+        if not self.use_snapshots:
+            return self._start_vm(spec, parts, None)
+        return self._start_vm(spec, parts, self._snapshot(spec, parts))
+
+    def _start_vm(
+        self, spec: SandboxSpec, parts: _Parts, snapshot: _Snapshot | None, save_to: _Snapshot | None = None
+    ) -> SandboxHandle:
+        """Allocate, network, cgroups, disk; QEMU boots the guest (with its RAM in ``save_to``'s
+        file, when it will be saved), or loads ``snapshot``."""
+        sandbox_dir = self.runtime_dir / spec.sandbox_id
+        try:
+            sandbox_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise BackendError(f"sandbox {spec.sandbox_id} already exists") from None
+        details: dict[str, Any] = {"runtime_dir": str(sandbox_dir), "created_at": time.time()}
+        try:
+            slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
+            net = SandboxNet.for_slot(slot, spec.sandbox_id)
+            cg = SandboxCgroups.under(self.cgroup_parents, spec.sandbox_id)
+            details.update(
+                slot=slot,
+                netns=net.netns,
+                host_veth=net.host_veth,
+                host_address=net.host_address,
+                cgroups=cg.to_dict(),
+                allow_internet=spec.allow_internet,
+                memory_mb=spec.memory_mb,
+                cpu_count=spec.cpu_count,
+                disk_mb=spec.disk_mb,
+                accel=self.accel,
+                snapshot=snapshot.directory.name if snapshot else None,
+            )
+            _write_json(sandbox_dir / "state.json", details)
+            cg.create(spec.memory_mb + qemu.QEMU_OVERHEAD_MB, spec.cpu_count, QEMU_PIDS_MAX)
+            network.create_netns(net)
+            network.configure(net, spec.allow_internet)
+            network.attach_vm_tap(net, TAP, guest.TAP_ADDRESS, guest.GUEST_ADDRESS, guest.PREFIX, guest.TAP_MAC)
+            if snapshot is None:
+                disk, disk_format = sandbox_dir / "disk.img", "raw"
+                image.make_disk(disk, spec.disk_mb)
+                initrd = sandbox_dir / "initrd"
+                image.sandbox_initramfs(parts.initrd, initrd, self._guest_config(spec, len(parts.layers)))
+            else:
+                disk, disk_format = sandbox_dir / "disk.qcow2", "qcow2"
+                image.overlay_disk(snapshot.disk, disk)
+                initrd = snapshot.initrd  # the same bytes the saved guest booted from
+            machine = qemu.Machine(
+                kernel=parts.kernel,
+                initrd=initrd,
+                layers=parts.layers,
+                disk=disk,
+                disk_format=disk_format,
+                memory_mb=spec.memory_mb,
+                cpus=max(1, math.ceil(spec.cpu_count)),
+                accel=self.accel,
+                qmp=sandbox_dir / "qmp.sock",
+                console=sandbox_dir / "console.log",
+                tap=TAP,
+                incoming=snapshot is not None,
+                ram=snapshot.ram if snapshot else save_to.ram if save_to else None,
+                ram_shared=save_to is not None,
+            )
+            self._launch(spec.sandbox_id, machine, net, cg, details)
+            _write_json(sandbox_dir / "state.json", details)
+            if snapshot is not None:
+                details["restore_s"] = self._restore(machine, snapshot.state, net)
+                _write_json(sandbox_dir / "state.json", details)
+        except BaseException as exc:
+            self._fail(spec.sandbox_id, details, exc)
+            raise
+        return SandboxHandle(
+            sandbox_id=spec.sandbox_id,
+            backend=self.name,
+            address=net.address,
+            init_secret=snapshot.secret if snapshot else spec.init_secret,
+            details=details,
+        )
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def _snapshot(self, spec: SandboxSpec, parts: _Parts) -> _Snapshot:
+        """The saved VM for this template and shape, booted and saved on first use."""
+        shape = [parts.kernel.name, parts.initrd.name, *(layer.name for layer in parts.layers)]
+        shape += [str(spec.memory_mb), str(math.ceil(spec.cpu_count)), str(spec.disk_mb), self.accel]
+        shape += [str(self.pids_max), SNAPSHOT_VERSION]
+        key = hashlib.sha256("\0".join(shape).encode()).hexdigest()[:16]
+        directory = self.cache_dir / "snapshots" / key
+        snapshot = _Snapshot(directory)
+        if snapshot.complete():
+            return snapshot
+        with image.locked(directory):
+            if snapshot.complete():
+                return snapshot
+            self._save_snapshot(spec, parts, snapshot)
+        return snapshot
+
+    def _save_snapshot(self, spec: SandboxSpec, parts: _Parts, snapshot: _Snapshot) -> None:
+        secret = secrets.token_urlsafe(24)
+        boot = dataclasses.replace(spec, sandbox_id=f"snapshot-{snapshot.directory.name}", init_secret=secret)
+        handle = self._start_vm(boot, parts, None, save_to=snapshot)
+        sandbox_dir = Path(handle.details["runtime_dir"])
+        try:
+            asyncio.run(self._wait_ready(handle))
+            # envd's first request imports what serving needs: let the saved VM have done that
+            with urllib.request.urlopen(f"http://{handle.address}:{ENVD_PORT}/health", timeout=self.ready_timeout):
+                pass
+            connection = qemu.Qmp(sandbox_dir / "qmp.sock")
+            try:
+                connection.command("stop")
+                # the RAM is in the snapshot's file already: the state holds the devices only
+                connection.command(
+                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
+                )
+                fd = os.open(snapshot.state.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    connection.send_fd("snapshot", fd)
+                finally:
+                    os.close(fd)
+                connection.command("migrate", uri="fd:snapshot")
+                connection.wait_migration(timeout=self.ready_timeout)
+                connection.command("quit")
+            finally:
+                connection.close()
+            self._children.pop(handle.sandbox_id).wait()
+            snapshot.ram.chmod(0o600)  # the guest's memory
+            snapshot.state.with_suffix(".tmp").replace(snapshot.state)
+            (sandbox_dir / "disk.img").replace(snapshot.disk)
+            (sandbox_dir / "initrd").replace(snapshot.initrd)
+            fd = os.open(snapshot.directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secret)
+            _write_json(snapshot.directory / "meta.json", {"template": spec.template.name, "saved_at": time.time()})
+        except BaseException as exc:
+            self._fail(handle.sandbox_id, handle.details, exc)
+            raise
+        self._teardown(handle.sandbox_id, handle.details)
+
+    def _restore(self, machine: qemu.Machine, state: Path, net: SandboxNet) -> dict[str, float]:
+        """Load the saved VM into the new QEMU, then give the guest the time and fresh entropy;
+        the seconds each step took."""
+        started = time.monotonic()
+        steps: dict[str, float] = {}
+        connection = qemu.Qmp(machine.qmp)
+        steps["qemu_start"] = time.monotonic() - started
+        try:
+            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                connection.send_fd("state", fd)
+            finally:
+                os.close(fd)
+            connection.command(
+                "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
+            )
+            connection.command("migrate-incoming", uri="fd:state")
+            # the VM was saved stopped, so it is loaded paused
+            if connection.wait_status(("paused", "running"), timeout=self.ready_timeout) == "paused":
+                connection.command("cont")
+            steps["load"] = time.monotonic() - started - steps["qemu_start"]
+        finally:
+            connection.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
+            control.settimeout(0.05)
+            deadline = time.monotonic() + self.ready_timeout
+            while True:
+                message = f"restored {time.time_ns()} {secrets.token_hex(64)}".encode()
+                control.sendto(message, (net.address, guest.CONTROL_PORT))
+                try:
+                    reply = control.recv(512)
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise BackendError("the restored guest did not answer the host") from None
+                    continue
+                if reply != b"ok":
+                    raise BackendError(f"the restored guest refused the host's time and entropy: {reply!r}")
+                steps["guest_answer"] = time.monotonic() - started - steps["qemu_start"] - steps["load"]
+                return {step: round(seconds, 3) for step, seconds in steps.items()}
+
+    def _guest_config(self, spec: SandboxSpec, layer_count: int) -> dict[str, str]:
+        if not re.fullmatch(r"[A-Za-z0-9_-]*", spec.init_secret):
+            raise BackendError("the init secret must be URL-safe base64")
+        return {
+            "LAYERS": str(layer_count),
+            "SECRET": spec.init_secret,
+            "PIDS_MAX": str(self.pids_max),
+            "SHM_BYTES": str(spec.memory_mb * 1024 * 1024 // 2),
+        }
+
+    def _launch(
+        self, sandbox_id: str, machine: qemu.Machine, net: SandboxNet, cg: SandboxCgroups, details: dict[str, Any]
+    ) -> None:
+        """QEMU in the sandbox's netns (its tap is there) and cgroups (joined before exec)."""
+        argv = [
+            "/usr/bin/nsenter", f"--net={net.netns_path}", "--",
+            "/bin/sh", "-c", JOIN_AND_LIMIT, "sh", *map(str, cg.procs_files()),
+            *machine.argv(),
+        ]  # fmt: skip
+        log = Path(details["runtime_dir"]) / "qemu.log"
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOFILE": "4096", "NPROC": "65536"},
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
+        self._children[sandbox_id] = proc
+        details["pid"] = proc.pid
+
+    def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
+        """Tear down a sandbox that did not start, then raise a BackendError with the guest's console tail."""
+        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
+        tail = _tail(sandbox_dir / "qemu.log", "QEMU") + _tail(sandbox_dir / "console.log", "guest console")
+        cleanup = ""
+        try:
+            self._teardown(sandbox_id, details)
+        except BackendError as teardown_error:
+            cleanup = f"\n(and the cleanup after it failed: {teardown_error})"
+        if isinstance(exc, Exception):
+            message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
+            raise BackendError(f"{message}{cleanup}{tail}") from exc
+
+    async def _wait_ready(self, handle: SandboxHandle) -> None:
+        """Until envd accepts TCP at the sandbox address; a BackendError once QEMU has exited."""
+
+        async def envd_listening() -> bool:
+            proc = self._children.get(handle.sandbox_id)
+            if proc is not None and proc.poll() is not None:
+                raise BackendError(
+                    f"sandbox {handle.sandbox_id}: the VM ended before envd listened (rc {proc.returncode})"
+                )
+            try:
+                _, writer = await asyncio.open_connection(handle.address, ENVD_PORT)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        if not await poll_until(
+            envd_listening, self.ready_timeout, first_delay_s=0.005, max_delay_s=0.05, attempt_s=1.0
+        ):
+            raise BackendError(
+                f"sandbox {handle.sandbox_id}: envd did not listen on {handle.address}:{ENVD_PORT} "
+                f"within {self.ready_timeout:.0f}s ({handle.details.get('accel')})"
+            )
+
+    # --- destroy / cleanup -------------------------------------------------------------------
+
+    def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
+        """Remove every trace (QEMU, cgroups, netns and its tap, rules, disk); idempotent. A failed
+        step keeps the sandbox dir and slot so that destroy or cleanup_orphans can retry."""
+        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
+        if "cgroups" in details:
+            cg = SandboxCgroups.from_dict(details["cgroups"])
+        else:
+            cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
+        slot = details.get("slot")
+        errors: list[str] = []
+
+        def step(what: str, func: Callable[..., Any], *args: Any) -> None:
+            try:
+                func(*args)
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(f"{what}: {exc}")
+
+        step("stop QEMU", self._stop_processes, sandbox_id, details, cg)
+        step("remove cgroups", cg.remove)
+        if slot is not None:
+            step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
+        else:
+            step("remove network", network.destroy_netns, network.NETNS_PREFIX + sandbox_id)
+        self._cpu_samples.pop(sandbox_id, None)
+        if errors:
+            raise BackendError(
+                f"sandbox {sandbox_id} was not fully removed ({'; '.join(errors)}); "
+                f"{sandbox_dir} is kept so that destroy or cleanup_orphans can retry"
+            )
+        if sandbox_dir.exists():
+            shutil.rmtree(sandbox_dir)
+        if slot is not None:
+            self.slots.release(slot)
+
+    def _stop_processes(self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups) -> None:
+        if cg.frozen():
+            cg.freeze(False)
+        if not cg.kill():
+            raise BackendError(f"processes still in {cg.unified} after cgroup.kill")
+        proc = self._children.pop(sandbox_id, None)
+        if proc is not None:
+            proc.wait()
+
+    def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
+        """Tear down what belongs to this runtime dir but to no known sandbox."""
+        self._ensure_host_setup()
+        removed: list[str] = []
+        candidates = {entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir()}
+        my_slots = {
+            owner["sandbox_id"]: slot
+            for slot, owner in self.slots.owners().items()
+            if owner.get("runtime_dir") == str(self.runtime_dir)
+        }
+        candidates.update(my_slots)
+        groups = cgroups.children(cgroups.existing_parent_dirs(self.cgroup_parent_name))
+        for sandbox_id in sorted(candidates - known_ids):
+            details = self._load_details(sandbox_id)
+            if "slot" not in details and sandbox_id in my_slots:
+                details["slot"] = my_slots[sandbox_id]
+            self._teardown(sandbox_id, details)
+            removed.append(sandbox_id)
+        for sandbox_id, paths in sorted(groups.items()):
+            if sandbox_id not in known_ids and any(path.exists() for path in paths):
+                cgroups.kill_and_remove(paths)
+                if sandbox_id not in removed:
+                    removed.append(sandbox_id)
+        return removed
+
+    def _load_details(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            details: dict[str, Any] = json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return details
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def stats_sync(self, handle: SandboxHandle) -> SandboxStats:
+        """CPU and memory as the host sees the VM (QEMU's cgroup); disk = blocks the guest's disk holds."""
+        cg = self._cgroups(handle)
+        cpu_count = float(handle.details.get("cpu_count", 1))
+        now, usage = time.time(), cg.cpu_usage_usec()
+        last_time, last_usage = self._cpu_samples.get(
+            handle.sandbox_id, (float(handle.details.get("created_at", now)), 0)
+        )
+        self._cpu_samples[handle.sandbox_id] = (now, usage)
+        elapsed = max(now - last_time, 1e-3)
+        cpu_pct = min(100.0, max(0.0, (usage - last_usage) / 1e6 / elapsed / cpu_count * 100))
+        mem_used, _ = cg.memory_usage()
+        mem_total = int(handle.details.get("memory_mb", 0)) * 1024 * 1024
+        disk_total = int(handle.details.get("disk_mb", 0)) * 1024 * 1024
+        disk_used = 0
+        for name in ("disk.img", "disk.qcow2"):
+            try:
+                disk_used += os.stat(Path(handle.details["runtime_dir"]) / name).st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return SandboxStats(
+            cpu_count=cpu_count,
+            cpu_used_pct=round(cpu_pct, 2),
+            mem_used_bytes=min(mem_used, mem_total) if mem_total else mem_used,
+            mem_total_bytes=mem_total,
+            disk_used_bytes=min(disk_used, disk_total),
+            disk_total_bytes=disk_total,
+        )
+
+    def _cgroups(self, handle: SandboxHandle) -> SandboxCgroups:
+        try:
+            return SandboxCgroups.from_dict(handle.details["cgroups"])
+        except KeyError:
+            raise BackendError(
+                f"handle of sandbox {handle.sandbox_id} has no cgroups (not from this backend?)"
+            ) from None
+
+
+def _tail(path: Path, what: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - limit))
+            text = log.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"\n--- {what} (tail) ---\n{text}" if text else ""

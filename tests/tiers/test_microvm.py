@@ -1,0 +1,163 @@
+"""The microvm tier (sandbox/backends/microvm/) through the stock `e2b` SDK against a real stack:
+a representative subset (create, commands, files, kill, limits) and creates from a saved VM. Slow:
+under TCG (no usable KVM on the dev/CI machines) the first create boots and saves a VM (30-60 s),
+later creates restore it (about a second).
+
+One stack for the module; its guest images and snapshots live in one cache dir per test run.
+After each test nothing of a killed sandbox may be left: QEMU, netns (with the tap), cgroups, files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2b import CommandExitException, Sandbox
+from stack.harness import RunningStack, make_stack, stop_and_clean
+
+from pmoves_e2b.sandbox.backends.microvm import guest
+from pmoves_e2b.sandbox.backends.ns import network
+from pmoves_e2b.sandbox.tiers import METADATA_KEY, TIERS
+
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
+
+MEMORY_MB = 512
+CPUS = 1
+TIMEOUT = 600  # seconds an SDK request may take: a cold TCG boot on a loaded 2-core machine
+
+
+def _unavailable() -> str | None:
+    return TIERS["microvm"].probe()
+
+
+@pytest.fixture(scope="module")
+def microvm_stack() -> Iterator[RunningStack]:
+    reason = _unavailable()
+    if reason:
+        pytest.skip(f"microvm tier unavailable here: {reason}")
+    cache = Path(tempfile.gettempdir()) / f"pmoves-e2b-microvm-cache-{os.getpid()}"
+    stack = make_stack(
+        {
+            "E2B_MICROVM_CACHE_DIR": str(cache),
+            "E2B_SANDBOX_MEMORY_MB": str(MEMORY_MB),
+            "E2B_SANDBOX_CPU_LIMIT": str(CPUS),
+            "E2B_SANDBOX_DISK_MB": "1024",
+            "E2B_POOL_SIZE": "0",
+        }
+    )
+    try:
+        stack.up()
+        yield stack
+    finally:
+        try:
+            stop_and_clean(stack)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture()
+def sdk(microvm_stack: RunningStack, monkeypatch: pytest.MonkeyPatch) -> RunningStack:
+    for name in list(os.environ):
+        if name.startswith("E2B_"):
+            monkeypatch.delenv(name)
+    for name, value in microvm_stack.sdk_env.items():
+        monkeypatch.setenv(name, value)
+    return microvm_stack
+
+
+def _create() -> Sandbox:
+    return Sandbox.create(metadata={METADATA_KEY: "microvm"}, timeout=600, request_timeout=TIMEOUT)
+
+
+def _left_of(stack: RunningStack, sandbox_id: str) -> list[str]:
+    left = []
+    if f"{network.NETNS_PREFIX}{sandbox_id}" in network.list_netns():
+        left.append("netns")
+    if (stack.data_dir / "microvm-sandboxes" / sandbox_id).exists():
+        left.append("sandbox dir")
+    for pid in stack.processes():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if sandbox_id.encode() in cmdline:
+            left.append(f"process {pid}: {cmdline[:80]!r}")
+    return left
+
+
+def test_commands_and_files_run_in_a_guest_kernel_and_kill_leaves_nothing(sdk: RunningStack) -> None:
+    sandbox = _create()
+    try:
+        kernel = sandbox.commands.run("uname -r", request_timeout=TIMEOUT).stdout.strip()
+        assert kernel.endswith("-cloud-amd64"), kernel  # Debian's cloud kernel, not the host's
+        assert kernel != platform.release()
+        who = sandbox.commands.run("id -un && pwd", request_timeout=TIMEOUT).stdout.split()
+        assert who == ["user", "/home/user"]
+        sandbox.files.write("/home/user/hello.txt", "from the host\n", request_timeout=TIMEOUT)
+        assert sandbox.files.read("/home/user/hello.txt", request_timeout=TIMEOUT) == "from the host\n"
+        result = sandbox.commands.run("cat /home/user/hello.txt | tr a-z A-Z", request_timeout=TIMEOUT)
+        assert result.stdout == "FROM THE HOST\n"
+        with pytest.raises(CommandExitException) as failed:
+            sandbox.commands.run("echo out; exit 3", request_timeout=TIMEOUT)
+        assert failed.value.exit_code == 3 and failed.value.stdout == "out\n"
+    finally:
+        sandbox_id = sandbox.sandbox_id
+        sandbox.kill(request_timeout=TIMEOUT)
+    deadline = time.monotonic() + 30  # kills answer at once; the teardown runs in the background
+    while _left_of(sdk, sandbox_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _left_of(sdk, sandbox_id)
+
+
+def test_memory_and_cpus_are_the_sandbox_limits(sdk: RunningStack) -> None:
+    sandbox = _create()
+    try:
+        assert sandbox.commands.run("nproc", request_timeout=TIMEOUT).stdout.strip() == str(CPUS)
+        total_kb = int(sandbox.commands.run("awk '/MemTotal/{print $2}' /proc/meminfo").stdout)
+        assert 0.8 * MEMORY_MB * 1024 < total_kb <= MEMORY_MB * 1024
+        # allocating more than the guest has ends in the guest's OOM killer, and the sandbox lives on
+        with pytest.raises(CommandExitException) as hog:
+            sandbox.commands.run(
+                f"python3 -c 'b = bytearray({2 * MEMORY_MB} * 1024 * 1024); print(len(b))'", request_timeout=TIMEOUT
+            )
+        assert hog.value.exit_code != 0 and str(2 * MEMORY_MB * 1024 * 1024) not in hog.value.stdout
+        assert sandbox.commands.run("echo alive", request_timeout=TIMEOUT).stdout == "alive\n"
+    finally:
+        sandbox.kill(request_timeout=TIMEOUT)
+
+
+def test_sandboxes_restored_from_one_saved_vm_are_independent_with_the_hosts_time_and_own_randomness(
+    sdk: RunningStack,
+) -> None:
+    first, second = _create(), _create()
+    try:
+        sandboxes = (first, second)
+        for sandbox in sandboxes:
+            # restored, not booted: envd did not start in this sandbox's VM
+            assert "restore_s" in _details(sdk, sandbox.sandbox_id)
+            console = sdk.data_dir / "microvm-sandboxes" / sandbox.sandbox_id / "console.log"
+            assert guest.RESTORED_MARKER in console.read_text()
+        first.files.write("/home/user/mine.txt", "first", request_timeout=TIMEOUT)
+        missing = second.commands.run("test -e /home/user/mine.txt || echo absent", request_timeout=TIMEOUT)
+        assert missing.stdout == "absent\n"
+        uuids = {s.commands.run("cat /proc/sys/kernel/random/uuid").stdout for s in sandboxes}
+        assert len(uuids) == 2  # same saved random pool, reseeded with the host's entropy on restore
+        for sandbox in sandboxes:
+            guest_time = float(sandbox.commands.run("date +%s.%N", request_timeout=TIMEOUT).stdout)
+            assert abs(guest_time - time.time()) < 5
+    finally:
+        first.kill(request_timeout=TIMEOUT)
+        second.kill(request_timeout=TIMEOUT)
+
+
+def _details(stack: RunningStack, sandbox_id: str) -> dict[str, object]:
+    state = stack.data_dir / "microvm-sandboxes" / sandbox_id / "state.json"
+    details: dict[str, object] = json.loads(state.read_text())
+    return details
