@@ -101,7 +101,6 @@ def test_public_sandboxes_need_no_traffic_token(sdk_env: dict[str, str]) -> None
         ({"network": {"allow_out": ["a.example.test"], "dns_servers": ["dns.example.test"]}}, "network.dnsServers"),
         ({"network": {"egress_proxy": {"address": "proxy.example.test:1080"}}}, "network.egressProxy"),
         ({"network": {"https_ports": [0]}}, "port numbers"),
-        ({"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}}, "filesystem"),
         ({"volume_mounts": {"/data": "vol-1"}}, "volumeMounts"),
         ({"allow_internet_access": False, "network": {"allow_out": ["198.51.100.7"]}}, "without internet access"),
     ],
@@ -247,7 +246,7 @@ def test_https_ports_reach_a_tls_server_in_the_sandbox(sdk_env: dict[str, str], 
         sbx.kill()
 
 
-def test_unknown_create_fields_and_memoryless_pause_are_refused(sdk_env: dict[str, str]) -> None:
+def test_unknown_create_fields_and_memoryless_resume_are_refused(sdk_env: dict[str, str]) -> None:
     headers = {"X-API-Key": sdk_env["E2B_API_KEY"]}
     body = {"templateID": "base", "timeout": 60, "gpuCount": 1}
     response = httpx.post(sdk_env["E2B_API_URL"] + "/v2/sandboxes", json=body, headers=headers, timeout=30)
@@ -255,10 +254,6 @@ def test_unknown_create_fields_and_memoryless_pause_are_refused(sdk_env: dict[st
     assert response.json()["message"] == "unknown field 'gpuCount' is not supported by this server"
     sbx = Sandbox.create(timeout=60)
     try:
-        with pytest.raises(SandboxException) as caught:
-            sbx.pause(mode="filesystem")
-        assert "filesystem" in str(caught.value)
-        assert sbx.get_info().state.value == "running"  # refused, not silently paused another way
         assert sbx.pause() is True
         with pytest.raises(SandboxException) as caught:
             Sandbox.connect(sbx.sandbox_id, on_resume="reboot")  # type: ignore[call-arg]

@@ -113,8 +113,6 @@ _OFFLINE_ALLOW = (
 
 def _refuse_unsupported(body: NewSandbox) -> None:
     """Options E2B cloud has and we do not: an error the SDK shows, never a silent no-op."""
-    if body.auto_pause_memory is False:
-        raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
     if body.secure is False:
         raise ApiError(400, f"secure=false {_UNSUPPORTED}: envd always requires its access token")
     for name, value in (("mcp", body.mcp), ("iam", body.iam), ("volumeMounts", body.volume_mounts)):
@@ -166,7 +164,7 @@ class ConnectBody(_Body):
 
 
 class PauseBody(_Body):
-    memory: bool | None = None  # false: a filesystem-only pause (E2B cloud); refused here
+    memory: bool | None = None  # false: a filesystem-only pause (files kept, processes ended)
     require_healthy_guest: bool | None = Field(None, alias="requireHealthyGuest")
 
 
@@ -342,6 +340,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
                 api_key_id=key_id,
                 network=network,
                 auto_resume=bool(body.auto_resume and body.auto_resume.on),
+                auto_pause_memory=body.auto_pause_memory is not False,
             )
         )
         return JSONResponse(shapes.sandbox(row, manager.network(row.sandbox_id)), status_code=201)
@@ -400,9 +399,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
 
     async def pause(request: Request, sandbox_id: str) -> Response:
         body: PauseBody = await parse_body(request, PauseBody, required=False)
-        if body.memory is False:
-            raise ApiError(400, f"pausing without memory (mode 'filesystem') {_UNSUPPORTED}: pauses keep memory")
-        await manager.pause(sandbox_id)
+        await manager.pause(sandbox_id, memory=body.memory is not False)
         return Response(status_code=204)
 
     async def sandbox_metrics(request: Request, sandbox_id: str) -> JSONResponse:

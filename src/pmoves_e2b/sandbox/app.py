@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> Any:
         pool_size=settings.e2b_pool_size,
         pool_templates=POOLED_TEMPLATES + ((WARM_TEMPLATE,) if settings.e2b_desktop_warm else ()),
         pool_max=settings.e2b_pool_max,
+        paused_dir=settings.e2b_data_dir / "paused",
         boot_gate=BootGate(
             settings.e2b_create_parallel or os.cpu_count() or 1,
             queue_max=settings.e2b_create_queue,

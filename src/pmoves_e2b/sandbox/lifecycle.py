@@ -43,6 +43,7 @@ from pmoves_e2b.sandbox.errors import BadRequest, Conflict, LimitReached, NotFou
 from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
 from pmoves_e2b.sandbox.pool import PoolSizes, WarmPool
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+from pmoves_e2b.sandbox.templates.rootfs import remove_tree
 from pmoves_e2b.sandbox.templates.store import load_template
 from pmoves_e2b.sandbox.tiers import METADATA_KEY, TieredBackend, Tiers
 from pmoves_e2b.store import repo
@@ -89,6 +90,7 @@ class CreateRequest:
     api_key_id: str
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     auto_resume: bool = False
+    auto_pause_memory: bool = True  # false: its timeout pauses it to disk (files only)
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,11 @@ class SandboxManager:
         pool_max: int | None = None,
         boot_gate: BootGate | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        paused_dir: Path | None = None,
     ) -> None:
         self.db = db
+        # Sandboxes paused without memory keep their files here (<id>/layer-N), none: not offered.
+        self.paused_dir = paused_dir
         self.clock = clock  # wall clock of sandbox lifetimes (end_at, pause); tests pass a fake one
         # One backend per isolation tier behind one dispatcher (a plain backend is the only tier).
         self.tiers = backend if isinstance(backend, Tiers) else Tiers.single(backend)
@@ -215,6 +220,10 @@ class SandboxManager:
         known: set[str] = set()
         for row in await self._store(repo.live_sandboxes):
             handle = SandboxHandle.from_dict(row.handle) if row.handle else None
+            if handle is not None and _on_disk(handle):  # paused without memory: only its files
+                self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
+                log.info("re-adopted sandbox paused to disk", extra={"sandbox_id": row.sandbox_id})
+                continue
             if handle is not None and await self.backend.is_alive(handle):
                 handle.state = row.state
                 self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
@@ -278,6 +287,7 @@ class SandboxManager:
                 if network.allow_out or network.deny_out:
                     await self._apply_egress(handle, network)
                 handle.details["autoResume"] = req.auto_resume
+                handle.details["autoPauseMemory"] = req.auto_pause_memory
                 await self._init(handle, template, req.env_vars, access_token)
             except SandboxError as exc:
                 metrics.CREATE_FAILURES.labels(template=template.name).inc()
@@ -438,6 +448,62 @@ class SandboxManager:
         await self._ready_or_destroyed(handle, self._start_template(handle, spec.template))
         return handle
 
+    # --- pausing to disk ---------------------------------------------------------------
+
+    async def _pause_to_disk(self, handle: SandboxHandle) -> SandboxHandle:
+        """Keep the sandbox's file changes as a layer under ``paused_dir`` and end the sandbox;
+        returns the handle it is remembered by (no processes, no address)."""
+        export = getattr(self.tiers.backend(handle.backend), "export_filesystem", None)
+        if self.paused_dir is None or export is None:
+            raise BadRequest(
+                f"pausing without memory (mode 'filesystem') is not supported by this sandbox's isolation tier "
+                f"'{handle.backend}'; pause it with memory instead"
+            )
+        where = self.paused_dir / handle.sandbox_id
+        await asyncio.to_thread(where.mkdir, 0o700, True, True)
+        layer = where / f"layer-{len(list(where.glob('layer-*'))) + 1}"
+        await self.backend.pause(handle)  # frozen: the copy sees one moment
+        try:
+            await export(handle, layer)
+        except BaseException:
+            await asyncio.to_thread(remove_tree, layer)
+            await self.backend.resume(handle)
+            raise
+        await self.backend.destroy(handle)  # before a resume could boot it again under its id
+        kept = {key: handle.details[key] for key in _KEPT_ON_DISK if key in handle.details}
+        layers = [str(layer), *(handle.details.get("layers") or ())]
+        return SandboxHandle(
+            sandbox_id=handle.sandbox_id,
+            backend=handle.backend,
+            address="",
+            init_secret="",
+            state="paused",
+            details={**kept, "layers": layers, ON_DISK: True},
+        )
+
+    async def _boot_from_disk(self, row: SandboxRow, paused: SandboxHandle) -> SandboxHandle:
+        """Boot a sandbox paused to disk again: same id and access token, its files on top of its
+        template's, its network rules; its processes start afresh (the template's start command)."""
+        runtime = TemplateImage.runtime_from_record(paused.details.get("runtime") or {})
+        template = TemplateImage(name=row.template_id, layers=tuple(paused.details["layers"]), **runtime)
+        spec = self._spec(
+            row.sandbox_id, dataclasses.replace(template, restore_image=""), row.allow_internet, paused.backend
+        )
+        handle = await self._boot(spec, self.boot_gate.create)
+        try:
+            network = NetworkPolicy.from_dict(paused.details["network"]) if "network" in paused.details else None
+            if network is not None:
+                handle.details["network"] = network.to_dict()
+                if network.allow_out or network.deny_out:
+                    await self._apply_egress(handle, network)
+            handle.details["autoResume"] = paused.details.get("autoResume", False)
+            handle.details["autoPauseMemory"] = paused.details.get("autoPauseMemory", True)
+        except BaseException:
+            await asyncio.shield(self._destroy_quietly(handle))
+            raise
+        await self._init(handle, template, row.env_vars or {}, row.envd_access_token)
+        return handle
+
     # --- snapshots (sandbox/snapshots.py keeps them as templates) ------------------------
 
     async def capture(self, sandbox_id: str, layer_dir: Path, image_dir: Path | None) -> SandboxImage:
@@ -596,13 +662,17 @@ class SandboxManager:
         async with live.lock:
             row = self.get(sandbox_id)
             network = self.network(sandbox_id).with_egress(allow_out, deny_out, dns_servers)
-            await self.backend.set_egress(live.handle, network.allow_cidrs, cidrs(deny_out))
+            on_disk = _on_disk(live.handle)  # then its next boot applies them
+            if not on_disk:
+                await self.backend.set_egress(live.handle, network.allow_cidrs, cidrs(deny_out))
             changes: dict[str, Any] = {}
             if allow_internet is not None and allow_internet != row.allow_internet:
-                await self.backend.set_internet(live.handle, allow_internet)
+                if not on_disk:
+                    await self.backend.set_internet(live.handle, allow_internet)
                 changes["allow_internet"] = allow_internet
             live.handle.details["network"] = network.to_dict()
-            await self._sync_intercept(live.handle)
+            if not on_disk:
+                await self._sync_intercept(live.handle)
             row = await self._update_row(sandbox_id, handle=live.handle.to_dict(), **changes) or row
         await self._store(
             repo.audit, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
@@ -627,7 +697,10 @@ class SandboxManager:
             row = self.get(sandbox_id)
             now = self.clock()
             if row.state == "paused":
-                await self.backend.resume(live.handle)
+                if _on_disk(live.handle):
+                    live.handle = await self._boot_from_disk(row, live.handle)
+                else:
+                    await self.backend.resume(live.handle)
                 live.handle.state = "running"
                 # Auto-paused at its timeout, a sandbox has 0 s left: give it a fresh default timeout.
                 remaining = row.paused_remaining_s or DEFAULT_TIMEOUT_S
@@ -671,14 +744,20 @@ class SandboxManager:
         self._reaper_wakeup.set()
         return row
 
-    async def pause(self, sandbox_id: str, reason: str | None = None) -> SandboxRow:
+    async def pause(self, sandbox_id: str, reason: str | None = None, memory: bool = True) -> SandboxRow:
+        """Freeze the sandbox (``memory``), or keep only its files and end its processes: it then
+        holds no memory, survives restarts of the stack and the host, and boots afresh on resume."""
         row = self.get(sandbox_id)
         live = self._live[sandbox_id]
         async with live.lock:
             row = self.get(sandbox_id)
             if row.state == "paused":
                 raise Conflict(f"sandbox '{sandbox_id}' is already paused")
-            await self.backend.pause(live.handle)
+            if memory:
+                await self.backend.pause(live.handle)
+            else:
+                await self.egress.stop(sandbox_id)
+                live.handle = await self._pause_to_disk(live.handle)
             live.handle.state = "paused"
             for listener in self.pause_listeners:
                 listener(sandbox_id)
@@ -721,8 +800,18 @@ class SandboxManager:
         await self._store(repo.audit, actor, "sandbox.kill", sandbox_id, reason=reason)
         await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
-        self._spawn(self._destroy_quietly(live.handle))
+        self._spawn(self._destroy_and_forget(live.handle))
         self.events_written()
+
+    async def _destroy_and_forget(self, handle: SandboxHandle) -> None:
+        """A killed sandbox's end: its processes and mounts, then the files it was paused with."""
+        if not _on_disk(handle):
+            await self._destroy_quietly(handle)
+        if self.paused_dir is not None:
+            try:
+                await asyncio.to_thread(remove_tree, self.paused_dir / handle.sandbox_id)
+            except Exception:
+                log.exception("files of a sandbox paused to disk not removed", extra={"sandbox_id": handle.sandbox_id})
 
     async def _destroy_quietly(self, handle: SandboxHandle) -> None:
         try:
@@ -755,7 +844,8 @@ class SandboxManager:
             if row.end_at <= now:
                 try:
                     if row.auto_pause:
-                        await self.pause(row.sandbox_id, reason="timeout")
+                        memory = self._live[row.sandbox_id].handle.details.get("autoPauseMemory", True)
+                        await self.pause(row.sandbox_id, reason="timeout", memory=bool(memory))
                     else:
                         await self.kill(row.sandbox_id, reason="timeout", actor="system")
                 except SandboxError as exc:  # a kill or pause by a client won the race
@@ -771,8 +861,11 @@ class SandboxManager:
     # --- metrics ------------------------------------------------------------------------
 
     async def stats(self, sandbox_id: str) -> SandboxStats:
-        self.get(sandbox_id)
-        return await self.backend.stats(self._live[sandbox_id].handle)
+        row = self.get(sandbox_id)
+        handle = self._live[sandbox_id].handle
+        if _on_disk(handle):  # no processes: nothing runs, nothing is held but its files
+            return SandboxStats(row.cpu_count, 0.0, 0, row.memory_mb * 1024 * 1024, 0, row.disk_mb * 1024 * 1024)
+        return await self.backend.stats(handle)
 
     def samples(self, sandbox_id: str) -> list[dict[str, Any]]:
         self.get(sandbox_id)
@@ -840,6 +933,14 @@ class SandboxManager:
             await asyncio.sleep(5)
 
 
+ON_DISK = "pausedToDisk"  # handle detail of a sandbox paused without memory
+_KEPT_ON_DISK = ("network", "autoResume", "autoPauseMemory", "runtime")  # details its next boot needs
+
+
+def _on_disk(handle: SandboxHandle) -> bool:
+    return bool(handle.details.get(ON_DISK))
+
+
 def _event(kind: str, row: SandboxRow, reason: str | None) -> dict[str, Any]:
     """The envelope of ``e2b.sandbox.<kind>.v1`` about ``row``, to store with the state change."""
     return lifecycle_event(kind, row.sandbox_id, row.template_id, row.metadata_ or {}, reason, source=EVENT_SOURCE)
@@ -873,11 +974,12 @@ def template_dir_loader(templates_dir: Path) -> TemplateLoader:
 
 
 async def destroy_all_sandboxes(db: Database, backend: Backend) -> int:
-    """Kill every sandbox recorded as live and every remain (used by `pmoves-e2b down`).
+    """Kill every sandbox recorded as live and every remain (used by `pmoves-e2b down`); sandboxes
+    paused to disk are kept (files only) for the next start.
 
     Runs while e2b-sandbox is stopped: the service itself keeps sandboxes alive across restarts.
     """
-    rows = repo.live_sandboxes(db)
+    rows = [r for r in repo.live_sandboxes(db) if not (r.handle and _on_disk(SandboxHandle.from_dict(r.handle)))]
     for row in rows:
         if row.handle:
             try:
