@@ -31,13 +31,10 @@ class EnvdClient:
         await self._http.aclose()
 
     async def init(self, address: str, init_secret: str, body: dict[str, Any]) -> None:
-        res = await self._http.post(
-            f"http://{address}:{ENVD_PORT}/init",
-            json=body,
-            headers={"X-Envd-Init-Secret": init_secret},
-        )
-        if res.status_code >= 300:
-            raise BackendError(f"envd /init answered {res.status_code}: {res.text[:200]}")
+        headers = {"Content-Type": "application/json", "X-Envd-Init-Secret": init_secret}
+        status, answer = await _request(address, ENVD_PORT, "POST", "/init", headers, json.dumps(body).encode(), 10.0)
+        if status >= 300:
+            raise BackendError(f"envd /init answered {status}: {answer[:200].decode(errors='replace')}")
 
     async def start_background(
         self,
@@ -142,12 +139,46 @@ class EnvdClient:
         async def answers() -> bool:
             nonlocal last
             try:
-                res = await self._http.get(f"http://{address}:{port}{path}", timeout=2.0)
-            except httpx.HTTPError as exc:
+                status, _ = await _request(address, port, "GET", path, {}, b"", 2.0)
+            except (OSError, TimeoutError, BackendError) as exc:
                 last = type(exc).__name__
                 return False
-            last = f"HTTP {res.status_code}"
-            return res.status_code < 300
+            last = f"HTTP {status}"
+            return status < 300
 
         if not await poll_until(answers, timeout_s, max_delay_s=0.02):
             raise BackendError(f"port {port} of the sandbox did not become ready in {timeout_s:.0f} s ({last})")
+
+
+ANSWER_LIMIT = 64 * 1024  # what we read of an answer: only its status and the start of an error matter
+
+
+async def _request(
+    address: str, port: int, method: str, path: str, headers: dict[str, str], body: bytes, timeout_s: float
+) -> tuple[int, bytes]:
+    """One small HTTP/1.1 request on its own connection: (status, start of the body). The control
+    plane's own calls at create (readiness, /init) are a few tiny requests per sandbox, where
+    httpx's layers cost a few ms of CPU each; this costs a connect. The answer comes from inside a
+    sandbox: it is read up to ANSWER_LIMIT and within ``timeout_s``, no more."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {address}:{port}", "Connection: close"]
+    lines += [f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items())]
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection(address, port, limit=ANSWER_LIMIT)
+        try:
+            writer.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                raise BackendError(f"no HTTP answer from {address}:{port}{path}") from exc
+            status_line, *fields = head.decode("latin-1").split("\r\n")
+            version, _, code = status_line.partition(" ")
+            if not version.startswith("HTTP/1.") or not code[:3].isdigit():
+                raise BackendError(f"no HTTP answer from {address}:{port}{path}")
+            length = next((v for k, _, v in (f.partition(":") for f in fields) if k.lower() == "content-length"), None)
+            if length is not None and length.strip().isdigit():
+                content = await reader.read(min(int(length), ANSWER_LIMIT))
+            else:  # chunked or until the end: as much as fits (only error texts are shown)
+                content = await reader.read(ANSWER_LIMIT)
+        finally:
+            writer.close()
+    return int(code[:3]), content
