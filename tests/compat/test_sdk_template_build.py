@@ -185,3 +185,68 @@ def test_from_base_image_builds_on_the_base_template(own_templates: Path) -> Non
         assert sandbox.files.read("/home/user/b.txt").strip() == "on-base"
     finally:
         sandbox.kill()
+
+
+def test_run_as_a_user_the_template_lacks_fails_with_e2bs_words(own_templates: Path) -> None:
+    template = Template().from_template("base").run_cmd("whoami", user="root123")
+    expected = "failed to run command 'whoami': command failed: unauthenticated: invalid username: 'root123'"
+    with pytest.raises(BuildException) as failed:
+        Template.build(template, f"t-{uuid.uuid4().hex[:8]}")
+    assert expected in str(failed.value)
+
+
+def test_copy_keeps_symlinks_as_links_wherever_they_point(own_templates: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ctx" / "folder"
+    folder.mkdir(parents=True)
+    (folder / "test.txt").write_text("hello\n")
+    (folder / "relative.txt").symlink_to("test.txt")
+    (folder / "absolute.txt").symlink_to(folder / "test.txt")  # a path of this machine, as E2B keeps it
+    (folder / "dangling.txt").symlink_to("12345test.txt")
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    template = Template(file_context_path=str(tmp_path / "ctx")).from_template("base").copy("folder/*", "folder")
+    Template.build(template, name)
+    sandbox = Sandbox.create(template=name, timeout=60)
+    try:
+        out = sandbox.commands.run(
+            "cd folder && cat relative.txt && readlink relative.txt absolute.txt dangling.txt && "
+            "stat -c %F absolute.txt dangling.txt"
+        ).stdout.split("\n")
+        assert out[:6] == ["hello", "test.txt", str(folder / "test.txt"), "12345test.txt", "symbolic link"] + [
+            "symbolic link"
+        ], out
+    finally:
+        sandbox.kill()
+
+
+def test_an_upload_that_writes_through_a_symlink_is_refused(own_templates: Path, tmp_path: Path) -> None:
+    """A hand-made archive (no SDK makes one): a link to /etc, then a file below it."""
+    import io
+    import os
+    import tarfile
+
+    import httpx
+
+    from pmoves_e2b.sandbox.templates.custom import files_hash
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        link = tarfile.TarInfo("ctx/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+        data = b"pwned\n"
+        below = tarfile.TarInfo(f"ctx/escape/pmoves-{uuid.uuid4().hex[:8]}")
+        below.size = len(data)
+        tar.addfile(below, io.BytesIO(data))
+    digest = files_hash(archive, "ctx", "/opt/ctx")
+    url, key = os.environ["E2B_API_URL"], {"X-API-KEY": os.environ["E2B_API_KEY"]}
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    link_answer = httpx.get(f"{url}/templates/{name}/files/{digest}", headers=key).json()
+    assert httpx.put(link_answer["url"], content=archive.read_bytes()).status_code == 200
+    ids = httpx.post(f"{url}/v3/templates", json={"name": name}, headers=key).json()
+    steps = [{"type": "COPY", "args": ["ctx", "/opt/ctx"], "filesHash": digest, "force": False}]
+    started = httpx.post(
+        f"{url}/v2/templates/{name}/builds/{ids['buildID']}", json={"fromTemplate": "base", "steps": steps}, headers=key
+    )
+    assert started.status_code == 400 and "through a symlink" in started.json()["message"], started.text
+    assert not Path(f"/etc/{below.name.rsplit('/', 1)[1]}").exists()
+    assert not (own_templates / f"{name}.json").exists()

@@ -159,14 +159,36 @@ def files_hash(archive: Path, src: str, dest: str) -> str:
 
 
 def check_archive(archive: Path) -> None:
-    """Members stay inside the context: relative paths without '..', no links pointing out."""
+    """Members stay inside the context: relative paths without '..', no hard links or devices, and
+    nothing is written through a symlink (no member below one, none replacing one), so a symlink may
+    point anywhere (the SDK keeps absolute ones as they are) and is only ever unpacked as a link."""
     with tarfile.open(archive, "r:*") as tar:
-        for member in tar.getmembers():
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts:
-                raise BuildRefused(f"uploaded files: {member.name!r} is outside the build context")
-            if member.islnk() or member.isdev():
-                raise BuildRefused(f"uploaded files: {member.name!r} is a hard link or device")
+        _check_members(tar)
+
+
+def _check_members(tar: tarfile.TarFile) -> None:
+    links: set[tuple[str, ...]] = set()
+    seen: set[tuple[str, ...]] = set()
+    for member in tar.getmembers():
+        name = Path(member.name)
+        if name.is_absolute() or ".." in name.parts:
+            raise BuildRefused(f"uploaded files: {member.name!r} is outside the build context")
+        if member.islnk() or member.isdev():
+            raise BuildRefused(f"uploaded files: {member.name!r} is a hard link or device")
+        parts = tuple(part for part in name.parts if part != ".")
+        if any(parts[:i] in links for i in range(1, len(parts) + 1)) or (member.issym() and parts in seen):
+            raise BuildRefused(f"uploaded files: {member.name!r} would be written through a symlink")
+        seen.add(parts)
+        if member.issym():
+            links.add(parts)
+
+
+def _unpack_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter, except that symlinks keep any target: ``check_archive`` made sure
+    nothing is unpacked through one, and the files are copied into the rootfs as links (cp -P)."""
+    if member.issym():
+        return member.replace(uid=0, gid=0, uname="root", gname="root", deep=False)  # COPY sets the owner
+    return tarfile.data_filter(member, dest)
 
 
 class CustomBuilds:
@@ -351,7 +373,10 @@ class CustomBuilds:
         q = shlex.quote
         # A new WORKDIR belongs to the user the step runs as (so it can write there).
         group = "root" if user == "root" else f'"$(id -gn {q(user)})"'
-        script = f"[ -d {q(workdir)} ] || install -d -o {q(user)} -g {group} {q(workdir)}; cd {q(workdir)} && "
+        # E2B's words for a user the image does not have (its SDK tests match them).
+        unknown = f"failed to run command '{command}': command failed: unauthenticated: invalid username: '{user}'"
+        script = f"id -u {q(user)} >/dev/null 2>&1 || {{ echo {q(unknown)} >&2; exit 1; }}; "
+        script += f"[ -d {q(workdir)} ] || install -d -o {q(user)} -g {group} {q(workdir)}; cd {q(workdir)} && "
         if user == "root":
             script += command
         else:
@@ -396,7 +421,8 @@ class CustomBuilds:
             staging = Path(scratch) / "files"
             staging.mkdir()
             with tarfile.open(self.upload_path(step.files_hash), "r:*") as tar:
-                tar.extractall(staging, filter="data")
+                _check_members(tar)  # again: the upload may have been replaced since the build started
+                tar.extractall(staging, filter=_unpack_filter)  # noqa: S202 - members checked, links kept as links
             # Docker's rule: a directory's contents go into dest; a file goes into dest/ or becomes dest.
             base = staging / src
             inside = f"{HOST_MOUNT_PREFIX}{staging}"
