@@ -9,7 +9,8 @@ BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
-APT_TEST_PACKAGES := postgresql chromium prometheus $(IMAGE_APT_PACKAGES)
+# skopeo/umoci pull template images (from_image); docker-registry serves one on loopback in the tests.
+APT_TEST_PACKAGES := postgresql chromium prometheus skopeo umoci docker-registry $(IMAGE_APT_PACKAGES)
 # `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout).
 IMAGE_APT_PACKAGES := podman runc catatonit containernetworking-plugins debootstrap
 

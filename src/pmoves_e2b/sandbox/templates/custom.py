@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from .definitions import TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
+from .images import Credentials, ImageRef, image_digest, parse_image, pull_rootfs
 from .rootfs import remove_tree, run_in_rootfs
 from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
 
@@ -41,8 +42,30 @@ LAYER_FORMAT = "custom-1"
 BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 
 
+# Run as root in an image's rootfs (with envd's layer above it): envd runs on the image's python3.11
+# (its wheels are built for it); sandboxes run as E2B's `user` (uid 1000, home /home/user).
+IMAGE_SETUP = """\
+if ! command -v python3 >/dev/null || ! python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "this image has no python3.11: envd (the in-sandbox daemon) runs on it; use a Debian bookworm based image" >&2
+  exit 1
+fi
+if ! id user >/dev/null 2>&1; then
+  if command -v useradd >/dev/null; then useradd -m -u 1000 -U -s /bin/bash user
+  else echo 'user:x:1000:1000::/home/user:/bin/sh' >> /etc/passwd; echo 'user:x:1000:' >> /etc/group; fi
+fi
+mkdir -p /home/user && chown user:"$(id -gn user)" /home/user
+"""
+
+
 class BuildRefused(ValueError):
     """A build request this server refuses as a whole (the API answers 400)."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    ref: ImageRef
+    creds: Credentials | None
+    envd: str  # the envd layer (base template's) put above the image
 
 
 def _now() -> str:
@@ -240,19 +263,16 @@ class CustomBuilds:
         if state.status != "waiting":
             raise BuildRefused(f"build '{state.build_id}' was already started")
         parent = body.get("fromTemplate")
-        if body.get("fromImage") in BASE_IMAGES and not parent and not body.get("fromImageRegistry"):
+        image, registry = body.get("fromImage"), body.get("fromImageRegistry")
+        source: dict[str, Any] | ImageSource
+        if parent and (image or registry):
+            raise BuildRefused("give fromTemplate or fromImage, not both")
+        if image in BASE_IMAGES and not registry:
             parent = "base"  # from_base_image(): our `base` template is E2B's base image's counterpart
-        elif body.get("fromImage") or body.get("fromImageRegistry"):
-            raise BuildRefused("fromImage is not supported by this server yet; use fromTemplate or from_base_image()")
-        if not isinstance(parent, str) or not parent:
-            raise BuildRefused("fromTemplate is required (the template to build on, e.g. 'base')")
-        try:
-            parent_name, parent_tag = split_ref(parent)
-            parent_record = build_record(read_record(self.templates_dir, parent_name), parent_tag)
-        except (ValueError, TemplateNotFound):
-            parent_record = None
-        if parent_record is None:
-            raise BuildRefused(f"fromTemplate '{parent}' is not a built template")
+        if parent or not (image or registry):
+            source = self._template_source(parent)
+        else:
+            source = self._image_source(image, registry)
         steps = parse_steps(body.get("steps"))
         start_cmd, ready_cmd = body.get("startCmd") or "", body.get("readyCmd") or ""
         if not isinstance(start_cmd, str) or not isinstance(ready_cmd, str):
@@ -273,14 +293,86 @@ class CustomBuilds:
                 raise BuildRefused(f"step {index}: file hash mismatch for COPY {step.args[0]} (uploaded files differ)")
         state.status = "building"
         self._save(state)
-        threading.Thread(
-            target=self._run, args=(state, parent_record, steps, bool(body.get("force"))), daemon=True
-        ).start()
+        threading.Thread(target=self._run, args=(state, source, steps, bool(body.get("force"))), daemon=True).start()
 
-    def _run(self, state: BuildState, parent: dict[str, Any], steps: list[Step], force: bool) -> None:
+    def _template_source(self, parent: object) -> dict[str, Any]:
+        if not isinstance(parent, str) or not parent:
+            raise BuildRefused("fromTemplate is required (the template to build on, e.g. 'base')")
+        try:
+            parent_name, parent_tag = split_ref(parent)
+            parent_record = build_record(read_record(self.templates_dir, parent_name), parent_tag)
+        except (ValueError, TemplateNotFound):
+            parent_record = None
+        if parent_record is None:
+            raise BuildRefused(f"fromTemplate '{parent}' is not a built template")
+        return parent_record
+
+    def _image_source(self, image: object, registry: object) -> ImageSource:
+        if not isinstance(image, str) or not image:
+            raise BuildRefused("fromImageRegistry needs fromImage (the image to pull)")
+        try:
+            ref = parse_image(image)
+        except ValueError as exc:
+            raise BuildRefused(str(exc)) from None
+        creds = None
+        if registry is not None:
+            if not isinstance(registry, dict) or registry.get("type") != "registry":
+                kind = registry.get("type") if isinstance(registry, dict) else registry
+                raise BuildRefused(f"fromImageRegistry type {kind!r} is not supported here: use 'registry' credentials")
+            extra = set(registry) - {"type", "username", "password"}
+            user, password = registry.get("username"), registry.get("password")
+            if extra or not (isinstance(user, str) and user and isinstance(password, str) and password):
+                raise BuildRefused("fromImageRegistry takes type 'registry', username and password (non-empty)")
+            creds = Credentials(user, password)
+        try:
+            base = read_record(self.templates_dir, "base")
+        except TemplateNotFound:
+            raise BuildRefused("images need the built template 'base' (its envd layer goes on top)") from None
+        envd = next((layer for layer in base["layers"] if str(layer).startswith("envd-")), None)
+        if envd is None:
+            raise BuildRefused("the 'base' template has no envd layer: rebuild it (pmoves-e2b template build base)")
+        return ImageSource(ref, creds, str(envd))
+
+    def _image_base(self, state: BuildState, source: ImageSource, force: bool, host: HostConfig) -> dict[str, Any]:
+        """The image's rootfs (pulled once per manifest digest), envd above it, then a layer that
+        gives it E2B's user: a parent record as a template's would be."""
+        root = layers_dir(self.templates_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        name = source.ref.transport.removeprefix("docker://")
+        state.log(f"FROM {name}: asking the registry for its digest")
+        digest = image_digest(source.ref, source.creds)
+        lid = f"image-{hashlib.sha256(digest.encode()).hexdigest()[:16]}"
+        final = root / lid
+        if final.is_dir() and not force:
+            state.log(f"CACHED FROM {name} ({digest})")
+        else:
+            state.log(f"pulling {name} ({digest})")
+            started = time.monotonic()
+            tmp = root / f".tmp-{lid}"
+            remove_tree(tmp)
+            try:
+                pull_rootfs(source.ref, source.creds, tmp)
+            except BaseException:
+                remove_tree(tmp)
+                raise
+            if final.exists():  # forced: sandboxes may still run on the old one
+                final.rename(final.with_name(f"{lid}~replaced-{int(time.time())}"))
+            tmp.rename(final)
+            state.log(f"image unpacked in {time.monotonic() - started:.1f} s")
+        inputs = [LAYER_FORMAT, "image-user", lid, source.envd, IMAGE_SETUP]
+        setup = root / f"custom-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
+        lowers = [root / source.envd, final]
+        if not setup.is_dir() or force:
+            state.log("setting up the image for sandboxes (python3.11 for envd, user 'user')")
+            self._run_layer(state, setup, lowers, IMAGE_SETUP, "root", "/", {}, host)
+        return {"layers": [setup.name, source.envd, lid], "user": "user", "workdir": "/home/user", "image": digest}
+
+    def _run(self, state: BuildState, source: dict[str, Any] | ImageSource, steps: list[Step], force: bool) -> None:
         try:
             with self._lock:
-                self._build(state, parent, steps, force)
+                if isinstance(source, ImageSource):
+                    source = self._image_base(state, source, force, self._host or read_host_config())
+                self._build(state, source, steps, force)
             state.status = "ready"
         except Exception as exc:  # noqa: BLE001 - the build's outcome goes to the SDK, a thread has no caller
             state.reason = str(exc)
