@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,9 +14,12 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Column, Table
 
 from .builder import TemplateBuilder
+from .custom import BuildRefused, CustomBuilds
 from .definitions import TEMPLATES
-from .errors import TemplateError
-from .store import default_templates_dir, list_templates, read_record
+from .dockerfile import DockerfileError, pack_copies
+from .dockerfile import parse as parse_dockerfile
+from .errors import TemplateError, TemplateNotFound
+from .store import build_record, default_templates_dir, list_templates, read_record, split_ref
 
 app = typer.Typer(help="Build and list sandbox templates (rootfs layers).", no_args_is_help=True)
 console = Console(stderr=True)
@@ -62,14 +66,31 @@ class RichReporter:
 
 @app.command()
 def build(
-    name: Annotated[str | None, typer.Argument(help="Template to build.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Template to build (with -f: any new name, or name:tag).")] = None,
     all_templates: Annotated[bool, typer.Option("--all", help="Build every built-in template.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even the layers that are up to date.")] = False,
+    dockerfile: Annotated[
+        Path | None,
+        typer.Option(
+            "-f", "--file", help="Build a custom template from a Dockerfile (FROM RUN COPY ENV WORKDIR USER ARG)."
+        ),
+    ] = None,
+    context: Annotated[
+        Path | None, typer.Option(help="COPY sources are relative to this (default: the file's dir).")
+    ] = None,
+    build_arg: Annotated[
+        list[str] | None, typer.Option("--build-arg", help="NAME=value for an ARG (repeatable).")
+    ] = None,
     templates_dir: TemplatesDirOption = None,
 ) -> None:
     """Build a template (only the layers whose inputs changed)."""
     if os.geteuid() != 0:
         raise typer.BadParameter("template builds need root (debootstrap, chroot, overlay mounts)")
+    if dockerfile is not None:
+        if all_templates or not name:
+            raise typer.BadParameter("with -f, give the new template's name (name or name:tag), not --all")
+        _build_dockerfile(name, dockerfile, context, build_arg or [], force, templates_dir or default_templates_dir())
+        return
     if all_templates == (name is not None):
         raise typer.BadParameter(f"give one template name or --all (templates: {', '.join(TEMPLATES)})")
     names = list(TEMPLATES) if all_templates else [name or ""]
@@ -146,3 +167,41 @@ def prune(templates_dir: TemplatesDirOption = None) -> None:
     for path in removed:
         console.print(f"removed {path.name}")
     console.print(f"{len(removed)} unused layer(s) removed from {root}")
+
+
+def _build_dockerfile(
+    name: str, dockerfile: Path, context: Path | None, build_args: list[str], force: bool, root: Path
+) -> None:
+    """The Dockerfile as a custom build request, run by the executor the template API uses; its log
+    is printed as it grows."""
+    args = dict(arg.partition("=")[::2] for arg in build_args)
+    try:
+        parsed = parse_dockerfile(dockerfile.read_text(), args)
+        try:
+            found = build_record(read_record(root, split_ref(parsed.base)[0]), split_ref(parsed.base)[1])
+        except (ValueError, TemplateNotFound):
+            found = None
+        body: dict[str, Any] = {"steps": parsed.steps, "force": force}
+        body["fromTemplate" if found is not None else "fromImage"] = parsed.base
+        pack_copies(parsed, context or dockerfile.parent, root / "uploads")
+        builds = CustomBuilds(root)
+        state = builds.request(name, 0, 0)
+        builds.start(state, body)
+    except OSError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except (DockerfileError, BuildRefused) as exc:
+        console.print(f"[red]{dockerfile}: {exc}[/]")
+        raise typer.Exit(2) from None
+    shown = 0
+    while True:
+        finished = state.status not in ("waiting", "building")
+        for entry in state.entries[shown:]:
+            console.print(entry["message"], markup=False, highlight=False)
+        shown = len(state.entries)
+        if finished:
+            break
+        time.sleep(0.2)
+    if state.status != "ready":
+        console.print(f"[red]template {name}: build failed[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]template {name} ready[/] in {root} (build {state.build_id}, tags {', '.join(state.tags)})")

@@ -38,7 +38,7 @@ STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
 FILES_HASH = re.compile(r"^[0-9a-f]{64}$")  # the SDK's sha256 of a COPY step's files
 # Made by `pmoves-e2b template build`: not replaceable through the API.
 BUILT_IN = frozenset(TEMPLATES)
-LAYER_FORMAT = "custom-1"
+LAYER_FORMAT = "custom-2"  # bumped when a step makes a different layer from the same inputs
 BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 
 
@@ -533,6 +533,10 @@ class CustomBuilds:
                     parent = os.path.dirname(target) or "/"
                     script = f"mkdir -p {q(parent)} && cp -P {q(f'{inside}/{src}')} {q(target)}"
                     owned = [target]
+            if base.is_dir() or target.endswith("/") or len(owned) > 1:
+                # A destination dir this COPY creates is the user's too (Docker's --chown does that).
+                script = f"[ -e {q(target)} ] || made=1; {script}"
+                script += f' && {{ [ -z "${{made:-}}" ] || chown {q(user)}:"$(id -gn {q(user)})" {q(target)}; }}'
             if owned:
                 paths = " ".join(q(p) for p in owned)
                 script += f' && chown -hR {q(user)}:"$(id -gn {q(user)})" {paths}'
