@@ -46,6 +46,8 @@ def test_pause_to_disk_ends_processes_and_resume_boots_with_files_env_and_token(
         sbx.commands.run("sudo sh -c 'echo root file > /etc/kept.conf'")
         sbx.commands.run("sleep 600", background=True)
         assert _processes_of(sbx.sandbox_id)
+        boot_before = sbx.files.read("/proc/sys/kernel/random/boot_id").strip()
+        assert boot_before != Path("/proc/sys/kernel/random/boot_id").read_text().strip()  # its own, not the host's
 
         assert sbx.pause(mode="filesystem") is True
         assert not sbx.is_running()
@@ -59,6 +61,7 @@ def test_pause_to_disk_ends_processes_and_resume_boots_with_files_env_and_token(
         assert sbx.files.read("/etc/kept.conf") == "root file\n"
         assert sbx.commands.run("echo $GREETING").stdout.strip() == "hello from create"
         assert "sleep 600" not in sbx.commands.run("ps -eo args").stdout  # processes started afresh
+        assert sbx.files.read("/proc/sys/kernel/random/boot_id").strip() != boot_before  # it booted again
         sbx.files.write("/home/user/after.txt", "after the resume")
 
         # paused to disk a second time: both generations of changes come back

@@ -43,6 +43,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -316,6 +317,7 @@ class NsBackend:
         pts_options = f"newinstance,ptmxmode=0666,mode=620,max={hostlimits.PTYS_PER_SANDBOX}"
         mounts.mount("devpts", pts, "devpts", mounts.MS_NOSUID | mounts.MS_NOEXEC, pts_options)
 
+        (sandbox_dir / "boot_id").write_text(f"{uuid.uuid4()}\n")
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         seccomp_r = seccomp.bpf_pipe()
@@ -333,6 +335,8 @@ class NsBackend:
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
             "--hostname", "e2b",
             "--bind", str(self.launch_root / spec.sandbox_id / "m"), "/", "--proc", "/proc", "--dev", "/dev",
+            # its own boot id, as a machine of its own has (programs tell a reboot by it)
+            "--ro-bind", str(self.launch_root / spec.sandbox_id / "boot_id"), "/proc/sys/kernel/random/boot_id",
             "--dev-bind", str(self.launch_root / spec.sandbox_id / "pts"), "/dev/pts",
             # its own cgroup2 group, delegated: envd puts each command in a child group
             "--bind", str(cg.unified), "/sys/fs/cgroup",
