@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     e2b_execution_timeout_sec: int = Field(300, ge=1)
     e2b_pool_size: int = Field(2, ge=0)  # warm sandboxes per pooled template, at least (0: no pool)
     e2b_pool_max: int = Field(8, ge=0)  # most warm sandboxes of one template when demand rises
+    # More templates kept warm (custom ones, name or name:tag, comma-separated) beside the built-in ones.
+    e2b_pool_templates: str = Field("", pattern=r"^[A-Za-z0-9._:, -]*$")
     # Sandboxes booting at once (default: the CPU count); creates beyond wait in a bounded queue.
     e2b_create_parallel: int | None = Field(None, ge=1)
     e2b_create_queue: int = Field(64, ge=0)

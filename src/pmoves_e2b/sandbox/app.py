@@ -75,7 +75,9 @@ def create_app(settings: Settings | None = None) -> Any:
         ),
         events_written=lambda: _wake_outbox(app),
         pool_size=settings.e2b_pool_size,
-        pool_templates=POOLED_TEMPLATES + ((WARM_TEMPLATE,) if settings.e2b_desktop_warm else ()),
+        pool_templates=POOLED_TEMPLATES
+        + tuple(name.strip() for name in settings.e2b_pool_templates.split(",") if name.strip())
+        + ((WARM_TEMPLATE,) if settings.e2b_desktop_warm else ()),
         pool_max=settings.e2b_pool_max,
         paused_dir=settings.e2b_data_dir / "paused",
         boot_gate=BootGate(
