@@ -10,12 +10,14 @@ and created one after another, twice, with a fixed pool of 2 and with the pool f
 ``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
 creates per second (4 clients in a create+kill loop); idle memory per sandbox; how many idle
 sandboxes were alive at once. ``--before`` also runs the pool-off rows with ``E2B_ENVD_ZYGOTE=false``
-(every sandbox starts its own envd, as before the zygote).
+(every sandbox starts its own envd, as before the zygote); ``--before-tree DIR`` runs them from an
+older checkout. The sustained rows print the CPU per create+kill of every process involved.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -69,8 +71,45 @@ def bwrap_python(runs: int) -> list[float]:
     return timed(lambda: subprocess.run(argv, check=True), runs)
 
 
-def sustained(clients: int, seconds: float) -> tuple[int, float]:
-    """``clients`` threads each creating and killing sandboxes in a loop: (creates, creates per second)."""
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_ms(pid: int) -> tuple[float, float]:
+    """(own user+sys, reaped children's user+sys) of a process, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_MS, (int(fields[13]) + int(fields[14])) * TICK_MS
+
+
+def _zygote_pids() -> list[int]:
+    host_pid_ns, found = os.readlink("/proc/self/ns/pid"), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ENVD_ZYGOTE=" in (entry / "environ").read_bytes() and os.readlink(entry / "ns/pid") == host_pid_ns:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def cpu_snapshot(stack) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """CPU ms so far of every process a create+kill uses: e2b-sandbox itself; its reaped children (ip,
+    the sandbox's exec chain and bwrap, which reaps the sandbox's init, which reaps envd); the envd
+    zygotes with their reaped forks; nats-server; this client. Machine-wide busy time for the load."""
+    own, children = _proc_cpu_ms(stack.service_pid("sandbox"))
+    zygote = sum(sum(_proc_cpu_ms(pid)) for pid in _zygote_pids())
+    nats_pid = stack.service_pid("nats")
+    nats = sum(_proc_cpu_ms(nats_pid)) if nats_pid else 0.0
+    me = os.times()
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = (sum(cpu) - cpu[3] - cpu[4]) * TICK_MS
+    return {"e2b-sandbox": own, "its children + sandboxes": children, "envd zygotes": zygote, "nats": nats,
+            "client": (me.user + me.system) * 1000, "machine busy (all users)": busy}  # fmt: skip
+
+
+def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    """``clients`` threads each creating and killing sandboxes in a loop: (creates, creates per second).
+    With ``stack``, also prints the CPU per create of each process involved."""
     from e2b import Sandbox
 
     stop, done, errors = threading.Event(), [0] * clients, []
@@ -85,6 +124,8 @@ def sustained(clients: int, seconds: float) -> tuple[int, float]:
             done[index] += 1
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    before = cpu_snapshot(stack) if stack is not None else {}
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -95,6 +136,13 @@ def sustained(clients: int, seconds: float) -> tuple[int, float]:
     elapsed = time.perf_counter() - started
     if errors:
         print(f"  ({len(errors)} creates failed, e.g. {errors[0][:200]})", flush=True)
+    if stack is not None and sum(done):
+        time.sleep(2)  # the last teardowns
+        after = cpu_snapshot(stack)
+        per = {name: (after[name] - before[name]) / sum(done) for name in before}
+        ours = sum(value for name, value in per.items() if name != "machine busy (all users)")
+        parts = ", ".join(f"{name} {value:.1f}" for name, value in per.items())
+        print(f"  CPU ms per create+kill: {parts}; ours {ours:.1f} (load average {load:.1f} at start)", flush=True)
     return sum(done), sum(done) / elapsed
 
 
@@ -119,18 +167,21 @@ def pss_kb(pids: list[int]) -> int:
     return total
 
 
-def sandbox_pids(data_dir: Path) -> list[int]:
-    """Processes in our sandboxes (their cgroup path carries the runtime dir's tag), and the envd
-    zygotes they were forked from (outside any sandbox, sharing their pages with all of them)."""
+def sandbox_pids(stack) -> list[int]:  # type: ignore[no-untyped-def]
+    """Processes in this stack's sandboxes (their cgroup path carries its runtime dir's tag; other
+    stacks on the machine have other tags), and its envd zygotes (children of its e2b-sandbox, outside
+    any sandbox, sharing their pages with all of them)."""
+    runtime_dir = (stack.data_dir / "sandboxes").resolve()
+    tag = "pmoves-e2b-" + hashlib.sha256(str(runtime_dir).encode()).hexdigest()[:10]
+    service = stack.service_pid("sandbox")
     pids = []
-    host_pid_ns = os.readlink("/proc/self/ns/pid")
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if "pmoves-e2b-" in (entry / "cgroup").read_text():
+                if tag in (entry / "cgroup").read_text():
                     pids.append(int(entry.name))
-                elif b"pmoves_e2b.envd" in (entry / "cmdline").read_bytes() and (
-                    os.readlink(entry / "ns/pid") == host_pid_ns
+                elif int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == service and (
+                    b"ENVD_ZYGOTE=" in (entry / "environ").read_bytes()
                 ):
                     pids.append(int(entry.name))
             except OSError:
@@ -158,7 +209,9 @@ def measure(stack, options: argparse.Namespace, bases: dict[str, list[float]]) -
     sbx.kill()
 
 
-def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float]], label: str = "") -> None:  # type: ignore[no-untyped-def]
+def measure_cold(
+    stack, options: argparse.Namespace, bases: dict[str, list[float]], label: str = "", burst: bool = True
+) -> None:  # type: ignore[no-untyped-def]
     from e2b import Sandbox
 
     os.environ.update(stack.sdk_env)
@@ -170,15 +223,16 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
         sbx.kill()
     line(f"create, pool off{label} (n={options.runs})", cold, "bwrap /bin/true", bases["bwrap"])
     line(f"create, pool off{label} (n={options.runs})", cold, "bwrap python3 -c pass", bases["python"])
-    count, rate = sustained(options.clients, options.seconds)
+    count, rate = sustained(options.clients, options.seconds, stack)
     print(
         f"sustained, pool off{label}: {options.clients} clients create+kill for {options.seconds:.0f} s: "
         f"{count} creates, {rate:.1f} creates/s",
         flush=True,
     )
-    if label:
+    if not burst:
         return
 
+    time.sleep(3)  # the loop's teardowns end before the burst
     with ThreadPoolExecutor(max_workers=options.concurrent) as pool:
         started = time.perf_counter()
 
@@ -191,12 +245,12 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
         wall = time.perf_counter() - started
     lat = [r[0] for r in results]
     print(
-        f"{options.concurrent} concurrent creates: all {len(results)} succeeded, p50 {statistics.median(lat):.0f} ms,"
+        f"{options.concurrent} concurrent creates{label}: all {len(results)} succeeded, p50 {statistics.median(lat):.0f} ms,"
         f" p99 {pct(lat, 0.99):.0f} ms, wall {wall:.1f} s -> {len(results) / wall:.1f} creates/s sustained",
         flush=True,
     )
     time.sleep(3)
-    pids = sandbox_pids(stack.data_dir)
+    pids = sandbox_pids(stack)
     per_box = pss_kb(pids) / max(1, len(results))
     print(
         f"idle memory per base sandbox: {per_box / 1024:.1f} MB PSS ({len(pids)} processes"
@@ -212,7 +266,7 @@ def measure_cold(stack, options: argparse.Namespace, bases: dict[str, list[float
             alive = list(pool.map(lambda _: Sandbox.create(timeout=600).sandbox_id, range(options.idle)))
         print(
             f"idle base sandboxes alive at once: {len(alive)} (asked for {options.idle}); "
-            f"PSS total {pss_kb(sandbox_pids(stack.data_dir)) / 1024:.0f} MB",
+            f"PSS total {pss_kb(sandbox_pids(stack)) / 1024:.0f} MB",
             flush=True,
         )
     finally:
@@ -268,6 +322,12 @@ def main() -> int:
     parser.add_argument("--before", action="store_true", help="also the pool-off rows with E2B_ENVD_ZYGOTE=false")
     parser.add_argument("--skip-held", action="store_true")
     parser.add_argument("--cold-only", action="store_true", help="only the pool-off rows")
+    parser.add_argument(
+        "--before-tree",
+        type=Path,
+        help="a checkout of an older commit (git worktree add / git archive): its pool-off rows first, "
+        "the stack run from its src/ (same-run baseline of a change)",
+    )
     options = parser.parse_args()
     bases = {"fork": fork_exec_true(100), "bwrap": bwrap_true(50), "python": bwrap_python(30)}
     print(
@@ -278,11 +338,20 @@ def main() -> int:
     most = max(options.idle, options.concurrent) + 5
     # every sandbox of a burst must fit the memory budget (its default is the machine's memory)
     limits = {"E2B_MAX_SANDBOXES": str(most), "E2B_MEMORY_BUDGET_MB": str(most * 2048)}
+    if options.before_tree:
+        os.environ["PYTHONPATH"] = str(options.before_tree.resolve() / "src")
+        before = make_stack({"E2B_POOL_SIZE": "0", **limits})
+        try:
+            before.up(timeout=300)
+            measure_cold(before, options, bases, label=f" (before: {options.before_tree})")
+        finally:
+            stop_and_clean(before)
+            del os.environ["PYTHONPATH"]
     if options.before:
         before = make_stack({"E2B_POOL_SIZE": "0", "E2B_ENVD_ZYGOTE": "false", **limits})
         try:
             before.up(timeout=300)
-            measure_cold(before, options, bases, label=" (envd not forked: before)")
+            measure_cold(before, options, bases, label=" (envd not forked: before)", burst=False)
         finally:
             stop_and_clean(before)
     if not (options.skip_held or options.cold_only):
