@@ -203,3 +203,29 @@ def test_desktop_has_what_the_stock_desktop_sdk_runs(templates_dir: Path) -> Non
     assert "missing" not in out, out
     assert out.split() == ["novnc", "/usr/bin/chromium", "1", "MetricsReportingEnabled"], out
     assert load_template("desktop", templates_dir).memory_mb == 4096
+
+
+def test_desktop_xfce_starts_its_session_at_once_without_idle_parts(templates_dir: Path) -> None:
+    """The XFCE of a desktop booted on demand: one session start group, nothing it does not need."""
+    xfconf = "/etc/xdg/xfce4/xfconf/xfce-perchannel-xml"
+
+    def count(pattern: str, path: str) -> str:
+        return f"cat {path} 2>/dev/null | grep -cE '{pattern}'; "
+
+    out = run(
+        "desktop",
+        templates_dir,
+        "echo $("
+        + count('Client[0-9]_Priority" type="int" value="15"', f"{xfconf}/xfce4-session.xml")
+        + count('value="(Thunar|xfdesktop|xfce4-panel|xfwm4|xfsettingsd)"', f"{xfconf}/xfce4-session.xml")
+        + count("Thunar", f"{xfconf}/xfce4-session.xml")
+        + count('use_compositing" type="bool" value="false', f"{xfconf}/xfwm4.xml")
+        + count('<property name="style" type="int" value="0"', f"{xfconf}/xfce4-desktop.xml")
+        + count('value="(pulseaudio|actions|systray)"', "/etc/xdg/xfce4/panel/default.xml")
+        + count('value="(applicationsmenu|tasklist|clock|launcher)"', "/etc/xdg/xfce4/panel/default.xml")
+        + ")",
+    )
+    # Four clients of priority 15 (one start group), none of them Thunar's daemon; no compositor,
+    # no desktop icons, no idle panel plugins; the menu, window list, clock and launchers stay.
+    assert out.split()[:6] == ["4", "4", "0", "1", "1", "0"], out
+    assert int(out.split()[6]) >= 7, out
