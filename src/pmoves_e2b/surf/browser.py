@@ -19,6 +19,7 @@ its own. Warm desktops count against ``E2B_MAX_SANDBOXES``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from playwright.async_api import Browser, BrowserContext, Page, Playwright, async_playwright
+from playwright.async_api import Browser, BrowserContext, CDPSession, Page, Playwright, async_playwright
 from playwright.async_api import Error as PlaywrightError
 
 from pmoves_e2b.desktop.desktops import Desktop, DesktopError, DesktopOps, parse_resolution
@@ -89,6 +90,59 @@ class SurfBrowser:
     page: Page
     width: int
     height: int
+    _cdp: CDPSession | None = None
+    _frame_id: str | None = None
+    _no_fetch: bool = False
+
+    async def fetch(self, url: str, limit: int, timeout_s: float) -> tuple[int | None, bytes] | None:
+        """GET ``url`` with the browser's own network stack, without navigating the page: Chromium's
+        ``Network.loadNetworkResource`` (how DevTools loads source maps). Answers the HTTP status
+        (None: no answer, e.g. host unreachable) and at most ``limit`` bytes of the body; None when
+        this browser cannot do it (the caller navigates instead). A navigation costs a document
+        of its own, torn down again by the next one, and a favicon request; this is one load."""
+        if self._no_fetch:
+            return None
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._fetch(url, limit)
+        except TimeoutError:
+            return None, b""  # no answer in time, as a navigation that timed out
+        except PlaywrightError as exc:
+            log.info("Network.loadNetworkResource unavailable, navigating instead: %s", exc)
+            self._no_fetch = True
+            return None
+
+    async def cdp(self) -> CDPSession:
+        """A CDP session on the page (made once) and its main frame's id."""
+        if self._cdp is None:
+            self._cdp = await self.context.new_cdp_session(self.page)
+        if self._frame_id is None:
+            tree = await self._cdp.send("Page.getFrameTree")
+            self._frame_id = str(tree["frameTree"]["frame"]["id"])
+        return self._cdp
+
+    async def _fetch(self, url: str, limit: int) -> tuple[int | None, bytes]:
+        cdp = await self.cdp()
+        options = {"disableCache": False, "includeCredentials": False}
+        loaded = await cdp.send(
+            "Network.loadNetworkResource", {"frameId": self._frame_id, "url": url, "options": options}
+        )
+        resource = loaded["resource"]
+        status = resource.get("httpStatusCode")
+        stream = resource.get("stream")
+        body = b""
+        if stream:
+            try:
+                while len(body) < limit:
+                    chunk = await cdp.send("IO.read", {"handle": stream, "size": limit - len(body)})
+                    data = chunk.get("data", "")
+                    body += base64.b64decode(data) if chunk.get("base64Encoded") else data.encode()
+                    if chunk.get("eof"):
+                        break
+            finally:
+                with contextlib.suppress(PlaywrightError):
+                    await cdp.send("IO.close", {"handle": stream})
+        return (int(status) if status else None), body[:limit]
 
     async def close(self) -> None:
         """Drop the CDP connection (Chromium goes with the desktop; the shared driver stays)."""
@@ -152,6 +206,7 @@ class Browsers:
         try:
             browser = await self.open(desktop_id)
             await _prewarm(browser.page)
+            await browser.cdp()  # the first robots.txt of a run then needs no set-up round trips
         except BaseException:
             await asyncio.shield(self.remove(desktop_id))
             raise

@@ -24,7 +24,7 @@ from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, Response
 
 from pmoves_e2b.surf.extract import Extracted, extract
-from pmoves_e2b.surf.robots import HostPace, Robots, origin_of
+from pmoves_e2b.surf.robots import MAX_ROBOTS_BYTES, HostPace, Robots, origin_of
 from pmoves_e2b.surf.run import RunContext
 
 HOST_INTERVAL_S = 0.25
@@ -57,7 +57,14 @@ class Scraper:
         return max(1.0, min(NAV_TIMEOUT_S, self.ctx.time_left())) * 1000
 
     async def _fetch_robots(self, url: str) -> tuple[int | None, str]:
-        """robots.txt through the browser (its network, its proxy settings, nothing of ours); not paced."""
+        """robots.txt through the browser (its network, its proxy settings, nothing of ours); not paced.
+        Loaded without a navigation when the browser can (one load instead of a document)."""
+        fetched = await self.ctx.browser.fetch(
+            url, MAX_ROBOTS_BYTES, max(1.0, min(NAV_TIMEOUT_S, self.ctx.time_left()))
+        )
+        if fetched is not None:
+            status, body = fetched
+            return status, body.decode("utf-8", errors="replace")
         try:
             # Its answer is all we need: no waiting for the browser to render the text as a page.
             response = await self.ctx.page.goto(url, wait_until="commit", timeout=self._nav_timeout_ms())
