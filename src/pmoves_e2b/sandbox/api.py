@@ -444,11 +444,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
     async def list_v2(request: Request) -> JSONResponse:
         # E2B's spec: newest first unless order=asc.
         rows = _filtered(request, {"running", "paused"}, default_order="desc")
-        limit = _int_query(request, "limit")
-        limit = MAX_PAGE if limit is None else limit
-        if not 1 <= limit <= MAX_PAGE:
-            raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
-        cursor = _decode_token(request.query_params.get("nextToken"))
+        limit, cursor = page_query(request)
         if cursor is not None:
             # A cursor, not an offset: sandboxes created or killed between pages neither repeat
             # nor skip the ones already listed.
@@ -457,7 +453,7 @@ def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> 
         page = rows[:limit]
         headers = {}
         if len(rows) > limit:
-            headers["x-next-token"] = _encode_token(_sort_key(page[-1]))
+            headers["x-next-token"] = encode_page_token(_sort_key(page[-1]))
         return JSONResponse([shapes.listed(r) for r in page], headers=headers)
 
     add = router.add_api_route
@@ -509,7 +505,16 @@ def _time_query(request: Request, name: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # a naive time means UTC
 
 
-def _encode_token(key: tuple[str, str]) -> str:
+def page_query(request: Request) -> tuple[int, tuple[str, str] | None]:
+    """A paged list's ``limit`` (1..MAX_PAGE, default MAX_PAGE) and its ``nextToken`` cursor."""
+    limit = _int_query(request, "limit")
+    limit = MAX_PAGE if limit is None else limit
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
+    return limit, _decode_token(request.query_params.get("nextToken"))
+
+
+def encode_page_token(key: tuple[str, str]) -> str:
     return base64.urlsafe_b64encode("|".join(key).encode()).decode()
 
 

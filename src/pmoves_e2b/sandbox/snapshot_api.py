@@ -11,17 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from pmoves_e2b.sandbox.api import (
-    MAX_PAGE,
-    ApiKeys,
-    Shapes,
-    _decode_token,
-    _encode_token,
-    _int_query,
-    _Strict,
-    parse_body,
-)
-from pmoves_e2b.sandbox.errors import ApiError, SandboxError
+from pmoves_e2b.sandbox.api import ApiKeys, Shapes, _Strict, encode_page_token, page_query, parse_body
+from pmoves_e2b.sandbox.errors import SandboxError
 from pmoves_e2b.sandbox.snapshots import MAX_FORKS, SnapshotInfo, Snapshots
 
 
@@ -53,17 +44,13 @@ def build_snapshot_router(snapshots: Snapshots, keys: ApiKeys, shapes: Shapes) -
 
     async def list_snapshots(request: Request) -> JSONResponse:
         found = snapshots.listed(request.query_params.get("sandboxID"), request.query_params.get("name"))
-        limit = _int_query(request, "limit")
-        limit = MAX_PAGE if limit is None else limit
-        if not 1 <= limit <= MAX_PAGE:
-            raise ApiError(400, f"limit must be between 1 and {MAX_PAGE}")
-        cursor = _decode_token(request.query_params.get("nextToken"))
+        limit, cursor = page_query(request)
         if cursor is not None:
             found = [info for info in found if (info.created_at, info.snapshot_id) > cursor]
         page = found[:limit]
         headers = {}
         if len(found) > limit:
-            headers["x-next-token"] = _encode_token((page[-1].created_at, page[-1].snapshot_id))
+            headers["x-next-token"] = encode_page_token((page[-1].created_at, page[-1].snapshot_id))
         return JSONResponse([_shape(info) for info in page], headers=headers)
 
     async def fork(request: Request, sandbox_id: str) -> JSONResponse:
