@@ -67,6 +67,7 @@ def test_filesystem_snapshot_carries_files_to_new_sandboxes(own_templates: Any) 
     finally:
         source.kill()
     assert not list((templates / "layers").glob(".tmp-*"))
+    assert not list((templates / "layers").glob("snapshot-*"))  # deleted: its layer went with it
 
 
 def test_named_snapshots_are_listed_by_sandbox_and_name_and_a_name_takes_the_newest(own_templates: Any) -> None:

@@ -25,7 +25,7 @@ from pmoves_e2b.sandbox.errors import BadRequest, Conflict
 from pmoves_e2b.sandbox.lifecycle import INIT_SECRET_FILE, CreateRequest, SandboxManager, new_sandbox_id
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.rootfs import remove_tree
-from pmoves_e2b.sandbox.templates.store import TEMPLATE_NAME, layers_dir, read_record, write_record
+from pmoves_e2b.sandbox.templates.store import TEMPLATE_NAME, layers_dir, read_record, referenced_layers, write_record
 from pmoves_e2b.store.models import SandboxRow
 
 UNNAMED_PREFIX = "snapshot-"
@@ -162,6 +162,16 @@ class Snapshots:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result  # cancelled: not a fork's own failure
         return results
+
+
+def remove_snapshot_files(templates_dir: Path, record: dict[str, Any]) -> None:
+    """The files of a deleted snapshot: its own layer (unless a snapshot taken of one of its
+    sandboxes builds on it) and its memory image."""
+    own = record["layers"][0]
+    if own not in referenced_layers(templates_dir):
+        remove_tree(layers_dir(templates_dir) / own)
+    if record.get("restore_image"):
+        remove_tree(Path(record["restore_image"]))
 
 
 def _remove(layer: Path, image_dir: Path | None) -> None:

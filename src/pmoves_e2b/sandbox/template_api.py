@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from pmoves_e2b.envd import ENVD_VERSION
 from pmoves_e2b.sandbox.api import parse_body
 from pmoves_e2b.sandbox.errors import ApiError
+from pmoves_e2b.sandbox.snapshots import remove_snapshot_files
 from pmoves_e2b.sandbox.templates import store
 from pmoves_e2b.sandbox.templates.custom import (
     BUILT_IN,
@@ -341,7 +342,10 @@ def build_template_router(
             raise ApiError(404, f"template '{template_id}' not found")
         if await asyncio.to_thread(in_use, template_id):
             raise ApiError(409, f"template '{template_id}' has running or paused sandboxes; kill them first")
+        record = await asyncio.to_thread(read_record, templates_dir, template_id)
         path.unlink()  # its layers stay for `pmoves-e2b template prune` (cached for a rebuild)
+        if "snapshot" in record:  # a snapshot's own files are no cache: they go now
+            await asyncio.to_thread(remove_snapshot_files, templates_dir, record)
         return Response(status_code=204)
 
     async def listed() -> JSONResponse:
