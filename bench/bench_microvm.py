@@ -6,8 +6,9 @@ from the same run: the ns tier's ``Sandbox.create()`` and ``commands.run("true")
 
 Prints: the first microvm create (boots a VM and saves it), creates restored from that saved VM,
 creates that boot (``E2B_MICROVM_SNAPSHOTS=false``, a second stack), ``commands.run("true")`` in a
-microvm sandbox, and the host memory (PSS) of one idle VM. On the dev/CI machines the VM runs on TCG
-(KVM there is PVM and boots no stock kernel): every number is the software CPU's.
+microvm sandbox, the host memory (PSS) of one idle VM, and pause / resume (ns: freeze / thaw).
+On the dev/CI machines the VM runs on TCG (KVM there is PVM and boots no stock kernel): every
+number is the software CPU's.
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ def command_true(tier: str, runs: int) -> tuple[list[float], int]:
         sandbox.kill()
 
 
+def pause_resume(tier: str, runs: int) -> tuple[list[float], list[float]]:
+    """``pause()`` (the VM saved to disk, QEMU ended) and ``Sandbox.connect`` (loaded again)."""
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+    pauses, resumes = [], []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox.pause()
+            pauses.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            Sandbox.connect(sandbox.sandbox_id, request_timeout=TIMEOUT)
+            resumes.append(time.perf_counter() - started)
+    finally:
+        sandbox.kill()
+    return pauses, resumes
+
+
 def _qemu_pss_kb(sandbox_id: str) -> int:
     total = 0
     for entry in Path("/proc").iterdir():
@@ -97,6 +117,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--boot-runs", type=int, default=3)
     parser.add_argument("--command-runs", type=int, default=30)
+    parser.add_argument("--pause-runs", type=int, default=5)
     options = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-microvm-"))
     env = {**STACK_ENV, "E2B_MICROVM_CACHE_DIR": str(cache)}
@@ -111,6 +132,8 @@ def main() -> None:
         first = create_kill("microvm", 1)
         restored = create_kill("microvm", options.runs)
         vm_command, pss_kb = command_true("microvm", options.command_runs)
+        ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
+        vm_pause, vm_resume = pause_resume("microvm", options.pause_runs)
     finally:
         stop_and_clean(stack)
     row("ns: Sandbox.create() + kill (baseline)", ns_create)
@@ -119,6 +142,10 @@ def main() -> None:
     row('ns: commands.run("true") (baseline)', ns_command)
     row('microvm: commands.run("true")', vm_command, "ns", ns_command)
     print(f"microvm: idle VM (512 MB guest) host PSS {pss_kb / 1024:.0f} MB", flush=True)
+    row("ns: pause (cgroup freeze, baseline)", ns_pause)
+    row("microvm: pause (VM saved to disk, QEMU ends)", vm_pause, "ns", ns_pause)
+    row("ns: resume (Sandbox.connect, baseline)", ns_resume)
+    row("microvm: resume (VM loaded from disk)", vm_resume, "ns", ns_resume)
     if options.boot_runs:
         stack = make_stack({**env, "E2B_MICROVM_SNAPSHOTS": "false"})
         try:

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -161,3 +162,40 @@ def _details(stack: RunningStack, sandbox_id: str) -> dict[str, object]:
     state = stack.data_dir / "microvm-sandboxes" / sandbox_id / "state.json"
     details: dict[str, object] = json.loads(state.read_text())
     return details
+
+
+def test_pause_saves_the_vm_to_disk_and_it_resumes_after_a_service_restart(sdk: RunningStack) -> None:
+    sandbox = _create()
+    try:
+        sandbox.files.write("/home/user/state.txt", "kept", request_timeout=TIMEOUT)
+        sleeper = sandbox.commands.run("sleep 10000", background=True, request_timeout=TIMEOUT)
+        sandbox.commands.run("echo 42 > /dev/shm/in-memory", request_timeout=TIMEOUT)
+        assert sandbox.pause() is True
+        details = _details(sdk, sandbox.sandbox_id)
+        assert Path(str(details["paused_state"])).stat().st_size > 0
+        assert not [pid for pid in sdk.processes() if _is_qemu_of(pid, sandbox.sandbox_id)]  # no VM in memory
+
+        old_pid = sdk.service_pid("sandbox")
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while sdk.service_pid("sandbox") in (None, old_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        sdk.wait_healthy("sandbox", timeout=60)
+
+        resumed = Sandbox.connect(sandbox.sandbox_id, request_timeout=TIMEOUT)
+        assert resumed.files.read("/home/user/state.txt", request_timeout=TIMEOUT) == "kept"
+        assert resumed.commands.run("cat /dev/shm/in-memory", request_timeout=TIMEOUT).stdout == "42\n"
+        alive = resumed.commands.run(f"kill -0 {sleeper.pid} && echo running", request_timeout=TIMEOUT)
+        assert alive.stdout == "running\n"
+        assert "paused_state" not in _details(sdk, sandbox.sandbox_id)
+    finally:
+        sandbox.kill(request_timeout=TIMEOUT)
+
+
+def _is_qemu_of(pid: int, sandbox_id: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    return b"qemu-system" in cmdline and sandbox_id.encode() in cmdline

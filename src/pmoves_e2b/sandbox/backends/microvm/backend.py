@@ -193,11 +193,18 @@ class MicrovmBackend:
         return handle
 
     async def pause(self, handle: SandboxHandle) -> None:
-        await self._in_thread(self._cgroups(handle).freeze, True)
+        """Save the VM (memory and devices) to the sandbox's dir and end its QEMU: a paused sandbox
+        holds no memory and survives a restart of the service."""
+        await self._in_thread(self._pause_to_disk, handle)
         handle.state = "paused"
 
     async def resume(self, handle: SandboxHandle) -> None:
-        await self._in_thread(self._cgroups(handle).freeze, False)
+        await self._in_thread(self._resume_from_disk, handle)
+        try:
+            await self._wait_ready(handle)
+        except BackendError:
+            await self._in_thread(self._stop_processes, handle.sandbox_id, handle.details, self._cgroups(handle))
+            raise
         handle.state = "running"
 
     async def destroy(self, handle: SandboxHandle) -> None:
@@ -227,6 +234,8 @@ class MicrovmBackend:
         return network.never_reachable()
 
     async def is_alive(self, handle: SandboxHandle) -> bool:
+        if handle.details.get("paused_state"):
+            return Path(handle.details["paused_state"]).exists()
         return self._cgroups(handle).populated()
 
     async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
@@ -317,6 +326,7 @@ class MicrovmBackend:
                 ram=snapshot.ram if snapshot else save_to.ram if save_to else None,
                 ram_shared=save_to is not None,
             )
+            details["machine"] = machine.to_record()
             self._launch(spec.sandbox_id, machine, net, cg, details)
             _write_json(sandbox_dir / "state.json", details)
             if snapshot is not None:
@@ -364,23 +374,12 @@ class MicrovmBackend:
             connection = qemu.Qmp(sandbox_dir / "qmp.sock")
             try:
                 connection.command("stop")
-                # the RAM is in the snapshot's file already: the state holds the devices only
-                connection.command(
-                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
-                )
-                fd = os.open(snapshot.state.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    connection.send_fd("snapshot", fd)
-                finally:
-                    os.close(fd)
-                connection.command("migrate", uri="fd:snapshot")
-                connection.wait_migration(timeout=self.ready_timeout)
+                self._save(connection, snapshot.state)  # the RAM is in the snapshot's file already
                 connection.command("quit")
             finally:
                 connection.close()
             self._children.pop(handle.sandbox_id).wait()
             snapshot.ram.chmod(0o600)  # the guest's memory
-            snapshot.state.with_suffix(".tmp").replace(snapshot.state)
             (sandbox_dir / "disk.img").replace(snapshot.disk)
             (sandbox_dir / "initrd").replace(snapshot.initrd)
             fd = os.open(snapshot.directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -391,6 +390,64 @@ class MicrovmBackend:
             self._fail(handle.sandbox_id, handle.details, exc)
             raise
         self._teardown(handle.sandbox_id, handle.details)
+
+    # --- pause to disk ------------------------------------------------------------------------
+
+    def _pause_to_disk(self, handle: SandboxHandle) -> None:
+        details = handle.details
+        sandbox_dir = Path(details["runtime_dir"])
+        state = sandbox_dir / "paused.state"
+        connection = qemu.Qmp(sandbox_dir / "qmp.sock")
+        try:
+            connection.command("stop")
+            try:
+                self._save(connection, state)
+            except BaseException:
+                connection.command("cont")  # not saved: the sandbox runs on
+                raise
+            connection.command("quit")
+        finally:
+            connection.close()
+        cg = self._cgroups(handle)
+        proc = self._children.pop(handle.sandbox_id, None)
+        if proc is not None:
+            proc.wait()
+        if not cg.wait_empty(timeout=10):
+            raise BackendError(f"sandbox {handle.sandbox_id}: QEMU did not exit after saving the VM")
+        details["paused_state"] = str(state)
+        _write_json(sandbox_dir / "state.json", details)
+
+    def _resume_from_disk(self, handle: SandboxHandle) -> None:
+        details = handle.details
+        if not details.get("paused_state"):
+            raise BackendError(f"sandbox {handle.sandbox_id} is not paused")
+        state = Path(details["paused_state"])
+        machine = qemu.Machine.from_record(details["machine"], incoming=True)
+        net = SandboxNet.for_slot(int(details["slot"]), handle.sandbox_id)
+        machine.qmp.unlink(missing_ok=True)
+        self._launch(handle.sandbox_id, machine, net, self._cgroups(handle), details)
+        try:
+            details["resume_s"] = self._restore(machine, state, net)
+        except BaseException:
+            self._stop_processes(handle.sandbox_id, details, self._cgroups(handle))
+            raise
+        del details["paused_state"]
+        state.unlink()
+        _write_json(Path(details["runtime_dir"]) / "state.json", details)
+
+    @staticmethod
+    def _save(connection: qemu.Qmp, target: Path, timeout: float = 600.0) -> None:
+        """The stopped VM's state (devices, and RAM unless it is a shared file) into ``target``."""
+        connection.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        partial = target.with_suffix(".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            connection.send_fd("migration", fd)
+        finally:
+            os.close(fd)
+        connection.command("migrate", uri="fd:migration")
+        connection.wait_migration(timeout=timeout)
+        partial.replace(target)
 
     def _restore(self, machine: qemu.Machine, state: Path, net: SandboxNet) -> dict[str, float]:
         """Load the saved VM into the new QEMU, then give the guest the time and fresh entropy;

@@ -7,6 +7,7 @@ e.g. the PVM hosts of reference/isolation-on-this-machine.md, where a stock kern
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -56,6 +57,27 @@ class Machine:
     # (private) by the VMs restored from it, so a restore loads no RAM and its VMs share the clean pages.
     ram: Path | None = None
     ram_shared: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able (kept in the handle, so a restarted service can resume a VM paused to disk)."""
+        return {
+            f.name: [str(p) for p in value]
+            if isinstance(value, tuple)
+            else str(value)
+            if isinstance(value, Path)
+            else value
+            for f in dataclasses.fields(self)
+            for value in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], **changes: Any) -> Machine:
+        paths = {"kernel", "initrd", "disk", "qmp", "console"}
+        values: dict[str, Any] = {key: Path(value) if key in paths else value for key, value in record.items()}
+        values["layers"] = tuple(Path(layer) for layer in record["layers"])
+        if record.get("ram") is not None:
+            values["ram"] = Path(record["ram"])
+        return dataclasses.replace(cls(**values), **changes)
 
     def argv(self) -> list[str]:
         cmdline = "console=ttyS0 panic=-1 quiet rdinit=/init i8042.noaux i8042.nomux i8042.nopnp"
