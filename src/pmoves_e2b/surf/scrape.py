@@ -21,8 +21,8 @@ from typing import Any
 from urllib.parse import urldefrag, urlsplit
 
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page, Response
 
+from pmoves_e2b.surf.browser import SurfBrowser
 from pmoves_e2b.surf.extract import Extracted, extract
 from pmoves_e2b.surf.robots import MAX_ROBOTS_BYTES, HostPace, Robots, origin_of
 from pmoves_e2b.surf.run import RunContext
@@ -135,9 +135,10 @@ class Scraper:
         data: dict[str, Any] = {"depth": depth, "final_url": page.url, "status": response.status if response else None}
         formats = set(self.request.formats)
         # The screenshot is taken while the page's HTML is read and extracted (the cold path's page part).
-        shooting = asyncio.ensure_future(_screenshot(page)) if "screenshot" in formats else None
+        shooting = asyncio.ensure_future(_screenshot(self.ctx.browser)) if "screenshot" in formats else None
         try:
-            content_type, html = await asyncio.gather(_content_type(response), page.content())
+            content_type = response.headers.get("content-type", "") if response else ""
+            html = await _html(self.ctx.browser)
             extracted: Extracted = await asyncio.to_thread(
                 extract, html, page.url, self.request.extract_content and ("html" in content_type or not content_type)
             )
@@ -168,14 +169,22 @@ class Scraper:
         return [link["url"] for link in extracted.links if urlsplit(link["url"]).scheme in ("http", "https")]
 
 
-async def _content_type(response: Response | None) -> str:
-    return (await response.header_value("content-type") or "") if response else ""
+async def _html(browser: SurfBrowser) -> str:
+    try:
+        return await browser.html()
+    except PlaywrightError:  # e.g. the document went away meanwhile: Playwright's way waits for the next
+        return await browser.page.content()
 
 
-async def _screenshot(page: Page) -> bytes | str:
+async def _screenshot(browser: SurfBrowser) -> bytes | str:
     """A full-page PNG, or why there is none."""
     try:
-        return await page.screenshot(type="png", full_page=True, timeout=SCREENSHOT_TIMEOUT_S * 1000)
+        async with asyncio.timeout(SCREENSHOT_TIMEOUT_S):
+            return await browser.screenshot()
+    except (PlaywrightError, TimeoutError):
+        pass
+    try:  # Playwright's own way (it also waits for web fonts)
+        return await browser.page.screenshot(type="png", full_page=True, timeout=SCREENSHOT_TIMEOUT_S * 1000)
     except PlaywrightError as exc:
         return _short(exc)
 
