@@ -44,17 +44,77 @@ Settings every stack of the session shares go into ``STACK_TEST_ENV`` in tests/s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from stack.harness import RunningStack, make_stack, started_stack, stop_and_clean
 
+from pmoves_e2b.sandbox import tiers
+
+# Modules that run once per isolation tier this machine can run (ids [ns], [gvisor], ...). Their
+# ``running_stack`` is, for a tier other than ns, a second stack with that tier as E2B_ISOLATION
+# and no warm pool (which would boot every pooled template, desktops too, in that tier).
+TIERED_MODULES = {"test_sdk_data_plane", "test_sdk_lifecycle", "test_tier_sdk"}
+TESTED_TIERS = ("ns", "gvisor")  # microvm (TCG here: seconds per boot) runs its own slow subset
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rpartition(".")[2] in TIERED_MODULES and "running_stack" in metafunc.fixturenames:
+        available = [status.name for status in tiers.probe() if status.available and status.name in TESTED_TIERS]
+        metafunc.parametrize("running_stack", available, indirect=True, scope="session")
+
+
+# Known gaps of a tier, skipped there with their reason (and listed in the README).
+WATCH_9P = "gVisor's root is a 9p mount, and envd refuses to watch network mounts"
+TIER_GAPS = {
+    ("gvisor", "test_watch_dir_sees_new_files"): WATCH_9P,
+    ("gvisor", "test_async_watch_dir_recursive"): WATCH_9P,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        tier = callspec.params.get("running_stack") if callspec else None
+        if gap := TIER_GAPS.get((tier, getattr(item, "originalname", ""))):
+            item.add_marker(pytest.mark.skip(reason=gap))
+
 
 @pytest.fixture(scope="session")
-def running_stack() -> Iterator[RunningStack]:
+def _ns_stack() -> Iterator[RunningStack]:
     with started_stack() as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def tier_stacks() -> Iterator[Callable[[str], RunningStack]]:
+    stacks: dict[str, RunningStack] = {}
+    with contextlib.ExitStack() as exits:
+
+        def stack_of(name: str) -> RunningStack:
+            if name not in stacks:
+                stacks[name] = exits.enter_context(started_stack({"E2B_ISOLATION": name, "E2B_POOL_SIZE": "0"}))
+            return stacks[name]
+
+        yield stack_of
+
+
+@pytest.fixture(scope="session")
+def running_stack(request: pytest.FixtureRequest) -> RunningStack:
+    """The shared stack; in TIERED_MODULES the stack of the tier in the test's id."""
+    tier = getattr(request, "param", "ns")
+    if tier == "ns":
+        stack: RunningStack = request.getfixturevalue("_ns_stack")
+        return stack
+    return request.getfixturevalue("tier_stacks")(tier)
+
+
+@pytest.fixture()
+def tier(running_stack: RunningStack) -> str:
+    """The isolation tier of the test's stack."""
+    return running_stack.settings_env.get("E2B_ISOLATION", "ns")
 
 
 @pytest.fixture()

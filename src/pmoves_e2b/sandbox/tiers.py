@@ -68,11 +68,29 @@ def _microvm_factory(settings: Settings) -> Backend:
     )
 
 
+def _gvisor_probe() -> str | None:
+    from pmoves_e2b.sandbox.backends.gvisor import runsc
+
+    return _ns_probe() or runsc.probe()
+
+
+def _gvisor_factory(settings: Settings) -> Backend:
+    from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend
+
+    return GvisorBackend(runtime_dir=settings.e2b_data_dir / "sandboxes-gvisor")
+
+
 TIERS: dict[str, Tier] = {
     tier.name: tier
     for tier in (
         Tier("ns", "namespaces + seccomp + cgroups (bubblewrap), shared host kernel", _ns_probe, _ns_factory),
         Tier("microvm", "QEMU microvm guest, own kernel (KVM, else TCG: slow)", _microvm_probe, _microvm_factory),
+        Tier(
+            "gvisor",
+            "gVisor user-space kernel (runsc, ptrace platform) + the ns netns and cgroups",
+            _gvisor_probe,
+            _gvisor_factory,
+        ),
     )
 }
 

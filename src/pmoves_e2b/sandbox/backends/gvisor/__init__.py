@@ -1,0 +1,10 @@
+"""The gVisor isolation tier ("gvisor"), one module per concern:
+
+- ``backend.py``: ``GvisorBackend`` (the ns backend with runsc as the launcher);
+- ``bundle.py``: the OCI config of a sandbox;
+- ``runsc.py``: the only module running ``runsc`` (timeouts, netns, global flags).
+"""
+
+from pmoves_e2b.sandbox.backends.gvisor.backend import GvisorBackend
+
+__all__ = ["GvisorBackend"]

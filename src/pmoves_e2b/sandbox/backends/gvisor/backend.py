@@ -1,0 +1,114 @@
+"""The gVisor isolation tier ("gvisor"): the ns backend's sandbox, with runsc instead of bwrap.
+
+Everything but the launch is the ns backend's (``NsBackend``, whose pieces this reuses as they
+are): the slot (host uid range and /30), the netns with its veth and nftables rules
+(``ns/network.py``), the cgroups with their limits (``ns/cgroups.py``), the sandbox's own disk,
+set_internet/egress/intercept, stats, pause (cgroup freezer), re-adoption and cleanup. What
+differs, per sandbox in ``<runtime_dir>/<id>/``:
+
+- ``m/`` is an overlayfs of the template's layers (not idmapped: gVisor's root is the sentry's,
+  and the gofer, host root, serves the files) under an upper dir on the sandbox's own disk;
+- ``bundle/config.json`` is the OCI config (``bundle.py``), ``runsc/`` runsc's state root;
+- ``runsc run --detach`` (``runsc.py``) starts in the sandbox's netns with the host network mode,
+  so envd listens on the sandbox's address exactly as in ns, and inside its cgroups, so the
+  sentry, gofer and stub processes are what the memory, CPU and pids limits bound.
+
+Syscalls of sandbox processes are served by gVisor's sentry (a user-space kernel, ptrace
+platform), not by the host kernel: /proc/version, dmesg and the syscall surface are gVisor's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxSpec
+from pmoves_e2b.sandbox.backends.gvisor import bundle, runsc, shim
+from pmoves_e2b.sandbox.backends.ns import mounts
+from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
+from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
+from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
+
+READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, many times that under load
+# Under the ptrace platform one process inside costs the host 6-8 pids (its stub and the sentry's
+# threads for it). The process limit is RLIMIT_NPROC inside (gVisor answers fork with EAGAIN, as
+# under ns), and the host's pids.max sits above it: reaching that, or the memory limit (the OOM
+# killer takes the sentry), ends the sandbox as a whole, since the sentry cannot survive a failed
+# thread or stub creation (under ns only the offending process fails). Root inside is exempt from
+# RLIMIT_NPROC. The host and other sandboxes carry on either way.
+HOST_PIDS_PER_PROCESS = 12
+
+
+class GvisorBackend(NsBackend):
+    name = "gvisor"
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        *,
+        init_argv: tuple[str, ...] = ENVD_ARGV,
+        pids_max: int = 1024,
+        ready_timeout: float = READY_TIMEOUT_S,
+        slots: SlotRegistry | None = None,
+    ) -> None:
+        super().__init__(
+            runtime_dir,
+            init_argv=init_argv,
+            pids_max=pids_max * HOST_PIDS_PER_PROCESS + 64,  # the host's pids.max of the sandbox's cgroup
+            ready_timeout=ready_timeout,
+            slots=slots,
+            zygote=False,
+        )
+        self.processes_max = pids_max  # processes inside, per user (RLIMIT_NPROC, ENVD_PIDS_MAX)
+
+    def _launch(
+        self, spec: SandboxSpec, details: dict[str, Any], sandbox_dir: Path, cg: SandboxCgroups, net: SandboxNet
+    ) -> None:
+        merged, rw = sandbox_dir / "m", sandbox_dir / "rw"
+        merged.mkdir()
+        rw.mkdir(mode=0o700)
+        mounts.mount_disk(sandbox_dir / "disk.img", rw, spec.disk_mb)
+        upper, work = rw / "u", rw / "w"
+        upper.mkdir()
+        work.mkdir()
+        upper.chmod(0o755)
+        shim.install(upper)
+        lower = ":".join(spec.template.layers)
+        mounts.mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+        env = {**SANDBOX_ENV, "ENVD_INIT_SECRET": spec.init_secret, "ENVD_PIDS_MAX": str(self.processes_max)}
+        nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        bundle_dir = sandbox_dir / "bundle"
+        config = bundle.config(merged, self.init_argv, env, spec.memory_mb, nofile, self.processes_max)
+        bundle.write(bundle_dir, config)
+        details.update(runsc_root=str(sandbox_dir / "runsc"), bundle=str(bundle_dir))
+        log_fd = os.open(rw / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            runsc.start(
+                Path(details["runsc_root"]),
+                net.netns_path,
+                bundle_dir,
+                spec.sandbox_id,
+                cg.procs_files(),
+                log_fd,
+                timeout=self.ready_timeout,
+            )
+        finally:
+            os.close(log_fd)
+        details["child_pid"] = int(runsc.state(Path(details["runsc_root"]), net.netns_path, spec.sandbox_id)["pid"])
+
+    async def is_alive(self, handle: SandboxHandle) -> bool:
+        # The sentry is the sandbox: when it is gone (out of memory, killed), what is left of its
+        # gofer and stubs serves nobody.
+        pid = handle.details.get("child_pid")
+        return pid is not None and self._cgroups(handle).contains(int(pid))
+
+    def _stop_processes(self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups) -> None:
+        # The sentry, gofer and stubs all live in the sandbox's cgroups: one cgroup.kill ends them.
+        # runsc's state (its root, in the sandbox dir) goes with the dir; nothing else is left.
+        if cg.frozen():
+            cg.freeze(False)
+        if not cg.kill():
+            raise BackendError(f"processes still in {cg.unified} after cgroup.kill")

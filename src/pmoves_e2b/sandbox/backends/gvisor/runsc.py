@@ -1,0 +1,143 @@
+"""The only module that runs ``runsc`` (gVisor, Debian's 2022 build).
+
+Every call has a timeout (a failing runsc can hang) and the same global flags: the ptrace
+platform (KVM here is PVM, systrap is newer than this build), the host network mode (gVisor's
+sockets are those of the netns it starts in: the sandbox's own, with its veth and nftables rules)
+and no cgroups of its own (the backend puts runsc into the sandbox's groups before it starts).
+runsc's control socket is an abstract unix socket, which belongs to a network namespace, so every
+call runs inside the sandbox's netns; from elsewhere a running sandbox looks "stopped".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pmoves_e2b.sandbox.backends.base import BackendError
+
+RUNSC = "runsc"
+GLOBAL_FLAGS = ("--platform=ptrace", "--network=host", "--ignore-cgroups")
+TIMEOUT_S = 30.0
+# Joins the sandbox's cgroups (their cgroup.procs files are $1..$4), then execs runsc, so the
+# sentry, the gofer and every stub process are accounted there from their first instruction.
+JOIN = 'for f in "$1" "$2" "$3" "$4"; do echo $$ > "$f"; done; shift 4; ulimit -c 0; exec "$@"'
+
+
+class RunscError(BackendError):
+    """runsc failed or did not answer in time."""
+
+
+def probe() -> str | None:
+    """None when this host can run gVisor sandboxes, else why not (for the tier registry)."""
+    path = shutil.which(RUNSC)
+    if path is None:
+        return "runsc is not on PATH (apt-get install runsc)"
+    if os.geteuid() != 0:
+        return "needs root (runsc, namespaces, cgroups, nftables)"
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        return "runsc --version did not answer within 10 s"
+    if done.returncode != 0:
+        return f"runsc --version failed: {done.stderr.decode(errors='replace').strip()[:200]}"
+    return None
+
+
+def _argv(root: Path, *args: str) -> list[str]:
+    return [RUNSC, f"--root={root}", *GLOBAL_FLAGS, *args]
+
+
+def _in_netns(netns_path: Path, argv: list[str]) -> list[str]:
+    return ["/usr/bin/nsenter", f"--net={netns_path}", "--", *argv]
+
+
+@contextlib.contextmanager
+def _deadline(proc: subprocess.Popen[bytes], timeout: float, what: str) -> Iterator[None]:
+    """Kill ``proc``'s process group at the timeout. Waiting inside needs no timeout of its own, so
+    it does not poll (Popen.wait(timeout) sleeps in steps of up to 50 ms)."""
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if timed_out.is_set():
+        raise RunscError(f"{what} did not finish within {timeout:.0f} s (killed)")
+
+
+def call(root: Path, netns_path: Path, *args: str, timeout: float = TIMEOUT_S) -> str:
+    """``runsc <args>`` in the sandbox's netns; its stdout, or RunscError with its stderr."""
+    proc = subprocess.Popen(
+        _in_netns(netns_path, _argv(root, *args)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    with _deadline(proc, timeout, f"runsc {args[0]}"):
+        stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RunscError(f"runsc {' '.join(args)} failed (rc {proc.returncode}): {_last_line(stderr)}")
+    return stdout.decode(errors="replace")
+
+
+def start(
+    root: Path,
+    netns_path: Path,
+    bundle: Path,
+    container_id: str,
+    procs: tuple[Path, ...],
+    log_fd: int,
+    *,
+    restore_from: Path | None = None,
+    timeout: float = TIMEOUT_S,
+) -> None:
+    """``runsc run --detach`` (or ``restore --detach`` of a checkpoint image) inside the cgroups
+    ``procs`` and the netns; returns once the sandbox runs. Its stdout/stderr go to ``log_fd``."""
+    command = ["run"] if restore_from is None else ["restore", f"--image-path={restore_from}"]
+    argv = _argv(root, *command, "--detach", f"--bundle={bundle}", container_id)
+    proc = subprocess.Popen(
+        _in_netns(netns_path, ["/bin/sh", "-c", JOIN, "sh", *map(str, procs), *argv]),
+        stdin=subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=log_fd,
+        start_new_session=True,  # the sandbox outlives this service (re-adopted after a restart)
+    )
+    with _deadline(proc, timeout, f"runsc {command[0]}"):
+        proc.wait()
+    if proc.returncode != 0:
+        raise RunscError(f"runsc {command[0]} of {container_id} failed (rc {proc.returncode}); see envd.log")
+
+
+def state(root: Path, netns_path: Path, container_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(call(root, netns_path, "state", container_id))
+    return data
+
+
+def checkpoint(root: Path, netns_path: Path, container_id: str, image_dir: Path) -> None:
+    """Save the sandbox's whole state to ``image_dir``; the sandbox stops."""
+    call(root, netns_path, "checkpoint", f"--image-path={image_dir}", container_id, timeout=120)
+
+
+def delete(root: Path, netns_path: Path, container_id: str) -> None:
+    call(root, netns_path, "delete", "--force", container_id)
+
+
+def _last_line(stderr: bytes) -> str:
+    lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else "(no output)"
