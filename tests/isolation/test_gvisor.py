@@ -74,6 +74,14 @@ def test_syscalls_are_served_by_gvisor_not_the_host_kernel(sandboxes: Sandboxes)
     assert listing["rc"] == 0 and "user user" in listing["stdout"], listing
 
 
+def test_export_keeps_the_owners_inside(sandboxes: Sandboxes, tmp_path: Path) -> None:
+    handle = sandboxes.create()
+    assert sandboxes.run(handle, "/bin/sh", "-c", "echo mine > /home/user/note", uid=1000)["rc"] == 0
+    asyncio.run(sandboxes.backend.export_filesystem(handle, tmp_path / "layer"))
+    note = tmp_path / "layer/home/user/note"
+    assert note.read_text() == "mine\n" and (note.stat().st_uid, note.stat().st_gid) == (1000, 1000)
+
+
 def test_host_files_processes_and_ports_are_out_of_reach(sandboxes: Sandboxes, tmp_path: Path) -> None:
     marker = tmp_path / "host-only-marker"
     marker.write_text("secret")

@@ -26,11 +26,11 @@ from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxSpec
 from pmoves_e2b.sandbox.backends.gvisor import bundle, runsc, shim
-from pmoves_e2b.sandbox.backends.ns import mounts
+from pmoves_e2b.sandbox.backends.ns import fsexport, mounts
 from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
-from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
+from pmoves_e2b.sandbox.backends.ns.slots import UID_RANGE, SlotRegistry
 
 READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, many times that under load
 # Under the ptrace platform one process inside costs the host 6-8 pids (its stub and the sentry's
@@ -98,6 +98,12 @@ class GvisorBackend(NsBackend):
         finally:
             os.close(log_fd)
         details["child_pid"] = int(runsc.state(Path(details["runsc_root"]), net.netns_path, spec.sandbox_id)["pid"])
+
+    async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
+        """As ns's, but the upper's owners are the sandbox's own ids already: gVisor's gofer (host
+        root) writes them unshifted."""
+        upper = Path(handle.details["runtime_dir"]) / "rw" / "u"
+        await self._in_thread(fsexport.export_upper, upper, dest, 0, UID_RANGE)
 
     async def is_alive(self, handle: SandboxHandle) -> bool:
         # The sentry is the sandbox: when it is gone (out of memory, killed), what is left of its
