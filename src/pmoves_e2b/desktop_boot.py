@@ -23,7 +23,7 @@ X_READY = f"xdpyinfo -display {DISPLAY} >/dev/null 2>&1"
 # pgreps cost ~14 ms of CPU per poll, a quarter of a core taken from the booting XFCE.
 XFCE_READY = (
     "_s=; _w=; _d=; for _c in /proc/[0-9]*/comm; do read -r _p 2>/dev/null < $_c || continue; "
-    "case $_p in xfce4-session) _s=1;; xfwm4) _w=1;; xfdesktop) _d=1;; esac; done; [ \"$_s$_w$_d\" = 111 ]"
+    'case $_p in xfce4-session) _s=1;; xfwm4) _w=1;; xfdesktop) _d=1;; esac; done; [ "$_s$_w$_d" = 111 ]'
 )
 # The SDK calls XFCE ready when its processes exist, before xfdesktop drew anything (a screenshot
 # then is black): the drawn backdrop sets _XROOTPMAP_ID on the root window.
