@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import tempfile
@@ -117,7 +118,7 @@ def test_commands_and_files_run_in_a_guest_kernel_and_kill_leaves_nothing(sdk: R
     assert not _left_of(sdk, sandbox_id)
 
 
-def test_memory_and_cpus_are_the_sandbox_limits(sdk: RunningStack) -> None:
+def test_memory_cpus_disk_and_pids_are_the_sandbox_limits(sdk: RunningStack) -> None:
     sandbox = _create()
     try:
         assert sandbox.commands.run("nproc", request_timeout=TIMEOUT).stdout.strip() == str(CPUS)
@@ -130,8 +131,32 @@ def test_memory_and_cpus_are_the_sandbox_limits(sdk: RunningStack) -> None:
             )
         assert hog.value.exit_code != 0 and str(2 * MEMORY_MB * 1024 * 1024) not in hog.value.stdout
         assert sandbox.commands.run("echo alive", request_timeout=TIMEOUT).stdout == "alive\n"
+        # the disk is the sandbox's own: beyond it is ENOSPC
+        with pytest.raises(CommandExitException) as full:
+            sandbox.commands.run("fallocate -l 2G /home/user/big", request_timeout=TIMEOUT)
+        assert "No space left on device" in full.value.stderr
+        # pids: a fork loop stops at the sandbox's pids.max (its children sleep with no stdout)
+        forks = sandbox.commands.run(f"python3 -c {shlex.quote(FORK_LOOP)}", request_timeout=TIMEOUT)
+        assert 0 < int(forks.stdout) < PIDS_MAX
+        assert sandbox.commands.run("echo alive", request_timeout=TIMEOUT).stdout == "alive\n"
     finally:
         sandbox.kill(request_timeout=TIMEOUT)
+
+
+PIDS_MAX = 1024  # the backend's default pids_max
+FORK_LOOP = """
+import os, time
+n = 0
+while n < 4000:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        os.close(1); os.close(2); time.sleep(15); os._exit(0)
+    n += 1
+print(n)
+"""
 
 
 def test_sandboxes_restored_from_one_saved_vm_are_independent_with_the_hosts_time_and_own_randomness(

@@ -76,7 +76,15 @@ for line in open("/run/pmoves-vm/config"):
     conf[key] = value.strip("'")
 mount("proc", "/proc", "proc", 0xE)  # nosuid nodev noexec
 mount("sysfs", "/sys", "sysfs", 0xE)
-mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0xE)
+# envd's own cgroup2 group at /sys/fs/cgroup, as the ns tier delegates it: pids.max bounds the
+# sandbox (a fork bomb fails there, not in the guest's kernel tables), per-command groups below it
+mount("cgroup2", "/run/pmoves-vm/cgroup", "cgroup2", 0xE)
+os.makedirs("/run/pmoves-vm/cgroup/sandbox", exist_ok=True)
+with open("/run/pmoves-vm/cgroup/cgroup.subtree_control", "w") as f:
+    f.write("+pids")
+with open("/run/pmoves-vm/cgroup/sandbox/pids.max", "w") as f:
+    f.write(conf["PIDS_MAX"])
+mount("/run/pmoves-vm/cgroup/sandbox", "/sys/fs/cgroup", "none", 0x1000)  # MS_BIND
 mount("devpts", "/dev/pts", "devpts", 0xA, "newinstance,ptmxmode=0666,mode=620,gid=5")
 mount("tmpfs", "/dev/shm", "tmpfs", 0x6, "mode=1777,size=" + conf["SHM_BYTES"])
 socket.sethostname("e2b")
@@ -92,6 +100,8 @@ pid = os.fork()
 if pid == 0:
     os.setsid()
     control.close()
+    with open("/sys/fs/cgroup/cgroup.procs", "w") as f:
+        f.write("0")
     os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
     os.dup2(console, 1); os.dup2(console, 2)
     os.chdir("/")
