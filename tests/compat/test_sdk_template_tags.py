@@ -41,7 +41,9 @@ def test_tags_version_builds_and_moving_a_tag_leaves_running_sandboxes_alone(own
     )
     assert sorted(v2.tags) == ["stable", "v2"]
     # Only the tags that were given: no default build, so the bare name does not start a sandbox.
-    with pytest.raises(SandboxException, match="404"):
+    with pytest.raises(
+        SandboxException, match=f"404: template '{name}' has no tag 'default' \\(its tags: stable, v1, v2\\)"
+    ):
         Sandbox.create(template=name, timeout=30)
     assert Template.exists(f"{name}:v1") and not Template.exists(f"{name}:v9")
 

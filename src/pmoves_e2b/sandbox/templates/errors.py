@@ -10,9 +10,10 @@ class TemplateError(Exception):
 class TemplateNotFound(TemplateError):
     """No built template of that name (the API answers 404)."""
 
-    def __init__(self, name: str, templates_dir: str) -> None:
+    def __init__(self, name: str, templates_dir: str, detail: str = "") -> None:
         super().__init__(
-            f"template '{name}' is not built in {templates_dir}; "
+            detail
+            or f"template '{name}' is not built in {templates_dir}; "
             f"run `pmoves-e2b template build {name}` (or `make templates`)"
         )
         self.name = name

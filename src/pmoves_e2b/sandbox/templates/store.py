@@ -111,7 +111,11 @@ def load_template(name: str, templates_dir: Path | str | None = None) -> Templat
         base, tag = split_ref(name)
     except ValueError:
         raise TemplateNotFound(name, str(root)) from None
-    build = build_record(read_record(root, base), tag)
+    record = read_record(root, base)
+    build = build_record(record, tag)
+    if build is None and "tags" in record:  # a custom template without that tag
+        tags = ", ".join(sorted(record["tags"])) or "none"
+        raise TemplateNotFound(name, str(root), f"template '{base}' has no tag '{tag}' (its tags: {tags})")
     layers = tuple(str(layers_dir(root) / layer) for layer in (build or {}).get("layers") or ())
     if build is None or not layers or not all(Path(layer).is_dir() for layer in layers):
         raise TemplateNotFound(name, str(root))
