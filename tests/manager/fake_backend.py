@@ -31,6 +31,7 @@ class FakeEnvd:
     server: asyncio.Server
     init_status: int = 204
     inits: list[dict[str, object]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # every request, in order
 
 
 class FakeBackend:
@@ -46,6 +47,7 @@ class FakeBackend:
         self.fail_create: str | None = None  # a BackendError message for the next creates
         self.init_status = 204  # what new sandboxes' envd answers on /init
         self.hold: asyncio.Event | None = None  # when set: creates wait for it (a slow boot)
+        self.listen_after: float | None = None  # envd listens this long after create returned
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         if self.fail_create is not None:
@@ -70,6 +72,7 @@ class FakeBackend:
                     headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines if h)}
                     body = await reader.readexactly(int(headers.get("content-length", "0")))
                     status = 200
+                    envd.paths.append(request_line.split(" ")[1])
                     if request_line.split(" ")[1] == "/init":
                         envd.inits.append(json.loads(body))
                         status = envd.init_status
@@ -80,9 +83,11 @@ class FakeBackend:
         for _ in range(20):  # a random loopback address; 127/8 is all ours without root
             address = str(ipaddress.IPv4Address(0x7F000000 + random.randrange(2, 0xFFFFFE)))
             try:
-                server = await asyncio.start_server(handle, address, ENVD_PORT)
+                server = await asyncio.start_server(handle, address, ENVD_PORT, start_serving=self.listen_after is None)
             except OSError:
                 continue
+            if self.listen_after is not None:  # bound, but connections are refused until then
+                asyncio.get_running_loop().call_later(self.listen_after, _start_serving, server)
             envd = FakeEnvd(server, self.init_status)
             return address, envd
         raise BackendError("no free loopback address for a fake sandbox")
@@ -136,3 +141,7 @@ class FakeBackend:
         for envd in self.envds.values():
             envd.server.close()
         self.envds.clear()
+
+
+def _start_serving(server: asyncio.Server) -> None:
+    asyncio.ensure_future(server.start_serving())

@@ -158,6 +158,21 @@ def test_create_configures_envd_and_records_the_sandbox(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_template_with_nothing_to_start_is_configured_in_one_round_trip(tmp_path: Path) -> None:
+    """/init is envd's readiness check too: no separate /health request, and an envd that listens
+    only after the backend returned still gets its configuration."""
+
+    async def body(env: Env) -> None:
+        env.backend.listen_after = 0.3
+        async with started(env) as manager:
+            row = await manager.create(request())
+            envd = env.backend.envds[row.sandbox_id]
+            assert envd.paths == ["/init"]
+            assert envd.inits[0]["accessToken"] == row.envd_access_token
+
+    run(tmp_path, body)
+
+
 def test_concurrent_creates_never_pass_the_sandbox_limit(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         async with started(env) as manager:

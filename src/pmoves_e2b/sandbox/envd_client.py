@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import struct
+import time
 from typing import Any
 
 import httpx
@@ -30,9 +31,20 @@ class EnvdClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def init(self, address: str, init_secret: str, body: dict[str, Any]) -> None:
+    async def init(self, address: str, init_secret: str, body: dict[str, Any], wait_s: float = 0.0) -> None:
+        """POST /init; with ``wait_s``, retried while envd does not answer yet (it may be starting)."""
         headers = {"Content-Type": "application/json", "X-Envd-Init-Secret": init_secret}
-        status, answer = await _request(address, ENVD_PORT, "POST", "/init", headers, json.dumps(body).encode(), 10.0)
+        payload = json.dumps(body).encode()
+        deadline, delay = time.monotonic() + wait_s, 0.001
+        while True:
+            try:
+                status, answer = await _request(address, ENVD_PORT, "POST", "/init", headers, payload, 10.0)
+                break
+            except (OSError, TimeoutError, BackendError):  # /init sets state: sending it again is harmless
+                if time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
         if status >= 300:
             raise BackendError(f"envd /init answered {status}: {answer[:200].decode(errors='replace')}")
 

@@ -276,8 +276,10 @@ class SandboxManager:
                 spec = self._spec(new_sandbox_id(), template, req.allow_internet, tier)
             access_token = secrets.token_urlsafe(24)
             try:
+                # A template with nothing to start: /init is envd's first request and its readiness check.
+                bare = not (template.start_cmd or template.ready_port or template.ready_cmd or template.restore_image)
                 if pooled is None:
-                    handle = await self._boot(spec, self.boot_gate.create)
+                    handle = await self._boot(spec, self.boot_gate.create, health=not bare)
                 elif not req.allow_internet:
                     await self._cut_internet(handle)
                 network = req.network
@@ -288,7 +290,7 @@ class SandboxManager:
                     await self._apply_egress(handle, network)
                 handle.details["autoResume"] = req.auto_resume
                 handle.details["autoPauseMemory"] = req.auto_pause_memory
-                await self._init(handle, template, req.env_vars, access_token)
+                await self._init(handle, template, req.env_vars, access_token, pooled is None and bare)
             except SandboxError as exc:
                 metrics.CREATE_FAILURES.labels(template=template.name).inc()
                 failed = lifecycle_event(
@@ -347,8 +349,11 @@ class SandboxManager:
         self.events_written()
         return row
 
-    async def _init(self, handle: SandboxHandle, template: TemplateImage, env_vars: dict[str, str], token: str) -> None:
-        """Hand the sandbox its env vars, access token, user and workdir (envd /init)."""
+    async def _init(
+        self, handle: SandboxHandle, template: TemplateImage, env_vars: dict[str, str], token: str, first: bool = False
+    ) -> None:
+        """Hand the sandbox its env vars, access token, user and workdir (envd /init). ``first``: no
+        request reached envd yet (``_boot`` without health), so /init is retried until envd answers."""
         try:
             await self.envd.init(
                 handle.address,
@@ -360,6 +365,7 @@ class SandboxManager:
                     "defaultWorkdir": template.workdir,
                     "timestamp": repo.utcnow().isoformat(),  # envd sets its clock from it: the real time
                 },
+                READY_TIMEOUT_S if first else 0.0,
             )
         except Exception as exc:
             await asyncio.shield(self._destroy_quietly(handle))
@@ -428,18 +434,24 @@ class SandboxManager:
         )
 
     async def _boot(
-        self, spec: SandboxSpec, slot: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+        self,
+        spec: SandboxSpec,
+        slot: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext,
+        health: bool = True,
     ) -> SandboxHandle:
         """Start a sandbox and its template's start command; return once it is ready. ``slot`` is
-        held while the sandbox starts up to envd answering (the CPU-heavy part, see admission.py)."""
+        held while the sandbox starts up to envd answering (the CPU-heavy part, see admission.py).
+        ``health`` False: the caller's next request (/init, retried) is envd's readiness check; the
+        backend returned once envd accepted connections, so that saves a round trip per create."""
         async with slot():
             try:
                 handle = await self.backend.create(spec)
             except BackendError as exc:
                 raise SandboxError(f"could not start the sandbox: {exc}") from exc
-            await self._ready_or_destroyed(
-                handle, self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
-            )
+            if health:
+                await self._ready_or_destroyed(
+                    handle, self.envd.wait_http_ok(handle.address, ENVD_PORT, "/health", READY_TIMEOUT_S)
+                )
         # What it runs on, for snapshots (its template may be rebuilt or deleted meanwhile).
         handle.details["layers"] = list(spec.template.layers)
         handle.details["runtime"] = spec.template.runtime_record()
