@@ -17,7 +17,8 @@ up to half a second per step. The SDK calls XFCE ready when its processes exist,
 before xfdesktop has drawn anything (a screenshot then is black); ours also waits for the drawn
 backdrop (``_XROOTPMAP_ID`` on the root window), so the first screenshot shows the desktop.
 ``on_display`` lets a caller start its programs (e2b-surf: Chromium) as soon as X answers, while
-XFCE starts; ``wait_for_session=False`` returns without waiting for XFCE.
+XFCE starts; ``wait_for_session=False`` returns without waiting for XFCE, which then starts once
+``on_display`` is done (its start, over a second of CPU at once, slowed the program the caller waits for).
 """
 
 from __future__ import annotations
@@ -278,6 +279,10 @@ class DesktopOps:
                 await self._sdk(_start_display, sandbox, *size)
             if on_display is not None:
                 hook = asyncio.ensure_future(on_display(desktop_id))
+                if not wait_for_session:
+                    # Nobody waits for XFCE, someone waits for the caller's program (e2b-surf's
+                    # browser): XFCE's start, a second of CPU at once, would slow that program's.
+                    await hook
             async with self._translate(None):
                 await self._sdk(_start_xfce, sandbox, wait_for_session)
             if hook is not None:

@@ -295,7 +295,7 @@ class Browsers:
     async def _create(self, surf_session: str, duration: int, wait_for_session: bool = True) -> str:
         """A desktop with its browser attached (kept for ``open``): Chromium starts and Playwright
         attaches as soon as X answers, while XFCE starts (waited for unless ``wait_for_session``
-        is false: a scrape drives the page only)."""
+        is false: a scrape drives the page only, and its XFCE starts once the browser is attached)."""
         self._playwright()  # the driver starts while the desktop is made
         launched: dict[str, SurfBrowser] = {}
 
