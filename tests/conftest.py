@@ -56,7 +56,13 @@ from pmoves_e2b.sandbox import tiers
 # Modules that run once per isolation tier this machine can run (ids [ns], [gvisor], ...). Their
 # ``running_stack`` is, for a tier other than ns, a second stack with that tier as E2B_ISOLATION
 # and no warm pool (which would boot every pooled template, desktops too, in that tier).
-TIERED_MODULES = {"test_sdk_data_plane", "test_sdk_lifecycle", "test_tier_sdk"}
+TIERED_MODULES = {
+    "test_sdk_data_plane",
+    "test_sdk_lifecycle",
+    "test_tier_sdk",
+    "test_sdk_pause_to_disk",
+    "test_sdk_snapshots",
+}
 TESTED_TIERS = ("ns", "gvisor")  # microvm (TCG here: seconds per boot) runs its own slow subset
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import resource
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, ma
 # thread or stub creation (under ns only the offending process fails). Root inside is exempt from
 # RLIMIT_NPROC. The host and other sandboxes carry on either way.
 HOST_PIDS_PER_PROCESS = 12
+REAP_WAIT_S = 5.0
 
 
 class GvisorBackend(NsBackend):
@@ -82,6 +85,16 @@ class GvisorBackend(NsBackend):
         nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         bundle_dir = sandbox_dir / "bundle"
         config = bundle.config(merged, self.init_argv, env, spec.memory_mb, nofile, self.processes_max)
+        # its own boot id, as under ns (gVisor has none): programs tell a reboot by it
+        (sandbox_dir / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        config["mounts"].append(
+            {
+                "destination": "/proc/sys/kernel/random/boot_id",
+                "type": "bind",
+                "source": str(sandbox_dir / "boot_id"),
+                "options": ["rbind", "ro"],
+            }
+        )
         bundle.write(bundle_dir, config)
         details.update(runsc_root=str(sandbox_dir / "runsc"), bundle=str(bundle_dir))
         log_fd = os.open(rw / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -116,5 +129,11 @@ class GvisorBackend(NsBackend):
         # runsc's state (its root, in the sandbox dir) goes with the dir; nothing else is left.
         if cg.frozen():
             cg.freeze(False)
+        pids = cg.pids_in()
         if not cg.kill():
             raise BackendError(f"processes still in {cg.unified} after cgroup.kill")
+        # runsc's processes were orphaned to the host's init (runsc run --detach); until it reaps
+        # them (~1.5 s here) they are zombies that still name the sandbox's cgroups. Done means gone.
+        deadline = time.monotonic() + REAP_WAIT_S
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,273 @@
+"""The gvisor isolation tier: its create against raw ``runsc run`` of the same rootfs, and through
+the stock SDKs beside the ns tier of the same stack.
+
+Run as root: ``.venv/bin/python bench/bench_gvisor.py [--runs 8] [--command-runs 30]``.
+Baselines from the same run:
+- raw runsc: ``runsc run --detach`` (ptrace, host network in a bare netns, no cgroups) of the base
+  template's layers as an overlay on a tmpfs upper, until envd accepts TCP; then kill and delete.
+  ``GvisorBackend.create`` does the same plus our setup (slot, cgroups, veth + nftables, disk image,
+  statx shim) until envd accepts TCP on the sandbox address: the "within 1.2x" goal of issue 18.
+- the ns tier's ``Sandbox.create()``, ``commands.run("true")``, ``run_code("1+1")`` and pause/resume,
+  on one stack (pool off, 512 MB / 1 CPU sandboxes) where each create picks its tier by metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from measure import pct  # noqa: E402
+from stack.harness import SHARED_TEMPLATES_DIR, make_stack, stop_and_clean  # noqa: E402
+
+from pmoves_e2b.sandbox.backends.base import SandboxSpec  # noqa: E402
+from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend  # noqa: E402
+from pmoves_e2b.sandbox.backends.ns import ENVD_ARGV  # noqa: E402
+from pmoves_e2b.sandbox.templates.store import load_template  # noqa: E402
+
+STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
+TIMEOUT = 600
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def row(name: str, values: list[float], base_name: str = "", base: list[float] | None = None) -> None:
+    p50 = statistics.median(values)
+    text = f"{name:<48} p50 {p50 * 1000:8.1f} ms  p95 {pct(values, 0.95) * 1000:8.1f} ms  n={len(values)}"
+    if base:
+        text += f"   vs {base_name} p50 {statistics.median(base) * 1000:.1f} ms = {p50 / statistics.median(base):.2f}x"
+    print(text, flush=True)
+
+
+def _listening_in_netns(netns: str, port: int, timeout: float) -> bool:
+    """Poll 127.0.0.1:port from a thread that joined the netns (setns is per thread)."""
+    result: list[bool] = []
+
+    def worker() -> None:
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            _libc.setns(fd, CLONE_NEWNET)
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                result.append(True)
+                return
+            except OSError:
+                time.sleep(0.002)
+        result.append(False)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def raw_runsc(runs: int) -> list[float]:
+    layers = load_template("base", SHARED_TEMPLATES_DIR).layers
+    work = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-runsc-"))
+    netns = f"bench-runsc-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    samples = []
+    try:
+        for n in range(runs):
+            box = work / str(n)
+            rootfs, upper = box / "m", box / "rw"
+            rootfs.mkdir(parents=True)
+            upper.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(upper)], check=True)
+            (upper / "u").mkdir()
+            (upper / "w").mkdir()
+            lower = ":".join(layers)
+            options = f"lowerdir={lower},upperdir={upper}/u,workdir={upper}/w"
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(rootfs)], check=True)
+            config = {
+                "ociVersion": "1.0.2",
+                "process": {
+                    "user": {"uid": 0, "gid": 0},
+                    "args": list(ENVD_ARGV),
+                    "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ENVD_INIT_SECRET=x"],
+                    "cwd": "/",
+                },
+                "root": {"path": str(rootfs)},
+                "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+                "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
+            }
+            (box / "config.json").write_text(json.dumps(config))
+            runsc = ["nsenter", f"--net=/run/netns/{netns}", "runsc", f"--root={box}/state", "--platform=ptrace"]
+            runsc += ["--network=host", "--ignore-cgroups"]
+            started = time.perf_counter()
+            subprocess.run([*runsc, "run", "--detach", f"--bundle={box}", f"raw{n}"], check=True, timeout=60)
+            if not _listening_in_netns(netns, 49983, 60):
+                raise RuntimeError("envd did not listen under raw runsc")
+            samples.append(time.perf_counter() - started)
+            subprocess.run([*runsc, "kill", f"raw{n}", "KILL"], check=False, timeout=60)
+            subprocess.run([*runsc, "delete", "--force", f"raw{n}"], check=False, timeout=60)
+            subprocess.run(["umount", str(rootfs)], check=True)
+            subprocess.run(["umount", str(upper)], check=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    return samples
+
+
+def backend_creates(runs: int) -> list[float]:
+    template = load_template("base", SHARED_TEMPLATES_DIR)
+    runtime = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-gvisor-")) / "sandboxes-gvisor"
+    backend = GvisorBackend(runtime)
+    samples = []
+    try:
+        for n in range(runs):
+            spec = SandboxSpec(f"bench{n}", template, 512, 1.0, 1024, False, secrets.token_hex(8), "gvisor")
+            started = time.perf_counter()
+            handle = asyncio.run(backend.create(spec))
+            samples.append(time.perf_counter() - started)
+            asyncio.run(backend.destroy(handle))
+    finally:
+        asyncio.run(backend.cleanup_orphans(set()))
+        backend.close()
+        shutil.rmtree(runtime.parent, ignore_errors=True)
+    return samples
+
+
+def create_kill(tier: str, runs: int) -> list[float]:
+    from e2b import Sandbox
+
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+        samples.append(time.perf_counter() - started)
+        sandbox.kill()
+    return samples
+
+
+def command_true(tier: str, runs: int) -> tuple[list[float], int]:
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+    try:
+        sandbox.commands.run("true", request_timeout=TIMEOUT)
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox.commands.run("true", request_timeout=TIMEOUT)
+            samples.append(time.perf_counter() - started)
+        time.sleep(2)
+        return samples, _pss_kb(sandbox.sandbox_id)
+    finally:
+        sandbox.kill()
+
+
+def run_code(tier: str, runs: int) -> list[float]:
+    from e2b_code_interpreter import Sandbox
+
+    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT, timeout=TIMEOUT)
+    try:
+        sandbox.run_code("1+1", timeout=TIMEOUT)
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox.run_code("1+1", timeout=TIMEOUT)
+            samples.append(time.perf_counter() - started)
+        return samples
+    finally:
+        sandbox.kill()
+
+
+def pause_resume(tier: str, runs: int) -> tuple[list[float], list[float]]:
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
+    pauses, resumes = [], []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            sandbox.pause()
+            pauses.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            Sandbox.connect(sandbox.sandbox_id, request_timeout=TIMEOUT)
+            resumes.append(time.perf_counter() - started)
+    finally:
+        sandbox.kill()
+    return pauses, resumes
+
+
+def _pss_kb(sandbox_id: str) -> int:
+    """PSS of every process whose command line names the sandbox (ns: bwrap + its tree is not
+    named; this is for gvisor's runsc-sandbox and runsc-gofer, whose --root holds the id)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if sandbox_id.encode() not in (entry / "cmdline").read_bytes():
+                continue
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--command-runs", type=int, default=30)
+    parser.add_argument("--pause-runs", type=int, default=5)
+    options = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+    raw = raw_runsc(options.runs)
+    ours = backend_creates(options.runs)
+    row("raw runsc run --detach -> envd listens (baseline)", raw)
+    row("GvisorBackend.create -> envd listens", ours, "raw runsc", raw)
+    stack = make_stack(STACK_ENV)
+    try:
+        stack.up()
+        os.environ.update(stack.sdk_env)
+        ns_create = create_kill("ns", options.runs)
+        gv_create = create_kill("gvisor", options.runs)
+        ns_command, _ = command_true("ns", options.command_runs)
+        gv_command, gv_pss = command_true("gvisor", options.command_runs)
+        ns_code = run_code("ns", options.command_runs)
+        gv_code = run_code("gvisor", options.command_runs)
+        ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
+        gv_pause, gv_resume = pause_resume("gvisor", options.pause_runs)
+    finally:
+        stop_and_clean(stack)
+    row("ns: Sandbox.create() (pool off, baseline)", ns_create)
+    row("gvisor: Sandbox.create() (pool off)", gv_create, "ns", ns_create)
+    row("gvisor: Sandbox.create() vs raw runsc", gv_create, "raw runsc", raw)
+    row('ns: commands.run("true") (baseline)', ns_command)
+    row('gvisor: commands.run("true")', gv_command, "ns", ns_command)
+    row('ns: run_code("1+1") (baseline)', ns_code)
+    row('gvisor: run_code("1+1")', gv_code, "ns", ns_code)
+    row("ns: pause (freeze, baseline)", ns_pause)
+    row("gvisor: pause (freeze)", gv_pause, "ns", ns_pause)
+    row("ns: resume (connect, baseline)", ns_resume)
+    row("gvisor: resume (connect)", gv_resume, "ns", ns_resume)
+    print(f"gvisor: idle sandbox host PSS (runsc sandbox + gofer) {gv_pss / 1024:.0f} MB", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
