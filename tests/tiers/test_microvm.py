@@ -15,6 +15,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -224,3 +225,25 @@ def _is_qemu_of(pid: int, sandbox_id: str) -> bool:
     except FileNotFoundError:
         return False
     return b"qemu-system" in cmdline and sandbox_id.encode() in cmdline
+
+
+def test_the_guest_sees_no_host_process_and_cannot_reach_the_host(sdk: RunningStack) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("0.0.0.0", 0))  # every host address, the sandbox's gateway too
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    sandbox = _create()
+    try:
+        host_address = str(_details(sdk, sandbox.sandbox_id)["host_address"])
+        # every process but the guest kernel's threads (kthreadd, pid 2, and its children)
+        processes = sandbox.commands.run("ps -N -p 2 --ppid 2 -o comm=", request_timeout=TIMEOUT).stdout.split()
+        assert "pmoves-e2b" not in processes and "qemu-system-x86" not in processes
+        assert len(processes) < 20, processes  # the guest's own few, not the host's
+        probe = f"import socket; socket.create_connection(('{host_address}', {port}), timeout=3)"
+        with pytest.raises(CommandExitException) as refused:
+            sandbox.commands.run(f"python3 -c {shlex.quote(probe)}", request_timeout=TIMEOUT)
+        assert "timed out" in refused.value.stderr or "refused" in refused.value.stderr
+        socket.create_connection((host_address, port), timeout=3).close()  # the port is open to the host
+    finally:
+        sandbox.kill(request_timeout=TIMEOUT)
+        listener.close()
