@@ -89,20 +89,28 @@ def get_sandbox(db: Database, sandbox_id: str) -> SandboxRow | None:
         return s.get(SandboxRow, sandbox_id)
 
 
+# "Live" as the states it is, not "!= killed": an index search, where a not-equal scans every
+# killed row ever kept (6 ms a count at 100k rows, several counts per create).
+LIVE_STATES = ("running", "paused")
+
+
+def _live() -> Any:
+    return SandboxRow.state.in_(LIVE_STATES)
+
+
 def live_sandboxes(db: Database) -> list[SandboxRow]:
     with db.session() as s:
-        return list(s.scalars(select(SandboxRow).where(SandboxRow.state != "killed").order_by(SandboxRow.started_at)))
+        return list(s.scalars(select(SandboxRow).where(_live()).order_by(SandboxRow.started_at)))
 
 
 def count_live_sandboxes(db: Database) -> int:
     with db.session() as s:
-        return s.scalar(select(func.count()).select_from(SandboxRow).where(SandboxRow.state != "killed")) or 0
+        return s.scalar(select(func.count()).select_from(SandboxRow).where(_live())) or 0
 
 
 def sum_live_memory_mb(db: Database) -> int:
     with db.session() as s:
-        live = SandboxRow.state != "killed"
-        return s.scalar(select(func.coalesce(func.sum(SandboxRow.memory_mb), 0)).where(live)) or 0
+        return s.scalar(select(func.coalesce(func.sum(SandboxRow.memory_mb), 0)).where(_live())) or 0
 
 
 def update_sandbox(
