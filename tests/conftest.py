@@ -72,22 +72,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("running_stack", available, indirect=True, scope="session")
 
 
-# Known gaps of a tier, skipped there with their reason (and listed in the README).
-WATCH_9P = "gVisor's root is a 9p mount, and envd refuses to watch network mounts"
-TIER_GAPS = {
-    ("gvisor", "test_watch_dir_sees_new_files"): WATCH_9P,
-    ("gvisor", "test_async_watch_dir_recursive"): WATCH_9P,
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        tier = callspec.params.get("running_stack") if callspec else None
-        if gap := TIER_GAPS.get((tier, getattr(item, "originalname", ""))):
-            item.add_marker(pytest.mark.skip(reason=gap))
-
-
 @pytest.fixture(scope="session")
 def _ns_stack() -> Iterator[RunningStack]:
     with started_stack() as stack:

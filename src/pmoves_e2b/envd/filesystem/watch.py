@@ -55,8 +55,10 @@ def _event_type(mask: int) -> EventType | None:
 
 
 def is_network_mount(path: str) -> bool:
-    """True when the mount holding ``path`` is a network or FUSE filesystem."""
-    best, fstype = "", ""
+    """True when the mount holding ``path`` is a network or FUSE filesystem. 9p over a file
+    descriptor (``trans=fd``) is gVisor's gofer serving the sandbox's own files: every change goes
+    through the sandbox's kernel, so inotify sees it, unlike a remote share."""
+    best, fstype, options = "", "", ""
     try:
         lines = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
@@ -69,7 +71,9 @@ def is_network_mount(path: str) -> bool:
         mount_point = fields[1].replace("\\040", " ")
         inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
         if inside and len(mount_point) >= len(best):
-            best, fstype = mount_point, fields[2]
+            best, fstype, options = mount_point, fields[2], fields[3] if len(fields) > 3 else ""
+    if fstype == "9p" and "trans=fd" in options.split(","):
+        return False
     return fstype.split(".")[0] in NETWORK_FILESYSTEMS
 
 
