@@ -188,6 +188,13 @@ class Settings(BaseSettings):
     e2b_templates_dir: Path | None = None
     e2b_spells_dir: Path | None = None
     e2b_database_url: str | None = None
+    # Templates also in S3/MinIO (s3://bucket/prefix; the templates dir is then the local cache).
+    # Unset keys: boto3's own chain (AWS_ACCESS_KEY_ID, ~/.aws, instance roles).
+    e2b_template_store: str | None = None
+    e2b_s3_endpoint_url: str | None = None
+    e2b_s3_region: str | None = None
+    e2b_s3_access_key_id: str | None = None
+    e2b_s3_secret_access_key: SecretStr | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -30,6 +30,7 @@ from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.sandbox.snapshot_api import build_snapshot_router
 from pmoves_e2b.sandbox.snapshots import Snapshots
 from pmoves_e2b.sandbox.template_api import DatabaseJournal, build_template_router
+from pmoves_e2b.sandbox.templates.s3store import S3TemplateStore
 from pmoves_e2b.sandbox.tiers import TieredBackend, Tiers
 from pmoves_e2b.service import DependencyCheck, make_service_app
 from pmoves_e2b.store import repo
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Any:
         raise RuntimeError("E2B_DATABASE_URL / E2B_TEMPLATES_DIR were not derived")
     db = Database(settings.e2b_database_url)
     tiers = Tiers.from_settings(settings)
+    remote = S3TemplateStore.from_settings(settings)
+    templates_dir = settings.e2b_templates_dir
     for status in tiers.statuses.values():
         if not status.available:
             log.info("isolation tier unavailable", extra={"tier": status.name, "reason": status.reason})
@@ -65,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Any:
         db=db,
         backend=tiers,
         load_template=template_dir_loader(settings.e2b_templates_dir),
+        fetch_template=(lambda ref: remote.pull(templates_dir, ref)) if remote is not None else None,
         limits=Limits(
             max_sandboxes=settings.e2b_max_sandboxes,
             memory_mb=settings.e2b_sandbox_memory_mb,
@@ -128,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Any:
                 settings.e2b_sandbox_disk_mb,
                 in_use=lambda name: any(r.template_id.split(":")[0] == name for r in manager.list_rows()),
                 journal=DatabaseJournal(db),
+                remote=remote,
             ),
         ],
         lifespan=lifespan,

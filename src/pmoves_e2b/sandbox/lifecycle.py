@@ -145,8 +145,11 @@ class SandboxManager:
         boot_gate: BootGate | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         paused_dir: Path | None = None,
+        fetch_template: Callable[[str], bool] | None = None,
     ) -> None:
         self.db = db
+        # E2B_TEMPLATE_STORE: brings a template missing here into the templates dir (False: unknown there too).
+        self.fetch_template = fetch_template
         # Sandboxes paused without memory keep their files here (<id>/layer-N), none: not offered.
         self.paused_dir = paused_dir
         self.clock = clock  # wall clock of sandbox lifetimes (end_at, pause); tests pass a fake one
@@ -252,7 +255,7 @@ class SandboxManager:
 
     async def create(self, req: CreateRequest) -> SandboxRow:
         timeout_s = self._check_timeout(req.timeout_s if req.timeout_s is not None else DEFAULT_TIMEOUT_S)
-        template = self._template(req.template_id)
+        template = await self._template_or_fetch(req.template_id)
         tier = self.tiers.choose(req.metadata.get(METADATA_KEY), template.name, template.isolation)
         started = time.perf_counter()
         async with self._create_slots:
@@ -373,6 +376,18 @@ class SandboxManager:
         except BaseException:
             await asyncio.shield(self._destroy_quietly(handle))
             raise
+
+    async def _template_or_fetch(self, template_id: str) -> TemplateImage:
+        try:
+            return self.load_template(template_id)
+        except KeyError:
+            if self.fetch_template is None:
+                return self._template(template_id)  # its 404
+        try:  # downloads layers: off the event loop
+            await asyncio.to_thread(self.fetch_template, template_id)
+        except Exception as exc:
+            raise SandboxError(f"template '{template_id}' is not here and the template store failed: {exc}") from exc
+        return self._template(template_id)
 
     def _template(self, template_id: str) -> TemplateImage:
         try:

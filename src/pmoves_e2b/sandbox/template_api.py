@@ -38,6 +38,7 @@ from pmoves_e2b.sandbox.templates.custom import (
     CustomBuilds,
 )
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+from pmoves_e2b.sandbox.templates.s3store import S3TemplateStore
 from pmoves_e2b.sandbox.templates.store import (
     TEMPLATE_NAME,
     list_templates,
@@ -110,6 +111,7 @@ def build_template_router(
     disk_mb: int,
     in_use: Callable[[str], bool] = lambda name: False,
     journal: BuildJournal | None = None,
+    remote: S3TemplateStore | None = None,
 ) -> APIRouter:
     """``authenticate(request)`` is the control plane's API-key check (raises 401); ``journal``
     keeps build states across restarts (the database)."""
@@ -119,7 +121,7 @@ def build_template_router(
 
     outer = APIRouter()
     router = APIRouter(dependencies=[Depends(require_api_key)])
-    builds = CustomBuilds(templates_dir, journal=journal)
+    builds = CustomBuilds(templates_dir, journal=journal, remote=remote)
     upload_secret = secrets.token_bytes(32)
 
     async def body_of(request: Request) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .definitions import LAYERS, TEMPLATES
 from .errors import MissingHostTool, TemplateBuildError, TemplateNotFound
@@ -23,6 +23,9 @@ from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
 from .store import layers_dir, load_template, read_record, referenced_layers, write_record
+
+if TYPE_CHECKING:
+    from .s3store import S3TemplateStore
 
 LOG_TAIL_LINES = 25
 
@@ -64,7 +67,9 @@ class TemplateBuilder:
         templates: Mapping[str, TemplateSpec] = TEMPLATES,
         host: HostConfig | None = None,
         retry_delay: float = 5.0,
+        remote: S3TemplateStore | None = None,
     ) -> None:
+        self.remote = remote  # E2B_TEMPLATE_STORE: layers built here and the record go there too
         self.templates_dir = Path(templates_dir)
         self.reporter = reporter or SilentReporter()
         self.layers = layers
@@ -117,6 +122,8 @@ class TemplateBuilder:
                     "size_bytes": sum(results[name].size_bytes for name in spec.layers),
                 },
             )
+            if self.remote is not None:
+                self.remote.push(self.templates_dir, template, [r.layer_id for r in results.values() if r.built])
         return [results[name] for name in self.build_order(template)]
 
     def check(self, template: str) -> None:

@@ -19,6 +19,7 @@ from .definitions import TEMPLATES
 from .dockerfile import DockerfileError, pack_copies
 from .dockerfile import parse as parse_dockerfile
 from .errors import TemplateError, TemplateNotFound
+from .s3store import S3TemplateStore
 from .store import build_record, default_templates_dir, list_templates, read_record, split_ref
 
 app = typer.Typer(help="Build and list sandbox templates (rootfs layers).", no_args_is_help=True)
@@ -104,7 +105,7 @@ def build(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        builder = TemplateBuilder(root, reporter=RichReporter(progress))
+        builder = TemplateBuilder(root, reporter=RichReporter(progress), remote=S3TemplateStore.from_settings())
         for template in names:
             try:
                 builder.build(template, force=force)
@@ -184,7 +185,7 @@ def _build_dockerfile(
         body: dict[str, Any] = {"steps": parsed.steps, "force": force}
         body["fromTemplate" if found is not None else "fromImage"] = parsed.base
         pack_copies(parsed, context or dockerfile.parent, root / "uploads")
-        builds = CustomBuilds(root)
+        builds = CustomBuilds(root, remote=S3TemplateStore.from_settings())
         state = builds.request(name, 0, 0)
         builds.start(state, body)
     except OSError as exc:

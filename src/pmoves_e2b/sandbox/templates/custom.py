@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .definitions import TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
@@ -33,6 +33,9 @@ from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .images import Credentials, ImageRef, image_digest, parse_image, pull_rootfs
 from .rootfs import remove_tree, run_in_rootfs
 from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
+
+if TYPE_CHECKING:
+    from .s3store import S3TemplateStore
 
 STEP_TYPES = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
 FILES_HASH = re.compile(r"^[0-9a-f]{64}$")  # the SDK's sha256 of a COPY step's files
@@ -219,11 +222,17 @@ class CustomBuilds:
     each change of status (a build a restart interrupted is marked failed by the journal)."""
 
     def __init__(
-        self, templates_dir: Path, host: HostConfig | None = None, journal: BuildJournal | None = None
+        self,
+        templates_dir: Path,
+        host: HostConfig | None = None,
+        journal: BuildJournal | None = None,
+        remote: S3TemplateStore | None = None,
     ) -> None:
         self.templates_dir = templates_dir
         self._host = host
         self._journal = journal
+        self._remote = remote  # E2B_TEMPLATE_STORE: the layers a build made and its record go there too
+        self._made: list[str] = []  # layers the running build made (builds run one at a time)
         self.builds: dict[str, BuildState] = {}
         self._lock = threading.Lock()  # one build at a time: they share the layers dir
 
@@ -358,6 +367,7 @@ class CustomBuilds:
             if final.exists():  # forced: sandboxes may still run on the old one
                 final.rename(final.with_name(f"{lid}~replaced-{int(time.time())}"))
             tmp.rename(final)
+            self._made.append(lid)
             state.log(f"image unpacked in {time.monotonic() - started:.1f} s")
         inputs = [LAYER_FORMAT, "image-user", lid, source.envd, IMAGE_SETUP]
         setup = root / f"custom-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
@@ -370,6 +380,7 @@ class CustomBuilds:
     def _run(self, state: BuildState, source: dict[str, Any] | ImageSource, steps: list[Step], force: bool) -> None:
         try:
             with self._lock:
+                self._made = []
                 if isinstance(source, ImageSource):
                     source = self._image_base(state, source, force, self._host or read_host_config())
                 self._build(state, source, steps, force)
@@ -421,6 +432,11 @@ class CustomBuilds:
             else:
                 size += self._copy_layer(state, final, lowers, step, run_as, workdir, host)
             layers.insert(0, lid)
+        if self._remote is not None:  # before the tags move: a failed upload fails the build
+            state.log(f"uploading {len(self._made)} new layer(s) to {self._remote.url}")
+            started = time.monotonic()
+            self._remote.push_layers(self.templates_dir, self._made)
+            state.log(f"uploaded in {time.monotonic() - started:.1f} s")
         assign_tags(
             self.templates_dir,
             state.template_id,
@@ -446,6 +462,8 @@ class CustomBuilds:
                 "build_id": state.build_id,
             },
         )
+        if self._remote is not None:
+            self._remote.push_record(self.templates_dir, state.template_id)
 
     def _run_layer(
         self,
@@ -499,6 +517,7 @@ class CustomBuilds:
         if final.exists():  # a forced rebuild: sandboxes may still run on the old one
             final.rename(final.with_name(f"{final.name}~replaced-{int(time.time())}"))
         tmp.rename(final)
+        self._made.append(final.name)
         state.log(f"layer {final.name} built in {time.monotonic() - started:.1f} s")
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
 
