@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import pct  # noqa: E402
 from stack.harness import SHARED_TEMPLATES_DIR, make_stack, stop_and_clean  # noqa: E402
+from tier_sdk import command_true, create_kill, pause_resume, row, run_code  # noqa: E402
 
 from pmoves_e2b.sandbox.backends.base import SandboxSpec  # noqa: E402
 from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend  # noqa: E402
@@ -41,17 +40,8 @@ from pmoves_e2b.sandbox.backends.ns import ENVD_ARGV  # noqa: E402
 from pmoves_e2b.sandbox.templates.store import load_template  # noqa: E402
 
 STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
-TIMEOUT = 600
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def row(name: str, values: list[float], base_name: str = "", base: list[float] | None = None) -> None:
-    p50 = statistics.median(values)
-    text = f"{name:<48} p50 {p50 * 1000:8.1f} ms  p95 {pct(values, 0.95) * 1000:8.1f} ms  n={len(values)}"
-    if base:
-        text += f"   vs {base_name} p50 {statistics.median(base) * 1000:.1f} ms = {p50 / statistics.median(base):.2f}x"
-    print(text, flush=True)
 
 
 def _listening_in_netns(netns: str, port: int, timeout: float) -> bool:
@@ -148,87 +138,6 @@ def backend_creates(runs: int) -> list[float]:
     return samples
 
 
-def create_kill(tier: str, runs: int) -> list[float]:
-    from e2b import Sandbox
-
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-        samples.append(time.perf_counter() - started)
-        sandbox.kill()
-    return samples
-
-
-def command_true(tier: str, runs: int) -> tuple[list[float], int]:
-    from e2b import Sandbox
-
-    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-    try:
-        sandbox.commands.run("true", request_timeout=TIMEOUT)
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            sandbox.commands.run("true", request_timeout=TIMEOUT)
-            samples.append(time.perf_counter() - started)
-        time.sleep(2)
-        return samples, _pss_kb(sandbox.sandbox_id)
-    finally:
-        sandbox.kill()
-
-
-def run_code(tier: str, runs: int) -> list[float]:
-    from e2b_code_interpreter import Sandbox
-
-    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT, timeout=TIMEOUT)
-    try:
-        sandbox.run_code("1+1", timeout=TIMEOUT)
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            sandbox.run_code("1+1", timeout=TIMEOUT)
-            samples.append(time.perf_counter() - started)
-        return samples
-    finally:
-        sandbox.kill()
-
-
-def pause_resume(tier: str, runs: int) -> tuple[list[float], list[float]]:
-    from e2b import Sandbox
-
-    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-    pauses, resumes = [], []
-    try:
-        for _ in range(runs):
-            started = time.perf_counter()
-            sandbox.pause()
-            pauses.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            Sandbox.connect(sandbox.sandbox_id, request_timeout=TIMEOUT)
-            resumes.append(time.perf_counter() - started)
-    finally:
-        sandbox.kill()
-    return pauses, resumes
-
-
-def _pss_kb(sandbox_id: str) -> int:
-    """PSS of every process whose command line names the sandbox (ns: bwrap + its tree is not
-    named; this is for gvisor's runsc-sandbox and runsc-gofer, whose --root holds the id)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if sandbox_id.encode() not in (entry / "cmdline").read_bytes():
-                continue
-            for line in (entry / "smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
@@ -252,6 +161,8 @@ def main() -> None:
         gv_code = run_code("gvisor", options.command_runs)
         ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
         gv_pause, gv_resume = pause_resume("gvisor", options.pause_runs)
+        ns_disk, ns_boot = pause_resume("ns", options.pause_runs, mode="filesystem")
+        gv_disk, gv_boot = pause_resume("gvisor", options.pause_runs, mode="filesystem")
     finally:
         stop_and_clean(stack)
     row("ns: Sandbox.create() (pool off, baseline)", ns_create)
@@ -265,6 +176,10 @@ def main() -> None:
     row("gvisor: pause (freeze)", gv_pause, "ns", ns_pause)
     row("ns: resume (connect, baseline)", ns_resume)
     row("gvisor: resume (connect)", gv_resume, "ns", ns_resume)
+    row("ns: pause to disk (mode filesystem, baseline)", ns_disk)
+    row("gvisor: pause to disk (mode filesystem)", gv_disk, "ns", ns_disk)
+    row("ns: resume from disk (boots, baseline)", ns_boot)
+    row("gvisor: resume from disk (boots)", gv_boot, "ns", ns_boot)
     print(f"gvisor: idle sandbox host PSS (runsc sandbox + gofer) {gv_pss / 1024:.0f} MB", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
 

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from measure import pct  # noqa: E402
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
+from tier_sdk import command_true, create_kill, pause_resume, row  # noqa: E402
 
 STACK_ENV = {
     "E2B_SANDBOX_MEMORY_MB": "512",
@@ -34,82 +32,6 @@ STACK_ENV = {
     "E2B_SANDBOX_DISK_MB": "1024",
     "E2B_POOL_SIZE": "0",
 }
-TIMEOUT = 600
-
-
-def create_kill(tier: str, runs: int) -> list[float]:
-    from e2b import Sandbox
-
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-        samples.append(time.perf_counter() - started)
-        sandbox.kill()
-    return samples
-
-
-def command_true(tier: str, runs: int) -> tuple[list[float], int]:
-    from e2b import Sandbox
-
-    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-    try:
-        sandbox.commands.run("true", request_timeout=TIMEOUT)  # first command: warm
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            sandbox.commands.run("true", request_timeout=TIMEOUT)
-            samples.append(time.perf_counter() - started)
-        return samples, _qemu_pss_kb(sandbox.sandbox_id)
-    finally:
-        sandbox.kill()
-
-
-def pause_resume(tier: str, runs: int) -> tuple[list[float], list[float]]:
-    """``pause()`` (the VM saved to disk, QEMU ended) and ``Sandbox.connect`` (loaded again)."""
-    from e2b import Sandbox
-
-    sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT)
-    pauses, resumes = [], []
-    try:
-        for _ in range(runs):
-            started = time.perf_counter()
-            sandbox.pause()
-            pauses.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            Sandbox.connect(sandbox.sandbox_id, request_timeout=TIMEOUT)
-            resumes.append(time.perf_counter() - started)
-    finally:
-        sandbox.kill()
-    return pauses, resumes
-
-
-def _qemu_pss_kb(sandbox_id: str) -> int:
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (
-                sandbox_id.encode() not in (entry / "cmdline").read_bytes()
-                or b"qemu" not in (entry / "comm").read_bytes()
-            ):
-                continue
-            for row in (entry / "smaps_rollup").read_text().splitlines():
-                if row.startswith("Pss:"):
-                    total += int(row.split()[1])
-        except OSError:
-            continue
-    return total
-
-
-def row(name: str, values: list[float], base_name: str = "", base: list[float] | None = None) -> None:
-    p50 = statistics.median(values)
-    text = f"{name:<44} p50 {p50 * 1000:9.1f} ms  p95 {pct(values, 95) * 1000:9.1f} ms  n={len(values)}"
-    if base:
-        base_p50 = statistics.median(base)
-        text += f"   vs {base_name} p50 {base_p50 * 1000:.1f} ms = {p50 / base_p50:.1f}x"
-    print(text, flush=True)
 
 
 def main() -> None:
@@ -131,7 +53,7 @@ def main() -> None:
         ns_command, _ = command_true("ns", options.command_runs)
         first = create_kill("microvm", 1)
         restored = create_kill("microvm", options.runs)
-        vm_command, pss_kb = command_true("microvm", options.command_runs)
+        vm_command, pss_kb = command_true("microvm", options.command_runs, comm=b"qemu")
         ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
         vm_pause, vm_resume = pause_resume("microvm", options.pause_runs)
     finally:
