@@ -153,7 +153,10 @@ def bench_warm(creates: int) -> None:
             ):
                 ready(template)
                 started = time.perf_counter()
-                desktop_id = api.post("/desktops", json=body).json()["desktop_id"]
+                created = api.post("/desktops", json=body)
+                if created.status_code != 201:
+                    raise SystemExit(f"POST /desktops {body} answered {created.status_code}: {created.text}")
+                desktop_id = created.json()["desktop_id"]
                 shot = api.get(f"/desktops/{desktop_id}/screenshot")
                 samples.append((time.perf_counter() - started) * 1000)
                 black[template] += is_black(shot.content)
