@@ -43,6 +43,8 @@ FILES_HASH = re.compile(r"^[0-9a-f]{64}$")  # the SDK's sha256 of a COPY step's 
 BUILT_IN = frozenset(TEMPLATES)
 LAYER_FORMAT = "custom-2"  # bumped when a step makes a different layer from the same inputs
 BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
+# Docker Hub's debian:<tag> that our `base` is (its os layer: debootstrap of bookworm, envd above).
+DEBIAN_AS_BASE = frozenset({"bookworm", "12"})
 
 
 # Run as root in an image's rootfs (with envd's layer above it): envd runs on the image's python3.11
@@ -217,6 +219,25 @@ def _unpack_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None
     return tarfile.data_filter(member, dest)
 
 
+def release_image_is_base(image: str) -> bool:
+    """True for Docker Hub's debian:bookworm / debian:12 (``from_debian_image("bookworm")``): built on
+    our `base`, no pull. Other Debian and Ubuntu release images are refused (BuildRefused): envd runs on
+    python3.11, which only bookworm has, and Ubuntu's archive is not reachable from here."""
+    try:
+        ref = parse_image(image)
+    except ValueError:
+        return False  # the image path words the error
+    if ref.registry != "docker.io" or ref.path not in ("library/debian", "library/ubuntu") or ref.digest:
+        return False
+    if ref.path == "library/debian" and ref.tag in DEBIAN_AS_BASE:
+        return True
+    raise BuildRefused(
+        f"image {image!r}: of the Debian and Ubuntu release images only debian:bookworm (debian:12, i.e. "
+        "from_debian_image('bookworm')) is offered, made from this server's debootstrapped bookworm; others "
+        "lack python3.11 (envd runs on it) and Ubuntu's archive is not reachable from here"
+    )
+
+
 class CustomBuilds:
     """Build states by build id: in memory while this process builds, saved to the journal at
     each change of status (a build a restart interrupted is marked failed by the journal)."""
@@ -278,6 +299,8 @@ class CustomBuilds:
             raise BuildRefused("give fromTemplate or fromImage, not both")
         if image in BASE_IMAGES and not registry:
             parent = "base"  # from_base_image(): our `base` template is E2B's base image's counterpart
+        elif isinstance(image, str) and not registry and release_image_is_base(image):
+            parent = "base"
         if parent or not (image or registry):
             source = self._template_source(parent)
         else:
