@@ -102,6 +102,9 @@ def test_a_template_built_with_s3_storage_starts_after_the_local_cache_is_wiped(
         for layer in own:
             shutil.rmtree(templates / "layers" / layer)
 
+        # The alias lookup (Template.exists) brings the record back; the layers come with the create.
+        assert Template.exists(name) and not (templates / "layers" / own[0]).exists()
+        assert not Template.exists(f"t-{uuid.uuid4().hex[:8]}")
         sandbox = Sandbox.create(template=name, timeout=60)
         try:
             assert sandbox.files.read("/home/user/marker.txt").strip() == marker

@@ -237,9 +237,14 @@ def build_template_router(
 
     async def alias(alias: str) -> JSONResponse:
         name, tag = _checked_ref(alias, "template alias")
-        record = await asyncio.to_thread(
-            lambda: read_record(templates_dir, name) if template_record_path(templates_dir, name).is_file() else {}
-        )
+
+        def local_or_remote() -> dict[str, Any]:
+            if not template_record_path(templates_dir, name).is_file():
+                if remote is None or not remote.pull_record(templates_dir, name):  # E2B_TEMPLATE_STORE
+                    return {}
+            return read_record(templates_dir, name)
+
+        record = await asyncio.to_thread(local_or_remote)
         if ":" in alias:
             found = record and store.build_record(record, tag) is not None
         else:

@@ -155,21 +155,13 @@ class S3TemplateStore:
     def pull(self, templates_dir: Path, ref: str) -> bool:
         """Fetch template ``ref``'s record (when the bucket has one) and its layers missing here;
         False when the bucket does not know the template or tag."""
-        from botocore.exceptions import ClientError
-
         try:
             name, tag = split_ref(ref)
         except ValueError:
             return False
-        try:
-            found = self._client.get_object(Bucket=self.location.bucket, Key=self._key("templates", f"{name}.json"))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        record: dict[str, Any] = json.loads(found["Body"].read())
-        build = build_record(record, tag)
-        if build is None:
+        record = self._record(name)
+        build = build_record(record, tag) if record is not None else None
+        if record is None or build is None:
             return False
         for layer in build.get("layers") or ():
             if not (layers_dir(templates_dir) / layer).is_dir():
@@ -177,6 +169,27 @@ class S3TemplateStore:
         templates_dir.mkdir(parents=True, exist_ok=True)
         write_record(templates_dir, name, record)
         return True
+
+    def pull_record(self, templates_dir: Path, name: str) -> bool:
+        """Only the record of template ``name`` (alias lookups); its layers come at the first create."""
+        record = self._record(name)
+        if record is None:
+            return False
+        templates_dir.mkdir(parents=True, exist_ok=True)
+        write_record(templates_dir, name, record)
+        return True
+
+    def _record(self, name: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self._client.get_object(Bucket=self.location.bucket, Key=self._key("templates", f"{name}.json"))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        record: dict[str, Any] = json.loads(found["Body"].read())
+        return record
 
     def pull_layer(self, templates_dir: Path, layer: str) -> None:
         root = layers_dir(templates_dir)
