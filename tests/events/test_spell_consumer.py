@@ -24,12 +24,13 @@ def ask(url: str, body: dict) -> envelope.Envelope:
     async def request() -> envelope.Envelope:
         client = await nats.connect(url)
         try:
-            deadline = asyncio.get_running_loop().time() + 20
+            deadline = asyncio.get_running_loop().time() + 30
             while True:  # until the service has (re)connected and subscribed
                 try:
-                    reply = await client.request("e2b.spell.execute.v1", json.dumps(body).encode(), timeout=1)
+                    reply = await client.request("e2b.spell.execute.v1", json.dumps(body).encode(), timeout=5)
                     return envelope.parse(reply.data, "reply")
-                except nats.errors.NoRespondersError:
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    # no subscriber yet, or one still (re)subscribing when the request came: ask again
                     if asyncio.get_running_loop().time() > deadline:
                         raise
                     await asyncio.sleep(0.2)
