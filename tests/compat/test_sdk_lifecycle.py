@@ -135,7 +135,9 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
     try:
         sbx.files.write("/home/user/state.txt", "kept")
         counter = sbx.commands.run(
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done", background=True
+            # written whole by a rename: a read never lands between the truncate and the write
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done",
+            background=True,
         )
         time.sleep(0.3)
         assert sbx.pause() is True

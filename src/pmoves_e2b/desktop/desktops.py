@@ -74,7 +74,7 @@ from pmoves_e2b.sdk.errors import Failure, classify
 log = logging.getLogger(__name__)
 
 TYPE_CHUNK = 50  # characters per xdotool call
-KEYBOARD_TRIES = 4
+KEYBOARD_TRIES = 10  # half a second apart: an editor that just opened has settled within ~5 s
 
 DESKTOP_TEMPLATE = "desktop"
 VNC_PORT = 5900
@@ -380,7 +380,7 @@ class DesktopOps:
     async def _keyboard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """xdotool's type and key fail with BadWindow when the focused window's helper windows come
         and go as they start (an editor just opened): they have sent no key then, so retrying is
-        safe. A few tries, half a second apart, outlast the editor settling."""
+        safe. Tries half a second apart outlast the editor settling (CI once saw four fail in a row)."""
         for _ in range(KEYBOARD_TRIES - 1):
             try:
                 return await self._sdk(fn, *args, **kwargs)
