@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from isolation.ns_harness import ID_PREFIX, Responder, Sandboxes, listening_socket_in_netns, sandboxes_for_test
+from isolation.ns_harness import ID_PREFIX, Sandboxes, sandboxes_for_test
 from isolation.test_ns_limits import agent_answers
-from isolation.test_ns_network import probe
+from isolation.test_ns_network import assert_host_ports_closed
 from leakcheck import ns_leftovers
 
 from pmoves_e2b.sandbox.backends.base import TemplateImage
@@ -92,23 +92,7 @@ def test_host_files_processes_and_ports_are_out_of_reach(sandboxes: Sandboxes, t
     assert "pytest" not in ps and "runsc" not in ps, ps
     seen = sandboxes.python(handle, f"import os; print(os.path.exists({str(marker)!r}), os.path.exists('/work'))")
     assert seen["stdout"].split() == ["False", "False"], seen
-    loopback = Responder(listening_socket_in_netns(None, "127.0.0.1"))
-    anywhere = Responder(listening_socket_in_netns(None, "0.0.0.0"))
-    try:
-        results = probe(
-            sandboxes,
-            handle,
-            [
-                ("127.0.0.1", loopback.port),
-                (handle.details["host_address"], anywhere.port),
-                (handle.details["host_address"], loopback.port),
-            ],
-        )
-        assert not any(r.startswith("open") for r in results), results
-        assert loopback.peers == [] and anywhere.peers == []
-    finally:
-        loopback.close()
-        anywhere.close()
+    assert_host_ports_closed(sandboxes, handle)
 
 
 def test_memory_limit_is_enforced(sandboxes: Sandboxes) -> None:

@@ -19,7 +19,7 @@ from isolation.ns_harness import (
     listening_socket_in_netns,
 )
 
-from pmoves_e2b.sandbox.backends.base import ENVD_PORT
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT, SandboxHandle
 from pmoves_e2b.sandbox.backends.ns import network
 
 PROBE = """
@@ -43,7 +43,11 @@ def probe(sandboxes: Sandboxes, handle, targets: list[tuple[str, int]]) -> list[
 
 
 def test_sandbox_cannot_reach_host_services(sandboxes: Sandboxes) -> None:
-    handle = sandboxes.create()
+    assert_host_ports_closed(sandboxes, sandboxes.create())
+
+
+def assert_host_ports_closed(sandboxes: Sandboxes, handle: SandboxHandle) -> None:
+    """Host services on loopback and on every address stay unreachable from the sandbox."""
     loopback = Responder(listening_socket_in_netns(None, "127.0.0.1"))
     anywhere = Responder(listening_socket_in_netns(None, "0.0.0.0"))
     try:
