@@ -569,8 +569,11 @@ class SandboxManager:
                 if running:
                     await self.backend.resume(handle)
         row = self.get(sandbox_id)
-        layers = handle.details.get("layers") or list(self.load_template(row.template_id).layers)
-        runtime = handle.details.get("runtime") or self.load_template(row.template_id).runtime_record()
+        if "layers" in handle.details:
+            layers, runtime = handle.details["layers"], handle.details["runtime"]
+        else:  # booted before handles recorded what they run on: its template as it is now
+            template = self.load_template(row.template_id)
+            layers, runtime = list(template.layers), template.runtime_record()
         return SandboxImage(row.template_id, tuple(layers), tier, handle.init_secret, runtime)
 
     def _can_snapshot(self, tier: str, memory: bool) -> bool:
