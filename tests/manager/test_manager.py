@@ -190,14 +190,14 @@ def test_concurrent_creates_never_pass_the_sandbox_limit(tmp_path: Path) -> None
 def test_the_limit_holds_when_the_store_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A create that finishes while another counts (a slow database) must still be counted: it
     once was in neither the count nor the reservations, and a 4th sandbox passed a limit of 3."""
-    count = repo.count_live_sandboxes
+    count = repo.live_totals
 
-    def slow_count(db: Database) -> int:
+    def slow_count(db: Database) -> tuple[int, int]:
         live = count(db)
         time.sleep(0.05)  # the answer takes a while to come back; creates finish meanwhile
         return live
 
-    monkeypatch.setattr(repo, "count_live_sandboxes", slow_count)
+    monkeypatch.setattr(repo, "live_totals", slow_count)
 
     async def body(env: Env) -> None:
         async with started(env) as manager:

@@ -1,14 +1,15 @@
 """Durable events: written to the store's outbox with the state change, sent by a relay.
 
-A lifecycle event is built (``lifecycle_event``: stable envelope id and time, contract checked)
-by the code that changes the state and stored in the same database transaction as that change
+A lifecycle event is built (``lifecycle_event``: stable envelope id and time, contract checked) by
+the code that changes the state and stored in the same database transaction as that change
 (``store.repo``: the ``event_outbox`` table). ``OutboxRelay`` sends what is stored, oldest first,
-whenever it is told that something was written, when NATS (re)connects, and every second (rows
-written by another process, e.g. ``pmoves-e2b down``). A row is deleted only after the server
-confirmed the batch (flush), so delivery is at least once: after a crash between publish and
-delete the same envelope (same ``id``) is sent again. Each message carries ``Nats-Msg-Id`` = the
-envelope id, so stream ``E2B`` drops such a repeat within its duplicate window, and any
-consumer can drop it by ``id``. The relay stops at the first failure, so order is kept.
+whenever it is told that something was written (what the next 20 ms bring goes in the same pass),
+when NATS (re)connects, and every second (rows written by another process, e.g. ``pmoves-e2b
+down``). A row is deleted only after the server confirmed the batch (flush), so delivery is at least
+once: after a crash between publish and delete the same envelope (same ``id``) is sent again. Each
+message carries ``Nats-Msg-Id`` = the envelope id, so stream ``E2B`` drops such a repeat within its
+duplicate window, and any consumer can drop it by ``id``. The relay stops at the first failure, so
+order is kept.
 
 This module speaks NATS only; the store is reached through the two functions it is given.
 """
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 POLL_SECONDS = 1.0
+COALESCE_SECONDS = 0.02
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
@@ -110,6 +112,9 @@ class OutboxRelay:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
+                # Writes come in bursts (a create+kill writes two events): one pass sends what a few
+                # ms bring, instead of a query, a publish and a delete for each.
+                await asyncio.sleep(COALESCE_SECONDS)
             self._wakeup.clear()
             try:
                 await self.drain()
@@ -127,8 +132,8 @@ class OutboxRelay:
             if sent:
                 await asyncio.to_thread(self.delivered, sent)
                 sent_total += len(sent)
-            if len(sent) < len(batch):
-                break
+            if len(sent) < len(batch) or len(batch) < BATCH:
+                break  # a short batch was all there was: what is written later wakes the next pass
         return sent_total
 
     async def _send(self, batch: Sequence[StoredEvent]) -> list[int]:

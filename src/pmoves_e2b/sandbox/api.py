@@ -267,11 +267,26 @@ class ApiKeys:
         self.configured = configured_key
 
     def authenticate(self, request: Request) -> str:
+        key = self._key(request)
+        return "configured" if self._is_configured(key) else self._lookup(key)
+
+    async def authenticate_async(self, request: Request) -> str:
+        """``authenticate`` for an async route: only a key that is not the configured one costs a
+        worker thread (its database lookup); the configured one is checked on the loop."""
+        key = self._key(request)
+        return "configured" if self._is_configured(key) else await asyncio.to_thread(self._lookup, key)
+
+    @staticmethod
+    def _key(request: Request) -> str:
         key = request.headers.get("x-api-key") or request.headers.get("x-e2b-api-key")
         if not key:
             raise ApiError(401, "missing API key: send it in the X-API-KEY header (E2B_API_KEY)")
-        if self.configured and hmac.compare_digest(key.encode(), self.configured.encode()):
-            return "configured"
+        return key
+
+    def _is_configured(self, key: str) -> bool:
+        return bool(self.configured) and hmac.compare_digest(key.encode(), str(self.configured).encode())
+
+    def _lookup(self, key: str) -> str:
         key_id = repo.find_api_key(self.db, key)
         if key_id is None:
             raise ApiError(
@@ -284,9 +299,10 @@ class ApiKeys:
 
 
 def build_router(manager: SandboxManager, keys: ApiKeys, public_domain: str) -> APIRouter:
-    def require_api_key(request: Request) -> None:
-        """Every route of this router: the caller's key (sync, so its database lookup runs off the loop)."""
-        request.state.api_key_id = keys.authenticate(request)
+    async def require_api_key(request: Request) -> None:
+        """Every route of this router: the caller's key (async: a sync dependency costs a thread hop
+        per request; a database lookup still runs off the loop)."""
+        request.state.api_key_id = await keys.authenticate_async(request)
 
     router = APIRouter(dependencies=[Depends(require_api_key)])
     shapes = Shapes(public_domain)

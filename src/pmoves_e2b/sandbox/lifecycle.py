@@ -176,6 +176,8 @@ class SandboxManager:
             monotonic,
         )
         self._reaper_wakeup = asyncio.Event()
+        # The earliest end the reaper waits for (None: none): a create ending later need not wake it.
+        self._next_deadline: datetime | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._create_slots = asyncio.Lock()
@@ -260,13 +262,14 @@ class SandboxManager:
         started = time.perf_counter()
         async with self._create_slots:
             # Count and reserve under one lock so concurrent creates cannot overshoot the limit.
-            if await self._store(repo.count_live_sandboxes) + self._reserved >= self.limits.max_sandboxes:
+            live, live_mb = await self._store(repo.live_totals)  # one query for both limits
+            if live + self._reserved >= self.limits.max_sandboxes:
                 raise LimitReached(
                     f"You have reached the maximum number of concurrent sandboxes ({self.limits.max_sandboxes}). "
                     "Kill a sandbox or raise E2B_MAX_SANDBOXES."
                 )
             memory_mb = self._memory_mb(template)
-            await self._check_memory_budget(memory_mb)
+            self._check_memory_budget(live_mb, memory_mb)
             self._reserved += 1
             self._reserved_mb += memory_mb
             reserved = True
@@ -324,8 +327,16 @@ class SandboxManager:
             # Stored and unreserved in one step under the create lock: a create counting meanwhile
             # sees this one reserved or stored, never neither (the limit was once overshot when the
             # reservation went while another create's count was on its way back from the store).
+            # Its audit row commits with it: one transaction per create.
+            elapsed = time.perf_counter() - started
+            audit = repo.AuditEntry(
+                req.api_key_id,
+                "sandbox.create",
+                row.sandbox_id,
+                {"template": template.name, "pooled": pooled is not None, "seconds": round(elapsed, 4)},
+            )
             async with self._create_slots:
-                await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)])
+                await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)], audit=audit)
                 self._live[row.sandbox_id] = _Live(handle, access_token)
                 self._reserved -= 1
                 self._reserved_mb -= memory_mb
@@ -338,16 +349,8 @@ class SandboxManager:
         metrics.SANDBOXES_CREATED.labels(template=template.name).inc()
         metrics.CREATE_SECONDS.labels(template=template.name, pooled=str(pooled is not None).lower()).observe(elapsed)
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
-        await self._store(
-            repo.audit,
-            req.api_key_id,
-            "sandbox.create",
-            row.sandbox_id,
-            template=template.name,
-            pooled=pooled is not None,
-            seconds=round(elapsed, 4),
-        )
-        self._reaper_wakeup.set()
+        if self._next_deadline is None or row.end_at < self._next_deadline:
+            self._reaper_wakeup.set()  # it ends before any other: the reaper recomputes its wait
         self.pool.wake()
         self.events_written()
         return row
@@ -395,12 +398,12 @@ class SandboxManager:
         except KeyError as exc:
             raise NotFound(exc.args[0] if exc.args else f"template '{template_id}' not found") from exc
 
-    async def _check_memory_budget(self, memory_mb: int) -> None:
+    def _check_memory_budget(self, live_mb: int, memory_mb: int) -> None:
         # Memory limits are promises: refuse the create that would promise more than the machine has.
         budget = self.limits.memory_budget_mb
         if budget is None:
             return
-        promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb
+        promised = live_mb + self._reserved_mb
         if promised + memory_mb > budget:
             raise LimitReached(
                 f"Not enough memory for another sandbox: live sandboxes hold {promised} MB of the "
@@ -417,11 +420,11 @@ class SandboxManager:
         memory_mb = self._memory_mb(template)
         async with self._create_slots:  # a create moves from reserved to live under this lock
             held, held_mb = self.pool.held()
-            live = await self._store(repo.count_live_sandboxes)
+            live, live_mb = await self._store(repo.live_totals)
             room = self.limits.max_sandboxes - live - self._reserved - held
             budget = self.limits.memory_budget_mb
             if budget is not None:
-                promised = await self._store(repo.sum_live_memory_mb) + self._reserved_mb + held_mb
+                promised = live_mb + self._reserved_mb + held_mb
                 room = min(room, (budget - promised) // memory_mb)
         return max(0, room)
 
@@ -808,26 +811,25 @@ class SandboxManager:
     # --- kill ---------------------------------------------------------------------------
 
     async def kill(self, sandbox_id: str, reason: str = "killed", actor: str = "api") -> None:
-        self.get(sandbox_id)
+        row = self.get(sandbox_id)
         live = self._live[sandbox_id]
         # Under the sandbox's lock, so a pause or resume in flight cannot write its state back after this.
         async with live.lock:
-            row = self.get(sandbox_id)  # a concurrent kill may have won
+            if self._live.get(sandbox_id) is not live:  # a concurrent kill won
+                raise NotFound(f"sandbox '{sandbox_id}' not found")
             del self._live[sandbox_id]
             kind = "timeout" if reason == "timeout" else "killed"
-            row = (
-                await self._update_row(
-                    sandbox_id,
-                    state="killed",
-                    killed_at=self.clock(),
-                    kill_reason=reason,
-                    outbox=[_event(kind, row, reason)],
-                )
-                or row
+            # State, event and audit row in one transaction.
+            await self._update_row(
+                sandbox_id,
+                state="killed",
+                killed_at=self.clock(),
+                kill_reason=reason,
+                outbox=[_event(kind, row, reason)],
+                audit=repo.AuditEntry(actor, "sandbox.kill", sandbox_id, {"reason": reason}),
             )
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
-        await self._store(repo.audit, actor, "sandbox.kill", sandbox_id, reason=reason)
         await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
         self._spawn(self._destroy_and_forget(live.handle))
@@ -858,9 +860,11 @@ class SandboxManager:
 
     async def _reaper(self) -> None:
         while True:
-            next_deadline = await self.reap()
-            wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - self.clock()).total_seconds()))
+            # Cleared before the pass and the deadline unknown during it: a create meanwhile wakes the next pass.
             self._reaper_wakeup.clear()
+            self._next_deadline = None
+            next_deadline = self._next_deadline = await self.reap()
+            wait = 5.0 if next_deadline is None else min(5.0, max(0.01, (next_deadline - self.clock()).total_seconds()))
             await wait_event(self._reaper_wakeup, wait)
 
     async def reap(self) -> datetime | None:

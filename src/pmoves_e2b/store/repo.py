@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -70,11 +71,15 @@ def find_api_key(db: Database, key: str) -> str | None:
 # --- sandboxes --------------------------------------------------------------------------
 
 
-def add_sandbox(db: Database, row: SandboxRow, outbox: Sequence[dict[str, Any]] = ()) -> None:
-    """Insert the sandbox, and the events that report it (``outbox``) in the same transaction."""
+def add_sandbox(
+    db: Database, row: SandboxRow, outbox: Sequence[dict[str, Any]] = (), audit: AuditEntry | None = None
+) -> None:
+    """Insert the sandbox, and the events that report it (``outbox``) and its audit row in the same
+    transaction (one commit per create: each is a round trip, and on SQLite a WAL write)."""
     with db.session() as s:
         s.add(row)
         _add_outbox(s, outbox)
+        _add_audit(s, audit)
         _upsert(
             s,
             TemplateRow,
@@ -103,6 +108,17 @@ def live_sandboxes(db: Database) -> list[SandboxRow]:
         return list(s.scalars(select(SandboxRow).where(_live()).order_by(SandboxRow.started_at)))
 
 
+def live_totals(db: Database) -> tuple[int, int]:
+    """(live sandboxes, their memory in MB) in one query: what a create counts against its limits."""
+    with db.session() as s:
+        count, memory_mb = s.execute(
+            select(func.count(), func.coalesce(func.sum(SandboxRow.memory_mb), 0))
+            .select_from(SandboxRow)
+            .where(_live())
+        ).one()
+        return int(count or 0), int(memory_mb or 0)
+
+
 def count_live_sandboxes(db: Database) -> int:
     with db.session() as s:
         return s.scalar(select(func.count()).select_from(SandboxRow).where(_live())) or 0
@@ -114,9 +130,15 @@ def sum_live_memory_mb(db: Database) -> int:
 
 
 def update_sandbox(
-    db: Database, sandbox_id: str, *, outbox: Sequence[dict[str, Any]] = (), **changes: Any
+    db: Database,
+    sandbox_id: str,
+    *,
+    outbox: Sequence[dict[str, Any]] = (),
+    audit: AuditEntry | None = None,
+    **changes: Any,
 ) -> SandboxRow | None:
-    """Apply ``changes``; the events that report them (``outbox``) commit with them or not at all."""
+    """Apply ``changes``; the events that report them (``outbox``) and the audit row commit with
+    them or not at all."""
     with db.session() as s:
         row = s.get(SandboxRow, sandbox_id)
         if row is None:
@@ -124,6 +146,7 @@ def update_sandbox(
         for name, value in changes.items():
             setattr(row, name, value)
         _add_outbox(s, outbox)
+        _add_audit(s, audit)
         return row
 
 
@@ -148,17 +171,43 @@ def pending_outbox(db: Database, limit: int) -> list[tuple[int, dict[str, Any]]]
         return [(row.seq, row.event) for row in rows]
 
 
+_OUTBOX_TABLE = cast(Table, OutboxRow.__table__)
+_DELETE_OUTBOX_ROW = delete(_OUTBOX_TABLE).where(_OUTBOX_TABLE.c.seq == bindparam("seq"))
+
+
 def delete_outbox(db: Database, seqs: Sequence[int]) -> None:
+    # One cached statement run for each seq (executemany): an IN list is compiled anew for every length.
+    if not seqs:
+        return
     with db.session() as s:
-        s.execute(delete(OutboxRow).where(OutboxRow.seq.in_(list(seqs))))
+        s.execute(_DELETE_OUTBOX_ROW, [{"seq": seq} for seq in seqs])
 
 
 # --- audit and idempotency --------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """An audit row to write with a state change (``add_sandbox``, ``update_sandbox``)."""
+
+    actor: str
+    action: str
+    sandbox_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _add_audit(s: Session, entry: AuditEntry | None) -> None:
+    if entry is not None:
+        s.add(
+            AuditEventRow(
+                ts=utcnow(), actor=entry.actor, action=entry.action, sandbox_id=entry.sandbox_id, detail=entry.detail
+            )
+        )
+
+
 def audit(db: Database, actor: str, action: str, sandbox_id: str | None = None, **detail: Any) -> None:
     with db.session() as s:
-        s.add(AuditEventRow(ts=utcnow(), actor=actor, action=action, sandbox_id=sandbox_id, detail=detail))
+        _add_audit(s, AuditEntry(actor, action, sandbox_id, detail))
 
 
 def audit_events(db: Database, sandbox_id: str | None = None) -> Sequence[AuditEventRow]:
