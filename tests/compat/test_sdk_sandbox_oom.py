@@ -62,7 +62,7 @@ def killed_events(nats_url: str, sandbox_id: str) -> list[envelope.Envelope]:
             while True:
                 try:
                     batch = await subscription.fetch(500, timeout=2)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py raises its own or, from deeper in fetch, asyncio's
                     return found
                 for message in batch:
                     event = envelope.parse(message.data, message.subject)

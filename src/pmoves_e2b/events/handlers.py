@@ -271,7 +271,7 @@ class DurableEvents:
             await self.open()
         try:
             messages = await self._subscription.fetch(batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own (a subclass) or, under load, asyncio's from deeper in fetch
             return []
         events = []
         for msg in messages:
