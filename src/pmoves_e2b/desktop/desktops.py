@@ -43,7 +43,7 @@ from e2b_desktop import Sandbox as DesktopSandbox
 from e2b_desktop.main import _VNCServer
 
 from pmoves_e2b.config import Settings
-from pmoves_e2b.desktop import metrics
+from pmoves_e2b.desktop import keymap, metrics
 from pmoves_e2b.desktop.actions import (
     Click,
     DoubleClick,
@@ -74,7 +74,7 @@ from pmoves_e2b.sdk.errors import Failure, classify
 log = logging.getLogger(__name__)
 
 TYPE_CHUNK = 50  # characters per xdotool call
-KEYBOARD_TRIES = 10  # half a second apart: an editor that just opened has settled within ~5 s
+POINTER_TRIES = 5  # 50 ms apart: a window that vanished under the pointer is gone by the next try
 
 DESKTOP_TEMPLATE = "desktop"
 VNC_PORT = 5900
@@ -174,6 +174,7 @@ class _Live:
     sandbox: DesktopSandbox
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     vnc_password: str | None = None
+    keys: keymap.Slots = field(default_factory=keymap.Slots)
 
 
 @dataclass
@@ -347,7 +348,7 @@ class DesktopOps:
     async def cursor(self, desktop_id: str) -> tuple[int, int]:
         live = await self._attach(desktop_id)
         async with self._translate(desktop_id):
-            return await self._sdk(live.sandbox.get_cursor_position)
+            return await self._pointer(live.sandbox)
 
     async def act(self, desktop_id: str, actions: list[Any]) -> dict[str, Any]:
         """Run ``actions`` in order (one desktop's actions never interleave); answers the cursor after."""
@@ -363,10 +364,10 @@ class DesktopOps:
         done = []
         async with live.lock, self._translate(desktop_id):
             for action in actions:
-                await self._run(live.sandbox, action)
+                await self._run(live, action)
                 metrics.ACTIONS.labels(action.type).inc()
                 done.append(action.type)
-            x, y = await self._sdk(live.sandbox.get_cursor_position)
+            x, y = await self._pointer(live.sandbox)
         return {"desktop_id": desktop_id, "done": done, "cursor": {"x": x, "y": y}}
 
     async def _move(self, sandbox: DesktopSandbox, x: int | None, y: int | None) -> None:
@@ -374,23 +375,37 @@ class DesktopOps:
         is already there (xdotool 3.20160805 waits for a motion that never comes): skip that case."""
         if x is None or y is None:
             return
-        if await self._sdk(sandbox.get_cursor_position) != (x, y):
+        if await self._pointer(sandbox) != (x, y):
             await self._sdk(sandbox.move_mouse, x, y)
 
-    async def _keyboard(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """xdotool's type and key fail with BadWindow when the focused window's helper windows come
-        and go as they start (an editor just opened): they have sent no key then, so retrying is
-        safe. Tries half a second apart outlast the editor settling (CI once saw four fail in a row)."""
-        for _ in range(KEYBOARD_TRIES - 1):
+    async def _pointer(self, sandbox: DesktopSandbox) -> tuple[int, int]:
+        """The SDK's ``get_cursor_position`` (``xdotool getmouselocation``). Besides the position, that
+        command looks up the window under the pointer (XQueryTree and XGetProperty WM_STATE up its
+        parents) and dies of BadWindow when that window is destroyed meanwhile: an app that quits
+        under the pointer (``ctrl+q``, the last action of a batch). It only reads, so asking again is safe."""
+        for _ in range(POINTER_TRIES - 1):
             try:
-                return await self._sdk(fn, *args, **kwargs)
+                return await self._sdk(sandbox.get_cursor_position)
             except CommandExitException as exc:
                 if "BadWindow" not in str(exc):
                     raise
-            await asyncio.sleep(0.5)
-        return await self._sdk(fn, *args, **kwargs)
+            await asyncio.sleep(0.05)
+        return await self._sdk(sandbox.get_cursor_position)
 
-    async def _run(self, sandbox: DesktopSandbox, action: Any) -> None:
+    async def _type(self, live: _Live, text: str) -> None:
+        """The SDK's write, each piece's characters outside the keymap bound first (see keymap.py)."""
+        for piece in keymap.pieces(text, TYPE_CHUNK):
+            if any(keymap.needs_binding(char) for char in piece):
+                current = await self._sdk(live.sandbox.commands.run, keymap.READ, envs={"DISPLAY": DISPLAY})
+                plan, wait = live.keys.plan(keymap.parse_keymap(current.stdout), piece)
+                if plan:
+                    await asyncio.sleep(wait)
+                    await self._sdk(live.sandbox.commands.run, keymap.bind_command(plan), envs={"DISPLAY": DISPLAY})
+            await self._sdk(live.sandbox.write, piece, chunk_size=TYPE_CHUNK, delay_in_ms=12)
+            live.keys.sent(piece)
+
+    async def _run(self, live: _Live, action: Any) -> None:
+        sandbox = live.sandbox
         match action:
             case Click(x=x, y=y, button=button):
                 await self._move(sandbox, x, y)
@@ -411,11 +426,9 @@ class DesktopOps:
                 await self._move(sandbox, x, y)
                 await self._sdk(sandbox.scroll, direction, amount)
             case Type(text=text):
-                for offset in range(0, len(text), TYPE_CHUNK):
-                    chunk = text[offset : offset + TYPE_CHUNK]
-                    await self._keyboard(sandbox.write, chunk, chunk_size=TYPE_CHUNK, delay_in_ms=12)
+                await self._type(live, text)
             case Key(keys=keys):
-                await self._keyboard(sandbox.press, parse_keys(keys))
+                await self._sdk(sandbox.press, parse_keys(keys))
             case Open(url=url):
                 # The SDK puts the argument into a shell command unquoted.
                 await self._sdk(sandbox.open, shlex.quote(url))
