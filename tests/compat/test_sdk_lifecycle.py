@@ -139,14 +139,13 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
             "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done",
             background=True,
         )
-        time.sleep(0.3)
+        assert wait_until(lambda: sbx.files.exists("/tmp/n"), 30), "the counter never started"  # slow under gVisor
         assert sbx.pause() is True
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
         assert sbx.pause() is False  # already paused: 409 -> False
         resumed = Sandbox.connect(sbx.sandbox_id)
         first = int(resumed.files.read("/tmp/n"))
-        time.sleep(0.3)
-        assert int(resumed.files.read("/tmp/n")) > first, "processes did not run again after resume"
+        assert wait_until(lambda: int(resumed.files.read("/tmp/n")) > first, 30), "processes did not run after resume"
         assert resumed.files.read("/home/user/state.txt") == "kept"
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
         counter.kill()
