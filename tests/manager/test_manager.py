@@ -23,9 +23,10 @@ from manager.fake_backend import FakeBackend
 from sqlalchemy.orm import Session
 
 from pmoves_e2b.sandbox.admission import BootGate
-from pmoves_e2b.sandbox.backends.base import TemplateImage
-from pmoves_e2b.sandbox.errors import Busy, Conflict, LimitReached, NotFound, SandboxError
+from pmoves_e2b.sandbox.backends.base import SandboxHandle, TemplateImage
+from pmoves_e2b.sandbox.errors import BadRequest, Busy, Conflict, LimitReached, NotFound, SandboxError
 from pmoves_e2b.sandbox.lifecycle import DEFAULT_TIMEOUT_S, CreateRequest, Limits, SandboxManager
+from pmoves_e2b.sandbox.tiers import Tiers, TierStatus
 from pmoves_e2b.store import repo
 from pmoves_e2b.store.db import Database
 
@@ -73,6 +74,7 @@ class Env:
         pool_size: int = 0,
         pool_max: int | None = None,
         boot_gate: BootGate | None = None,
+        tiers: Tiers | None = None,
     ) -> SandboxManager:
         def events_written() -> None:
             pass  # the events wait in the outbox; ``events`` reads them
@@ -84,7 +86,7 @@ class Env:
 
         return SandboxManager(
             self.db,
-            self.backend,
+            tiers or self.backend,
             load,
             limits or LIMITS,
             events_written,
@@ -564,5 +566,45 @@ def test_create_and_reaper_reach_the_store_off_the_event_loop(tmp_path: Path) ->
             await manager.create(request(timeout_s=10))
             await manager.reap()
         assert on_loop == []
+
+    run(tmp_path, body)
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+class ExportingBackend(FakeBackend):
+    """A tier whose sandboxes can be snapshotted (files only)."""
+
+    name = "exporting"
+
+    async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
+        dest.mkdir()
+
+
+def test_a_snapshot_on_a_tier_without_it_names_the_available_tiers_that_can(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        statuses = [
+            TierStatus("fake", "f", None),
+            TierStatus("exporting", "e", None),
+            TierStatus("absent", "a", "needs /dev/absent"),
+        ]
+        factories = {"fake": lambda: env.backend, "exporting": ExportingBackend, "absent": ExportingBackend}
+        kinds = {"fake": lambda: FakeBackend, "exporting": lambda: ExportingBackend, "absent": lambda: ExportingBackend}
+        async with started(env, tiers=Tiers("fake", statuses, factories, kinds)) as manager:
+            row = await manager.create(request())
+            with pytest.raises(BadRequest) as files_only:
+                await manager.capture(row.sandbox_id, tmp_path / "layer", None)
+            assert files_only.value.message == (
+                "filesystem snapshots are not supported by this sandbox's isolation tier 'fake'; "
+                "tiers here that can: exporting (choose one with metadata 'e2b.isolation')"
+            )
+            with pytest.raises(BadRequest) as with_memory:
+                await manager.capture(row.sandbox_id, tmp_path / "layer", tmp_path / "image")
+            assert with_memory.value.message == (
+                "snapshots with memory (mode 'full', and forks) are not supported by this sandbox's isolation tier 'fake'"
+            )
+            assert not (tmp_path / "layer").exists()
+            assert env.backend.paused == set()
 
     run(tmp_path, body)

@@ -11,6 +11,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2b import Sandbox
@@ -104,3 +105,31 @@ def test_tiers_left_out_of_e2b_isolation_tiers_are_unavailable() -> None:
     assert set(statuses) == set(TIERS)
     assert all(s.reason == "not in E2B_ISOLATION_TIERS" for s in statuses.values())
     assert {s.name: s.reason for s in probe("ns")}["ns"] is None  # this machine runs ns (root, bwrap)
+
+
+class _Exporting:
+    """A tier's backend class with filesystem snapshots only."""
+
+    name = "exporting"
+
+    async def export_filesystem(self, handle: object, dest: Path) -> None:
+        raise AssertionError("not called")
+
+
+def _never_made() -> Any:
+    raise AssertionError("a backend was made to answer what its tier can do")
+
+
+def test_what_a_tier_has_is_read_from_its_class_without_making_its_backend() -> None:
+    tiers = Tiers(
+        "ns",
+        [TierStatus("exporting", "e", None), TierStatus("away", "a", "needs /dev/away"), TierStatus("bare", "b", None)],
+        {"exporting": _never_made, "away": _never_made, "bare": _never_made},
+        {"exporting": lambda: _Exporting, "away": lambda: _Exporting},
+    )
+    assert tiers.has("exporting", "export_filesystem")
+    assert not tiers.has("exporting", "export_filesystem", "checkpoint")
+    assert tiers.has("away", "export_filesystem")  # what it has; that this host cannot run it is its status
+    assert not tiers.has("bare", "export_filesystem")  # nothing says it has it
+    assert not tiers.has("unknown", "export_filesystem")
+    assert tiers.made() == []

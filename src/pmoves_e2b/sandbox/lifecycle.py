@@ -582,8 +582,8 @@ class SandboxManager:
     def _can_snapshot(self, tier: str, memory: bool) -> bool:
         if not self.tiers.statuses[tier].available:
             return False
-        backend = self.tiers.backend(tier)
-        return hasattr(backend, "export_filesystem") and (not memory or hasattr(backend, "checkpoint"))
+        needs = ("export_filesystem", "checkpoint") if memory else ("export_filesystem",)
+        return self.tiers.has(tier, *needs)  # read from its class: no backend is made to word an error
 
     async def _start_template(self, handle: SandboxHandle, template: TemplateImage) -> None:
         if template.start_cmd:

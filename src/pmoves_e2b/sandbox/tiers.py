@@ -8,7 +8,8 @@ names the tiers this host supports and why the others are not. Probes run once, 
 starts (installing ``runsc`` takes a restart to be seen).
 
 A new tier registers itself here: one ``Tier`` in ``TIERS`` (its backend is imported only when
-its factory runs, so a host without it pays nothing).
+its factory or ``kind`` runs, so a host without it pays nothing). What a tier can do (snapshots:
+``Tiers.has``) is read from its backend's class, so no backend is made to word an error.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmoves_e2b.config import Settings
 from pmoves_e2b.sandbox.backends.base import Backend, BackendError, SandboxHandle, SandboxSpec, SandboxStats
 from pmoves_e2b.sandbox.errors import BadRequest
+
+if TYPE_CHECKING:
+    from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend
+    from pmoves_e2b.sandbox.backends.microvm import MicrovmBackend
+    from pmoves_e2b.sandbox.backends.ns import NsBackend
 
 METADATA_KEY = "e2b.isolation"
 
@@ -34,6 +40,7 @@ class Tier:
     summary: str
     probe: Callable[[], str | None]  # None: usable on this host; else the reason it is not
     factory: Callable[[Settings], Backend]
+    kind: Callable[[], type[Backend]]  # its backend's class (imported on call): what it can do, without making one
 
 
 def _ns_probe() -> str | None:
@@ -43,10 +50,14 @@ def _ns_probe() -> str | None:
     return f"not on PATH: {', '.join(missing)} (apt-get install bubblewrap iproute2 nftables)" if missing else None
 
 
-def _ns_factory(settings: Settings) -> Backend:
+def _ns_kind() -> type[NsBackend]:
     from pmoves_e2b.sandbox.backends.ns import NsBackend
 
-    return NsBackend(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
+    return NsBackend
+
+
+def _ns_factory(settings: Settings) -> Backend:
+    return _ns_kind()(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
 
 
 def _microvm_probe() -> str | None:
@@ -57,10 +68,14 @@ def _microvm_probe() -> str | None:
     return qemu_available()
 
 
-def _microvm_factory(settings: Settings) -> Backend:
+def _microvm_kind() -> type[MicrovmBackend]:
     from pmoves_e2b.sandbox.backends.microvm import MicrovmBackend
 
-    return MicrovmBackend(
+    return MicrovmBackend
+
+
+def _microvm_factory(settings: Settings) -> Backend:
+    return _microvm_kind()(
         runtime_dir=settings.e2b_data_dir / "microvm-sandboxes",
         cache_dir=settings.e2b_microvm_cache_dir or settings.e2b_data_dir / "microvm",
         accel=settings.e2b_microvm_accel,
@@ -74,22 +89,33 @@ def _gvisor_probe() -> str | None:
     return _ns_probe() or runsc.probe()
 
 
-def _gvisor_factory(settings: Settings) -> Backend:
+def _gvisor_kind() -> type[GvisorBackend]:
     from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend
 
-    return GvisorBackend(runtime_dir=settings.e2b_data_dir / "sandboxes-gvisor")
+    return GvisorBackend
+
+
+def _gvisor_factory(settings: Settings) -> Backend:
+    return _gvisor_kind()(runtime_dir=settings.e2b_data_dir / "sandboxes-gvisor")
 
 
 TIERS: dict[str, Tier] = {
     tier.name: tier
     for tier in (
-        Tier("ns", "namespaces + seccomp + cgroups (bubblewrap), shared host kernel", _ns_probe, _ns_factory),
-        Tier("microvm", "QEMU microvm guest, own kernel (KVM, else TCG: slow)", _microvm_probe, _microvm_factory),
+        Tier("ns", "namespaces + seccomp + cgroups (bubblewrap), shared host kernel", _ns_probe, _ns_factory, _ns_kind),
+        Tier(
+            "microvm",
+            "QEMU microvm guest, own kernel (KVM, else TCG: slow)",
+            _microvm_probe,
+            _microvm_factory,
+            _microvm_kind,
+        ),
         Tier(
             "gvisor",
             "gVisor user-space kernel (runsc, ptrace platform) + the ns netns and cgroups",
             _gvisor_probe,
             _gvisor_factory,
+            _gvisor_kind,
         ),
     )
 }
@@ -127,10 +153,17 @@ class Tiers:
     """The tiers one service may use: resolves each create's choice and holds their backends
     (made on first use). ``Tiers.single(backend)`` is one tier, e.g. a test's fake backend."""
 
-    def __init__(self, default: str, statuses: list[TierStatus], factories: dict[str, Callable[[], Backend]]) -> None:
+    def __init__(
+        self,
+        default: str,
+        statuses: list[TierStatus],
+        factories: dict[str, Callable[[], Backend]],
+        kinds: dict[str, Callable[[], type[Backend]]] | None = None,
+    ) -> None:
         self.default = default
         self.statuses = {s.name: s for s in statuses}
         self._factories = factories
+        self._kinds = kinds or {}
         self._backends: dict[str, Backend] = {}
 
     @classmethod
@@ -142,7 +175,8 @@ class Tiers:
                 f"known: {', '.join(TIERS)}"
             )
         factories = {name: _bind(tier.factory, settings) for name, tier in TIERS.items()}
-        return cls(settings.e2b_isolation, probe(settings.e2b_isolation_tiers), factories)
+        kinds = {name: tier.kind for name, tier in TIERS.items()}
+        return cls(settings.e2b_isolation, probe(settings.e2b_isolation_tiers), factories, kinds)
 
     @classmethod
     def single(cls, backend: Backend) -> Tiers:
@@ -198,6 +232,17 @@ class Tiers:
                 raise BackendError(f"isolation tier '{name}' is not known to this service")
             backend = self._backends[name] = factory()
         return backend
+
+    def has(self, name: str, *methods: str) -> bool:
+        """Whether tier ``name``'s backend has ``methods`` (e.g. snapshots' ``export_filesystem``),
+        read from its class: no backend is made for the answer (availability is ``statuses``')."""
+        backend: object = self._backends.get(name)
+        if backend is None:
+            kind = self._kinds.get(name)
+            if kind is None:
+                return False
+            backend = kind()
+        return all(callable(getattr(backend, method, None)) for method in methods)
 
     def made(self) -> list[Backend]:
         """The backends made so far (re-adoption makes those of the stored handles first)."""

@@ -7,6 +7,8 @@
 What one sandbox is:
 - the ns tier's slot, netns, veth, nftables rules and cgroups (``ns/network.py``, ``ns/cgroups.py``,
   reused, not copied), so the host reaches it at the same kind of address under the same policy;
+  what every netns tier does with them (create's wait for envd, network options, teardown,
+  cleanup) is ``NetnsBackend``'s (``ns/netns_backend.py``);
 - in that netns a tap device and QEMU (``qemu.py``) joined to the sandbox's cgroups: memory limit =
   guest RAM + QEMU's own overhead, CPU quota = the sandbox's CPUs, pids for QEMU's threads;
 - the guest (``guest.py``): Debian's cloud kernel booted directly, the template's layers as
@@ -27,36 +29,29 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import hashlib
-import ipaddress
 import json
 import math
 import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pmoves_e2b.sandbox.aio import poll_until
 from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, SandboxSpec, SandboxStats
 from pmoves_e2b.sandbox.backends.microvm import guest, image, qemu
 from pmoves_e2b.sandbox.backends.ns import cgroups, network
-from pmoves_e2b.sandbox.backends.ns.backend import JOIN_AND_LIMIT, SANDBOX_ID
+from pmoves_e2b.sandbox.backends.ns.backend import JOIN_AND_LIMIT
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.netns_backend import NetnsBackend, log_tail, write_json
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
 
-T = TypeVar("T")
 TAP = "tap0"
 # Bump when what a saved VM holds changes in a way its key does not see.
 SNAPSHOT_VERSION = "2"
@@ -104,14 +99,10 @@ class _Snapshot:
         return (self.directory / "meta.json").exists()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
-class MicrovmBackend:
+class MicrovmBackend(NetnsBackend):
     name = "microvm"
+    ready_poll_s = (0.005, 0.05)
+    launcher_ended = "the VM ended before envd listened"
 
     def __init__(
         self,
@@ -126,21 +117,10 @@ class MicrovmBackend:
     ) -> None:
         if accel not in ACCELS:
             raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
-        self.runtime_dir = Path(runtime_dir).resolve()
+        super().__init__(runtime_dir, pids_max=pids_max, ready_timeout=ready_timeout, slots=slots, workers=16)
         self.cache_dir = Path(cache_dir).resolve()
         self.requested_accel = accel
-        self.pids_max = pids_max
-        self.ready_timeout = ready_timeout
-        self.slots = slots or SlotRegistry()
         self.use_snapshots = snapshots
-        tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
-        self.cgroup_parent_name = f"pmoves-e2b-{tag}"
-        self.cgroup_parents = cgroups.parent_dirs(self.cgroup_parent_name)
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._cpu_samples: dict[str, tuple[float, int]] = {}
-        self._setup_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="microvm-backend")
-        self._host_ready = False
         self._accel: str | None = None
 
     # --- host setup -------------------------------------------------------------------------
@@ -170,7 +150,7 @@ class MicrovmBackend:
                 except (FileNotFoundError, ValueError, KeyError):
                     initrd = image.initramfs(self.cache_dir, modules)
                     self._accel = "kvm" if qemu.kvm_boots(kernel, initrd) else "tcg"
-                    _write_json(record, {"accel": self._accel})
+                    write_json(record, {"accel": self._accel})
         return self._accel
 
     def close(self) -> None:
@@ -181,16 +161,7 @@ class MicrovmBackend:
             cgroups.remove_parents(cgroups.existing_parent_dirs(self.cgroup_parent_name))
             self._host_ready = False
 
-    # --- the Backend interface ---------------------------------------------------------------
-
-    async def create(self, spec: SandboxSpec) -> SandboxHandle:
-        handle = await self._in_thread(self._start, spec)
-        try:
-            await self._wait_ready(handle)
-        except BaseException as exc:
-            await asyncio.shield(self._in_thread(self._fail, handle.sandbox_id, handle.details, exc))
-            raise
-        return handle
+    # --- the Backend interface (the rest is NetnsBackend's) ------------------------------------
 
     async def pause(self, handle: SandboxHandle) -> None:
         """Save the VM (memory and devices) to the sandbox's dir and end its QEMU: a paused sandbox
@@ -207,21 +178,6 @@ class MicrovmBackend:
             raise
         handle.state = "running"
 
-    async def destroy(self, handle: SandboxHandle) -> None:
-        await self._in_thread(self._teardown, handle.sandbox_id, handle.details)
-
-    async def stats(self, handle: SandboxHandle) -> SandboxStats:
-        return await self._in_thread(self.stats_sync, handle)
-
-    async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
-        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
-        await self._in_thread(network.set_internet, net, allowed)
-        handle.details["allow_internet"] = allowed
-
-    async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
-        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
-        await self._in_thread(network.set_egress, net, allow, deny)
-
     async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
         # The ns tier redirects the sandbox's own outbound connections in its netns; a guest's are
         # forwarded through the netns, which that redirect does not see.
@@ -230,31 +186,16 @@ class MicrovmBackend:
     async def close_intercept(self, handle: SandboxHandle) -> None:
         return None
 
-    def never_reachable(self) -> list[ipaddress.IPv4Network]:
-        return network.never_reachable()
-
     async def is_alive(self, handle: SandboxHandle) -> bool:
         if handle.details.get("paused_state"):
             return Path(handle.details["paused_state"]).exists()
-        return self._cgroups(handle).populated()
-
-    async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
-        return await self._in_thread(self.cleanup_orphans_sync, known_ids)
-
-    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(func, *args))
+        return await super().is_alive(handle)
 
     # --- create ------------------------------------------------------------------------------
 
     def _start(self, spec: SandboxSpec) -> SandboxHandle:
         """Validate and build the guest's images; then restore the template's snapshot or boot."""
-        if not SANDBOX_ID.match(spec.sandbox_id):
-            raise BackendError(f"invalid sandbox id {spec.sandbox_id!r}: use 1-63 of [A-Za-z0-9_-]")
-        if not spec.template.layers:
-            raise BackendError(f"template {spec.template.name!r} has no layers")
-        for layer in spec.template.layers:
-            if not Path(layer).is_dir():
-                raise BackendError(f"template {spec.template.name!r}: layer {layer} is not a directory")
+        self._check_spec(spec)
         if spec.memory_mb < 128 or spec.disk_mb < 64 or spec.cpu_count <= 0:
             raise BackendError("the microvm tier needs memory_mb >= 128, disk_mb >= 64 and cpu_count > 0")
         self._ensure_host_setup()
@@ -273,30 +214,11 @@ class MicrovmBackend:
     ) -> SandboxHandle:
         """Allocate, network, cgroups, disk; QEMU boots the guest (with its RAM in ``save_to``'s
         file, when it will be saved), or loads ``snapshot``."""
-        sandbox_dir = self.runtime_dir / spec.sandbox_id
+        sandbox_dir, details = self._new_sandbox_dir(spec.sandbox_id, 0o700)
         try:
-            sandbox_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise BackendError(f"sandbox {spec.sandbox_id} already exists") from None
-        details: dict[str, Any] = {"runtime_dir": str(sandbox_dir), "created_at": time.time()}
-        try:
-            slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
-            net = SandboxNet.for_slot(slot, spec.sandbox_id)
-            cg = SandboxCgroups.under(self.cgroup_parents, spec.sandbox_id)
-            details.update(
-                slot=slot,
-                netns=net.netns,
-                host_veth=net.host_veth,
-                host_address=net.host_address,
-                cgroups=cg.to_dict(),
-                allow_internet=spec.allow_internet,
-                memory_mb=spec.memory_mb,
-                cpu_count=spec.cpu_count,
-                disk_mb=spec.disk_mb,
-                accel=self.accel,
-                snapshot=snapshot.directory.name if snapshot else None,
-            )
-            _write_json(sandbox_dir / "state.json", details)
+            net, cg = self._new_sandbox(spec, details)
+            details.update(accel=self.accel, snapshot=snapshot.directory.name if snapshot else None)
+            write_json(sandbox_dir / "state.json", details)
             cg.create(spec.memory_mb + qemu.QEMU_OVERHEAD_MB, spec.cpu_count, QEMU_PIDS_MAX)
             network.create_netns(net)
             network.configure(net, spec.allow_internet)
@@ -328,10 +250,10 @@ class MicrovmBackend:
             )
             details["machine"] = machine.to_record()
             self._launch(spec.sandbox_id, machine, net, cg, details)
-            _write_json(sandbox_dir / "state.json", details)
+            write_json(sandbox_dir / "state.json", details)
             if snapshot is not None:
                 details["restore_s"] = self._restore(machine, snapshot.state, net)
-                _write_json(sandbox_dir / "state.json", details)
+                write_json(sandbox_dir / "state.json", details)
         except BaseException as exc:
             self._fail(spec.sandbox_id, details, exc)
             raise
@@ -385,7 +307,7 @@ class MicrovmBackend:
             fd = os.open(snapshot.directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secret)
-            _write_json(snapshot.directory / "meta.json", {"template": spec.template.name, "saved_at": time.time()})
+            write_json(snapshot.directory / "meta.json", {"template": spec.template.name, "saved_at": time.time()})
         except BaseException as exc:
             self._fail(handle.sandbox_id, handle.details, exc)
             raise
@@ -415,7 +337,7 @@ class MicrovmBackend:
         if not cg.wait_empty(timeout=10):
             raise BackendError(f"sandbox {handle.sandbox_id}: QEMU did not exit after saving the VM")
         details["paused_state"] = str(state)
-        _write_json(sandbox_dir / "state.json", details)
+        write_json(sandbox_dir / "state.json", details)
 
     def _resume_from_disk(self, handle: SandboxHandle) -> None:
         details = handle.details
@@ -433,7 +355,7 @@ class MicrovmBackend:
             raise
         del details["paused_state"]
         state.unlink()
-        _write_json(Path(details["runtime_dir"]) / "state.json", details)
+        write_json(Path(details["runtime_dir"]) / "state.json", details)
 
     @staticmethod
     def _save(connection: qemu.Qmp, target: Path, timeout: float = 600.0) -> None:
@@ -524,78 +446,13 @@ class MicrovmBackend:
         self._children[sandbox_id] = proc
         details["pid"] = proc.pid
 
-    def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
-        """Tear down a sandbox that did not start, then raise a BackendError with the guest's console tail."""
-        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
-        tail = _tail(sandbox_dir / "qemu.log", "QEMU") + _tail(sandbox_dir / "console.log", "guest console")
-        cleanup = ""
-        try:
-            self._teardown(sandbox_id, details)
-        except BackendError as teardown_error:
-            cleanup = f"\n(and the cleanup after it failed: {teardown_error})"
-        if isinstance(exc, Exception):
-            message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
-            raise BackendError(f"{message}{cleanup}{tail}") from exc
+    def _failure_logs(self, sandbox_dir: Path) -> str:
+        return log_tail(sandbox_dir / "qemu.log", "QEMU") + log_tail(sandbox_dir / "console.log", "guest console")
 
-    async def _wait_ready(self, handle: SandboxHandle) -> None:
-        """Until envd accepts TCP at the sandbox address; a BackendError once QEMU has exited."""
-
-        async def envd_listening() -> bool:
-            proc = self._children.get(handle.sandbox_id)
-            if proc is not None and proc.poll() is not None:
-                raise BackendError(
-                    f"sandbox {handle.sandbox_id}: the VM ended before envd listened (rc {proc.returncode})"
-                )
-            try:
-                _, writer = await asyncio.open_connection(handle.address, ENVD_PORT)
-            except OSError:
-                return False
-            writer.close()
-            return True
-
-        if not await poll_until(
-            envd_listening, self.ready_timeout, first_delay_s=0.005, max_delay_s=0.05, attempt_s=1.0
-        ):
-            raise BackendError(
-                f"sandbox {handle.sandbox_id}: envd did not listen on {handle.address}:{ENVD_PORT} "
-                f"within {self.ready_timeout:.0f}s ({handle.details.get('accel')})"
-            )
+    def _ready_hint(self, handle: SandboxHandle) -> str:
+        return f" ({handle.details.get('accel')})"
 
     # --- destroy / cleanup -------------------------------------------------------------------
-
-    def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
-        """Remove every trace (QEMU, cgroups, netns and its tap, rules, disk); idempotent. A failed
-        step keeps the sandbox dir and slot so that destroy or cleanup_orphans can retry."""
-        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
-        if "cgroups" in details:
-            cg = SandboxCgroups.from_dict(details["cgroups"])
-        else:
-            cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
-        slot = details.get("slot")
-        errors: list[str] = []
-
-        def step(what: str, func: Callable[..., Any], *args: Any) -> None:
-            try:
-                func(*args)
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
-                errors.append(f"{what}: {exc}")
-
-        step("stop QEMU", self._stop_processes, sandbox_id, details, cg)
-        step("remove cgroups", cg.remove)
-        if slot is not None:
-            step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
-        else:
-            step("remove network", network.destroy_netns, network.NETNS_PREFIX + sandbox_id)
-        self._cpu_samples.pop(sandbox_id, None)
-        if errors:
-            raise BackendError(
-                f"sandbox {sandbox_id} was not fully removed ({'; '.join(errors)}); "
-                f"{sandbox_dir} is kept so that destroy or cleanup_orphans can retry"
-            )
-        if sandbox_dir.exists():
-            shutil.rmtree(sandbox_dir)
-        if slot is not None:
-            self.slots.release(slot)
 
     def _stop_processes(self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups) -> None:
         if cg.frozen():
@@ -606,51 +463,12 @@ class MicrovmBackend:
         if proc is not None:
             proc.wait()
 
-    def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
-        """Tear down what belongs to this runtime dir but to no known sandbox."""
-        self._ensure_host_setup()
-        removed: list[str] = []
-        candidates = {entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir()}
-        my_slots = {
-            owner["sandbox_id"]: slot
-            for slot, owner in self.slots.owners().items()
-            if owner.get("runtime_dir") == str(self.runtime_dir)
-        }
-        candidates.update(my_slots)
-        groups = cgroups.children(cgroups.existing_parent_dirs(self.cgroup_parent_name))
-        for sandbox_id in sorted(candidates - known_ids):
-            details = self._load_details(sandbox_id)
-            if "slot" not in details and sandbox_id in my_slots:
-                details["slot"] = my_slots[sandbox_id]
-            self._teardown(sandbox_id, details)
-            removed.append(sandbox_id)
-        for sandbox_id, paths in sorted(groups.items()):
-            if sandbox_id not in known_ids and any(path.exists() for path in paths):
-                cgroups.kill_and_remove(paths)
-                if sandbox_id not in removed:
-                    removed.append(sandbox_id)
-        return removed
-
-    def _load_details(self, sandbox_id: str) -> dict[str, Any]:
-        try:
-            details: dict[str, Any] = json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        return details
-
     # --- stats -------------------------------------------------------------------------------
 
     def stats_sync(self, handle: SandboxHandle) -> SandboxStats:
         """CPU and memory as the host sees the VM (QEMU's cgroup); disk = blocks the guest's disk holds."""
         cg = self._cgroups(handle)
-        cpu_count = float(handle.details.get("cpu_count", 1))
-        now, usage = time.time(), cg.cpu_usage_usec()
-        last_time, last_usage = self._cpu_samples.get(
-            handle.sandbox_id, (float(handle.details.get("created_at", now)), 0)
-        )
-        self._cpu_samples[handle.sandbox_id] = (now, usage)
-        elapsed = max(now - last_time, 1e-3)
-        cpu_pct = min(100.0, max(0.0, (usage - last_usage) / 1e6 / elapsed / cpu_count * 100))
+        cpu_pct = self._cpu_used_pct(handle, cg)
         mem_used, _ = cg.memory_usage()
         mem_total = int(handle.details.get("memory_mb", 0)) * 1024 * 1024
         disk_total = int(handle.details.get("disk_mb", 0)) * 1024 * 1024
@@ -661,29 +479,10 @@ class MicrovmBackend:
             except FileNotFoundError:
                 continue
         return SandboxStats(
-            cpu_count=cpu_count,
-            cpu_used_pct=round(cpu_pct, 2),
+            cpu_count=float(handle.details.get("cpu_count", 1)),
+            cpu_used_pct=cpu_pct,
             mem_used_bytes=min(mem_used, mem_total) if mem_total else mem_used,
             mem_total_bytes=mem_total,
             disk_used_bytes=min(disk_used, disk_total),
             disk_total_bytes=disk_total,
         )
-
-    def _cgroups(self, handle: SandboxHandle) -> SandboxCgroups:
-        try:
-            return SandboxCgroups.from_dict(handle.details["cgroups"])
-        except KeyError:
-            raise BackendError(
-                f"handle of sandbox {handle.sandbox_id} has no cgroups (not from this backend?)"
-            ) from None
-
-
-def _tail(path: Path, what: str, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - limit))
-            text = log.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f"\n--- {what} (tail) ---\n{text}" if text else ""

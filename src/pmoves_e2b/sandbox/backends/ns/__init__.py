@@ -1,6 +1,7 @@
 """The default isolation backend ("ns"), one module per concern:
 
 - ``backend.py``: ``NsBackend`` (the ``Backend`` interface: create, pause, destroy, stats, ...);
+- ``netns_backend.py``: ``NetnsBackend``, what every tier on these netns and cgroups shares (ns, gvisor, microvm);
 - ``mounts.py``: libc mounts, idmapped template layers, the sandbox's disk;
 - ``slots.py``: host-wide slots (uid range + /30 per sandbox);
 - ``network.py``: netns, veth and nftables (the only module running ``ip``/``nft``);

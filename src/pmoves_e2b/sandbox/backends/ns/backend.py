@@ -24,20 +24,18 @@ What one sandbox is (recipe and measurements: reference/isolation-on-this-machin
   namespaces, Docker's default capabilities, no_new_privs and the seccomp denylist;
 - it runs in its own session and is not tied to this process: a restarted service re-adopts a
   handle (``is_alive``), and ``destroy`` reaps the launcher when it is our child.
+
+What every netns tier shares (create's wait for envd, network options, teardown, cleanup, stats'
+CPU) is ``NetnsBackend``'s (``netns_backend.py``); this module is the bubblewrap launch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
-import ipaddress
 import json
 import os
-import re
 import resource
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -45,11 +43,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pmoves_e2b.sandbox.aio import poll_until
 from pmoves_e2b.sandbox.backends.base import (
     ENVD_PORT,
     BackendError,
@@ -59,14 +55,13 @@ from pmoves_e2b.sandbox.backends.base import (
 )
 from pmoves_e2b.sandbox.backends.ns import cgroups, fsexport, hostlimits, mounts, network, seccomp
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
+from pmoves_e2b.sandbox.backends.ns.netns_backend import NetnsBackend, log_tail, write_json
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import UID_BASE, UID_RANGE, SlotRegistry
 from pmoves_e2b.sandbox.backends.ns.zygote import Zygotes
 
-T = TypeVar("T")
 ENVD_ARGV: tuple[str, ...] = ("/opt/pmoves/bin/envd", "--host", "0.0.0.0", "--port", str(ENVD_PORT))  # noqa: S104 - envd inside the sandbox's own netns
 LAUNCH_ROOTS = Path("/run/pmoves-e2b/roots")
-SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default set (0xa00405fb), by capability number; everything else is dropped from the bounding set.
 CAPABILITIES = {
@@ -86,13 +81,7 @@ JOIN_AND_LIMIT = (
 )
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
-class NsBackend:
+class NsBackend(NetnsBackend):
     name = "ns"
 
     def __init__(
@@ -105,20 +94,9 @@ class NsBackend:
         slots: SlotRegistry | None = None,
         zygote: bool = True,
     ) -> None:
-        self.runtime_dir = Path(runtime_dir).resolve()
+        super().__init__(runtime_dir, pids_max=pids_max, ready_timeout=ready_timeout, slots=slots, workers=32)
         self.init_argv = tuple(init_argv)
-        self.pids_max = pids_max
-        self.ready_timeout = ready_timeout
-        self.slots = slots or SlotRegistry()
-        tag = hashlib.sha256(str(self.runtime_dir).encode()).hexdigest()[:10]
-        self.cgroup_parent_name = f"pmoves-e2b-{tag}"
-        self.cgroup_parents = cgroups.parent_dirs(self.cgroup_parent_name)
-        self.launch_root = LAUNCH_ROOTS / tag
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._cpu_samples: dict[str, tuple[float, int]] = {}
-        self._setup_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ns-backend")
-        self._host_ready = False
+        self.launch_root = LAUNCH_ROOTS / self.runtime_tag
         # envd forked from a per-template zygote (zygote.py) when the sandbox runs the stock envd
         self.zygotes: Zygotes | None = None
         if zygote and self.init_argv == ENVD_ARGV:
@@ -163,16 +141,7 @@ class NsBackend:
                 pass
             self._host_ready = False
 
-    # --- the Backend interface ---------------------------------------------------------------
-
-    async def create(self, spec: SandboxSpec) -> SandboxHandle:
-        handle = await self._in_thread(self._start, spec)
-        try:
-            await self._wait_ready(handle)
-        except BaseException as exc:
-            await asyncio.shield(self._in_thread(self._fail, handle.sandbox_id, handle.details, exc))
-            raise
-        return handle
+    # --- the Backend interface (the rest is NetnsBackend's) ------------------------------------
 
     async def pause(self, handle: SandboxHandle) -> None:
         await self._in_thread(self._cgroups(handle).freeze, True)
@@ -182,25 +151,10 @@ class NsBackend:
         await self._in_thread(self._cgroups(handle).freeze, False)
         handle.state = "running"
 
-    async def destroy(self, handle: SandboxHandle) -> None:
-        await self._in_thread(self.destroy_sync, handle)
-
     async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
         """The sandbox's file changes as a new template layer at ``dest`` (it is paused meanwhile)."""
         upper = Path(handle.details["runtime_dir"]) / "rw" / "u"
         await self._in_thread(fsexport.export_upper, upper, dest, int(handle.details["uid_base"]), UID_RANGE)
-
-    async def stats(self, handle: SandboxHandle) -> SandboxStats:
-        return await self._in_thread(self.stats_sync, handle)
-
-    async def set_internet(self, handle: SandboxHandle, allowed: bool) -> None:
-        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
-        await self._in_thread(network.set_internet, net, allowed)
-        handle.details["allow_internet"] = allowed
-
-    async def set_egress(self, handle: SandboxHandle, allow: tuple[str, ...], deny: tuple[str, ...]) -> None:
-        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
-        await self._in_thread(network.set_egress, net, allow, deny)
 
     async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
         net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
@@ -209,20 +163,6 @@ class NsBackend:
     async def close_intercept(self, handle: SandboxHandle) -> None:
         net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
         await self._in_thread(network.close_intercept, net)
-
-    def never_reachable(self) -> list[ipaddress.IPv4Network]:
-        return network.never_reachable()
-
-    async def is_alive(self, handle: SandboxHandle) -> bool:
-        return self._cgroups(handle).populated()
-
-    async def cleanup_orphans(self, known_ids: set[str]) -> list[str]:
-        return await self._in_thread(self.cleanup_orphans_sync, known_ids)
-
-    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        # An own pool: the default one has only cpu+4 threads, and creates must not queue behind
-        # slow destroys (netns teardown ~30 ms each).
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(func, *args))
 
     # --- create ------------------------------------------------------------------------------
 
@@ -238,40 +178,17 @@ class NsBackend:
 
     def _start(self, spec: SandboxSpec) -> SandboxHandle:
         """Everything up to envd's exec: validate, allocate, cgroups, network, mounts, launch."""
-        if not SANDBOX_ID.match(spec.sandbox_id):
-            raise BackendError(f"invalid sandbox id {spec.sandbox_id!r}: use 1-63 of [A-Za-z0-9_-]")
-        if not spec.template.layers:
-            raise BackendError(f"template {spec.template.name!r} has no layers")
-        for layer in spec.template.layers:
-            if not Path(layer).is_dir():
-                raise BackendError(f"template {spec.template.name!r}: layer {layer} is not a directory")
+        self._check_spec(spec)
         if spec.memory_mb < 16 or spec.disk_mb < 1 or spec.cpu_count <= 0:
             raise BackendError("memory_mb must be >= 16, disk_mb >= 1 and cpu_count > 0")
         self._ensure_host_setup()
 
-        sandbox_dir = self.runtime_dir / spec.sandbox_id
+        sandbox_dir, details = self._new_sandbox_dir(spec.sandbox_id, 0o711)
         try:
-            sandbox_dir.mkdir(mode=0o711)
-        except FileExistsError:
-            raise BackendError(f"sandbox {spec.sandbox_id} already exists") from None
-        details: dict[str, Any] = {"runtime_dir": str(sandbox_dir), "created_at": time.time()}
-        try:
-            slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
-            net = SandboxNet.for_slot(slot, spec.sandbox_id)
-            cg = SandboxCgroups.under(self.cgroup_parents, spec.sandbox_id)
-            details.update(
-                slot=slot,
-                uid_base=UID_BASE + UID_RANGE * slot,
-                netns=net.netns,
-                host_veth=net.host_veth,
-                host_address=net.host_address,
-                cgroups=cg.to_dict(),
-                allow_internet=spec.allow_internet,
-                memory_mb=spec.memory_mb,
-                cpu_count=spec.cpu_count,
-                disk_mb=spec.disk_mb,
-            )
-            _write_json(sandbox_dir / "state.json", details)
+            net, cg = self._new_sandbox(spec, details)
+            slot = details["slot"]
+            details["uid_base"] = UID_BASE + UID_RANGE * slot
+            write_json(sandbox_dir / "state.json", details)
             # `ps` shows this path (bwrap's command line) to every local user: only the sandbox's
             # own host uid (bwrap binds m/ as it) and root may enter, so its files stay its own.
             os.chown(sandbox_dir, details["uid_base"], details["uid_base"])
@@ -285,7 +202,7 @@ class NsBackend:
                 self._launch(spec, details, sandbox_dir, cg, net)
             finally:
                 inside.result()
-            _write_json(sandbox_dir / "state.json", details)
+            write_json(sandbox_dir / "state.json", details)
         except BaseException as exc:
             self._fail(spec.sandbox_id, details, exc)
             raise
@@ -427,83 +344,13 @@ class NsBackend:
             for fd in forked or ():
                 os.close(fd)
 
-    def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
-        """Tear down a sandbox that did not start, then raise a BackendError with envd's log tail."""
-        log_tail = _tail(Path(details["runtime_dir"]) / "rw" / "envd.log")
-        cleanup = ""
-        try:
-            self._teardown(sandbox_id, details)
-        except BackendError as teardown_error:
-            cleanup = f"\n(and the cleanup after it failed: {teardown_error})"
-        if isinstance(exc, Exception):
-            message = str(exc) if isinstance(exc, BackendError) else f"sandbox {sandbox_id} failed to start: {exc}"
-            raise BackendError(f"{message}{cleanup}{log_tail}") from exc
-
-    async def _wait_ready(self, handle: SandboxHandle) -> None:
-        """Until envd accepts TCP; a BackendError once its launcher has exited or the time is up."""
-
-        async def envd_listening() -> bool:
-            try:
-                _, writer = await asyncio.open_connection(handle.address, ENVD_PORT)
-            except OSError:
-                proc = self._children.get(handle.sandbox_id)
-                if proc is not None and proc.poll() is not None:
-                    raise BackendError(
-                        f"sandbox {handle.sandbox_id}: envd exited before listening (rc {proc.returncode})"
-                    ) from None
-                return False
-            writer.close()
-            return True
-
-        if not await poll_until(
-            envd_listening, self.ready_timeout, first_delay_s=0.001, max_delay_s=0.003, attempt_s=1.0
-        ):
-            raise BackendError(
-                f"sandbox {handle.sandbox_id}: envd did not listen on {handle.address}:{ENVD_PORT} "
-                f"within {self.ready_timeout:.0f}s"
-            )
+    def _failure_logs(self, sandbox_dir: Path) -> str:
+        return log_tail(sandbox_dir / "rw" / "envd.log", "envd log")
 
     # --- destroy / cleanup -------------------------------------------------------------------
 
-    def destroy_sync(self, handle: SandboxHandle) -> None:
-        self._teardown(handle.sandbox_id, handle.details)
-
-    def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
-        """Remove every trace; each step tolerates parts that are already gone (idempotent).
-
-        A failed step does not stop the others; the sandbox dir (with state.json) and the slot
-        are then kept so that a later destroy or cleanup_orphans can finish the job."""
-        sandbox_dir = Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id)
-        if "cgroups" in details:
-            cg = SandboxCgroups.from_dict(details["cgroups"])
-        else:
-            cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
-        slot = details.get("slot")
-        errors: list[str] = []
-
-        def step(what: str, func: Callable[..., Any], *args: Any) -> None:
-            try:
-                func(*args)
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
-                errors.append(f"{what}: {exc}")
-
-        step("stop processes", self._stop_processes, sandbox_id, details, cg)
-        step("remove cgroups", cg.remove)
-        step("unmount", mounts.unmount_sandbox, sandbox_dir)
-        if slot is not None:
-            step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
-        else:
-            step("remove network", network.destroy_netns, network.NETNS_PREFIX + sandbox_id)
-        self._cpu_samples.pop(sandbox_id, None)
-        if errors:
-            raise BackendError(
-                f"sandbox {sandbox_id} was not fully removed ({'; '.join(errors)}); "
-                f"{sandbox_dir} is kept so that destroy or cleanup_orphans can retry"
-            )
-        if sandbox_dir.exists():
-            shutil.rmtree(sandbox_dir)
-        if slot is not None:
-            self.slots.release(slot)
+    def _unmount(self, sandbox_dir: Path) -> None:
+        mounts.unmount_sandbox(sandbox_dir)
 
     def _stop_processes(self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups) -> None:
         if self._kill_init(cg, details.get("child_pid")):
@@ -544,97 +391,23 @@ class NsBackend:
             except ChildProcessError:
                 pass
 
-    def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
-        """Tear down what belongs to this runtime dir but to no known sandbox."""
-        self._ensure_host_setup()
-        self._drop_unowned_internet_elements()
-        removed = self._release_slots_of_vanished_runtime_dirs()
-        candidates: set[str] = set()
-        if self.runtime_dir.exists():
-            candidates.update(entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir())
-        my_slots: dict[str, int] = {}
-        for slot, owner in self.slots.owners().items():
-            if owner.get("runtime_dir") == str(self.runtime_dir):
-                my_slots[owner["sandbox_id"]] = slot
-        candidates.update(my_slots)
-        groups = cgroups.children(cgroups.existing_parent_dirs(self.cgroup_parent_name))
-        for sandbox_id in sorted(candidates - known_ids):
-            details = self._load_details(sandbox_id)
-            if "slot" not in details and sandbox_id in my_slots:
-                details["slot"] = my_slots[sandbox_id]
-            self._teardown(sandbox_id, details)
-            removed.append(sandbox_id)
-        # groups whose sandbox dir is gone (or lived in another memory cgroup than ours)
-        for sandbox_id, paths in sorted(groups.items()):
-            if sandbox_id not in known_ids and any(path.exists() for path in paths):
-                cgroups.kill_and_remove(paths)
-                if sandbox_id not in removed:
-                    removed.append(sandbox_id)
-        return removed
-
-    def _drop_unowned_internet_elements(self) -> None:
-        """Internet permission of an address whose slot nobody holds. Elements are listed before
-        the owners: an element is added only after its slot is taken and removed before release."""
-        addresses = network.internet_addresses()
-        egress = network.egress_addresses()
-        owned = set(self.slots.owners())
-        for address in addresses | egress:
-            slot = network.slot_of_address(address)
-            if slot is not None and slot not in owned:
-                network.forget(SandboxNet.for_slot(slot, "unowned"))
-
-    def _release_slots_of_vanished_runtime_dirs(self) -> list[str]:
-        """Slots (and their netns) left by a backend whose runtime dir is gone (e.g. a deleted
-        test data dir): nothing of such a sandbox can still run, as its root lived there."""
-        released = []
-        for slot, owner in self.slots.owners().items():
-            runtime_dir, sandbox_id = owner.get("runtime_dir"), owner.get("sandbox_id", "")
-            if not runtime_dir or Path(runtime_dir).exists() or not SANDBOX_ID.match(sandbox_id):
-                continue
-            network.destroy(SandboxNet.for_slot(slot, sandbox_id))
-            self.slots.release(slot)
-            released.append(sandbox_id)
-        return released
-
-    def _load_details(self, sandbox_id: str) -> dict[str, Any]:
-        try:
-            details: dict[str, Any] = json.loads((self.runtime_dir / sandbox_id / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        return details
-
     # --- stats -------------------------------------------------------------------------------
 
     def stats_sync(self, handle: SandboxHandle) -> SandboxStats:
-        """CPU % (of the sandbox's CPUs) since the previous call, or since creation on the first one."""
+        """CPU (``_cpu_used_pct``) and memory from the sandbox's cgroups; disk = its disk's file system."""
         cg = self._cgroups(handle)
-        cpu_count = float(handle.details.get("cpu_count", 1))
-        now, usage = time.time(), cg.cpu_usage_usec()
-        last_time, last_usage = self._cpu_samples.get(
-            handle.sandbox_id, (float(handle.details.get("created_at", now)), 0)
-        )
-        self._cpu_samples[handle.sandbox_id] = (now, usage)
-        elapsed = max(now - last_time, 1e-3)
-        cpu_pct = min(100.0, max(0.0, (usage - last_usage) / 1e6 / elapsed / cpu_count * 100))
+        cpu_pct = self._cpu_used_pct(handle, cg)
         mem_used, mem_total = cg.memory_usage()
         disk = os.statvfs(Path(handle.details["runtime_dir"]) / "rw")
         disk_total = int(handle.details.get("disk_mb", 0)) * 1024 * 1024 or disk.f_blocks * disk.f_frsize
         return SandboxStats(
-            cpu_count=cpu_count,
-            cpu_used_pct=round(cpu_pct, 2),
+            cpu_count=float(handle.details.get("cpu_count", 1)),
+            cpu_used_pct=cpu_pct,
             mem_used_bytes=mem_used,
             mem_total_bytes=mem_total,
             disk_used_bytes=min(disk_total, (disk.f_blocks - disk.f_bfree) * disk.f_frsize),
             disk_total_bytes=disk_total,
         )
-
-    def _cgroups(self, handle: SandboxHandle) -> SandboxCgroups:
-        try:
-            return SandboxCgroups.from_dict(handle.details["cgroups"])
-        except KeyError:
-            raise BackendError(
-                f"handle of sandbox {handle.sandbox_id} has no cgroups (not from the ns backend?)"
-            ) from None
 
 
 class _Background:
@@ -674,14 +447,3 @@ def _read_until_eof(fd: int, timeout: float, limit: int = 0) -> bytes:
                 return b"".join(chunks)
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - limit))
-            text = log.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f"\n--- envd log (tail) ---\n{text}" if text else ""
