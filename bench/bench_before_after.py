@@ -3,7 +3,8 @@
 Run as root: ``.venv/bin/python bench/bench_before_after.py BEFORE_TREE [--runs 20] [--windows 2] [--bursts 2]``
 where BEFORE_TREE is a checkout of the older commit (``git worktree add`` or ``git archive | tar -x``).
 Two stacks run at once, "before" from BEFORE_TREE/src and "after" from this tree, both with the pool
-off. Creates alternate between them (order flipped each round), so load from other processes on a
+off (``--before-templates DIR``: "before" on other templates, e.g. the older commit's envd layer).
+Creates alternate between them (order flipped each round), so load from other processes on a
 shared machine hits both alike: sequential ``Sandbox.create()`` p50/p95; 4 clients in a create+kill
 loop in alternating 8 s windows (creates/s and the CPU ms per create+kill of every process involved,
 see bench_sdk.cpu_snapshot); alternating bursts of 50 concurrent creates (p99, p50). Prints the
@@ -42,6 +43,9 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--bursts", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=50)
+    parser.add_argument(
+        "--before-templates", type=Path, help="templates dir of 'before' (a change to envd: its older envd layer)"
+    )
     options = parser.parse_args()
     from e2b import Sandbox
 
@@ -50,7 +54,8 @@ def main() -> int:
     stacks = {}
     try:
         os.environ["PYTHONPATH"] = str(options.before_tree.resolve() / "src")
-        stacks["before"] = make_stack(limits)
+        own = {"E2B_TEMPLATES_DIR": str(options.before_templates)} if options.before_templates else {}
+        stacks["before"] = make_stack({**limits, **own})
         stacks["before"].up(timeout=300)
         del os.environ["PYTHONPATH"]
         stacks["after"] = make_stack(limits)

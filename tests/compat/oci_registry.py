@@ -108,6 +108,37 @@ def image_layout(os_layer: Path, dest: Path, marker: str) -> None:
         info = tarfile.TarInfo("etc/test-image-marker")
         info.size, info.mode = len(data), 0o644
         tar.addfile(info, io.BytesIO(data))
+    write_layout(layer.getvalue(), dest)
+
+
+def rootfs_layout(rootfs: Path, dest: Path) -> None:
+    """An OCI image layout whose one (uncompressed) layer is the directory ``rootfs`` as it is."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for child in sorted(rootfs.iterdir()):
+            tar.add(child, arcname=child.name)
+    write_layout(layer.getvalue(), dest)
+
+
+def busybox_rootfs(dest: Path) -> bool:
+    """Debian's busybox-static (static: no libc, no python) as /bin with its applets; False without apt."""
+    work = dest.parent / "busybox-deb"
+    work.mkdir()
+    fetched = subprocess.run(["apt-get", "download", "busybox-static"], cwd=work, capture_output=True, timeout=300)
+    debs = list(work.glob("busybox-static_*.deb"))
+    if fetched.returncode != 0 or not debs:
+        return False
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True, timeout=60)
+    (dest / "bin").mkdir(parents=True)
+    shutil.copy2(work / "x/bin/busybox", dest / "bin/busybox")
+    applets = subprocess.run([str(dest / "bin/busybox"), "--list"], capture_output=True, text=True, check=True)
+    for applet in applets.stdout.split():
+        if applet != "busybox":
+            (dest / "bin" / applet).symlink_to("busybox")
+    return True
+
+
+def write_layout(layer_bytes: bytes, dest: Path) -> None:
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -116,7 +147,6 @@ def image_layout(os_layer: Path, dest: Path, marker: str) -> None:
         (blobs / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    layer_bytes = layer.getvalue()
     diff_id = f"sha256:{hashlib.sha256(layer_bytes).hexdigest()}"
     config = {
         "architecture": "amd64",

@@ -250,3 +250,47 @@ def test_an_upload_that_writes_through_a_symlink_is_refused(own_templates: Path,
     assert started.status_code == 400 and "through a symlink" in started.json()["message"], started.text
     assert not Path(f"/etc/{below.name.rsplit('/', 1)[1]}").exists()
     assert not (own_templates / f"{name}.json").exists()
+
+
+def test_cli_delete_follows_the_apis_rules(stack_factory: Any, running_stack: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (stack, templates):
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "pmoves_e2b.cli", "template", *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**stack.env, "COLUMNS": "200"},
+            )
+
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        Template.build(Template().from_template("base").run_cmd("true"), name, tags=["default", "v2"])
+        listed = cli("list")
+        assert listed.returncode == 0 and name in listed.stdout, listed.stdout + listed.stderr
+        sandbox = Sandbox.create(template=f"{name}:v2", timeout=60)
+        try:
+            for ref in (name, f"{name}:v2"):  # the template, and the tag its sandbox came from
+                refused = cli("delete", ref)
+                assert refused.returncode == 1 and "running or paused sandboxes" in refused.stderr, refused.stderr
+            # another tag of it is free to go
+            assert cli("delete", f"{name}:default").returncode == 0
+        finally:
+            sandbox.kill()
+        url, key = os.environ["E2B_API_URL"], {"X-API-KEY": os.environ["E2B_API_KEY"]}
+        assert [t["tag"] for t in httpx.get(f"{url}/templates/{name}/tags", headers=key).json()] == ["v2"]
+        built_in = cli("delete", "base")
+        assert built_in.returncode == 1 and "built in" in built_in.stderr
+        assert (templates / "base.json").is_file()
+        assert cli("delete", f"{name}:v2").returncode == 0  # its last tag: the template goes
+        assert not (templates / f"{name}.json").exists() and not Template.exists(name)
+        gone = cli("delete", name)
+        assert gone.returncode == 1 and "not found" in gone.stderr
+        bad = cli("delete", "../etc")
+        assert bad.returncode == 1 and "invalid" in bad.stderr.lower(), bad.stderr

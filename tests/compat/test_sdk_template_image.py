@@ -93,7 +93,7 @@ def test_bad_image_requests_are_refused_with_400(own_templates: Path) -> None:
     assert sorted(p.name for p in (own_templates / "layers").iterdir()) == before
 
 
-def test_debian_bookworm_is_our_base_and_other_release_images_are_refused(own_templates: Path) -> None:
+def test_debian_bookworm_is_our_base(own_templates: Path) -> None:
     name = f"t-{uuid.uuid4().hex[:8]}"
     logs: list[str] = []
     template = Template().from_debian_image("bookworm").run_cmd("cat /etc/debian_version > /home/user/v.txt")
@@ -104,13 +104,3 @@ def test_debian_bookworm_is_our_base_and_other_release_images_are_refused(own_te
         assert sandbox.files.read("/home/user/v.txt").startswith("12.")
     finally:
         sandbox.kill()
-
-    refused = f"t-{uuid.uuid4().hex[:8]}"
-    for other in (
-        Template().from_debian_image(),
-        Template().from_ubuntu_image("22.04"),
-        Template().from_image("debian:trixie"),
-    ):
-        with pytest.raises(BuildException, match="only debian:bookworm"):
-            Template.build(other.run_cmd("true"), refused)
-    assert not Template.exists(refused)

@@ -121,3 +121,40 @@ def test_a_template_built_with_s3_storage_starts_after_the_local_cache_is_wiped(
         # A template the bucket does not know either: the usual 404.
         with pytest.raises(Exception, match="404"):
             Sandbox.create(template=f"t-{uuid.uuid4().hex[:8]}", timeout=30)
+
+
+def test_templates_only_in_the_store_are_listed_and_deleted_there_too(
+    stack_factory: Any, running_stack: Any, tmp_path: Path, s3_server: str
+) -> None:
+    import os
+
+    s3 = _bucket(s3_server)
+    s3.create_bucket(Bucket="listed")
+    env = {
+        "E2B_TEMPLATE_STORE": "s3://listed/p",
+        "E2B_S3_ENDPOINT_URL": s3_server,
+        "E2B_S3_ACCESS_KEY_ID": KEY_ID,
+        "E2B_S3_SECRET_ACCESS_KEY": SECRET,
+    }
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates", **env) as (_, templates):
+        Template.build(Template().from_template("base").run_cmd("echo elsewhere > /home/user/e.txt"), name)
+        url, key = os.environ["E2B_API_URL"], {"X-API-KEY": os.environ["E2B_API_KEY"]}
+        # Built by another host: here only in the bucket.
+        (templates / f"{name}.json").unlink()
+        listed = httpx.get(f"{url}/templates", headers=key)
+        assert listed.status_code == 200, listed.text
+        shapes = {t["templateID"]: t for t in listed.json()}
+        assert name in shapes and shapes[name]["aliases"] == [name] and "base" in shapes
+        sandbox = Sandbox.create(template=name, timeout=60)
+        try:
+            assert sandbox.files.read("/home/user/e.txt") == "elsewhere\n"
+        finally:
+            sandbox.kill()
+
+        # Deleted: from the bucket too, so neither the list nor an alias lookup brings it back.
+        assert httpx.delete(f"{url}/templates/{name}", headers=key).status_code == 204
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="listed", Prefix="p/templates/").get("Contents", [])}
+        assert f"p/templates/{name}.json" not in keys
+        assert name not in {t["templateID"] for t in httpx.get(f"{url}/templates", headers=key).json()}
+        assert not Template.exists(name)

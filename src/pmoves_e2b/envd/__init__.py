@@ -7,7 +7,7 @@ Stock E2B SDKs talk to it on port 49983: Connect RPC (``process.Process``,
 It imports nothing from the rest of ``pmoves_e2b``: templates ship only this package plus its
 three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
 this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
-reports, its port, its host-only paths and the signed-URL helper.
+reports, its port, its host-only paths, the signed-URL helper and the launcher's setpriv variable.
 """
 
 from pmoves_e2b.envd.auth import signature as file_signature
@@ -20,4 +20,8 @@ ENVD_VERSION = "0.6.4"
 
 ENVD_PORT = 49983
 
-__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "file_signature"]
+# Set by the launcher of a template from an image: util-linux setpriv of envd's own runtime (the
+# image's may be missing or busybox's, which lacks --reuid), as the shell words that run it (spawn.py).
+SETPRIV_ENV = "ENVD_SETPRIV"
+
+__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "SETPRIV_ENV", "file_signature"]

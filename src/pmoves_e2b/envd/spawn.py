@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import SETPRIV_ENV
 from .users import User
 
 # Debian's secure_path: where envd (root) looks for its own helper, whatever PATH it was given.
@@ -19,8 +21,11 @@ SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv", path=SECURE_PATH)
+def _setpriv() -> list[str] | None:
+    if configured := os.environ.get(SETPRIV_ENV):
+        return shlex.split(configured)
+    found = shutil.which("setpriv", path=SECURE_PATH)
+    return [found] if found else None
 
 
 def as_user(argv: list[str], user: User) -> tuple[list[str], dict[str, Any]]:
@@ -34,7 +39,7 @@ def as_user(argv: list[str], user: User) -> tuple[list[str], dict[str, Any]]:
         return argv, {}
     helper = _setpriv()
     if helper is not None:
-        return [helper, f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--", *argv], {}
+        return [*helper, f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--", *argv], {}
     return argv, {"user": user.uid, "group": user.gid, "extra_groups": user.groups()}
 
 

@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> Any:
                 settings.e2b_sandbox_memory_mb,
                 settings.e2b_sandbox_cpu_limit,
                 settings.e2b_sandbox_disk_mb,
-                in_use=lambda name: any(r.template_id.split(":")[0] == name for r in manager.list_rows()),
+                live_templates=lambda: [r.template_id for r in manager.list_rows()],
                 journal=DatabaseJournal(db),
                 remote=remote,
             ),

@@ -38,6 +38,7 @@ from pmoves_e2b.sandbox.templates.custom import (
     CustomBuilds,
 )
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
+from pmoves_e2b.sandbox.templates.removal import BuiltInTemplate, TemplateInUse, delete_template
 from pmoves_e2b.sandbox.templates.s3store import S3TemplateStore
 from pmoves_e2b.sandbox.templates.store import (
     TEMPLATE_NAME,
@@ -109,7 +110,7 @@ def build_template_router(
     memory_mb: int,
     cpu_count: float,
     disk_mb: int,
-    in_use: Callable[[str], bool] = lambda name: False,
+    live_templates: Callable[[], list[str]] = list,
     journal: BuildJournal | None = None,
     remote: S3TemplateStore | None = None,
 ) -> APIRouter:
@@ -342,22 +343,29 @@ def build_template_router(
 
     async def delete(template_id: str) -> Response:
         _checked_name(template_id)
-        if template_id in BUILT_IN:
-            raise ApiError(400, f"template '{template_id}' is built in; it cannot be deleted through the API")
-        path = template_record_path(templates_dir, template_id)
-        if not path.is_file():
-            raise ApiError(404, f"template '{template_id}' not found")
-        if await asyncio.to_thread(in_use, template_id):
-            raise ApiError(409, f"template '{template_id}' has running or paused sandboxes; kill them first")
-        record = await asyncio.to_thread(read_record, templates_dir, template_id)
-        path.unlink()  # its layers stay for `pmoves-e2b template prune` (cached for a rebuild)
-        if "snapshot" in record:  # a snapshot's own files are no cache: they go now
+        try:
+            record = await asyncio.to_thread(
+                lambda: delete_template(templates_dir, template_id, live_templates(), remote)
+            )
+        except BuiltInTemplate as exc:
+            raise ApiError(400, str(exc)) from None
+        except TemplateNotFound:
+            raise ApiError(404, f"template '{template_id}' not found") from None
+        except TemplateInUse as exc:
+            raise ApiError(409, str(exc)) from None
+        if record is not None and "snapshot" in record:  # a snapshot's own files are no cache: they go now
             await asyncio.to_thread(remove_snapshot_files, templates_dir, record)
         return Response(status_code=204)
 
+    def _listed() -> list[dict[str, Any]]:
+        if remote is not None:  # E2B_TEMPLATE_STORE: templates built elsewhere too (their records, as aliases fetch)
+            for name in remote.record_names():
+                if TEMPLATE_NAME.match(name) and not template_record_path(templates_dir, name).is_file():
+                    remote.pull_record(templates_dir, name)
+        return [_shape(t.name) for t in list_templates(templates_dir)]
+
     async def listed() -> JSONResponse:
-        shapes = await asyncio.to_thread(lambda: [_shape(t.name) for t in list_templates(templates_dir)])
-        return JSONResponse(shapes)
+        return JSONResponse(await asyncio.to_thread(_listed))
 
     router.add_api_route("/templates/aliases/{alias}", alias, methods=["GET"], summary="Does a template alias exist")
     router.add_api_route("/templates", listed, methods=["GET"], summary="List built templates")

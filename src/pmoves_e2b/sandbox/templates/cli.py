@@ -1,4 +1,4 @@
-"""`pmoves-e2b template build|list`."""
+"""`pmoves-e2b template build|list|check|delete|prune`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .definitions import TEMPLATES
 from .dockerfile import DockerfileError, pack_copies
 from .dockerfile import parse as parse_dockerfile
 from .errors import TemplateError, TemplateNotFound
+from .removal import delete_template
 from .s3store import S3TemplateStore
 from .store import build_record, default_templates_dir, list_templates, read_record, split_ref
 
@@ -158,6 +159,36 @@ def check(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     console.print(f"[green]template {name}: check passed[/]")
+
+
+@app.command()
+def delete(
+    ref: Annotated[str, typer.Argument(metavar="NAME[:TAG]", help="Custom template, or one of its tags.")],
+    templates_dir: TemplatesDirOption = None,
+) -> None:
+    """Delete a custom template (or one tag of it); refused while sandboxes made from it run or are paused."""
+    from pmoves_e2b.cli_support import settings_or_exit
+    from pmoves_e2b.store import repo
+    from pmoves_e2b.store.db import Database
+
+    settings = settings_or_exit()
+    root = templates_dir or default_templates_dir()
+    if settings.e2b_database_url is None:  # derived in Settings; never None after validation
+        raise RuntimeError("E2B_DATABASE_URL was not derived")
+    db = Database(settings.e2b_database_url)
+    try:
+        live = [row.template_id for row in repo.live_sandboxes(db)]
+        record = delete_template(root, ref, live, S3TemplateStore.from_settings(settings))
+    except (ValueError, TemplateError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    finally:
+        db.close()
+    if record is not None and "snapshot" in record:  # a snapshot's own files are no cache
+        from pmoves_e2b.sandbox.snapshots import remove_snapshot_files
+
+        remove_snapshot_files(root, record)
+    console.print(f"deleted {ref} (its layers stay until `pmoves-e2b template prune`)")
 
 
 @app.command()

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,7 +32,9 @@ from .definitions import TEMPLATES
 from .errors import TemplateBuildError, TemplateNotFound
 from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .images import Credentials, ImageRef, image_digest, parse_image, pull_rootfs
+from .imagesetup import SETUP_FORMAT, set_up_image
 from .rootfs import remove_tree, run_in_rootfs
+from .runtime import build_runtime, runtime_layer_id
 from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
 
 if TYPE_CHECKING:
@@ -47,21 +50,6 @@ BASE_IMAGES = frozenset({"e2bdev/base", "e2bdev/base:latest"})
 DEBIAN_AS_BASE = frozenset({"bookworm", "12"})
 
 
-# Run as root in an image's rootfs (with envd's layer above it): envd runs on the image's python3.11
-# (its wheels are built for it); sandboxes run as E2B's `user` (uid 1000, home /home/user).
-IMAGE_SETUP = """\
-if ! command -v python3 >/dev/null || ! python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  echo "this image has no python3.11: envd (the in-sandbox daemon) runs on it; use a Debian bookworm based image" >&2
-  exit 1
-fi
-if ! id user >/dev/null 2>&1; then
-  if command -v useradd >/dev/null; then useradd -m -u 1000 -U -s /bin/bash user
-  else echo 'user:x:1000:1000::/home/user:/bin/sh' >> /etc/passwd; echo 'user:x:1000:' >> /etc/group; fi
-fi
-mkdir -p /home/user && chown user:"$(id -gn user)" /home/user
-"""
-
-
 class BuildRefused(ValueError):
     """A build request this server refuses as a whole (the API answers 400)."""
 
@@ -71,6 +59,7 @@ class ImageSource:
     ref: ImageRef
     creds: Credentials | None
     envd: str  # the envd layer (base template's) put above the image
+    os: str  # base's os layer: envd's runtime (python3.11, glibc) is taken from it
 
 
 def _now() -> str:
@@ -221,21 +210,12 @@ def _unpack_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None
 
 def release_image_is_base(image: str) -> bool:
     """True for Docker Hub's debian:bookworm / debian:12 (``from_debian_image("bookworm")``): built on
-    our `base`, no pull. Other Debian and Ubuntu release images are refused (BuildRefused): envd runs on
-    python3.11, which only bookworm has, and Ubuntu's archive is not reachable from here."""
+    our `base` (its os layer is that release, debootstrapped), no pull. Other images are pulled."""
     try:
         ref = parse_image(image)
     except ValueError:
         return False  # the image path words the error
-    if ref.registry != "docker.io" or ref.path not in ("library/debian", "library/ubuntu") or ref.digest:
-        return False
-    if ref.path == "library/debian" and ref.tag in DEBIAN_AS_BASE:
-        return True
-    raise BuildRefused(
-        f"image {image!r}: of the Debian and Ubuntu release images only debian:bookworm (debian:12, i.e. "
-        "from_debian_image('bookworm')) is offered, made from this server's debootstrapped bookworm; others "
-        "lack python3.11 (envd runs on it) and Ubuntu's archive is not reachable from here"
-    )
+    return ref.registry == "docker.io" and ref.path == "library/debian" and ref.tag in DEBIAN_AS_BASE and not ref.digest
 
 
 class CustomBuilds:
@@ -361,11 +341,13 @@ class CustomBuilds:
         except TemplateNotFound:
             raise BuildRefused("images need the built template 'base' (its envd layer goes on top)") from None
         envd = next((layer for layer in base["layers"] if str(layer).startswith("envd-")), None)
-        if envd is None:
-            raise BuildRefused("the 'base' template has no envd layer: rebuild it (pmoves-e2b template build base)")
-        return ImageSource(ref, creds, str(envd))
+        if envd is None or not str(base["layers"][-1]).startswith("os-"):
+            raise BuildRefused(
+                "the 'base' template has no envd and os layers: rebuild it (pmoves-e2b template build base)"
+            )
+        return ImageSource(ref, creds, str(envd), str(base["layers"][-1]))
 
-    def _image_base(self, state: BuildState, source: ImageSource, force: bool, host: HostConfig) -> dict[str, Any]:
+    def _image_base(self, state: BuildState, source: ImageSource, force: bool) -> dict[str, Any]:
         """The image's rootfs (pulled once per manifest digest), envd above it, then a layer that
         gives it E2B's user: a parent record as a template's would be."""
         root = layers_dir(self.templates_dir)
@@ -392,20 +374,45 @@ class CustomBuilds:
             tmp.rename(final)
             self._made.append(lid)
             state.log(f"image unpacked in {time.monotonic() - started:.1f} s")
-        inputs = [LAYER_FORMAT, "image-user", lid, source.envd, IMAGE_SETUP]
-        setup = root / f"custom-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
-        lowers = [root / source.envd, final]
+        # E2B's user and what a sandbox needs, written from here (the image may have no shell or libc)
+        setup = (
+            root / f"custom-{hashlib.sha256(json.dumps([LAYER_FORMAT, SETUP_FORMAT, lid]).encode()).hexdigest()[:16]}"
+        )
         if not setup.is_dir() or force:
-            state.log("setting up the image for sandboxes (python3.11 for envd, user 'user')")
-            self._run_layer(state, setup, lowers, IMAGE_SETUP, "root", "/", {}, host)
-        return {"layers": [setup.name, source.envd, lid], "user": "user", "workdir": "/home/user", "image": digest}
+            state.log("setting up the image for sandboxes (user 'user', /bin/sh)")
+            for line in self._new_layer(setup, lambda tmp: set_up_image(final, tmp)):
+                state.log(line)
+        # envd's own python3.11 and glibc: envd runs the same on any userland (none of it is the image's)
+        runtime = root / runtime_layer_id(source.os, source.envd)
+        if not runtime.is_dir():
+            state.log("making envd's runtime (python3.11 and glibc, from base's os layer)")
+            for line in self._new_layer(runtime, lambda tmp: build_runtime(root / source.os, root / source.envd, tmp)):
+                state.log(line)
+        layers = [setup.name, runtime.name, source.envd, lid]
+        return {"layers": layers, "user": "user", "workdir": "/home/user", "image": digest}
+
+    def _new_layer(self, final: Path, fill: Callable[[Path], list[str]]) -> list[str]:
+        """A layer made by ``fill`` in ``.tmp-<id>`` and renamed into place when complete."""
+        tmp = final.with_name(f".tmp-{final.name}")
+        remove_tree(tmp)
+        tmp.mkdir(mode=0o755)
+        try:
+            lines = fill(tmp)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        if final.exists():  # forced: sandboxes may still run on the old one
+            final.rename(final.with_name(f"{final.name}~replaced-{int(time.time())}"))
+        tmp.rename(final)
+        self._made.append(final.name)
+        return lines
 
     def _run(self, state: BuildState, source: dict[str, Any] | ImageSource, steps: list[Step], force: bool) -> None:
         try:
             with self._lock:
                 self._made = []
                 if isinstance(source, ImageSource):
-                    source = self._image_base(state, source, force, self._host or read_host_config())
+                    source = self._image_base(state, source, force)
                 self._build(state, source, steps, force)
             state.status = "ready"
         except Exception as exc:  # noqa: BLE001 - the build's outcome goes to the SDK, a thread has no caller

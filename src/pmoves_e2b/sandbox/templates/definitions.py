@@ -226,7 +226,9 @@ def _envd_sources(ctx: BuildContext) -> None:
     ctx.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(ctx.target / ENVD_SITE.lstrip("/"))])
 
 
-def _envd_launcher(ctx: BuildContext) -> None:
+def envd_launcher(python: str = "/usr/bin/python3", env: dict[str, str] | None = None) -> bytes:
+    """The launcher script; ``python`` (shell words) runs envd, ``env`` is more of envd's environment
+    (image templates: envd's own runtime)."""
     # The sandbox's first process (a few hundred KB of dash): restarts an envd that died, e.g. when the
     # sandbox's OOM chose it, with the state /init gave it (ENVD_STATE_FILE). An envd that never got
     # /init, or died 3 times in a row within a minute each, is not restarted: the launcher ends every
@@ -236,9 +238,10 @@ def _envd_launcher(ctx: BuildContext) -> None:
     # by the host from the template's envd zygote: the launcher opens pipe R, says it runs on pipe W, and
     # envd (the only writer of R) writes a line when it runs; R's end is its exit. No line = no envd
     # came (the zygote failed): start one here. ENVD_ZYGOTE: this is the zygote itself (host side).
+    extra = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in (env or {}).items())
     script = f"""#!/bin/sh
 export ENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} ENVD_STATE_FILE={ENVD_STATE_FILE}
-[ -n "$ENVD_ZYGOTE" ] && exec /usr/bin/python3 -m pmoves_e2b.envd "$@"
+{extra}[ -n "$ENVD_ZYGOTE" ] && exec {python} -m pmoves_e2b.envd "$@"
 quick=0
 forked=$ENVD_FORKED_FD
 unset ENVD_FORKED_FD
@@ -257,7 +260,7 @@ while :; do
         fi
         exec 3<&-
     else
-        /usr/bin/python3 -m pmoves_e2b.envd "$@"
+        {python} -m pmoves_e2b.envd "$@"
         status=$? code=$?
     fi
     if [ $(($(cut -d. -f1 /proc/uptime) - started)) -lt 60 ]; then quick=$((quick + 1)); else quick=1; fi
@@ -269,7 +272,11 @@ while :; do
     echo "envd launcher: envd exited (status $status); restarting it" >&2
 done
 """
-    _write(ctx.target, ENVD_BIN, script.encode(), mode=0o755)
+    return script.encode()
+
+
+def _envd_launcher(ctx: BuildContext) -> None:
+    _write(ctx.target, ENVD_BIN, envd_launcher(), mode=0o755)
 
 
 def _sudo_shim(ctx: BuildContext) -> None:

@@ -168,7 +168,8 @@ def run_in_rootfs(
             **(env or {}),
         }
         assignments = " ".join(q(f"{k}={v}") for k, v in variables.items())
-        lines.append(f"chroot {r} /usr/bin/env -i {assignments} /bin/bash -euo pipefail -c {q(command)}")
+        # `env` from PATH: images without /usr (busybox) have /bin/env only
+        lines.append(f"chroot {r} env -i {assignments} /bin/bash -euo pipefail -c {q(command)}")
         try:
             run_private("\n".join(lines), log)
         finally:

@@ -150,7 +150,22 @@ class S3TemplateStore:
             raise TemplateBuildError(f"packing layer {layer} for {self.url} failed: {errors.strip()[-2000:]}")
         log.info("template layer uploaded", extra={"layer": layer, "store": self.url})
 
+    def delete_record(self, name: str) -> None:
+        """A deleted template's record (its layers stay: ids name content, other templates share them)."""
+        self._client.delete_object(Bucket=self.location.bucket, Key=self._key("templates", f"{name}.json"))
+
     # ---- download ----
+
+    def record_names(self) -> list[str]:
+        """The templates whose records the bucket holds."""
+        prefix = self._key("templates", "")
+        names = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket, Prefix=prefix):
+            for item in page.get("Contents") or ():
+                key = str(item["Key"])[len(prefix) :]
+                if key.endswith(".json") and "/" not in key:
+                    names.append(key.removesuffix(".json"))
+        return sorted(names)
 
     def pull(self, templates_dir: Path, ref: str) -> bool:
         """Fetch template ``ref``'s record (when the bucket has one) and its layers missing here;
