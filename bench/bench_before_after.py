@@ -86,6 +86,7 @@ def main() -> int:
         )
 
         counts, seconds, cpu = dict.fromkeys(NAMES, 0), dict.fromkeys(NAMES, 0.0), dict.fromkeys(NAMES, 0.0)
+        parts: dict[str, dict[str, float]] = {name: {} for name in NAMES}  # CPU ms by process
         for window in range(options.windows):
             for name in rounds(window):
                 use(name)
@@ -96,6 +97,8 @@ def main() -> int:
                 time.sleep(2)  # the last teardowns
                 last = cpu_snapshot(stacks[name])
                 cpu[name] += sum(last[key] - first[key] for key in first if key != "machine busy (all users)")
+                for key in first:
+                    parts[name][key] = parts[name].get(key, 0.0) + last[key] - first[key]
         rates = {name: counts[name] / seconds[name] for name in NAMES}
         per = {name: cpu[name] / max(1, counts[name]) for name in NAMES}
         print(
@@ -105,6 +108,9 @@ def main() -> int:
             f" CPU {per['after'] / max(per['before'], 1e-9):.2f}; load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        for name in NAMES:
+            split = ", ".join(f"{key} {value / max(1, counts[name]):.1f}" for key, value in parts[name].items())
+            print(f"  {name}: CPU ms per create+kill by process: {split}", flush=True)
 
         bursts: dict[str, list[tuple[float, float]]] = {name: [] for name in NAMES}
         for burst in range(options.bursts):

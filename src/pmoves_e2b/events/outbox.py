@@ -113,8 +113,11 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
                 # Writes come in bursts (a create+kill writes two events): one pass sends what a few
-                # ms bring, instead of a query, a publish and a delete for each.
-                await asyncio.sleep(COALESCE_SECONDS)
+                # ms bring, instead of a query, a publish and a delete for each. Not while disconnected:
+                # a pass then sends nothing, and waiting could let it start after the connection is
+                # up but before its on-connect hooks (the stream) are done.
+                if self.connection.connected:
+                    await asyncio.sleep(COALESCE_SECONDS)
             self._wakeup.clear()
             try:
                 await self.drain()

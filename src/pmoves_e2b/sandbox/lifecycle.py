@@ -121,6 +121,9 @@ class _Live:
 
     handle: SandboxHandle
     access_token: str
+    # What its lifecycle events name (they never change): a kill needs no read of the row.
+    template_id: str
+    metadata: dict[str, str]
     samples: list[dict[str, Any]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -226,12 +229,16 @@ class SandboxManager:
         for row in await self._store(repo.live_sandboxes):
             handle = SandboxHandle.from_dict(row.handle) if row.handle else None
             if handle is not None and _on_disk(handle):  # paused without memory: only its files
-                self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
+                self._live[row.sandbox_id] = _Live(
+                    handle, row.envd_access_token, row.template_id, dict(row.metadata_ or {})
+                )
                 log.info("re-adopted sandbox paused to disk", extra={"sandbox_id": row.sandbox_id})
                 continue
             if handle is not None and await self.backend.is_alive(handle):
                 handle.state = row.state
-                self._live[row.sandbox_id] = _Live(handle, row.envd_access_token)
+                self._live[row.sandbox_id] = _Live(
+                    handle, row.envd_access_token, row.template_id, dict(row.metadata_ or {})
+                )
                 known.add(row.sandbox_id)
                 try:
                     await self._sync_intercept(handle)  # the egress proxy of a sandbox with domain rules
@@ -337,7 +344,7 @@ class SandboxManager:
             )
             async with self._create_slots:
                 await self._store(repo.add_sandbox, row, outbox=[_event("created", row, None)], audit=audit)
-                self._live[row.sandbox_id] = _Live(handle, access_token)
+                self._live[row.sandbox_id] = _Live(handle, access_token, row.template_id, dict(req.metadata))
                 self._reserved -= 1
                 self._reserved_mb -= memory_mb
                 reserved = False
@@ -811,21 +818,24 @@ class SandboxManager:
     # --- kill ---------------------------------------------------------------------------
 
     async def kill(self, sandbox_id: str, reason: str = "killed", actor: str = "api") -> None:
-        row = self.get(sandbox_id)
-        live = self._live[sandbox_id]
+        live = self._live.get(sandbox_id)
+        if live is None:
+            self.get(sandbox_id)  # its NotFound, naming the cause of one that died
+            raise NotFound(f"sandbox '{sandbox_id}' not found")
         # Under the sandbox's lock, so a pause or resume in flight cannot write its state back after this.
         async with live.lock:
             if self._live.get(sandbox_id) is not live:  # a concurrent kill won
                 raise NotFound(f"sandbox '{sandbox_id}' not found")
             del self._live[sandbox_id]
             kind = "timeout" if reason == "timeout" else "killed"
-            # State, event and audit row in one transaction.
+            event = lifecycle_event(kind, sandbox_id, live.template_id, live.metadata, reason, source=EVENT_SOURCE)
+            # State, event and audit row in one write (a live sandbox's row is live: no read first).
             await self._update_row(
                 sandbox_id,
                 state="killed",
                 killed_at=self.clock(),
                 kill_reason=reason,
-                outbox=[_event(kind, row, reason)],
+                outbox=[event],
                 audit=repo.AuditEntry(actor, "sandbox.kill", sandbox_id, {"reason": reason}),
             )
         metrics.SANDBOXES_ACTIVE.set(len(self._live))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Sequence
@@ -80,13 +81,24 @@ def add_sandbox(
         s.add(row)
         _add_outbox(s, outbox)
         _add_audit(s, audit)
-        _upsert(
-            s,
-            TemplateRow,
-            dict(name=row.template_id, layers=[], first_used_at=utcnow(), sandboxes_created=1),
-            keys=["name"],
-            update={"sandboxes_created": TemplateRow.sandboxes_created + 1},
-        )
+        s.execute(_count_template_use(s), {"name": row.template_id, "layers": [], "first_used_at": utcnow()})
+
+
+@functools.cache
+def _template_use_upsert(dialect: str) -> Any:
+    # Built once per dialect: building and caching-keying the statement cost more than running it.
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values: dict[str, Any] = {name: bindparam(name) for name in ("name", "layers", "first_used_at")}
+    return (
+        insert(TemplateRow)
+        .values(**values, sandboxes_created=1)
+        .on_conflict_do_update(index_elements=["name"], set_={"sandboxes_created": TemplateRow.sandboxes_created + 1})
+    )
+
+
+def _count_template_use(s: Session) -> Any:
+    """INSERT ... ON CONFLICT DO UPDATE (as ``_upsert``) counting a create of a template."""
+    return _template_use_upsert(s.get_bind().dialect.name)
 
 
 def get_sandbox(db: Database, sandbox_id: str) -> SandboxRow | None:
