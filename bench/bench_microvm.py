@@ -1,12 +1,16 @@
 """The microvm isolation tier through the stock `e2b` SDK, beside the ns tier of the same stack.
 
-Run as root: ``.venv/bin/python bench/bench_microvm.py [--runs 8] [--boot-runs 3] [--command-runs 30]``.
+Run as root: ``.venv/bin/python bench/bench_microvm.py [--runs 8] [--boot-runs 3] [--command-runs 30]
+[--code-runs 3]``.
 Starts its own stacks (temp data dirs, free ports, pool off, 512 MB / 1 CPU sandboxes). Baselines
 from the same run: the ns tier's ``Sandbox.create()`` and ``commands.run("true")``.
 
 Prints: the first microvm create (boots a VM and saves it), creates restored from that saved VM,
 creates that boot (``E2B_MICROVM_SNAPSHOTS=false``, a second stack), ``commands.run("true")`` in a
-microvm sandbox, the host memory (PSS) of one idle VM, and pause / resume (ns: freeze / thaw).
+microvm sandbox, the host memory (PSS) of one idle VM, pause / resume (ns: freeze / thaw), and the
+code interpreter (template ``code-interpreter-v1``): its create (the saved VM has envd only, so each
+create starts the interpreter server and its default kernels in the guest), the first
+``run_code("1+1")`` after it and later ones, beside ns.
 On the dev/CI machines the VM runs on TCG (KVM there is PVM and boots no stock kernel): every
 number is the software CPU's.
 """
@@ -18,13 +22,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from stack.harness import make_stack, stop_and_clean  # noqa: E402
-from tier_sdk import command_true, create_kill, pause_resume, row  # noqa: E402
+from tier_sdk import TIMEOUT, command_true, create_kill, pause_resume, row, run_code  # noqa: E402
 
 STACK_ENV = {
     "E2B_SANDBOX_MEMORY_MB": "512",
@@ -40,6 +45,7 @@ def main() -> None:
     parser.add_argument("--boot-runs", type=int, default=3)
     parser.add_argument("--command-runs", type=int, default=30)
     parser.add_argument("--pause-runs", type=int, default=5)
+    parser.add_argument("--code-runs", type=int, default=3, help="code-interpreter creates per tier (0: none)")
     options = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-microvm-"))
     env = {**STACK_ENV, "E2B_MICROVM_CACHE_DIR": str(cache)}
@@ -56,6 +62,12 @@ def main() -> None:
         vm_command, pss_kb = command_true("microvm", options.command_runs, comm=b"qemu")
         ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
         vm_pause, vm_resume = pause_resume("microvm", options.pause_runs)
+        if options.code_runs:
+            ns_code_create, ns_first_cell = code_create(options.code_runs, "ns")
+            vm_code_first, _ = code_create(1, "microvm")
+            vm_code_create, vm_first_cell = code_create(options.code_runs, "microvm")
+            ns_code = run_code("ns", options.command_runs)
+            vm_code = run_code("microvm", options.command_runs)
     finally:
         stop_and_clean(stack)
     row("ns: Sandbox.create() + kill (baseline)", ns_create)
@@ -68,6 +80,14 @@ def main() -> None:
     row("microvm: pause (VM saved to disk, QEMU ends)", vm_pause, "ns", ns_pause)
     row("ns: resume (Sandbox.connect, baseline)", ns_resume)
     row("microvm: resume (VM loaded from disk)", vm_resume, "ns", ns_resume)
+    if options.code_runs:
+        row("ns: code-interpreter create + kill (baseline)", ns_code_create)
+        row("microvm: code-interpreter first create (+ save)", vm_code_first)
+        row("microvm: code-interpreter create", vm_code_create, "ns", ns_code_create)
+        row('ns: first run_code("1+1") after create', ns_first_cell)
+        row('microvm: first run_code("1+1") after create', vm_first_cell, "ns", ns_first_cell)
+        row('ns: run_code("1+1") (baseline)', ns_code)
+        row('microvm: run_code("1+1")', vm_code, "ns", ns_code)
     if options.boot_runs:
         stack = make_stack({**env, "E2B_MICROVM_SNAPSHOTS": "false"})
         try:
@@ -79,6 +99,24 @@ def main() -> None:
         row("microvm: create that boots (snapshots off)", booted, "restored", restored)
     print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def code_create(runs: int, tier: str) -> tuple[list[float], list[float]]:
+    """``code-interpreter-v1`` creates (until the SDK returns) and the first ``run_code`` of each."""
+    from e2b_code_interpreter import Sandbox
+
+    creates, first_cells = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        sandbox = Sandbox.create(metadata={"e2b.isolation": tier}, request_timeout=TIMEOUT, timeout=TIMEOUT)
+        creates.append(time.perf_counter() - started)
+        try:
+            started = time.perf_counter()
+            sandbox.run_code("1+1", timeout=TIMEOUT)
+            first_cells.append(time.perf_counter() - started)
+        finally:
+            sandbox.kill()
+    return creates, first_cells
 
 
 if __name__ == "__main__":
