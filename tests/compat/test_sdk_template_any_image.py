@@ -99,7 +99,11 @@ def test_busybox_static_image_without_libc_python_or_bash(
         pytest.skip("apt-get download busybox-static failed (no apt mirror)")
     rootfs_layout(rootfs, tmp_path / "oci")
     name, logs = _build(
-        registry, tmp_path / "oci", "pmoves/busybox", lambda t: t.run_cmd("echo built > /etc/built", user="root")
+        registry,
+        tmp_path / "oci",
+        "pmoves/busybox",
+        # as root, then as the template's user (no runuser here: envd's runtime's setpriv)
+        lambda t: t.run_cmd("echo built > /etc/built", user="root").run_cmd("echo $HOME $(id -u) > built-as.txt"),
     )
     assert any("added user 'user' (uid 1000" in line for line in logs), logs
     assert any("/bin/bash runs /bin/sh" in line for line in logs), logs
@@ -109,6 +113,7 @@ def test_busybox_static_image_without_libc_python_or_bash(
         # the image's own tools, and none of ours on its PATH
         assert sandbox.commands.run("busybox | head -1").stdout.startswith("BusyBox v1.")
         assert sandbox.commands.run("cat /etc/built").stdout == "built\n"
+        assert sandbox.files.read("/home/user/built-as.txt") == "/home/user 1000\n"
         missing = sandbox.commands.run("command -v python3 python3.11 || echo none")
         assert missing.stdout.strip() == "none"
     finally:

@@ -34,7 +34,7 @@ from .hostconfig import HOST_MOUNT_PREFIX, HostConfig, read_host_config
 from .images import Credentials, ImageRef, image_digest, parse_image, pull_rootfs
 from .imagesetup import SETUP_FORMAT, set_up_image
 from .rootfs import remove_tree, run_in_rootfs
-from .runtime import build_runtime, runtime_layer_id
+from .runtime import RUNTIME_DIR, RUNTIME_SETPRIV, build_runtime, runtime_layer_id
 from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
 
 if TYPE_CHECKING:
@@ -520,8 +520,14 @@ class CustomBuilds:
         if user == "root":
             script += command
         else:
+            home = f"$(grep {q(f'^{user}:')} /etc/passwd | cut -d: -f6)"
+            # Images without util-linux (busybox, alpine): envd's runtime's setpriv (a layer below).
             script += (
-                f"exec runuser -u {q(user)} -- env HOME=$(getent passwd {q(user)} | cut -d: -f6) bash -c {q(command)}"
+                "if command -v runuser >/dev/null; then "
+                f"exec runuser -u {q(user)} -- env HOME=$(getent passwd {q(user)} | cut -d: -f6) bash -c {q(command)}; "
+                f"elif [ -x {RUNTIME_DIR}/bin/setpriv ]; then exec {RUNTIME_SETPRIV} --reuid=$(id -u {q(user)}) "
+                f"--regid=$(id -g {q(user)}) --init-groups -- env HOME={home} /bin/bash -c {q(command)}; "
+                "else echo 'this image has no runuser (util-linux) to run a step as another user' >&2; exit 1; fi"
             )
         started = time.monotonic()
         try:
