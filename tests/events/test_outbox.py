@@ -230,3 +230,35 @@ def test_a_service_killed_between_write_and_publish_loses_nothing(
             await connection.close()
 
     asyncio.run(scenario())
+
+
+def test_events_written_while_the_stream_is_being_made_wait_for_it(server: EmbeddedNats, db: Database) -> None:
+    """The connection is up before its on-connect hooks have made the stream: a pass in between
+    would hand the events to a server with no stream to keep them (accepted, confirmed, lost)."""
+
+    async def scenario() -> None:
+        server.start()
+        gate = asyncio.Event()
+
+        async def slow_stream(client: Any) -> None:
+            await gate.wait()
+            await ensure_stream(client)
+
+        connection = connect(server.settings, "e2b-sandbox")
+        connection.on_connect(slow_stream)
+        relay = relay_for(db, connection)
+        relay.start()
+        try:
+            assert await connection.wait_connected(timeout=10)
+            expected = create_and_kill(db, "early")
+            relay.wake()
+            await asyncio.sleep(0.5)
+            assert len(repo.pending_outbox(db, 10)) == 2  # kept until the stream exists
+            gate.set()
+            await delivered(db)
+            assert await kept_ids(server.settings, 2) == expected
+        finally:
+            await relay.stop()
+            await connection.close()
+
+    asyncio.run(scenario())

@@ -52,11 +52,25 @@ class EventConnection:
         self._hooks: list[ConnectHook] = []
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        # Connected and every on-connect hook done since the last (re)connect: the stream exists.
+        self._ready = asyncio.Event()
         self._reported_error = False
 
     @property
     def connected(self) -> bool:
         return self.client.is_connected
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and the on-connect hooks of this connection (e.g. making the stream) are done."""
+        return self._ready.is_set() and self.connected
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self.ready
 
     @property
     def status(self) -> str:
@@ -113,6 +127,7 @@ class EventConnection:
         self._reported_error = False
         self._connected.set()
         await self._run_hooks()
+        self._ready.set()
 
     async def _run_hooks(self) -> None:
         for hook in self._hooks:
@@ -129,6 +144,7 @@ class EventConnection:
 
     async def _on_disconnected(self) -> None:
         NATS_CONNECTED.set(0)
+        self._ready.clear()
         if self._connected.is_set():
             log.warning("disconnected from NATS")
 
@@ -137,6 +153,7 @@ class EventConnection:
         NATS_CONNECTED.set(1)
         self._reported_error = False
         await self._run_hooks()
+        self._ready.set()
 
 
 def server_url(settings: Settings, name: str) -> str:

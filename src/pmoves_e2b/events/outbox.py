@@ -4,12 +4,12 @@ A lifecycle event is built (``lifecycle_event``: stable envelope id and time, co
 the code that changes the state and stored in the same database transaction as that change
 (``store.repo``: the ``event_outbox`` table). ``OutboxRelay`` sends what is stored, oldest first,
 whenever it is told that something was written (what the next 20 ms bring goes in the same pass),
-when NATS (re)connects, and every second (rows written by another process, e.g. ``pmoves-e2b
-down``). A row is deleted only after the server confirmed the batch (flush), so delivery is at least
-once: after a crash between publish and delete the same envelope (same ``id``) is sent again. Each
-message carries ``Nats-Msg-Id`` = the envelope id, so stream ``E2B`` drops such a repeat within its
-duplicate window, and any consumer can drop it by ``id``. The relay stops at the first failure, so
-order is kept.
+once NATS is (re)connected and its on-connect hooks made the stream, and every second (rows written
+by another process, e.g. ``pmoves-e2b down``). A row is deleted only after the server confirmed the
+batch (flush), so delivery is at least once: after a crash between publish and delete the same
+envelope (same ``id``) is sent again. Each message carries ``Nats-Msg-Id`` = the envelope id, so
+stream ``E2B`` drops such a repeat within its duplicate window, and any consumer can drop it by
+``id``. The relay stops at the first failure, so order is kept.
 
 This module speaks NATS only; the store is reached through the two functions it is given.
 """
@@ -85,6 +85,7 @@ class OutboxRelay:
         self.delivered = delivered
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._waking: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.connection.on_connect(self._on_connect)
@@ -106,17 +107,21 @@ class OutboxRelay:
                 await asyncio.wait_for(self.drain(), 2)
 
     async def _on_connect(self, _: object) -> None:
-        self.wake()
+        # Hooks run in order and the stream may not exist yet: wake once they are all done.
+        self._waking = asyncio.create_task(self._wake_when_ready(), name="event-outbox-wake")
+
+    async def _wake_when_ready(self) -> None:
+        if await self.connection.wait_ready(POLL_SECONDS):
+            self.wake()
 
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), POLL_SECONDS)
                 # Writes come in bursts (a create+kill writes two events): one pass sends what a few
-                # ms bring, instead of a query, a publish and a delete for each. Not while disconnected:
-                # a pass then sends nothing, and waiting could let it start after the connection is
-                # up but before its on-connect hooks (the stream) are done.
-                if self.connection.connected:
+                # ms bring, instead of a query, a publish and a delete for each. Not while not ready:
+                # a pass then sends nothing.
+                if self.connection.ready:
                     await asyncio.sleep(COALESCE_SECONDS)
             self._wakeup.clear()
             try:
@@ -127,7 +132,9 @@ class OutboxRelay:
     async def drain(self) -> int:
         """Send every stored event while NATS takes them; returns how many were delivered."""
         sent_total = 0
-        while self.connection.connected:
+        # Only once the on-connect hooks made the stream: before that the server would accept and
+        # confirm the events with no stream to keep them, and the rows would be deleted (lost).
+        while self.connection.ready:
             batch = await asyncio.to_thread(self.pending, BATCH)
             if not batch:
                 break
