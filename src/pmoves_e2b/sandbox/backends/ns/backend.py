@@ -83,10 +83,6 @@ JOIN_AND_LIMIT = (
 
 class NsBackend(NetnsBackend):
     name = "ns"
-    # The sandbox's network (veth, address, route) is configured while it launches; a subclass
-    # whose launch copies that configuration (gVisor's netstack) waits for it, and its veth's
-    # MACs are the same in every sandbox (a restored netstack keeps the ones it learnt).
-    launch_after_network = False
 
     def __init__(
         self,
@@ -201,10 +197,8 @@ class NsBackend(NetnsBackend):
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
             cg.delegate(UID_BASE + UID_RANGE * slot)
             network.create_netns(net)
-            inside = _Background(network.configure, net, spec.allow_internet, self.launch_after_network)
+            inside = _Background(network.configure, net, spec.allow_internet)
             try:
-                if self.launch_after_network:
-                    inside.result()
                 self._launch(spec, details, sandbox_dir, cg, net)
             finally:
                 inside.result()
