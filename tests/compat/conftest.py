@@ -1,12 +1,17 @@
-"""The stock npm SDKs (pinned), installed once from the npm registry into a cache directory."""
+"""Fixtures of the compat suite: the stock npm SDKs (pinned, installed once from the npm registry
+into a cache directory), a private templates dir for template builds, a loopback OCI registry."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from compat.oci_registry import Registry, running_registry, tools_missing
+from compat.private_templates import private_templates_stack
 
 NPM_E2B_VERSION = "2.51.0"
 NPM_CODE_INTERPRETER_VERSION = "2.8.0"
@@ -37,3 +42,20 @@ def npm_e2b() -> Path:
             timeout=600,
         )
     return CACHE
+
+
+@pytest.fixture()
+def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Iterator[Path]:
+    """A stack whose templates dir is private, so builds write only there."""
+    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (_, templates):
+        yield templates
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """Debian's docker-registry on loopback, with a password."""
+    if tools_missing():
+        pytest.skip("needs docker-registry, skopeo and umoci (apt-get install docker-registry skopeo umoci)")
+    (tmp_path / "registry").mkdir()
+    with running_registry(tmp_path / "registry") as running:
+        yield running

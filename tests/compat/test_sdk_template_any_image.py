@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from compat.oci_registry import Registry, busybox_rootfs, push, rootfs_layout, running_registry, tools_missing
-from compat.private_templates import private_templates_stack
+from compat.oci_registry import Registry, busybox_rootfs, push, rootfs_layout
 from e2b import CommandExitException, FilesystemEventType, Sandbox, Template
 from e2b.exceptions import BuildException
 
@@ -24,21 +23,6 @@ from pmoves_e2b.sandbox.templates.rootfs import PRIVATE_NAMESPACES, remove_tree
 pytestmark = pytest.mark.stack
 # What envd's process has and a user's must not.
 RUNTIME_VARIABLES = ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH", "ENVD_")
-
-
-@pytest.fixture()
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    if tools_missing():
-        pytest.skip("needs docker-registry, skopeo and umoci (apt-get install docker-registry skopeo umoci)")
-    (tmp_path / "reg").mkdir()
-    with running_registry(tmp_path / "reg") as running:
-        yield running
-
-
-@pytest.fixture()
-def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Iterator[Path]:
-    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (_, templates):
-        yield templates
 
 
 def _build(

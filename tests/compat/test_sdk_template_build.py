@@ -10,15 +10,9 @@ import pytest
 from compat.private_templates import private_templates_stack
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
+from templates.template_cli import template_cli
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture()
-def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Any:
-    """A stack whose templates dir is private, so builds write only there."""
-    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (_, templates):
-        yield templates
 
 
 def test_build_on_base_runs_steps_caches_them_and_sandboxes_use_it(own_templates: Path) -> None:
@@ -255,20 +249,13 @@ def test_an_upload_that_writes_through_a_symlink_is_refused(own_templates: Path,
 def test_cli_delete_follows_the_apis_rules(stack_factory: Any, running_stack: Any, tmp_path: Path) -> None:
     import os
     import subprocess
-    import sys
 
     import httpx
 
     with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (stack, templates):
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "pmoves_e2b.cli", "template", *args],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env={**stack.env, "COLUMNS": "200"},
-            )
+            return template_cli(*args, env=stack.env, timeout=120)
 
         name = f"t-{uuid.uuid4().hex[:8]}"
         Template.build(Template().from_template("base").run_cmd("true"), name, tags=["default", "v2"])

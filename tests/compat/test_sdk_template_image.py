@@ -6,32 +6,15 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from compat.oci_registry import Registry, image_layout, push, running_registry, tools_missing
-from compat.private_templates import private_templates_stack
+from compat.oci_registry import Registry, image_layout, push
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture()
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    if tools_missing():
-        pytest.skip("needs docker-registry, skopeo and umoci (apt-get install docker-registry skopeo umoci)")
-    with running_registry(tmp_path) as running:
-        yield running
-
-
-@pytest.fixture()
-def own_templates(stack_factory: Any, running_stack: Any, tmp_path: Path) -> Iterator[Path]:
-    with private_templates_stack(stack_factory, running_stack, tmp_path / "templates") as (_, templates):
-        yield templates
 
 
 def test_from_image_pulls_from_a_registry_with_credentials(

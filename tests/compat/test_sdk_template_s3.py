@@ -63,17 +63,22 @@ def _bucket(url: str) -> Any:
     )
 
 
+def _store_env(url: str, bucket: str, prefix: str) -> dict[str, str]:
+    """A new bucket on the S3 server and the stack settings that keep templates in it."""
+    _bucket(url).create_bucket(Bucket=bucket)
+    return {
+        "E2B_TEMPLATE_STORE": f"s3://{bucket}/{prefix}",
+        "E2B_S3_ENDPOINT_URL": url,
+        "E2B_S3_ACCESS_KEY_ID": KEY_ID,
+        "E2B_S3_SECRET_ACCESS_KEY": SECRET,
+    }
+
+
 def test_a_template_built_with_s3_storage_starts_after_the_local_cache_is_wiped(
     stack_factory: Any, running_stack: Any, tmp_path: Path, s3_server: str
 ) -> None:
     s3 = _bucket(s3_server)
-    s3.create_bucket(Bucket="templates")
-    env = {
-        "E2B_TEMPLATE_STORE": "s3://templates/pmoves",
-        "E2B_S3_ENDPOINT_URL": s3_server,
-        "E2B_S3_ACCESS_KEY_ID": KEY_ID,
-        "E2B_S3_SECRET_ACCESS_KEY": SECRET,
-    }
+    env = _store_env(s3_server, "templates", "pmoves")
     name = f"t-{uuid.uuid4().hex[:8]}"
     marker = uuid.uuid4().hex
     with private_templates_stack(stack_factory, running_stack, tmp_path / "templates", **env) as (_, templates):
@@ -129,13 +134,7 @@ def test_templates_only_in_the_store_are_listed_and_deleted_there_too(
     import os
 
     s3 = _bucket(s3_server)
-    s3.create_bucket(Bucket="listed")
-    env = {
-        "E2B_TEMPLATE_STORE": "s3://listed/p",
-        "E2B_S3_ENDPOINT_URL": s3_server,
-        "E2B_S3_ACCESS_KEY_ID": KEY_ID,
-        "E2B_S3_SECRET_ACCESS_KEY": SECRET,
-    }
+    env = _store_env(s3_server, "listed", "p")
     name = f"t-{uuid.uuid4().hex[:8]}"
     with private_templates_stack(stack_factory, running_stack, tmp_path / "templates", **env) as (_, templates):
         Template.build(Template().from_template("base").run_cmd("echo elsewhere > /home/user/e.txt"), name)

@@ -9,13 +9,14 @@ and stream ``E2B`` keeps it once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from events.embedded_nats import EmbeddedNats
 
 from pmoves_e2b.config import Settings
 from pmoves_e2b.events import envelope
-from pmoves_e2b.events.connection import connect
+from pmoves_e2b.events.connection import EventConnection, connect
 from pmoves_e2b.events.embedded import CLIENT_USER, client_url
 from pmoves_e2b.events.outbox import OutboxRelay, StoredEvent, lifecycle_event
 from pmoves_e2b.events.publisher import STREAM_NAME, ensure_stream
@@ -119,6 +120,23 @@ async def kept_ids(settings: Settings, expected: int) -> list[str]:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def relaying(
+    server: EmbeddedNats, db: Database, stream_hook: Callable[[Any], Awaitable[None]] = ensure_stream
+) -> AsyncIterator[tuple[EventConnection, OutboxRelay]]:
+    """The server up, and a service's connection (``stream_hook`` on connect) with its running relay."""
+    server.start()
+    connection = connect(server.settings, "e2b-sandbox")
+    connection.on_connect(stream_hook)
+    relay = relay_for(db, connection)
+    relay.start()
+    try:
+        yield connection, relay
+    finally:
+        await relay.stop()
+        await connection.close()
+
+
 async def delivered(db: Database) -> None:
     """Wait until the outbox is empty (every event confirmed by the server)."""
     async with asyncio.timeout(WAIT):
@@ -128,12 +146,7 @@ async def delivered(db: Database) -> None:
 
 def test_events_made_while_nats_is_down_arrive_in_order_when_it_is_back(server: EmbeddedNats, db: Database) -> None:
     async def scenario() -> None:
-        server.start()
-        connection = connect(server.settings, "e2b-sandbox")
-        connection.on_connect(ensure_stream)
-        relay = relay_for(db, connection)
-        relay.start()
-        try:
+        async with relaying(server, db) as (connection, relay):
             assert await connection.wait_connected(timeout=10)
             expected = create_and_kill(db, "before")
             relay.wake()
@@ -156,9 +169,6 @@ def test_events_made_while_nats_is_down_arrive_in_order_when_it_is_back(server: 
             await asyncio.to_thread(server.start)
             await delivered(db)
             assert await kept_ids(server.settings, len(expected)) == expected
-        finally:
-            await relay.stop()
-            await connection.close()
 
     asyncio.run(scenario())
 
@@ -217,17 +227,9 @@ def test_a_service_killed_between_write_and_publish_loses_nothing(
     assert [e["id"] for _, e in repo.pending_outbox(db, 10)] == expected
 
     async def scenario() -> None:
-        server.start()
-        connection = connect(server.settings, "e2b-sandbox")
-        connection.on_connect(ensure_stream)
-        relay = relay_for(db, connection)  # the restarted service's relay
-        relay.start()
-        try:
+        async with relaying(server, db):  # the restarted service's relay
             await delivered(db)
             assert await kept_ids(server.settings, 2) == expected
-        finally:
-            await relay.stop()
-            await connection.close()
 
     asyncio.run(scenario())
 
@@ -237,18 +239,13 @@ def test_events_written_while_the_stream_is_being_made_wait_for_it(server: Embed
     would hand the events to a server with no stream to keep them (accepted, confirmed, lost)."""
 
     async def scenario() -> None:
-        server.start()
         gate = asyncio.Event()
 
         async def slow_stream(client: Any) -> None:
             await gate.wait()
             await ensure_stream(client)
 
-        connection = connect(server.settings, "e2b-sandbox")
-        connection.on_connect(slow_stream)
-        relay = relay_for(db, connection)
-        relay.start()
-        try:
+        async with relaying(server, db, slow_stream) as (connection, relay):
             assert await connection.wait_connected(timeout=10)
             expected = create_and_kill(db, "early")
             relay.wake()
@@ -257,8 +254,5 @@ def test_events_written_while_the_stream_is_being_made_wait_for_it(server: Embed
             gate.set()
             await delivered(db)
             assert await kept_ids(server.settings, 2) == expected
-        finally:
-            await relay.stop()
-            await connection.close()
 
     asyncio.run(scenario())

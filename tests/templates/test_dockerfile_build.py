@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from templates.template_cli import template_cli
 
 from pmoves_e2b.config import SHARED_TEMPLATES_DIR
 from pmoves_e2b.sandbox.templates.rootfs import run_in_layers
 from pmoves_e2b.sandbox.templates.store import load_template
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pmoves_e2b.cli", "template", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 @pytest.fixture()
@@ -61,7 +50,7 @@ def test_a_dockerfile_builds_a_custom_template(templates: Path, tmp_path: Path) 
         'RUN ["sh", "-c", "id -un > by.txt"]\n'
     )
     name = f"df-{uuid.uuid4().hex[:8]}"
-    result = cli(
+    result = template_cli(
         "build", f"{name}:v1", "-f", str(context / "e2b.Dockerfile"), "--build-arg", "WHO=world",
         "--templates-dir", str(templates),
     )  # fmt: skip
@@ -77,7 +66,7 @@ def test_a_dockerfile_builds_a_custom_template(templates: Path, tmp_path: Path) 
     record = json.loads((templates / f"{name}.json").read_text())
     assert list(record["tags"]) == ["v1"]
 
-    again = cli("build", f"{name}:v1", "-f", str(context / "e2b.Dockerfile"), "--build-arg", "WHO=world",
+    again = template_cli("build", f"{name}:v1", "-f", str(context / "e2b.Dockerfile"), "--build-arg", "WHO=world",
                 "--templates-dir", str(templates))  # fmt: skip
     assert again.returncode == 0 and again.stderr.count("CACHED") == 3, again.stderr
 
@@ -102,7 +91,7 @@ def test_unsupported_or_bad_dockerfiles_are_refused_with_their_line(
 ) -> None:
     (tmp_path / "e2b.Dockerfile").write_text(text)
     before = sorted(p.name for p in (templates / "layers").iterdir())
-    result = cli("build", "bad-one", "-f", str(tmp_path / "e2b.Dockerfile"), "--templates-dir", str(templates))
+    result = template_cli("build", "bad-one", "-f", str(tmp_path / "e2b.Dockerfile"), "--templates-dir", str(templates))
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in " ".join(result.stderr.split()), result.stderr
     assert sorted(p.name for p in (templates / "layers").iterdir()) == before

@@ -66,11 +66,7 @@ class EventConnection:
         return self._ready.is_set() and self.connected
 
     async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return self.ready
+        return await _wait(self._ready, timeout) and self.ready
 
     @property
     def status(self) -> str:
@@ -84,11 +80,7 @@ class EventConnection:
             self._task = asyncio.create_task(self._connect_forever(), name=f"nats-connect-{self.name}")
 
     async def wait_connected(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return self.connected
+        return await _wait(self._connected, timeout) and self.connected
 
     async def close(self) -> None:
         # One cancel can be lost: Python 3.11's asyncio.wait_for hands back the inner result when
@@ -154,6 +146,14 @@ class EventConnection:
         self._reported_error = False
         await self._run_hooks()
         self._ready.set()
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
 
 
 def server_url(settings: Settings, name: str) -> str:
