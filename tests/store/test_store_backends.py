@@ -179,7 +179,7 @@ def test_sandboxes_round_trip_update_and_live_listing(db: Database) -> None:
     assert (row.cpu_count, row.memory_mb, row.allow_internet, row.auto_pause) == (1.0, 512, True, False)
     assert repo.get_sandbox(db, "sb-missing") is None
     assert [r.sandbox_id for r in repo.live_sandboxes(db)] == ["sb-a", "sb-b"]
-    assert repo.count_live_sandboxes(db) == 2
+    assert repo.live_totals(db)[0] == 2
 
     paused = repo.update_sandbox(db, "sb-a", state="paused", paused_remaining_s=12.5, handle={**NESTED, "paused": True})
     assert paused is not None and paused.state == "paused"
@@ -190,7 +190,7 @@ def test_sandboxes_round_trip_update_and_live_listing(db: Database) -> None:
     killed_at = repo.utcnow()
     repo.update_sandbox(db, "sb-b", state="killed", killed_at=killed_at, kill_reason="timeout")
     assert [r.sandbox_id for r in repo.live_sandboxes(db)] == ["sb-a"]
-    assert repo.count_live_sandboxes(db) == 1
+    assert repo.live_totals(db)[0] == 1
     gone = repo.get_sandbox(db, "sb-b")
     assert gone is not None and gone.killed_at == killed_at and gone.kill_reason == "timeout"
     with db.session() as s:
@@ -293,7 +293,7 @@ def test_concurrent_writers_lose_no_updates(db: Database) -> None:
 
     run_in_threads(threads, create)
     total = threads * per_thread
-    assert repo.count_live_sandboxes(db) == total
+    assert repo.live_totals(db)[0] == total
     assert len(repo.audit_events(db)) == total
     with db.session() as s:
         template = s.get(TemplateRow, "shared")
@@ -335,7 +335,7 @@ def test_no_server_side_prepared_statements_so_transaction_poolers_work(postgres
     database = Database(postgres_url)
     try:
         for _ in range(10):  # psycopg would prepare after 5 runs of one query by default
-            repo.count_live_sandboxes(database)
+            repo.live_totals(database)
         with database.engine.connect() as conn:
             for _ in range(10):
                 conn.execute(text("SELECT count(*) FROM sandboxes")).scalar_one()

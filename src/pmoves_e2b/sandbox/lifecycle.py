@@ -127,6 +127,11 @@ class _Live:
     samples: list[dict[str, Any]] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @classmethod
+    def adopted(cls, handle: SandboxHandle, row: SandboxRow) -> _Live:
+        """A sandbox of an earlier run of the service, from its row."""
+        return cls(handle, row.envd_access_token, row.template_id, dict(row.metadata_ or {}))
+
 
 def new_sandbox_id() -> str:
     # E2B ids are [a-z0-9]; the host-routing parser splits on '-' so none may appear.
@@ -229,16 +234,12 @@ class SandboxManager:
         for row in await self._store(repo.live_sandboxes):
             handle = SandboxHandle.from_dict(row.handle) if row.handle else None
             if handle is not None and _on_disk(handle):  # paused without memory: only its files
-                self._live[row.sandbox_id] = _Live(
-                    handle, row.envd_access_token, row.template_id, dict(row.metadata_ or {})
-                )
+                self._live[row.sandbox_id] = _Live.adopted(handle, row)
                 log.info("re-adopted sandbox paused to disk", extra={"sandbox_id": row.sandbox_id})
                 continue
             if handle is not None and await self.backend.is_alive(handle):
                 handle.state = row.state
-                self._live[row.sandbox_id] = _Live(
-                    handle, row.envd_access_token, row.template_id, dict(row.metadata_ or {})
-                )
+                self._live[row.sandbox_id] = _Live.adopted(handle, row)
                 known.add(row.sandbox_id)
                 try:
                     await self._sync_intercept(handle)  # the egress proxy of a sandbox with domain rules

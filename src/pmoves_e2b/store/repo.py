@@ -131,16 +131,6 @@ def live_totals(db: Database) -> tuple[int, int]:
         return int(count or 0), int(memory_mb or 0)
 
 
-def count_live_sandboxes(db: Database) -> int:
-    with db.session() as s:
-        return s.scalar(select(func.count()).select_from(SandboxRow).where(_live())) or 0
-
-
-def sum_live_memory_mb(db: Database) -> int:
-    with db.session() as s:
-        return s.scalar(select(func.coalesce(func.sum(SandboxRow.memory_mb), 0)).where(_live())) or 0
-
-
 def update_sandbox(
     db: Database,
     sandbox_id: str,

@@ -22,7 +22,7 @@ from .errors import MissingHostTool, TemplateBuildError, TemplateNotFound
 from .hostconfig import HostConfig, read_host_config
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, layer_id
 from .rootfs import remove_tree, run_in_layers
-from .store import layers_dir, load_template, read_record, referenced_layers, write_record
+from .store import layers_dir, load_template, put_layer_in_place, read_record, referenced_layers, write_record
 
 if TYPE_CHECKING:
     from .s3store import S3TemplateStore
@@ -254,13 +254,7 @@ class TemplateBuilder:
             )
             + "\n"
         )
-        if final.exists():
-            # --force: sandboxes may still run on the old build, so it is only set aside
-            # (under a name no template points at: `template prune` removes it later).
-            final.rename(final.with_name(f"{lid}~replaced-{int(time.time())}"))
-            tmp.rename(final)
-        else:
-            tmp.rename(final)
+        put_layer_in_place(tmp, final)
         self.reporter.layer_finished(name, final, seconds, size)
         return LayerResult(lid, final, True, seconds, size)
 

@@ -35,7 +35,17 @@ from .images import Credentials, ImageRef, image_digest, parse_image, pull_rootf
 from .imagesetup import SETUP_FORMAT, set_up_image
 from .rootfs import remove_tree, run_in_rootfs
 from .runtime import RUNTIME_DIR, RUNTIME_SETPRIV, build_runtime, runtime_layer_id
-from .store import DEFAULT_TAG, TAG, assign_tags, build_record, layers_dir, read_record, split_ref
+from .store import (
+    DEFAULT_TAG,
+    TAG,
+    assign_tags,
+    build_record,
+    layer_bytes,
+    layers_dir,
+    put_layer_in_place,
+    read_record,
+    split_ref,
+)
 
 if TYPE_CHECKING:
     from .s3store import S3TemplateStore
@@ -362,17 +372,12 @@ class CustomBuilds:
         else:
             state.log(f"pulling {name} ({digest})")
             started = time.monotonic()
-            tmp = root / f".tmp-{lid}"
-            remove_tree(tmp)
-            try:
+
+            def pulled(tmp: Path) -> list[str]:
                 pull_rootfs(source.ref, source.creds, tmp)
-            except BaseException:
-                remove_tree(tmp)
-                raise
-            if final.exists():  # forced: sandboxes may still run on the old one
-                final.rename(final.with_name(f"{lid}~replaced-{int(time.time())}"))
-            tmp.rename(final)
-            self._made.append(lid)
+                return []
+
+            self._new_layer(final, pulled, make_dir=False)  # umoci makes the dir
             state.log(f"image unpacked in {time.monotonic() - started:.1f} s")
         # E2B's user and what a sandbox needs, written from here (the image may have no shell or libc)
         setup = (
@@ -391,19 +396,18 @@ class CustomBuilds:
         layers = [setup.name, runtime.name, source.envd, lid]
         return {"layers": layers, "user": "user", "workdir": "/home/user", "image": digest}
 
-    def _new_layer(self, final: Path, fill: Callable[[Path], list[str]]) -> list[str]:
+    def _new_layer(self, final: Path, fill: Callable[[Path], list[str]], make_dir: bool = True) -> list[str]:
         """A layer made by ``fill`` in ``.tmp-<id>`` and renamed into place when complete."""
         tmp = final.with_name(f".tmp-{final.name}")
         remove_tree(tmp)
-        tmp.mkdir(mode=0o755)
+        if make_dir:
+            tmp.mkdir(mode=0o755)
         try:
             lines = fill(tmp)
         except BaseException:
             remove_tree(tmp)
             raise
-        if final.exists():  # forced: sandboxes may still run on the old one
-            final.rename(final.with_name(f"{final.name}~replaced-{int(time.time())}"))
-        tmp.rename(final)
+        put_layer_in_place(tmp, final)
         self._made.append(final.name)
         return lines
 
@@ -520,11 +524,12 @@ class CustomBuilds:
         if user == "root":
             script += command
         else:
+            # from the file, not getent: images without glibc have none
             home = f"$(grep {q(f'^{user}:')} /etc/passwd | cut -d: -f6)"
             # Images without util-linux (busybox, alpine): envd's runtime's setpriv (a layer below).
             script += (
                 "if command -v runuser >/dev/null; then "
-                f"exec runuser -u {q(user)} -- env HOME=$(getent passwd {q(user)} | cut -d: -f6) bash -c {q(command)}; "
+                f"exec runuser -u {q(user)} -- env HOME={home} bash -c {q(command)}; "
                 f"elif [ -x {RUNTIME_DIR}/bin/setpriv ]; then exec {RUNTIME_SETPRIV} --reuid=$(id -u {q(user)}) "
                 f"--regid=$(id -g {q(user)}) --init-groups -- env HOME={home} /bin/bash -c {q(command)}; "
                 "else echo 'this image has no runuser (util-linux) to run a step as another user' >&2; exit 1; fi"
@@ -550,12 +555,10 @@ class CustomBuilds:
             raise
         finally:
             log_path.unlink(missing_ok=True)
-        if final.exists():  # a forced rebuild: sandboxes may still run on the old one
-            final.rename(final.with_name(f"{final.name}~replaced-{int(time.time())}"))
-        tmp.rename(final)
+        put_layer_in_place(tmp, final)
         self._made.append(final.name)
         state.log(f"layer {final.name} built in {time.monotonic() - started:.1f} s")
-        return sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
+        return layer_bytes(final)
 
     def _copy_layer(
         self, state: BuildState, final: Path, lowers: list[Path], step: Step, user: str, workdir: str, host: HostConfig

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 
 from .errors import TemplateBuildError
-from .runtime import _inside
+from .rootfs import path_in_root
 
 SANDBOX_USER, HOME = "user", "/home/user"
 SUDOERS = f"/etc/sudoers.d/{SANDBOX_USER}"
@@ -39,7 +39,7 @@ def _mkdirs(image: Path, target: Path, path: str) -> Path:
         dest = dest / part
         if dest.is_dir():
             continue
-        lower = _inside(image, str(dest.relative_to(target)))
+        lower = path_in_root(image, str(dest.relative_to(target)))
         dest.mkdir()
         if lower.is_dir():
             info = lower.stat()
@@ -58,7 +58,7 @@ def _entries(path: Path) -> list[list[str]]:
 
 def _write(image: Path, target: Path, path: str, lines: list[str], mode: int) -> None:
     """The image's file ``path`` with ``lines`` appended, in ``target`` (the image's owner and mode kept)."""
-    lower = _inside(image, path)
+    lower = path_in_root(image, path)
     rel = str(lower.relative_to(image))
     dest = _mkdirs(image, target, str(Path(rel).parent)) / Path(rel).name
     old = lower.read_text(errors="replace") if lower.is_file() else ""
@@ -75,24 +75,24 @@ def _write(image: Path, target: Path, path: str, lines: list[str], mode: int) ->
 def set_up_image(image: Path, target: Path) -> list[str]:
     """Fill ``target`` (the new setup layer) for the unpacked image ``image``; returns the log lines."""
     log: list[str] = []
-    shell = _inside(image, "/bin/sh")
+    shell = path_in_root(image, "/bin/sh")
     if not (shell.is_file() and os.access(shell, os.X_OK)):
         raise TemplateBuildError(
             "the image has no /bin/sh: sandbox commands run through a shell (the SDKs send /bin/bash -l -c) "
             "and envd's launcher is a shell script; build on an image with a shell (busybox is enough)"
         )
     for path, mode in STANDARD_DIRS.items():
-        if not _inside(image, path).exists():
+        if not path_in_root(image, path).exists():
             _mkdirs(image, target, path).chmod(mode)
     login = "/bin/bash"
-    if not _inside(image, "/bin/bash").exists():
+    if not path_in_root(image, "/bin/bash").exists():
         # a script, not a link: busybox picks its applet by argv[0] and has no `bash`
-        bash = _mkdirs(image, target, str(_inside(image, "/bin").relative_to(image))) / "bash"
+        bash = _mkdirs(image, target, str(path_in_root(image, "/bin").relative_to(image))) / "bash"
         bash.write_text(BASH_STAND_IN)
         bash.chmod(0o755)
         login = "/bin/sh"
         log.append("the image has no /bin/bash: /bin/bash runs /bin/sh (the SDKs run commands with /bin/bash -l -c)")
-    passwd, group = _entries(_inside(image, "/etc/passwd")), _entries(_inside(image, "/etc/group"))
+    passwd, group = _entries(path_in_root(image, "/etc/passwd")), _entries(path_in_root(image, "/etc/group"))
     users = {e[0]: e for e in passwd if len(e) >= 7}
     lines_passwd, lines_group = [], []
     if "root" not in users:
@@ -118,21 +118,21 @@ def set_up_image(image: Path, target: Path) -> list[str]:
         log.append(f"added user '{SANDBOX_USER}' (uid {uid}, gid {gid}, home {home}){note}")
     if lines_passwd:
         _write(image, target, "/etc/passwd", lines_passwd, 0o644)
-        shadow = _inside(image, "/etc/shadow")
+        shadow = path_in_root(image, "/etc/shadow")
         if shadow.is_file():
             _write(image, target, "/etc/shadow", [f"{line.split(':')[0]}:!:::::::" for line in lines_passwd], 0o640)
     if lines_group:
         _write(image, target, "/etc/group", lines_group, 0o644)
-        gshadow = _inside(image, "/etc/gshadow")
+        gshadow = path_in_root(image, "/etc/gshadow")
         if gshadow.is_file():
             _write(image, target, "/etc/gshadow", [f"{line.split(':')[0]}:!::" for line in lines_group], 0o640)
     # E2B's user has passwordless sudo (envd's sudo reads this rule; so does the image's own sudo)
-    if not _inside(image, SUDOERS).exists():
-        rule = _mkdirs(image, target, str(_inside(image, SUDOERS).parent.relative_to(image))) / SANDBOX_USER
+    if not path_in_root(image, SUDOERS).exists():
+        rule = _mkdirs(image, target, str(path_in_root(image, SUDOERS).parent.relative_to(image))) / SANDBOX_USER
         rule.write_text(f"{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n")
         rule.chmod(0o440)
-    if not _inside(image, home).is_dir():
-        made = _mkdirs(image, target, str(_inside(image, home).relative_to(image)))
+    if not path_in_root(image, home).is_dir():
+        made = _mkdirs(image, target, str(path_in_root(image, home).relative_to(image)))
         os.chown(made, uid, gid)
         made.chmod(0o755)
     return log

@@ -63,6 +63,30 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
+def path_in_root(root: Path, path: str) -> Path:
+    """``path`` resolved as if ``root`` were ``/`` (absolute symlinks stay inside it)."""
+    parts = [p for p in path.split("/") if p]
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise TemplateBuildError(f"too many symlinks resolving {path} in {root}")
+            target = str(candidate.readlink())
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                current = root
+            continue
+        current = candidate
+    return current
+
+
 def remove_tree(path: Path) -> None:
     """``rm -r`` that refuses to descend into mounted file systems (a /dev rbind above all)."""
     if not path.exists() and not path.is_symlink():

@@ -26,6 +26,8 @@ from pmoves_e2b.envd import SETPRIV_ENV
 
 from .definitions import ENVD_BIN, ENVD_SITE, PACKAGE_DIR, SUDO_SHIM, envd_launcher
 from .errors import TemplateBuildError
+from .rootfs import path_in_root
+from .store import layer_bytes
 
 RUNTIME_FORMAT = "runtime-1"  # bumped when the same inputs make a different layer
 RUNTIME_DIR = "/opt/pmoves/runtime"
@@ -53,30 +55,6 @@ def runtime_layer_id(os_layer: str, envd_layer: str) -> str:
     launcher = hashlib.sha256(envd_launcher(RUNTIME_PYTHON, LAUNCHER_ENV)).hexdigest()
     inputs = [RUNTIME_FORMAT, os_layer, envd_layer, launcher, SUDO_WRAPPER, sorted(STDLIB_SKIPPED), ALWAYS]
     return f"runtime-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}"
-
-
-def _inside(root: Path, path: str) -> Path:
-    """``path`` resolved as if ``root`` were ``/`` (absolute symlinks stay inside it)."""
-    parts = [p for p in path.split("/") if p]
-    current = root
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent if current != root else root
-            continue
-        candidate = current / part
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise TemplateBuildError(f"too many symlinks resolving {path} in {root}")
-            target = str(candidate.readlink())
-            parts = [p for p in target.split("/") if p] + parts
-            if target.startswith("/"):
-                current = root
-            continue
-        current = candidate
-    return current
 
 
 def needed(path: Path) -> list[str]:
@@ -108,7 +86,7 @@ def needed(path: Path) -> list[str]:
 
 def _find(os_root: Path, name: str) -> Path | None:
     for lib_dir in LIB_DIRS:
-        found = _inside(os_root, f"/{lib_dir}/{name}")
+        found = path_in_root(os_root, f"/{lib_dir}/{name}")
         if found.is_file():
             return found
     return None
@@ -119,15 +97,15 @@ def build_runtime(os_root: Path, envd_root: Path, target: Path) -> list[str]:
     rt = target / RUNTIME_DIR.lstrip("/")
     (rt / "bin").mkdir(parents=True)
     (rt / "lib").mkdir()
-    python = _inside(os_root, "/usr/bin/python3.11")
+    python = path_in_root(os_root, "/usr/bin/python3.11")
     if not python.is_file():
         raise TemplateBuildError(f"the os layer {os_root.name} has no /usr/bin/python3.11 to run envd on")
     shutil.copy2(python, rt / "bin/python3.11")
-    setpriv = _inside(os_root, "/usr/bin/setpriv")
+    setpriv = path_in_root(os_root, "/usr/bin/setpriv")
     if not setpriv.is_file():
         raise TemplateBuildError(f"the os layer {os_root.name} has no /usr/bin/setpriv (util-linux)")
     shutil.copy2(setpriv, rt / "bin/setpriv")
-    stdlib = _inside(os_root, "/usr/lib/python3.11")
+    stdlib = path_in_root(os_root, "/usr/lib/python3.11")
 
     def skip(directory: str, names: list[str]) -> set[str]:
         # absolute symlinks (Debian's sitecustomize.py -> /etc/...) would point into the image
@@ -166,7 +144,7 @@ def build_runtime(os_root: Path, envd_root: Path, target: Path) -> list[str]:
             raise TemplateBuildError(f"the os layer {os_root.name} has no {name} for envd's runtime")
     for name, source in wanted.items():
         shutil.copy2(source, rt / "lib" / name)
-    loader = _inside(os_root, f"/lib64/{LOADER_NAME}")
+    loader = path_in_root(os_root, f"/lib64/{LOADER_NAME}")
     if not loader.is_file():
         raise TemplateBuildError(f"the os layer {os_root.name} has no /lib64/{LOADER_NAME}")
     shutil.copy2(loader, rt / "lib" / LOADER_NAME)
@@ -185,7 +163,7 @@ def build_runtime(os_root: Path, envd_root: Path, target: Path) -> list[str]:
     wrapper.parent.mkdir(parents=True)
     wrapper.write_text(SUDO_WRAPPER)
     wrapper.chmod(0o755)
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
+    size = layer_bytes(target)
     return [
         f"envd runtime: python3.11 + stdlib, setpriv, {len(wanted)} libraries and the loader from {os_root.name} "
         f"({size // 1024 // 1024} MB)"

@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,19 @@ def default_templates_dir() -> Path:
 
 def layers_dir(templates_dir: Path) -> Path:
     return templates_dir / "layers"
+
+
+def put_layer_in_place(tmp: Path, final: Path) -> None:
+    """Rename the finished layer ``tmp`` to ``final``. One already there (``--force``) is only set
+    aside, under a name no template points at: sandboxes may still run on it (``template prune``)."""
+    if final.exists():
+        final.rename(final.with_name(f"{final.name}~replaced-{int(time.time())}"))
+    tmp.rename(final)
+
+
+def layer_bytes(layer: Path) -> int:
+    """The bytes of a layer's files (symlinks not followed)."""
+    return sum(p.stat().st_size for p in layer.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def template_record_path(templates_dir: Path, name: str) -> Path:
