@@ -7,12 +7,15 @@ CLI := $(VENV)/bin/pmoves-e2b
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # libnss-myhostname: glibc (so Node and the JS SDK) resolves *.localhost to loopback, for host routing.
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
+# `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout).
+# Defined before APT_TEST_PACKAGES: `:=` expands at once, so a later definition would be empty there.
+IMAGE_APT_PACKAGES := podman runc catatonit containernetworking-plugins debootstrap
+# The optional isolation tiers (E2B_ISOLATION=gvisor|microvm): the stack runs without them, CI tests them.
+TIER_APT_PACKAGES := runsc qemu-system-x86 qemu-utils linux-image-cloud-amd64 erofs-utils
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
 # skopeo/umoci pull template images (from_image); docker-registry serves one on loopback in the tests.
-APT_TEST_PACKAGES := postgresql chromium prometheus skopeo umoci docker-registry $(IMAGE_APT_PACKAGES)
-# `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout).
-IMAGE_APT_PACKAGES := podman runc catatonit containernetworking-plugins debootstrap
+APT_TEST_PACKAGES := postgresql chromium prometheus skopeo umoci docker-registry $(IMAGE_APT_PACKAGES) $(TIER_APT_PACKAGES)
 
 .PHONY: sysdeps test-sysdeps venv novnc build-e2b images templates e2b-up e2b-down e2b-logs e2b-health check test test-fast bench proto proto-check
 

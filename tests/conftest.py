@@ -66,6 +66,19 @@ TIERED_MODULES = {
 TESTED_TIERS = ("ns", "gvisor")  # microvm (TCG here: seconds per boot) runs its own slow subset
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In CI every isolation tier must be testable: a missing runsc or QEMU would otherwise turn the
+    tier suites into silent skips (a fresh machine once did exactly that)."""
+    if not os.environ.get("CI") or config.getoption("collectonly"):
+        return
+    missing = [f"{status.name}: {status.reason}" for status in tiers.probe() if not status.available]
+    if missing:
+        raise pytest.UsageError(
+            f"CI tests every isolation tier, and this host lacks {'; '.join(missing)}. "
+            "Run `make test-sysdeps` (it installs them)."
+        )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.module.__name__.rpartition(".")[2] in TIERED_MODULES and "running_stack" in metafunc.fixturenames:
         available = [status.name for status in tiers.probe() if status.available and status.name in TESTED_TIERS]
