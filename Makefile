@@ -7,9 +7,10 @@ CLI := $(VENV)/bin/pmoves-e2b
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # libnss-myhostname: glibc (so Node and the JS SDK) resolves *.localhost to loopback, for host routing.
 APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
-# `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout).
+# `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout) and
+# netavark + aardvark-dns (deploy/containers.conf says why not CNI).
 # Defined before APT_TEST_PACKAGES: `:=` expands at once, so a later definition would be empty there.
-IMAGE_APT_PACKAGES := podman runc catatonit containernetworking-plugins debootstrap
+IMAGE_APT_PACKAGES := podman runc catatonit netavark aardvark-dns debootstrap
 # The optional isolation tiers (E2B_ISOLATION=gvisor|microvm): the stack runs without them, CI tests them.
 TIER_APT_PACKAGES := runsc qemu-system-x86 qemu-utils linux-image-cloud-amd64 erofs-utils
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
