@@ -39,7 +39,7 @@ def find_kernel(boot_dir: Path = BOOT_DIR) -> tuple[Path, Path]:
         if modules.is_dir():
             return kernel, modules
     raise BackendError(
-        "no Debian cloud kernel for microVMs: apt-get install -y linux-image-cloud-amd64 qemu-system-x86 erofs-utils"
+        "no Debian cloud kernel for microVMs: apt-get install -y qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox"
     )
 
 
@@ -71,7 +71,11 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 
 def _shared_libraries(binary: Path) -> list[Path]:
-    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    if "not a dynamic executable" in proc.stdout + proc.stderr:  # e.g. Debian's busybox-static
+        return []
+    if proc.returncode != 0:
+        raise BackendError(f"ldd {binary} failed: {proc.stderr.strip()}")
     found = []
     for line in proc.stdout.splitlines():
         parts = line.split()

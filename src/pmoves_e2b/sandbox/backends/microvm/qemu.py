@@ -205,7 +205,10 @@ def qemu_available() -> str | None:
     from pmoves_e2b.sandbox.backends.microvm import image
 
     if not any(os.access(Path(d) / QEMU, os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)):
-        return "qemu-system-x86_64 not on PATH (apt-get install -y qemu-system-x86 linux-image-cloud-amd64 erofs-utils)"
+        return "qemu-system-x86_64 not on PATH (apt-get install -y qemu-system-x86 linux-image-cloud-amd64 erofs-utils busybox)"
+    for tool, package in ((image.BUSYBOX, "busybox"), (Path("/usr/bin/mkfs.erofs"), "erofs-utils")):
+        if not tool.exists():  # the guest's initramfs; the layers' disks
+            return f"{tool} is missing (apt-get install -y {package})"
     try:
         image.find_kernel()
     except BackendError as exc:
