@@ -6,7 +6,7 @@ sandbox is claimed), so a token is valid exactly when envd accepts it: this serv
 here, only a digest of the last accepted one. Without an envd URL (the server run on a host for
 tests) nothing is checked, as envd itself checks nothing before ``/init``.
 
-What needs the token: ``POST /execute`` always (no header passes only while envd has no token,
+What needs the token: ``POST /execute`` and ``POST /restored`` always (no header passes only while envd has no token,
 as envd's own routes do). The context routes check it when the caller sends one (a wrong token is
 refused): the stock ``e2b-code-interpreter`` SDK (2.11.5) sends none on them, and they run no code.
 """
@@ -25,7 +25,7 @@ from .envvars import get_envd_envs
 
 ACCESS_TOKEN_HEADER = b"x-access-token"
 REMEMBER_SECONDS = 5.0
-ALWAYS_GUARDED = frozenset({("POST", "/execute")})
+ALWAYS_GUARDED = frozenset({("POST", "/execute"), ("POST", "/restored")})
 OPEN = frozenset({("GET", "/health")})
 
 

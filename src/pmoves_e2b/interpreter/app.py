@@ -209,6 +209,12 @@ def build_app(settings: Settings, catalog: KernelCatalog | None = None) -> Starl
             return error_response(404, f"Context {context_id} not found")
         return JSONResponse(None)
 
+    async def restored(request: Request) -> Response:
+        # The host, once it restored this server's VM from a saved image (the microvm tier),
+        # before it hands the sandbox out: from here on every context's use waits for its reseed.
+        registry.restored()
+        return JSONResponse(None)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Started before the server answers /health, so the first run_code finds a warm kernel.
@@ -225,6 +231,7 @@ def build_app(settings: Settings, catalog: KernelCatalog | None = None) -> Starl
         Route("/contexts", create_context, methods=["POST"]),
         Route("/contexts/{context_id}/restart", restart_context, methods=["POST"]),
         Route("/contexts/{context_id}", remove_context, methods=["DELETE"]),
+        Route("/restored", restored, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(AccessTokenGuard, check=EnvdTokenCheck(settings.envd_url))

@@ -52,6 +52,11 @@ class Context:
     # Sandbox env vars (from envd) once applied in this kernel; None until then.
     sandbox_envs: dict[str, str] | None = None
     _kernel_task: asyncio.Task[Kernel] | None = None
+    # Its kernel runs in a VM restored from a saved image and could not be reseeded in place: it is
+    # replaced on first use (until then it costs nothing; no user code ran in it).
+    _stale: bool = False
+    # Reseeding its kernel after a restore (see restored): every use waits for it.
+    _restoring: asyncio.Task[None] | None = None
 
     def as_json(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -63,7 +68,31 @@ class Context:
     async def kernel(self) -> Kernel:
         if self._kernel_task is None:
             raise RuntimeError(f"context {self.id} used before start()")
+        if self._restoring is not None:
+            await self._restoring
+        if self._stale:
+            self._stale = False
+            await self.restart()
         return await self._kernel_task
+
+    def restored(self) -> None:
+        """Its VM was restored from a saved image (see Kernel.restored): reseed its kernel, or
+        replace it on first use; until then its users wait."""
+        if self._kernel_task is not None:
+            self._restoring = asyncio.create_task(self._reseed(self._kernel_task))
+
+    async def _reseed(self, task: asyncio.Task[Kernel]) -> None:
+        try:
+            kernel = await task
+        except (KernelStartError, asyncio.CancelledError):
+            return
+        try:
+            reseeded = await kernel.restored()
+        except Exception:
+            logger.exception("reseeding kernel %s after a restore failed; it is replaced", kernel.choice.kernel_name)
+            reseeded = False
+        if not reseeded:
+            self._stale = True
 
     async def restart(self) -> None:
         """Replace the kernel: the state is lost, a running cell ends with ContextRestarting."""
@@ -132,6 +161,13 @@ class ContextRegistry:
                 context = await self.create(choice.language, None)
                 self._defaults[choice.kernel_name] = context.id
             return context
+
+    def restored(self) -> None:
+        """The server's VM was restored from a saved image that other sandboxes restore too: every
+        kernel gets fresh random state and session keys before it runs any more code. Started here
+        and awaited by each context's next use, so the host's create does not wait for it."""
+        for context in self._contexts.values():
+            context.restored()
 
     async def start_defaults(self, languages: list[str]) -> None:
         """Start default contexts for the languages whose kernel is installed, all at once."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
 
 from .kernelspecs import KernelChoice
 
@@ -28,6 +30,19 @@ SILENT_CELL_TIMEOUT_SECONDS = 30.0
 
 Message = dict[str, Any]
 OutputHandler = Callable[[Message], None]
+
+# Run in a Python kernel of a VM restored from a saved image (see Kernel.restored): a fresh seed for
+# the PRNGs seeded at import (every restored copy would draw the same numbers), and a new HMAC key
+# for the kernel's messages (the saved image's key is in every copy). In its own namespace.
+_RESTORED_SOURCE = """
+import random, sys, tempfile
+from IPython import get_ipython
+random.seed()  # from os.urandom: the guest's kernel pool, reseeded by the host before this runs
+tempfile._name_sequence = None  # its Random is made again on next use
+if "numpy" in sys.modules:
+    sys.modules["numpy"].random.seed()
+get_ipython().kernel.session.key = KEY
+"""
 
 
 class KernelStartError(RuntimeError):
@@ -89,6 +104,8 @@ class Kernel:
         self._runs: dict[str, CellRun] = {}
         self._readers: list[asyncio.Task[None]] = []
         self._closed = False
+        # The key messages were signed with before restored() changed it (its cell's first messages).
+        self._previous_session: Session | None = None
 
     @classmethod
     async def start(cls, choice: KernelChoice, cwd: str, env: dict[str, str]) -> Kernel:
@@ -158,6 +175,36 @@ class Kernel:
             logger.warning("set-up cell failed in kernel %s: %s", self.choice.kernel_name, run.reply)
         return ok
 
+    async def restored(self) -> bool:
+        """This kernel's VM was restored from a saved image that other sandboxes restore too: reseed
+        its PRNGs and change its session key, in place (its state and warm imports are kept). Python
+        kernels only: True when done; others cannot be reseeded from inside (V8's Math.random, Rust's
+        thread RNG), so their context starts a new kernel instead."""
+        if self.choice.runtime != "python":
+            return False
+        session = self._client.session  # shared with the manager (interrupts, shutdown)
+        key = secrets.token_hex(32).encode()
+        self._previous_session = Session(
+            key=session.key, signature_scheme=session.signature_scheme, packer=session.packer, unpacker=session.unpacker
+        )
+        cell = f"exec(compile({_RESTORED_SOURCE!r}, '<pmoves-e2b restored>', 'exec'), {{'KEY': {key!r}}})"
+        run = self.execute(cell, silent=True)
+        # the kernel signs its reply with the new key; its busy status (sent before the cell ran)
+        # with the old one, which _read still accepts until this run is done
+        session.key = key
+        try:
+            async with asyncio.timeout(SILENT_CELL_TIMEOUT_SECONDS):
+                await run.done.wait()
+        except TimeoutError:
+            logger.warning("restore cell timed out in kernel %s", self.choice.kernel_name)
+        finally:
+            self.forget(run)
+        ok = run.failure is None and run.reply is not None and run.reply.get("status") == "ok"
+        if not ok:
+            session.key = self._previous_session.key  # the kernel kept its key
+        self._previous_session = None
+        return ok
+
     async def interrupt(self) -> None:
         # Signal or interrupt_request message, as the kernelspec's interrupt_mode says.
         with contextlib.suppress(Exception):
@@ -189,7 +236,12 @@ class Kernel:
             try:
                 frames = await socket.recv_multipart()
                 _, signed = session.feed_identities(frames)
-                msg = session.deserialize(signed)
+                try:
+                    msg = session.deserialize(signed)
+                except ValueError:  # signed with the key restored() just replaced
+                    if self._previous_session is None:
+                        raise
+                    msg = self._previous_session.deserialize(signed)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError:
