@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     # restore a saved VM per template and shape, where guest images and saved VMs are kept (default <data dir>/microvm).
     e2b_microvm_accel: str = Field("auto", pattern=r"^(auto|kvm|tcg)$")
     e2b_microvm_snapshots: bool = True
+    # microvm tier: a template whose start command serves its ready port (the code interpreter) is
+    # saved with that command running, so its creates restore a started server and kernels.
+    e2b_microvm_warm: bool = True
     e2b_microvm_cache_dir: Path | None = None
     e2b_desktop_resolution: str = Field("1920x1080", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
     e2b_desktop_max_duration: int = Field(3600, ge=1)

@@ -184,6 +184,65 @@ def test_sandboxes_restored_from_one_saved_vm_are_independent_with_the_hosts_tim
         second.kill(request_timeout=TIMEOUT)
 
 
+def test_code_interpreter_sandboxes_restore_a_warm_server_each_with_its_own_randomness_keys_and_token(
+    sdk: RunningStack,
+) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    def create() -> tuple[CodeSandbox, float]:
+        started = time.monotonic()
+        sandbox = CodeSandbox.create(metadata={METADATA_KEY: "microvm"}, timeout=600, request_timeout=TIMEOUT)
+        return sandbox, time.monotonic() - started
+
+    # the template's first create boots a VM, starts the interpreter in it and saves it running
+    saving, _ = create()
+    saving.kill(request_timeout=TIMEOUT)
+    (first, first_s), (second, second_s) = create(), create()
+    try:
+        sandboxes = ((first, first_s), (second, second_s))
+        for sandbox, create_s in sandboxes:
+            details = _details(sdk, sandbox.sandbox_id)
+            assert details["template_started"] is True
+            assert "server_reseeded" in details["restore_s"]  # type: ignore[operator]
+            # the interpreter was not started again: it has run since before this create began
+            servers = sandbox.commands.run(
+                "ps -eo etimes=,args= | grep -- '-m pmoves_e2b.interpreter' | grep -v grep", request_timeout=TIMEOUT
+            ).stdout.splitlines()
+            assert len(servers) == 1, servers
+            assert int(servers[0].split()[0]) > create_s, (servers, create_s)
+            guest_time = sandbox.run_code("import time; time.time()", timeout=TIMEOUT).text
+            assert guest_time is not None and abs(float(guest_time) - time.time()) < 5
+        # separate state
+        first.run_code("mine = 'first'", timeout=TIMEOUT)
+        assert second.run_code("'mine' in globals()", timeout=TIMEOUT).text == "False"
+        assert first.run_code("mine == 'first'", timeout=TIMEOUT).text == "True"
+        # what the saved memory held the same in both is different now
+        draws = "import os, random, uuid; (random.random(), str(uuid.uuid4()), os.urandom(16).hex())"
+        first_draw = first.run_code(draws, timeout=TIMEOUT).text
+        second_draw = second.run_code(draws, timeout=TIMEOUT).text
+        assert first_draw and second_draw
+        for a, b in zip(first_draw.split(","), second_draw.split(","), strict=True):
+            assert a != b, (first_draw, second_draw)
+        key = "get_ipython().kernel.session.key"
+        assert first.run_code(key, timeout=TIMEOUT).text != second.run_code(key, timeout=TIMEOUT).text
+        # per-sandbox access tokens: one sandbox's token runs no code in the other's interpreter
+        assert first._envd_access_token and first._envd_access_token != second._envd_access_token
+        refused = first._client.post(
+            f"{first._jupyter_url}/execute",
+            json={"code": "1"},
+            headers={
+                "E2b-Sandbox-Id": first.sandbox_id,
+                "E2b-Sandbox-Port": "49999",
+                "X-Access-Token": str(second._envd_access_token),
+            },
+            timeout=TIMEOUT,
+        )
+        assert refused.status_code == 401
+    finally:
+        first.kill(request_timeout=TIMEOUT)
+        second.kill(request_timeout=TIMEOUT)
+
+
 def _details(stack: RunningStack, sandbox_id: str) -> dict[str, object]:
     state = stack.data_dir / "microvm-sandboxes" / sandbox_id / "state.json"
     details: dict[str, object] = json.loads(state.read_text())

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from pmoves_e2b.sandbox.aio import poll_until
-from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError
+from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, TemplateImage
 
 _CONNECT_JSON = "application/connect+json"
 
@@ -68,6 +68,15 @@ class EnvdClient:
         }
         start = await self._process_event(address, access_token, user, message, "start", self._http.timeout)
         return int(start.get("pid", 0))
+
+    async def start_template(self, address: str, template: TemplateImage, timeout_s: float) -> None:
+        """Start the template's start command and wait for its ready checks (port, command)."""
+        if template.start_cmd:
+            await self.start_background(address, None, template.start_cmd, template.start_user)
+        if template.ready_port:
+            await self.wait_http_ok(address, template.ready_port, "/health", timeout_s)
+        if template.ready_cmd:  # custom templates (E2B's set_start_cmd(start, ready))
+            await self.wait_command_ok(address, template.ready_cmd, template.start_user, timeout_s)
 
     async def wait_command_ok(self, address: str, cmd: str, user: str, timeout_s: float) -> None:
         """Run ``cmd`` (bash) as ``user`` until it exits 0 (a template's ready command)."""

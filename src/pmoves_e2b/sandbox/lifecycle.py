@@ -30,6 +30,7 @@ from pmoves_e2b.sandbox import metrics
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.aio import wait_event
 from pmoves_e2b.sandbox.backends.base import (
+    TEMPLATE_STARTED,
     Backend,
     BackendError,
     SandboxHandle,
@@ -481,9 +482,9 @@ class SandboxManager:
         # What it runs on, for snapshots (its template may be rebuilt or deleted meanwhile).
         handle.details["layers"] = list(spec.template.layers)
         handle.details["runtime"] = spec.template.runtime_record()
-        if spec.template.restore_image:  # restored: its processes run already
+        if spec.template.restore_image or handle.details.get(TEMPLATE_STARTED):  # restored: its processes run already
             return handle
-        await self._ready_or_destroyed(handle, self._start_template(handle, spec.template))
+        await self._ready_or_destroyed(handle, self.envd.start_template(handle.address, spec.template, READY_TIMEOUT_S))
         return handle
 
     # --- pausing to disk ---------------------------------------------------------------
@@ -592,14 +593,6 @@ class SandboxManager:
             return False
         needs = ("export_filesystem", "checkpoint") if memory else ("export_filesystem",)
         return self.tiers.has(tier, *needs)  # read from its class: no backend is made to word an error
-
-    async def _start_template(self, handle: SandboxHandle, template: TemplateImage) -> None:
-        if template.start_cmd:
-            await self.envd.start_background(handle.address, None, template.start_cmd, template.start_user)
-        if template.ready_port:
-            await self.envd.wait_http_ok(handle.address, template.ready_port, "/health", READY_TIMEOUT_S)
-        if template.ready_cmd:  # custom templates (E2B's set_start_cmd(start, ready))
-            await self.envd.wait_command_ok(handle.address, template.ready_cmd, template.start_user, READY_TIMEOUT_S)
 
     async def _ready_or_destroyed(self, handle: SandboxHandle, ready: Awaitable[None]) -> None:
         try:

@@ -80,6 +80,7 @@ def _microvm_factory(settings: Settings) -> Backend:
         cache_dir=settings.e2b_microvm_cache_dir or settings.e2b_data_dir / "microvm",
         accel=settings.e2b_microvm_accel,
         snapshots=settings.e2b_microvm_snapshots,
+        warm=settings.e2b_microvm_warm,
     )
 
 

@@ -79,6 +79,11 @@ class SandboxSpec:
     isolation: str = ""
 
 
+# A handle's ``details`` key a backend sets when the sandbox it created runs its template's start
+# command already (restored from a VM saved with it running): the control plane does not start it again.
+TEMPLATE_STARTED = "template_started"
+
+
 @dataclass
 class SandboxHandle:
     """Everything needed to reach, control and clean up one running sandbox."""

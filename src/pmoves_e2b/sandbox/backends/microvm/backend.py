@@ -23,6 +23,17 @@ saved one; the host then tells the guest the time and hands it fresh entropy (``
 every restored VM starts with the snapshot's clock and random pool. All sandboxes restored from one
 snapshot share its envd init secret (envd reads it once, at start): the secret only guards ``/init``,
 which the proxy never forwards and no other sandbox can reach.
+
+Warm saved VMs (``warm``, default): a template whose start command serves ``ready_port`` (the code
+interpreter) is saved after that command is up and ready, so a create restores a running server
+with its kernels started and imports done instead of starting them under the guest's CPU. The
+handle then says so (``TEMPLATE_STARTED``) and the control plane does not start it again. After
+each restore, once the guest has the host's entropy, the backend calls ``POST /restored`` on that
+port: the server reseeds its processes' user-space PRNGs and changes its kernels' message keys
+(``interpreter/kernel.py``), which the saved memory holds the same in every copy. What stays the
+same in every copy: the processes' PIDs, address-space layout and hash seeds, and the init secret;
+envd's access token is set per sandbox by ``/init`` after the restore, and the interpreter checks
+tokens against envd, so nothing that authenticates a client is in the image.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -38,12 +50,19 @@ import secrets
 import socket
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmoves_e2b.sandbox.backends.base import ENVD_PORT, BackendError, SandboxHandle, SandboxSpec, SandboxStats
+from pmoves_e2b.sandbox.backends.base import (
+    ENVD_PORT,
+    TEMPLATE_STARTED,
+    BackendError,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStats,
+    TemplateImage,
+)
 from pmoves_e2b.sandbox.backends.microvm import guest, image, qemu
 from pmoves_e2b.sandbox.backends.ns import cgroups, network
 from pmoves_e2b.sandbox.backends.ns.backend import JOIN_AND_LIMIT
@@ -51,13 +70,17 @@ from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.netns_backend import NetnsBackend, log_tail, write_json
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
+from pmoves_e2b.sandbox.envd_client import EnvdClient
 
 TAP = "tap0"
 # Bump when what a saved VM holds changes in a way its key does not see.
-SNAPSHOT_VERSION = "2"
+SNAPSHOT_VERSION = "3"
 ACCELS = ("auto", "kvm", "tcg")
 # QEMU's threads (vCPUs, I/O workers); the guest's own processes live in the guest.
 QEMU_PIDS_MAX = 256
+# How long a VM being saved warm may take to start its template's command and pass its ready checks:
+# the code interpreter and its kernels take 1-2 minutes under TCG on a loaded 2-core machine.
+WARM_START_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,7 @@ class _Snapshot:
     """A saved VM: its memory and device state, its disk, the initramfs it booted from, envd's secret."""
 
     directory: Path
+    started: bool  # saved with the template's start command up and ready (warm)
 
     @property
     def state(self) -> Path:
@@ -114,6 +138,7 @@ class MicrovmBackend(NetnsBackend):
         ready_timeout: float = 180.0,
         slots: SlotRegistry | None = None,
         snapshots: bool = True,
+        warm: bool = True,
     ) -> None:
         if accel not in ACCELS:
             raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
@@ -121,6 +146,7 @@ class MicrovmBackend(NetnsBackend):
         self.cache_dir = Path(cache_dir).resolve()
         self.requested_accel = accel
         self.use_snapshots = snapshots
+        self.warm = warm
         self._accel: str | None = None
 
     # --- host setup -------------------------------------------------------------------------
@@ -252,7 +278,9 @@ class MicrovmBackend(NetnsBackend):
             self._launch(spec.sandbox_id, machine, net, cg, details)
             write_json(sandbox_dir / "state.json", details)
             if snapshot is not None:
-                details["restore_s"] = self._restore(machine, snapshot.state, net)
+                started = spec.template if snapshot.started else None
+                details["restore_s"] = self._restore(machine, snapshot.state, net, started)
+                details[TEMPLATE_STARTED] = snapshot.started
                 write_json(sandbox_dir / "state.json", details)
         except BaseException as exc:
             self._fail(spec.sandbox_id, details, exc)
@@ -267,14 +295,24 @@ class MicrovmBackend(NetnsBackend):
 
     # --- snapshots ---------------------------------------------------------------------------
 
+    def _warm(self, template: TemplateImage) -> bool:
+        """Whether its saved VM holds its start command running: a server on ``ready_port`` (ours,
+        the code interpreter) can be told of a restore (``POST /restored``) and reseed; others start
+        their command in every sandbox, as on the other tiers."""
+        return self.warm and bool(template.start_cmd) and bool(template.ready_port)
+
     def _snapshot(self, spec: SandboxSpec, parts: _Parts) -> _Snapshot:
         """The saved VM for this template and shape, booted and saved on first use."""
         shape = [parts.kernel.name, parts.initrd.name, *(layer.name for layer in parts.layers)]
         shape += [str(spec.memory_mb), str(math.ceil(spec.cpu_count)), str(spec.disk_mb), self.accel]
         shape += [str(self.pids_max), SNAPSHOT_VERSION]
+        warm = self._warm(spec.template)
+        if warm:  # what runs in it
+            template = spec.template
+            shape += ["warm", template.start_cmd, template.start_user, str(template.ready_port), template.ready_cmd]
         key = hashlib.sha256("\0".join(shape).encode()).hexdigest()[:16]
         directory = self.cache_dir / "snapshots" / key
-        snapshot = _Snapshot(directory)
+        snapshot = _Snapshot(directory, started=warm)
         if snapshot.complete():
             return snapshot
         with image.locked(directory):
@@ -289,10 +327,7 @@ class MicrovmBackend(NetnsBackend):
         handle = self._start_vm(boot, parts, None, save_to=snapshot)
         sandbox_dir = Path(handle.details["runtime_dir"])
         try:
-            asyncio.run(self._wait_ready(handle))
-            # envd's first request imports what serving needs: let the saved VM have done that
-            with urllib.request.urlopen(f"http://{handle.address}:{ENVD_PORT}/health", timeout=self.ready_timeout):
-                pass
+            asyncio.run(self._ready_to_save(handle, spec.template if snapshot.started else None))
             connection = qemu.Qmp(sandbox_dir / "qmp.sock")
             try:
                 connection.command("stop")
@@ -307,11 +342,24 @@ class MicrovmBackend(NetnsBackend):
             fd = os.open(snapshot.directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secret)
-            write_json(snapshot.directory / "meta.json", {"template": spec.template.name, "saved_at": time.time()})
+            meta = {"template": spec.template.name, "saved_at": time.time(), "started": snapshot.started}
+            write_json(snapshot.directory / "meta.json", meta)
         except BaseException as exc:
             self._fail(handle.sandbox_id, handle.details, exc)
             raise
         self._teardown(handle.sandbox_id, handle.details)
+
+    async def _ready_to_save(self, handle: SandboxHandle, started: TemplateImage | None) -> None:
+        """Until envd serves (its first request imports what serving needs: the saved VM has done
+        that) and, with ``started``, the template's start command is up and its ready checks pass."""
+        await self._wait_ready(handle)
+        envd = EnvdClient()
+        try:
+            await envd.wait_http_ok(handle.address, ENVD_PORT, "/health", self.ready_timeout)
+            if started is not None:
+                await envd.start_template(handle.address, started, WARM_START_TIMEOUT_S)
+        finally:
+            await envd.close()
 
     # --- pause to disk ------------------------------------------------------------------------
 
@@ -371,13 +419,15 @@ class MicrovmBackend(NetnsBackend):
         connection.wait_migration(timeout=timeout)
         partial.replace(target)
 
-    def _restore(self, machine: qemu.Machine, state: Path, net: SandboxNet) -> dict[str, float]:
-        """Load the saved VM into the new QEMU, then give the guest the time and fresh entropy;
-        the seconds each step took."""
-        started = time.monotonic()
+    def _restore(
+        self, machine: qemu.Machine, state: Path, net: SandboxNet, started: TemplateImage | None = None
+    ) -> dict[str, float]:
+        """Load the saved VM into the new QEMU, then give the guest the time and fresh entropy and,
+        with ``started`` (saved warm), tell its start command's server; the seconds each step took."""
+        begun = time.monotonic()
         steps: dict[str, float] = {}
         connection = qemu.Qmp(machine.qmp)
-        steps["qemu_start"] = time.monotonic() - started
+        steps["qemu_start"] = time.monotonic() - begun
         try:
             fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -391,7 +441,7 @@ class MicrovmBackend(NetnsBackend):
             # the VM was saved stopped, so it is loaded paused
             if connection.wait_status(("paused", "running"), timeout=self.ready_timeout) == "paused":
                 connection.command("cont")
-            steps["load"] = time.monotonic() - started - steps["qemu_start"]
+            steps["load"] = time.monotonic() - begun - steps["qemu_start"]
         finally:
             connection.close()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
@@ -408,8 +458,30 @@ class MicrovmBackend(NetnsBackend):
                     continue
                 if reply != b"ok":
                     raise BackendError(f"the restored guest refused the host's time and entropy: {reply!r}")
-                steps["guest_answer"] = time.monotonic() - started - steps["qemu_start"] - steps["load"]
-                return {step: round(seconds, 3) for step, seconds in steps.items()}
+                steps["guest_answer"] = time.monotonic() - begun - steps["qemu_start"] - steps["load"]
+                break
+        if started is not None:
+            self._tell_restored(net.address, started.ready_port)
+            steps["server_reseeded"] = time.monotonic() - begun - sum(steps.values())
+        return {step: round(seconds, 3) for step, seconds in steps.items()}
+
+    def _tell_restored(self, address: str, port: int) -> None:
+        """``POST /restored`` to the template's server in a VM restored warm; before ``/init``, so
+        envd has no access token yet and the server lets the host's call through."""
+        connection = http.client.HTTPConnection(address, port, timeout=self.ready_timeout)
+        try:
+            connection.request("POST", "/restored", body=b"")
+            answer = connection.getresponse()
+            body = answer.read(300)
+        except OSError as exc:
+            raise BackendError(f"the restored template's server on port {port} did not answer: {exc}") from exc
+        finally:
+            connection.close()
+        if answer.status >= 300:
+            raise BackendError(
+                f"the restored template's server on port {port} refused POST /restored: "
+                f"{answer.status} {body.decode(errors='replace')}"
+            )
 
     def _guest_config(self, spec: SandboxSpec, layer_count: int) -> dict[str, str]:
         if not re.fullmatch(r"[A-Za-z0-9_-]*", spec.init_secret):
