@@ -1,16 +1,18 @@
 """The microvm isolation tier through the stock `e2b` SDK, beside the ns tier of the same stack.
 
 Run as root: ``.venv/bin/python bench/bench_microvm.py [--runs 8] [--boot-runs 3] [--command-runs 30]
-[--code-runs 3]``.
+[--code-runs 3] [--cold-code-runs 2] [--code-only]``.
 Starts its own stacks (temp data dirs, free ports, pool off, 512 MB / 1 CPU sandboxes). Baselines
 from the same run: the ns tier's ``Sandbox.create()`` and ``commands.run("true")``.
 
 Prints: the first microvm create (boots a VM and saves it), creates restored from that saved VM,
 creates that boot (``E2B_MICROVM_SNAPSHOTS=false``, a second stack), ``commands.run("true")`` in a
 microvm sandbox, the host memory (PSS) of one idle VM, pause / resume (ns: freeze / thaw), and the
-code interpreter (template ``code-interpreter-v1``): its create (the saved VM has envd only, so each
-create starts the interpreter server and its default kernels in the guest), the first
-``run_code("1+1")`` after it and later ones, beside ns.
+code interpreter (template ``code-interpreter-v1``): its first create (boots, starts the interpreter and
+saves the VM with it running), creates restored from that warm VM, the first ``run_code("1+1")`` after
+one and later ones, beside ns; and, on a second stack with ``E2B_MICROVM_WARM=false`` (the old path:
+the saved VM has envd only, so each create starts the interpreter server and its default kernels in the
+guest), its creates and run_code. ``--code-only`` runs the code-interpreter rows alone.
 On the dev/CI machines the VM runs on TCG (KVM there is PVM and boots no stock kernel): every
 number is the software CPU's.
 """
@@ -46,6 +48,10 @@ def main() -> None:
     parser.add_argument("--command-runs", type=int, default=30)
     parser.add_argument("--pause-runs", type=int, default=5)
     parser.add_argument("--code-runs", type=int, default=3, help="code-interpreter creates per tier (0: none)")
+    parser.add_argument(
+        "--cold-code-runs", type=int, default=2, help="code-interpreter creates, E2B_MICROVM_WARM=false"
+    )
+    parser.add_argument("--code-only", action="store_true", help="only the code-interpreter rows")
     options = parser.parse_args()
     cache = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-microvm-"))
     env = {**STACK_ENV, "E2B_MICROVM_CACHE_DIR": str(cache)}
@@ -55,13 +61,14 @@ def main() -> None:
     try:
         stack.up()
         os.environ.update(stack.sdk_env)
-        ns_create = create_kill("ns", options.runs)
-        ns_command, _ = command_true("ns", options.command_runs)
-        first = create_kill("microvm", 1)
-        restored = create_kill("microvm", options.runs)
-        vm_command, pss_kb = command_true("microvm", options.command_runs, comm=b"qemu")
-        ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
-        vm_pause, vm_resume = pause_resume("microvm", options.pause_runs)
+        if not options.code_only:
+            ns_create = create_kill("ns", options.runs)
+            ns_command, _ = command_true("ns", options.command_runs)
+            first = create_kill("microvm", 1)
+            restored = create_kill("microvm", options.runs)
+            vm_command, pss_kb = command_true("microvm", options.command_runs, comm=b"qemu")
+            ns_pause, ns_resume = pause_resume("ns", options.pause_runs)
+            vm_pause, vm_resume = pause_resume("microvm", options.pause_runs)
         if options.code_runs:
             ns_code_create, ns_first_cell = code_create(options.code_runs, "ns")
             vm_code_first, _ = code_create(1, "microvm")
@@ -70,25 +77,43 @@ def main() -> None:
             vm_code = run_code("microvm", options.command_runs)
     finally:
         stop_and_clean(stack)
-    row("ns: Sandbox.create() + kill (baseline)", ns_create)
-    row("microvm: first create (boot + save the VM)", first)
-    row("microvm: create restored from the saved VM", restored, "ns create", ns_create)
-    row('ns: commands.run("true") (baseline)', ns_command)
-    row('microvm: commands.run("true")', vm_command, "ns", ns_command)
-    print(f"microvm: idle VM (512 MB guest) host PSS {pss_kb / 1024:.0f} MB", flush=True)
-    row("ns: pause (cgroup freeze, baseline)", ns_pause)
-    row("microvm: pause (VM saved to disk, QEMU ends)", vm_pause, "ns", ns_pause)
-    row("ns: resume (Sandbox.connect, baseline)", ns_resume)
-    row("microvm: resume (VM loaded from disk)", vm_resume, "ns", ns_resume)
+    if options.code_runs and options.cold_code_runs:
+        stack = make_stack({**env, "E2B_MICROVM_WARM": "false"})
+        try:
+            stack.up()
+            os.environ.update(stack.sdk_env)
+            code_create(1, "microvm")  # saves the envd-only VM
+            cold_code_create, cold_first_cell = code_create(options.cold_code_runs, "microvm")
+            cold_code = run_code("microvm", options.command_runs)
+        finally:
+            stop_and_clean(stack)
+    if not options.code_only:
+        row("ns: Sandbox.create() + kill (baseline)", ns_create)
+        row("microvm: first create (boot + save the VM)", first)
+        row("microvm: create restored from the saved VM", restored, "ns create", ns_create)
+        row('ns: commands.run("true") (baseline)', ns_command)
+        row('microvm: commands.run("true")', vm_command, "ns", ns_command)
+        print(f"microvm: idle VM (512 MB guest) host PSS {pss_kb / 1024:.0f} MB", flush=True)
+        row("ns: pause (cgroup freeze, baseline)", ns_pause)
+        row("microvm: pause (VM saved to disk, QEMU ends)", vm_pause, "ns", ns_pause)
+        row("ns: resume (Sandbox.connect, baseline)", ns_resume)
+        row("microvm: resume (VM loaded from disk)", vm_resume, "ns", ns_resume)
     if options.code_runs:
         row("ns: code-interpreter create + kill (baseline)", ns_code_create)
-        row("microvm: code-interpreter first create (+ save)", vm_code_first)
-        row("microvm: code-interpreter create", vm_code_create, "ns", ns_code_create)
+        row("microvm: code-interpreter first create (boot + start + save warm)", vm_code_first)
+        row("microvm: code-interpreter create, warm restore", vm_code_create, "ns", ns_code_create)
+        if options.cold_code_runs:
+            row("microvm: code-interpreter create, old path (restore + start)", cold_code_create, "ns", ns_code_create)
+            row("microvm: warm restore vs old path", vm_code_create, "old path", cold_code_create)
         row('ns: first run_code("1+1") after create', ns_first_cell)
-        row('microvm: first run_code("1+1") after create', vm_first_cell, "ns", ns_first_cell)
+        row('microvm: first run_code("1+1") after a warm create', vm_first_cell, "ns", ns_first_cell)
+        if options.cold_code_runs:
+            row('microvm: first run_code("1+1") after an old-path create', cold_first_cell, "ns", ns_first_cell)
         row('ns: run_code("1+1") (baseline)', ns_code)
-        row('microvm: run_code("1+1")', vm_code, "ns", ns_code)
-    if options.boot_runs:
+        row('microvm: run_code("1+1"), warm restore', vm_code, "ns", ns_code)
+        if options.cold_code_runs:
+            row('microvm: run_code("1+1"), old path', cold_code, "ns", ns_code)
+    if options.boot_runs and not options.code_only:
         stack = make_stack({**env, "E2B_MICROVM_SNAPSHOTS": "false"})
         try:
             stack.up()
