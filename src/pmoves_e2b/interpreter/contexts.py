@@ -79,9 +79,11 @@ class Context:
         """Its VM was restored from a saved image (see Kernel.restored): reseed its kernel, or
         replace it on first use; until then its users wait."""
         if self._kernel_task is not None:
-            self._restoring = asyncio.create_task(self._reseed(self._kernel_task))
+            self._restoring = asyncio.create_task(self._reseed(self._kernel_task, self._restoring))
 
-    async def _reseed(self, task: asyncio.Task[Kernel]) -> None:
+    async def _reseed(self, task: asyncio.Task[Kernel], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # one rekey at a time per kernel
+            await previous
         try:
             kernel = await task
         except (KernelStartError, asyncio.CancelledError):
