@@ -474,13 +474,19 @@ class MicrovmBackend(NetnsBackend):
             answer = connection.getresponse()
             body = answer.read(300)
         except OSError as exc:
-            raise BackendError(f"the restored template's server on port {port} did not answer: {exc}") from exc
+            raise BackendError(f"the template's server on port {port} did not answer POST /restored: {exc}") from exc
         finally:
             connection.close()
         if answer.status >= 300:
+            hint = (
+                " (a template built before warm saved VMs: rebuild it with `pmoves-e2b template build`, "
+                "or set E2B_MICROVM_WARM=false)"
+                if answer.status == 404
+                else ""
+            )
             raise BackendError(
-                f"the restored template's server on port {port} refused POST /restored: "
-                f"{answer.status} {body.decode(errors='replace')}"
+                f"the template's server on port {port} refused POST /restored: "
+                f"{answer.status} {body.decode(errors='replace')}{hint}"
             )
 
     def _guest_config(self, spec: SandboxSpec, layer_count: int) -> dict[str, str]:
