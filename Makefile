@@ -12,7 +12,7 @@ APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmi
 # Defined before APT_TEST_PACKAGES: `:=` expands at once, so a later definition would be empty there.
 IMAGE_APT_PACKAGES := podman runc catatonit netavark aardvark-dns debootstrap
 # The optional isolation tiers (E2B_ISOLATION=gvisor|microvm): the stack runs without them, CI tests them.
-TIER_APT_PACKAGES := runsc qemu-system-x86 qemu-utils linux-image-cloud-amd64 erofs-utils
+TIER_APT_PACKAGES := runsc qemu-system-x86 qemu-utils linux-image-cloud-amd64 erofs-utils busybox
 # Only the tests need these: a throwaway PostgreSQL server proves the store on Postgres; Chromium
 # drives the viewers and runs the e2b-surf web UI tests (Playwright with executable_path, never `playwright install`).
 # skopeo/umoci pull template images (from_image); docker-registry serves one on loopback in the tests.
