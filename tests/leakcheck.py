@@ -72,10 +72,13 @@ def ns_leftovers(
     slots: set[int],
     host_setup_mounts: tuple[Path, ...] = (),
     peer_roots: tuple[Path, ...] = (),
+    kept: set[int] | None = None,
 ) -> list[str]:
     """Remains of sandboxes whose ids start with ``id_prefix`` / that used ``slots``; mounts are
     looked for under ``runtime_dir`` and ``peer_roots`` (its peer mounts); with
-    ``host_setup_mounts`` also the backend's own mounts and cgroup parents (after ``close()``)."""
+    ``host_setup_mounts`` also the backend's own mounts and cgroup parents (after ``close()``).
+    ``kept``: slots whose netns the backend keeps for its next sandbox (``free_slots()``): their slot
+    file must say so, and their veth and netns are the backend's, not a leftover."""
     runtime_dir = runtime_dir.resolve()
     # nft elements before the owners: a backend adds an address's elements only after taking its
     # slot, so an element of a slot another backend took meanwhile shows up with that owner below
@@ -83,7 +86,15 @@ def ns_leftovers(
     owners = SlotRegistry(SLOTS_DIR).owners()
     # a released slot may already serve another backend's sandbox (shared host): not ours to judge
     slots = {s for s in slots if owners.get(s, {}).get("runtime_dir", str(runtime_dir)) == str(runtime_dir)}
-    left: list[str] = []
+    kept = kept or set()
+    left: list[str] = [f"kept slot {s} not marked free" for s in sorted(kept) if not owners.get(s, {}).get("free")]
+    addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots | kept}
+    slots -= kept
+    for name in network.list_netns():
+        free = network.free_slot_of(name)
+        owner = owners.get(free, {}) if free is not None else {}
+        if free is not None and free not in kept and owner.get("runtime_dir", str(runtime_dir)) == str(runtime_dir):
+            left.append(f"netns {name}")
     left += [f"netns {name}" for name in network.list_netns() if name.startswith(network.NETNS_PREFIX + id_prefix)]
     left += [f"veth e2bh{s}" for s in slots if Path(f"/sys/class/net/e2bh{s}").exists()]
     left += [f"mount {m}" for root in (runtime_dir, *peer_roots) for m in _mountpoints_under(root)]
@@ -97,8 +108,9 @@ def ns_leftovers(
         left += [f"cgroup parent {p}" for p in parents]
         mounted = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
         left += [f"mount {m}" for m in host_setup_mounts if str(m) in mounted]
-    left += [f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir)]
-    addresses = {network.SandboxNet.for_slot(s, "x").address for s in slots}
+    left += [
+        f"slot {s}" for s, owner in owners.items() if owner.get("runtime_dir") == str(runtime_dir) and s not in kept
+    ]
     left += [f"nft internet4 {a}" for a in sorted(addresses & internet)]
     left += [f"nft egress4 {a}" for a in sorted(addresses & egress)]
     left += _processes_in_uid_ranges(slots, cgroup_parent_name)

@@ -33,7 +33,12 @@ def sandboxes_for_test(backend: NsBackend, template: TemplateImage) -> Iterator[
     for handle in box.handles:
         asyncio.run(backend.destroy(handle))
     left = ns_leftovers(
-        backend.runtime_dir, backend.cgroup_parent_name, ID_PREFIX, box.slots, peer_roots=(backend.launch_root,)
+        backend.runtime_dir,
+        backend.cgroup_parent_name,
+        ID_PREFIX,
+        box.slots,
+        peer_roots=(backend.launch_root,),
+        kept=backend.free_slots(),
     )
     assert not left, f"left behind after the test: {left}"
 

@@ -47,6 +47,8 @@ REAP_WAIT_S = 5.0
 
 class GvisorBackend(NsBackend):
     name = "gvisor"
+    # runsc (its sockets, and a netstack on the veth) used the netns: destroyed, never kept
+    reuse_netns = False
 
     def __init__(
         self,

@@ -83,6 +83,7 @@ JOIN_AND_LIMIT = (
 
 class NsBackend(NetnsBackend):
     name = "ns"
+    reuse_netns = True
 
     def __init__(
         self,
@@ -128,6 +129,7 @@ class NsBackend(NetnsBackend):
         """Undo the host setup of this runtime dir if no sandbox is left in it (tests, shutdown)."""
         if self.zygotes is not None:
             self.zygotes.close()
+        self.drain_free_slots()
         with self._setup_lock:
             if self.runtime_dir.exists() and any(self.runtime_dir.iterdir()):
                 return
@@ -196,8 +198,11 @@ class NsBackend(NetnsBackend):
             cgroups.cap_parent_pids(self.cgroup_parents, hostlimits.sandboxes_pids_max())
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
             cg.delegate(UID_BASE + UID_RANGE * slot)
-            network.create_netns(net)
-            inside = _Background(network.configure, net, spec.allow_internet)
+            if details["net_reused"]:
+                inside = _Background(network.reuse, net, spec.allow_internet)
+            else:
+                network.create_netns(net)
+                inside = _Background(network.configure, net, spec.allow_internet)
             try:
                 self._launch(spec, details, sandbox_dir, cg, net)
             finally:

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import SlotRegistry
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
@@ -68,6 +70,11 @@ class NetnsBackend(abc.ABC):
     ready_poll_s: ClassVar[tuple[float, float]] = (0.001, 0.003)
     # what a create says when the launcher (our child) ended before envd listened
     launcher_ended: ClassVar[str] = "envd exited before listening"
+    # whether a destroyed sandbox's netns, cleaned (``network.recycle``), serves the next sandbox:
+    # only where nothing but the sandbox's own processes used it (not runsc's netstack, not a VM's tap)
+    reuse_netns: ClassVar[bool] = False
+    # at most this many kept per backend; the rest are destroyed
+    free_netns_max: ClassVar[int] = 16
 
     def __init__(
         self, runtime_dir: Path, *, pids_max: int, ready_timeout: float, slots: SlotRegistry | None, workers: int
@@ -88,6 +95,9 @@ class NetnsBackend(abc.ABC):
         # slow destroys (netns teardown ~30 ms each).
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{self.name}-backend")
         self._host_ready = False
+        # slots whose netns (veth, addresses, routes) is kept, clean, for the next sandbox
+        self._free_slots: list[int] = []
+        self._free_lock = threading.Lock()
 
     # --- what a tier supplies ----------------------------------------------------------------
 
@@ -176,8 +186,12 @@ class NetnsBackend(abc.ABC):
         return sandbox_dir, {"runtime_dir": str(sandbox_dir), "created_at": time.time()}
 
     def _new_sandbox(self, spec: SandboxSpec, details: dict[str, Any]) -> tuple[SandboxNet, SandboxCgroups]:
-        """A slot, and the names of its netns and cgroups (made by the caller), into ``details``."""
-        slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
+        """A slot, and the names of its netns and cgroups (made by the caller, unless
+        ``details["net_reused"]``: the slot's kept netns is then the caller's to ``network.reuse``)."""
+        slot = self._take_free_slot(spec.sandbox_id)
+        details["net_reused"] = slot is not None
+        if slot is None:
+            slot = self.slots.allocate(spec.sandbox_id, self.runtime_dir)
         net = SandboxNet.for_slot(slot, spec.sandbox_id)
         cg = SandboxCgroups.under(self.cgroup_parents, spec.sandbox_id)
         details.update(
@@ -192,6 +206,46 @@ class NetnsBackend(abc.ABC):
             disk_mb=spec.disk_mb,
         )
         return net, cg
+
+    def _take_free_slot(self, sandbox_id: str) -> int | None:
+        with self._free_lock:
+            if not self._free_slots:
+                return None
+            slot = self._free_slots.pop()
+        self.slots.set_owner(slot, {"sandbox_id": sandbox_id, "runtime_dir": str(self.runtime_dir)})
+        return slot
+
+    def _keep_network(self, net: SandboxNet) -> bool:
+        """Keep a torn-down sandbox's netns for the next one when there is room and it can be
+        cleaned (``network.recycle``); False: the caller destroys it."""
+        with self._free_lock:
+            if not self.reuse_netns or len(self._free_slots) >= self.free_netns_max:
+                return False
+        try:
+            # owner first: a crash after it leaves a free-marked slot whose netns cleanup removes
+            self.slots.set_owner(net.slot, {"sandbox_id": "", "runtime_dir": str(self.runtime_dir), "free": True})
+            why = network.recycle(net)
+        except (OSError, network.NetworkError) as exc:
+            why = str(exc)
+        if why:
+            log.info("netns of slot %s not kept: %s", net.slot, why)
+            return False
+        with self._free_lock:
+            self._free_slots.append(net.slot)
+        return True
+
+    def free_slots(self) -> set[int]:
+        """Slots whose netns is kept for the next sandbox."""
+        with self._free_lock:
+            return set(self._free_slots)
+
+    def drain_free_slots(self) -> None:
+        """Destroy the kept netns (shutdown, tests): nothing of this backend stays on the host."""
+        with self._free_lock:
+            slots, self._free_slots = self._free_slots, []
+        for slot in slots:
+            network.destroy_free(slot)
+            self.slots.release(slot)
 
     def _fail(self, sandbox_id: str, details: dict[str, Any], exc: BaseException) -> None:
         """Tear down a sandbox that did not start, then raise a BackendError with its logs' tails."""
@@ -245,6 +299,8 @@ class NetnsBackend(abc.ABC):
         else:
             cg = SandboxCgroups.under(self.cgroup_parents, sandbox_id)
         slot = details.get("slot")
+        if slot is not None and (self.slots.owner(slot) or {}).get("sandbox_id") != sandbox_id:
+            slot = None  # released (a repeated teardown): its veth may be another sandbox's by now
         errors: list[str] = []
 
         def step(what: str, func: Callable[..., Any], *args: Any) -> None:
@@ -256,8 +312,13 @@ class NetnsBackend(abc.ABC):
         step("stop processes", self._stop_processes, sandbox_id, details, cg)
         step("remove cgroups", cg.remove)
         step("unmount", self._unmount, sandbox_dir)
+        kept = False
         if slot is not None:
-            step("remove network", network.destroy, SandboxNet.for_slot(slot, sandbox_id))
+            net = SandboxNet.for_slot(slot, sandbox_id)
+            # only when every process is gone (no step failed): nothing of it may live on in the netns
+            kept = not errors and self._keep_network(net)
+            if not kept:
+                step("remove network", network.destroy, net)
         else:
             step("remove network", network.destroy_netns, network.NETNS_PREFIX + sandbox_id)
         self._cpu_samples.pop(sandbox_id, None)
@@ -268,7 +329,7 @@ class NetnsBackend(abc.ABC):
             )
         if sandbox_dir.exists():
             shutil.rmtree(sandbox_dir)
-        if slot is not None:
+        if slot is not None and not kept:
             self.slots.release(slot)
 
     def cleanup_orphans_sync(self, known_ids: set[str]) -> list[str]:
@@ -279,9 +340,10 @@ class NetnsBackend(abc.ABC):
         candidates: set[str] = set()
         if self.runtime_dir.exists():
             candidates.update(entry.name for entry in os.scandir(self.runtime_dir) if entry.is_dir())
+        removed += self._remove_unused_free_netns()
         my_slots: dict[str, int] = {}
         for slot, owner in self.slots.owners().items():
-            if owner.get("runtime_dir") == str(self.runtime_dir):
+            if owner.get("runtime_dir") == str(self.runtime_dir) and not owner.get("free"):
                 my_slots[owner["sandbox_id"]] = slot
         candidates.update(my_slots)
         groups = cgroups.children(cgroups.existing_parent_dirs(self.cgroup_parent_name))
@@ -297,6 +359,26 @@ class NetnsBackend(abc.ABC):
                 cgroups.kill_and_remove(paths)
                 if sandbox_id not in removed:
                     removed.append(sandbox_id)
+        return removed
+
+    def _remove_unused_free_netns(self) -> list[str]:
+        """Kept netns this backend does not hold (a crashed predecessor's, or of a free-marked slot
+        whose netns is gone) and those no slot owner keeps; their slots are released."""
+        removed = []
+        with self._free_lock:
+            held = set(self._free_slots)
+        owners = self.slots.owners()
+        for slot, owner in owners.items():
+            if owner.get("free") and owner.get("runtime_dir") == str(self.runtime_dir) and slot not in held:
+                network.destroy_free(slot)
+                self.slots.release(slot)
+                removed.append(network.free_netns(slot))
+        for name in network.list_netns():
+            kept = network.free_slot_of(name)
+            # the owner is written before a netns gets its free name, so read it after the listing
+            if kept is not None and kept not in self.slots.owners():
+                network.destroy_netns(name)  # no owner: its slot was released, nobody keeps it
+                removed.append(name)
         return removed
 
     def _drop_unowned_internet_elements(self) -> None:
@@ -316,9 +398,15 @@ class NetnsBackend(abc.ABC):
         released = []
         for slot, owner in self.slots.owners().items():
             runtime_dir, sandbox_id = owner.get("runtime_dir"), owner.get("sandbox_id", "")
-            if not runtime_dir or Path(runtime_dir).exists() or not SANDBOX_ID.match(sandbox_id):
+            if not runtime_dir or Path(runtime_dir).exists():
                 continue
-            network.destroy(SandboxNet.for_slot(slot, sandbox_id))
+            if owner.get("free"):
+                network.destroy_free(slot)
+                sandbox_id = network.free_netns(slot)
+            elif SANDBOX_ID.match(sandbox_id):
+                network.destroy(SandboxNet.for_slot(slot, sandbox_id))
+            else:
+                continue
             self.slots.release(slot)
             released.append(sandbox_id)
         return released

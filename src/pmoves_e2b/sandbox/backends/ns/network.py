@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from pmoves_e2b.sandbox.backends.ns import netlink
+
 T = TypeVar("T")
 
 TABLE = "pmoves_e2b"
@@ -50,6 +52,8 @@ RULES_VERSION = "v2"
 SANDBOX_NET = ipaddress.IPv4Network("10.77.0.0/16")
 HOST_VETH_PREFIX = "e2bh"
 NETNS_PREFIX = "e2b-"
+# a clean netns kept for the next sandbox (``recycle``): "." is in no sandbox id, so no name clashes
+FREE_NETNS_PREFIX = NETNS_PREFIX + "free."
 NETNS_DIR = Path("/run/netns")
 LOCK_FILE = Path("/run/pmoves-e2b/nft.lock")
 MAX_SLOTS = SANDBOX_NET.num_addresses // 4
@@ -123,8 +127,10 @@ table inet {CONNS_TABLE} {{
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
+MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 
 class NetworkError(RuntimeError):
@@ -377,6 +383,15 @@ def create_netns(net: SandboxNet) -> None:
         raise NetworkError(f"cannot create netns {net.netns}: {errors[0]}")
 
 
+# root inside the sandbox may bind low ports and open ICMP echo sockets; no IPv6
+SANDBOX_SYSCTLS = {
+    "net.ipv4.ip_unprivileged_port_start": "0",
+    "net.ipv4.ping_group_range": "0 2147483647",
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+}
+
+
 def configure(net: SandboxNet, allow_internet: bool) -> None:
     """veth /30 to the host, address, routes and sysctls inside, and the internet policy. May run
     in parallel with the sandbox's start: it only has to be done before the sandbox is handed out."""
@@ -394,18 +409,13 @@ def configure(net: SandboxNet, allow_internet: bool) -> None:
         "link set lo up\n"
         f"route add default via {net.host_address}\n",
     )
-    _write_sysctls_in_netns(
-        net.netns_path,
-        {
-            # root inside the sandbox may bind low ports and open ICMP echo sockets
-            "net.ipv4.ip_unprivileged_port_start": "0",
-            "net.ipv4.ping_group_range": "0 2147483647",
-            "net.ipv6.conf.all.disable_ipv6": "1",
-            "net.ipv6.conf.default.disable_ipv6": "1",
-        },
-    )
-    # one transaction: an empty egress chain of our own (never one a crashed predecessor left in
-    # this slot) and the internet permission
+    _write_sysctls_in_netns(net.netns_path, SANDBOX_SYSCTLS)
+    apply_policy(net, allow_internet)
+
+
+def apply_policy(net: SandboxNet, allow_internet: bool) -> None:
+    """One transaction: an empty egress chain of our own (never one a crashed predecessor left in
+    this slot) and the internet permission."""
     nft("\n".join([*_egress_batch(net, (), ()), *_internet_batch(net, allow_internet)]) + "\n")
 
 
@@ -521,10 +531,107 @@ def destroy(net: SandboxNet) -> None:
     commands = []
     if Path(f"/sys/class/net/{net.host_veth}").exists():
         commands.append(f"link del {net.host_veth}\n")
-    if net.netns_path.exists():
-        commands.append(f"netns del {net.netns}\n")
+    # the slot's kept netns too: a crash between recycle's steps can leave it (the slot is this
+    # sandbox's, so no one else's can be there)
+    for name in dict.fromkeys((net.netns, free_netns(net.slot))):
+        if (NETNS_DIR / name).exists():
+            commands.append(f"netns del {name}\n")
     if commands:
         _run(["ip", "-force", "-batch", "-"], "".join(commands))
+
+
+def destroy_free(slot: int) -> None:
+    """Remove a kept netns of ``slot`` (and its veth, and any rule of the slot's address)."""
+    destroy(SandboxNet(slot=slot, netns=free_netns(slot)))
+
+
+# --- reuse: a released sandbox's netns, cleaned, for the next sandbox ----------------------------
+
+
+def free_netns(slot: int) -> str:
+    return f"{FREE_NETNS_PREFIX}{slot}"
+
+
+def free_slot_of(name: str) -> int | None:
+    """The slot of a kept netns's name (None for any other name)."""
+    tail = name.removeprefix(FREE_NETNS_PREFIX)
+    return int(tail) if tail != name and tail.isdigit() else None
+
+
+def _rename_netns(old: str, new: str) -> None:
+    """Move a netns's name: bind its mount on the new name, then detach the old one."""
+    old_path, new_path = NETNS_DIR / old, NETNS_DIR / new
+    os.close(os.open(new_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    if _libc.mount(str(old_path).encode(), str(new_path).encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        new_path.unlink(missing_ok=True)
+        raise NetworkError(f"cannot name netns {old} {new}: {os.strerror(err)}")
+    if _libc.umount2(str(old_path).encode(), MNT_DETACH) != 0:
+        raise NetworkError(f"cannot drop the name {old} of netns {new}: {os.strerror(ctypes.get_errno())}")
+    old_path.unlink(missing_ok=True)
+
+
+def _sockstat() -> dict[str, int]:
+    """This thread's netns's socket counts: {"TCP.inuse": n, "TCP.tw": n, "UDP.inuse": n, ...}."""
+    counts: dict[str, int] = {}
+    for name in ("sockstat", "sockstat6"):
+        for line in Path(f"/proc/thread-self/net/{name}").read_text().splitlines():
+            kind, _, fields = line.partition(":")
+            values = fields.split()
+            for key, value in zip(values[::2], values[1::2], strict=False):
+                counts[f"{kind}.{key}"] = counts.get(f"{kind}.{key}", 0) + int(value)
+    return counts
+
+
+def _clean_inside(net: SandboxNet) -> str:
+    """Make a netns whose processes are all gone as ``configure`` left it; "" when done, else why
+    it cannot be (then it must not be reused). Runs on a thread inside the netns."""
+    if netlink.nft_table_count():
+        return "it has nftables rules (a domain-rule intercept)"
+    stat = _sockstat()
+    if stat.get("TCP.inuse", 0) or stat.get("TCP.tw", 0) or stat.get("TCP6.inuse", 0):
+        # left by the dead sandbox: TIME_WAIT and closing sockets, which would make its ports
+        # busy for the next one; a listener can only be the host's (the egress intercept)
+        if netlink.listening_tcp_sockets():
+            return "a TCP listener is open in it"
+        netlink.destroy_tcp_sockets()
+    stat = _sockstat()
+    busy = {key: n for key, n in stat.items() if key.endswith((".inuse", ".tw")) and n and not key.startswith("FRAG")}
+    if busy:
+        return f"sockets are still open in it: {busy}"
+    if Path("/proc/thread-self/net/unix").read_text().count("\n") > 1:
+        return "unix sockets are still open in it"
+    netlink.flush_tcp_metrics()  # which hosts it talked to (RTT, Fast Open cookies)
+    netlink.flush_conntrack()
+    Path("/proc/sys/net/ipv4/route/flush").write_text("1")  # learned PMTU and redirects
+    for key, value in SANDBOX_SYSCTLS.items():
+        Path("/proc/sys", key.replace(".", "/")).write_text(value)
+    return ""
+
+
+def recycle(net: SandboxNet) -> str:
+    """Clean the netns of a sandbox whose processes are all gone and keep it under the slot's free
+    name (``free_netns``), veth, addresses and routes included; "" when done, else why not (the
+    caller then destroys it). Root inside a sandbox never had CAP_NET_ADMIN over its netns (the
+    netns belongs to the host's user namespace), so addresses, routes, links, sysctls and nftables
+    there are as ``configure`` made them; what it could change is socket state and caches, which is
+    what this clears. Not for a netns runsc or QEMU used (they change its interfaces)."""
+    if not Path(f"/sys/class/net/{net.host_veth}").exists() or not net.netns_path.exists():
+        return "its veth or netns is gone"
+    forget(net)
+    # the host's tracking of what it started (its NAT mappings): late replies must not reach the next
+    netlink.delete_conntrack_from(net.address)
+    why = _in_netns(net.netns_path, lambda: _clean_inside(net), "recycle")
+    if why:
+        return why
+    _rename_netns(net.netns, free_netns(net.slot))
+    return ""
+
+
+def reuse(net: SandboxNet, allow_internet: bool) -> None:
+    """Give a kept netns of ``net.slot`` to the sandbox ``net`` (its name, its policy)."""
+    _rename_netns(free_netns(net.slot), net.netns)
+    apply_policy(net, allow_internet)
 
 
 def destroy_netns(name: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError
 from pmoves_e2b.sandbox.backends.ns import network
@@ -37,7 +38,7 @@ class SlotRegistry:
             return slot
         raise BackendError("no free sandbox slot (uid range / network) left on this host")
 
-    def owners(self) -> dict[int, dict[str, str]]:
+    def owners(self) -> dict[int, dict[str, Any]]:
         result = {}
         try:
             names = os.listdir(self.directory)
@@ -50,6 +51,20 @@ class SlotRegistry:
                 except (FileNotFoundError, json.JSONDecodeError):
                     continue
         return result
+
+    def owner(self, slot: int) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = json.loads((self.directory / str(slot)).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return found
+
+    def set_owner(self, slot: int, owner: dict[str, Any]) -> None:
+        """Hand a held slot to another owner (a kept netns's slot, taken or given back)."""
+        tmp = self.directory / f".{slot}.tmp"
+        tmp.write_text(json.dumps(owner))
+        tmp.chmod(0o600)
+        tmp.replace(self.directory / str(slot))
 
     def release(self, slot: int) -> None:
         (self.directory / str(slot)).unlink(missing_ok=True)

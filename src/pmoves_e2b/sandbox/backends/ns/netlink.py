@@ -1,0 +1,217 @@
+"""The few netlink requests that make a used netns clean again, in this process (no ``ss`` or
+``conntrack`` exec). Every call works in the netns of the calling thread: a netlink socket belongs
+to the netns it was made in, so ``network.py`` calls these on its setns'd thread.
+
+- ``destroy_tcp_sockets``: sock_diag's SOCK_DESTROY on every TCP socket (TIME_WAIT included), as
+  ``ss -K``; ``listening_tcp_sockets`` counts listeners (only the host can still hold one);
+- ``flush_tcp_metrics``: the per-destination TCP metrics cache (RTT, cwnd, Fast Open cookies: which
+  hosts the netns talked to), as ``ip tcp_metrics flush all``;
+- ``nft_table_count``: tables of nftables in the netns;
+- ``flush_conntrack`` / ``delete_conntrack_from``: connection tracking entries, all of the netns's
+  or those one address started.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+NETLINK_SOCK_DIAG = 4
+NETLINK_NETFILTER = 12
+NETLINK_GENERIC = 16
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED = 0x8000
+_HEADER = struct.Struct("=IHHII")
+
+SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 20, 21
+TCP_LISTEN = 10
+_DIAG_REQ = struct.Struct("=BBBBI48s")  # inet_diag_req_v2: family, protocol, ext, pad, states, id
+_DIAG_MSG_HEAD = struct.Struct("=BBBB48s")  # inet_diag_msg: family, state, timer, retrans, id
+
+GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
+TCP_METRICS_CMD_DEL = 2
+
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
+IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
+NFT_MSG_GETTABLE = 1
+CTA_TUPLE_ORIG, CTA_ZONE, CTA_FILTER = 1, 18, 25
+CTA_TUPLE_IP, CTA_IP_V4_SRC = 1, 1
+CTA_FILTER_ORIG_FLAGS, CTA_FILTER_FLAG_CTA_IP_SRC = 1, 1
+
+
+class NetlinkError(OSError):
+    pass
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _attrs(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """(type without flags, payload, the whole attribute) of each attribute in ``data``."""
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & ~NLA_F_NESTED, data[offset + 4 : offset + length], data[offset : offset + length]
+        offset += (length + 3) & ~3
+
+
+class _Socket:
+    """One netlink socket; ``request`` sends a message and returns the payloads of its answer."""
+
+    def __init__(self, protocol: int) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def __enter__(self) -> _Socket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def request(self, kind: int, flags: int, payload: bytes, ignore: tuple[int, ...] = ()) -> list[tuple[int, bytes]]:
+        """Send one message; the (type, payload) of every answer up to DONE or the ACK. An error
+        answer raises NetlinkError unless its errno is in ``ignore``."""
+        self.seq += 1
+        self.sock.send(_HEADER.pack(_HEADER.size + len(payload), kind, NLM_F_REQUEST | flags, self.seq, 0) + payload)
+        answers: list[tuple[int, bytes]] = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, mtype, _, seq, _ = _HEADER.unpack_from(data, offset)
+                body = data[offset + _HEADER.size : offset + length]
+                offset += (length + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if mtype == NLMSG_DONE:
+                    return answers
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0]
+                    if code and code not in ignore:
+                        raise NetlinkError(code, f"netlink request {kind:#x}: {os.strerror(code)}")
+                    return answers
+                answers.append((mtype, body))
+                if not flags & NLM_F_DUMP and not flags & NLM_F_ACK:
+                    return answers
+
+
+# --- sockets ----------------------------------------------------------------------------------
+
+
+def _tcp_sockets(diag: _Socket) -> list[tuple[int, int, bytes]]:
+    """(family, state, inet_diag_sockid) of every TCP socket of the netns."""
+    found = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, b"")
+        for _, body in diag.request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, request):
+            msg_family, state, _, _, sockid = _DIAG_MSG_HEAD.unpack_from(body)
+            found.append((msg_family, state, sockid))
+    return found
+
+
+def listening_tcp_sockets() -> int:
+    with _Socket(NETLINK_SOCK_DIAG) as diag:
+        return sum(1 for _, state, _ in _tcp_sockets(diag) if state == TCP_LISTEN)
+
+
+def destroy_tcp_sockets() -> int:
+    """Abort every TCP socket of the netns (the peer gets a reset); how many there were."""
+    with _Socket(NETLINK_SOCK_DIAG) as diag:
+        sockets = _tcp_sockets(diag)
+        for family, _, sockid in sockets:
+            request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, sockid)
+            diag.request(SOCK_DESTROY, NLM_F_ACK, request, ignore=(errno.ENOENT,))  # gone meanwhile
+        return len(sockets)
+
+
+# --- TCP metrics ------------------------------------------------------------------------------
+
+_family_ids: dict[str, int] = {}
+
+
+def _genl_family(genl: _Socket, name: str) -> int:
+    if name not in _family_ids:
+        header = struct.pack("=BBH", CTRL_CMD_GETFAMILY, 1, 0)
+        answers = genl.request(GENL_ID_CTRL, NLM_F_ACK, header + _attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"))
+        for _, body in answers:
+            for kind, payload, _ in _attrs(body[4:]):
+                if kind == CTRL_ATTR_FAMILY_ID:
+                    _family_ids[name] = struct.unpack_from("=H", payload)[0]
+        if name not in _family_ids:
+            raise NetlinkError(errno.ENOENT, f"no generic netlink family {name}")
+    return _family_ids[name]
+
+
+def flush_tcp_metrics() -> None:
+    with _Socket(NETLINK_GENERIC) as genl:
+        family = _genl_family(genl, "tcp_metrics")
+        genl.request(family, NLM_F_ACK, struct.pack("=BBH", TCP_METRICS_CMD_DEL, 1, 0))
+
+
+# --- netfilter --------------------------------------------------------------------------------
+
+
+def _nfgen(family: int) -> bytes:
+    return struct.pack("=BBH", family, 0, 0)
+
+
+def nft_table_count() -> int:
+    with _Socket(NETLINK_NETFILTER) as nfnl:
+        return len(nfnl.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_DUMP, _nfgen(socket.AF_UNSPEC)))
+
+
+def flush_conntrack() -> None:
+    """Every connection tracking entry of the netns."""
+    with _Socket(NETLINK_NETFILTER) as nfnl:
+        nfnl.request((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_ACK, _nfgen(socket.AF_UNSPEC))
+
+
+def _orig_ip(attrs: bytes, ip_attr: int) -> bytes | None:
+    """An IPv4 address of an entry's original tuple (``ip_attr``: source or destination)."""
+    for kind, tuple_payload, _ in _attrs(attrs):
+        if kind == CTA_TUPLE_ORIG:
+            for ip_kind, ip_payload, _ in _attrs(tuple_payload):
+                if ip_kind == CTA_TUPLE_IP:
+                    for addr_kind, address, _ in _attrs(ip_payload):
+                        if addr_kind == ip_attr:
+                            return address
+    return None
+
+
+def delete_conntrack_from(address: str) -> int:
+    """Entries of the netns whose original source is ``address`` (what a sandbox started through
+    the host; the kernel filters the dump, one walk of the table); how many were deleted."""
+    packed = ipaddress.IPv4Address(address).packed
+    tuple_attr = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, _attr(CTA_TUPLE_IP | NLA_F_NESTED, _attr(CTA_IP_V4_SRC, packed)))
+    filter_attr = _attr(
+        CTA_FILTER | NLA_F_NESTED, _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("=I", CTA_FILTER_FLAG_CTA_IP_SRC))
+    )
+    deleted = 0
+    with _Socket(NETLINK_NETFILTER) as nfnl:
+        dump = nfnl.request(
+            (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+            NLM_F_DUMP,
+            _nfgen(socket.AF_INET) + tuple_attr + filter_attr,
+        )
+        for _, body in dump:
+            if _orig_ip(body[4:], CTA_IP_V4_SRC) != packed:
+                continue  # the filter is the kernel's; what is deleted is decided here
+            keep = b"".join(whole for kind, _, whole in _attrs(body[4:]) if kind in (CTA_TUPLE_ORIG, CTA_ZONE))
+            nfnl.request(
+                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                NLM_F_ACK,
+                _nfgen(socket.AF_INET) + keep,
+                ignore=(errno.ENOENT,),
+            )
+            deleted += 1
+    return deleted
