@@ -9,7 +9,8 @@ and created one after another, twice, with a fixed pool of 2 and with the pool f
 (``--held-only`` prints just that); the
 ``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
 creates per second (4 clients in a create+kill loop); idle memory per sandbox; how many idle
-sandboxes were alive at once. ``--before`` also runs the pool-off rows with ``E2B_ENVD_ZYGOTE=false``
+sandboxes were alive at once. ``--netns-ab`` also runs the pool-off rows with
+``E2B_NETNS_REUSE=false`` (a netns made and destroyed per sandbox). ``--before`` also runs the pool-off rows with ``E2B_ENVD_ZYGOTE=false``
 (every sandbox starts its own envd, as before the zygote); ``--before-tree DIR`` runs them from an
 older checkout. The sustained rows print the CPU per create+kill of every process involved.
 """
@@ -320,6 +321,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="clients of the sustained create+kill loop")
     parser.add_argument("--seconds", type=float, default=20, help="length of the sustained loop")
     parser.add_argument("--before", action="store_true", help="also the pool-off rows with E2B_ENVD_ZYGOTE=false")
+    parser.add_argument(
+        "--netns-ab",
+        action="store_true",
+        help="also the pool-off rows with E2B_NETNS_REUSE=false (a netns and veth made and destroyed per sandbox)",
+    )
     parser.add_argument("--skip-held", action="store_true")
     parser.add_argument("--cold-only", action="store_true", help="only the pool-off rows")
     parser.add_argument(
@@ -352,6 +358,13 @@ def main() -> int:
         try:
             before.up(timeout=300)
             measure_cold(before, options, bases, label=" (envd not forked: before)", burst=False)
+        finally:
+            stop_and_clean(before)
+    if options.netns_ab:
+        before = make_stack({"E2B_POOL_SIZE": "0", "E2B_NETNS_REUSE": "false", **limits})
+        try:
+            before.up(timeout=300)
+            measure_cold(before, options, bases, label=" (netns not reused: before)")
         finally:
             stop_and_clean(before)
     if not (options.skip_held or options.cold_only):

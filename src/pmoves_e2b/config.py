@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     e2b_create_queue_wait_sec: float = Field(20, gt=0)
     # envd forked into each sandbox from a pre-imported one per template (false: each starts its own)
     e2b_envd_zygote: bool = True
+    # ns tier: a destroyed sandbox's netns and veth, cleaned, serve the next sandbox (false: made and
+    # destroyed per sandbox)
+    e2b_netns_reuse: bool = True
     # Isolation tier of sandboxes whose template and create do not choose one (sandbox/tiers.py),
     # and the tiers this service may use (comma-separated; empty: every tier this host can run).
     e2b_isolation: str = Field("ns", pattern=r"^[a-z][a-z0-9-]{0,31}$")

@@ -57,7 +57,11 @@ def _ns_kind() -> type[NsBackend]:
 
 
 def _ns_factory(settings: Settings) -> Backend:
-    return _ns_kind()(runtime_dir=settings.e2b_data_dir / "sandboxes", zygote=settings.e2b_envd_zygote)
+    return _ns_kind()(
+        runtime_dir=settings.e2b_data_dir / "sandboxes",
+        zygote=settings.e2b_envd_zygote,
+        netns_reuse=settings.e2b_netns_reuse,
+    )
 
 
 def _microvm_probe() -> str | None:

@@ -13,6 +13,7 @@
   (the service, tests) never touch each other's sandboxes.
 - ``init_argv``: the sandbox's first process (envd); started with ``ENVD_INIT_SECRET`` in its env.
 - ``pids_max``: pids.max (and RLIMIT_NPROC) per sandbox.
+- ``netns_reuse``: a destroyed sandbox's netns, cleaned, serves the next one (``network.recycle``).
 
 What one sandbox is (recipe and measurements: reference/isolation-on-this-machine.md):
 - a slot ``k`` from a host-wide registry (/run/pmoves-e2b/slots) gives root-inside the host uid
@@ -94,8 +95,10 @@ class NsBackend(NetnsBackend):
         ready_timeout: float = 15.0,
         slots: SlotRegistry | None = None,
         zygote: bool = True,
+        netns_reuse: bool = True,
     ) -> None:
         super().__init__(runtime_dir, pids_max=pids_max, ready_timeout=ready_timeout, slots=slots, workers=32)
+        self.reuse_netns = netns_reuse and type(self).reuse_netns  # a tier may never keep them
         self.init_argv = tuple(init_argv)
         self.launch_root = LAUNCH_ROOTS / self.runtime_tag
         # envd forked from a per-template zygote (zygote.py) when the sandbox runs the stock envd

@@ -72,7 +72,7 @@ class NetnsBackend(abc.ABC):
     launcher_ended: ClassVar[str] = "envd exited before listening"
     # whether a destroyed sandbox's netns, cleaned (``network.recycle``), serves the next sandbox:
     # only where nothing but the sandbox's own processes used it (not runsc's netstack, not a VM's tap)
-    reuse_netns: ClassVar[bool] = False
+    reuse_netns: bool = False
     # at most this many kept per backend; the rest are destroyed
     free_netns_max: ClassVar[int] = 16
 
