@@ -121,6 +121,7 @@ def test_sandbox_survives_sigkill_of_its_creator_and_is_adopted(sandboxes: Sandb
     assert Path(handle.details["cgroups"]["memory"]).is_relative_to(other_memory)
     asyncio.run(adopter.destroy(handle))
     assert not asyncio.run(adopter.is_alive(handle))
+    adopter.close()  # it may keep the sandbox's netns for its next one
     # close() finds the parent group the creator made in its own memory cgroup
     sandboxes.backend.close()
     left = [path for path in other_memory.iterdir() if path.is_dir()]

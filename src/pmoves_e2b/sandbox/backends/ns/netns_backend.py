@@ -252,7 +252,7 @@ class NetnsBackend(abc.ABC):
         logs = self._failure_logs(Path(details.get("runtime_dir") or self.runtime_dir / sandbox_id))
         cleanup = ""
         try:
-            self._teardown(sandbox_id, details)
+            self._teardown(sandbox_id, details, keep_network=False)  # a failed start: nothing kept
         except BackendError as teardown_error:
             cleanup = f"\n(and the cleanup after it failed: {teardown_error})"
         if isinstance(exc, Exception):
@@ -288,7 +288,7 @@ class NetnsBackend(abc.ABC):
     def destroy_sync(self, handle: SandboxHandle) -> None:
         self._teardown(handle.sandbox_id, handle.details)
 
-    def _teardown(self, sandbox_id: str, details: dict[str, Any]) -> None:
+    def _teardown(self, sandbox_id: str, details: dict[str, Any], keep_network: bool = True) -> None:
         """Remove every trace; each step tolerates parts that are already gone (idempotent).
 
         A failed step does not stop the others; the sandbox dir (with state.json) and the slot
@@ -316,7 +316,7 @@ class NetnsBackend(abc.ABC):
         if slot is not None:
             net = SandboxNet.for_slot(slot, sandbox_id)
             # only when every process is gone (no step failed): nothing of it may live on in the netns
-            kept = not errors and self._keep_network(net)
+            kept = keep_network and not errors and self._keep_network(net)
             if not kept:
                 step("remove network", network.destroy, net)
         else:
@@ -351,7 +351,7 @@ class NetnsBackend(abc.ABC):
             details = self._load_details(sandbox_id)
             if "slot" not in details and sandbox_id in my_slots:
                 details["slot"] = my_slots[sandbox_id]
-            self._teardown(sandbox_id, details)
+            self._teardown(sandbox_id, details, keep_network=False)  # what a crash left is not reused
             removed.append(sandbox_id)
         # groups whose sandbox dir is gone (or lived in another memory cgroup than ours)
         for sandbox_id, paths in sorted(groups.items()):
