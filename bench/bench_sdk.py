@@ -10,9 +10,10 @@ and created one after another, twice, with a fixed pool of 2 and with the pool f
 ``commands.run("true")`` round trip; N concurrent creates (all must succeed; p99); sustained
 creates per second (4 clients in a create+kill loop); idle memory per sandbox; how many idle
 sandboxes were alive at once. ``--netns-ab`` also runs the pool-off rows with
-``E2B_NETNS_REUSE=false`` (a netns made and destroyed per sandbox). ``--before`` also runs the pool-off rows with ``E2B_ENVD_ZYGOTE=false``
-(every sandbox starts its own envd, as before the zygote); ``--before-tree DIR`` runs them from an
-older checkout. The sustained rows print the CPU per create+kill of every process involved.
+``E2B_NETNS_REUSE=false`` (a netns made and destroyed per sandbox). ``--before`` also runs the
+pool-off rows with ``E2B_ENVD_ZYGOTE=false`` (every sandbox starts its own envd, as before the
+zygote); ``--before-tree DIR`` runs them from an older checkout. The sustained rows print the CPU
+per create+kill of every process involved.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ class NetnsBackend(abc.ABC):
     # whether a destroyed sandbox's netns, cleaned (``network.recycle``), serves the next sandbox:
     # only where nothing but the sandbox's own processes used it (not runsc's netstack, not a VM's tap)
     reuse_netns: bool = False
-    # at most this many kept per backend; the rest are destroyed
-    free_netns_max: ClassVar[int] = 16
+    # at most this many kept per backend (a burst's worth); the rest are destroyed
+    free_netns_max: ClassVar[int] = 64
 
     def __init__(
         self, runtime_dir: Path, *, pids_max: int, ready_timeout: float, slots: SlotRegistry | None, workers: int
