@@ -611,11 +611,7 @@ def _clean_inside(net: SandboxNet) -> str:
 
 def _has_counted_connections(net: SandboxNet) -> bool:
     """Whether the address has an element in ``conns4`` (connections it started through the host)."""
-    try:
-        nft(f"get element inet {CONNS_TABLE} conns4 {{ {net.address} }}\n")
-    except NetworkError:
-        return False
-    return True
+    return netlink.inet_set_has(CONNS_TABLE, "conns4", net.address)
 
 
 def recycle(net: SandboxNet) -> str:
