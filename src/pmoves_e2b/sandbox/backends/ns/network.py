@@ -605,7 +605,11 @@ def _clean_inside(net: SandboxNet) -> str:
     netlink.flush_conntrack()
     Path("/proc/sys/net/ipv4/route/flush").write_text("1")  # learned PMTU and redirects
     for key, value in SANDBOX_SYSCTLS.items():
-        Path("/proc/sys", key.replace(".", "/")).write_text(value)
+        path = Path("/proc/sys", key.replace(".", "/"))
+        # written only when changed: a disable_ipv6 write takes the RTNL lock (and retries the
+        # syscall while another netns is being configured), even when the value stays
+        if path.read_text().split() != value.split():
+            path.write_text(value)
     return ""
 
 
