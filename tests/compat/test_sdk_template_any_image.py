@@ -161,3 +161,30 @@ def test_trixie_image_with_another_glibc_and_python(
         assert sandbox.commands.run("cat /etc/debian_version").stdout.startswith("13")
     finally:
         sandbox.kill()
+
+
+@pytest.mark.slow
+def test_busybox_static_image_on_the_microvm_tier(own_templates: Path, registry: Registry, tmp_path: Path) -> None:
+    # the guest's pid 1 runs on envd's runtime, as envd does: the image has no python (slow: a TCG boot)
+    from pmoves_e2b.sandbox.tiers import METADATA_KEY, TIERS
+
+    unavailable = TIERS["microvm"].probe()
+    if unavailable:
+        pytest.skip(f"microvm tier unavailable here: {unavailable}")
+    rootfs = tmp_path / "busybox"
+    if not busybox_rootfs(rootfs):
+        pytest.skip("apt-get download busybox-static failed (no apt mirror)")
+    rootfs_layout(rootfs, tmp_path / "oci")
+    name, _ = _build(registry, tmp_path / "oci", "pmoves/busybox-vm")
+    sandbox = Sandbox.create(template=name, metadata={METADATA_KEY: "microvm"}, timeout=600, request_timeout=600)
+    try:
+        assert sandbox.commands.run("uname -r", request_timeout=600).stdout.strip().endswith("-cloud-amd64")
+        who = sandbox.commands.run("whoami; id -u; pwd", request_timeout=600)
+        assert who.stdout.split() == ["user", "1000", "/home/user"], who
+        assert sandbox.commands.run("busybox | head -1", request_timeout=600).stdout.startswith("BusyBox v1.")
+        missing = sandbox.commands.run("command -v python3 python3.11 || echo none", request_timeout=600)
+        assert missing.stdout.strip() == "none"
+        sandbox.files.write("/home/user/notes.txt", "in a VM\n", request_timeout=600)
+        assert sandbox.commands.run("cat notes.txt", request_timeout=600).stdout == "in a VM\n"
+    finally:
+        sandbox.kill(request_timeout=600)

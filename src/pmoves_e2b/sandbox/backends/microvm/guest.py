@@ -1,5 +1,5 @@
 """What runs inside the microVM before envd: the initramfs's ``/init`` (busybox sh) and the guest's
-pid 1 (python3 from the template), as text copied into the initramfs by ``image.py``.
+pid 1 (python3 from the template, or envd's runtime's in templates from any image), as text copied into the initramfs by ``image.py``.
 
 The initramfs loads the virtio modules (Debian's cloud kernel has them as modules), mounts every
 template layer (one read-only erofs disk each, topmost first) under the sandbox's writable ext4 disk
@@ -11,6 +11,8 @@ the RTC follows the host's clock, the guest's system clock continues from the mo
 """
 
 from __future__ import annotations
+
+from pmoves_e2b.sandbox.templates.runtime import RUNTIME_DIR, RUNTIME_PYTHON
 
 GUEST_ADDRESS = "172.31.255.2"
 TAP_ADDRESS = "172.31.255.1"
@@ -61,7 +63,11 @@ mkdir -m 0700 /newroot/run/pmoves-vm
 cp /config /pmoves-init.py /newroot/run/pmoves-vm/
 mount --move /dev /newroot/dev
 umount /sys /proc
-exec switch_root /newroot /usr/bin/python3 -S /run/pmoves-vm/pmoves-init.py
+# pid 1's python: a template from any OCI image has envd's runtime (its python3.11 and glibc, run by
+# their own loader), as envd itself there; the image's python3 may be missing or another version
+py="/usr/bin/python3"
+[ -x /newroot{RUNTIME_DIR}/bin/python3.11 ] && py="{RUNTIME_PYTHON}"
+exec switch_root /newroot $py -S /run/pmoves-vm/pmoves-init.py
 """
 
 PID1_PY = f'''import ctypes, fcntl, os, select, signal, socket, struct, sys, time
