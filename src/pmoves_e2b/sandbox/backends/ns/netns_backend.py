@@ -373,10 +373,12 @@ class NetnsBackend(abc.ABC):
                 network.destroy_free(slot)
                 self.slots.release(slot)
                 removed.append(network.free_netns(slot))
-        for name in network.list_netns():
+        names = network.list_netns()
+        # the owner is written before a netns gets its free name, so read the owners after the listing
+        owned = self.slots.owners()
+        for name in names:
             kept = network.free_slot_of(name)
-            # the owner is written before a netns gets its free name, so read it after the listing
-            if kept is not None and kept not in self.slots.owners():
+            if kept is not None and kept not in owned:
                 network.destroy_netns(name)  # no owner: its slot was released, nobody keeps it
                 removed.append(name)
         return removed

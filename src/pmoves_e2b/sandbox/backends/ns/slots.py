@@ -39,18 +39,12 @@ class SlotRegistry:
         raise BackendError("no free sandbox slot (uid range / network) left on this host")
 
     def owners(self) -> dict[int, dict[str, Any]]:
-        result = {}
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return {}
-        for name in names:
-            if name.isdigit():
-                try:
-                    result[int(name)] = json.loads((self.directory / name).read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue
-        return result
+        found = {int(name): self.owner(int(name)) for name in names if name.isdigit()}
+        return {slot: owner for slot, owner in found.items() if owner is not None}
 
     def owner(self, slot: int) -> dict[str, Any] | None:
         try:
@@ -62,8 +56,9 @@ class SlotRegistry:
     def set_owner(self, slot: int, owner: dict[str, Any]) -> None:
         """Hand a held slot to another owner (a kept netns's slot, taken or given back)."""
         tmp = self.directory / f".{slot}.tmp"
-        tmp.write_text(json.dumps(owner))
-        tmp.chmod(0o600)
+        # created 0600 like allocate's files (write_text + chmod left a moment of 0644)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(json.dumps(owner))
         tmp.replace(self.directory / str(slot))
 
     def release(self, slot: int) -> None:
