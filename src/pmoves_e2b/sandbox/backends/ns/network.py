@@ -595,7 +595,7 @@ def _clean_inside(net: SandboxNet) -> str:
         if netlink.listening_tcp_sockets():
             return "a TCP listener is open in it"
         netlink.destroy_tcp_sockets()
-    stat = _sockstat()
+        stat = _sockstat()  # counted again only when something was aborted (this runs on every kill)
     busy = {key: n for key, n in stat.items() if key.endswith((".inuse", ".tw")) and n and not key.startswith("FRAG")}
     if busy:
         return f"sockets are still open in it: {busy}"
