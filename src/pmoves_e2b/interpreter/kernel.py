@@ -161,7 +161,10 @@ class Kernel:
 
     async def run_silent(self, code: str, timeout: float = SILENT_CELL_TIMEOUT_SECONDS) -> bool:
         """Run set-up code with no output; True when the kernel ran it without an error."""
-        run = self.execute(code, silent=True)
+        return await self._finish_silent(self.execute(code, silent=True), timeout)
+
+    async def _finish_silent(self, run: CellRun, timeout: float = SILENT_CELL_TIMEOUT_SECONDS) -> bool:
+        """Wait for a silent set-up cell and forget it; True when the kernel ran it without an error."""
         try:
             async with asyncio.timeout(timeout):
                 await run.done.wait()
@@ -192,14 +195,7 @@ class Kernel:
         # the kernel signs its reply with the new key; its busy status (sent before the cell ran)
         # with the old one, which _read still accepts until this run is done
         session.key = key
-        try:
-            async with asyncio.timeout(SILENT_CELL_TIMEOUT_SECONDS):
-                await run.done.wait()
-        except TimeoutError:
-            logger.warning("restore cell timed out in kernel %s", self.choice.kernel_name)
-        finally:
-            self.forget(run)
-        ok = run.failure is None and run.reply is not None and run.reply.get("status") == "ok"
+        ok = await self._finish_silent(run)
         if not ok:
             session.key = self._previous_session.key  # the kernel kept its key
         self._previous_session = None
