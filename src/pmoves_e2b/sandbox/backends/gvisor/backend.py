@@ -47,7 +47,8 @@ REAP_WAIT_S = 5.0
 
 class GvisorBackend(NsBackend):
     name = "gvisor"
-    # runsc (its sockets, and a netstack on the veth) used the netns: destroyed, never kept
+    # runsc used the netns (its sentry's host sockets live there): destroyed, never kept; reuse is
+    # proven only where the sandbox's own processes were all that used it
     reuse_netns = False
 
     def __init__(
