@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,30 @@ def test_the_stock_sdk_runs_a_command_through_the_containerised_e2b_sandbox(
         assert sandbox.files.read("/tmp/f") == "from-the-container\n"
     finally:
         sandbox.kill()
+
+
+def test_concurrent_creates_and_kills_all_succeed_on_reused_network_namespaces(
+    stack: ComposeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CI run found a create on a kept netns failing in the container (`nsenter: reassociate to
+    namespace 'ns/net' failed: Invalid argument`): the launcher entered the netns while it was still
+    being renamed to the sandbox's name. Rounds of concurrent creates and kills reuse the netns of
+    the previous round's sandboxes."""
+    from e2b import Sandbox
+
+    for key, value in stack.sdk_env.items():
+        monkeypatch.setenv(key, value)
+
+    def create_run_kill(_: int) -> str:
+        sandbox = Sandbox.create(timeout=120)
+        try:
+            return sandbox.commands.run("echo ok").stdout.strip()
+        finally:
+            sandbox.kill()
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(6):
+            assert list(pool.map(create_run_kill, range(4))) == ["ok"] * 4
 
 
 def test_containers_run_as_65532_read_only_with_only_the_documented_capabilities(stack: ComposeStack) -> None:

@@ -201,8 +201,11 @@ class NsBackend(NetnsBackend):
             cgroups.cap_parent_pids(self.cgroup_parents, hostlimits.sandboxes_pids_max())
             cg.create(spec.memory_mb, spec.cpu_count, self.pids_max)
             cg.delegate(UID_BASE + UID_RANGE * slot)
+            # the netns exists under its name before the launcher enters it; its setup inside may
+            # go on while the launcher runs (envd is reachable only once both are done)
             if details["net_reused"]:
-                inside = _Background(network.reuse, net, spec.allow_internet)
+                network.take_free_netns(net)
+                inside = _Background(network.apply_policy, net, spec.allow_internet)
             else:
                 network.create_netns(net)
                 inside = _Background(network.configure, net, spec.allow_internet)

@@ -187,7 +187,7 @@ class NetnsBackend(abc.ABC):
 
     def _new_sandbox(self, spec: SandboxSpec, details: dict[str, Any]) -> tuple[SandboxNet, SandboxCgroups]:
         """A slot, and the names of its netns and cgroups (made by the caller, unless
-        ``details["net_reused"]``: the slot's kept netns is then the caller's to ``network.reuse``)."""
+        ``details["net_reused"]``: the slot's kept netns is then the caller's to ``network.take_free_netns``)."""
         slot = self._take_free_slot(spec.sandbox_id)
         details["net_reused"] = slot is not None
         if slot is None:

@@ -642,10 +642,11 @@ def recycle(net: SandboxNet) -> str:
     return ""
 
 
-def reuse(net: SandboxNet, allow_internet: bool) -> None:
-    """Give a kept netns of ``net.slot`` to the sandbox ``net`` (its name, its policy)."""
+def take_free_netns(net: SandboxNet) -> None:
+    """Give the kept netns of ``net.slot`` the sandbox's name; its policy is ``apply_policy``'s.
+    Done before anything enters ``net.netns_path``: until the bind, that path is missing or a plain
+    file, and setns on it fails with EINVAL."""
     _rename_netns(free_netns(net.slot), net.netns)
-    apply_policy(net, allow_internet)
 
 
 def destroy_netns(name: str) -> None:
