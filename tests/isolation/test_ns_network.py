@@ -103,6 +103,19 @@ def test_host_reaches_any_port_and_root_binds_low_ports(sandboxes: Sandboxes) ->
     assert result.get("rc") == 0, result
 
 
+def test_a_sandbox_has_its_own_tcp_hash_with_the_hosts_tcp_limits(sandboxes: Sandboxes) -> None:
+    """Its TCP sockets live in a hash table of its netns (not in the host's chains, and the netns's
+    cleaning for reuse walks only it); its TIME_WAIT and half-open limits stay the host's."""
+    handle = sandboxes.create()
+    keys = ("tcp_ehash_entries", "tcp_max_tw_buckets", "tcp_max_syn_backlog")
+    inside = sandboxes.python(handle, f"for key in {keys!r}: print(open('/proc/sys/net/ipv4/' + key).read().strip())")[
+        "stdout"
+    ].split()
+    host = [Path("/proc/sys/net/ipv4", key).read_text().strip() for key in keys]
+    assert int(host[0]) > 0  # the host owns its hash (a netns sharing it reads negative)
+    assert inside == [str(network.CHILD_TCP_EHASH), host[1], host[2]], (inside, host)
+
+
 def test_internet_only_when_allowed(sandboxes: Sandboxes, fake_internet: Responder) -> None:
     target = [(FAKE_INTERNET_SERVER_IP, fake_internet.port)]
     offline = sandboxes.create(allow_internet=False)

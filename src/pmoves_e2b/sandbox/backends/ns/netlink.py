@@ -2,8 +2,8 @@
 ``conntrack`` exec). Every call works in the netns of the calling thread: a netlink socket belongs
 to the netns it was made in, so ``network.py`` calls these on its setns'd thread.
 
-- ``destroy_tcp_sockets``: sock_diag's SOCK_DESTROY on every TCP socket (TIME_WAIT included), as
-  ``ss -K``; ``listening_tcp_sockets`` counts listeners (only the host can still hold one);
+- ``abort_tcp_sockets``: sock_diag's SOCK_DESTROY on every TCP socket (TIME_WAIT included), as
+  ``ss -K``, unless one listens (only the host can still hold a listener); one dump per family;
 - ``flush_tcp_metrics``: the per-destination TCP metrics cache (RTT, cwnd, Fast Open cookies: which
   hosts the netns talked to), as ``ip tcp_metrics flush all``;
 - ``nft_table_count``: tables of nftables in the netns; ``inet_set_has``: one element lookup;
@@ -30,6 +30,10 @@ _HEADER = struct.Struct("=IHHII")
 
 SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 20, 21
 TCP_LISTEN = 10
+# TCP_ESTABLISHED (1) .. TCP_NEW_SYN_RECV (12): every state a socket in a hash table can be in. Not
+# "all bits": that includes TCP_BOUND_INACTIVE (13, bound and nothing else, only while a process holds
+# its fd), whose dump walks the host-wide bind hash (~1.3 ms a family, on every kill).
+TCP_STATES = sum(1 << state for state in range(1, 13))
 _DIAG_REQ = struct.Struct("=BBBBI48s")  # inet_diag_req_v2: family, protocol, ext, pad, states, id
 _DIAG_MSG_HEAD = struct.Struct("=BBBB48s")  # inet_diag_msg: family, state, timer, retrans, id
 
@@ -112,27 +116,26 @@ class _Socket:
 
 
 def _tcp_sockets(diag: _Socket) -> list[tuple[int, int, bytes]]:
-    """(family, state, inet_diag_sockid) of every TCP socket of the netns."""
+    """(family, state, inet_diag_sockid) of every TCP socket of the netns: one dump per family, which
+    walks the netns's established hash (its own: ``network.create_netns``) and the listeners."""
     found = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, b"")
+        request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, TCP_STATES, b"")
         for _, body in diag.request(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, request):
             msg_family, state, _, _, sockid = _DIAG_MSG_HEAD.unpack_from(body)
             found.append((msg_family, state, sockid))
     return found
 
 
-def listening_tcp_sockets() -> int:
-    with _Socket(NETLINK_SOCK_DIAG) as diag:
-        return sum(1 for _, state, _ in _tcp_sockets(diag) if state == TCP_LISTEN)
-
-
-def destroy_tcp_sockets() -> int:
-    """Abort every TCP socket of the netns (the peer gets a reset); how many there were."""
+def abort_tcp_sockets() -> int | None:
+    """Abort every TCP socket of the netns (the peer gets a reset) and say how many there were; None,
+    and nothing aborted, when one of them listens."""
     with _Socket(NETLINK_SOCK_DIAG) as diag:
         sockets = _tcp_sockets(diag)
+        if any(state == TCP_LISTEN for _, state, _ in sockets):
+            return None
         for family, _, sockid in sockets:
-            request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, sockid)
+            request = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, TCP_STATES, sockid)
             diag.request(SOCK_DESTROY, NLM_F_ACK, request, ignore=(errno.ENOENT,))  # gone meanwhile
         return len(sockets)
 
