@@ -824,7 +824,8 @@ class SandboxManager:
             kind = "timeout" if reason == "timeout" else "killed"
             event = lifecycle_event(kind, sandbox_id, live.template_id, live.metadata, reason, source=EVENT_SOURCE)
             # State, event and audit row in one write (a live sandbox's row is live: no read first).
-            await self._update_row(
+            await self._store(
+                repo.set_sandbox,
                 sandbox_id,
                 state="killed",
                 killed_at=self.clock(),
