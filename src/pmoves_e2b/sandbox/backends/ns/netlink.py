@@ -8,7 +8,9 @@ to the netns it was made in, so ``network.py`` calls these on its setns'd thread
   hosts the netns talked to), as ``ip tcp_metrics flush all``;
 - ``nft_table_count``: tables of nftables in the netns; ``inet_set_has``: one element lookup;
 - ``flush_conntrack`` / ``delete_conntrack_from``: connection tracking entries, all of the netns's
-  or those one address started.
+  or those one address started;
+- ``add_veth``, ``add_address``, ``set_up``, ``add_default_route``: what ``ip link/addr/route add``
+  send (rtnetlink), for a new sandbox's veth pair, addresses and route.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import socket
 import struct
 from collections.abc import Iterator
 
+NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
 NETLINK_GENERIC = 16
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
 _HEADER = struct.Struct("=IHHII")
@@ -49,6 +52,18 @@ NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
 CTA_TUPLE_ORIG, CTA_ZONE, CTA_FILTER = 1, 18, 25
 CTA_TUPLE_IP, CTA_IP_V4_SRC = 1, 1
 CTA_FILTER_ORIG_FLAGS, CTA_FILTER_FLAG_CTA_IP_SRC = 1, 1
+
+
+RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 18, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_GATEWAY = 5
+IFF_UP = 0x1
+RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 
 
 class NetlinkError(OSError):
@@ -240,3 +255,46 @@ def delete_conntrack_from(address: str) -> int:
             )
             deleted += 1
     return deleted
+
+
+# --- links, addresses, routes (rtnetlink) ------------------------------------------------------
+
+_CREATE = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+
+
+def add_veth(name: str, peer: str, peer_netns_fd: int) -> None:
+    """``ip link add NAME type veth peer name PEER netns NETNS``: the peer is made in that netns."""
+    peer_info = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, peer.encode() + b"\0")
+    peer_info += _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
+    linkinfo = _attr(IFLA_INFO_KIND, b"veth") + _attr(
+        IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info)
+    )
+    payload = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    payload += _attr(IFLA_LINKINFO | NLA_F_NESTED, linkinfo)
+    with _Socket(NETLINK_ROUTE) as rtnl:
+        rtnl.request(RTM_NEWLINK, _CREATE, payload)
+
+
+def add_address(link: str, address: str, prefixlen: int) -> None:
+    """``ip addr add ADDRESS/PREFIXLEN dev LINK`` (a link of the calling thread's netns)."""
+    packed = ipaddress.IPv4Address(address).packed
+    payload = _IFADDR.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, socket.if_nametoindex(link))
+    payload += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+    with _Socket(NETLINK_ROUTE) as rtnl:
+        rtnl.request(RTM_NEWADDR, _CREATE, payload)
+
+
+def set_up(link: str) -> None:
+    """``ip link set LINK up``."""
+    with _Socket(NETLINK_ROUTE) as rtnl:
+        rtnl.request(
+            RTM_NEWLINK, NLM_F_ACK, _IFINFO.pack(socket.AF_UNSPEC, 0, socket.if_nametoindex(link), IFF_UP, IFF_UP)
+        )
+
+
+def add_default_route(gateway: str) -> None:
+    """``ip route add default via GATEWAY``."""
+    payload = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    payload += _attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
+    with _Socket(NETLINK_ROUTE) as rtnl:
+        rtnl.request(RTM_NEWROUTE, _CREATE, payload)
