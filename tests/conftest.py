@@ -62,6 +62,7 @@ TIERED_MODULES = {
     "test_tier_sdk",
     "test_sdk_pause_to_disk",
     "test_sdk_snapshots",
+    "test_stock_sdk",
 }
 TESTED_TIERS = ("ns", "gvisor")  # microvm (TCG here: seconds per boot) runs its own slow subset
 

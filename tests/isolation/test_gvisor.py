@@ -72,6 +72,13 @@ def test_syscalls_are_served_by_gvisor_not_the_host_kernel(sandboxes: Sandboxes)
     # coreutils work (statx shim) and root inside is gVisor's root
     listing = sandboxes.run(handle, "/bin/ls", "-ld", "/etc", "/home/user")
     assert listing["rc"] == 0 and "user user" in listing["stdout"], listing
+    # close_range(fd, ~0U, ...) as GLib's spawn calls it (through libc: the shim): closed, not EINVAL
+    closed = sandboxes.python(
+        handle,
+        "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); fd = os.open('/dev/null', os.O_RDONLY); "
+        "print(libc.close_range(fd, ctypes.c_uint(0xFFFFFFFF), 0), ctypes.get_errno(), os.path.exists(f'/proc/self/fd/{fd}'))",
+    )
+    assert closed["stdout"].split() == ["0", "0", "False"], closed
 
 
 def test_export_keeps_the_owners_inside(sandboxes: Sandboxes, tmp_path: Path) -> None:

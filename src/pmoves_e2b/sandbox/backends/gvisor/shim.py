@@ -1,9 +1,15 @@
-"""A preloaded library that lets coreutils run under this gVisor build (the only module running ``cc``).
+"""A preloaded library that works around two syscalls of this gVisor build (the only module running ``cc``).
 
-runsc 0.0~20221219 answers statx(2) with EINVAL when AT_NO_AUTOMOUNT is set, and coreutils (ls,
-stat, cp, ...) always sets it. gVisor has no automounts, so the shim drops the flag. It is built
-once per host with the C compiler (no libc headers needed) and written into each sandbox's own
-upper dir with /etc/ld.so.preload naming it; without a compiler those commands fail inside.
+runsc 0.0~20221219 answers with EINVAL where Linux does not:
+- statx(2) with AT_NO_AUTOMOUNT, which coreutils (ls, stat, cp, ...) always sets. gVisor has no
+  automounts, so the shim drops the flag.
+- close_range(2) with ``last`` above INT_MAX: it reads it as a signed int, so the usual "to the last
+  fd" call, close_range(fd, ~0U, flags), looks like last < first. GLib's spawn makes that call in
+  every child and gives up on it (XFCE started none of its components: no desktop on gVisor). No fd
+  is above INT_MAX, so the shim passes INT_MAX instead.
+It is built once per host with the C compiler (no libc headers needed) and written into each
+sandbox's own upper dir with /etc/ld.so.preload naming it; without a compiler those programs fail
+inside (statically linked ones and raw syscalls are not covered: a preload cannot reach them).
 """
 
 from __future__ import annotations
@@ -23,25 +29,28 @@ extern long syscall(long number, ...);
 int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *buf) {
     return (int)syscall(332 /* SYS_statx */, dirfd, path, flags & ~0x800 /* AT_NO_AUTOMOUNT */, mask, buf);
 }
+int close_range(unsigned int first, unsigned int last, int flags) {
+    return (int)syscall(436 /* SYS_close_range */, first, last > 0x7fffffffu ? 0x7fffffffu : last, flags);
+}
 """
 LIBC = Path("/lib/x86_64-linux-gnu/libc.so.6")
 BUILD_DIR = Path("/run/pmoves-e2b/gvisor")
-INSIDE = "/usr/lib/pmoves-gvisor/statx.so"  # its path inside the sandbox
+INSIDE = "/usr/lib/pmoves-gvisor/syscalls.so"  # its path inside the sandbox
 _lock = threading.Lock()
 
 
 def built() -> Path | None:
     """The shim for this host (built on first use), or None when it cannot be built here."""
-    target = BUILD_DIR / f"statx-{hashlib.sha256(SOURCE).hexdigest()[:12]}.so"
+    target = BUILD_DIR / f"syscalls-{hashlib.sha256(SOURCE).hexdigest()[:12]}.so"
     with _lock:
         if target.exists():
             return target
         compiler = shutil.which("cc") or shutil.which("gcc")
         if compiler is None or not LIBC.exists():
-            log.warning("gvisor: no C compiler; ls, stat and cp fail inside gVisor sandboxes (statx shim not built)")
+            log.warning("gvisor: no C compiler; ls, stat and cp fail inside gVisor sandboxes (syscall shim not built)")
             return None
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        source = BUILD_DIR / "statx.c"
+        source = BUILD_DIR / "syscalls.c"
         source.write_bytes(SOURCE)
         partial = target.with_suffix(".tmp")
         done = subprocess.run(
@@ -51,7 +60,7 @@ def built() -> Path | None:
             check=False,
         )
         if done.returncode != 0:
-            log.warning("gvisor: statx shim not built: %s", done.stderr.decode(errors="replace")[-300:])
+            log.warning("gvisor: syscall shim not built: %s", done.stderr.decode(errors="replace")[-300:])
             return None
         partial.replace(target)
         return target
