@@ -73,9 +73,9 @@ CAPABILITIES = {
 CAPABILITY_MASK = sum(1 << number for number in CAPABILITIES.values())
 # envd's environment before its per-sandbox part (also the zygote's, which envd children inherit).
 SANDBOX_ENV = {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
-# Runs (as host root, inside the netns) between nsenter and setpriv: join the four cgroups so that
-# bwrap and everything it starts are accounted from the first instruction, then lower rlimits
-# (root here lacks CAP_SYS_RESOURCE, so they can only be set on the way down).
+# Runs as host root, inside the netns (forked by a thread that entered it), before setpriv: join the
+# four cgroups so that bwrap and everything it starts are accounted from the first instruction, then
+# lower rlimits (root here lacks CAP_SYS_RESOURCE, so they can only be set on the way down).
 JOIN_AND_LIMIT = (
     'for f in "$1" "$2" "$3" "$4"; do echo $$ > "$f"; done; shift 4; '
     'ulimit -c 0; ulimit -n "$NOFILE"; ulimit -p "$NPROC"; unset NOFILE NPROC; exec "$@"'
@@ -254,7 +254,6 @@ class NsBackend(NetnsBackend):
         nproc = min(max(4096, self.pids_max), resource.getrlimit(resource.RLIMIT_NPROC)[1])
         caps = [arg for cap in CAPABILITIES for arg in ("--cap-add", cap)]
         argv = [
-            "/usr/bin/nsenter", f"--net={net.netns_path}", "--",
             "/bin/sh", "-c", JOIN_AND_LIMIT, "sh", *map(str, cg.procs_files()),
             "/usr/bin/setpriv", f"--reuid={uid_base}", f"--regid={uid_base}", "--clear-groups", "--",
             "/usr/bin/bwrap",
@@ -294,14 +293,20 @@ class NsBackend(NetnsBackend):
         log_path = rw / "envd.log"
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                pass_fds=passed,
-                env=env,
-                start_new_session=True,
+            # forked by a thread inside the sandbox's netns, which the launcher inherits: no exec of
+            # nsenter (~1 ms of CPU per create)
+            proc = network.in_netns(
+                net.netns_path,
+                lambda: subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    pass_fds=passed,
+                    env=env,
+                    start_new_session=True,
+                ),
+                "launch",
             )
         except BaseException:
             for fd in forked or ():

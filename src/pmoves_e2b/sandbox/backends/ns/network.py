@@ -310,7 +310,7 @@ def host_networks() -> list[str]:
     return [str(net) for net in ipaddress.collapse_addresses(found) if not net.overlaps(SANDBOX_NET)]
 
 
-def _in_netns(netns_path: Path, work: Callable[[], T], what: str) -> T:
+def in_netns(netns_path: Path, work: Callable[[], T], what: str) -> T:
     """Run ``work`` inside a netns on a throwaway thread (setns is per thread, and the thread
     ends right after, so its switched netns never leaks into other work)."""
     results: list[T] = []
@@ -342,9 +342,9 @@ def _write_sysctls(values: dict[str, str]) -> None:
         Path("/proc/sys", key.replace(".", "/")).write_text(value)
 
 
-def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
+def _write_sysctlsin_netns(netns_path: Path, values: dict[str, str]) -> None:
     """Write /proc/sys/net values inside a netns."""
-    _in_netns(netns_path, lambda: _write_sysctls(values), "sysctls")
+    in_netns(netns_path, lambda: _write_sysctls(values), "sysctls")
 
 
 _netns_dir_seen = False
@@ -467,7 +467,7 @@ def configure(net: SandboxNet, allow_internet: bool) -> None:
         netlink.set_up("lo")
         netlink.add_default_route(net.host_address)
 
-    _in_netns(net.netns_path, inside, "configure")
+    in_netns(net.netns_path, inside, "configure")
     apply_policy(net, allow_internet)
 
 
@@ -551,7 +551,7 @@ def open_intercept(net: SandboxNet) -> socket.socket:
         listener.listen(128)
         return listener
 
-    listener = _in_netns(net.netns_path, listen, "egress listener")
+    listener = in_netns(net.netns_path, listen, "egress listener")
     port = listener.getsockname()[1]
     ports = ", ".join(str(p) for p in INTERCEPT_PORTS)
     rules = (
@@ -692,7 +692,7 @@ def recycle(net: SandboxNet) -> str:
         # connection adds it, and it goes only when its count is 0), so the walk of the host's
         # whole table (~7 ms) is skipped; closed TCP entries may stay (a late segment gets a reset).
         netlink.delete_conntrack_from(net.address)
-    why = _in_netns(net.netns_path, lambda: _clean_inside(net), "recycle")
+    why = in_netns(net.netns_path, lambda: _clean_inside(net), "recycle")
     if why:
         return why
     _rename_netns(net.netns, free_netns(net.slot))
@@ -761,7 +761,7 @@ def attach_vm_tap(net: SandboxNet, tap: str, tap_address: str, guest_address: st
         f"addr add {tap_address}/{prefix} dev {tap}\n"
         f"link set {tap} up\n",
     )
-    _write_sysctls_in_netns(net.netns_path, {"net.ipv4.ip_forward": "1"})
+    _write_sysctlsin_netns(net.netns_path, {"net.ipv4.ip_forward": "1"})
     rules = (
         f"table ip {VM_TABLE} {{\n"
         "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
