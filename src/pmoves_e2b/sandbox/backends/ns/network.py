@@ -342,7 +342,7 @@ def _write_sysctls(values: dict[str, str]) -> None:
         Path("/proc/sys", key.replace(".", "/")).write_text(value)
 
 
-def _write_sysctlsin_netns(netns_path: Path, values: dict[str, str]) -> None:
+def _write_sysctls_in_netns(netns_path: Path, values: dict[str, str]) -> None:
     """Write /proc/sys/net values inside a netns."""
     in_netns(netns_path, lambda: _write_sysctls(values), "sysctls")
 
@@ -761,7 +761,7 @@ def attach_vm_tap(net: SandboxNet, tap: str, tap_address: str, guest_address: st
         f"addr add {tap_address}/{prefix} dev {tap}\n"
         f"link set {tap} up\n",
     )
-    _write_sysctlsin_netns(net.netns_path, {"net.ipv4.ip_forward": "1"})
+    _write_sysctls_in_netns(net.netns_path, {"net.ipv4.ip_forward": "1"})
     rules = (
         f"table ip {VM_TABLE} {{\n"
         "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
