@@ -7,8 +7,11 @@ Baselines from the same run:
   template's layers as an overlay on a tmpfs upper, until envd accepts TCP; then kill and delete.
   ``GvisorBackend.create`` does the same plus our setup (slot, cgroups, veth + nftables, disk image,
   statx shim) until envd accepts TCP on the sandbox address: the "within 1.2x" goal of issue 18.
-- the ns tier's ``Sandbox.create()``, ``commands.run("true")``, ``run_code("1+1")`` and pause/resume,
-  on one stack (pool off, 512 MB / 1 CPU sandboxes) where each create picks its tier by metadata.
+- the freezer (``GvisorBackend.pause``/``resume``) beside the checkpoint to disk and its restore, on
+  one backend sandbox;
+- the ns tier's ``Sandbox.create()``, ``commands.run("true")``, ``run_code("1+1")`` and pause/resume
+  (on gvisor a checkpoint to disk and a restore), on one stack (pool off, 512 MB / 1 CPU sandboxes)
+  where each create picks its tier by metadata.
 """
 
 from __future__ import annotations
@@ -138,6 +141,40 @@ def backend_creates(runs: int) -> list[float]:
     return samples
 
 
+def backend_pauses(runs: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """On one GvisorBackend sandbox: the freezer (pause, resume) and the checkpoint to disk and its
+    restore in place (each until envd accepts TCP again), ``runs`` times each."""
+    template = load_template("base", SHARED_TEMPLATES_DIR)
+    runtime = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-gvisor-")) / "sandboxes-gvisor"
+    backend = GvisorBackend(runtime)
+    freezes, thaws, checkpoints, restores = [], [], [], []
+    try:
+        spec = SandboxSpec("benchpause", template, 512, 1.0, 1024, False, secrets.token_hex(8), "gvisor")
+        handle = asyncio.run(backend.create(spec))
+        for n in range(runs):
+            started = time.perf_counter()
+            asyncio.run(backend.pause(handle))
+            freezes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            asyncio.run(backend.resume(handle))
+            thaws.append(time.perf_counter() - started)
+            image = runtime.parent / f"image-{n}"
+            image.mkdir()
+            started = time.perf_counter()
+            asyncio.run(backend.checkpoint(handle, image))
+            checkpoints.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            asyncio.run(backend.restore(handle, image))
+            restores.append(time.perf_counter() - started)
+            shutil.rmtree(image)
+        asyncio.run(backend.destroy(handle))
+    finally:
+        asyncio.run(backend.cleanup_orphans(set()))
+        backend.close()
+        shutil.rmtree(runtime.parent, ignore_errors=True)
+    return freezes, thaws, checkpoints, restores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
@@ -149,6 +186,11 @@ def main() -> None:
     ours = backend_creates(options.runs)
     row("raw runsc run --detach -> envd listens (baseline)", raw)
     row("GvisorBackend.create -> envd listens", ours, "raw runsc", raw)
+    freezes, thaws, checkpoints, restores = backend_pauses(options.pause_runs)
+    row("GvisorBackend.pause (freezer, baseline)", freezes)
+    row("GvisorBackend.resume (thaw, baseline)", thaws)
+    row("GvisorBackend.checkpoint (memory to disk)", checkpoints, "freezer", freezes)
+    row("GvisorBackend.restore -> envd listens", restores, "thaw", thaws)
     stack = make_stack(STACK_ENV)
     try:
         stack.up()
@@ -173,9 +215,9 @@ def main() -> None:
     row('ns: run_code("1+1") (baseline)', ns_code)
     row('gvisor: run_code("1+1")', gv_code, "ns", ns_code)
     row("ns: pause (freeze, baseline)", ns_pause)
-    row("gvisor: pause (freeze)", gv_pause, "ns", ns_pause)
+    row("gvisor: pause (checkpoint to disk)", gv_pause, "ns", ns_pause)
     row("ns: resume (connect, baseline)", ns_resume)
-    row("gvisor: resume (connect)", gv_resume, "ns", ns_resume)
+    row("gvisor: resume (connect: restore)", gv_resume, "ns", ns_resume)
     row("ns: pause to disk (mode filesystem, baseline)", ns_disk)
     row("gvisor: pause to disk (mode filesystem)", gv_disk, "ns", ns_disk)
     row("ns: resume from disk (boots, baseline)", ns_boot)

@@ -107,8 +107,9 @@ def test_memory_limit_is_enforced(sandboxes: Sandboxes) -> None:
     neighbour = sandboxes.create()
     # The host's memory cgroup holds the sentry, which owns all of the sandbox's memory: the OOM
     # killer ends the sentry, so the whole sandbox ends (under ns only the hog would). The rest of
-    # the host, the neighbour included, carries on.
-    with pytest.raises(http.client.RemoteDisconnected):
+    # the host, the neighbour included, carries on. The connection's other end was the sentry's
+    # netstack: gone with it, it either said nothing more (timeout) or was reset.
+    with pytest.raises((http.client.RemoteDisconnected, TimeoutError, ConnectionResetError)):
         sandboxes.python(handle, "x = b'x' * (600 * 1024 * 1024); print(len(x))", timeout=60)
     assert SandboxCgroups.from_dict(handle.details["cgroups"]).oom_kills() >= 1
     wait_until_dead(sandboxes, handle)

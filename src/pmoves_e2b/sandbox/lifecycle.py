@@ -489,10 +489,19 @@ class SandboxManager:
 
     # --- pausing to disk ---------------------------------------------------------------
 
-    async def _pause_to_disk(self, handle: SandboxHandle) -> SandboxHandle:
-        """Keep the sandbox's file changes as a layer under ``paused_dir`` and end the sandbox;
-        returns the handle it is remembered by (no processes, no address)."""
-        export = getattr(self.tiers.backend(handle.backend), "export_filesystem", None)
+    def _checkpoints(self, handle: SandboxHandle) -> bool:
+        """A pause with memory goes to disk where the tier checkpoints (gVisor)."""
+        backend = self.tiers.backend(handle.backend)
+        return self.paused_dir is not None and all(
+            hasattr(backend, name) for name in ("checkpoint", "restore", "export_filesystem")
+        )
+
+    async def _pause_to_disk(self, handle: SandboxHandle, memory: bool = False) -> SandboxHandle:
+        """Keep the sandbox's file changes as a layer under ``paused_dir`` and, with ``memory``,
+        its checkpoint beside it, and end the sandbox; returns the handle it is remembered by (no
+        processes, no address). A Conflict, with the sandbox running on, if its memory cannot be saved."""
+        backend = self.tiers.backend(handle.backend)
+        export = getattr(backend, "export_filesystem", None)
         if self.paused_dir is None or export is None:
             raise BadRequest(
                 f"pausing without memory (mode 'filesystem') is not supported by this sandbox's isolation tier "
@@ -500,13 +509,28 @@ class SandboxManager:
             )
         where = self.paused_dir / handle.sandbox_id
         await asyncio.to_thread(where.mkdir, 0o700, True, True)
-        layer = where / f"layer-{len(list(where.glob('layer-*'))) + 1}"
-        await self.backend.pause(handle)  # frozen: the copy sees one moment
+        number = len(list(where.glob("layer-*"))) + 1
+        layer = where / f"layer-{number}"
+        image = where / f"memory-{number}" if memory else None
+        if image is not None:
+            await asyncio.to_thread(image.mkdir, 0o700)
+            try:
+                await self._checkpoint(handle, getattr(backend, "checkpoint"), image)  # noqa: B009 - stopped: the copy sees one moment
+            except BaseException:
+                await asyncio.to_thread(remove_tree, image)
+                raise
+            await asyncio.to_thread(_write_secret, image / INIT_SECRET_FILE, handle.init_secret)
+        else:
+            await self.backend.pause(handle)  # frozen: the copy sees one moment
         try:
             await export(handle, layer)
         except BaseException:
             await asyncio.to_thread(remove_tree, layer)
-            await self.backend.resume(handle)
+            if image is not None:
+                await getattr(backend, "restore")(handle, image)  # noqa: B009 - tiers that checkpoint have it
+                await asyncio.to_thread(remove_tree, image)
+            else:
+                await self.backend.resume(handle)
             raise
         await self.backend.destroy(handle)  # before a resume could boot it again under its id
         kept = {key: handle.details[key] for key in _KEPT_ON_DISK if key in handle.details}
@@ -517,18 +541,23 @@ class SandboxManager:
             address="",
             init_secret="",
             state="paused",
-            details={**kept, "layers": layers, ON_DISK: True},
+            details={**kept, "layers": layers, ON_DISK: True, **({MEMORY_IMAGE: str(image)} if image else {})},
         )
 
     async def _boot_from_disk(self, row: SandboxRow, paused: SandboxHandle) -> SandboxHandle:
         """Boot a sandbox paused to disk again: same id and access token, its files on top of its
-        template's, its network rules; its processes start afresh (the template's start command)."""
+        template's, its network rules; its processes start afresh (the template's start command),
+        or, paused with memory, run on from its checkpoint."""
         runtime = TemplateImage.runtime_from_record(paused.details.get("runtime") or {})
         template = TemplateImage(name=row.template_id, layers=tuple(paused.details["layers"]), **runtime)
+        # paused with memory: its checkpoint is restored (its processes run on), else it boots
+        image = paused.details.get(MEMORY_IMAGE, "")
         spec = self._spec(
-            row.sandbox_id, dataclasses.replace(template, restore_image=""), row.allow_internet, paused.backend
+            row.sandbox_id, dataclasses.replace(template, restore_image=image), row.allow_internet, paused.backend
         )
         handle = await self._boot(spec, self.boot_gate.create)
+        if image:
+            handle.details["runtime"] = paused.details.get("runtime") or template.runtime_record()
         try:
             network = NetworkPolicy.from_dict(paused.details["network"]) if "network" in paused.details else None
             if network is not None:
@@ -541,13 +570,16 @@ class SandboxManager:
             await asyncio.shield(self._destroy_quietly(handle))
             raise
         await self._init(handle, template, row.env_vars or {}, row.envd_access_token)
+        if image:  # restored: the image is read (a later pause writes a new one)
+            await asyncio.to_thread(remove_tree, Path(image))
         return handle
 
     # --- snapshots (sandbox/snapshots.py keeps them as templates) ------------------------
 
     async def capture(self, sandbox_id: str, layer_dir: Path, image_dir: Path | None) -> SandboxImage:
         """Write the sandbox's file changes as a template layer at ``layer_dir`` and, with
-        ``image_dir``, its memory image there; the sandbox is frozen meanwhile and then runs on."""
+        ``image_dir``, its memory image there; the sandbox is frozen (or, for its memory,
+        checkpointed) meanwhile and then runs on."""
         self.get(sandbox_id)
         live = self._live[sandbox_id]
         tier = live.handle.backend
@@ -570,16 +602,22 @@ class SandboxManager:
             handle = live.handle
             if image_dir is not None and handle.state != "running":
                 raise Conflict(f"sandbox '{sandbox_id}' is paused; resume it (connect) before a snapshot with memory")
-            running = handle.state == "running"
-            if running:
-                await self.backend.pause(handle)
-            try:
-                await export(handle, layer_dir)
-                if image_dir is not None and checkpoint is not None:
-                    await checkpoint(handle, image_dir)
-            finally:
+            if image_dir is not None and checkpoint is not None:
+                # The checkpoint stops the sandbox, so the files are copied at the moment it saved.
+                await self._checkpoint(handle, checkpoint, image_dir)
+                try:
+                    await export(handle, layer_dir)
+                finally:
+                    await getattr(backend, "restore")(handle, image_dir)  # noqa: B009 - as checkpoint
+            else:
+                running = handle.state == "running"
                 if running:
-                    await self.backend.resume(handle)
+                    await self.backend.pause(handle)
+                try:
+                    await export(handle, layer_dir)
+                finally:
+                    if running:
+                        await self.backend.resume(handle)
         row = self.get(sandbox_id)
         if "layers" in handle.details:
             layers, runtime = handle.details["layers"], handle.details["runtime"]
@@ -587,6 +625,15 @@ class SandboxManager:
             template = self.load_template(row.template_id)
             layers, runtime = list(template.layers), template.runtime_record()
         return SandboxImage(row.template_id, tuple(layers), tier, handle.init_secret, runtime)
+
+    @staticmethod
+    async def _checkpoint(
+        handle: SandboxHandle, checkpoint: Callable[[SandboxHandle, Path], Awaitable[None]], image_dir: Path
+    ) -> None:
+        try:
+            await checkpoint(handle, image_dir)
+        except BackendError as exc:
+            raise Conflict(f"the sandbox's memory could not be saved: {exc}") from exc
 
     def _can_snapshot(self, tier: str, memory: bool) -> bool:
         if not self.tiers.statuses[tier].available:
@@ -787,7 +834,15 @@ class SandboxManager:
             row = self.get(sandbox_id)
             if row.state == "paused":
                 raise Conflict(f"sandbox '{sandbox_id}' is already paused")
-            if memory:
+            if memory and self._checkpoints(live.handle):
+                try:
+                    live.handle = await self._pause_to_disk(live.handle, memory=True)
+                except Conflict as exc:  # connections gVisor cannot save: memory stays in RAM
+                    log.warning("paused in memory, not to disk", extra={"sandbox_id": sandbox_id, "error": exc.message})
+                    await self.backend.pause(live.handle)
+                else:
+                    await self.egress.stop(sandbox_id)
+            elif memory:
                 await self.backend.pause(live.handle)
             else:
                 await self.egress.stop(sandbox_id)
@@ -972,8 +1027,15 @@ class SandboxManager:
             await asyncio.sleep(5)
 
 
-ON_DISK = "pausedToDisk"  # handle detail of a sandbox paused without memory
+ON_DISK = "pausedToDisk"  # handle detail of a sandbox paused to disk (without memory, or checkpointed)
+MEMORY_IMAGE = "memoryImage"  # its checkpoint's dir, when paused with memory on a tier that checkpoints
 _KEPT_ON_DISK = ("network", "autoResume", "autoPauseMemory", "runtime")  # details its next boot needs
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(fd, "w") as out:
+        out.write(secret)
 
 
 def _on_disk(handle: SandboxHandle) -> bool:

@@ -15,25 +15,36 @@ differs, per sandbox in ``<runtime_dir>/<id>/``:
 
 Syscalls of sandbox processes are served by gVisor's sentry (a user-space kernel, ptrace
 platform), not by the host kernel: /proc/version, dmesg and the syscall surface are gVisor's.
+
+``checkpoint`` saves the whole sandbox (memory, processes, gVisor's network stack) into an image
+dir and stops it (its files stay in the upper dir); ``restore`` runs it again from the image,
+in place; a create whose template has a ``restore_image`` restores that image instead of
+booting (snapshots, forks, and a sandbox paused with memory, see lifecycle.py). gVisor's netstack
+cannot save a TCP connection to outside the sandbox (loopback ones it keeps): before a checkpoint
+the host's own connections to the sandbox are reset and the sandbox's other connections must
+have ended (``network.open_connections``), which is waited for up to ``QUIET_WAIT_S``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxSpec
-from pmoves_e2b.sandbox.backends.gvisor import bundle, runsc, shim
-from pmoves_e2b.sandbox.backends.ns import fsexport, mounts
+from pmoves_e2b.sandbox.backends.gvisor import bundle, runsc, savable, shim
+from pmoves_e2b.sandbox.backends.ns import fsexport, mounts, network
 from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 from pmoves_e2b.sandbox.backends.ns.slots import UID_RANGE, SlotRegistry
 
+log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, many times that under load
 # Under the ptrace platform one process inside costs the host 6-8 pids (its stub and the sentry's
 # threads for it). The process limit is RLIMIT_NPROC inside (gVisor answers fork with EAGAIN, as
@@ -43,6 +54,16 @@ READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, ma
 # RLIMIT_NPROC. The host and other sandboxes carry on either way.
 HOST_PIDS_PER_PROCESS = 12
 REAP_WAIT_S = 5.0
+# A connection the sandbox closed first keeps its end in TIME_WAIT for 60 s, and a checkpoint
+# would fail on it (and end the sandbox): wait that long for them, no longer.
+QUIET_WAIT_S = 65.0
+
+
+SAVED = "checkpointed"  # handle detail between a checkpoint and its restore
+
+
+class CheckpointRefused(BackendError):
+    """The sandbox has TCP connections to outside that gVisor cannot save; it runs on."""
 
 
 class GvisorBackend(NsBackend):
@@ -50,6 +71,7 @@ class GvisorBackend(NsBackend):
     # runsc used the netns (its sentry's host sockets live there): destroyed, never kept; reuse is
     # proven only where the sandbox's own processes were all that used it
     reuse_netns = False
+    launch_after_network = True  # runsc copies the netns's eth0 (address, routes) when it starts
 
     def __init__(
         self,
@@ -82,12 +104,18 @@ class GvisorBackend(NsBackend):
         work.mkdir()
         upper.chmod(0o755)
         shim.install(upper)
+        savable.install(upper)
         lower = ":".join(spec.template.layers)
         mounts.mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
-        env = {**SANDBOX_ENV, "ENVD_INIT_SECRET": spec.init_secret, "ENVD_PIDS_MAX": str(self.processes_max)}
+        env = {
+            **SANDBOX_ENV,
+            "ENVD_INIT_SECRET": spec.init_secret,
+            "ENVD_PIDS_MAX": str(self.processes_max),
+            savable.ENVD_ENV: "1",
+        }
         nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         bundle_dir = sandbox_dir / "bundle"
-        config = bundle.config(merged, self.init_argv, env, spec.memory_mb, nofile, self.processes_max)
+        config = bundle.config(merged, self.init_argv, env, spec.memory_mb, nofile, self.processes_max, net.netns_path)
         # its own boot id, as under ns (gVisor has none): programs tell a reboot by it
         (sandbox_dir / "boot_id").write_text(f"{uuid.uuid4()}\n")
         config["mounts"].append(
@@ -100,20 +128,97 @@ class GvisorBackend(NsBackend):
         )
         bundle.write(bundle_dir, config)
         details.update(runsc_root=str(sandbox_dir / "runsc"), bundle=str(bundle_dir))
-        log_fd = os.open(rw / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        image = Path(spec.template.restore_image) if spec.template.restore_image else None
+        self._run_runsc(spec.sandbox_id, details, cg, net, image)
+
+    def _run_runsc(
+        self, sandbox_id: str, details: dict[str, Any], cg: SandboxCgroups, net: SandboxNet, image: Path | None
+    ) -> None:
+        """``runsc run`` of the bundle, or ``runsc restore`` of ``image`` with it."""
+        sandbox_dir = Path(details["runtime_dir"])
+        log_fd = os.open(sandbox_dir / "rw" / "envd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             runsc.start(
                 Path(details["runsc_root"]),
                 net.netns_path,
-                bundle_dir,
-                spec.sandbox_id,
+                Path(details["bundle"]),
+                sandbox_id,
                 cg.procs_files(),
                 log_fd,
+                restore_from=image,
                 timeout=self.ready_timeout,
             )
         finally:
             os.close(log_fd)
-        details["child_pid"] = int(runsc.state(Path(details["runsc_root"]), net.netns_path, spec.sandbox_id)["pid"])
+        details["child_pid"] = int(runsc.state(Path(details["runsc_root"]), net.netns_path, sandbox_id)["pid"])
+
+    async def checkpoint(self, handle: SandboxHandle, image_dir: Path) -> None:
+        """Save the sandbox into ``image_dir`` (runsc's checkpoint.img) and stop it; its files stay.
+        CheckpointRefused (the sandbox runs on) while it holds connections gVisor cannot save."""
+        await self._in_thread(self._checkpoint_sync, handle, image_dir)
+
+    async def restore(self, handle: SandboxHandle, image_dir: Path) -> None:
+        """Run a checkpointed sandbox again from ``image_dir``, in place (same netns, cgroups, files)."""
+        await self._in_thread(self._restore_sync, handle, image_dir)
+        await self._wait_ready(handle)
+        handle.state = "running"
+
+    def _checkpoint_sync(self, handle: SandboxHandle, image_dir: Path) -> None:
+        cg = self._cgroups(handle)
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        if cg.frozen():
+            cg.freeze(False)
+            time.sleep(0.05)  # the sentry's timers that fell due while frozen (TIME_WAIT ends) run
+        root = Path(handle.details["runsc_root"])
+        unsavable = runsc.shell(root, net.netns_path, handle.sandbox_id, savable.EPOLL_TCP_SCAN).split("\n")
+        unsavable = [line.strip() for line in unsavable if line.strip()]
+        if unsavable:
+            raise CheckpointRefused(
+                f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
+                f"(they wait on them with epoll): {'; '.join(unsavable[:3])}"
+            )
+        deadline = time.monotonic() + QUIET_WAIT_S
+        while True:
+            network.reset_host_connections(net.address)
+            since = float(handle.details.get("created_at", 0))
+            if network.end_time_wait(net.address, net.host_address, since):
+                time.sleep(0.1)  # the sandbox's end closes once the host's has
+                network.reset_host_connections(net.address)
+            busy = network.open_connections(net.address, net.host_address, since)
+            if not busy:
+                break
+            log.debug("checkpoint waits for connections", extra={"sandbox_id": handle.sandbox_id, "busy": busy})
+            if time.monotonic() >= deadline:
+                raise CheckpointRefused(
+                    f"sandbox {handle.sandbox_id} keeps {len(busy)} TCP connection(s) open that gVisor cannot save "
+                    f"in a checkpoint ({', '.join(busy[:3])}); close them and try again"
+                )
+            time.sleep(0.25)
+        handle.details[SAVED] = True
+        try:
+            runsc.checkpoint(root, net.netns_path, handle.sandbox_id, image_dir)
+        except BaseException:
+            handle.details.pop(SAVED, None)  # a failed save ends the sandbox: it is dead, not saved
+            raise
+        handle.details.pop("child_pid", None)
+        self._stop_processes(handle.sandbox_id, handle.details, cg)
+        runsc.delete(root, net.netns_path, handle.sandbox_id)
+        handle.state = "paused"
+
+    def _restore_sync(self, handle: SandboxHandle, image_dir: Path) -> None:
+        cg = self._cgroups(handle)
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        network.readdress(net)
+        self._run_runsc(handle.sandbox_id, handle.details, cg, net, image_dir)
+        handle.details.pop(SAVED, None)
+
+    async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
+        # ns redirects the sandbox's outbound connections in its netns's kernel; gVisor's netstack
+        # sends its frames past that kernel, so the redirect would silently not apply.
+        raise BackendError("domain-based egress rules are not supported by the gvisor isolation tier; use CIDRs")
+
+    async def close_intercept(self, handle: SandboxHandle) -> None:
+        return None
 
     async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
         """As ns's, but the upper's owners are the sandbox's own ids already: gVisor's gofer (host
@@ -124,6 +229,8 @@ class GvisorBackend(NsBackend):
     async def is_alive(self, handle: SandboxHandle) -> bool:
         # The sentry is the sandbox: when it is gone (out of memory, killed), what is left of its
         # gofer and stubs serves nobody.
+        if handle.details.get(SAVED):  # checkpointed, its restore to come (a snapshot or fork)
+            return True
         pid = handle.details.get("child_pid")
         return pid is not None and self._cgroups(handle).contains(int(pid))
 

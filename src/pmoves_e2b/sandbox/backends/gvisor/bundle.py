@@ -13,7 +13,13 @@ HOSTNAME = "e2b"  # as in ns sandboxes
 
 
 def config(
-    rootfs: Path, argv: tuple[str, ...], env: dict[str, str], memory_mb: int, nofile: int, nproc: int
+    rootfs: Path,
+    argv: tuple[str, ...],
+    env: dict[str, str],
+    memory_mb: int,
+    nofile: int,
+    nproc: int,
+    netns_path: Path,
 ) -> dict[str, Any]:
     """root inside is gVisor's root: the sentry, not the host kernel, checks its capabilities
     (Docker's default set, as in ns), and the sentry itself runs unprivileged in its own
@@ -45,7 +51,11 @@ def config(
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
         ],
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            # netstack copies the sandbox netns's interfaces (its veth) into the sentry
+            "namespaces": [
+                *({"type": t} for t in ("pid", "ipc", "uts", "mount")),
+                {"type": "network", "path": str(netns_path)},
+            ],
             # gVisor's view of the machine (/proc/meminfo); the host's memory cgroup enforces it
             "resources": {"memory": {"limit": memory_mb * 1024 * 1024}},
         },

@@ -1,11 +1,19 @@
 """The only module that runs ``runsc`` (gVisor, Debian's 2022 build).
 
 Every call has a timeout (a failing runsc can hang) and the same global flags: the ptrace
-platform (KVM here is PVM, systrap is newer than this build), the host network mode (gVisor's
-sockets are those of the netns it starts in: the sandbox's own, with its veth and nftables rules)
-and no cgroups of its own (the backend puts runsc into the sandbox's groups before it starts).
-runsc's control socket is an abstract unix socket, which belongs to a network namespace, so every
-call runs inside the sandbox's netns; from elsewhere a running sandbox looks "stopped".
+platform (KVM here is PVM, systrap is newer than this build), gVisor's own network stack
+(netstack: the sentry takes over the sandbox netns's veth, with its address and routes, and
+sends raw frames on it, so the host's nftables rules on the other end apply as under ns; with
+the host network mode instead, `runsc checkpoint` refuses) and no cgroups of its own (the
+backend puts runsc into the sandbox's groups before it starts). runsc's control socket is an
+abstract unix socket, which belongs to a network namespace, so every call runs inside the
+sandbox's netns; from elsewhere a running sandbox looks "stopped".
+
+This build refuses netstack "in the root network namespace", which it tells by
+/proc/sys/net/core/rmem_default existing after joining the netns to copy; this kernel has that
+file in every netns. ``start`` runs runsc in a private mount namespace (inside the sandbox's
+netns, whose /proc/sys/net entries are its own) with an empty tmpfs over /proc/sys/net/core:
+nothing else reads it there, and the sandbox's netns is not the root one.
 """
 
 from __future__ import annotations
@@ -24,11 +32,16 @@ from typing import Any
 from pmoves_e2b.sandbox.backends.base import BackendError
 
 RUNSC = "runsc"
-GLOBAL_FLAGS = ("--platform=ptrace", "--network=host", "--ignore-cgroups")
+GLOBAL_FLAGS = ("--platform=ptrace", "--network=sandbox", "--ignore-cgroups")
 TIMEOUT_S = 30.0
 # Joins the sandbox's cgroups (their cgroup.procs files are $1..$4), then execs runsc, so the
-# sentry, the gofer and every stub process are accounted there from their first instruction.
-JOIN = 'for f in "$1" "$2" "$3" "$4"; do echo $$ > "$f"; done; shift 4; ulimit -c 0; exec "$@"'
+# sentry, the gofer and every stub process are accounted there from their first instruction;
+# runs under ``unshare -m`` in the sandbox's netns (private propagation), see the module's doc.
+JOIN = (
+    'for f in "$1" "$2" "$3" "$4"; do echo $$ > "$f"; done; shift 4; ulimit -c 0; '
+    "mount -t tmpfs -o size=4k,mode=0555 none /proc/sys/net/core || exit 125; "
+    'exec "$@"'
+)
 
 
 class RunscError(BackendError):
@@ -112,7 +125,7 @@ def start(
     command = ["run"] if restore_from is None else ["restore", f"--image-path={restore_from}"]
     argv = _argv(root, *command, "--detach", f"--bundle={bundle}", container_id)
     proc = subprocess.Popen(
-        _in_netns(netns_path, ["/bin/sh", "-c", JOIN, "sh", *map(str, procs), *argv]),
+        _in_netns(netns_path, ["/usr/bin/unshare", "-m", "--", "/bin/sh", "-c", JOIN, "sh", *map(str, procs), *argv]),
         stdin=subprocess.DEVNULL,
         stdout=log_fd,
         stderr=log_fd,
@@ -134,10 +147,21 @@ def checkpoint(root: Path, netns_path: Path, container_id: str, image_dir: Path)
     call(root, netns_path, "checkpoint", f"--image-path={image_dir}", container_id, timeout=120)
 
 
+def shell(root: Path, netns_path: Path, container_id: str, script: str) -> str:
+    """``script`` run by /bin/sh inside the sandbox (as root); its stdout."""
+    return call(root, netns_path, "exec", container_id, "/bin/sh", "-c", script)
+
+
 def delete(root: Path, netns_path: Path, container_id: str) -> None:
     call(root, netns_path, "delete", "--force", container_id)
 
 
 def _last_line(stderr: bytes) -> str:
+    """runsc's message: its last line, or the first one that says what failed (a failed checkpoint
+    prints a Go stack after it)."""
     lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1][-300:] if lines else "(no output)"
+    said = [line for line in lines if "failed" in line or "rejected" in line]
+    text = said[0] if said else lines[-1] if lines else "(no output)"
+    if "rejected" in text:  # the cause is at the end of a long dump of the object that was refused
+        text = "save rejected" + text.rsplit("save rejected", 1)[-1]
+    return text[-400:]

@@ -85,6 +85,10 @@ JOIN_AND_LIMIT = (
 class NsBackend(NetnsBackend):
     name = "ns"
     reuse_netns = True
+    # The sandbox's network (veth, address, route) is configured while it launches; a subclass
+    # whose launch copies that configuration (gVisor's netstack) waits for it, and its veth's
+    # MACs are the same in every sandbox (a restored netstack keeps the ones it learnt).
+    launch_after_network = False
 
     def __init__(
         self,
@@ -208,8 +212,10 @@ class NsBackend(NetnsBackend):
                 inside = _Background(network.apply_policy, net, spec.allow_internet)
             else:
                 network.create_netns(net)
-                inside = _Background(network.configure, net, spec.allow_internet)
+                inside = _Background(network.configure, net, spec.allow_internet, self.launch_after_network)
             try:
+                if self.launch_after_network:
+                    inside.result()
                 self._launch(spec, details, sandbox_dir, cg, net)
             finally:
                 inside.result()

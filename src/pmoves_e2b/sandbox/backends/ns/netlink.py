@@ -58,7 +58,7 @@ RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_GATEWAY = 5
@@ -262,14 +262,19 @@ def delete_conntrack_from(address: str) -> int:
 _CREATE = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
 
 
-def add_veth(name: str, peer: str, peer_netns_fd: int) -> None:
-    """``ip link add NAME type veth peer name PEER netns NETNS``: the peer is made in that netns."""
+def add_veth(name: str, peer: str, peer_netns_fd: int, macs: tuple[str, str] | None = None) -> None:
+    """``ip link add NAME [address MAC] type veth peer name PEER [address MAC] netns NETNS``: the peer
+    is made in that netns; ``macs`` (this end's, the peer's) or the kernel's random ones."""
     peer_info = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, peer.encode() + b"\0")
     peer_info += _attr(IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
+    if macs is not None:
+        peer_info += _attr(IFLA_ADDRESS, bytes.fromhex(macs[1].replace(":", "")))
     linkinfo = _attr(IFLA_INFO_KIND, b"veth") + _attr(
         IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info)
     )
     payload = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    if macs is not None:
+        payload += _attr(IFLA_ADDRESS, bytes.fromhex(macs[0].replace(":", "")))
     payload += _attr(IFLA_LINKINFO | NLA_F_NESTED, linkinfo)
     with _Socket(NETLINK_ROUTE) as rtnl:
         rtnl.request(RTM_NEWLINK, _CREATE, payload)

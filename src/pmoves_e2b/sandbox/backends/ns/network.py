@@ -40,6 +40,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,13 +446,18 @@ SANDBOX_SYSCTLS = {
 }
 
 
-def configure(net: SandboxNet, allow_internet: bool) -> None:
+# The veth's MACs when they must not change between sandboxes (gVisor: a restored netstack keeps
+# the gateway's MAC it had learnt; every veth pair is its own link, so one pair of MACs serves all).
+FIXED_MACS = ("02:e2:b0:00:00:01", "02:e2:b0:00:00:02")  # host end, sandbox end
+
+
+def configure(net: SandboxNet, allow_internet: bool, fixed_macs: bool = False) -> None:
     """veth /30 to the host, address, routes and sysctls inside, and the internet policy. May run
     in parallel with the sandbox's start: it only has to be done before the sandbox is handed out.
     Over rtnetlink in this process (what ``ip`` sends; two ``ip`` execs cost ~5 ms of CPU)."""
     fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        netlink.add_veth(net.host_veth, "eth0", fd)
+        netlink.add_veth(net.host_veth, "eth0", fd, FIXED_MACS if fixed_macs else None)
         netlink.add_address(net.host_veth, net.host_address, 30)
         netlink.set_up(net.host_veth)
     except OSError as exc:
@@ -475,6 +481,15 @@ def apply_policy(net: SandboxNet, allow_internet: bool) -> None:
     """One transaction: an empty egress chain of our own (never one a crashed predecessor left in
     this slot) and the internet permission."""
     nft("\n".join([*_egress_batch(net, (), ()), *_internet_batch(net, allow_internet)]) + "\n")
+
+
+def readdress(net: SandboxNet) -> None:
+    """Give the sandbox's eth0 its address and default route again (gVisor's netstack takes them
+    off when it takes the device over, and copies them from there when it starts or restores)."""
+    _run(
+        ["ip", "-n", net.netns, "-batch", "-"],
+        f"addr replace {net.address}/30 dev eth0\nroute replace default via {net.host_address}\n",
+    )
 
 
 def _internet_batch(net: SandboxNet, allowed: bool) -> list[str]:
@@ -771,3 +786,111 @@ def attach_vm_tap(net: SandboxNet, tap: str, tap_address: str, guest_address: st
         "}\n"
     )
     _run(["nsenter", f"--net={net.netns_path}", "nft", "-f", "-"], rules)
+
+
+# --- the TCP connections of a sandbox, as the host sees them (for gVisor's checkpoint) ---------
+
+CONNTRACK = Path("/proc/net/nf_conntrack")
+# A TCP endpoint that closed first waits this long in TIME_WAIT (gVisor's netstack, as Linux).
+PEER_TIME_WAIT_S = 60.0
+_OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
+
+
+def reset_host_connections(address: str) -> None:
+    """Reset every TCP connection between a host socket and ``address`` (SOCK_DESTROY via ``ss
+    -K``): the host side is gone at once and the other end gets a RST, so it keeps no state."""
+    _run(["ss", "-K", "-t", "dst", address])
+
+
+def end_time_wait(address: str, host_address: str, since: float = 0.0) -> int:
+    """End the TIME_WAIT of connections from the host that ``address`` closed first (so its end
+    waits, the host's does not), as RFC 1122 allows: a new SYN from the same host port, with a
+    larger sequence number (Linux's grow with time), reopens the connection, which the host then
+    closes first. Returns how many it reopened."""
+    host_waiting = _host_time_wait()
+    reopened = 0
+    for src, sport, dst, dport in _young_time_wait(address, since):
+        if src != host_address or dst != address or (src, sport, dst, dport) in host_waiting:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(1.0)
+            try:
+                sock.bind((src, sport))
+                sock.connect((dst, dport))
+            except OSError:
+                continue
+            reopened += 1
+    return reopened
+
+
+def _young_time_wait(address: str, since: float) -> list[tuple[str, int, str, int]]:
+    """(src, sport, dst, dport) of conntrack's TCP entries of ``address`` in TIME_WAIT for less
+    than 60 s that began after ``since``."""
+    time_wait_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait").read_text())
+    found = []
+    for state, remaining, tuples in _conntrack_tcp(address):
+        age = time_wait_s - remaining
+        if state == "TIME_WAIT" and age < PEER_TIME_WAIT_S + 1 and time.time() - age >= since:
+            found.append((tuples["src"], int(tuples["sport"]), tuples["dst"], int(tuples["dport"])))
+    return found
+
+
+def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
+    """(state, seconds left, original tuple) of conntrack's TCP entries to or from ``address``."""
+    try:
+        lines = CONNTRACK.read_text().splitlines()
+    except FileNotFoundError:
+        raise NetworkError(f"{CONNTRACK} is missing (nf_conntrack): the sandbox's connections are unknown") from None
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or fields[2] != "tcp":
+            continue
+        tuples: dict[str, str] = {}
+        for item in fields[6:]:
+            key, _, value = item.partition("=")
+            if key in _TUPLE:
+                tuples.setdefault(key, value)  # the original direction's tuple comes first
+        if address in (tuples.get("src"), tuples.get("dst")):
+            found.append((fields[5], float(fields[4]), tuples))
+    return found
+
+
+def _host_time_wait() -> set[tuple[str, int, str, int]]:
+    """(local, local port, remote, remote port) of the host's IPv4 TCP sockets in TIME_WAIT."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "06":
+            continue
+        (local, lport), (remote, rport) = (field.split(":") for field in fields[1:3])
+        found.add((_hex_ip(local), int(lport, 16), _hex_ip(remote), int(rport, 16)))
+    return found
+
+
+def _hex_ip(value: str) -> str:
+    return str(ipaddress.IPv4Address(int.from_bytes(bytes.fromhex(value), "little")))
+
+
+def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
+    """TCP connections that ``address``'s end may still hold, from the host's conntrack table
+    (call after ``reset_host_connections``): to elsewhere, open ones; and closed ones whose end
+    there may still wait in TIME_WAIT, i.e. it closed first: the other end is a host socket
+    (``host_address``) that is not in TIME_WAIT itself, or it is elsewhere and the entry entered
+    TIME_WAIT less than 60 s ago (and after ``since``, a time.time(): older ones were another
+    sandbox's at the same address). Other entries with the host are left over from reset or
+    vanished host sockets (conntrack keeps them for minutes)."""
+    found = [
+        f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state}"
+        for state, _, t in _conntrack_tcp(address)
+        if state in _OPEN_STATES and host_address not in (t["src"], t["dst"])
+    ]
+    host_waiting = _host_time_wait()
+    for pair in _young_time_wait(address, since):
+        if pair not in host_waiting and (pair[2], pair[3], pair[0], pair[1]) not in host_waiting:
+            found.append(f"{pair[0]}:{pair[1]} -> {pair[2]}:{pair[3]} TIME_WAIT")
+    return found
+
+
+_TUPLE = {"src", "dst", "sport", "dport"}

@@ -1,0 +1,159 @@
+"""gVisor's memory on disk, through the stock SDKs on a stack whose default tier is gvisor: a pause
+with memory is a checkpoint that outlives the stack (down and up), and E2B's snapshots with memory
+and forks restore a checkpoint into new sandboxes. What a user would notice: a variable in a
+running process's memory, that process and a file are all still there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import SandboxException
+from e2b_code_interpreter import Sandbox as CodeSandbox
+from stack.harness import SHARED_TEMPLATES_DIR
+
+from pmoves_e2b.sandbox.backends.gvisor import runsc
+from tests.compat.private_templates import private_templates_stack
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(runsc.probe() is not None, reason=f"gVisor unavailable: {runsc.probe()}"),
+]
+
+# A running process with a variable only in its memory (written out on SIGUSR1) and a counter.
+HOLDER = (
+    "python3 -c 'import os, signal, time\n"
+    "x = os.urandom(8).hex()\n"
+    'signal.signal(signal.SIGUSR1, lambda *_: open("/tmp/x", "w").write(x))\n'
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    '    open("/tmp/count", "w").write(str(n))\n'
+    "    time.sleep(0.2)\n'"
+)
+
+
+class _Shared:
+    settings_env = {"E2B_TEMPLATES_DIR": str(SHARED_TEMPLATES_DIR)}
+
+
+@pytest.fixture()
+def gvisor_stack(stack_factory: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """A gvisor-default stack with its own templates dir (snapshots are written there)."""
+    with private_templates_stack(stack_factory, _Shared(), tmp_path / "templates", E2B_ISOLATION="gvisor") as found:
+        yield found
+
+
+def _count(sbx: Sandbox) -> int:
+    return int(sbx.files.read("/tmp/count").strip() or 0)
+
+
+def _variable(sbx: Sandbox, pid: int) -> str:
+    sbx.commands.run(f"rm -f /tmp/x; kill -USR1 {pid}")
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("/tmp/x") or not sbx.files.read("/tmp/x"):
+        assert time.monotonic() < deadline, "the process did not write its variable"
+        time.sleep(0.2)
+    return sbx.files.read("/tmp/x")
+
+
+def _start_state(sbx: Sandbox) -> tuple[int, str]:
+    """A file and a process with a variable in its memory, counting; (its pid, the variable)."""
+    sbx.files.write("/home/user/kept.txt", "in the checkpoint")
+    pid = sbx.commands.run(HOLDER, background=True, timeout=0).pid
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("/tmp/count") or _count(sbx) < 1:
+        assert time.monotonic() < deadline, "the process did not start"
+        time.sleep(0.2)
+    return pid, _variable(sbx, pid)
+
+
+def _assert_state(sbx: Sandbox, pid: int, variable: str) -> None:
+    assert sbx.files.read("/home/user/kept.txt") == "in the checkpoint"
+    assert _variable(sbx, pid) == variable  # the same process, its memory kept
+    before = _count(sbx)
+    deadline = time.monotonic() + 30
+    while _count(sbx) <= before:  # ... and it runs on
+        assert time.monotonic() < deadline, "the process stopped"
+        time.sleep(0.2)
+
+
+def test_pause_with_memory_survives_down_and_up(gvisor_stack: tuple[Any, Path]) -> None:
+    stack, _ = gvisor_stack
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid, variable = _start_state(sbx)
+        sbx.pause()
+        paused = stack.data_dir / "paused" / sbx.sandbox_id
+        assert list(paused.glob("memory-*/checkpoint.img")), list(paused.iterdir())
+        stack.down()  # ends every process of the stack and every sandbox that runs
+        stack.up()
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        _assert_state(again, pid, variable)
+        assert not list(paused.glob("memory-*"))  # restored: the image is gone (its layer is in use)
+        again.pause()  # and again
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        _assert_state(again, pid, variable)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_a_sandbox_this_gvisor_cannot_save_pauses_in_memory_and_snapshots_are_refused(
+    gvisor_stack: tuple[Any, Path],
+) -> None:
+    """The code interpreter's kernel waits on TCP sockets with epoll (libzmq): this runsc cannot
+    save those, so the pause keeps its memory in RAM (as under ns) and a memory snapshot is a 409
+    that says why; the sandbox runs on either way."""
+    stack, _ = gvisor_stack
+    sbx = CodeSandbox.create(timeout=300)
+    try:
+        sbx.run_code("x = 41", timeout=120)
+        with pytest.raises(SandboxException, match="epoll") as caught:
+            sbx.create_snapshot()
+        assert "409" in str(caught.value) or "could not be saved" in str(caught.value)
+        assert sbx.run_code("x + 1", timeout=120).text == "42"
+        sbx.pause()
+        assert not list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*"))
+        again = CodeSandbox.connect(sbx.sandbox_id, timeout=300)
+        assert again.run_code("x + 1", timeout=120).text == "42"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_memory_snapshot_makes_sandboxes_with_its_state_and_forks_run_on(gvisor_stack: tuple[Any, Path]) -> None:
+    _, templates = gvisor_stack
+    source = Sandbox.create(timeout=300)
+    made: list[Any] = []
+    try:
+        pid, variable = _start_state(source)
+        snapshot = source.create_snapshot()  # the SDK's default: with memory
+        assert source.is_running()
+        _assert_state(source, pid, variable)  # the source runs on, its process too
+        source.files.write("/home/user/kept.txt", "changed after the snapshot")
+        first = Sandbox.create(snapshot.snapshot_id, timeout=300)
+        made.append(first)
+        second = Sandbox.create(snapshot.snapshot_id, timeout=300)
+        made.append(second)
+        for restored in (first, second):
+            _assert_state(restored, pid, variable)
+        first.files.write("/home/user/kept.txt", "first's")
+        assert second.files.read("/home/user/kept.txt") == "in the checkpoint"  # each is its own
+
+        source.files.write("/home/user/kept.txt", "in the checkpoint")
+        forks = source.fork(count=2, timeout=300)
+        assert all(isinstance(fork, Sandbox) for fork in forks), forks
+        made.extend(forks)
+        for fork in forks:
+            assert isinstance(fork, Sandbox)
+            _assert_state(fork, pid, variable)
+        _assert_state(source, pid, variable)
+        assert len(list((templates / "snapshots").iterdir())) == 2  # the snapshot's image and the forks'
+    finally:
+        for sbx in made:
+            sbx.kill()
+        source.kill()
