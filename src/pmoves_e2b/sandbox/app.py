@@ -25,7 +25,7 @@ from pmoves_e2b.sandbox import metrics, tls
 from pmoves_e2b.sandbox.admission import BootGate
 from pmoves_e2b.sandbox.api import ApiKeys, Shapes, build_router, install_error_handlers
 from pmoves_e2b.sandbox.errors import SignatureRefused
-from pmoves_e2b.sandbox.lifecycle import Limits, SandboxManager, template_dir_loader
+from pmoves_e2b.sandbox.lifecycle import CHECKPOINTING, Limits, SandboxManager, template_dir_loader
 from pmoves_e2b.sandbox.proxy import Refusal, SandboxProxy, Target
 from pmoves_e2b.sandbox.snapshot_api import build_snapshot_router
 from pmoves_e2b.sandbox.snapshots import Snapshots
@@ -145,6 +145,9 @@ def create_app(settings: Settings | None = None) -> Any:
 
     async def resolve(sandbox_id: str) -> Target | None:
         found = manager.address(sandbox_id)
+        if found is not None and found[1] == CHECKPOINTING:  # refuses connections until saved
+            await manager.settled(sandbox_id)
+            found = manager.address(sandbox_id)
         if found is not None and found[1] == "paused" and manager.auto_resumes(sandbox_id):
             await manager.connect(sandbox_id, None)  # lifecycle.autoResume: traffic wakes it
             found = manager.address(sandbox_id)

@@ -25,6 +25,12 @@ class Conflict(SandboxError):
     retryable = False
 
 
+class Lost(SandboxError):
+    """The operation ended the sandbox (it is gone: a retry cannot help)."""
+
+    retryable = False
+
+
 class LimitReached(SandboxError):
     status = 429
     retryable = False

@@ -34,13 +34,14 @@ from pmoves_e2b.sandbox.backends.base import (
     Backend,
     BackendError,
     SandboxHandle,
+    SandboxLost,
     SandboxSpec,
     SandboxStats,
     TemplateImage,
 )
 from pmoves_e2b.sandbox.egress import EgressProxy
 from pmoves_e2b.sandbox.envd_client import EnvdClient
-from pmoves_e2b.sandbox.errors import BadRequest, Conflict, LimitReached, NotFound, SandboxError, SignatureRefused
+from pmoves_e2b.sandbox.errors import BadRequest, Conflict, LimitReached, Lost, NotFound, SandboxError, SignatureRefused
 from pmoves_e2b.sandbox.netpolicy import NetworkPolicy, cidrs
 from pmoves_e2b.sandbox.pool import PoolSizes, WarmPool
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
@@ -61,6 +62,9 @@ METRICS_KEEP = 120  # samples per sandbox (10 minutes at 5 s)
 DIED_KEEP = 1024  # sandboxes whose death the proxy still explains
 ENVD_GONE_CHECKS = 3  # passes (5 s apart) envd's port must refuse in a row: a restart takes ~1 s
 DIED = "it ended when its envd died and was not restarted (out of memory, or killed inside the sandbox)"
+# A handle's state while its tier saves its memory (gVisor): its connections are reset and new ones
+# refused meanwhile, so the proxy waits for the save's end (``settled``) and bury_dead leaves it be.
+CHECKPOINTING = "checkpointing"
 
 # Lifecycle events (e2b.sandbox.<kind>.v1) are stored in the outbox in the same transaction as the
 # state change they report; this is called after each write so the relay sends them at once.
@@ -170,7 +174,7 @@ class SandboxManager:
         self.events_written = events_written
         self.envd = EnvdClient()
         self._live: dict[str, _Live] = {}
-        self._died: dict[str, None] = {}  # recently died sandboxes, oldest first (insertion order)
+        self._died: dict[str, str] = {}  # recently died sandboxes and why, oldest first (insertion order)
         self._refused: dict[str, int] = {}  # sandbox id -> passes in a row its envd port refused
         # Boots at once and the queue of creates beyond them (see sandbox/admission.py).
         self.boot_gate = boot_gate or BootGate(os.cpu_count() or 1, queue_max=64, max_wait_s=20.0)
@@ -527,7 +531,7 @@ class SandboxManager:
         except BaseException:
             await asyncio.to_thread(remove_tree, layer)
             if image is not None:
-                await getattr(backend, "restore")(handle, image)  # noqa: B009 - tiers that checkpoint have it
+                await self._restore(handle, image)
                 await asyncio.to_thread(remove_tree, image)
             else:
                 await self.backend.resume(handle)
@@ -579,7 +583,14 @@ class SandboxManager:
     async def capture(self, sandbox_id: str, layer_dir: Path, image_dir: Path | None) -> SandboxImage:
         """Write the sandbox's file changes as a template layer at ``layer_dir`` and, with
         ``image_dir``, its memory image there; the sandbox is frozen (or, for its memory,
-        checkpointed) meanwhile and then runs on."""
+        checkpointed) meanwhile and then runs on. ``Lost`` when the save ended it."""
+        try:
+            return await self._capture(sandbox_id, layer_dir, image_dir)
+        except Lost as lost:
+            await self._bury_lost(sandbox_id, lost)
+            raise
+
+    async def _capture(self, sandbox_id: str, layer_dir: Path, image_dir: Path | None) -> SandboxImage:
         self.get(sandbox_id)
         live = self._live[sandbox_id]
         tier = live.handle.backend
@@ -608,7 +619,7 @@ class SandboxManager:
                 try:
                     await export(handle, layer_dir)
                 finally:
-                    await getattr(backend, "restore")(handle, image_dir)  # noqa: B009 - as checkpoint
+                    await self._restore(handle, image_dir)
             else:
                 running = handle.state == "running"
                 if running:
@@ -626,14 +637,33 @@ class SandboxManager:
             layers, runtime = list(template.layers), template.runtime_record()
         return SandboxImage(row.template_id, tuple(layers), tier, handle.init_secret, runtime)
 
-    @staticmethod
     async def _checkpoint(
-        handle: SandboxHandle, checkpoint: Callable[[SandboxHandle, Path], Awaitable[None]], image_dir: Path
+        self, handle: SandboxHandle, checkpoint: Callable[[SandboxHandle, Path], Awaitable[None]], image_dir: Path
     ) -> None:
+        """Save the sandbox's memory (it stops); its state is CHECKPOINTING from here until the
+        caller settles it. Conflict (it runs on as before) when it could not be saved, Lost when the
+        failed save ended it."""
+        state, handle.state = handle.state, CHECKPOINTING
+        for listener in self.pause_listeners:  # its connections are about to be reset: end the proxy's exchanges
+            listener(handle.sandbox_id)
         try:
             await checkpoint(handle, image_dir)
+        except SandboxLost as exc:
+            raise Lost(f"its memory could not be saved and the sandbox ended ({exc})") from exc
         except BackendError as exc:
+            handle.state = state
             raise Conflict(f"the sandbox's memory could not be saved: {exc}") from exc
+        except BaseException:
+            handle.state = state
+            raise
+        handle.state = CHECKPOINTING
+
+    async def _restore(self, handle: SandboxHandle, image_dir: Path) -> None:
+        """Run a checkpointed sandbox again (``restore`` of its tier); Lost when that fails."""
+        try:
+            await getattr(self.tiers.backend(handle.backend), "restore")(handle, image_dir)  # noqa: B009 - tiers that checkpoint have it
+        except BackendError as exc:
+            raise Lost(f"it was saved but could not be run again ({exc})") from exc
 
     def _can_snapshot(self, tier: str, memory: bool) -> bool:
         if not self.tiers.statuses[tier].available:
@@ -688,14 +718,14 @@ class SandboxManager:
     def get(self, sandbox_id: str) -> SandboxRow:
         row = repo.get_sandbox(self.db, sandbox_id)
         if row is not None and row.state == "killed" and row.kill_reason == "died":
-            raise NotFound(f"sandbox '{sandbox_id}' not found: {DIED}")
+            raise NotFound(f"sandbox '{sandbox_id}' not found: {self._died.get(sandbox_id, DIED)}")
         if row is None or row.state == "killed" or sandbox_id not in self._live:
             raise NotFound(f"sandbox '{sandbox_id}' not found")
         return row
 
     def death(self, sandbox_id: str) -> str | None:
         """Why a recently died sandbox is gone (None if it did not die), for the proxy's answer."""
-        return DIED if sandbox_id in self._died else None
+        return self._died.get(sandbox_id)
 
     def list_rows(self) -> list[SandboxRow]:
         return [row for row in repo.live_sandboxes(self.db) if row.sandbox_id in self._live]
@@ -713,7 +743,7 @@ class SandboxManager:
         if expiration is not None and expiration < time.time():
             raise SignatureRefused("signature is already expired")  # no need to try every sandbox
         for sandbox_id, live in list(self._live.items()):
-            if live.handle.state != "running":
+            if live.handle.state not in ("running", CHECKPOINTING):  # the proxy waits for a checkpoint's end
                 continue
             expected = file_signature(path, operation, params.get("username", ""), live.access_token, expiration)
             if hmac.compare_digest(expected.encode(), given.encode()):
@@ -759,6 +789,13 @@ class SandboxManager:
             repo.audit, row.api_key_id, "sandbox.network", sandbox_id, allowOut=list(allow_out), denyOut=list(deny_out)
         )
         return row
+
+    async def settled(self, sandbox_id: str) -> None:
+        """Return once the sandbox is not being checkpointed (its lock, held throughout, is free)."""
+        live = self._live.get(sandbox_id)
+        if live is not None and live.handle.state == CHECKPOINTING:
+            async with live.lock:
+                pass
 
     def address(self, sandbox_id: str) -> tuple[str, str] | None:
         """(address, state) of a live sandbox, for the proxy."""
@@ -826,8 +863,16 @@ class SandboxManager:
         return row
 
     async def pause(self, sandbox_id: str, reason: str | None = None, memory: bool = True) -> SandboxRow:
-        """Freeze the sandbox (``memory``), or keep only its files and end its processes: it then
-        holds no memory, survives restarts of the stack and the host, and boots afresh on resume."""
+        """Freeze the sandbox (``memory``; on a tier that checkpoints, save it to disk), or keep
+        only its files and end its processes: it then holds no memory, survives restarts of the
+        stack and the host, and boots afresh on resume. ``Lost`` when a failed save ended it."""
+        try:
+            return await self._pause(sandbox_id, reason, memory)
+        except Lost as lost:
+            await self._bury_lost(sandbox_id, lost)
+            raise
+
+    async def _pause(self, sandbox_id: str, reason: str | None, memory: bool) -> SandboxRow:
         row = self.get(sandbox_id)
         live = self._live[sandbox_id]
         async with live.lock:
@@ -996,13 +1041,24 @@ class SandboxManager:
                 await self.kill(sandbox_id, reason="died", actor="system")
             except SandboxError:  # a caller killed it meanwhile
                 continue
-            self._died[sandbox_id] = None
-            while len(self._died) > DIED_KEEP:
-                del self._died[next(iter(self._died))]
+            self._remember_death(sandbox_id, DIED)
             dead.append(sandbox_id)
         for sandbox_id in set(self._refused) - set(self._live):
             del self._refused[sandbox_id]
         return dead
+
+    def _remember_death(self, sandbox_id: str, why: str) -> None:
+        self._died[sandbox_id] = why
+        while len(self._died) > DIED_KEEP:
+            del self._died[next(iter(self._died))]
+
+    async def _bury_lost(self, sandbox_id: str, lost: Lost) -> None:
+        """A sandbox an operation ended (``Lost``): killed as died, its cause kept for later answers."""
+        try:
+            await self.kill(sandbox_id, reason="died", actor="system")
+        except SandboxError:  # a caller killed it meanwhile
+            return
+        self._remember_death(sandbox_id, f"it ended: {lost.message}")
 
     async def _envd_gone(self, sandbox_id: str, handle: SandboxHandle) -> bool:
         if not await self.backend.is_alive(handle):

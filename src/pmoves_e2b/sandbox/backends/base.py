@@ -118,6 +118,10 @@ class BackendError(RuntimeError):
     """A backend operation failed; the message says what to do next."""
 
 
+class SandboxLost(BackendError):
+    """The operation failed and the sandbox ended with it (e.g. a gVisor save this runsc refused)."""
+
+
 class Backend(Protocol):
     name: str
 

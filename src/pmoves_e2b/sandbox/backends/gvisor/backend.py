@@ -36,8 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxSpec
-from pmoves_e2b.sandbox.backends.gvisor import bundle, runsc, savable, shim
+from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxLost, SandboxSpec
+from pmoves_e2b.sandbox.backends.gvisor import bundle, quiesce, runsc, savable, shim
 from pmoves_e2b.sandbox.backends.ns import fsexport, mounts, network
 from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
@@ -57,13 +57,18 @@ REAP_WAIT_S = 5.0
 # A connection the sandbox closed first keeps its end in TIME_WAIT for 60 s, and a checkpoint
 # would fail on it (and end the sandbox): wait that long for them, no longer.
 QUIET_WAIT_S = 65.0
+SURVIVED_S = 2.0  # how long a sentry must outlive a failed save to count as alive
 
 
 SAVED = "checkpointed"  # handle detail between a checkpoint and its restore
 
 
 class CheckpointRefused(BackendError):
-    """The sandbox has TCP connections to outside that gVisor cannot save; it runs on."""
+    """The sandbox could not be saved (connections gVisor cannot save, a failed save it survived); it runs on."""
+
+
+class CheckpointLost(SandboxLost):
+    """runsc's save failed and took the sandbox with it (this runsc ends a sandbox it cannot save)."""
 
 
 class GvisorBackend(NsBackend):
@@ -91,6 +96,11 @@ class GvisorBackend(NsBackend):
             zygote=False,
         )
         self.processes_max = pids_max  # processes inside, per user (RLIMIT_NPROC, ENVD_PIDS_MAX)
+
+    def _ensure_host_setup(self) -> None:
+        if not self._host_ready:
+            super()._ensure_host_setup()
+            quiesce.ensure_table()
 
     def _launch(
         self, spec: SandboxSpec, details: dict[str, Any], sandbox_dir: Path, cg: SandboxCgroups, net: SandboxNet
@@ -170,40 +180,53 @@ class GvisorBackend(NsBackend):
             cg.freeze(False)
             time.sleep(0.05)  # the sentry's timers that fell due while frozen (TIME_WAIT ends) run
         root = Path(handle.details["runsc_root"])
-        unsavable = runsc.shell(root, net.netns_path, handle.sandbox_id, savable.EPOLL_TCP_SCAN).split("\n")
-        unsavable = [line.strip() for line in unsavable if line.strip()]
-        if unsavable:
-            raise CheckpointRefused(
-                f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
-                f"(they wait on them with epoll): {'; '.join(unsavable[:3])}"
-            )
-        deadline = time.monotonic() + QUIET_WAIT_S
-        while True:
-            network.reset_host_connections(net.address)
-            since = float(handle.details.get("created_at", 0))
-            if network.end_time_wait(net.address, net.host_address, since):
-                time.sleep(0.1)  # the sandbox's end closes once the host's has
-                network.reset_host_connections(net.address)
-            busy = network.open_connections(net.address, net.host_address, since)
-            if not busy:
-                break
-            log.debug("checkpoint waits for connections", extra={"sandbox_id": handle.sandbox_id, "busy": busy})
-            if time.monotonic() >= deadline:
+        since = float(handle.details.get("created_at", 0))
+        # Gated from before the quiesce until runsc has returned: nothing can connect meanwhile.
+        with quiesce.gated(net):
+            unsavable = [line.strip() for line in self._shell(handle, net, savable.EPOLL_TCP_SCAN) if line.strip()]
+            if unsavable:
+                raise CheckpointRefused(
+                    f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
+                    f"(they wait on them with epoll): {'; '.join(unsavable[:3])}"
+                )
+            busy = quiesce.quiet(net, since, lambda: self._shell(handle, net, quiesce.CONNECTED_SCAN), QUIET_WAIT_S)
+            if busy:
                 raise CheckpointRefused(
                     f"sandbox {handle.sandbox_id} keeps {len(busy)} TCP connection(s) open that gVisor cannot save "
                     f"in a checkpoint ({', '.join(busy[:3])}); close them and try again"
                 )
-            time.sleep(0.25)
-        handle.details[SAVED] = True
-        try:
-            runsc.checkpoint(root, net.netns_path, handle.sandbox_id, image_dir)
-        except BaseException:
-            handle.details.pop(SAVED, None)  # a failed save ends the sandbox: it is dead, not saved
-            raise
+            handle.details[SAVED] = True
+            try:
+                runsc.checkpoint(root, net.netns_path, handle.sandbox_id, image_dir)
+            except BackendError as exc:
+                handle.details.pop(SAVED, None)
+                if self._sentry_alive(handle):
+                    raise CheckpointRefused(f"gVisor could not save sandbox {handle.sandbox_id}: {exc}") from exc
+                raise CheckpointLost(
+                    f"gVisor failed to save sandbox {handle.sandbox_id} and the sandbox ended with it: {exc}"
+                ) from exc
+            except BaseException:
+                handle.details.pop(SAVED, None)
+                raise
         handle.details.pop("child_pid", None)
         self._stop_processes(handle.sandbox_id, handle.details, cg)
         runsc.delete(root, net.netns_path, handle.sandbox_id)
         handle.state = "paused"
+
+    def _shell(self, handle: SandboxHandle, net: SandboxNet, script: str) -> list[str]:
+        root = Path(handle.details["runsc_root"])
+        return [line for line in runsc.shell(root, net.netns_path, handle.sandbox_id, script).split("\n") if line]
+
+    def _sentry_alive(self, handle: SandboxHandle) -> bool:
+        """After a failed save: is the sentry still there a moment later (a sentry that refused the
+        save exits on its own, not at once)?"""
+        pid = handle.details.get("child_pid")
+        deadline = time.monotonic() + SURVIVED_S
+        while pid is not None and self._cgroups(handle).contains(int(pid)):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.1)
+        return False
 
     def _restore_sync(self, handle: SandboxHandle, image_dir: Path) -> None:
         cg = self._cgroups(handle)

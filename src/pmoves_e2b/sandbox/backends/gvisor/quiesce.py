@@ -1,0 +1,239 @@
+"""A sandbox with no TCP connection on its veth, held that way while runsc saves it.
+
+This runsc (0.0~20221219) cannot save a TCP endpoint on the veth that is connected or in
+TIME_WAIT, and a refused save ends the sandbox. So before a checkpoint:
+
+1. ``gate``: the sandbox's address joins ``gated4`` in the host's table ``inet pmoves_e2b_gate``,
+   whose rules answer every new TCP connection to it (host OUTPUT and FORWARD) or from it (INPUT,
+   FORWARD) with a reset. It has to be on the host's side: gVisor's netstack reads its frames from
+   the veth with a packet socket, before the sandbox netns's own netfilter would see them. Only
+   SYNs are refused, so the resets and FINs that end the existing connections still pass; a
+   socket marked ``GATE_PASS_MARK`` passes too (``end_time_wait`` reopens from the host's side).
+   Elements expire after ``GATE_TIMEOUT_S``, so a service that dies meanwhile gates no one for long.
+2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), TIME_WAITs the sandbox holds
+   for host connections are ended (RFC 1122 reopen from the same host port), and the sandbox's other
+   connections (the host's conntrack) are waited for; then the sandbox's own view (its
+   /proc/net/tcp, through ``runsc exec``) must show no connected socket on the veth either.
+3. ``ungate`` once runsc checkpoint has returned, saved or not.
+
+Before 1, while the sandbox could still be reached, an in-flight connection could arrive after the
+reset and before the save: that lost 3 sandboxes in ~15 checkpoints of E2B's own SDK tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pmoves_e2b.sandbox.backends.ns import network
+from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
+
+GATE_TABLE = "pmoves_e2b_gate"
+GATE_RULES_VERSION = "v1"
+GATE_TIMEOUT_S = 600  # longer than any checkpoint: the quiet wait (65 s) + runsc checkpoint (120 s)
+GATE_PASS_MARK = 0x0E2B0001
+_SYN = "tcp flags & (syn | ack) == syn"
+GATE_RULESET = f"""
+table inet {GATE_TABLE} {{
+  chain {GATE_RULES_VERSION} {{ }}
+  set gated4 {{ type ipv4_addr; flags timeout; }}
+  chain output {{
+    type filter hook output priority -20; policy accept;
+    ip daddr @gated4 meta mark != {GATE_PASS_MARK:#x} {_SYN} reject with tcp reset
+  }}
+  chain input {{
+    type filter hook input priority -20; policy accept;
+    ip saddr @gated4 {_SYN} reject with tcp reset
+  }}
+  chain forward {{
+    type filter hook forward priority -20; policy accept;
+    ip daddr @gated4 {_SYN} reject with tcp reset
+    ip saddr @gated4 {_SYN} reject with tcp reset
+  }}
+}}
+"""
+
+CONNTRACK = Path("/proc/net/nf_conntrack")
+# A TCP endpoint that closed first waits this long in TIME_WAIT (gVisor's netstack, as Linux).
+PEER_TIME_WAIT_S = 60.0
+_OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
+_TUPLE = {"src", "dst", "sport", "dport"}
+
+# Run inside the sandbox: its TCP sockets that are neither listening nor on loopback ("st local
+# remote", hex as in /proc/net/tcp). gVisor lists the sockets that processes hold.
+CONNECTED_SCAN = r"""
+cat /proc/net/tcp 2>/dev/null | awk 'NR > 1 && $4 != "0A" {
+  split($2, l, ":"); split($3, r, ":")
+  if (substr(l[1], 7, 2) != "7F" && substr(r[1], 7, 2) != "7F") print $4, $2, $3
+}'
+"""
+
+
+def ensure_table() -> None:
+    """The gate's table, once per host (replaced when its version changed)."""
+    try:
+        listing = network.nft(f"list table inet {GATE_TABLE}")
+    except network.NetworkError:
+        listing = ""
+    if f"chain {GATE_RULES_VERSION} " not in listing:
+        network.nft((f"delete table inet {GATE_TABLE}\n" if listing else "") + GATE_RULESET)
+
+
+def gate(net: SandboxNet) -> None:
+    network.nft(f"add element inet {GATE_TABLE} gated4 {{ {net.address} timeout {GATE_TIMEOUT_S}s }}\n")
+
+
+def ungate(net: SandboxNet) -> None:
+    element = f"inet {GATE_TABLE} gated4 {{ {net.address} }}"
+    network.nft(f"add element {element}\ndelete element {element}\n")  # nft 1.0 has no "delete if present"
+
+
+@contextlib.contextmanager
+def gated(net: SandboxNet) -> Iterator[None]:
+    gate(net)
+    try:
+        yield
+    finally:
+        ungate(net)
+
+
+def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str]], wait_s: float) -> list[str]:
+    """Under ``gate``: end the host's connections to the sandbox and wait up to ``wait_s`` until it
+    holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view).
+    Returns what is still open at the deadline ([] when quiet). ``since`` (time.time()) is when the
+    sandbox started: older conntrack entries of its address were another sandbox's."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        reset_host_connections(net.address)
+        end_time_wait(net.address, net.host_address, since)
+        busy = open_connections(net.address, net.host_address, since)
+        if not busy:
+            time.sleep(0.05)  # the resets just sent reach the sandbox's netstack
+            busy = [f"inside: {line}" for line in connected_inside()]
+            if not busy:
+                return []
+        if time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.25)
+
+
+def reset_host_connections(address: str) -> None:
+    """Reset every TCP connection between a host socket and ``address`` (SOCK_DESTROY via ``ss
+    -K``): the host side is gone at once and the other end gets a RST, so it keeps no state."""
+    proc = subprocess.run(["ss", "-K", "-t", "dst", address], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise network.NetworkError(f"ss -K failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def end_time_wait(address: str, host_address: str, since: float = 0.0) -> int:
+    """End the TIME_WAIT of connections from the host that ``address`` closed first (so its end
+    waits, the host's does not), as RFC 1122 allows: a new SYN from the same host port, with a
+    larger sequence number (Linux's grow with time), reopens the connection, which the host then
+    closes first. Its socket passes the gate (``GATE_PASS_MARK``). Returns how many it reopened."""
+    host_waiting = _host_time_wait()
+    reopened = 0
+    for src, sport, dst, dport in _young_time_wait(address, since):
+        if src != host_address or dst != address or (src, sport, dst, dport) in host_waiting:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, GATE_PASS_MARK)
+            sock.settimeout(1.0)
+            try:
+                sock.bind((src, sport))
+                sock.connect((dst, dport))
+            except OSError:
+                continue
+            reopened += 1
+            # Closed from the host's side, to the end: the sandbox's server accepts it, reads the
+            # EOF and closes too (a reset instead can leave its accept queue with a connected
+            # endpoint, which fails the save). The host's end then waits in TIME_WAIT.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+    return reopened
+
+
+def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
+    """TCP connections that ``address``'s end may still hold, from the host's conntrack table
+    (call after ``reset_host_connections``): open ones (with the host too: one the host closed
+    first waits in the sandbox's accept queue, CLOSE_WAIT, until its server accepts and closes it;
+    with the host, ESTABLISHED ones only if they saw a packet after ``since``, a time.time() of
+    the sandbox's start: a reset host socket's entry turns CLOSE, older ones were another
+    sandbox's at the same address); and closed ones whose end there may still wait in TIME_WAIT,
+    i.e. it closed first: the other end is a host socket (``host_address``) that is not in
+    TIME_WAIT itself, or it is elsewhere and the entry entered TIME_WAIT less than 60 s ago (and
+    after ``since``)."""
+    established_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established").read_text())
+    found = [
+        f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state}"
+        for state, remaining, t in _conntrack_tcp(address)
+        if state in _OPEN_STATES
+        and (
+            state != "ESTABLISHED"
+            or host_address not in (t["src"], t["dst"])
+            or time.time() - (established_s - remaining) >= since
+        )
+    ]
+    host_waiting = _host_time_wait()
+    for pair in _young_time_wait(address, since):
+        if pair not in host_waiting and (pair[2], pair[3], pair[0], pair[1]) not in host_waiting:
+            found.append(f"{pair[0]}:{pair[1]} -> {pair[2]}:{pair[3]} TIME_WAIT")
+    return found
+
+
+def _young_time_wait(address: str, since: float) -> list[tuple[str, int, str, int]]:
+    """(src, sport, dst, dport) of conntrack's TCP entries of ``address`` in TIME_WAIT for less
+    than 60 s that began after ``since``."""
+    time_wait_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait").read_text())
+    found = []
+    for state, remaining, tuples in _conntrack_tcp(address):
+        age = time_wait_s - remaining
+        if state == "TIME_WAIT" and age < PEER_TIME_WAIT_S + 1 and time.time() - age >= since:
+            found.append((tuples["src"], int(tuples["sport"]), tuples["dst"], int(tuples["dport"])))
+    return found
+
+
+def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
+    """(state, seconds left, original tuple) of conntrack's TCP entries to or from ``address``."""
+    try:
+        lines = CONNTRACK.read_text().splitlines()
+    except FileNotFoundError:
+        raise network.NetworkError(
+            f"{CONNTRACK} is missing (nf_conntrack): the sandbox's connections are unknown"
+        ) from None
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or fields[2] != "tcp":
+            continue
+        tuples: dict[str, str] = {}
+        for item in fields[6:]:
+            key, _, value = item.partition("=")
+            if key in _TUPLE:
+                tuples.setdefault(key, value)  # the original direction's tuple comes first
+        if address in (tuples.get("src"), tuples.get("dst")):
+            found.append((fields[5], float(fields[4]), tuples))
+    return found
+
+
+def _host_time_wait() -> set[tuple[str, int, str, int]]:
+    """(local, local port, remote, remote port) of the host's IPv4 TCP sockets in TIME_WAIT."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "06":
+            continue
+        (local, lport), (remote, rport) = (field.split(":") for field in fields[1:3])
+        found.add((_hex_ip(local), int(lport, 16), _hex_ip(remote), int(rport, 16)))
+    return found
+
+
+def _hex_ip(value: str) -> str:
+    return str(ipaddress.IPv4Address(int.from_bytes(bytes.fromhex(value), "little")))
