@@ -5,6 +5,13 @@ running process's memory, that process and a file are all still there."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +164,88 @@ def test_memory_snapshot_makes_sandboxes_with_its_state_and_forks_run_on(gvisor_
         for sbx in made:
             sbx.kill()
         source.kill()
+
+
+# How many checkpoints the stress test takes (pauses with memory, memory snapshots, forks).
+STRESS_CHECKPOINTS = int(os.environ.get("PMOVES_GVISOR_STRESS_CHECKPOINTS", "30"))
+
+
+def _address(data_dir: Path, sandbox_id: str) -> str:
+    with contextlib.closing(sqlite3.connect(data_dir / "pmoves-e2b.db")) as db:
+        (handle,) = db.execute("select handle from sandboxes where sandbox_id = ?", (sandbox_id,)).fetchone()
+    return str(json.loads(handle)["address"])
+
+
+def test_checkpoints_while_the_host_keeps_connecting_lose_no_sandbox(gvisor_stack: tuple[Any, Path]) -> None:
+    """The race 589a189 reverted for: connections to envd arriving while runsc saves. SDK commands
+    and file reads through the proxy, and a host process straight to envd's address (past the
+    proxy, as the service's own probes), run without pause while the sandbox is paused with memory
+    and resumed, snapshotted and forked over and over: every checkpoint saves, the sandbox and its
+    process live on, and the connections only ever fail while a checkpoint runs."""
+    stack, _ = gvisor_stack
+    sbx = Sandbox.create(timeout=900)
+    pid, variable = _start_state(sbx)
+    target = {"address": _address(stack.data_dir, sbx.sandbox_id)}
+    stop = threading.Event()
+    results: collections.Counter[str] = collections.Counter()
+
+    def straight_to_envd() -> None:
+        with socket.create_connection((target["address"], 49983), timeout=5) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: envd\r\nConnection: close\r\n\r\n")
+            assert conn.recv(64).startswith(b"HTTP/1.1 ")
+
+    def hammer(name: str, call: Any) -> None:
+        while not stop.is_set():
+            try:
+                call()
+                results[f"{name} ok"] += 1
+            except Exception:  # noqa: BLE001 - a checkpoint in progress: reset, refused or 502; tried again
+                results[f"{name} failed"] += 1
+                time.sleep(0.05)
+
+    calls = {
+        "command": lambda: sbx.commands.run("true", timeout=30),
+        "file read": lambda: sbx.files.read("/tmp/count", request_timeout=30),
+        "direct": straight_to_envd,
+    }
+    threads = [threading.Thread(target=hammer, args=item, daemon=True) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    checkpoints = refused = 0
+    made: list[Sandbox] = []
+    paused_dir = stack.data_dir / "paused" / sbx.sandbox_id
+    try:
+        round_ = 0
+        while checkpoints < STRESS_CHECKPOINTS:
+            round_ += 1
+            assert round_ <= 2 * STRESS_CHECKPOINTS, f"too many refused checkpoints: {refused}"
+            kind = round_ % 3
+            if kind == 0:
+                sbx.pause()
+                saved = bool(list(paused_dir.glob("memory-*/checkpoint.img")))
+                Sandbox.connect(sbx.sandbox_id, timeout=900)
+                target["address"] = _address(stack.data_dir, sbx.sandbox_id)
+            elif kind == 1:
+                snapshot = sbx.create_snapshot()
+                saved = True
+                Sandbox.delete_snapshot(snapshot.snapshot_id)
+            else:
+                (fork,) = sbx.fork(count=1, timeout=300)
+                assert isinstance(fork, Sandbox), fork
+                made.append(fork)
+                assert fork.commands.run("cat /home/user/kept.txt").stdout == "in the checkpoint"
+                fork.kill()
+                saved = True
+            checkpoints += saved
+            refused += not saved
+            assert sbx.is_running()  # not lost
+            assert sbx.commands.run("echo alive", timeout=60).stdout.strip() == "alive"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        print(f"\ngvisor stress: {checkpoints} checkpoints, {refused} refused, 0 lost; connections: {dict(results)}")
+    _assert_state(sbx, pid, variable)  # the same process ran through all of them
+    for name in calls:
+        assert results[f"{name} ok"] > 0, results
+    sbx.kill()

@@ -37,6 +37,9 @@ GATE_TABLE = "pmoves_e2b_gate"
 GATE_RULES_VERSION = "v1"
 GATE_TIMEOUT_S = 600  # longer than any checkpoint: the quiet wait (65 s) + runsc checkpoint (120 s)
 GATE_PASS_MARK = 0x0E2B0001
+# How long a quiet sandbox must stay quiet before it is saved: its netstack (a loaded, ptrace'd
+# sentry) processes the last packets it was sent within that (see ``quiet``).
+SETTLE_S = 0.5
 _SYN = "tcp flags & (syn | ack) == syn"
 GATE_RULESET = f"""
 table inet {GATE_TABLE} {{
@@ -104,22 +107,46 @@ def gated(net: SandboxNet) -> Iterator[None]:
 
 def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str]], wait_s: float) -> list[str]:
     """Under ``gate``: end the host's connections to the sandbox and wait up to ``wait_s`` until it
-    holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view).
-    Returns what is still open at the deadline ([] when quiet). ``since`` (time.time()) is when the
-    sandbox started: older conntrack entries of its address were another sandbox's."""
+    holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view), and
+    then ``SETTLE_S`` more in which no packet of the sandbox moved a conntrack entry: the last
+    packets sent (resets, the final ACK of a close) are then processed by its netstack too, which
+    a save that came first would find mid-close. Returns what is still open at the deadline ([]
+    when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
+    its address were another sandbox's."""
     deadline = time.monotonic() + wait_s
     while True:
         reset_host_connections(net.address)
         end_time_wait(net.address, net.host_address, since)
         busy = open_connections(net.address, net.host_address, since)
         if not busy:
-            time.sleep(0.05)  # the resets just sent reach the sandbox's netstack
-            busy = [f"inside: {line}" for line in connected_inside()]
+            before = _entries(net.address)
+            time.sleep(SETTLE_S)
+            moved = _moved(before, _entries(net.address))
+            busy = moved or [f"inside: {line}" for line in connected_inside()]
             if not busy:
                 return []
         if time.monotonic() >= deadline:
             return busy
         time.sleep(0.25)
+
+
+def _entries(address: str) -> dict[tuple[str, ...], tuple[str, float]]:
+    return {
+        tuple(t[k] for k in ("src", "sport", "dst", "dport")): (state, left)
+        for state, left, t in _conntrack_tcp(address)
+    }
+
+
+def _moved(
+    before: dict[tuple[str, ...], tuple[str, float]], after: dict[tuple[str, ...], tuple[str, float]]
+) -> list[str]:
+    """Connections that saw a packet between the two readings: new, or another state, or a timer
+    restarted (a timeout only counts down between packets)."""
+    return [
+        f"{':'.join(key[:2])} -> {':'.join(key[2:])} {state} (moved)"
+        for key, (state, left) in after.items()
+        if key not in before or before[key][0] != state or left > before[key][1]
+    ]
 
 
 def reset_host_connections(address: str) -> None:
@@ -143,7 +170,7 @@ def end_time_wait(address: str, host_address: str, since: float = 0.0) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, GATE_PASS_MARK)
-            sock.settimeout(1.0)
+            sock.settimeout(3.0)
             try:
                 sock.bind((src, sport))
                 sock.connect((dst, dport))
