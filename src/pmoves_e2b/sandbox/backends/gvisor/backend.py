@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxLost, SandboxSpec
-from pmoves_e2b.sandbox.backends.gvisor import bundle, quiesce, runsc, savable, shim
+from pmoves_e2b.sandbox.backends.gvisor import bundle, quiesce, redirect, runsc, savable, shim
 from pmoves_e2b.sandbox.backends.ns import fsexport, mounts, network
 from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
@@ -61,6 +61,7 @@ SURVIVED_S = 2.0  # how long a sentry must outlive a failed save to count as ali
 
 
 SAVED = "checkpointed"  # handle detail between a checkpoint and its restore
+REDIRECT_PORT = "redirectPort"  # handle detail: the port of its egress redirect's listener (domain rules)
 
 
 class CheckpointRefused(BackendError):
@@ -101,6 +102,7 @@ class GvisorBackend(NsBackend):
         if not self._host_ready:
             super()._ensure_host_setup()
             quiesce.ensure_table()
+            redirect.ensure_tables()
 
     def _launch(
         self, spec: SandboxSpec, details: dict[str, Any], sandbox_dir: Path, cg: SandboxCgroups, net: SandboxNet
@@ -202,6 +204,14 @@ class GvisorBackend(NsBackend):
                 handle.details.pop(SAVED, None)
                 if self._sentry_alive(handle):
                     raise CheckpointRefused(f"gVisor could not save sandbox {handle.sandbox_id}: {exc}") from exc
+                log.error(
+                    "a failed save ended the sandbox",
+                    extra={
+                        "sandbox_id": handle.sandbox_id,
+                        "conntrack": quiesce.describe(net.address),
+                        "error": str(exc),
+                    },
+                )
                 raise CheckpointLost(
                     f"gVisor failed to save sandbox {handle.sandbox_id} and the sandbox ended with it: {exc}"
                 ) from exc
@@ -236,12 +246,22 @@ class GvisorBackend(NsBackend):
         handle.details.pop(SAVED, None)
 
     async def open_intercept(self, handle: SandboxHandle) -> socket.socket:
-        # ns redirects the sandbox's outbound connections in its netns's kernel; gVisor's netstack
-        # sends its frames past that kernel, so the redirect would silently not apply.
-        raise BackendError("domain-based egress rules are not supported by the gvisor isolation tier; use CIDRs")
+        # ns redirects in the sandbox netns's own OUTPUT hook, which netstack's frames pass by: the
+        # redirect is on the host's end of the veth here (redirect.py).
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        listener = await self._in_thread(redirect.open_redirect, net)
+        handle.details[REDIRECT_PORT] = listener.getsockname()[1]
+        return listener
 
     async def close_intercept(self, handle: SandboxHandle) -> None:
-        return None
+        net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+        await self._in_thread(redirect.close_redirect, net, handle.details.pop(REDIRECT_PORT, None))
+
+    def destroy_sync(self, handle: SandboxHandle) -> None:
+        if REDIRECT_PORT in handle.details:  # the next sandbox on this veth must not be redirected
+            net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
+            redirect.close_redirect(net, handle.details.pop(REDIRECT_PORT))
+        super().destroy_sync(handle)
 
     async def export_filesystem(self, handle: SandboxHandle, dest: Path) -> None:
         """As ns's, but the upper's owners are the sandbox's own ids already: gVisor's gofer (host
