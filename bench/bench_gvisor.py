@@ -7,11 +7,13 @@ Baselines from the same run:
   template's layers as an overlay on a tmpfs upper, until envd accepts TCP; then kill and delete.
   ``GvisorBackend.create`` does the same plus our setup (slot, cgroups, veth + nftables, disk image,
   statx shim) until envd accepts TCP on the sandbox address: the "within 1.2x" goal of issue 18.
-- the freezer (``GvisorBackend.pause``/``resume``) beside the checkpoint to disk and its restore, on
-  one backend sandbox;
+- the freezer (``GvisorBackend.pause``/``resume``) and raw ``runsc checkpoint`` / ``runsc restore``
+  (the runsc calls alone, on the same sandbox) beside ``GvisorBackend.checkpoint``/``restore`` (the
+  gate, the scans inside, the quiesce, then the same calls), on one backend sandbox;
 - the ns tier's ``Sandbox.create()``, ``commands.run("true")``, ``run_code("1+1")`` and pause/resume
   (on gvisor a checkpoint to disk and a restore), on one stack (pool off, 512 MB / 1 CPU sandboxes)
-  where each create picks its tier by metadata.
+  where each create picks its tier by metadata; on gvisor also ``create_snapshot()`` (a checkpoint
+  and its restore in place) and ``Sandbox.create(snapshot)`` (a restore) beside a plain create.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from stack.harness import SHARED_TEMPLATES_DIR, make_stack, stop_and_clean  # noqa: E402
 from tier_sdk import command_true, create_kill, pause_resume, row, run_code  # noqa: E402
 
-from pmoves_e2b.sandbox.backends.base import SandboxSpec  # noqa: E402
-from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend  # noqa: E402
-from pmoves_e2b.sandbox.backends.ns import ENVD_ARGV  # noqa: E402
+from pmoves_e2b.sandbox.backends.base import SandboxHandle, SandboxSpec  # noqa: E402
+from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend, runsc  # noqa: E402
+from pmoves_e2b.sandbox.backends.ns import ENVD_ARGV, network  # noqa: E402
 from pmoves_e2b.sandbox.templates.store import load_template  # noqa: E402
 
 STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
@@ -141,13 +143,34 @@ def backend_creates(runs: int) -> list[float]:
     return samples
 
 
-def backend_pauses(runs: int) -> tuple[list[float], list[float], list[float], list[float]]:
-    """On one GvisorBackend sandbox: the freezer (pause, resume) and the checkpoint to disk and its
-    restore in place (each until envd accepts TCP again), ``runs`` times each."""
+def raw_checkpoint_restore(backend: GvisorBackend, handle: SandboxHandle, image: Path) -> tuple[float, float]:
+    """``runsc checkpoint`` and ``runsc restore`` (until envd accepts TCP) of a backend sandbox, as
+    runsc alone does them: no gate, no scan, no quiesce (the sandbox is idle, nothing connects)."""
+    root, net = (
+        Path(handle.details["runsc_root"]),
+        network.SandboxNet.for_slot(handle.details["slot"], handle.sandbox_id),
+    )
+    started = time.perf_counter()
+    runsc.checkpoint(root, net.netns_path, handle.sandbox_id, image)
+    saved = time.perf_counter() - started
+    cg = backend._cgroups(handle)
+    backend._stop_processes(handle.sandbox_id, handle.details, cg)
+    runsc.delete(root, net.netns_path, handle.sandbox_id)
+    network.readdress(net)
+    started = time.perf_counter()
+    backend._run_runsc(handle.sandbox_id, handle.details, cg, net, image)
+    asyncio.run(backend._wait_ready(handle))
+    return saved, time.perf_counter() - started
+
+
+def backend_pauses(runs: int) -> dict[str, list[float]]:
+    """On one GvisorBackend sandbox: the freezer (pause, resume), raw runsc checkpoint/restore and
+    the backend's checkpoint to disk and its restore in place (each until envd accepts TCP again),
+    ``runs`` times each."""
     template = load_template("base", SHARED_TEMPLATES_DIR)
     runtime = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-gvisor-")) / "sandboxes-gvisor"
     backend = GvisorBackend(runtime)
-    freezes, thaws, checkpoints, restores = [], [], [], []
+    freezes, thaws, checkpoints, restores, raw_saves, raw_restores = [], [], [], [], [], []
     try:
         spec = SandboxSpec("benchpause", template, 512, 1.0, 1024, False, secrets.token_hex(8), "gvisor")
         handle = asyncio.run(backend.create(spec))
@@ -167,12 +190,61 @@ def backend_pauses(runs: int) -> tuple[list[float], list[float], list[float], li
             asyncio.run(backend.restore(handle, image))
             restores.append(time.perf_counter() - started)
             shutil.rmtree(image)
+            image.mkdir()
+            saved, restored = raw_checkpoint_restore(backend, handle, image)
+            raw_saves.append(saved)
+            raw_restores.append(restored)
+            shutil.rmtree(image)
         asyncio.run(backend.destroy(handle))
     finally:
         asyncio.run(backend.cleanup_orphans(set()))
         backend.close()
         shutil.rmtree(runtime.parent, ignore_errors=True)
-    return freezes, thaws, checkpoints, restores
+    return {
+        "freeze": freezes,
+        "thaw": thaws,
+        "checkpoint": checkpoints,
+        "restore": restores,
+        "raw checkpoint": raw_saves,
+        "raw restore": raw_restores,
+    }
+
+
+def snapshots(runs: int) -> tuple[list[float], list[float], list[float]]:
+    """On gvisor through the SDK: ``create_snapshot()`` of a running sandbox, ``Sandbox.create`` from
+    that snapshot (a restore) and, as its baseline, a plain ``Sandbox.create`` (a boot)."""
+    from e2b import Sandbox
+
+    takes, restores, boots = [], [], []
+    source = Sandbox.create(metadata={"e2b.isolation": "gvisor"}, request_timeout=120)
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            snapshot = source.create_snapshot()
+            takes.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            made = Sandbox.create(snapshot.snapshot_id, request_timeout=120)
+            restores.append(time.perf_counter() - started)
+            made.kill()
+            Sandbox.delete_snapshot(snapshot.snapshot_id)
+            started = time.perf_counter()
+            booted = Sandbox.create(metadata={"e2b.isolation": "gvisor"}, request_timeout=120)
+            boots.append(time.perf_counter() - started)
+            booted.kill()
+    finally:
+        source.kill()
+    return takes, restores, boots
+
+
+def private_templates(where: Path) -> Path:
+    """A templates dir of its own (the shared layers linked) that snapshots are written into."""
+    (where / "layers").mkdir(parents=True)
+    for layer in (SHARED_TEMPLATES_DIR / "layers").iterdir():
+        if layer.is_dir() and not layer.name.startswith("."):
+            (where / "layers" / layer.name).symlink_to(layer)
+    for record in SHARED_TEMPLATES_DIR.glob("*.json"):
+        (where / record.name).write_text(record.read_text())
+    return where
 
 
 def main() -> None:
@@ -186,12 +258,16 @@ def main() -> None:
     ours = backend_creates(options.runs)
     row("raw runsc run --detach -> envd listens (baseline)", raw)
     row("GvisorBackend.create -> envd listens", ours, "raw runsc", raw)
-    freezes, thaws, checkpoints, restores = backend_pauses(options.pause_runs)
-    row("GvisorBackend.pause (freezer, baseline)", freezes)
-    row("GvisorBackend.resume (thaw, baseline)", thaws)
-    row("GvisorBackend.checkpoint (memory to disk)", checkpoints, "freezer", freezes)
-    row("GvisorBackend.restore -> envd listens", restores, "thaw", thaws)
-    stack = make_stack(STACK_ENV)
+    pauses = backend_pauses(options.pause_runs)
+    row("GvisorBackend.pause (freezer, baseline)", pauses["freeze"])
+    row("GvisorBackend.resume (thaw, baseline)", pauses["thaw"])
+    row("raw runsc checkpoint (baseline)", pauses["raw checkpoint"])
+    row("raw runsc restore -> envd listens (baseline)", pauses["raw restore"])
+    row("GvisorBackend.checkpoint (gate, scans, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
+    row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
+    print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
+    templates = private_templates(Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates")
+    stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
     try:
         stack.up()
         os.environ.update(stack.sdk_env)
@@ -205,8 +281,10 @@ def main() -> None:
         gv_pause, gv_resume = pause_resume("gvisor", options.pause_runs)
         ns_disk, ns_boot = pause_resume("ns", options.pause_runs, mode="filesystem")
         gv_disk, gv_boot = pause_resume("gvisor", options.pause_runs, mode="filesystem")
+        snap_takes, snap_restores, snap_boots = snapshots(options.pause_runs)
     finally:
         stop_and_clean(stack)
+        shutil.rmtree(templates.parent, ignore_errors=True)
     row("ns: Sandbox.create() (pool off, baseline)", ns_create)
     row("gvisor: Sandbox.create() (pool off)", gv_create, "ns", ns_create)
     row("gvisor: Sandbox.create() vs raw runsc", gv_create, "raw runsc", raw)
@@ -216,8 +294,13 @@ def main() -> None:
     row('gvisor: run_code("1+1")', gv_code, "ns", ns_code)
     row("ns: pause (freeze, baseline)", ns_pause)
     row("gvisor: pause (checkpoint to disk)", gv_pause, "ns", ns_pause)
+    row("gvisor: pause (checkpoint) vs raw runsc", gv_pause, "raw runsc checkpoint", pauses["raw checkpoint"])
     row("ns: resume (connect, baseline)", ns_resume)
     row("gvisor: resume (connect: restore)", gv_resume, "ns", ns_resume)
+    row("gvisor: resume (restore) vs raw runsc", gv_resume, "raw runsc restore", pauses["raw restore"])
+    row("gvisor: create_snapshot() (checkpoint+restore)", snap_takes, "raw runsc checkpoint", pauses["raw checkpoint"])
+    row("gvisor: Sandbox.create() boot (baseline)", snap_boots)
+    row("gvisor: Sandbox.create(snapshot) (restore)", snap_restores, "boot", snap_boots)
     row("ns: pause to disk (mode filesystem, baseline)", ns_disk)
     row("gvisor: pause to disk (mode filesystem)", gv_disk, "ns", ns_disk)
     row("ns: resume from disk (boots, baseline)", ns_boot)

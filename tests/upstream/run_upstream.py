@@ -4,7 +4,8 @@ Not part of `make test`: the suites live outside this repository. Get them as gi
 of e2b-dev/E2B and e2b-dev/code-interpreter) and run, as root:
 
     .venv/bin/python tests/upstream/run_upstream.py --e2b GITDIR --code-interpreter GITDIR \
-        [--work /var/tmp/pmoves-upstream] [--suite python-sdk ...] [--tls] [-- extra pytest args]
+        [--work /var/tmp/pmoves-upstream] [--suite python-sdk ...] [--tls] \
+        [--stack-env E2B_ISOLATION=gvisor ...] [-- extra pytest args]
 
 Each suite's tests are exported (`git archive`) into the work dir, run with the pinned stock SDKs
 (below) in a venv / node_modules there, and summed up as `<suite>: N passed, N failed, N skipped`
@@ -172,8 +173,16 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/pmoves-upstream"))
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="default: every suite with a repo")
     parser.add_argument("--tls", action="store_true", help="E2B_DOMAIN host routing over TLS, not E2B_*_URL")
+    parser.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the stack, e.g. E2B_ISOLATION=gvisor (repeatable)",
+    )
     parser.add_argument("extra", nargs="*", help="passed on to pytest / vitest (after --)")
     args = parser.parse_args()
+    stack_env = dict(item.partition("=")[::2] for item in args.stack_env)
     repos = {"e2b": args.e2b, "code_interpreter": args.code_interpreter}
     suites = args.suite or [name for name, (repo, _, _) in SUITES.items() if repos[repo]]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ def main() -> int:
     runners = {SUITES[name][2] for name in suites}
     if "pytest" in runners:
         python_env(args.work)
-    stack = make_stack()
+    stack = make_stack(stack_env)
     results = {}
     try:
         stack.up()
