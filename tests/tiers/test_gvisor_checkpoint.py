@@ -290,7 +290,7 @@ def test_a_save_that_ends_the_sandbox_is_reported_not_hidden(gvisor_stack: tuple
         with pytest.raises(SandboxException, match="the sandbox ended") as caught:
             sbx.pause()
         assert time.monotonic() - started < 60
-        assert "waiters" in str(caught.value)  # runsc's own reason is passed on
+        assert "save rejected" in str(caught.value)  # runsc's own reason is passed on
         with pytest.raises(NotFoundException, match="could not be saved"):
             Sandbox.get_info(sbx.sandbox_id)
         with pytest.raises(SandboxException, match="could not be saved"):

@@ -7,14 +7,13 @@ TIME_WAIT, and a refused save ends the sandbox. So before a checkpoint:
    whose rules answer every new TCP connection to it (host OUTPUT and FORWARD) or from it (INPUT,
    FORWARD) with a reset. It has to be on the host's side: gVisor's netstack reads its frames from
    the veth with a packet socket, before the sandbox netns's own netfilter would see them. Only
-   SYNs are refused, so the resets and FINs that end the existing connections still pass.
+   SYNs are refused, so the resets and FINs that end the existing connections still pass; a
+   socket marked ``GATE_PASS_MARK`` passes too (``end_time_wait`` reopens from the host's side).
    Elements expire after ``GATE_TIMEOUT_S``, so a service that dies meanwhile gates no one for long.
-2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), and the sandbox's other
-   connections (the host's conntrack), TIME_WAITs it holds included, are waited for; then the
-   sandbox's own view (its /proc/net/tcp, through ``runsc exec``) must show no connected socket on
-   the veth either. (Ending the sandbox's TIME_WAITs early by reopening them from the host's port,
-   as RFC 1122 allows, left this netstack with a connected endpoint and a failed save: not done.)
-   envd keeps idle connections 650 s, so its clients close first and it holds no TIME_WAIT.
+2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), TIME_WAITs the sandbox holds
+   for host connections are ended (RFC 1122 reopen from the same host port), and the sandbox's other
+   connections (the host's conntrack) are waited for; then the sandbox's own view (its
+   /proc/net/tcp, through ``runsc exec``) must show no connected socket on the veth either.
 3. ``ungate`` once runsc checkpoint has returned, saved or not.
 
 Before 1, while the sandbox could still be reached, an in-flight connection could arrive after the
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -34,12 +34,12 @@ from pmoves_e2b.sandbox.backends.ns import network
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 
 GATE_TABLE = "pmoves_e2b_gate"
-GATE_RULES_VERSION = "v2"
+GATE_RULES_VERSION = "v1"
 GATE_TIMEOUT_S = 600  # longer than any checkpoint: the quiet wait (65 s) + runsc checkpoint (120 s)
-# How long no packet of a quiet sandbox may move a conntrack entry before it is saved: longer than
-# its netstack (a loaded, ptrace'd sentry) takes to process the last packets it was sent, and than
-# its first retransmission of a close the host's answer did not end (see ``quiet``).
-SETTLE_S = 2.0
+GATE_PASS_MARK = 0x0E2B0001
+# How long a quiet sandbox must stay quiet before it is saved: its netstack (a loaded, ptrace'd
+# sentry) processes the last packets it was sent within that (see ``quiet``).
+SETTLE_S = 0.5
 _SYN = "tcp flags & (syn | ack) == syn"
 GATE_RULESET = f"""
 table inet {GATE_TABLE} {{
@@ -47,7 +47,7 @@ table inet {GATE_TABLE} {{
   set gated4 {{ type ipv4_addr; flags timeout; }}
   chain output {{
     type filter hook output priority -20; policy accept;
-    ip daddr @gated4 {_SYN} reject with tcp reset
+    ip daddr @gated4 meta mark != {GATE_PASS_MARK:#x} {_SYN} reject with tcp reset
   }}
   chain input {{
     type filter hook input priority -20; policy accept;
@@ -108,49 +108,26 @@ def gated(net: SandboxNet) -> Iterator[None]:
 def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str]], wait_s: float) -> list[str]:
     """Under ``gate``: end the host's connections to the sandbox and wait up to ``wait_s`` until it
     holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view), and
-    no packet of it has moved a conntrack entry for ``SETTLE_S``: a close's last packets are then
-    processed by its netstack too (a save that came first found one in LAST_ACK and failed), and
-    one that was not retransmits, which moves its entry again. Returns what is still open at the
-    deadline ([] when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack
-    entries of its address were another sandbox's."""
+    then ``SETTLE_S`` more in which no packet of the sandbox moved a conntrack entry: the last
+    packets sent (resets, the final ACK of a close) are then processed by its netstack too, which
+    a save that came first would find mid-close. Returns what is still open at the deadline ([]
+    when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
+    its address were another sandbox's."""
     deadline = time.monotonic() + wait_s
     while True:
         reset_host_connections(net.address)
+        end_time_wait(net.address, net.host_address, since)
         busy = open_connections(net.address, net.host_address, since)
         if not busy:
-            busy = _settle(net.address, deadline)
-            busy = busy or [f"inside: {line}" for line in connected_inside()]
+            before = _entries(net.address)
+            time.sleep(SETTLE_S)
+            moved = _moved(before, _entries(net.address))
+            busy = moved or [f"inside: {line}" for line in connected_inside()]
             if not busy:
                 return []
         if time.monotonic() >= deadline:
             return busy
         time.sleep(0.25)
-
-
-def _settle(address: str, deadline: float) -> list[str]:
-    """Wait until no conntrack entry of ``address`` moved for ``SETTLE_S``; what moved last ([] when
-    settled) once ``deadline`` passed."""
-    entries, still_since = _entries(address), time.monotonic()
-    while time.monotonic() - still_since < SETTLE_S:
-        time.sleep(0.25)
-        now = _entries(address)
-        moved = _moved(entries, now)
-        entries = now
-        if moved:
-            if time.monotonic() >= deadline:
-                return moved
-            still_since = time.monotonic()
-    return []
-
-
-def describe(address: str) -> list[str]:
-    """The host's view of the sandbox's connections, for a failed save's log: conntrack's entries
-    (state, seconds left) and the host's sockets to it in TIME_WAIT."""
-    waiting = {pair for pair in _host_time_wait() if address in (pair[0], pair[2])}
-    return [
-        f"{':'.join(key[:2])} -> {':'.join(key[2:])} {state} {left:.0f}s"
-        for key, (state, left) in _entries(address).items()
-    ] + [f"host TIME_WAIT {a}:{b} -> {c}:{d}" for a, b, c, d in waiting]
 
 
 def _entries(address: str) -> dict[tuple[str, ...], tuple[str, float]]:
@@ -172,12 +149,53 @@ def _moved(
     ]
 
 
+def describe(address: str) -> list[str]:
+    """The host's view of the sandbox's connections, for a failed save's log: conntrack's entries
+    (state, seconds left) and the host's sockets to it in TIME_WAIT."""
+    entries = [
+        f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state} {left:.0f}s"
+        for state, left, t in _conntrack_tcp(address)
+    ]
+    waiting = [f"host TIME_WAIT {a}:{b} -> {c}:{d}" for a, b, c, d in _host_time_wait() if address in (a, c)]
+    return entries + waiting
+
+
 def reset_host_connections(address: str) -> None:
     """Reset every TCP connection between a host socket and ``address`` (SOCK_DESTROY via ``ss
     -K``): the host side is gone at once and the other end gets a RST, so it keeps no state."""
     proc = subprocess.run(["ss", "-K", "-t", "dst", address], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if proc.returncode != 0:
         raise network.NetworkError(f"ss -K failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def end_time_wait(address: str, host_address: str, since: float = 0.0) -> int:
+    """End the TIME_WAIT of connections from the host that ``address`` closed first (so its end
+    waits, the host's does not), as RFC 1122 allows: a new SYN from the same host port, with a
+    larger sequence number (Linux's grow with time), reopens the connection, which the host then
+    closes first. Its socket passes the gate (``GATE_PASS_MARK``). Returns how many it reopened."""
+    host_waiting = _host_time_wait()
+    reopened = 0
+    for src, sport, dst, dport in _young_time_wait(address, since):
+        if src != host_address or dst != address or (src, sport, dst, dport) in host_waiting:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, GATE_PASS_MARK)
+            sock.settimeout(3.0)
+            try:
+                sock.bind((src, sport))
+                sock.connect((dst, dport))
+            except OSError:
+                continue
+            reopened += 1
+            # Closed from the host's side, to the end: the sandbox's server accepts it, reads the
+            # EOF and closes too (a reset instead can leave its accept queue with a connected
+            # endpoint, which fails the save). The host's end then waits in TIME_WAIT.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+    return reopened
 
 
 def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
