@@ -61,6 +61,7 @@ SURVIVED_S = 2.0  # how long a sentry must outlive a failed save to count as ali
 
 
 SAVED = "checkpointed"  # handle detail between a checkpoint and its restore
+RESTORED_AT = "restored_at"  # handle detail: time.time() of the last restore in place
 REDIRECT_PORT = "redirectPort"  # handle detail: the port of its egress redirect's listener (domain rules)
 
 
@@ -182,7 +183,9 @@ class GvisorBackend(NsBackend):
             cg.freeze(False)
             time.sleep(0.05)  # the sentry's timers that fell due while frozen (TIME_WAIT ends) run
         root = Path(handle.details["runsc_root"])
-        since = float(handle.details.get("created_at", 0))
+        # conntrack's entries older than the sandbox's netstack (its start, or its last restore: a
+        # saved netstack held no connection on the veth) are not its connections
+        since = float(handle.details.get(RESTORED_AT, handle.details.get("created_at", 0)))
         # Gated from before the quiesce until runsc has returned: nothing can connect meanwhile.
         with quiesce.gated(net):
             unsavable = [line.strip() for line in self._shell(handle, net, savable.EPOLL_TCP_SCAN) if line.strip()]
@@ -242,6 +245,7 @@ class GvisorBackend(NsBackend):
         cg = self._cgroups(handle)
         net = SandboxNet.for_slot(int(handle.details["slot"]), handle.sandbox_id)
         network.readdress(net)
+        handle.details[RESTORED_AT] = time.time()
         self._run_runsc(handle.sandbox_id, handle.details, cg, net, image_dir)
         handle.details.pop(SAVED, None)
 

@@ -10,8 +10,9 @@ TIME_WAIT, and a refused save ends the sandbox. So before a checkpoint:
    SYNs are refused, so the resets and FINs that end the existing connections still pass; a
    socket marked ``GATE_PASS_MARK`` passes too (``end_time_wait`` reopens from the host's side).
    Elements expire after ``GATE_TIMEOUT_S``, so a service that dies meanwhile gates no one for long.
-2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), TIME_WAITs the sandbox holds
-   for host connections are ended (RFC 1122 reopen from the same host port), and the sandbox's other
+2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), TIME_WAITs the sandbox may
+   hold for host connections are ended (RFC 1122 reopen from the same host port; also where the
+   host's end waits in TIME_WAIT too: a simultaneous close), and the sandbox's other
    connections (the host's conntrack) are waited for; then the sandbox's own view (its
    /proc/net/tcp, through ``runsc exec``) must show no connected socket on the veth either.
 3. ``ungate`` once runsc checkpoint has returned, saved or not.
@@ -22,6 +23,7 @@ reset and before the save: that lost 3 sandboxes in ~15 checkpoints of E2B's own
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import socket
@@ -64,6 +66,10 @@ table inet {GATE_TABLE} {{
 CONNTRACK = Path("/proc/net/nf_conntrack")
 # A TCP endpoint that closed first waits this long in TIME_WAIT (gVisor's netstack, as Linux).
 PEER_TIME_WAIT_S = 60.0
+# A host SYN whose entry saw no packet for this long was never taken by the sandbox (see
+# ``open_connections``): netstack retransmits an unanswered SYN-ACK after 1 s.
+UNANSWERED_SYN_S = 3.0
+CONNTRACK_CLOCK_S = 2.0  # how much older than it is an entry's last packet may look (see ``quiet``)
 _OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
 _TUPLE = {"src", "dst", "sport", "dport"}
 
@@ -114,9 +120,13 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
     when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
     its address were another sandbox's."""
     deadline = time.monotonic() + wait_s
+    # conntrack shows whole seconds left (rounded down), so an entry's last packet looks up to a
+    # second older than it is: one from just after ``since`` must not pass for one from before
+    since -= CONNTRACK_CLOCK_S
+    reopened: set[tuple[str, int, str, int]] = set()
     while True:
         reset_host_connections(net.address)
-        end_time_wait(net.address, net.host_address, since)
+        end_time_wait(net.address, net.host_address, since, reopened)
         busy = open_connections(net.address, net.host_address, since)
         if not busy:
             before = _entries(net.address)
@@ -168,34 +178,74 @@ def reset_host_connections(address: str) -> None:
         raise network.NetworkError(f"ss -K failed: {proc.stderr.decode(errors='replace').strip()}")
 
 
-def end_time_wait(address: str, host_address: str, since: float = 0.0) -> int:
-    """End the TIME_WAIT of connections from the host that ``address`` closed first (so its end
-    waits, the host's does not), as RFC 1122 allows: a new SYN from the same host port, with a
-    larger sequence number (Linux's grow with time), reopens the connection, which the host then
-    closes first. Its socket passes the gate (``GATE_PASS_MARK``). Returns how many it reopened."""
-    host_waiting = _host_time_wait()
-    reopened = 0
-    for src, sport, dst, dport in _young_time_wait(address, since):
-        if src != host_address or dst != address or (src, sport, dst, dport) in host_waiting:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, GATE_PASS_MARK)
-            sock.settimeout(3.0)
-            try:
-                sock.bind((src, sport))
-                sock.connect((dst, dport))
-            except OSError:
-                continue
-            reopened += 1
-            # Closed from the host's side, to the end: the sandbox's server accepts it, reads the
-            # EOF and closes too (a reset instead can leave its accept queue with a connected
-            # endpoint, which fails the save). The host's end then waits in TIME_WAIT.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-                while sock.recv(4096):
-                    pass
-    return reopened
+def end_time_wait(
+    address: str, host_address: str, since: float = 0.0, reopened: set[tuple[str, int, str, int]] | None = None
+) -> int:
+    """End the TIME_WAIT the sandbox may hold for connections from the host, as RFC 1122 allows: a
+    new SYN from the same host port, with a larger sequence number (Linux's grow with time),
+    reopens the connection, which the host then closes first. Its socket passes the gate
+    (``GATE_PASS_MARK``). Returns how many it reopened.
+
+    Every young TIME_WAIT of conntrack between the host and the sandbox is reopened once per quiet
+    (``reopened``), also when the host's end waits in TIME_WAIT itself: that is a simultaneous
+    close (both FINs crossed, e.g. an HTTP client that closes as soon as it has read a
+    ``Connection: close`` answer), after which both ends wait, and which the host's view cannot
+    tell from a close the host made first. Those host sockets are destroyed first (``ss -K``, which
+    this kernel does for TIME_WAIT) so the port can connect again. A tuple reopened here ends with
+    the host closing first (it waits for the sandbox's FIN after its own), so it is done."""
+    done = reopened if reopened is not None else set()
+    pending = [
+        pair
+        for pair in _young_time_wait(address, since)
+        if pair[0] == host_address and pair[2] == address and pair not in done
+    ]
+    if not pending:
+        return 0
+    if any(pair in _host_time_wait() for pair in pending):
+        _destroy_host_time_wait(address)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(REOPEN_PARALLEL, len(pending))) as pool:
+        outcomes = list(pool.map(_reopen, pending))
+    # A SYN the sandbox did not answer (its TIME_WAIT saw a larger sequence number: the host sent
+    # more than its ISN clock advanced) is tried again; the TIME_WAIT ends by itself within 60 s.
+    done.update(pair for pair, outcome in zip(pending, outcomes, strict=True) if outcome != "timeout")
+    return outcomes.count("reopened")
+
+
+REOPEN_PARALLEL = 16
+
+
+def _destroy_host_time_wait(address: str) -> None:
+    proc = subprocess.run(
+        ["ss", "-K", "-t", "state", "time-wait", "dst", address], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    if proc.returncode != 0:
+        raise network.NetworkError(f"ss -K failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def _reopen(pair: tuple[str, int, str, int]) -> str:
+    src, sport, dst, dport = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, GATE_PASS_MARK)
+        sock.settimeout(3.0)
+        try:
+            sock.bind((src, sport))
+        except OSError:
+            return "timeout"  # the host's port is taken meanwhile: tried again
+        try:
+            sock.connect((dst, dport))
+        except TimeoutError:
+            return "timeout"
+        except OSError:
+            return "refused"  # nothing listens there any more: the SYN ended the TIME_WAIT all the same
+        # Closed from the host's side, to the end: the sandbox's server accepts it, reads the
+        # EOF and closes too (a reset instead can leave its accept queue with a connected
+        # endpoint, which fails the save). The host's end then waits in TIME_WAIT.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
+        return "reopened"
 
 
 def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
@@ -209,6 +259,8 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
     TIME_WAIT itself, or it is elsewhere and the entry entered TIME_WAIT less than 60 s ago (and
     after ``since``)."""
     established_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established").read_text())
+    syn_sent_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_syn_sent").read_text())
+    host_sockets = _host_sockets()
     found = [
         f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state}"
         for state, remaining, t in _conntrack_tcp(address)
@@ -217,6 +269,15 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
             state != "ESTABLISHED"
             or host_address not in (t["src"], t["dst"])
             or time.time() - (established_s - remaining) >= since
+        )
+        and not (
+            # A host SYN the sandbox never answered (sent while it was being restored, or the gate
+            # refused its retransmission) and whose host socket is gone: had the sandbox's netstack
+            # taken it, its SYN-ACK (retransmitted after 1 s) would have moved the entry on.
+            state == "SYN_SENT"
+            and t["src"] == host_address
+            and (t["src"], int(t["sport"]), t["dst"], int(t["dport"])) not in host_sockets
+            and syn_sent_s - remaining >= UNANSWERED_SYN_S
         )
     ]
     host_waiting = _host_time_wait()
@@ -263,13 +324,17 @@ def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
 
 def _host_time_wait() -> set[tuple[str, int, str, int]]:
     """(local, local port, remote, remote port) of the host's IPv4 TCP sockets in TIME_WAIT."""
-    found = set()
+    return {pair for pair, state in _host_sockets().items() if state == "06"}
+
+
+def _host_sockets() -> dict[tuple[str, int, str, int], str]:
+    """The host's IPv4 TCP sockets: (local, local port, remote, remote port) -> state (hex, as in
+    /proc/net/tcp)."""
+    found = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[3] != "06":
-            continue
         (local, lport), (remote, rport) = (field.split(":") for field in fields[1:3])
-        found.add((_hex_ip(local), int(lport, 16), _hex_ip(remote), int(rport, 16)))
+        found[(_hex_ip(local), int(lport, 16), _hex_ip(remote), int(rport, 16))] = fields[3]
     return found
 
 
