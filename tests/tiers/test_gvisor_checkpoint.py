@@ -324,7 +324,9 @@ def test_a_save_that_ends_the_sandbox_is_reported_not_hidden(gvisor_stack: tuple
         with pytest.raises(SandboxException, match="the sandbox ended") as caught:
             sbx.pause()
         assert time.monotonic() - started < 60
-        assert "save rejected" in str(caught.value)  # runsc's own reason is passed on
+        # runsc's own reason is passed on: which of its two refusals of that socket comes first
+        # depends on the order it encodes the sandbox's objects in
+        assert "save rejected" in str(caught.value) or "waiters upon save" in str(caught.value)
         with pytest.raises(NotFoundException, match="could not be saved"):
             Sandbox.get_info(sbx.sandbox_id)
         with pytest.raises(SandboxException, match="could not be saved"):
