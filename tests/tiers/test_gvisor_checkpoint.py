@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
@@ -316,6 +317,7 @@ def test_a_save_that_ends_the_sandbox_is_reported_not_hidden(gvisor_stack: tuple
     looks paused and never answers again)."""
     from e2b.exceptions import NotFoundException
 
+    stack, _ = gvisor_stack
     sbx = Sandbox.create(timeout=300)
     try:
         sbx.commands.run(HIDDEN_EPOLL, background=True, timeout=0)
@@ -327,7 +329,14 @@ def test_a_save_that_ends_the_sandbox_is_reported_not_hidden(gvisor_stack: tuple
         # runsc's own reason is passed on: which of its two refusals of that socket comes first
         # depends on the order it encodes the sandbox's objects in
         assert "save rejected" in str(caught.value) or "waiters upon save" in str(caught.value)
-        with pytest.raises(NotFoundException, match="could not be saved"):
+        # the API's 404 names the cause (the SDK's get_info words every 404 its own way)
+        answer = httpx.get(
+            f"{stack.sdk_env['E2B_API_URL']}/sandboxes/{sbx.sandbox_id}",
+            headers={"X-API-Key": stack.sdk_env["E2B_API_KEY"]},
+            timeout=30,
+        )
+        assert answer.status_code == 404 and "could not be saved" in answer.json()["message"], answer.text
+        with pytest.raises(NotFoundException):
             Sandbox.get_info(sbx.sandbox_id)
         with pytest.raises(SandboxException, match="could not be saved"):
             sbx.commands.run("true", request_timeout=30)  # through the proxy: its answer names the cause
