@@ -318,8 +318,10 @@ def started_stack(extra_env: dict[str, str] | None = None) -> Iterator[RunningSt
     except BaseException:
         stack.down()
         raise
-    yield stack
-    stop_and_clean(stack)
+    try:
+        yield stack
+    finally:  # a script's exception inside the block must not leave the stack running
+        stop_and_clean(stack)
 
 
 def stop_and_clean(stack: RunningStack) -> None:
