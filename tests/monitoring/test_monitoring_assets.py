@@ -121,10 +121,14 @@ def test_prometheus_scrapes_every_service_and_loads_the_rules(prometheus: str) -
     health: dict[str, str] = {}
     while time.monotonic() < deadline:
         try:
-            targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-            health = {target["labels"]["job"]: target["health"] for target in targets}
-            if len(health) == len(SERVICES) and set(health.values()) == {"up"}:
-                break
+            response = httpx.get(f"{prometheus}/api/v1/targets", timeout=5)
+            # a Prometheus still starting (on a busy machine, for seconds) answers 503 "Service Unavailable"
+            if response.status_code == 200:
+                health = {
+                    target["labels"]["job"]: target["health"] for target in response.json()["data"]["activeTargets"]
+                }
+                if len(health) == len(SERVICES) and set(health.values()) == {"up"}:
+                    break
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
