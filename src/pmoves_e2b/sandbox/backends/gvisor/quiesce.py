@@ -85,12 +85,7 @@ cat /proc/net/tcp 2>/dev/null | awk 'NR > 1 && $4 != "0A" {
 
 def ensure_table() -> None:
     """The gate's table, once per host (replaced when its version changed)."""
-    try:
-        listing = network.nft(f"list table inet {GATE_TABLE}")
-    except network.NetworkError:
-        listing = ""
-    if f"chain {GATE_RULES_VERSION} " not in listing:
-        network.nft((f"delete table inet {GATE_TABLE}\n" if listing else "") + GATE_RULESET)
+    network.ensure_table("inet", GATE_TABLE, GATE_RULES_VERSION, GATE_RULESET)
 
 
 def gate(net: SandboxNet) -> None:

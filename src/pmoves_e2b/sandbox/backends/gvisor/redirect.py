@@ -40,12 +40,7 @@ table ip {REDIRECT_TABLE} {{
 
 def ensure_tables() -> None:
     """The redirect table and the input exception (each only when missing or outdated)."""
-    try:
-        listing = network.nft(f"list table ip {REDIRECT_TABLE}")
-    except network.NetworkError:
-        listing = ""
-    if f"chain {REDIRECT_RULES_VERSION} " not in listing:
-        network.nft((f"delete table ip {REDIRECT_TABLE}\n" if listing else "") + REDIRECT_RULESET)
+    network.ensure_table("ip", REDIRECT_TABLE, REDIRECT_RULES_VERSION, REDIRECT_RULESET)
     if f"@{ACCEPT_SET}" not in network.nft(f"list chain inet {TABLE} input"):
         network.nft(
             f"add set inet {TABLE} {ACCEPT_SET} {{ type ifname . ipv4_addr . inet_service; }}\n"

@@ -235,12 +235,15 @@ def nft(script: str) -> str:
     return _nft.run(script)
 
 
-def _table_state(table: str = TABLE, version: str = RULES_VERSION) -> str:
+def ensure_table(family: str, table: str, version: str, ruleset: str) -> None:
+    """Create ``table`` from ``ruleset`` when missing, or replace it when its version chain (a chain
+    named ``version``) says it is outdated; a current one is left as it is (its sets keep their elements)."""
     try:
-        listing = nft(f"list table inet {table}")
+        listing = nft(f"list table {family} {table}")
     except NetworkError:
-        return "missing"
-    return "current" if f"chain {version} " in listing else "outdated"
+        listing = ""
+    if f"chain {version} " not in listing:
+        nft((f"delete table {family} {table}\n" if listing else "") + ruleset)
 
 
 def ensure_host_setup() -> None:
@@ -249,18 +252,12 @@ def ensure_host_setup() -> None:
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        state = _table_state()
-        if state != "current":
-            drop_old = f"delete table inet {TABLE}\n" if state == "outdated" else ""
-            nft(drop_old + RULESET)
         for table, version, ruleset in (
+            (TABLE, RULES_VERSION, RULESET),
             (EGRESS_TABLE, EGRESS_RULES_VERSION, EGRESS_RULESET),
             (CONNS_TABLE, CONNS_RULES_VERSION, CONNS_RULESET),
         ):
-            state = _table_state(table, version)
-            if state != "current":
-                drop_old = f"delete table inet {table}\n" if state == "outdated" else ""
-                nft(drop_old + ruleset)
+            ensure_table("inet", table, version, ruleset)
         resolvers = host_resolvers()
         for table in (TABLE, EGRESS_TABLE):
             elements = f"add element inet {table} resolvers4 {{ {', '.join(resolvers)} }}\n" if resolvers else ""
