@@ -20,9 +20,9 @@ platform), not by the host kernel: /proc/version, dmesg and the syscall surface 
 dir and stops it (its files stay in the upper dir); ``restore`` runs it again from the image,
 in place; a create whose template has a ``restore_image`` restores that image instead of
 booting (snapshots, forks, and a sandbox paused with memory, see lifecycle.py). gVisor's netstack
-cannot save a TCP connection to outside the sandbox (loopback ones it keeps): before a checkpoint
-the host's own connections to the sandbox are reset and the sandbox's other connections must
-have ended (``network.open_connections``), which is waited for up to ``QUIET_WAIT_S``.
+cannot save a TCP connection to outside the sandbox (loopback ones it keeps), TIME_WAIT included:
+before a checkpoint the host gates new connections and waits, up to ``QUIET_WAIT_S``, until the
+sandbox holds none (``quiesce.quiet``: recent TIME_WAITs are reopened and closed from the host).
 """
 
 from __future__ import annotations
