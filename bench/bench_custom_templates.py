@@ -26,20 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from measure import pct, timed  # noqa: E402
-from stack.harness import make_stack, stop_and_clean  # noqa: E402
+from stack.harness import link_shared_templates, make_stack, stop_and_clean  # noqa: E402
 
 from pmoves_e2b.config import SHARED_TEMPLATES_DIR  # noqa: E402
 
 
 def private_templates(shared: Path) -> Path:
-    root = Path(tempfile.mkdtemp(prefix="pmoves-bench-templates-"))
-    (root / "layers").mkdir()
-    for layer in (shared / "layers").iterdir():
-        if layer.is_dir() and not layer.name.startswith("."):
-            (root / "layers" / layer.name).symlink_to(layer)
-    for record in shared.glob("*.json"):
-        (root / record.name).write_text(record.read_text())
-    return root
+    return link_shared_templates(shared, Path(tempfile.mkdtemp(prefix="pmoves-bench-templates-")))
 
 
 def layer_bytes(root: Path, pattern: str) -> int:

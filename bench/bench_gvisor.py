@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.harness import SHARED_TEMPLATES_DIR, make_stack, stop_and_clean  # noqa: E402
+from stack.harness import SHARED_TEMPLATES_DIR, link_shared_templates, make_stack, stop_and_clean  # noqa: E402
 from tier_sdk import command_true, create_kill, pause_resume, row, run_code  # noqa: E402
 
 from pmoves_e2b.sandbox.backends.base import SandboxHandle, SandboxSpec  # noqa: E402
@@ -236,17 +236,6 @@ def snapshots(runs: int) -> tuple[list[float], list[float], list[float]]:
     return takes, restores, boots
 
 
-def private_templates(where: Path) -> Path:
-    """A templates dir of its own (the shared layers linked) that snapshots are written into."""
-    (where / "layers").mkdir(parents=True)
-    for layer in (SHARED_TEMPLATES_DIR / "layers").iterdir():
-        if layer.is_dir() and not layer.name.startswith("."):
-            (where / "layers" / layer.name).symlink_to(layer)
-    for record in SHARED_TEMPLATES_DIR.glob("*.json"):
-        (where / record.name).write_text(record.read_text())
-    return where
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
@@ -266,7 +255,9 @@ def main() -> None:
     row("GvisorBackend.checkpoint (gate, scans, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
     row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
     print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
-    templates = private_templates(Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates")
+    templates = link_shared_templates(
+        SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"
+    )
     stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
     try:
         stack.up()

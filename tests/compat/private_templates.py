@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stack.harness import link_shared_templates
 
 
 @contextmanager
@@ -17,12 +18,7 @@ def private_templates_stack(
 ) -> Iterator[tuple[Any, Path]]:
     """(stack, templates dir); the SDK's environment points at that stack meanwhile."""
     shared = Path(running_stack.settings_env["E2B_TEMPLATES_DIR"])
-    (where / "layers").mkdir(parents=True)
-    for layer in (shared / "layers").iterdir():
-        if layer.is_dir() and not layer.name.startswith("."):
-            (where / "layers" / layer.name).symlink_to(layer)
-    for record in shared.glob("*.json"):
-        (where / record.name).write_text(record.read_text())
+    link_shared_templates(shared, where)
     stack = stack_factory(extra_env={"E2B_TEMPLATES_DIR": str(where), "E2B_POOL_SIZE": "0", **extra_env})
     with pytest.MonkeyPatch.context() as patch:
         for name, value in stack.sdk_env.items():

@@ -340,3 +340,15 @@ def stop_and_clean(stack: RunningStack) -> None:
     assert result.returncode == 0, f"pmoves-e2b down failed: {result.stdout}{result.stderr}"
     assert not leftovers, f"processes left after down: {leftovers}"
     assert not mounts, f"mounts left under {stack.data_dir}: {mounts}"
+
+
+def link_shared_templates(shared: Path, where: Path) -> Path:
+    """``where`` as a templates dir of its own: ``shared``'s layers linked in, its records copied, so
+    builds and snapshots write only there."""
+    (where / "layers").mkdir(parents=True)
+    for layer in (shared / "layers").iterdir():
+        if layer.is_dir() and not layer.name.startswith("."):
+            (where / "layers" / layer.name).symlink_to(layer)
+    for record in shared.glob("*.json"):
+        (where / record.name).write_text(record.read_text())
+    return where
