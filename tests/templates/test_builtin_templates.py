@@ -67,6 +67,21 @@ def test_base_trusts_the_hosts_ca_certificates(templates_dir: Path) -> None:
     assert out.split()[:-1] == host_certs
 
 
+def test_the_login_shell_every_command_runs_in_starts_no_program_and_keeps_debians_path(templates_dir: Path) -> None:
+    # The SDK runs each command as `bash -l -c ...`: a program the profile starts is paid by every
+    # command (under gVisor ~8 ms each). `-x` traces each command the profile runs, `$(...)` included.
+    trace = "bash -l -x -c 'echo PATH=$PATH' 2>&1"
+    as_root = run("base", templates_dir, trace).splitlines()
+    as_user = run("base", templates_dir, f"runuser -u user -- {trace}").splitlines()
+    for lines in (as_root, as_user):
+        started = [line for line in lines if line.lstrip("+ ").startswith(("id ", "mesg "))]
+        assert not started, lines
+    root_path = next(line for line in as_root if line.startswith("PATH="))
+    user_path = next(line for line in as_user if line.startswith("PATH="))
+    assert root_path == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert user_path == "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+
+
 def test_envd_starts_from_its_launcher_and_answers_http(templates_dir: Path) -> None:
     port = free_port()
     out = run(
