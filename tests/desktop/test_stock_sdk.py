@@ -64,7 +64,7 @@ def desktop(running_stack: RunningStack) -> Iterator[Sandbox]:
         box.kill()
 
 
-def test_screen_size_screenshot_and_pointer(desktop: Sandbox) -> None:
+def test_screen_size_screenshot_and_pointer(desktop: Sandbox, tier: str) -> None:
     assert desktop.get_screen_size() == SIZE
     first = _shot(desktop)
     assert first.size == SIZE and not is_blank(first)
@@ -76,7 +76,7 @@ def test_screen_size_screenshot_and_pointer(desktop: Sandbox) -> None:
     desktop.right_click(600, 400)  # xfdesktop's menu opens, its corner at the pointer
     desktop.wait(500)
     menu = _wait(lambda: _menu_shown(desktop, before), "the desktop menu")
-    save_shot("sdk-right-click.png", _png(menu))
+    save_shot(f"sdk-right-click-{tier}.png", _png(menu))
     desktop.press("escape")
     desktop.left_click(700, 500)
     desktop.double_click(710, 510)
@@ -98,7 +98,7 @@ def test_typing_and_keys_land_in_the_editor(desktop: Sandbox) -> None:
     desktop.press(["ctrl", "q"])
 
 
-def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
+def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox, tier: str) -> None:
     page = "/home/user/hello.html"
     desktop.files.write(page, "<title>pmoves-open-check</title><h1 style='font-size:120px'>Hello</h1>")
     before = _shot(desktop)
@@ -111,7 +111,7 @@ def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
         return shot if changed_fraction(before, shot) > 0.05 else None
 
     shown = _wait(page_drawn, "the page to be drawn on the screen")
-    save_shot("sdk-open.png", _png(shown))
+    save_shot(f"sdk-open-{tier}.png", _png(shown))
     # and a URL served inside the sandbox
     desktop.files.write("/home/user/site/index.html", "<title>pmoves-url-check</title><h1>Served</h1>")
     server = desktop.commands.run("python3 -m http.server 8765 --directory /home/user/site", background=True)
@@ -123,14 +123,14 @@ def test_open_shows_a_page_from_inside_the_sandbox(desktop: Sandbox) -> None:
         server.kill()
 
 
-def test_stream_of_one_window_without_auth(running_stack: RunningStack, desktop: Sandbox) -> None:
+def test_stream_of_one_window_without_auth(running_stack: RunningStack, desktop: Sandbox, tier: str) -> None:
     """stream.start(require_auth=False, window_id=...): x11vnc serves that window alone. (Runs
     before the authenticated stream: SDK 2.7.2 keeps auth on for later streams once enabled.)"""
     path = f"/home/user/win-{uuid.uuid4().hex[:8]}.txt"
     window = _edit(desktop, path, "one window")
     desktop.stream.start(require_auth=False, window_id=window)
     try:
-        _, framebuffer = _stream_canvas(running_stack, desktop.stream.get_url(), "sdk-stream-window.png")
+        _, framebuffer = _stream_canvas(running_stack, desktop.stream.get_url(), f"sdk-stream-window-{tier}.png")
         geometry = desktop.commands.run(f"xdotool getwindowgeometry --shell {window}", envs={"DISPLAY": ":0"}).stdout
         fields = dict(line.split("=", 1) for line in geometry.split())
         assert framebuffer == (int(fields["WIDTH"]), int(fields["HEIGHT"])) != SIZE  # the window alone
@@ -139,13 +139,15 @@ def test_stream_of_one_window_without_auth(running_stack: RunningStack, desktop:
         desktop.press(["ctrl", "q"])
 
 
-def test_stream_url_shows_the_live_desktop_in_chromium(running_stack: RunningStack, desktop: Sandbox) -> None:
+def test_stream_url_shows_the_live_desktop_in_chromium(
+    running_stack: RunningStack, desktop: Sandbox, tier: str
+) -> None:
     desktop.stream.start(require_auth=True)
     try:
         key = desktop.stream.get_auth_key()
         url = desktop.stream.get_url(auth_key=key)
         assert url.startswith(f"https://6080-{desktop.sandbox_id}.")
-        _, framebuffer = _stream_canvas(running_stack, url, "sdk-stream.png")
+        _, framebuffer = _stream_canvas(running_stack, url, f"sdk-stream-{tier}.png")
         assert framebuffer == SIZE
         # require_auth means it: the same URL with a wrong key shows no desktop
         assert _stream_refused(running_stack, desktop.stream.get_url(auth_key="wrong-key"))
