@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,15 +141,41 @@ class SandboxCgroups:
             raise CgroupError(f"cgroup {self.unified} did not reach frozen={want} within {timeout}s")
 
     def wait_empty(self, timeout: float) -> bool:
-        return _wait(lambda: not self.populated(), timeout)
+        return self._wait_event("populated", "0", timeout)
+
+    def _wait_event(self, key: str, want: str, timeout: float) -> bool:
+        """Until ``cgroup.events`` says ``key want``, asleep in poll(): the kernel wakes it when a
+        value there changes (a teardown waited in a loop of reads before, ~0.4 ms of CPU each)."""
+        deadline = time.monotonic() + timeout
+        try:
+            fd = os.open(self.unified / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return want == "0"  # no group: nothing runs in it, nothing is frozen
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI)
+            while True:
+                os.lseek(fd, 0, os.SEEK_SET)
+                events = dict(line.split(" ", 1) for line in os.read(fd, 4096).decode().splitlines())
+                if events.get(key) == want:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                poller.poll(min(remaining, 0.05) * 1000)  # capped: a change is never missed for long
+        finally:
+            os.close(fd)
 
     def kill(self, timeout: float = 5.0) -> bool:
         """SIGKILL every process (frozen ones too) and wait until the groups are empty."""
+        deadline = time.monotonic() + timeout
         try:
             _write(self.unified / "cgroup.kill", "1")
         except FileNotFoundError:
             pass
-        return _wait(lambda: not self.populated() and not self._v1_tasks(), timeout)
+        return self._wait_event("populated", "0", timeout) and _wait(
+            lambda: not self._v1_tasks(), max(0.0, deadline - time.monotonic())
+        )
 
     def _v1_tasks(self) -> bool:
         for path in (self.memory, self.cpu, self.pids):
