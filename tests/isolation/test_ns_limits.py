@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 from isolation.ns_harness import Sandboxes
@@ -89,6 +92,46 @@ def test_each_sandbox_gets_a_fresh_disk(sandboxes: Sandboxes) -> None:
         assert stats.disk_used_bytes < 8 * 1024 * 1024, stats
         fill = sandboxes.run(handle, "/bin/dd", "if=/dev/zero", "of=/home/user/f", "bs=1M", "count=48", uid=1000)
         assert fill["rc"] == 0, fill
+
+
+def _loop_bound_to(image: Path) -> list[str]:
+    bound = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip().removesuffix(" (deleted)") == str(image):
+                bound.append(backing.parent.parent.name)
+        except OSError:
+            pass  # detached meanwhile
+    return bound
+
+
+def test_destroy_returns_once_the_disk_is_detached(sandboxes: Sandboxes) -> None:
+    """The unmount can return before the kernel lets go of the disk (here a host process still has a
+    file of it open; after a sandbox's end it is a kernel worker's last put of its mount namespace):
+    destroy waits for the loop device's release, so nothing of the sandbox is left when it returns."""
+    handle = sandboxes.create(disk_mb=32)
+    sandbox_dir = Path(handle.details["runtime_dir"])
+    image, disk = sandbox_dir / "disk.img", sandbox_dir / "rw"
+    assert _loop_bound_to(image)
+    holder = os.open(disk / "envd.log", os.O_RDONLY)
+    left_at_return: list[str] = []
+
+    def destroy() -> None:
+        sandboxes.destroy(handle)
+        left_at_return.extend(_loop_bound_to(image))
+
+    destroyer = threading.Thread(target=destroy)
+    try:
+        destroyer.start()
+        while os.path.ismount(disk) and destroyer.is_alive():
+            time.sleep(0.01)
+        time.sleep(0.3)  # destroy would have returned by now if it did not wait for the device
+        assert destroyer.is_alive()
+    finally:
+        os.close(holder)
+        destroyer.join(timeout=30)
+    assert not destroyer.is_alive() and left_at_return == []
+    assert not image.exists() and not _loop_bound_to(image)
 
 
 def test_cpu_quota_throttles(sandboxes: Sandboxes) -> None:

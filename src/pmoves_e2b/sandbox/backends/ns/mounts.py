@@ -6,14 +6,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import struct
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pmoves_e2b.sandbox.backends.base import BackendError
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
@@ -74,10 +78,68 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
 
 
 def unmount_sandbox(sandbox_dir: Path) -> None:
-    for mountpoint in (sandbox_dir / "m", sandbox_dir / "pts", sandbox_dir / "rw"):
+    """Unmount the sandbox's trees, then wait until its disk's loop device is detached."""
+    disk = sandbox_dir / "rw"
+    loop = _loop_device_of(disk) if os.path.ismount(disk) else None
+    for mountpoint in (sandbox_dir / "m", sandbox_dir / "pts", disk):
         umount(mountpoint)
         if os.path.ismount(mountpoint):
             raise BackendError(f"{mountpoint} is still mounted")
+    if loop is not None:
+        _wait_detached(loop, sandbox_dir / "disk.img")
+
+
+LOOP_DETACH_TIMEOUT = 2.0  # s; the kernel worker takes ms: longer means another mount namespace holds it
+
+
+def _loop_device_of(mountpoint: Path) -> str | None:
+    """The loop device (``loopN``) a mounted disk is on; None for a tmpfs disk."""
+    dev = os.stat(mountpoint).st_dev
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    return name if name.startswith("loop") else None
+
+
+def _backs(backing_file: Path, image: Path) -> bool:
+    try:
+        return backing_file.read_text().strip().removesuffix(" (deleted)") == str(image)
+    except OSError:
+        return False  # detached meanwhile: the attribute goes with the binding
+
+
+def _wait_detached(loop: str, image: Path) -> None:
+    """Until ``loop`` no longer backs ``image`` (bounded). The lazy unmount returns before the
+    kernel lets go of the device whenever it was not the last reference to the disk's file system:
+    when the sandbox's mount namespace went last, a kernel worker puts its final mount a moment
+    later (a destroy that returned at once left the device attached, which the leak check saw); a
+    host process with a file of the disk open keeps it until it closes that. A mount namespace some
+    other process made while the disk was mounted (``unshare -m``, ``ip netns exec``) holds a copy
+    of the mount for as long as it lives: not the sandbox's to end, so past the bound destroy goes
+    on and autoclear detaches the device once that copy goes. Sleeps 1, 2, 4 ... 32 ms between looks."""
+    backing_file = Path("/sys/block", loop, "loop", "backing_file")
+    deadline = time.monotonic() + LOOP_DETACH_TIMEOUT
+    delay = 0.001
+    while _backs(backing_file, image):
+        if time.monotonic() >= deadline:
+            log.warning(
+                "/dev/%s still holds %s %.0fs after the unmount (%s); it detaches itself when they let go",
+                loop, image, LOOP_DETACH_TIMEOUT, _holders(loop) or "a file of it is open on the host",
+            )  # fmt: skip
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.032)
+
+
+def _holders(loop: str) -> str:
+    """Processes whose mount namespace still has ``loop`` mounted (one per namespace), for the log."""
+    found: dict[str, str] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            if namespace not in found and f" /dev/{loop} " in Path(f"/proc/{pid}/mountinfo").read_text():
+                found[namespace] = f"pid {pid} {Path(f'/proc/{pid}/comm').read_text().strip()}"
+        except OSError:
+            continue  # gone meanwhile
+    return "mounted in the namespace of " + ", ".join(found.values()) if found else ""
 
 
 def mount_disk(image: Path, target: Path, disk_mb: int) -> None:
