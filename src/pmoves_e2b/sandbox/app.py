@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Any:
     _export_capacity(settings)
     api_key = settings.e2b_api_key.get_secret_value() if settings.e2b_api_key else None
     keys = ApiKeys(db, api_key)
+    snapshots = Snapshots(manager, settings.e2b_templates_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Any:
         app.state.outbox = relay
         relay.start()
         await manager.start()
+        await snapshots.collect()  # forks that ended while the service was down, or a crash mid-fork
         tls_server = asyncio.create_task(_serve_tls(settings, outer), name="tls-listener")
         try:
             yield
@@ -123,7 +125,7 @@ def create_app(settings: Settings | None = None) -> Any:
         health_checks=[DependencyCheck("database", database_up, hard=True)],
         routers=[
             build_router(manager, keys, settings.public_domain),
-            build_snapshot_router(Snapshots(manager, settings.e2b_templates_dir), keys, Shapes(settings.public_domain)),
+            build_snapshot_router(snapshots, keys, Shapes(settings.public_domain)),
             build_template_router(
                 keys.authenticate,
                 settings.e2b_templates_dir,

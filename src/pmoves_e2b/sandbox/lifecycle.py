@@ -198,6 +198,10 @@ class SandboxManager:
         self._reserved_mb = 0  # their memory, counted against the memory budget
         # Called with a sandbox id once it is frozen (the proxy fails its requests in flight).
         self.pause_listeners: list[Callable[[str], None]] = []
+        # Awaited with a killed sandbox's template id once it is torn down (snapshots.py collects
+        # the hidden snapshot behind forks when its last fork is gone).
+        self.end_listeners: list[Callable[[str], Awaitable[None]]] = []
+        self._ending: dict[str, _Live] = {}  # killed, teardown in flight: their mounts still read their layers
         self.egress = EgressProxy()
 
     async def _store(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -937,8 +941,27 @@ class SandboxManager:
         self._update_memory_metric()
         await self.egress.stop(sandbox_id)
         # Teardown (netns deletion alone takes ~30 ms) runs off the request path.
-        self._spawn(self._destroy_and_forget(live.handle))
+        self._ending[sandbox_id] = live
+        self._spawn(self._end(sandbox_id, live))
         self.events_written()
+
+    async def _end(self, sandbox_id: str, live: _Live) -> None:
+        try:
+            await self._destroy_and_forget(live.handle)
+        finally:
+            self._ending.pop(sandbox_id, None)
+        for listener in self.end_listeners:
+            try:
+                await listener(live.template_id)
+            except Exception:
+                log.exception("a listener of sandbox ends failed", extra={"sandbox_id": sandbox_id})
+
+    def in_use(self) -> tuple[set[str], set[str]]:
+        """The template ids and the layer dirs of every sandbox that lives (running or paused) or
+        is still being torn down: what no collection of snapshots may remove."""
+        lives = [*self._live.values(), *self._ending.values()]
+        layers = {str(layer) for live in lives for layer in live.handle.details.get("layers") or ()}
+        return {live.template_id for live in lives}, layers
 
     async def _destroy_and_forget(self, handle: SandboxHandle) -> None:
         """A killed sandbox's end: its processes and mounts, then the files it was paused with."""

@@ -3,19 +3,28 @@
 A snapshot is a template record in the templates dir: its layers are a new layer holding the
 sandbox's file changes on top of the layers the sandbox ran on, and its ``snapshot`` entry says
 where it came from. ``Sandbox.create(snapshot_id)`` makes sandboxes from it like from any template;
-E2B's ``delete_snapshot`` is ``DELETE /templates/{id}`` (its layer then goes with
-``pmoves-e2b template prune``).
+E2B's ``delete_snapshot`` is ``DELETE /templates/{id}`` (its layer and memory image go with it).
 
 Filesystem snapshots (the SDK's mode 'filesystem') work on every tier whose backend exports files;
 their sandboxes boot fresh from the files. Snapshots with memory (the SDK's default, and forks)
 need a tier that checkpoints; their sandboxes restore the memory image instead of booting.
+
+A fork is a hidden memory snapshot (``fork-`` names, not listed) and sandboxes created from it.
+No user deletes it, so ``Snapshots.collect`` does: once no sandbox lives on it (a fork that ended,
+failed to start, or died while the stack was down; a paused fork still runs on its layer), its
+record, memory image and layer go, the layer only when no other snapshot builds on it. It runs
+after a fork, after each sandbox's teardown, and at the service's start (a crash mid-fork).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import os
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +34,23 @@ from pmoves_e2b.sandbox.errors import BadRequest, Conflict
 from pmoves_e2b.sandbox.lifecycle import INIT_SECRET_FILE, CreateRequest, SandboxManager, new_sandbox_id
 from pmoves_e2b.sandbox.templates.errors import TemplateNotFound
 from pmoves_e2b.sandbox.templates.rootfs import remove_tree
-from pmoves_e2b.sandbox.templates.store import TEMPLATE_NAME, layers_dir, read_record, referenced_layers, write_record
+from pmoves_e2b.sandbox.templates.store import (
+    TEMPLATE_NAME,
+    layers_dir,
+    read_record,
+    records_locked,
+    referenced_layers,
+    write_record,
+)
 from pmoves_e2b.store.models import SandboxRow
 
 UNNAMED_PREFIX = "snapshot-"
 FORK_PREFIX = "fork-"
 MAX_FORKS = 20
+# A snapshot's layer is "snapshot-<snapshot id>-<suffix>", staged as ".tmp-<that>"; its image "<id>-<suffix>".
+FORK_LAYER = f"snapshot-{FORK_PREFIX}"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,10 +71,52 @@ class Snapshots:
     def __init__(self, manager: SandboxManager, templates_dir: Path) -> None:
         self.manager = manager
         self.templates_dir = templates_dir
+        # Takes and forks in flight write files no record names yet: collect waits for none.
+        self._busy = 0
+        self._wanted = False  # a collect came while busy: the last one out runs it
+        self._collecting = asyncio.Lock()
+        manager.end_listeners.append(self._sandbox_ended)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, collect_after: bool = False) -> AsyncIterator[None]:
+        async with self._collecting:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self._wanted = self._wanted or collect_after
+            if not self._busy and self._wanted:
+                await self.collect()
+
+    async def _sandbox_ended(self, template_id: str) -> None:
+        if template_id.startswith(FORK_PREFIX):
+            await self.collect()
+
+    async def collect(self) -> None:
+        """Remove the hidden snapshots behind forks that no sandbox lives on any more (see the
+        module's docstring), and what a crash left of one; errors are logged, never raised."""
+        async with self._collecting:
+            if self._busy:
+                self._wanted = True
+                return
+            self._wanted = False
+            templates, layers = self.manager.in_use()
+            try:
+                removed = await asyncio.to_thread(collect_forks, self.templates_dir, templates, layers)
+            except Exception:
+                log.exception("collecting the snapshots of ended forks failed")
+                return
+        if removed:
+            log.info("removed what ended forks left", extra={"paths": removed})
 
     async def take(self, sandbox_id: str, name: str | None, memory: bool, fork: bool = False) -> SnapshotInfo:
         """Snapshot a running or paused sandbox; a ``name`` that is a snapshot already gets the new one."""
         self.manager.get(sandbox_id)  # 404 before anything is written
+        async with self._writing():
+            return await self._take(sandbox_id, name, memory, fork)
+
+    async def _take(self, sandbox_id: str, name: str | None, memory: bool, fork: bool) -> SnapshotInfo:
         if name is not None:
             self._check_name(name)
         prefix = FORK_PREFIX if fork else UNNAMED_PREFIX
@@ -106,6 +168,8 @@ class Snapshots:
             raise BadRequest(
                 f"invalid snapshot name {name!r}: use lowercase letters, digits, '.', '_' and '-' (max 63)"
             )
+        if name.startswith(FORK_PREFIX):  # the hidden snapshots of forks, collected when they end
+            raise BadRequest(f"invalid snapshot name {name!r}: names starting with '{FORK_PREFIX}' are reserved")
         try:
             record = read_record(self.templates_dir, name)
         except TemplateNotFound:
@@ -138,7 +202,14 @@ class Snapshots:
         source = self.manager.get(sandbox_id)
         if source.state != "running":
             raise Conflict(f"sandbox '{sandbox_id}' is paused; resume it (connect) before forking it")
-        info = await self.take(sandbox_id, None, memory=True, fork=True)
+        # Collected after: the snapshot goes at once when none of its forks started.
+        async with self._writing(collect_after=True):
+            return await self._fork(sandbox_id, source, count, timeout_s, api_key_id)
+
+    async def _fork(
+        self, sandbox_id: str, source: SandboxRow, count: int, timeout_s: int | None, api_key_id: str
+    ) -> list[Any]:
+        info = await self._take(sandbox_id, None, memory=True, fork=True)
         network = self.manager.network(sandbox_id)
         results: list[SandboxRow | BaseException] = await asyncio.gather(
             *(
@@ -166,12 +237,57 @@ class Snapshots:
 
 def remove_snapshot_files(templates_dir: Path, record: dict[str, Any]) -> None:
     """The files of a deleted snapshot: its own layer (unless a snapshot taken of one of its
-    sandboxes builds on it) and its memory image."""
-    own = record["layers"][0]
-    if own not in referenced_layers(templates_dir):
-        remove_tree(layers_dir(templates_dir) / own)
+    sandboxes builds on it) and its memory image; and the layer of a fork's hidden snapshot it
+    built on that nothing else names any more (that snapshot itself went with its last fork)."""
+    referenced = referenced_layers(templates_dir)
+    own, *below = record["layers"]
+    for layer in [own, *(name for name in below if name.startswith(FORK_LAYER))]:
+        if layer not in referenced:
+            _remove_entry(layers_dir(templates_dir) / layer)
     if record.get("restore_image"):
         remove_tree(Path(record["restore_image"]))
+
+
+def collect_forks(templates_dir: Path, used_templates: set[str], used_layers: set[str]) -> list[str]:
+    """Remove the records of forks' hidden snapshots that no sandbox uses (``used_templates``:
+    template ids of live sandboxes), then every fork layer (staged or not) that no record names and
+    no sandbox runs on (``used_layers``: their layer dirs), and every fork memory image no record
+    names. Only while no snapshot is being taken. Returns what went, relative to ``templates_dir``."""
+    removed: list[str] = []
+    with records_locked(templates_dir):
+        for path in sorted(templates_dir.glob(f"{FORK_PREFIX}*.json")):
+            try:
+                record = read_record(templates_dir, path.stem)
+            except TemplateNotFound:
+                continue
+            if (record.get("snapshot") or {}).get("fork") and record["name"] not in used_templates:
+                path.unlink()
+                removed.append(path.name)
+        records = [json.loads(path.read_text()) for path in templates_dir.glob("*.json")]
+    referenced = referenced_layers(templates_dir)
+    images = {Path(record["restore_image"]).name for record in records if record.get("restore_image")}
+    running_on = {Path(layer).name for layer in used_layers}
+    layers_root = layers_dir(templates_dir)
+    for path in sorted(layers_root.glob(f"*{FORK_LAYER}*")) if layers_root.is_dir() else []:
+        name = path.name.removeprefix(".tmp-")
+        if name.startswith(FORK_LAYER) and path.name not in referenced and path.name not in running_on:
+            _remove_entry(path)
+            removed.append(f"{layers_root.name}/{path.name}")
+    images_root = templates_dir / "snapshots"
+    for path in sorted(images_root.glob(f"{FORK_PREFIX}*")) if images_root.is_dir() else []:
+        if path.name not in images:
+            remove_tree(path)
+            removed.append(f"{images_root.name}/{path.name}")
+    return removed
+
+
+def _remove_entry(path: Path) -> None:
+    """A layer: a dir, or a link to one in another templates dir (``link_shared_templates``), whose
+    target is that dir's to keep."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        remove_tree(path)
 
 
 def _remove(layer: Path, image_dir: Path | None) -> None:
