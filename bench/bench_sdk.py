@@ -12,8 +12,9 @@ creates per second (4 clients in a create+kill loop); idle memory per sandbox; h
 sandboxes were alive at once. ``--netns-ab`` also runs the pool-off rows with
 ``E2B_NETNS_REUSE=false`` (a netns made and destroyed per sandbox). ``--before`` also runs the
 pool-off rows with ``E2B_ENVD_ZYGOTE=false`` (every sandbox starts its own envd, as before the
-zygote); ``--before-tree DIR`` runs them from an older checkout. The sustained rows print the CPU
-per create+kill of every process involved.
+zygote); ``--before-tree DIR`` runs them from an older checkout (``--before-templates DIR``: with the
+templates, e.g. an envd layer, built from it). The sustained rows print the CPU per create+kill of
+every process involved and the minor page faults of the sandboxes and zygotes.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def _proc_cpu_ms(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) * TICK_MS, (int(fields[13]) + int(fields[14])) * TICK_MS
 
 
+def _proc_minor_faults(pid: int) -> tuple[int, int]:
+    """(own, reaped children's) minor page faults of a process: mostly copy-on-write after a fork."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[8])
+
+
 def _zygote_pids() -> list[int]:
     host_pid_ns, found = os.readlink("/proc/self/ns/pid"), []
     for entry in Path("/proc").iterdir():
@@ -109,6 +116,14 @@ def cpu_snapshot(stack) -> dict[str, float]:  # type: ignore[no-untyped-def]
             "client": (me.user + me.system) * 1000, "machine busy (all users)": busy}  # fmt: skip
 
 
+def fault_snapshot(stack) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Minor page faults so far: e2b-sandbox's reaped children (the sandboxes: bwrap, its init and
+    the forked envd it reaps) and the envd zygotes with their reaped forks."""
+    zygotes = [_proc_minor_faults(pid) for pid in _zygote_pids()]
+    return {"its children + sandboxes": _proc_minor_faults(stack.service_pid("sandbox"))[1],
+            "envd zygotes": sum(own + children for own, children in zygotes)}  # fmt: skip
+
+
 def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  # type: ignore[no-untyped-def]
     """``clients`` threads each creating and killing sandboxes in a loop: (creates, creates per second).
     With ``stack``, also prints the CPU per create of each process involved."""
@@ -127,6 +142,7 @@ def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  #
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
     before = cpu_snapshot(stack) if stack is not None else {}
+    faults_before = fault_snapshot(stack) if stack is not None else {}
     load = os.getloadavg()[0]
     started = time.perf_counter()
     for thread in threads:
@@ -145,6 +161,9 @@ def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  #
         ours = sum(value for name, value in per.items() if name != "machine busy (all users)")
         parts = ", ".join(f"{name} {value:.1f}" for name, value in per.items())
         print(f"  CPU ms per create+kill: {parts}; ours {ours:.1f} (load average {load:.1f} at start)", flush=True)
+        faults = fault_snapshot(stack)
+        parts = ", ".join(f"{name} {(faults[name] - faults_before[name]) / sum(done):.0f}" for name in faults)
+        print(f"  minor page faults per create+kill: {parts}", flush=True)
     return sum(done), sum(done) / elapsed
 
 
@@ -327,6 +346,11 @@ def main() -> int:
         action="store_true",
         help="also the pool-off rows with E2B_NETNS_REUSE=false (a netns and veth made and destroyed per sandbox)",
     )
+    parser.add_argument(
+        "--before-templates",
+        type=Path,
+        help="the templates dir of the --before-tree run (an envd layer built from that tree)",
+    )
     parser.add_argument("--skip-held", action="store_true")
     parser.add_argument("--cold-only", action="store_true", help="only the pool-off rows")
     parser.add_argument(
@@ -347,7 +371,8 @@ def main() -> int:
     limits = {"E2B_MAX_SANDBOXES": str(most), "E2B_MEMORY_BUDGET_MB": str(most * 2048)}
     if options.before_tree:
         os.environ["PYTHONPATH"] = str(options.before_tree.resolve() / "src")
-        before = make_stack({"E2B_POOL_SIZE": "0", **limits})
+        templates = {"E2B_TEMPLATES_DIR": str(options.before_templates)} if options.before_templates else {}
+        before = make_stack({"E2B_POOL_SIZE": "0", **limits, **templates})
         try:
             before.up(timeout=300)
             measure_cold(before, options, bases, label=f" (before: {options.before_tree})")

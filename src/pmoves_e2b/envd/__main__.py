@@ -3,7 +3,8 @@
 Environment: ``ENVD_INIT_SECRET`` (when set, ``POST /init`` needs header
 ``X-Envd-Init-Secret`` equal to it), ``ENVD_DEFAULT_USER`` (default ``user`` if it exists, else
 ``root``). With ``ENVD_ZYGOTE=<fd>`` (set by the host) this process is the template's zygote
-(``zygote.py``): it imports everything, then forks one envd per sandbox with these options.
+(``zygote.py``): it imports everything and makes uvicorn's config, then forks one envd per
+sandbox with these options.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import importlib.util
 import os
 import sys
 import types
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from pmoves_e2b.envd import ENVD_PORT
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def _skip_connectrpc_version_lookup() -> None:
@@ -37,35 +43,56 @@ def main(argv: list[str] | None = None) -> None:
     if zygote_fd is not None:
         from .zygote import serve
 
-        serve(int(zygote_fd), run_envd=lambda: _run(options), preload=_preload)
+        serve(int(zygote_fd), prepare=lambda: _prepare(options))
         return
-    _run(options)
-
-
-def _preload() -> None:
-    """What envd imports before it listens, so a zygote's children start with it in memory."""
     _skip_connectrpc_version_lookup()
-    import uvicorn.lifespan.on
+    from .app import EnvdApp
+
+    _serve(_config(options, EnvdApp()))
+
+
+class _DeferredApp:
+    """The ASGI app of a zygote's uvicorn config, made before the fork: envd's app itself is made
+    in the forked envd, which reads the sandbox's environment (its secret) that the zygote never has."""
+
+    app: Callable[[Any, Any, Any], Awaitable[None]]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def _prepare(options: argparse.Namespace) -> Callable[[], None]:
+    """In the zygote, once: import what envd imports and make uvicorn's config (its logging set up,
+    protocol classes loaded), so that no fork spends CPU on it or copies the pages it would write
+    (a fork writes most of what it touches: copy-on-write faults were a third of a forked envd's
+    CPU). Returns what a fork runs to become envd."""
+    _skip_connectrpc_version_lookup()
+    import encodings.idna  # noqa: F401 - binding the host name encodes it with the idna codec
+
     import uvicorn.loops.auto
-    import uvicorn.protocols.http.auto
     import uvicorn.server
-
-    from . import app  # noqa: F401
-
-    if importlib.util.find_spec("httptools"):
-        import uvicorn.protocols.http.httptools_impl
-    if importlib.util.find_spec("uvloop"):
-        import uvicorn.loops.uvloop  # noqa: F401
-
-
-def _run(options: argparse.Namespace) -> None:
-    _skip_connectrpc_version_lookup()
-    import uvicorn
 
     from .app import EnvdApp
 
-    uvicorn.run(
-        EnvdApp(),
+    if importlib.util.find_spec("uvloop"):
+        import uvicorn.loops.uvloop  # noqa: F401
+    options.host.encode("idna")  # the codec lookup is cached from here on
+    deferred = _DeferredApp()
+    config = _config(options, deferred)
+    config.load()
+
+    def run() -> None:
+        deferred.app = EnvdApp()
+        _serve(config)
+
+    return run
+
+
+def _config(options: argparse.Namespace, app: Any) -> uvicorn.Config:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
         host=options.host,
         port=options.port,
         log_level=options.log_level,
@@ -79,6 +106,18 @@ def _run(options: argparse.Namespace) -> None:
         # Processes are killed at shutdown; do not wait for streams that never end.
         timeout_graceful_shutdown=1,
     )
+
+
+def _serve(config: uvicorn.Config) -> None:
+    """``uvicorn.run`` from a made config: serve, and exit 3 (uvicorn's startup failure) when the
+    server never started (e.g. the port is taken)."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

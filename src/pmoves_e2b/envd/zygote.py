@@ -2,7 +2,8 @@
 
 Started by the host (``ENVD_ZYGOTE=<fd>``, see the ns backend's ``zygote.py``) as host root on a
 read-only view of the template's envd and os layers alone, so every path it imported from is the
-same path inside a sandbox. It imports envd, uvicorn and the protocol classes once, then serves
+same path inside a sandbox. It imports envd, uvicorn and the protocol classes and makes uvicorn's
+config once (with its collector off, then frozen: a child copies only the pages it writes), then serves
 one request per sandbox on the unix socket ``fd``: a message whose SCM_RIGHTS fds are
 
     pidfd of the sandbox's pid 1, its netns, its four ``cgroup.procs``, envd's log, the write end
@@ -10,11 +11,12 @@ one request per sandbox on the unix socket ``fd``: a message whose SCM_RIGHTS fd
 
 and answers one status byte. The config (the env with ``ENVD_INIT_SECRET``, uid, limits) is read
 only after the fork, so no sandbox's secret ever sits in the zygote's memory, which every later
-sandbox inherits. The fork (``_enter``) is, in order: join the sandbox's cgroups and netns (host
-root), lower rlimits, drop to the sandbox's host uid, ``setns`` into its user, mount, pid, ipc, uts
-and cgroup namespaces through the pidfd (the owner of that user namespace may), the capabilities,
-no_new_privs and seccomp filter bwrap gave the launcher, then a double fork so envd is a child of
-the sandbox's own init. envd writes a line on the alive pipe when it runs; the launcher restarts
+sandbox inherits. The fork is made in the sandbox's pid namespace (the zygote's children's for
+that one fork); the child (``_enter``), in order: joins the sandbox's cgroups and netns (host root),
+lowers rlimits, drops to the sandbox's host uid, ``setns``es into its user, mount, pid, ipc, uts and
+cgroup namespaces through the pidfd (the owner of that user namespace may), takes the capabilities,
+no_new_privs and seccomp filter bwrap gave the launcher, then forks envd and exits, so envd is a
+child of the sandbox's own init. envd writes a line on the alive pipe when it runs; the launcher restarts
 it cold when the pipe ends (and starts one cold when no line came: the zygote failed).
 The zygote is single-threaded: a process with threads cannot join a user namespace.
 """
@@ -123,10 +125,6 @@ def _enter(fds: list[int], seccomp: bytes, run_envd: Callable[[], None]) -> None
     _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
     _load_seccomp(seccomp)
     _check(_prctl(PR_SET_DUMPABLE, 1), "dumpable")  # as an envd bwrap started: /proc/<envd> is root's inside
-    middle = os.fork()  # the first child in the sandbox's pid namespace
-    if middle:
-        os.waitpid(middle, 0)
-        os._exit(0)
     if os.fork():  # envd's parent exits: the sandbox's init adopts it, as it adopts everything there
         os._exit(0)
     os.setsid()
@@ -137,14 +135,18 @@ def _enter(fds: list[int], seccomp: bytes, run_envd: Callable[[], None]) -> None
     raise SystemExit(0)
 
 
-def serve(sock_fd: int, run_envd: Callable[[], None], preload: Callable[[], None]) -> None:
-    """The zygote's loop: one fork per request, until the host closes the socket."""
+def serve(sock_fd: int, prepare: Callable[[], Callable[[], None]]) -> None:
+    """The zygote's loop: one fork per request, until the host closes the socket. ``prepare`` runs
+    once before the first (imports, uvicorn's config) and returns what a fork runs as envd."""
     sock = socket.socket(fileno=sock_fd)
     seccomp = _read_all(int(os.environ.pop("ENVD_ZYGOTE_SECCOMP_FD")))
-    preload()
+    gc.disable()  # no collection while it imports: they would only be undone by the freeze below
+    run_envd = prepare()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     gc.collect()
     gc.freeze()  # imported objects move out of the collector's reach: fewer pages copied per child
+    gc.enable()
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     sock.sendall(b"r")
     while True:
         if threading.active_count() != 1:
@@ -159,7 +161,7 @@ def serve(sock_fd: int, run_envd: Callable[[], None], preload: Callable[[], None
         try:
             if len(fds) != FDS_PER_REQUEST:
                 raise ValueError(f"expected {FDS_PER_REQUEST} fds, got {len(fds)}")
-            child = os.fork()
+            child = _fork_into_pid_namespace(fds[0], own_pid_ns)
             if child == 0:
                 code = 1
                 try:
@@ -178,3 +180,17 @@ def serve(sock_fd: int, run_envd: Callable[[], None], preload: Callable[[], None
             for fd in fds:
                 os.close(fd)
         sock.sendall(status)
+
+
+def _fork_into_pid_namespace(pidfd: int, own_pid_ns: int) -> int:
+    """fork(), the child already in the sandbox's pid namespace, so that it needs one fork more
+    (not two) for envd to be adopted by the sandbox's init: a fork copies the zygote's page tables
+    and its exit tears them down, CPU per sandbox. Nothing but the launcher runs in a sandbox yet."""
+    _check(_libc.setns(pidfd, CLONE_NEWPID), "setns pid for children")
+    child = -1
+    try:
+        child = os.fork()
+    finally:
+        if child != 0:  # the zygote's own later children are its own namespace's again
+            _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns back to the zygote's pid namespace")
+    return child
