@@ -258,6 +258,7 @@ def envd_launcher(python: str = "/usr/bin/python3", env: dict[str, str] | None =
     # by the host from the template's envd zygote: the launcher opens pipe R, says it runs on pipe W, and
     # envd (the only writer of R) writes a line when it runs; R's end is its exit. No line = no envd
     # came (the zygote failed): start one here. ENVD_ZYGOTE: this is the zygote itself (host side).
+    # The uptime is read with the shell's own read: a $(cut ...) was a fork and an exec per start.
     extra = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in (env or {}).items())
     script = f"""#!/bin/sh
 export ENVD_SUDO_SOCKET={SUDO_SOCKET} PYTHONPATH={ENVD_SITE} ENVD_STATE_FILE={ENVD_STATE_FILE}
@@ -266,7 +267,8 @@ quick=0
 forked=$ENVD_FORKED_FD
 unset ENVD_FORKED_FD
 while :; do
-    started=$(cut -d. -f1 /proc/uptime)
+    read -r up _ </proc/uptime
+    started=${{up%%.*}}
     if [ -n "$forked" ]; then
         exec 3</proc/self/fd/${{forked%,*}}
         printf x >/proc/self/fd/${{forked#*,}}
@@ -283,7 +285,8 @@ while :; do
         {python} -m pmoves_e2b.envd "$@"
         status=$? code=$?
     fi
-    if [ $(($(cut -d. -f1 /proc/uptime) - started)) -lt 60 ]; then quick=$((quick + 1)); else quick=1; fi
+    read -r up _ </proc/uptime
+    if [ $((${{up%%.*}} - started)) -lt 60 ]; then quick=$((quick + 1)); else quick=1; fi
     if [ ! -s "$ENVD_STATE_FILE" ] || [ "$quick" -ge 3 ]; then
         echo "envd launcher: envd exited (status $status); not restarting it, the sandbox ends" >&2
         kill -KILL -1
@@ -314,7 +317,7 @@ ENVD_LAYER = LayerSpec(
             retries=NETWORK_RETRIES,
         ),
         Step("envd sources", _envd_sources, ENVD_SITE),
-        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v4"),
+        Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v5"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
     ),
     inputs=lambda host: _package_digest("envd"),
