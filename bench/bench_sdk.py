@@ -14,7 +14,8 @@ sandboxes were alive at once. ``--netns-ab`` also runs the pool-off rows with
 pool-off rows with ``E2B_ENVD_ZYGOTE=false`` (every sandbox starts its own envd, as before the
 zygote); ``--before-tree DIR`` runs them from an older checkout (``--before-templates DIR``: with the
 templates, e.g. an envd layer, built from it). The sustained rows print the CPU per create+kill of
-every process involved and the minor page faults of the sandboxes and zygotes.
+every process involved, the minor page faults of the sandboxes and zygotes, and the CPU inside the
+sandboxes' cgroups (the forked envd included, which no reaped-children sum has).
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ def cpu_snapshot(stack) -> dict[str, float]:  # type: ignore[no-untyped-def]
             "client": (me.user + me.system) * 1000, "machine busy (all users)": busy}  # fmt: skip
 
 
+def sandbox_cgroups_cpu_ms(stack) -> float:  # type: ignore[no-untyped-def]
+    """CPU so far of everything that ran in the stack's ns sandboxes' cgroups (bwrap, the launcher
+    and the forked envd, ended ones included: a removed group's usage stays in its parent). The
+    forked envd is in no reaped-children sum: the sandbox's init is killed before it reaps it."""
+    from pmoves_e2b.sandbox.backends.ns import cgroups
+
+    runtime_dir = (stack.data_dir / "sandboxes").resolve()
+    name = f"pmoves-e2b-{hashlib.sha256(str(runtime_dir).encode()).hexdigest()[:10]}"
+    total = 0.0
+    for parent in cgroups.existing_parent_dirs(name):
+        if parent.is_relative_to(cgroups.CGROUP_ROOT / cgroups.UNIFIED):
+            stat = dict(line.split() for line in (parent / "cpu.stat").read_text().splitlines())
+            total += int(stat["usage_usec"]) / 1000
+    return total
+
+
 def fault_snapshot(stack) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Minor page faults so far: e2b-sandbox's reaped children (the sandboxes: bwrap, its init and
     the forked envd it reaps) and the envd zygotes with their reaped forks."""
@@ -143,6 +160,7 @@ def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  #
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
     before = cpu_snapshot(stack) if stack is not None else {}
     faults_before = fault_snapshot(stack) if stack is not None else {}
+    sandboxes_before = sandbox_cgroups_cpu_ms(stack) if stack is not None else 0.0
     load = os.getloadavg()[0]
     started = time.perf_counter()
     for thread in threads:
@@ -164,6 +182,8 @@ def sustained(clients: int, seconds: float, stack=None) -> tuple[int, float]:  #
         faults = fault_snapshot(stack)
         parts = ", ".join(f"{name} {(faults[name] - faults_before[name]) / sum(done):.0f}" for name in faults)
         print(f"  minor page faults per create+kill: {parts}", flush=True)
+        inside = (sandbox_cgroups_cpu_ms(stack) - sandboxes_before) / sum(done)
+        print(f"  CPU ms per create+kill in the sandboxes' cgroups (bwrap, launcher, envd): {inside:.1f}", flush=True)
     return sum(done), sum(done) / elapsed
 
 
