@@ -1,8 +1,7 @@
 """The gvisor isolation tier: its create against raw ``runsc run`` of the same rootfs, and through
 the stock SDKs beside the ns tier of the same stack.
 
-Run as root: ``.venv/bin/python bench/bench_gvisor.py [--runs 8] [--command-runs 30]`` (with
-``--checkpoints-only``: the checkpoint rows alone).
+Run as root: ``.venv/bin/python bench/bench_gvisor.py [--runs 8] [--command-runs 30]``.
 Baselines from the same run:
 - raw runsc: ``runsc run --detach`` (ptrace, host network in a bare netns, no cgroups) of the base
   template's layers as an overlay on a tmpfs upper, until envd accepts TCP; then kill and delete.
@@ -237,46 +236,13 @@ def snapshots(runs: int) -> tuple[list[float], list[float], list[float]]:
     return takes, restores, boots
 
 
-def checkpoints_only(runs: int) -> None:
-    """The checkpoint rows alone: the backend's beside raw runsc on one sandbox, then the SDK's
-    pause (a checkpoint to disk) and create_snapshot() on a stack, beside the same raw runsc."""
-    pauses = backend_pauses(runs)
-    row("raw runsc checkpoint (baseline)", pauses["raw checkpoint"])
-    row("GvisorBackend.checkpoint (gate, scan, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
-    row("raw runsc restore -> envd listens (baseline)", pauses["raw restore"])
-    row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
-    print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
-    templates = link_shared_templates(
-        SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"
-    )
-    stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
-    try:
-        stack.up()
-        os.environ.update(stack.sdk_env)
-        gv_pause, gv_resume = pause_resume("gvisor", runs)
-        snap_takes, _, _ = snapshots(runs)
-    finally:
-        stop_and_clean(stack)
-        shutil.rmtree(templates.parent, ignore_errors=True)
-    row("gvisor: pause (checkpoint) vs raw runsc", gv_pause, "raw runsc checkpoint", pauses["raw checkpoint"])
-    row("gvisor: resume (restore) vs raw runsc", gv_resume, "raw runsc restore", pauses["raw restore"])
-    row("gvisor: create_snapshot() (checkpoint+restore)", snap_takes, "raw runsc checkpoint", pauses["raw checkpoint"])
-    print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--command-runs", type=int, default=30)
     parser.add_argument("--pause-runs", type=int, default=5)
-    parser.add_argument(
-        "--checkpoints-only", action="store_true", help="only the checkpoint rows: backend, SDK pause and snapshot"
-    )
     options = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
-    if options.checkpoints_only:
-        checkpoints_only(options.pause_runs)
-        return
     raw = raw_runsc(options.runs)
     ours = backend_creates(options.runs)
     row("raw runsc run --detach -> envd listens (baseline)", raw)
@@ -286,7 +252,7 @@ def main() -> None:
     row("GvisorBackend.resume (thaw, baseline)", pauses["thaw"])
     row("raw runsc checkpoint (baseline)", pauses["raw checkpoint"])
     row("raw runsc restore -> envd listens (baseline)", pauses["raw restore"])
-    row("GvisorBackend.checkpoint (gate, scan, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
+    row("GvisorBackend.checkpoint (gate, scans, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
     row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
     print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
     templates = link_shared_templates(

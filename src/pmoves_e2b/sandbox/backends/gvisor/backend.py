@@ -53,6 +53,7 @@ READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, ma
 # thread or stub creation (under ns only the offending process fails). Root inside is exempt from
 # RLIMIT_NPROC. The host and other sandboxes carry on either way.
 HOST_PIDS_PER_PROCESS = 12
+REAP_WAIT_S = 5.0
 # A connection the sandbox closed first keeps its end in TIME_WAIT for 60 s, and a checkpoint
 # would fail on it (and end the sandbox): wait that long for them, no longer.
 QUIET_WAIT_S = 65.0
@@ -187,7 +188,13 @@ class GvisorBackend(NsBackend):
         since = float(handle.details.get(RESTORED_AT, handle.details.get("created_at", 0)))
         # Gated from before the quiesce until runsc has returned: nothing can connect meanwhile.
         with quiesce.gated(net):
-            busy = quiesce.quiet(net, since, lambda: self._scan(handle, net), QUIET_WAIT_S)
+            unsavable = [line.strip() for line in self._shell(handle, net, savable.EPOLL_TCP_SCAN) if line.strip()]
+            if unsavable:
+                raise CheckpointRefused(
+                    f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
+                    f"(they wait on them with epoll): {'; '.join(unsavable[:3])}"
+                )
+            busy = quiesce.quiet(net, since, lambda: self._shell(handle, net, quiesce.CONNECTED_SCAN), QUIET_WAIT_S)
             if busy:
                 raise CheckpointRefused(
                     f"sandbox {handle.sandbox_id} keeps {len(busy)} TCP connection(s) open that gVisor cannot save "
@@ -216,22 +223,12 @@ class GvisorBackend(NsBackend):
                 raise
         handle.details.pop("child_pid", None)
         self._stop_processes(handle.sandbox_id, handle.details, cg)
-        runsc.forget(root)  # not runsc delete: it waits until they are reaped (see _stop_processes)
+        runsc.delete(root, net.netns_path, handle.sandbox_id)
         handle.state = "paused"
 
-    def _scan(self, handle: SandboxHandle, net: SandboxNet) -> list[str]:
-        """The sandbox's own view (``quiesce.INSIDE_SCAN``): its connected TCP sockets on the veth;
-        CheckpointRefused when a process holds both an epoll instance and a TCP socket."""
+    def _shell(self, handle: SandboxHandle, net: SandboxNet, script: str) -> list[str]:
         root = Path(handle.details["runsc_root"])
-        output = runsc.shell(root, net.netns_path, handle.sandbox_id, quiesce.INSIDE_SCAN)
-        lines = [line.strip() for line in output.split("\n")]
-        unsavable = [line.removeprefix(quiesce.EPOLL_TAG) for line in lines if line.startswith(quiesce.EPOLL_TAG)]
-        if unsavable:
-            raise CheckpointRefused(
-                f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
-                f"(they wait on them with epoll): {'; '.join(unsavable[:3])}"
-            )
-        return [line.removeprefix(quiesce.CONNECTED_TAG) for line in lines if line.startswith(quiesce.CONNECTED_TAG)]
+        return [line for line in runsc.shell(root, net.netns_path, handle.sandbox_id, script).split("\n") if line]
 
     def _sentry_alive(self, handle: SandboxHandle) -> bool:
         """After a failed save: is the sentry still there a moment later (a sentry that refused the
@@ -289,8 +286,11 @@ class GvisorBackend(NsBackend):
         # runsc's state (its root, in the sandbox dir) goes with the dir; nothing else is left.
         if cg.frozen():
             cg.freeze(False)
+        pids = cg.pids_in()
         if not cg.kill():
             raise BackendError(f"processes still in {cg.unified} after cgroup.kill")
-        # Done once they are dead, not once reaped: runsc's processes were orphaned to the host's
-        # init (runsc run --detach), which reaps them when it will (~1.5 s on this machine's). A
-        # zombie holds nothing but its pid, and the cgroups are removed with zombies left in them.
+        # runsc's processes were orphaned to the host's init (runsc run --detach); until it reaps
+        # them (~1.5 s here) they are zombies that still name the sandbox's cgroups. Done means gone.
+        deadline = time.monotonic() + REAP_WAIT_S
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -14,7 +14,7 @@ TIME_WAIT, and a refused save ends the sandbox. So before a checkpoint:
    hold for host connections are ended (RFC 1122 reopen from the same host port; also where the
    host's end waits in TIME_WAIT too: a simultaneous close), and the sandbox's other
    connections (the host's conntrack) are waited for; then the sandbox's own view (its
-   /proc/net/tcp, ``INSIDE_SCAN``) must show no connected socket on the veth either.
+   /proc/net/tcp, through ``runsc exec``) must show no connected socket on the veth either.
 3. ``ungate`` once runsc checkpoint has returned, saved or not.
 
 Before 1, while the sandbox could still be reached, an in-flight connection could arrive after the
@@ -73,39 +73,13 @@ CONNTRACK_CLOCK_S = 2.0  # how much older than it is an entry's last packet may 
 _OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
 _TUPLE = {"src", "dst", "sport", "dport"}
 
-# Run inside the sandbox (one ``runsc exec``: each costs ~30 ms under ptrace, and so does each
-# process the script starts, hence one find and one awk for all processes):
-# - "tcp: st local remote" (hex as in /proc/net/tcp) for each TCP socket that is neither listening
-#   nor on loopback; gVisor lists the sockets that processes hold;
-# - "epoll: pid command" for each process holding both an epoll instance and a TCP socket, which
-#   this runsc cannot save (``savable.py``).
-CONNECTED_TAG = "tcp: "
-EPOLL_TAG = "epoll: "
-INSIDE_SCAN = r"""
-find /proc/[0-9]*/fd -type l -printf '%h %l\n' 2>/dev/null | awk '
-function scan(file, v4,   line, f, l, r) {
-  while ((getline line < file) > 0) {
-    split(line, f, " ")
-    if (f[10] ~ /^[0-9]+$/) inode[f[10]] = 1
-    if (v4 && f[4] ~ /^[0-9A-F][0-9A-F]$/ && f[4] != "0A") {
-      split(f[2], l, ":"); split(f[3], r, ":")
-      if (substr(l[1], 7, 2) != "7F" && substr(r[1], 7, 2) != "7F") print "tcp:", f[4], f[2], f[3]
-    }
-  }
-  close(file)
-}
-BEGIN { scan("/proc/net/tcp", 1); scan("/proc/net/tcp6", 0) }
-{
-  split($1, p, "/"); pid = p[3]
-  if ($2 ~ /eventpoll/) epoll[pid] = 1
-  else if ($2 ~ /^socket:\[/ && substr($2, 9, length($2) - 9) in inode) tcp[pid] = 1
-}
-END { for (pid in epoll) if (pid in tcp) print "epoll-pid:", pid }' | while read -r tag rest; do
-  case $tag in
-    epoll-pid:) echo "epoll: $rest $(tr '\0' ' ' < "/proc/$rest/cmdline" | cut -c1-80)" ;;
-    *) echo "$tag $rest" ;;
-  esac
-done
+# Run inside the sandbox: its TCP sockets that are neither listening nor on loopback ("st local
+# remote", hex as in /proc/net/tcp). gVisor lists the sockets that processes hold.
+CONNECTED_SCAN = r"""
+cat /proc/net/tcp 2>/dev/null | awk 'NR > 1 && $4 != "0A" {
+  split($2, l, ":"); split($3, r, ":")
+  if (substr(l[1], 7, 2) != "7F" && substr(r[1], 7, 2) != "7F") print $4, $2, $3
+}'
 """
 
 
@@ -138,16 +112,13 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
     then ``SETTLE_S`` more in which no packet of the sandbox moved a conntrack entry: the last
     packets sent (resets, the final ACK of a close) are then processed by its netstack too, which
     a save that came first would find mid-close. Returns what is still open at the deadline ([]
-    when quiet). ``connected_inside`` runs at least once, also when the sandbox is never quiet:
-    what it raises (a sandbox that cannot be saved at all) ends the wait at once. ``since``
-    (time.time()) is when the sandbox started: older conntrack entries of its address were
-    another sandbox's."""
+    when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
+    its address were another sandbox's."""
     deadline = time.monotonic() + wait_s
     # conntrack shows whole seconds left (rounded down), so an entry's last packet looks up to a
     # second older than it is: one from just after ``since`` must not pass for one from before
     since -= CONNTRACK_CLOCK_S
     reopened: set[tuple[str, int, str, int]] = set()
-    scanned = False
     while True:
         reset_host_connections(net.address)
         end_time_wait(net.address, net.host_address, since, reopened)
@@ -157,12 +128,8 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
             time.sleep(SETTLE_S)
             moved = _moved(before, _entries(net.address))
             busy = moved or [f"inside: {line}" for line in connected_inside()]
-            scanned = scanned or not moved
             if not busy:
                 return []
-        if not scanned:  # its refusals (the backend's scan raises them) come now, not after the wait
-            connected_inside()
-            scanned = True
         if time.monotonic() >= deadline:
             return busy
         time.sleep(0.25)

@@ -6,7 +6,7 @@ and select wait only during the call (the save interrupts it), so they are fine.
 (uvloop when present): ``install`` writes a ``.pth`` into the sandbox's upper dir that, only in
 the process started with ``ENVD_ENV`` set (envd, which the variable then leaves: its children do
 not inherit it), makes asyncio use ``selectors.PollSelector`` and keeps uvloop (libuv's epoll)
-away. Other programs are left alone: ``quiesce.INSIDE_SCAN`` (run inside by the backend before each
+away. Other programs are left alone: ``EPOLL_TCP_SCAN`` (run inside by the backend before each
 checkpoint) names the processes that hold both an epoll instance and a TCP socket, and the
 checkpoint is then refused (e.g. the code interpreter: libzmq's TCP sockets are in epoll).
 """
@@ -30,6 +30,20 @@ PTH_LINE = (
     )
     + f") if os.environ.pop({ENVD_ENV!r}, None) else None\n"
 )
+# Prints "pid command" for each process holding an epoll instance and a TCP socket.
+EPOLL_TCP_SCAN = r"""
+tcp=$(cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk 'NR > 1 && $10 != "" { print $10 }' | sort -u)
+for dir in /proc/[0-9]*; do
+    links=$(ls -l "$dir/fd" 2>/dev/null) || continue
+    case "$links" in *eventpoll*) ;; *) continue ;; esac
+    for inode in $(printf '%s\n' "$links" | sed -n 's/.*socket:\[\([0-9]*\)\].*/\1/p'); do
+        if printf '%s\n' "$tcp" | grep -qx "$inode"; then
+            echo "${dir#/proc/} $(tr '\0' ' ' < "$dir/cmdline" | cut -c1-80)"
+            break
+        fi
+    done
+done
+"""
 
 
 def install(upper: Path) -> None:
