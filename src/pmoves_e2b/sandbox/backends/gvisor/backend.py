@@ -53,6 +53,7 @@ READY_TIMEOUT_S = 30.0  # envd's Python start under ptrace takes ~1.3 s idle, ma
 # thread or stub creation (under ns only the offending process fails). Root inside is exempt from
 # RLIMIT_NPROC. The host and other sandboxes carry on either way.
 HOST_PIDS_PER_PROCESS = 12
+REAP_WAIT_S = 5.0
 # A connection the sandbox closed first keeps its end in TIME_WAIT for 60 s, and a checkpoint
 # would fail on it (and end the sandbox): wait that long for them, no longer.
 QUIET_WAIT_S = 65.0
@@ -222,7 +223,7 @@ class GvisorBackend(NsBackend):
                 raise
         handle.details.pop("child_pid", None)
         self._stop_processes(handle.sandbox_id, handle.details, cg)
-        runsc.forget(root)  # not runsc delete: it waits until they are reaped (see _stop_processes)
+        runsc.delete(root, net.netns_path, handle.sandbox_id)
         handle.state = "paused"
 
     def _shell(self, handle: SandboxHandle, net: SandboxNet, script: str) -> list[str]:
@@ -285,8 +286,11 @@ class GvisorBackend(NsBackend):
         # runsc's state (its root, in the sandbox dir) goes with the dir; nothing else is left.
         if cg.frozen():
             cg.freeze(False)
+        pids = cg.pids_in()
         if not cg.kill():
             raise BackendError(f"processes still in {cg.unified} after cgroup.kill")
-        # Done once they are dead, not once reaped: runsc's processes were orphaned to the host's
-        # init (runsc run --detach), which reaps them when it will (~1.5 s on this machine's). A
-        # zombie holds nothing but its pid, and the cgroups are removed with zombies left in them.
+        # runsc's processes were orphaned to the host's init (runsc run --detach); until it reaps
+        # them (~1.5 s here) they are zombies that still name the sandbox's cgroups. Done means gone.
+        deadline = time.monotonic() + REAP_WAIT_S
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -156,13 +156,6 @@ def delete(root: Path, netns_path: Path, container_id: str) -> None:
     call(root, netns_path, "delete", "--force", container_id)
 
 
-def forget(root: Path) -> None:
-    """What ``delete`` does once every process of the sandbox is dead (killed with its cgroups):
-    its state files go (``root`` is this sandbox's alone). ``delete`` itself waits until the
-    sentry and gofer are reaped, which the host's init, their parent, may take its time with."""
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def _last_line(stderr: bytes) -> str:
     """runsc's message: its last line, or the first one that says what failed (a failed checkpoint
     prints a Go stack after it)."""
