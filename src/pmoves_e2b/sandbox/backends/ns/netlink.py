@@ -6,7 +6,7 @@ to the netns it was made in, so ``network.py`` calls these on its setns'd thread
   ``ss -K``, unless one listens (only the host can still hold a listener); one dump per family;
 - ``flush_tcp_metrics``: the per-destination TCP metrics cache (RTT, cwnd, Fast Open cookies: which
   hosts the netns talked to), as ``ip tcp_metrics flush all``;
-- ``nft_table_count``: tables of nftables in the netns; ``inet_set_has``: one element lookup;
+- ``nft_table_count``: tables of nftables in the netns;
 - ``flush_conntrack`` / ``delete_conntrack_from``: connection tracking entries, all of the netns's
   or those one address started;
 - ``add_veth``, ``add_address``, ``set_up``, ``add_default_route``: what ``ip link/addr/route add``
@@ -45,10 +45,7 @@ TCP_METRICS_CMD_DEL = 2
 
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
-NFT_MSG_GETTABLE, NFT_MSG_GETSETELEM = 1, 13
-NFPROTO_INET = 1
-NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
+NFT_MSG_GETTABLE = 1
 CTA_TUPLE_ORIG, CTA_ZONE, CTA_FILTER = 1, 18, 25
 CTA_TUPLE_IP, CTA_IP_V4_SRC = 1, 1
 CTA_FILTER_ORIG_FLAGS, CTA_FILTER_FLAG_CTA_IP_SRC = 1, 1
@@ -189,25 +186,6 @@ def _nfgen(family: int) -> bytes:
 def nft_table_count() -> int:
     with _Socket(NETLINK_NETFILTER) as nfnl:
         return len(nfnl.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_DUMP, _nfgen(socket.AF_UNSPEC)))
-
-
-def inet_set_has(table: str, set_name: str, address: str) -> bool:
-    """Whether the set of an ``inet`` table holds an IPv4 address (one lookup; libnftables would
-    first fetch the ruleset, ~1.7 ms)."""
-    key = _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, ipaddress.IPv4Address(address).packed))
-    payload = (
-        _nfgen(NFPROTO_INET)
-        + _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-        + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, _attr(NFTA_LIST_ELEM | NLA_F_NESTED, key))
-    )
-    with _Socket(NETLINK_NETFILTER) as nfnl:
-        try:
-            return bool(nfnl.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_ACK, payload))
-        except NetlinkError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
 
 
 def flush_conntrack() -> None:

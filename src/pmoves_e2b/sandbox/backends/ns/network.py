@@ -681,11 +681,6 @@ def _clean_inside(net: SandboxNet) -> str:
     return ""
 
 
-def _has_counted_connections(net: SandboxNet) -> bool:
-    """Whether the address has an element in ``conns4`` (connections it started through the host)."""
-    return netlink.inet_set_has(CONNS_TABLE, "conns4", net.address)
-
-
 def recycle(net: SandboxNet) -> str:
     """Clean the netns of a sandbox whose processes are all gone and keep it under the slot's free
     name (``free_netns``), veth, addresses and routes included; "" when done, else why not (the
@@ -695,14 +690,11 @@ def recycle(net: SandboxNet) -> str:
     what this clears. Not for a netns runsc or QEMU used (they change its interfaces)."""
     if not Path(f"/sys/class/net/{net.host_veth}").exists() or not net.netns_path.exists():
         return "its veth or netns is gone"
-    started = _has_counted_connections(net)
     forget(net)
-    if started:
-        # the host's tracking of what it started (its NAT mappings): late replies must not reach
-        # the next one. Without a conns4 element nothing it started is open (each forwarded
-        # connection adds it, and it goes only when its count is 0), so the walk of the host's
-        # whole table (~7 ms) is skipped; closed TCP entries may stay (a late segment gets a reset).
-        netlink.delete_conntrack_from(net.address)
+    # the host's tracking of what it started (its NAT mappings), closed connections' entries
+    # included: a late segment of the previous sandbox's connection must not reach the next one.
+    # (Skipping this walk when no connection was open left TIME_WAIT entries: a CI run saw one.)
+    netlink.delete_conntrack_from(net.address)
     why = in_netns(net.netns_path, lambda: _clean_inside(net), "recycle")
     if why:
         return why
