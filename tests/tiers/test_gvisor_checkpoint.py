@@ -13,7 +13,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,8 @@ import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox as CodeSandbox
-from stack.harness import SHARED_TEMPLATES_DIR
 
 from pmoves_e2b.sandbox.backends.gvisor import runsc
-from tests.compat.private_templates import private_templates_stack
 
 pytestmark = [
     pytest.mark.stack,
@@ -43,17 +40,6 @@ HOLDER = (
     '    open("/tmp/count", "w").write(str(n))\n'
     "    time.sleep(0.2)\n'"
 )
-
-
-class _Shared:
-    settings_env = {"E2B_TEMPLATES_DIR": str(SHARED_TEMPLATES_DIR)}
-
-
-@pytest.fixture()
-def gvisor_stack(stack_factory: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
-    """A gvisor-default stack with its own templates dir (snapshots are written there)."""
-    with private_templates_stack(stack_factory, _Shared(), tmp_path / "templates", E2B_ISOLATION="gvisor") as found:
-        yield found
 
 
 def _count(sbx: Sandbox) -> int:

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,13 @@ import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
-from stack.harness import SHARED_TEMPLATES_DIR
 
 from pmoves_e2b.sandbox.backends.gvisor import runsc
-from tests.compat.private_templates import private_templates_stack
 
 pytestmark = [
     pytest.mark.stack,
     pytest.mark.skipif(runsc.probe() is not None, reason=f"gVisor unavailable: {runsc.probe()}"),
 ]
-
-
-class _Shared:
-    settings_env = {"E2B_TEMPLATES_DIR": str(SHARED_TEMPLATES_DIR)}
-
-
-@pytest.fixture()
-def gvisor_stack(stack_factory: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
-    with private_templates_stack(stack_factory, _Shared(), tmp_path / "templates", E2B_ISOLATION="gvisor") as found:
-        yield found
 
 
 def _fork_files(templates: Path) -> list[str]:
@@ -207,10 +195,8 @@ def test_a_crash_between_the_snapshot_and_the_forks_leaves_nothing_after_the_res
         Sandbox.kill(info.sandbox_id)
 
 
-def test_a_fork_whose_sandboxes_all_fail_to_start_leaves_nothing(stack_factory: Any, tmp_path: Path) -> None:
-    with private_templates_stack(
-        stack_factory, _Shared(), tmp_path / "templates", E2B_ISOLATION="gvisor", E2B_MAX_SANDBOXES="1"
-    ) as (_, templates):
+def test_a_fork_whose_sandboxes_all_fail_to_start_leaves_nothing(gvisor_stacks: Callable[..., Any]) -> None:
+    with gvisor_stacks(E2B_MAX_SANDBOXES="1") as (_, templates):
         source = Sandbox.create(timeout=300)
         try:
             before = _bytes(templates)
