@@ -9,7 +9,6 @@ non-root memory cgroup here, and nesting under it keeps an OOM inside the sandbo
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import select
 import time
@@ -114,10 +113,9 @@ class SandboxCgroups:
 
     def _events(self) -> dict[str, str]:
         try:
-            text = (self.unified / "cgroup.events").read_text()
+            return _parse_events((self.unified / "cgroup.events").read_text())
         except FileNotFoundError:
             return {}
-        return dict(line.split(" ", 1) for line in text.splitlines())
 
     def populated(self) -> bool:
         return self._events().get("populated") == "1"
@@ -137,34 +135,11 @@ class SandboxCgroups:
     def freeze(self, frozen: bool, timeout: float = 5.0) -> None:
         want = "1" if frozen else "0"
         _write(self.unified / "cgroup.freeze", want)
-        if not _wait(lambda: self._events().get("frozen") == want, timeout):
+        if not _wait_for_event(self.unified, "frozen", want, timeout):
             raise CgroupError(f"cgroup {self.unified} did not reach frozen={want} within {timeout}s")
 
     def wait_empty(self, timeout: float) -> bool:
-        return self._wait_event("populated", "0", timeout)
-
-    def _wait_event(self, key: str, want: str, timeout: float) -> bool:
-        """Until ``cgroup.events`` says ``key want``, asleep in poll(): the kernel wakes it when a
-        value there changes (a teardown waited in a loop of reads before, ~0.4 ms of CPU each)."""
-        deadline = time.monotonic() + timeout
-        try:
-            fd = os.open(self.unified / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return want == "0"  # no group: nothing runs in it, nothing is frozen
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLPRI)
-            while True:
-                os.lseek(fd, 0, os.SEEK_SET)
-                events = dict(line.split(" ", 1) for line in os.read(fd, 4096).decode().splitlines())
-                if events.get(key) == want:
-                    return True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                poller.poll(min(remaining, 0.05) * 1000)  # capped: a change is never missed for long
-        finally:
-            os.close(fd)
+        return _wait_for_event(self.unified, "populated", "0", timeout)
 
     def kill(self, timeout: float = 5.0) -> bool:
         """SIGKILL every process (frozen ones too) and wait until the groups are empty."""
@@ -173,9 +148,7 @@ class SandboxCgroups:
             _write(self.unified / "cgroup.kill", "1")
         except FileNotFoundError:
             pass
-        return self._wait_event("populated", "0", timeout) and _wait(
-            lambda: not self._v1_tasks(), max(0.0, deadline - time.monotonic())
-        )
+        return self.wait_empty(timeout) and _wait(lambda: not self._v1_tasks(), max(0.0, deadline - time.monotonic()))
 
     def _v1_tasks(self) -> bool:
         for path in (self.memory, self.cpu, self.pids):
@@ -273,7 +246,7 @@ def kill_and_remove(groups: list[Path], timeout: float = 5.0) -> None:
     for group in groups:
         if (group / "cgroup.kill").exists():
             _write(group / "cgroup.kill", "1")
-            if not _wait(functools.partial(_emptied, group), timeout):
+            if not _wait_for_event(group, "populated", "0", timeout):
                 raise CgroupError(f"processes still in {group} after cgroup.kill")
     for group in groups:
         _remove_children(group)
@@ -312,8 +285,31 @@ def _write(path: Path, value: str) -> None:
         handle.write(value)
 
 
-def _emptied(group: Path) -> bool:
-    return "populated 0" in (group / "cgroup.events").read_text()
+def _parse_events(text: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+def _wait_for_event(group: Path, key: str, want: str, timeout: float) -> bool:
+    """Until the cgroup2 ``group``'s ``cgroup.events`` says ``key want``, asleep in poll(): the
+    kernel wakes it when a value there changes (a loop of reads cost ~0.4 ms of CPU each)."""
+    deadline = time.monotonic() + timeout
+    try:
+        fd = os.open(group / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return want == "0"  # no group: nothing runs in it, nothing is frozen
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        while True:
+            os.lseek(fd, 0, os.SEEK_SET)
+            if _parse_events(os.read(fd, 4096).decode()).get(key) == want:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            poller.poll(min(remaining, 0.05) * 1000)  # capped: a change is never missed for long
+    finally:
+        os.close(fd)
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:
