@@ -37,6 +37,7 @@ from pmoves_e2b.sandbox.templates.rootfs import remove_tree
 from pmoves_e2b.sandbox.templates.store import (
     TEMPLATE_NAME,
     layers_dir,
+    layers_named_by,
     read_record,
     records_locked,
     referenced_layers,
@@ -264,7 +265,7 @@ def collect_forks(templates_dir: Path, used_templates: set[str], used_layers: se
                 path.unlink()
                 removed.append(path.name)
         records = [json.loads(path.read_text()) for path in templates_dir.glob("*.json")]
-    referenced = referenced_layers(templates_dir)
+    referenced = layers_named_by(records)
     images = {Path(record["restore_image"]).name for record in records if record.get("restore_image")}
     running_on = {Path(layer).name for layer in used_layers}
     layers_root = layers_dir(templates_dir)

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -191,9 +191,13 @@ def remove_tags(templates_dir: Path, name: str, tags: Sequence[str]) -> None:
 
 def referenced_layers(templates_dir: Path) -> set[str]:
     """Every layer a template record points at, through any of its tags."""
+    return layers_named_by(json.loads(path.read_text()) for path in templates_dir.glob("*.json"))
+
+
+def layers_named_by(records: Iterable[dict[str, Any]]) -> set[str]:
+    """The layers these records point at, through any of their tags."""
     layers: set[str] = set()
-    for path in templates_dir.glob("*.json"):
-        record = json.loads(path.read_text())
+    for record in records:
         layers.update(record.get("layers") or ())
         for build in (record.get("builds") or {}).values():
             layers.update(build.get("layers") or ())
