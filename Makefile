@@ -6,7 +6,7 @@ CLI := $(VENV)/bin/pmoves-e2b
 # The venv is created once from a real interpreter; everything after uses $(PY) (the pyenv shim is slow).
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # libnss-myhostname: glibc (so Node and the JS SDK) resolves *.localhost to loopback, for host routing.
-APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname
+APT_PACKAGES := bubblewrap nftables iproute2 debootstrap libseccomp2 procps psmisc util-linux curl ca-certificates libnss-myhostname gcc libc6-dev
 # `make images` and the deploy/compose.yaml tests: podman with runc (crun fails on this cgroup layout) and
 # netavark + aardvark-dns (deploy/containers.conf says why not CNI).
 # Defined before APT_TEST_PACKAGES: `:=` expands at once, so a later definition would be empty there.

@@ -32,6 +32,28 @@ def test_commands_stdout_stderr_exit_codes_and_root(sbx: Sandbox) -> None:
     assert sbx.commands.run("pwd", cwd="/tmp").stdout.strip() == "/tmp"
 
 
+def test_a_command_runs_with_the_users_whole_identity_read_when_it_starts(sbx: Sandbox) -> None:
+    """uid and gid real, effective, saved and filesystem; the supplementary groups of /etc/group as they
+    are when the command starts (a group given to the user a moment ago counts); a missing program is
+    exit 127 with the shell's message, as user and as root."""
+    sbx.commands.run("groupadd -f -g 2345 builders && usermod -a -G builders user", user="root")
+    try:
+        status = sbx.commands.run("grep -E '^(Uid|Gid|Groups):' /proc/self/status").stdout.splitlines()
+        assert status[0].split() == ["Uid:", "1000", "1000", "1000", "1000"]
+        assert status[1].split() == ["Gid:", "1000", "1000", "1000", "1000"]
+        expected = sbx.commands.run("id -G user", user="root").stdout.split()
+        assert "2345" in expected
+        assert sorted(status[2].split()[1:]) == sorted(expected)
+        assert sbx.commands.run("id -Gn").stdout.split() == sbx.commands.run("id -Gn user", user="root").stdout.split()
+    finally:
+        sbx.commands.run("gpasswd -d user builders >/dev/null; groupdel builders", user="root")
+    for user in ("user", "root"):
+        with pytest.raises(CommandExitException) as missing:
+            sbx.commands.run("no-such-program-here", user=user)
+        assert missing.value.exit_code == 127
+        assert "no-such-program-here: command not found" in missing.value.stderr
+
+
 def test_background_command_list_and_kill(sbx: Sandbox) -> None:
     handle = sbx.commands.run("sleep 300", background=True)
     assert handle.pid in {p.pid for p in sbx.commands.list()}

@@ -7,7 +7,7 @@ Stock E2B SDKs talk to it on port 49983: Connect RPC (``process.Process``,
 It imports nothing from the rest of ``pmoves_e2b``: templates ship only this package plus its
 three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
 this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
-reports, its port, its host-only paths, the signed-URL helper and the launcher's setpriv variable.
+reports, its port, its host-only paths, the signed-URL helper, the launcher's setpriv variable and the spawn helper's path.
 """
 
 from pmoves_e2b.envd.auth import signature as file_signature
@@ -24,4 +24,7 @@ ENVD_PORT = 49983
 # image's may be missing or busybox's, which lacks --reuid), as the shell words that run it (spawn.py).
 SETPRIV_ENV = "ENVD_SETPRIV"
 
-__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "SETPRIV_ENV", "file_signature"]
+# Where templates put envd's static spawn helper (spawn_helper.c, built into the envd layer).
+SPAWN_HELPER = "/opt/pmoves/bin/pmoves-spawn"
+
+__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "SETPRIV_ENV", "SPAWN_HELPER", "file_signature"]

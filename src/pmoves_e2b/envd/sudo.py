@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .spawn import SECURE_PATH, as_user, watch_exit
+from .spawn import SECURE_PATH, command_argv, watch_exit
 from .users import User
 
 SOCKET_ENV = "ENVD_SUDO_SOCKET"  # set by the template's envd launcher; unset = no sudo server
@@ -253,7 +253,7 @@ def _command_env(
 
 def _spawn(command: Command, fds: list[int]) -> subprocess.Popen[bytes]:
     target = command.target
-    argv, credentials = as_user(command.argv, User(target.pw_name, target.pw_uid, target.pw_gid, target.pw_dir))
+    argv, credentials = command_argv(command.argv, User(target.pw_name, target.pw_uid, target.pw_gid, target.pw_dir))
     try:
         return subprocess.Popen(
             argv,

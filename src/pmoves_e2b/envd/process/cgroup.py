@@ -1,8 +1,8 @@
 """Per-command cgroups: a command and everything it starts share one cgroup2 group.
 
 The host delegates the sandbox's own cgroup2 group to root inside at /sys/fs/cgroup (ns backend).
-Each command gets a child group ``cmd-N`` that it joins before its first instruction (a ``sh``
-that writes itself into ``cgroup.procs`` and execs the command, so the spawn stays a vfork), and
+Each command gets a child group ``cmd-N`` that it joins before its first instruction (through the
+spawn helper, ``spawn.command_argv``, so the spawn stays a vfork), and
 ``cgroup.kill`` ends the whole tree: also the processes that left the command's process group or
 session (``setsid``, GNU ``timeout``, a fork bomb's copies). Without the delegated group (envd on a
 host, an older backend) commands fall back to their process group.
@@ -25,10 +25,6 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 PIDS_MAX_ENV = "ENVD_PIDS_MAX"  # read when used: a zygote-forked envd gets its env after import
 CROWDED = 0.9  # share of ENVD_PIDS_MAX at which a new command reclaims a leftover tree
-# Join the group, then raise oom_score_adj (no privilege needed to raise): when the sandbox runs out
-# of memory the kernel kills commands before envd, even commands smaller than envd.
-COMMAND_OOM_SCORE_ADJ = 500
-JOIN = f'echo 0 > "$0/cgroup.procs" && echo {COMMAND_OOM_SCORE_ADJ} > /proc/self/oom_score_adj && exec "$@"'
 _numbers = itertools.count(1)
 _leftovers: set[Path] = set()
 
@@ -52,10 +48,6 @@ class CommandGroup:
                 return
             except FileExistsError:
                 continue  # left by an earlier envd of this sandbox
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside this group from its first instruction."""
-        return ["/bin/sh", "-c", JOIN, str(self.path), *argv]
 
     def kill(self) -> None:
         _kill(self.path)

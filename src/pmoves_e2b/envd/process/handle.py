@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from protobuf import Oneof
 
 from ..gen.process.process_pb import ProcessConfig, ProcessEvent
-from ..spawn import as_user, watch_exit
+from ..spawn import command_argv, watch_exit
 from ..users import User
 from . import cgroup
 
@@ -130,10 +130,10 @@ class ProcessHandle:
             self._loop.add_reader(fd, self._on_readable, fd)
 
     def _spawn(self, spec: SpawnSpec) -> subprocess.Popen[bytes]:
-        argv, credentials = as_user([spec.cmd, *spec.args], spec.user)
         if self._group is not None:
-            _check_executable(spec)  # the wrapper would report a missing command as exit 127
-            argv = self._group.wrap(argv)
+            _check_executable(spec)  # the helper would report a missing command as exit 127
+        cgroup = str(self._group.path) if self._group is not None else None
+        argv, credentials = command_argv([spec.cmd, *spec.args], spec.user, cgroup)
         if spec.pty_size is not None:
             master, slave = os.openpty()
             try:

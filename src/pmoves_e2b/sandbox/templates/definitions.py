@@ -30,6 +30,7 @@ from pmoves_e2b.desktop_boot import (
     until,
     xvfb,
 )
+from pmoves_e2b.envd import SPAWN_HELPER
 
 from .errors import MissingHostTool
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
@@ -302,6 +303,18 @@ def _envd_launcher(ctx: BuildContext) -> None:
     _write(ctx.target, ENVD_BIN, envd_launcher(), mode=0o755)
 
 
+def _spawn_helper(ctx: BuildContext) -> None:
+    # envd's command spawn in one exec instead of sh + setpriv (envd/spawn_helper.c); static, so it
+    # runs on templates from any image.
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise MissingHostTool("a C compiler is needed for envd's spawn helper: apt-get install gcc libc6-dev")
+    target = ctx.target / SPAWN_HELPER.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ctx.run([compiler, "-O2", "-static", "-s", "-o", str(target), str(PACKAGE_DIR / "envd/spawn_helper.c")])
+    target.chmod(0o755)
+
+
 def _sudo_shim(ctx: BuildContext) -> None:
     # no_new_privs (bwrap) disables the setuid /usr/bin/sudo: this one asks envd (envd/sudo.py).
     _write(ctx.target, SUDO_SHIM, (PACKAGE_DIR / "envd/sudo_shim.py").read_bytes(), mode=0o755)
@@ -319,6 +332,7 @@ ENVD_LAYER = LayerSpec(
         Step("envd sources", _envd_sources, ENVD_SITE),
         Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v5"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
+        Step("spawn helper (envd's commands start in one exec)", _spawn_helper, SPAWN_HELPER),
     ),
     inputs=lambda host: _package_digest("envd"),
 )
@@ -712,7 +726,7 @@ def _copy_package(site: Path, subpackage: str) -> None:
     shutil.copytree(
         PACKAGE_DIR / subpackage,
         dest / subpackage,
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.c"),  # the spawn helper is built from its .c
         dirs_exist_ok=True,
     )
 
