@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
-from e2b.exceptions import NotFoundException, SandboxException
+from e2b import AsyncSandbox, PtySize, Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import NotFoundException, SandboxException, TimeoutException
 
 pytestmark = pytest.mark.stack
 
@@ -51,6 +51,20 @@ def test_kill_twice_returns_false_and_unknown_ids_are_not_found(sdk_env: dict[st
         Sandbox.connect("doesnotexist0000000")
     with pytest.raises(NotFoundException):
         Sandbox.get_info("doesnotexist0000000")
+
+
+def test_killing_a_sandbox_ends_the_streams_of_its_running_commands_and_says_so(sdk_env: dict[str, str]) -> None:
+    """E2B's own python-sdk test_kill_sandbox_while_command_is_running, and the same for a PTY: a
+    waiting client learns the sandbox was killed instead of waiting out its timeout (on gvisor the
+    sentry dies without closing its connections, so nothing else ends them)."""
+    sbx = Sandbox.create(timeout=120)
+    command = sbx.commands.run("sleep 60", background=True, timeout=30)
+    pty = sbx.pty.create(PtySize(rows=24, cols=80), timeout=30)
+    sbx.kill()
+    for handle in (command, pty):
+        with pytest.raises(TimeoutException) as ended:
+            handle.wait()
+        assert "sandbox was killed or reached its end of life" in str(ended.value)
 
 
 def test_unknown_template_is_a_clear_error(sdk_env: dict[str, str]) -> None:

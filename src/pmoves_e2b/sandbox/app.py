@@ -176,6 +176,7 @@ def create_app(settings: Settings | None = None) -> Any:
         app, resolve=resolve, domain=settings.public_domain, resolve_signed_file=resolve_signed_file
     )
     manager.pause_listeners.append(outer.sandbox_paused)
+    manager.kill_listeners.append(outer.sandbox_killed)
     return outer
 
 

@@ -198,6 +198,8 @@ class SandboxManager:
         self._reserved_mb = 0  # their memory, counted against the memory budget
         # Called with a sandbox id once it is frozen (the proxy fails its requests in flight).
         self.pause_listeners: list[Callable[[str], None]] = []
+        # Called with a sandbox id once it is killed (the proxy ends its requests in flight).
+        self.kill_listeners: list[Callable[[str], None]] = []
         # Awaited with a killed sandbox's template id once it is torn down (snapshots.py collects
         # the hidden snapshot behind forks when its last fork is gone).
         self.end_listeners: list[Callable[[str], Awaitable[None]]] = []
@@ -937,6 +939,8 @@ class SandboxManager:
                 outbox=[event],
                 audit=repo.AuditEntry(actor, "sandbox.kill", sandbox_id, {"reason": reason}),
             )
+        for listener in self.kill_listeners:
+            listener(sandbox_id)
         metrics.SANDBOXES_ACTIVE.set(len(self._live))
         self._update_memory_metric()
         await self.egress.stop(sandbox_id)

@@ -108,24 +108,36 @@ Resolver = Callable[[str], Awaitable[Target | None]]
 SignedFileResolver = Callable[[str, str], Awaitable[str]]
 
 
+@dataclass(frozen=True)
+class Ending:
+    """Why the proxy ended a sandbox's exchanges in flight, as each kind of client is told."""
+
+    message: str  # the 502 body of a request not yet answered
+    close: tuple[int, str]  # a WebSocket's close code and reason
+
+
+PAUSED = Ending(
+    "The sandbox was paused while this request was in flight; resume it (Sandbox.connect) and retry",
+    (1001, "The sandbox was paused"),
+)
+KILLED = Ending("The sandbox was killed while this request was in flight", (1001, "The sandbox was killed"))
+
+
 @dataclass(eq=False)
 class InFlight:
-    """An HTTP exchange or WebSocket with a sandbox, so a pause can end it at once instead of
-    leaving it hanging on frozen processes until the client gives up."""
+    """An HTTP exchange or WebSocket with a sandbox, so a pause or a kill can end it at once instead
+    of leaving it hanging on frozen processes, or on a gVisor sentry that died without closing its
+    connections, until the client gives up."""
 
     sandbox_id: str
     upstream: Upstream | None = None
-    paused: bool = False
-    on_pause: Callable[[], None] | None = None
+    ended: Ending | None = None
+    on_end: Callable[[], None] | None = None
 
     def attach(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        if self.paused:
+        if self.ended is not None:
             upstream.abort()
-
-
-PAUSED_CLOSE = (1001, "The sandbox was paused")  # WebSocket close code and reason
-PAUSED_MESSAGE = "The sandbox was paused while this request was in flight; resume it (Sandbox.connect) and retry"
 
 
 @dataclass(frozen=True)
@@ -578,12 +590,20 @@ class SandboxProxy:
 
     def sandbox_paused(self, sandbox_id: str) -> None:
         """End the sandbox's exchanges in flight: its processes are frozen and would never answer."""
+        self._end_flights(sandbox_id, PAUSED)
+
+    def sandbox_killed(self, sandbox_id: str) -> None:
+        """End the sandbox's exchanges in flight: a started response ends truncated (the SDKs then
+        ask the API and report the sandbox killed), one not yet started answers 502."""
+        self._end_flights(sandbox_id, KILLED)
+
+    def _end_flights(self, sandbox_id: str, ending: Ending) -> None:
         for flight in list(self._inflight.get(sandbox_id, ())):
-            flight.paused = True
+            flight.ended = ending
             if flight.upstream is not None:
                 flight.upstream.abort()
-            if flight.on_pause is not None:
-                flight.on_pause()
+            if flight.on_end is not None:
+                flight.on_end()
 
     @contextlib.contextmanager
     def _tracked(self, sandbox_id: str) -> Iterator[InFlight]:
@@ -711,15 +731,16 @@ class SandboxProxy:
                 await self._exchange(upstream, request, body, send)
                 return
             except StaleConnection:
-                if flight.paused:
-                    await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": PAUSED_MESSAGE, "code": 502})
+                if flight.ended is not None:
+                    message = flight.ended.message
+                    await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": message, "code": 502})
                     return
                 fresh = True  # a pooled connection the sandbox had closed: replay on a new one
             except UpstreamError as exc:
                 if not body.client_gone:
                     message = (
-                        PAUSED_MESSAGE
-                        if flight.paused
+                        flight.ended.message
+                        if flight.ended is not None
                         else f"The sandbox closed the connection without answering ({exc})"
                     )
                     await send_json(send, 502, {"sandboxId": route.sandbox_id, "message": message, "code": 502})
@@ -780,9 +801,9 @@ class SandboxProxy:
             return
         async with upstream:
             with self._tracked(route.sandbox_id) as flight:
-                flight.on_pause = upstream.transport.abort
+                flight.on_end = upstream.transport.abort
                 await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-                await relay_websocket(upstream, receive, send, lambda: flight.paused)
+                await relay_websocket(upstream, receive, send, lambda: flight.ended)
 
     async def _open_websocket(
         self, scope: Scope, address: str, port: int, sandbox_id: str, target: Target
@@ -845,7 +866,7 @@ async def forward_refused_handshake(scope: Scope, send: Send, response: Any) -> 
 
 
 async def relay_websocket(
-    upstream: ClientConnection, receive: Receive, send: Send, paused: Callable[[], bool] = lambda: False
+    upstream: ClientConnection, receive: Receive, send: Send, ended: Callable[[], Ending | None] = lambda: None
 ) -> None:
     """Copy messages both ways until either side closes, then close the other side alike."""
 
@@ -875,8 +896,8 @@ async def relay_websocket(
             pass
         code = upstream.close_code if upstream.close_code not in (None, 1005, 1006) else 1000
         reason = upstream.close_reason or ""
-        if paused():
-            code, reason = PAUSED_CLOSE
+        if (ending := ended()) is not None:
+            code, reason = ending.close
         await send({"type": "websocket.close", "code": code, "reason": reason})
 
     to_sandbox = asyncio.create_task(client_to_sandbox())
