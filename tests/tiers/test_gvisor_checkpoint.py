@@ -329,3 +329,52 @@ def test_a_save_that_ends_the_sandbox_is_reported_not_hidden(gvisor_stack: tuple
     finally:
         with contextlib.suppress(Exception):
             Sandbox.kill(sbx.sandbox_id)
+
+
+# Listens on 7000 and never accepts: a connection the host half-closes stays in its accept queue,
+# tracked by the host's conntrack in CLOSE_WAIT (60 s) once the sandbox is gone without closing it.
+NEVER_ACCEPTS = (
+    """python3 -c 'import socket, time; s = socket.socket(); s.bind(("0.0.0.0", 7000)); s.listen(); time.sleep(600)'"""
+)
+
+
+def test_a_pause_is_not_held_up_by_connections_of_the_sandbox_that_had_the_address_before(
+    gvisor_stack: tuple[Any, Path],
+) -> None:
+    """The ~56 s pauses of the benches: a killed gVisor sandbox closes nothing, so connections the
+    host had half-closed to it stayed tracked (CLOSE_WAIT, 60 s); the next sandbox gets the same
+    slot and address, and its pause waited them out as if they were its own. It now pauses as
+    soon as its own connections are quiet, and comes back with its process."""
+    stack, _ = gvisor_stack
+    first = Sandbox.create(timeout=300)
+    address = _address(stack.data_dir, first.sandbox_id)
+    first.commands.run(NEVER_ACCEPTS, background=True, timeout=0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = socket.create_connection((address, 7000), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "nothing listened on 7000"
+            time.sleep(0.2)
+    conn.shutdown(socket.SHUT_WR)  # the sandbox's end waits in CLOSE_WAIT for an accept
+    conn.close()
+    first.kill()
+    runtime = stack.data_dir / "sandboxes-gvisor" / first.sandbox_id
+    while runtime.exists():  # its slot is free once its teardown is done
+        assert time.monotonic() < deadline + 30, "the killed sandbox was not torn down"
+        time.sleep(0.1)
+    sbx = Sandbox.create(timeout=300)
+    try:
+        assert _address(stack.data_dir, sbx.sandbox_id) == address  # the lowest free slot: the same one
+        pid, variable = _start_state(sbx)
+        started = time.monotonic()
+        sbx.pause()
+        # a pause of an idle sandbox takes ~3 s here even under load; the stall was the 60 s of
+        # the previous sandbox's entries, so a bound far from both tells them apart
+        assert time.monotonic() - started < 30
+        assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        _assert_state(again, pid, variable)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)

@@ -38,7 +38,7 @@ from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError, SandboxHandle, SandboxLost, SandboxSpec
 from pmoves_e2b.sandbox.backends.gvisor import bundle, quiesce, redirect, runsc, savable, shim
-from pmoves_e2b.sandbox.backends.ns import fsexport, mounts, network
+from pmoves_e2b.sandbox.backends.ns import fsexport, mounts, netlink, network
 from pmoves_e2b.sandbox.backends.ns.backend import ENVD_ARGV, SANDBOX_ENV, NsBackend
 from pmoves_e2b.sandbox.backends.ns.cgroups import SandboxCgroups
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
@@ -294,3 +294,17 @@ class GvisorBackend(NsBackend):
         deadline = time.monotonic() + REAP_WAIT_S
         while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
+        self._forget_connections(sandbox_id, details)
+
+    def _forget_connections(self, sandbox_id: str, details: dict[str, Any]) -> None:
+        """Delete the host's conntrack entries of the sandbox's address, both ways, once its netstack
+        is gone. A killed sentry closes nothing, so what the host had opened to it stays tracked in a
+        closing state (CLOSE_WAIT of the host's ready probes: 60 s); the next sandbox on this slot
+        has the same address, and its checkpoint's quiesce took them for its own connections and
+        waited them out (a pause of ~56 s). Only while the slot is still this sandbox's."""
+        slot = details.get("slot")
+        if slot is None or (self.slots.owner(int(slot)) or {}).get("sandbox_id") != sandbox_id:
+            return
+        net = SandboxNet.for_slot(int(slot), sandbox_id)
+        netlink.delete_conntrack_from(net.address)  # what it started
+        netlink.delete_conntrack_from(net.host_address)  # what the host started to it (only that /30's end)
