@@ -9,6 +9,7 @@ import collections
 import contextlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import threading
@@ -376,5 +377,54 @@ def test_a_pause_is_not_held_up_by_connections_of_the_sandbox_that_had_the_addre
         assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
         again = Sandbox.connect(sbx.sandbox_id, timeout=300)
         _assert_state(again, pid, variable)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def _runsc_processes(sandbox_id: str) -> dict[int, int]:
+    """pid -> parent pid of the host processes in the sandbox's cgroups (the sentry, gofer, stubs),
+    zombies too (one that is not reaped still names them)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if sandbox_id not in (entry / "cgroup").read_text():
+                    continue
+                parent = (entry / "stat").read_text().rpartition(")")[2].split()[1]
+            except OSError:
+                continue
+            found[int(entry.name)] = int(parent)
+    return found
+
+
+def _reaper_of(processes: dict[int, int]) -> set[int]:
+    """The parents of ``processes`` that are not among them (runsc's sentry and gofer: runsc left them)."""
+    return {parent for parent in processes.values() if parent not in processes}
+
+
+def test_runsc_processes_are_reaped_by_the_sandbox_own_subreaper_across_a_service_restart(
+    gvisor_stack: tuple[Any, Path],
+) -> None:
+    """runsc run --detach leaves the sentry and gofer to the nearest subreaper: the sandbox's own
+    (reaper.py), never the host's init (which reaps late on some hosts, and every pause and kill
+    waits for the reaping) nor the service (a restart would orphan them). Across a kill of the
+    service it keeps them, and the pause of the re-adopted sandbox leaves no process behind."""
+    stack, _ = gvisor_stack
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid, variable = _start_state(sbx)
+        (reaper,) = _reaper_of(_runsc_processes(sbx.sandbox_id))
+        assert reaper != 1 and "runsc-reaper" in Path(f"/proc/{reaper}/comm").read_text()
+        old_pid = stack.service_pid("sandbox")
+        os.kill(old_pid, signal.SIGKILL)
+        stack.wait_healthy("sandbox", timeout=60)
+        assert stack.service_pid("sandbox") != old_pid
+        assert _reaper_of(_runsc_processes(sbx.sandbox_id)) == {reaper}
+        sbx.pause()
+        assert _runsc_processes(sbx.sandbox_id) == {}  # reaped: no zombie names its cgroups either
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        _assert_state(again, pid, variable)
+        (restored,) = _reaper_of(_runsc_processes(sbx.sandbox_id))  # the restore's own
+        assert restored != 1 and "runsc-reaper" in Path(f"/proc/{restored}/comm").read_text()
     finally:
         Sandbox.kill(sbx.sandbox_id)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pmoves_e2b.sandbox.backends.base import BackendError
+from pmoves_e2b.sandbox.backends.gvisor import reaper
 
 RUNSC = "runsc"
 GLOBAL_FLAGS = ("--platform=ptrace", "--network=sandbox", "--ignore-cgroups")
@@ -121,11 +122,17 @@ def start(
     timeout: float = TIMEOUT_S,
 ) -> None:
     """``runsc run --detach`` (or ``restore --detach`` of a checkpoint image) inside the cgroups
-    ``procs`` and the netns; returns once the sandbox runs. Its stdout/stderr go to ``log_fd``."""
+    ``procs`` and the netns, under a subreaper of its own (``reaper.py``: the sentry and gofer it
+    leaves are reaped as soon as they end); returns once the sandbox runs. Its stdout/stderr go to
+    ``log_fd``."""
     command = ["run"] if restore_from is None else ["restore", f"--image-path={restore_from}"]
     argv = _argv(root, *command, "--detach", f"--bundle={bundle}", container_id)
     proc = subprocess.Popen(
-        _in_netns(netns_path, ["/usr/bin/unshare", "-m", "--", "/bin/sh", "-c", JOIN, "sh", *map(str, procs), *argv]),
+        reaper.wrap(
+            _in_netns(
+                netns_path, ["/usr/bin/unshare", "-m", "--", "/bin/sh", "-c", JOIN, "sh", *map(str, procs), *argv]
+            )
+        ),
         stdin=subprocess.DEVNULL,
         stdout=log_fd,
         stderr=log_fd,

@@ -1,4 +1,4 @@
-"""A preloaded library that works around two syscalls of this gVisor build (the only module running ``cc``).
+"""A preloaded library that works around two syscalls of this gVisor build.
 
 runsc 0.0~20221219 answers with EINVAL where Linux does not:
 - statx(2) with AT_NO_AUTOMOUNT, which coreutils (ls, stat, cp, ...) always sets. gVisor has no
@@ -7,19 +7,18 @@ runsc 0.0~20221219 answers with EINVAL where Linux does not:
   fd" call, close_range(fd, ~0U, flags), looks like last < first. GLib's spawn makes that call in
   every child and gives up on it (XFCE started none of its components: no desktop on gVisor). No fd
   is above INT_MAX, so the shim passes INT_MAX instead.
-It is built once per host with the C compiler (no libc headers needed) and written into each
+It is built once per host with the C compiler (``native.py``; no libc headers needed) and written into each
 sandbox's own upper dir with /etc/ld.so.preload naming it; without a compiler those programs fail
 inside (statically linked ones and raw syscalls are not covered: a preload cannot reach them).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-import subprocess
-import threading
 from pathlib import Path
+
+from pmoves_e2b.sandbox.backends.gvisor import native
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +33,17 @@ int close_range(unsigned int first, unsigned int last, int flags) {
 }
 """
 LIBC = Path("/lib/x86_64-linux-gnu/libc.so.6")
-BUILD_DIR = Path("/run/pmoves-e2b/gvisor")
 INSIDE = "/usr/lib/pmoves-gvisor/syscalls.so"  # its path inside the sandbox
-_lock = threading.Lock()
 
 
 def built() -> Path | None:
     """The shim for this host (built on first use), or None when it cannot be built here."""
-    target = BUILD_DIR / f"syscalls-{hashlib.sha256(SOURCE).hexdigest()[:12]}.so"
-    with _lock:
-        if target.exists():
-            return target
-        compiler = shutil.which("cc") or shutil.which("gcc")
-        if compiler is None or not LIBC.exists():
-            log.warning("gvisor: no C compiler; ls, stat and cp fail inside gVisor sandboxes (syscall shim not built)")
-            return None
-        BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        source = BUILD_DIR / "syscalls.c"
-        source.write_bytes(SOURCE)
-        partial = target.with_suffix(".tmp")
-        done = subprocess.run(
-            [compiler, "-O2", "-shared", "-fPIC", "-nostdlib", "-o", str(partial), str(source), str(LIBC)],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            log.warning("gvisor: syscall shim not built: %s", done.stderr.decode(errors="replace")[-300:])
-            return None
-        partial.replace(target)
-        return target
+    if not LIBC.exists():
+        return None
+    shim = native.build("syscalls", SOURCE, ".so", ("-O2", "-shared", "-fPIC", "-nostdlib"), (str(LIBC),))
+    if shim is None:
+        log.warning("gvisor: ls, stat and cp fail inside gVisor sandboxes (syscall shim not built)")
+    return shim
 
 
 def install(upper: Path) -> None:
