@@ -154,6 +154,7 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
             background=True,
         )
         assert wait_until(lambda: sbx.files.exists("/tmp/n"), 30), "the counter never started"  # slow under gVisor
+        boot_id = sbx.files.read("/proc/sys/kernel/random/boot_id")
         assert sbx.pause() is True
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
         assert sbx.pause() is False  # already paused: 409 -> False
@@ -161,6 +162,9 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
         first = int(resumed.files.read("/tmp/n"))
         assert wait_until(lambda: int(resumed.files.read("/tmp/n")) > first, 30), "processes did not run after resume"
         assert resumed.files.read("/home/user/state.txt") == "kept"
+        # a memory resume is no reboot (E2B's test_keep_memory_none_defaults_to_full_memory; gvisor
+        # restores to a new sandbox dir, which had a new id)
+        assert resumed.files.read("/proc/sys/kernel/random/boot_id") == boot_id
         assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
         counter.kill()
     finally:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import socket
 import time
 import uuid
@@ -63,6 +64,7 @@ SURVIVED_S = 2.0  # how long a sentry must outlive a failed save to count as ali
 SAVED = "checkpointed"  # handle detail between a checkpoint and its restore
 RESTORED_AT = "restored_at"  # handle detail: time.time() of the last restore in place
 REDIRECT_PORT = "redirectPort"  # handle detail: the port of its egress redirect's listener (domain rules)
+BOOT_ID = "boot_id"  # in the sandbox dir, and in a checkpoint image (a restore keeps the saved id)
 
 
 class CheckpointRefused(BackendError):
@@ -129,19 +131,22 @@ class GvisorBackend(NsBackend):
         nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         bundle_dir = sandbox_dir / "bundle"
         config = bundle.config(merged, self.init_argv, env, spec.memory_mb, nofile, self.processes_max, net.netns_path)
-        # its own boot id, as under ns (gVisor has none): programs tell a reboot by it
-        (sandbox_dir / "boot_id").write_text(f"{uuid.uuid4()}\n")
+        image = Path(spec.template.restore_image) if spec.template.restore_image else None
+        # its own boot id, as under ns (gVisor has none): programs tell a reboot by it. A restore
+        # is no reboot: it keeps the id of the sandbox that was saved (the checkpoint keeps a copy).
+        saved_id = image / BOOT_ID if image is not None else None
+        boot_id = saved_id.read_text() if saved_id is not None and saved_id.exists() else f"{uuid.uuid4()}\n"
+        (sandbox_dir / BOOT_ID).write_text(boot_id)
         config["mounts"].append(
             {
                 "destination": "/proc/sys/kernel/random/boot_id",
                 "type": "bind",
-                "source": str(sandbox_dir / "boot_id"),
+                "source": str(sandbox_dir / BOOT_ID),
                 "options": ["rbind", "ro"],
             }
         )
         bundle.write(bundle_dir, config)
         details.update(runsc_root=str(sandbox_dir / "runsc"), bundle=str(bundle_dir))
-        image = Path(spec.template.restore_image) if spec.template.restore_image else None
         self._run_runsc(spec.sandbox_id, details, cg, net, image)
 
     def _run_runsc(
@@ -221,6 +226,7 @@ class GvisorBackend(NsBackend):
             except BaseException:
                 handle.details.pop(SAVED, None)
                 raise
+        shutil.copyfile(Path(handle.details["bundle"]).parent / BOOT_ID, image_dir / BOOT_ID)
         handle.details.pop("child_pid", None)
         self._stop_processes(handle.sandbox_id, handle.details, cg)
         runsc.delete(root, net.netns_path, handle.sandbox_id)
