@@ -193,7 +193,7 @@ class GvisorBackend(NsBackend):
         since = float(handle.details.get(RESTORED_AT, handle.details.get("created_at", 0)))
         # Gated from before the quiesce until runsc has returned: nothing can connect meanwhile.
         with quiesce.gated(net):
-            unsavable = [line.strip() for line in self._shell(handle, net, savable.EPOLL_TCP_SCAN) if line.strip()]
+            unsavable = self._shell(handle, net, savable.EPOLL_TCP_SCAN)
             if unsavable:
                 raise CheckpointRefused(
                     f"sandbox {handle.sandbox_id} runs processes whose TCP sockets this gVisor cannot save "
@@ -233,8 +233,10 @@ class GvisorBackend(NsBackend):
         handle.state = "paused"
 
     def _shell(self, handle: SandboxHandle, net: SandboxNet, script: str) -> list[str]:
+        """The non-blank lines ``script`` prints inside the sandbox, stripped."""
         root = Path(handle.details["runsc_root"])
-        return [line for line in runsc.shell(root, net.netns_path, handle.sandbox_id, script).split("\n") if line]
+        output = runsc.shell(root, net.netns_path, handle.sandbox_id, script)
+        return [line.strip() for line in output.split("\n") if line.strip()]
 
     def _sentry_alive(self, handle: SandboxHandle) -> bool:
         """After a failed save: is the sentry still there a moment later (a sentry that refused the
