@@ -1,4 +1,5 @@
-"""Small C programs of this tier, built once per host with the C compiler (the only module running ``cc``).
+"""Small C programs, built once per host with the C compiler (the only module running ``cc``): the
+gvisor tier's subreaper and syscall shim, envd's spawn helper in the template build.
 
 Each is named by a hash of its source under ``BUILD_DIR``, so a changed source is built again and
 an unchanged one never; a host without a compiler (or a failed build) gets None, and the caller
@@ -16,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BUILD_DIR = Path("/run/pmoves-e2b/gvisor")
+BUILD_DIR = Path("/run/pmoves-e2b/native")
 _lock = threading.Lock()
 
 
@@ -28,7 +29,7 @@ def build(name: str, source: bytes, suffix: str, flags: tuple[str, ...], after: 
             return target
         compiler = shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
-            log.warning("gvisor: no C compiler, %s not built", name)
+            log.warning("no C compiler (apt-get install gcc libc6-dev): %s not built", name)
             return None
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         source_file = BUILD_DIR / f"{name}.c"
@@ -41,7 +42,7 @@ def build(name: str, source: bytes, suffix: str, flags: tuple[str, ...], after: 
             check=False,
         )
         if done.returncode != 0:
-            log.warning("gvisor: %s not built: %s", name, done.stderr.decode(errors="replace")[-300:])
+            log.warning("%s not built: %s", name, done.stderr.decode(errors="replace")[-300:])
             return None
         partial.replace(target)
         return target

@@ -31,6 +31,7 @@ from pmoves_e2b.desktop_boot import (
     xvfb,
 )
 from pmoves_e2b.envd import SPAWN_HELPER
+from pmoves_e2b.sandbox import native
 
 from .errors import MissingHostTool
 from .model import BuildContext, LayerSpec, Step, TemplateSpec, tree_digest
@@ -306,13 +307,14 @@ def _envd_launcher(ctx: BuildContext) -> None:
 def _spawn_helper(ctx: BuildContext) -> None:
     # envd's command spawn in one exec instead of sh + setpriv (envd/spawn_helper.c); static, so it
     # runs on templates from any image.
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise MissingHostTool("a C compiler is needed for envd's spawn helper: apt-get install gcc libc6-dev")
-    target = ctx.target / SPAWN_HELPER.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ctx.run([compiler, "-O2", "-static", "-s", "-o", str(target), str(PACKAGE_DIR / "envd/spawn_helper.c")])
-    target.chmod(0o755)
+    built = native.build(
+        "pmoves-spawn", (PACKAGE_DIR / "envd/spawn_helper.c").read_bytes(), "", ("-O2", "-static", "-s")
+    )
+    if built is None:
+        raise MissingHostTool(
+            "envd's spawn helper could not be compiled (the warning above says why): apt-get install gcc libc6-dev"
+        )
+    _write(ctx.target, SPAWN_HELPER, built.read_bytes(), mode=0o755)
 
 
 def _sudo_shim(ctx: BuildContext) -> None:

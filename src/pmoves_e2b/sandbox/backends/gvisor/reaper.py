@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pmoves_e2b.sandbox.backends.gvisor import native
+from pmoves_e2b.sandbox import native
 
 SOURCE = b"""
 #include <errno.h>

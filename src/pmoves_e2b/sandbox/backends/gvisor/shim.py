@@ -18,7 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from pmoves_e2b.sandbox.backends.gvisor import native
+from pmoves_e2b.sandbox import native
 
 log = logging.getLogger(__name__)
 
