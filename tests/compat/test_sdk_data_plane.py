@@ -92,6 +92,52 @@ def test_files_roundtrip_list_and_remove(sbx: Sandbox) -> None:
     assert sbx.files.read("/tmp/big", format="bytes") == big
 
 
+def test_file_metadata_follows_the_file_through_envd(sbx: Sandbox) -> None:
+    """On every tier, gVisor's root too (its gofer refuses user xattrs, so envd keeps the map)."""
+    meta = {"author": "mish", "purpose": "upload"}
+    assert sbx.files.write("/home/user/meta/a.txt", "alpha", metadata=meta).metadata == meta
+    assert sbx.files.get_info("/home/user/meta/a.txt").metadata == meta
+    assert {e.name: e.metadata for e in sbx.files.list("/home/user/meta")} == {"a.txt": meta}
+    assert sbx.files.rename("/home/user/meta/a.txt", "/home/user/meta/b.txt").metadata == meta
+    assert not sbx.files.exists("/home/user/meta/a.txt")
+    sbx.files.write("/home/user/meta/a.txt", "a new file where the old one was")
+    assert sbx.files.get_info("/home/user/meta/a.txt").metadata is None
+    # a whole directory moved keeps its files' maps
+    assert sbx.files.rename("/home/user/meta", "/home/user/moved").path == "/home/user/moved"
+    assert sbx.files.get_info("/home/user/moved/b.txt").metadata == meta
+    # overwritten without metadata: none; replaced by a program: none either
+    sbx.files.write("/home/user/moved/b.txt", "second")
+    assert sbx.files.get_info("/home/user/moved/b.txt").metadata is None
+    sbx.files.write("/home/user/moved/c.txt", "c", metadata={"Tag": "Upper"})
+    assert sbx.files.get_info("/home/user/moved/c.txt").metadata == {"tag": "Upper"}
+    sbx.commands.run("rm /home/user/moved/c.txt && echo other > /home/user/moved/c.txt")
+    assert sbx.files.get_info("/home/user/moved/c.txt").metadata is None
+    # removed with its directory and made again: nothing comes back
+    sbx.files.write("/home/user/moved/d.txt", "d", metadata={"k": "v"})
+    sbx.files.remove("/home/user/moved")
+    sbx.files.write("/home/user/moved/d.txt", "d")
+    assert sbx.files.get_info("/home/user/moved/d.txt").metadata is None
+    # a program moves a file away and makes another there: the map is not left on the new one
+    sbx.files.write("/home/user/moved/e.txt", "e", metadata={"k": "v"})
+    sbx.commands.run("mv /home/user/moved/e.txt /home/user/moved/f.txt && echo new > /home/user/moved/e.txt")
+    assert sbx.files.get_info("/home/user/moved/e.txt").metadata is None
+    sbx.files.remove("/home/user/moved")
+
+
+def test_a_removed_file_with_metadata_gives_its_space_back(sbx: Sandbox) -> None:
+    def used() -> int:
+        return int(sbx.commands.run("df --output=used -B1M /home/user | tail -1").stdout)
+
+    before = used()
+    sbx.files.write("/home/user/big.bin", b"\0" * (64 << 20), metadata={"size": "64M"})
+    assert used() >= before + 60
+    sbx.commands.run("rm /home/user/big.bin")
+    deadline = time.monotonic() + 30  # envd's store (gVisor) gives it back within a sweep
+    while used() >= before + 30:
+        assert time.monotonic() < deadline, "the removed file's space was not given back"
+        time.sleep(0.5)
+
+
 def test_watch_dir_sees_new_files(sbx: Sandbox) -> None:
     sbx.files.make_dir("/home/user/watched")
     handle = sbx.files.watch_dir("/home/user/watched")

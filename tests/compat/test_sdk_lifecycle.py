@@ -147,7 +147,7 @@ def test_set_timeout_moves_the_end_and_expiry_kills(sdk_env: dict[str, str]) -> 
 def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, str]) -> None:
     sbx = Sandbox.create(timeout=120)
     try:
-        sbx.files.write("/home/user/state.txt", "kept")
+        sbx.files.write("/home/user/state.txt", "kept", metadata={"state": "kept"})
         counter = sbx.commands.run(
             # written whole by a rename: a read never lands between the truncate and the write
             "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done",
@@ -162,6 +162,7 @@ def test_pause_freezes_and_connect_resumes_with_state_kept(sdk_env: dict[str, st
         first = int(resumed.files.read("/tmp/n"))
         assert wait_until(lambda: int(resumed.files.read("/tmp/n")) > first, 30), "processes did not run after resume"
         assert resumed.files.read("/home/user/state.txt") == "kept"
+        assert resumed.files.get_info("/home/user/state.txt").metadata == {"state": "kept"}
         # a memory resume is no reboot (E2B's test_keep_memory_none_defaults_to_full_memory; gvisor
         # restores to a new sandbox dir, which had a new id)
         assert resumed.files.read("/proc/sys/kernel/random/boot_id") == boot_id

@@ -42,7 +42,7 @@ def test_pause_to_disk_ends_processes_and_resume_boots_with_files_env_and_token(
 ) -> None:
     sbx = Sandbox.create(timeout=120, envs={"GREETING": "hello from create"})
     try:
-        sbx.files.write("/home/user/notes.txt", "kept on disk")
+        sbx.files.write("/home/user/notes.txt", "kept on disk", metadata={"kept": "yes"})
         sbx.commands.run("sudo sh -c 'echo root file > /etc/kept.conf'")
         sbx.commands.run("sleep 600", background=True)
         assert _processes_of(sbx.sandbox_id)
@@ -58,6 +58,7 @@ def test_pause_to_disk_ends_processes_and_resume_boots_with_files_env_and_token(
         assert resumed.sandbox_id == sbx.sandbox_id and resumed.is_running()
         # the same handle and its access token work again
         assert sbx.files.read("/home/user/notes.txt") == "kept on disk"
+        assert sbx.files.get_info("/home/user/notes.txt").metadata == {"kept": "yes"}
         assert sbx.files.read("/etc/kept.conf") == "root file\n"
         assert sbx.commands.run("echo $GREETING").stdout.strip() == "hello from create"
         assert "sleep 600" not in sbx.commands.run("ps -eo args").stdout  # processes started afresh

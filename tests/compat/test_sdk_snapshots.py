@@ -32,7 +32,7 @@ def test_filesystem_snapshot_carries_files_to_new_sandboxes(own_templates: Any) 
     source = Sandbox.create(timeout=120)
     try:
         source.files.make_dir("/home/user/app")
-        source.files.write("/home/user/app/config.json", '{"env": "test"}')
+        source.files.write("/home/user/app/config.json", '{"env": "test"}', metadata={"origin": "source"})
         source.commands.run("ln -s app/config.json /home/user/link && sudo rm /etc/hostname && mkfifo /tmp/fifo")
         source.commands.run(
             "sudo sh -c 'echo root-made > /opt/root.txt && rm -r /etc/apt && mkdir /etc/apt && touch /etc/apt/only'"
@@ -46,6 +46,7 @@ def test_filesystem_snapshot_carries_files_to_new_sandboxes(own_templates: Any) 
         second = Sandbox.create(snapshot.snapshot_id, timeout=120)
         try:
             assert first.files.read("/home/user/app/config.json") == '{"env": "test"}'
+            assert first.files.get_info("/home/user/app/config.json").metadata == {"origin": "source"}
             listing = first.commands.run(
                 "readlink /home/user/link; stat -c '%U %a' /home/user/app/config.json /opt/root.txt;"
                 " test -e /etc/hostname && echo hostname-back || echo hostname-gone; test -p /tmp/fifo && echo fifo"

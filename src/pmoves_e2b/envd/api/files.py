@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..auth import ACCESS_TOKEN_HEADER, check_signed_request
+from ..file_metadata import clear_metadata, replace_metadata
 from ..users import (
     InvalidPathError,
     UnknownUserError,
@@ -23,7 +24,6 @@ from ..users import (
     lookup_user,
     resolve_path,
 )
-from ..xattrs import clear_metadata, replace_metadata
 from . import multipart
 from .http import ClientDisconnected, HTTPError, Request, Send
 

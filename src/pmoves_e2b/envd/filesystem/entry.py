@@ -10,8 +10,8 @@ from functools import lru_cache
 
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from ..file_metadata import read_metadata
 from ..gen.filesystem.filesystem_pb import EntryInfo, FileType
-from ..xattrs import read_metadata
 
 
 @lru_cache(maxsize=256)

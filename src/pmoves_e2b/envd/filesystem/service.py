@@ -13,6 +13,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
+from .. import file_metadata
 from ..gen.filesystem.filesystem_pb import (
     CreateWatcherRequest,
     CreateWatcherResponse,
@@ -105,7 +106,8 @@ class FilesystemService:
             if not os.path.lexists(source):
                 raise ConnectError(Code.NOT_FOUND, f"source file not found: {source}")
             ensure_dirs(os.path.dirname(destination), user)
-            os.rename(source, destination)
+            with file_metadata.moving(source, destination):
+                os.rename(source, destination)
             return MoveResponse(entry=entry_info(destination))
         except NotADirectoryError as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from exc
@@ -137,6 +139,7 @@ class FilesystemService:
             pass  # like Go's os.RemoveAll: removing nothing is fine
         except (OSError, ValueError) as exc:
             raise connect_error(exc, f"error removing '{path}'") from exc
+        file_metadata.removed(path)
         return RemoveResponse()
 
     def _watch(

@@ -1,0 +1,144 @@
+"""envd's own store of file metadata, for files whose file system refuses user xattrs.
+
+One JSON file per file, named by a hash of its path, in a root-only directory on the sandbox's own
+disk, so a pause, a restart and a snapshot keep it as they keep the files. An entry is believed while
+the file at its path has the modification time it had when the map was written, to the nanosecond.
+Nothing firmer is there to be had: a program that removes a file and makes it anew gets the same inode
+number back, a restore or a snapshot's copy gives the same file another one, gVisor has no birth
+times, and a hard link (which would hold the inode) keeps a removed file's space until the sandbox
+ends in this runsc build. So a program's edit drops the map (E2B's xattrs would keep it); a program
+that replaces the file never inherits it. A stale entry is dropped when read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+STORE_ENV = "ENVD_METADATA_STORE"
+DEFAULT_STORE = "/var/lib/pmoves-envd/file-metadata"
+
+Carried = list[tuple[str, dict[str, str]]]  # (path below the moved one, "" for itself; its map)
+
+
+def _store() -> Path:
+    return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+def _key(path: str) -> str:
+    """The path with its directories resolved but not its last part (a link's own entry, like xattrs)."""
+    absolute = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
+def _entry_file(key: str) -> Path:
+    return _store() / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
+
+
+def read(path: str) -> dict[str, str]:
+    """The stored map of the file at ``path``; empty without one (or with a stale one, dropped)."""
+    if not _store().is_dir():
+        return {}
+    key = _key(path)
+    entry_file = _entry_file(key)
+    entry = _load(entry_file)
+    if entry is None or entry.get("path") != key:
+        return {}
+    metadata = _valid_metadata(entry)
+    if metadata is None:
+        entry_file.unlink(missing_ok=True)
+        return {}
+    return metadata
+
+
+def write(path: str, metadata: dict[str, str]) -> None:
+    """Make ``metadata`` the whole stored map of the file at ``path`` (an empty map removes it)."""
+    key = _key(path)
+    if not metadata:
+        forget(key)
+        return
+    st = os.lstat(key)
+    # gVisor's sentry keeps its own time of the last write and the host file has another (the
+    # gofer's); setting it makes both the same, so a restore or a copy reads back the one recorded
+    os.utime(key, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    mtime_ns = os.lstat(key).st_mtime_ns
+    _store().mkdir(mode=0o700, parents=True, exist_ok=True)
+    _save(_entry_file(key), {"path": key, "mtime_ns": mtime_ns, "metadata": metadata})
+
+
+def forget(path: str) -> None:
+    if _store().is_dir():
+        _entry_file(_key(path)).unlink(missing_ok=True)
+
+
+def forget_tree(path: str) -> None:
+    """Drop the entries of ``path`` and of everything under it."""
+    for entry_file, _ in _entries_under(_key(path)):
+        entry_file.unlink(missing_ok=True)
+
+
+def take_tree(path: str) -> Carried:
+    """Remove the entries of ``path`` and everything under it, returning the maps still valid, to be
+    written again for its new path (``put_tree``)."""
+    key = _key(path)
+    carried: Carried = []
+    for entry_file, entry in _entries_under(key):
+        metadata = _valid_metadata(entry)
+        if metadata is not None:
+            carried.append((str(entry["path"])[len(key) :], metadata))
+        entry_file.unlink(missing_ok=True)
+    return carried
+
+
+def put_tree(path: str, carried: Carried) -> None:
+    """Write maps taken by ``take_tree`` for the tree now at ``path`` (replacing what it had)."""
+    forget_tree(path)
+    key = _key(path)
+    for below, metadata in carried:
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+            write(key + below, metadata)
+
+
+def _valid_metadata(entry: dict[str, object]) -> dict[str, str] | None:
+    metadata, written = entry.get("metadata"), entry.get("mtime_ns")
+    try:
+        mtime_ns = os.lstat(str(entry.get("path"))).st_mtime_ns
+    except OSError:
+        return None
+    if mtime_ns != written or not isinstance(metadata, dict):
+        return None
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _entries_under(key: str) -> list[tuple[Path, dict[str, object]]]:
+    """The entries of ``key`` and of the paths under it."""
+    store = _store()
+    if not store.is_dir():
+        return []
+    below = key.rstrip("/") + "/"
+    found: list[tuple[Path, dict[str, object]]] = []
+    for entry_file in store.glob("*.json"):
+        entry = _load(entry_file)
+        named = entry.get("path") if entry is not None else None
+        if entry is not None and isinstance(named, str) and (named == key or named.startswith(below)):
+            found.append((entry_file, entry))
+    return found
+
+
+def _load(entry_file: Path) -> dict[str, object] | None:
+    try:
+        loaded = json.loads(entry_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _save(entry_file: Path, entry: dict[str, object]) -> None:
+    temporary = entry_file.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(json.dumps(entry).encode())
+    os.replace(temporary, entry_file)
