@@ -1,7 +1,8 @@
 """The gvisor isolation tier: its create against raw ``runsc run`` of the same rootfs, and through
 the stock SDKs beside the ns tier of the same stack.
 
-Run as root: ``.venv/bin/python bench/bench_gvisor.py [--runs 8] [--command-runs 30]``.
+Run as root: ``.venv/bin/python bench/bench_gvisor.py [--runs 8] [--command-runs 30]`` (with
+``--checkpoints-only``: the GvisorBackend checkpoint rows alone).
 Baselines from the same run:
 - raw runsc: ``runsc run --detach`` (ptrace, host network in a bare netns, no cgroups) of the base
   template's layers as an overlay on a tmpfs upper, until envd accepts TCP; then kill and delete.
@@ -9,7 +10,8 @@ Baselines from the same run:
   statx shim) until envd accepts TCP on the sandbox address: the "within 1.2x" goal of issue 18.
 - the freezer (``GvisorBackend.pause``/``resume``) and raw ``runsc checkpoint`` / ``runsc restore``
   (the runsc calls alone, on the same sandbox) beside ``GvisorBackend.checkpoint``/``restore`` (the
-  gate, the scans inside, the quiesce, then the same calls), on one backend sandbox;
+  gate, the scans inside, the quiesce, then the same calls), on one backend sandbox; and the two
+  checkpoints again on a sandbox running 40 more processes (what the scans inside walk);
 - the ns tier's ``Sandbox.create()``, ``commands.run("true")``, ``run_code("1+1")`` and pause/resume
   (on gvisor a checkpoint to disk and a restore), on one stack (pool off, 512 MB / 1 CPU sandboxes)
   where each create picks its tier by metadata; on gvisor also ``create_snapshot()`` (a checkpoint
@@ -163,10 +165,11 @@ def raw_checkpoint_restore(backend: GvisorBackend, handle: SandboxHandle, image:
     return saved, time.perf_counter() - started
 
 
-def backend_pauses(runs: int) -> dict[str, list[float]]:
+def backend_pauses(runs: int, processes: int = 0) -> dict[str, list[float]]:
     """On one GvisorBackend sandbox: the freezer (pause, resume), raw runsc checkpoint/restore and
     the backend's checkpoint to disk and its restore in place (each until envd accepts TCP again),
-    ``runs`` times each."""
+    ``runs`` times each; with ``processes`` more processes running in it (sleeps: what the scans
+    inside walk), which the checkpoints keep."""
     template = load_template("base", SHARED_TEMPLATES_DIR)
     runtime = Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-gvisor-")) / "sandboxes-gvisor"
     backend = GvisorBackend(runtime)
@@ -174,6 +177,13 @@ def backend_pauses(runs: int) -> dict[str, list[float]]:
     try:
         spec = SandboxSpec("benchpause", template, 512, 1.0, 1024, False, secrets.token_hex(8), "gvisor")
         handle = asyncio.run(backend.create(spec))
+        if processes:
+            root, net = (
+                Path(handle.details["runsc_root"]),
+                network.SandboxNet.for_slot(handle.details["slot"], handle.sandbox_id),
+            )
+            script = f"for i in $(seq {processes}); do sleep 100000 >/dev/null 2>&1 & done"
+            runsc.shell(root, net.netns_path, handle.sandbox_id, script)
         for n in range(runs):
             started = time.perf_counter()
             asyncio.run(backend.pause(handle))
@@ -236,13 +246,31 @@ def snapshots(runs: int) -> tuple[list[float], list[float], list[float]]:
     return takes, restores, boots
 
 
+BUSY_PROCESSES = 40
+
+
+def checkpoint_rows(runs: int, only_busy: bool = False) -> None:
+    """GvisorBackend.checkpoint beside raw runsc checkpoint of the same sandbox, idle (unless
+    ``only_busy``: main's rows have it) and with ``BUSY_PROCESSES`` more processes in it."""
+    for processes in (0, BUSY_PROCESSES)[only_busy:]:
+        pauses = backend_pauses(runs, processes)
+        label = f", {processes} more processes" if processes else ""
+        row(f"raw runsc checkpoint{label} (baseline)", pauses["raw checkpoint"])
+        row(f"GvisorBackend.checkpoint{label}", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--command-runs", type=int, default=30)
     parser.add_argument("--pause-runs", type=int, default=5)
+    parser.add_argument("--checkpoints-only", action="store_true", help="only the GvisorBackend checkpoint rows")
     options = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+    if options.checkpoints_only:
+        checkpoint_rows(options.pause_runs)
+        print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
+        return
     raw = raw_runsc(options.runs)
     ours = backend_creates(options.runs)
     row("raw runsc run --detach -> envd listens (baseline)", raw)
@@ -254,6 +282,7 @@ def main() -> None:
     row("raw runsc restore -> envd listens (baseline)", pauses["raw restore"])
     row("GvisorBackend.checkpoint (gate, scans, quiesce)", pauses["checkpoint"], "raw runsc", pauses["raw checkpoint"])
     row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
+    checkpoint_rows(options.pause_runs, only_busy=True)
     print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
     templates = link_shared_templates(
         SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"

@@ -42,6 +42,10 @@ GATE_PASS_MARK = 0x0E2B0001
 # How long a quiet sandbox must stay quiet before it is saved: its netstack (a loaded, ptrace'd
 # sentry) processes the last packets it was sent within that (see ``quiet``).
 SETTLE_S = 0.5
+# When in the settle the sandbox's own view is read (``connected_inside``, a ``runsc exec`` of ~50 ms
+# idle): late, so the resets just sent have reached the sockets its processes hold, and within the
+# settle rather than after it, which it only made longer.
+INSIDE_AT_S = 0.35
 _SYN = "tcp flags & (syn | ack) == syn"
 GATE_RULESET = f"""
 table inet {GATE_TABLE} {{
@@ -76,10 +80,10 @@ _TUPLE = {"src", "dst", "sport", "dport"}
 # Run inside the sandbox: its TCP sockets that are neither listening nor on loopback ("st local
 # remote", hex as in /proc/net/tcp). gVisor lists the sockets that processes hold.
 CONNECTED_SCAN = r"""
-cat /proc/net/tcp 2>/dev/null | awk 'NR > 1 && $4 != "0A" {
+awk 'FNR > 1 && $4 != "0A" {
   split($2, l, ":"); split($3, r, ":")
   if (substr(l[1], 7, 2) != "7F" && substr(r[1], 7, 2) != "7F") print $4, $2, $3
-}'
+}' /proc/net/tcp 2>/dev/null
 """
 
 
@@ -111,8 +115,11 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
     holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view), and
     then ``SETTLE_S`` more in which no packet of the sandbox moved a conntrack entry: the last
     packets sent (resets, the final ACK of a close) are then processed by its netstack too, which
-    a save that came first would find mid-close. Returns what is still open at the deadline ([]
-    when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
+    a save that came first would find mid-close (a socket no process holds any more, ending its
+    close, is in no view of the sandbox's own). The sandbox's own view is read within the settle
+    (``INSIDE_AT_S``): once the gate is up, a socket its processes hold can only close, never
+    connect, so a view that is quiet then stays quiet. Returns what is still open at the deadline
+    ([] when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
     its address were another sandbox's."""
     deadline = time.monotonic() + wait_s
     # conntrack shows whole seconds left (rounded down), so an entry's last packet looks up to a
@@ -125,9 +132,12 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
         busy = open_connections(net.address, net.host_address, since)
         if not busy:
             before = _entries(net.address)
-            time.sleep(SETTLE_S)
-            moved = _moved(before, _entries(net.address))
-            busy = moved or [f"inside: {line}" for line in connected_inside()]
+            settled = time.monotonic() + SETTLE_S
+            time.sleep(INSIDE_AT_S)
+            busy = [f"inside: {line}" for line in connected_inside()]
+            if not busy:
+                time.sleep(max(0.0, settled - time.monotonic()))
+                busy = _moved(before, _entries(net.address))
             if not busy:
                 return []
         if time.monotonic() >= deadline:
