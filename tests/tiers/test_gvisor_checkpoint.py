@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from pmoves_e2b.sandbox.backends.gvisor import runsc
+from pmoves_e2b.sandbox.backends.ns import netlink
 
 pytestmark = [
     pytest.mark.stack,
@@ -377,6 +379,98 @@ def test_a_pause_is_not_held_up_by_connections_of_the_sandbox_that_had_the_addre
         assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
         again = Sandbox.connect(sbx.sandbox_id, timeout=300)
         _assert_state(again, pid, variable)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+# conntrack's TCP states (enum tcp_conntrack) and ctnetlink's attributes, to track a connection as
+# an earlier sandbox on the same address would have left it
+_CT_STATES = {"ESTABLISHED": 3, "FIN_WAIT": 4, "CLOSE_WAIT": 5, "LAST_ACK": 6}
+IPCTNL_MSG_CT_NEW = 0
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_TIMEOUT = 1, 2, 4, 7
+CTA_TUPLE_IP, CTA_TUPLE_PROTO, CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2, 1, 2
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+
+
+def _track(src: str, sport: int, dst: str, dport: int, state: str, idle_s: float) -> None:
+    """A conntrack entry of the host for src:sport -> dst:dport in ``state``, whose last packet was
+    ``idle_s`` seconds ago (the state's timeout, less that, is left)."""
+    nested = netlink.NLA_F_NESTED
+
+    def tuple_(a: str, ap: int, b: str, bp: int) -> bytes:
+        ips = netlink._attr(CTA_IP_V4_SRC, socket.inet_aton(a)) + netlink._attr(CTA_IP_V4_DST, socket.inet_aton(b))
+        ports = (
+            netlink._attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))
+            + netlink._attr(CTA_PROTO_SRC_PORT, struct.pack("!H", ap))
+            + netlink._attr(CTA_PROTO_DST_PORT, struct.pack("!H", bp))
+        )
+        return netlink._attr(CTA_TUPLE_IP | nested, ips) + netlink._attr(CTA_TUPLE_PROTO | nested, ports)
+
+    timeout = float(Path(f"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_{state.lower()}").read_text())
+    tcp = netlink._attr(CTA_PROTOINFO_TCP_STATE, bytes([_CT_STATES[state]]))
+    payload = (
+        netlink._attr(CTA_TUPLE_ORIG | nested, tuple_(src, sport, dst, dport))
+        + netlink._attr(CTA_TUPLE_REPLY | nested, tuple_(dst, dport, src, sport))
+        + netlink._attr(CTA_PROTOINFO | nested, netlink._attr(CTA_PROTOINFO_TCP | nested, tcp))
+        + netlink._attr(CTA_TIMEOUT, struct.pack("!I", int(timeout - idle_s)))
+    )
+    with netlink._Socket(netlink.NETLINK_NETFILTER) as nfnl:
+        nfnl.request(
+            (netlink.NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW,
+            netlink.NLM_F_CREATE | netlink.NLM_F_EXCL | netlink.NLM_F_ACK,
+            netlink._nfgen(socket.AF_INET) + payload,
+        )
+
+
+def _track_closing(address: str, idle_s: float) -> None:
+    """Connections of ``address`` in every closing state, with the host and with a host outside,
+    and one to outside still open, none of which saw a packet for ``idle_s``."""
+    host = ".".join([*address.split(".")[:3], str(int(address.split(".")[3]) - 1)])  # the /30's other end
+    outside = "203.0.113.7"
+    port = 40000 + int(time.time()) % 10000
+    for n, state in enumerate(("FIN_WAIT", "CLOSE_WAIT", "LAST_ACK")):
+        _track(host, port + n, address, 49983, state, idle_s)  # the host's, to envd
+        _track(address, port + 10 + n, outside, 443, state, idle_s)  # the sandbox's, to outside
+    _track(address, port + 20, outside, 443, "ESTABLISHED", idle_s)
+
+
+def test_a_pause_is_not_held_up_by_closing_connections_older_than_the_sandbox_run(
+    gvisor_stack: tuple[Any, Path],
+) -> None:
+    """conntrack entries of the sandbox's address that saw no packet since its netstack started
+    (its create, or its last restore) are not its connections, whatever their state: those of an
+    earlier sandbox on the same address that its teardown did not get to forget (the service was
+    killed first), closing (FIN_WAIT 120 s, CLOSE_WAIT 60 s, LAST_ACK 30 s) or open, with the host
+    or outside. The pause ignored them only for ESTABLISHED with the host and waited out the rest
+    (65 s, then a pause in memory instead of a checkpoint); now it is a checkpoint in seconds, and
+    the sandbox comes back with its process, also for entries from before its last restore."""
+    stack, _ = gvisor_stack
+    first = Sandbox.create(timeout=300)
+    address = _address(stack.data_dir, first.sandbox_id)
+    first.kill()
+    runtime = stack.data_dir / "sandboxes-gvisor" / first.sandbox_id
+    deadline = time.monotonic() + 60
+    while runtime.exists():  # its slot is free and its own entries forgotten once its teardown is done
+        assert time.monotonic() < deadline, "the killed sandbox was not torn down"
+        time.sleep(0.1)
+    _track_closing(address, idle_s=10)
+    sbx = Sandbox.create(timeout=300)
+    try:
+        assert _address(stack.data_dir, sbx.sandbox_id) == address  # the lowest free slot: the same one
+        pid, variable = _start_state(sbx)
+        paused = stack.data_dir / "paused" / sbx.sandbox_id
+        for _ in range(2):
+            started = time.monotonic()
+            sbx.pause()
+            # an idle sandbox's pause takes ~1-3 s here; the stall was 65 s
+            assert time.monotonic() - started < 30
+            assert list(paused.glob("memory-*/checkpoint.img"))
+            resumed = time.time()
+            sbx = Sandbox.connect(sbx.sandbox_id, timeout=300)
+            _assert_state(sbx, pid, variable)
+            # the same again, from before the restore: entries of the run that was saved
+            _track_closing(address, idle_s=time.time() - resumed + 10)
     finally:
         Sandbox.kill(sbx.sandbox_id)
 

@@ -74,6 +74,19 @@ PEER_TIME_WAIT_S = 60.0
 # ``open_connections``): netstack retransmits an unanswered SYN-ACK after 1 s.
 UNANSWERED_SYN_S = 3.0
 CONNTRACK_CLOCK_S = 2.0  # how much older than it is an entry's last packet may look (see ``quiet``)
+# conntrack's TCP timeouts (/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_<name>) by the state an
+# entry shows; SYN_SENT2 has no sysctl of its own and the same 120 s as SYN_SENT.
+_TIMEOUT_OF = {
+    "SYN_SENT": "syn_sent",
+    "SYN_SENT2": "syn_sent",
+    "SYN_RECV": "syn_recv",
+    "ESTABLISHED": "established",
+    "FIN_WAIT": "fin_wait",
+    "CLOSE_WAIT": "close_wait",
+    "LAST_ACK": "last_ack",
+    "TIME_WAIT": "time_wait",
+    "CLOSE": "close",
+}
 _OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
 _TUPLE = {"src", "dst", "sport", "dport"}
 
@@ -119,8 +132,9 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
     close, is in no view of the sandbox's own). The sandbox's own view is read within the settle
     (``INSIDE_AT_S``): once the gate is up, a socket its processes hold can only close, never
     connect, so a view that is quiet then stays quiet. Returns what is still open at the deadline
-    ([] when quiet). ``since`` (time.time()) is when the sandbox started: older conntrack entries of
-    its address were another sandbox's."""
+    ([] when quiet). ``since`` (time.time()) is when the sandbox's netstack started (its create or
+    last restore): conntrack entries that saw no packet since were not its connections (a
+    restored netstack holds none on the veth), but another sandbox's at the same address."""
     deadline = time.monotonic() + wait_s
     # conntrack shows whole seconds left (rounded down), so an entry's last packet looks up to a
     # second older than it is: one from just after ``since`` must not pass for one from before
@@ -255,26 +269,22 @@ def _reopen(pair: tuple[str, int, str, int]) -> str:
 
 def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
     """TCP connections that ``address``'s end may still hold, from the host's conntrack table
-    (call after ``reset_host_connections``): open ones (with the host too: one the host closed
+    (call after ``reset_host_connections``): open ones that saw a packet after ``since``, a
+    time.time() of the start of the sandbox's netstack (with the host too: one the host closed
     first waits in the sandbox's accept queue, CLOSE_WAIT, until its server accepts and closes it;
-    with the host, ESTABLISHED ones only if they saw a packet after ``since``, a time.time() of
-    the sandbox's start: a reset host socket's entry turns CLOSE, older ones were another
-    sandbox's at the same address); and closed ones whose end there may still wait in TIME_WAIT,
-    i.e. it closed first: the other end is a host socket (``host_address``) that is not in
-    TIME_WAIT itself, or it is elsewhere and the entry entered TIME_WAIT less than 60 s ago (and
-    after ``since``)."""
-    established_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established").read_text())
-    syn_sent_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_syn_sent").read_text())
+    a reset host socket's entry turns CLOSE; entries older than ``since``, in any state, were
+    another sandbox's at the same address, or of a run of this one before its last restore); and
+    closed ones whose end there may still wait in TIME_WAIT, i.e. it closed first: the other end
+    is a host socket (``host_address``) that is not in TIME_WAIT itself, or it is elsewhere and
+    the entry entered TIME_WAIT less than 60 s ago (and after ``since``)."""
+    timeouts = _timeouts()
     host_sockets = _host_sockets()
+    now = time.time()
     found = [
         f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state}"
         for state, remaining, t in _conntrack_tcp(address)
         if state in _OPEN_STATES
-        and (
-            state != "ESTABLISHED"
-            or host_address not in (t["src"], t["dst"])
-            or time.time() - (established_s - remaining) >= since
-        )
+        and now - _idle_s(state, remaining, timeouts) >= since
         and not (
             # A host SYN the sandbox never answered (sent while it was being restored, or the gate
             # refused its retransmission) and whose host socket is gone: had the sandbox's netstack
@@ -282,7 +292,7 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
             state == "SYN_SENT"
             and t["src"] == host_address
             and (t["src"], int(t["sport"]), t["dst"], int(t["dport"])) not in host_sockets
-            and syn_sent_s - remaining >= UNANSWERED_SYN_S
+            and _idle_s(state, remaining, timeouts) >= UNANSWERED_SYN_S
         )
     ]
     host_waiting = _host_time_wait()
@@ -295,13 +305,31 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
 def _young_time_wait(address: str, since: float) -> list[tuple[str, int, str, int]]:
     """(src, sport, dst, dport) of conntrack's TCP entries of ``address`` in TIME_WAIT for less
     than 60 s that began after ``since``."""
-    time_wait_s = float(Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait").read_text())
+    timeouts = _timeouts()
     found = []
     for state, remaining, tuples in _conntrack_tcp(address):
-        age = time_wait_s - remaining
+        age = _idle_s(state, remaining, timeouts)
         if state == "TIME_WAIT" and age < PEER_TIME_WAIT_S + 1 and time.time() - age >= since:
             found.append((tuples["src"], int(tuples["sport"]), tuples["dst"], int(tuples["dport"])))
     return found
+
+
+def _timeouts() -> dict[str, float]:
+    """conntrack's TCP timeouts (s) by name: those of ``_TIMEOUT_OF`` and the two caps."""
+    names = {*_TIMEOUT_OF.values(), "max_retrans", "unacknowledged"}
+    return {name: float(Path(f"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_{name}").read_text()) for name in names}
+
+
+def _idle_s(state: str, remaining: float, timeouts: dict[str, float]) -> float:
+    """How long an entry in ``state`` with ``remaining`` seconds left has seen no packet, at least.
+    Each packet restarts its timer with its state's timeout, except that conntrack caps a longer
+    one at max_retrans or unacknowledged (300 s, while data is unacknowledged or retransmitted)
+    and sets close's (10 s) on a reset: so ESTABLISHED's 5 days tell an entry's age only while more
+    than 300 s are left (one with less may have seen a packet just now). Of the timeouts it may
+    have been given (at least ``remaining``), the shortest gives the youngest it can be."""
+    own = timeouts[_TIMEOUT_OF[state]]
+    given = {own, min(own, timeouts["max_retrans"]), min(own, timeouts["unacknowledged"]), timeouts["close"]}
+    return min((timeout - remaining for timeout in given if timeout >= remaining), default=0.0)
 
 
 def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
