@@ -6,7 +6,14 @@ import asyncio
 import time
 
 import pytest
-from e2b import AsyncSandbox, CommandExitException, FilesystemEventType, Sandbox
+from e2b import (
+    AsyncSandbox,
+    CommandExitException,
+    CommandHandle,
+    FilesystemEventType,
+    InvalidArgumentException,
+    Sandbox,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -54,6 +61,44 @@ def test_a_command_runs_with_the_users_whole_identity_read_when_it_starts(sbx: S
         assert "no-such-program-here: command not found" in missing.value.stderr
 
 
+def test_a_command_starts_with_only_its_stdio_in_its_own_session_and_default_signals(sbx: Sandbox) -> None:
+    """No fd of envd's leaks into a command, it leads its own session and process group, and it
+    starts with the default signal handling (a pipe's writer dies of SIGPIPE, which envd ignores),
+    as user and as root."""
+    for user in ("user", "root"):
+        fds = sbx.commands.run(
+            "exec python3 -c 'import os; print(sorted(int(fd) for fd in os.listdir(\"/proc/self/fd\")))'", user=user
+        )
+        assert fds.stdout.strip() == "[0, 1, 2, 3]"  # 3: the listing's own
+        session = sbx.commands.run("ps -o pid=,pgid=,sid= -p $$", user=user).stdout.split()
+        assert len(set(session)) == 1, session
+        term = sbx.commands.run("sleep 30 & kill -TERM $!; wait $!; echo $?", user=user, timeout=20)
+        assert term.stdout.strip() == "143"  # SIGTERM neither blocked nor ignored
+        assert sbx.commands.run("yes | head -c 1 >/dev/null; echo ${PIPESTATUS[0]}", user=user).stdout.strip() == "141"
+
+
+def test_a_command_that_cannot_be_passed_intact_is_refused(sbx: Sandbox) -> None:
+    """A NUL byte (C would cut the string there) or an env name with '=' is a clear error, not a
+    command run with something else."""
+    for command, envs in (("true", {"A=B": "x"}), ("true", {"A": "x\0y"}), ("echo a\0b", {})):
+        with pytest.raises(InvalidArgumentException):
+            sbx.commands.run(command, envs=envs)
+    assert sbx.commands.run("echo ok", envs={"A": "x=y"}).stdout == "ok\n"
+
+
+def test_commands_ending_at_once_each_report_their_own_exit(sbx: Sandbox) -> None:
+    """Exits that come together (one SIGCHLD may stand for several) are each told to their stream."""
+    handles = [sbx.commands.run(f"sleep 0.5; exit {code}", background=True) for code in range(12)]
+
+    def exit_code(handle: CommandHandle) -> int:
+        try:
+            return handle.wait().exit_code
+        except CommandExitException as exc:
+            return exc.exit_code
+
+    assert [exit_code(handle) for handle in handles] == list(range(12))
+
+
 def test_background_command_list_and_kill(sbx: Sandbox) -> None:
     handle = sbx.commands.run("sleep 300", background=True)
     assert handle.pid in {p.pid for p in sbx.commands.list()}
@@ -75,6 +120,36 @@ def test_pty_takes_input_and_resizes(sbx: Sandbox) -> None:
     sbx.pty.send_stdin(pty.pid, b"stty size; exit\n")
     pty.wait(on_pty=chunks.append)
     assert b"30 100" in b"".join(chunks)
+
+
+def _pty_session(sbx: Sandbox, *inputs: bytes) -> bytes:
+    """What a PTY shows for these inputs, each sent a second after the one before (the shell is
+    busy with the last); the PTY ends within 20 s or the SDK raises its timeout."""
+    from e2b import PtySize
+
+    chunks: list[bytes] = []
+    pty = sbx.pty.create(PtySize(rows=24, cols=80), timeout=20)
+    for number, data in enumerate(inputs):
+        if number:
+            time.sleep(1)
+        sbx.pty.send_stdin(pty.pid, data)
+    pty.wait(on_pty=chunks.append)
+    return b"".join(chunks)
+
+
+def test_a_pty_is_the_controlling_terminal_of_its_shell(sbx: Sandbox) -> None:
+    """Job control: each job the shell starts is the terminal's foreground process group."""
+    check = b"python3 -c 'import os; print(\"fg\", os.tcgetpgrp(0) == os.getpgrp() != os.getsid(0))'; exit\n"
+    output = _pty_session(sbx, check)
+    assert b"fg True" in output
+    assert b"no job control" not in output
+
+
+def test_ctrl_c_in_a_pty_ends_the_foreground_job(sbx: Sandbox, tier: str) -> None:
+    if tier == "gvisor":
+        pytest.xfail("this runsc's terminal sends no SIGINT for ^C (it is the controlling one: test above)")
+    output = _pty_session(sbx, b"sleep 60; echo after\n", b"\x03", b"echo done:$?; exit\n")
+    assert b"done:130" in output
 
 
 def test_files_roundtrip_list_and_remove(sbx: Sandbox) -> None:

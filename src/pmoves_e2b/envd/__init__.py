@@ -7,7 +7,8 @@ Stock E2B SDKs talk to it on port 49983: Connect RPC (``process.Process``,
 It imports nothing from the rest of ``pmoves_e2b``: templates ship only this package plus its
 three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
 this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
-reports, its port, its host-only paths, the signed-URL helper, the launcher's setpriv variable and the spawn helper's path.
+reports, its port, its host-only paths, the signed-URL helper, the launcher's setpriv variable and the
+spawn helper's and library's paths.
 """
 
 from pmoves_e2b.envd.auth import signature as file_signature
@@ -26,5 +27,15 @@ SETPRIV_ENV = "ENVD_SETPRIV"
 
 # Where templates put envd's static spawn helper (spawn_helper.c, built into the envd layer).
 SPAWN_HELPER = "/opt/pmoves/bin/pmoves-spawn"
+# And its spawn library (spawn_library.c): the same without the helper's exec, in envd's process.
+SPAWN_LIBRARY = "/opt/pmoves/lib/libpmoves-spawn.so"
 
-__all__ = ["ENVD_PORT", "ENVD_VERSION", "HOST_ONLY_PATHS", "SETPRIV_ENV", "SPAWN_HELPER", "file_signature"]
+__all__ = [
+    "ENVD_PORT",
+    "ENVD_VERSION",
+    "HOST_ONLY_PATHS",
+    "SETPRIV_ENV",
+    "SPAWN_HELPER",
+    "SPAWN_LIBRARY",
+    "file_signature",
+]

@@ -1,4 +1,5 @@
-/* pmoves-spawn: how envd starts a command inside a sandbox, in one exec (envd/spawn.py).
+/* pmoves-spawn: how envd's Popen starts a command as another user, in one exec (envd/spawn.py):
+ * sudo's commands; the process service's use the spawn library (spawn_library.c), with no exec of its own.
  *
  *   pmoves-spawn [--cgroup=DIR --oom-score-adj=N] [--uid=U --gid=G --groups=G1,G2,...] -- PROGRAM [ARG]...
  *

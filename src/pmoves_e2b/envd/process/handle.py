@@ -14,15 +14,15 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from protobuf import Oneof
 
+from .. import spawn
 from ..gen.process.process_pb import ProcessConfig, ProcessEvent
-from ..spawn import command_argv, watch_exit
+from ..spawn import Child, watch_exit
 from ..users import User
 from . import cgroup
 
@@ -67,12 +67,6 @@ def _check_executable(spec: SpawnSpec) -> None:
         if os.path.exists(command):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), spec.cmd)
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), spec.cmd)
-
-
-def _take_controlling_tty() -> None:
-    # Runs in the child after setsid(): make the PTY slave (fd 0) the controlling terminal,
-    # so job control and Ctrl-C work in interactive shells.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:
@@ -129,25 +123,17 @@ class ProcessHandle:
             os.set_blocking(fd, False)
             self._loop.add_reader(fd, self._on_readable, fd)
 
-    def _spawn(self, spec: SpawnSpec) -> subprocess.Popen[bytes]:
-        if self._group is not None:
+    def _spawn(self, spec: SpawnSpec) -> Child:
+        if self._group is not None and not spawn.direct():
             _check_executable(spec)  # the helper would report a missing command as exit 127
         cgroup = str(self._group.path) if self._group is not None else None
-        argv, credentials = command_argv([spec.cmd, *spec.args], spec.user, cgroup)
+        argv = [spec.cmd, *spec.args]
         if spec.pty_size is not None:
             master, slave = os.openpty()
             try:
                 _set_winsize(slave, *spec.pty_size)
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=spec.cwd,
-                    env=spec.env,
-                    start_new_session=True,
-                    preexec_fn=_take_controlling_tty,
-                    **credentials,
+                child = spawn.spawn(
+                    argv, spec.user, cgroup, fds=(slave, slave, slave), cwd=spec.cwd, env=spec.env, controlling_tty=True
                 )
             except BaseException:
                 os.close(master)
@@ -156,23 +142,14 @@ class ProcessHandle:
                 os.close(slave)
             self._pty_fd = master
             self._outputs[master] = "pty"
-            return popen
+            return child
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (subprocess.DEVNULL, None)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC) if spec.stdin else (None, None)
         try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=spec.cwd,
-                env=spec.env,
-                # Own session and process group: a user's `kill 0` cannot reach envd, and
-                # shutdown can end a command with everything it started.
-                start_new_session=True,
-                **credentials,
-            )
+            # In its own session (spawn.spawn): a user's `kill 0` cannot reach envd, and shutdown
+            # can end a command with everything it started.
+            child = spawn.spawn(argv, spec.user, cgroup, fds=(in_r, out_w, err_w), cwd=spec.cwd, env=spec.env)
         except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd is not None:
@@ -180,13 +157,13 @@ class ProcessHandle:
             raise
         finally:
             for fd in (out_w, err_w, in_r):
-                if fd is not None and fd >= 0:
+                if fd is not None:
                     os.close(fd)
         self._outputs = {out_r: "stdout", err_r: "stderr"}
         if in_w is not None:
             os.set_blocking(in_w, False)
             self._stdin_fd = in_w
-        return popen
+        return child
 
     # --- subscriptions -------------------------------------------------------------------
 

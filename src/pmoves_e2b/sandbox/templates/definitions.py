@@ -30,7 +30,7 @@ from pmoves_e2b.desktop_boot import (
     until,
     xvfb,
 )
-from pmoves_e2b.envd import SPAWN_HELPER
+from pmoves_e2b.envd import SPAWN_HELPER, SPAWN_LIBRARY
 from pmoves_e2b.sandbox import native
 
 from .errors import MissingHostTool
@@ -317,6 +317,19 @@ def _spawn_helper(ctx: BuildContext) -> None:
     _write(ctx.target, SPAWN_HELPER, built.read_bytes(), mode=0o755)
 
 
+def _spawn_library(ctx: BuildContext) -> None:
+    # The same in envd's process, without the helper's exec (envd/spawn_library.c): linked against
+    # glibc, which envd always runs on (the template's python or envd's runtime, templates/runtime.py).
+    built = native.build(
+        "libpmoves-spawn", (PACKAGE_DIR / "envd/spawn_library.c").read_bytes(), ".so", ("-O2", "-shared", "-fPIC", "-s")
+    )
+    if built is None:
+        raise MissingHostTool(
+            "envd's spawn library could not be compiled (the warning above says why): apt-get install gcc libc6-dev"
+        )
+    _write(ctx.target, SPAWN_LIBRARY, built.read_bytes(), mode=0o644)
+
+
 def _sudo_shim(ctx: BuildContext) -> None:
     # no_new_privs (bwrap) disables the setuid /usr/bin/sudo: this one asks envd (envd/sudo.py).
     _write(ctx.target, SUDO_SHIM, (PACKAGE_DIR / "envd/sudo_shim.py").read_bytes(), mode=0o755)
@@ -335,6 +348,7 @@ ENVD_LAYER = LayerSpec(
         Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v5"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
         Step("spawn helper (envd's commands start in one exec)", _spawn_helper, SPAWN_HELPER),
+        Step("spawn library (envd's commands start with no exec but their own)", _spawn_library, SPAWN_LIBRARY),
     ),
     inputs=lambda host: _package_digest("envd"),
 )
