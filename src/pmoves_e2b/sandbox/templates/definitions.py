@@ -305,7 +305,7 @@ def _envd_launcher(ctx: BuildContext) -> None:
 
 
 def _spawn_helper(ctx: BuildContext) -> None:
-    # envd's command spawn in one exec instead of sh + setpriv (envd/spawn_helper.c); static, so it
+    # sudo's command spawn in one exec instead of sh + setpriv (envd/spawn_helper.c); static, so it
     # runs on templates from any image.
     built = native.build(
         "pmoves-spawn", (PACKAGE_DIR / "envd/spawn_helper.c").read_bytes(), "", ("-O2", "-static", "-s")
@@ -347,7 +347,7 @@ ENVD_LAYER = LayerSpec(
         Step("envd sources", _envd_sources, ENVD_SITE),
         Step("envd launcher", _envd_launcher, f"{ENVD_BIN} {SUDO_SOCKET} {ENVD_STATE_FILE} v5"),
         Step("sudo shim (runs commands through envd)", _sudo_shim, SUDO_SHIM),
-        Step("spawn helper (envd's commands start in one exec)", _spawn_helper, SPAWN_HELPER),
+        Step("spawn helper (sudo's commands start in one exec)", _spawn_helper, SPAWN_HELPER),
         Step("spawn library (envd's commands start with no exec but their own)", _spawn_library, SPAWN_LIBRARY),
     ),
     inputs=lambda host: _package_digest("envd"),
