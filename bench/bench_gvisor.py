@@ -152,6 +152,9 @@ def raw_checkpoint_restore(backend: GvisorBackend, handle: SandboxHandle, image:
         Path(handle.details["runsc_root"]),
         network.SandboxNet.for_slot(handle.details["slot"], handle.sandbox_id),
     )
+    # untimed: the connections of the restore's ready probe end in the netstack first (runsc alone
+    # cannot save one that is still connected, and nothing here waits for it as the quiesce does)
+    time.sleep(1.0)
     started = time.perf_counter()
     runsc.checkpoint(root, net.netns_path, handle.sandbox_id, image)
     saved = time.perf_counter() - started
