@@ -200,6 +200,9 @@ def test_file_metadata_follows_the_file_through_envd(sbx: Sandbox) -> None:
 
 
 def test_a_removed_file_with_metadata_gives_its_space_back(sbx: Sandbox) -> None:
+    """envd's metadata store holds nothing of the file (on gVisor a hard link to it would keep a
+    removed file's space until the sandbox ends)."""
+
     def used() -> int:
         return int(sbx.commands.run("df --output=used -B1M /home/user | tail -1").stdout)
 
@@ -207,7 +210,7 @@ def test_a_removed_file_with_metadata_gives_its_space_back(sbx: Sandbox) -> None
     sbx.files.write("/home/user/big.bin", b"\0" * (64 << 20), metadata={"size": "64M"})
     assert used() >= before + 60
     sbx.commands.run("rm /home/user/big.bin")
-    deadline = time.monotonic() + 30  # envd's store (gVisor) gives it back within a sweep
+    deadline = time.monotonic() + 30
     while used() >= before + 30:
         assert time.monotonic() < deadline, "the removed file's space was not given back"
         time.sleep(0.5)
