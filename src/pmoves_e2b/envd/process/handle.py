@@ -24,7 +24,7 @@ from .. import spawn
 from ..gen.process.process_pb import ProcessConfig, ProcessEvent
 from ..spawn import Child, watch_exit
 from ..users import User
-from . import cgroup
+from . import cgroup, tty_signals
 
 STD_CHUNK = 32 << 10
 PTY_CHUNK = 16 << 10
@@ -106,6 +106,7 @@ class ProcessHandle:
         self._write_lock = asyncio.Lock()
         self._on_end: list[Callable[[ProcessHandle], None]] = []
         self._kill_timer: asyncio.TimerHandle | None = None
+        self.config_pty = spec.pty_size is not None
         self.deadline_exceeded = False  # killed by its Connect deadline, not by a signal from a user
         self._paused = False
         self._write_waiter: asyncio.Future[None] | None = None
@@ -238,6 +239,8 @@ class ProcessHandle:
         self._drain()
         self._close_input()
         self.end = _exit_info(status)
+        if self.config_pty:
+            tty_signals.forget(self.pid)
         self._publish(ProcessEvent(event=Oneof("end", self.end)))
         if self._group is not None:
             self._group.release()
@@ -292,7 +295,12 @@ class ProcessHandle:
     async def write_pty(self, data: bytes) -> None:
         if self._pty_fd is None and self.end is None:
             raise InputError("tty not assigned to process: input should be written to the stdin, not the tty")
-        await self._write(lambda: self._pty_fd, data, "process has ended")
+        parts = tty_signals.split(self._pty_fd, data) if self._pty_fd is not None else [data]
+        for part in parts:
+            if isinstance(part, bytes):
+                await self._write(lambda: self._pty_fd, part, "process has ended")
+            elif self.end is None:
+                tty_signals.send(self.pid, part)  # this kernel's terminal would not
 
     def close_stdin(self) -> None:
         if self._pty_fd is not None:
