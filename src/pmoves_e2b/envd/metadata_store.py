@@ -13,19 +13,27 @@ that replaces the file never inherits it. A stale entry is dropped when read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 
-STORE_ENV = "ENVD_METADATA_STORE"
-DEFAULT_STORE = "/var/lib/pmoves-envd/file-metadata"
+STORE = Path("/var/lib/pmoves-envd/file-metadata")
 
 Carried = list[tuple[str, dict[str, str]]]  # (path below the moved one, "" for itself; its map)
 
+_created = False  # by this envd; only envd makes the store, so it is looked for once otherwise
 
-def _store() -> Path:
-    return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+@functools.cache
+def _present_at_start() -> bool:
+    return STORE.is_dir()
+
+
+def _present() -> bool:
+    """Whether the store exists, without a stat per file read where xattrs work (no store there)."""
+    return _created or _present_at_start()
 
 
 def _key(path: str) -> str:
@@ -35,12 +43,12 @@ def _key(path: str) -> str:
 
 
 def _entry_file(key: str) -> Path:
-    return _store() / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
+    return STORE / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
 
 def read(path: str) -> dict[str, str]:
     """The stored map of the file at ``path``; empty without one (or with a stale one, dropped)."""
-    if not _store().is_dir():
+    if not _present():
         return {}
     key = _key(path)
     entry_file = _entry_file(key)
@@ -56,6 +64,7 @@ def read(path: str) -> dict[str, str]:
 
 def write(path: str, metadata: dict[str, str]) -> None:
     """Make ``metadata`` the whole stored map of the file at ``path`` (an empty map removes it)."""
+    global _created
     key = _key(path)
     if not metadata:
         forget(key)
@@ -64,13 +73,14 @@ def write(path: str, metadata: dict[str, str]) -> None:
     # gVisor's sentry keeps its own time of the last write and the host file has another (the
     # gofer's); setting it makes both the same, so a restore or a copy reads back the one recorded
     os.utime(key, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-    mtime_ns = os.lstat(key).st_mtime_ns
-    _store().mkdir(mode=0o700, parents=True, exist_ok=True)
+    mtime_ns = os.lstat(key).st_mtime_ns  # read back: a file system may keep fewer digits
+    STORE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _created = True
     _save(_entry_file(key), {"path": key, "mtime_ns": mtime_ns, "metadata": metadata})
 
 
 def forget(path: str) -> None:
-    if _store().is_dir():
+    if _present():
         _entry_file(_key(path)).unlink(missing_ok=True)
 
 
@@ -115,12 +125,11 @@ def _valid_metadata(entry: dict[str, object]) -> dict[str, str] | None:
 
 def _entries_under(key: str) -> list[tuple[Path, dict[str, object]]]:
     """The entries of ``key`` and of the paths under it."""
-    store = _store()
-    if not store.is_dir():
+    if not _present():
         return []
     below = key.rstrip("/") + "/"
     found: list[tuple[Path, dict[str, object]]] = []
-    for entry_file in store.glob("*.json"):
+    for entry_file in STORE.glob("*.json"):
         entry = _load(entry_file)
         named = entry.get("path") if entry is not None else None
         if entry is not None and isinstance(named, str) and (named == key or named.startswith(below)):

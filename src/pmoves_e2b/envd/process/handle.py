@@ -106,7 +106,7 @@ class ProcessHandle:
         self._write_lock = asyncio.Lock()
         self._on_end: list[Callable[[ProcessHandle], None]] = []
         self._kill_timer: asyncio.TimerHandle | None = None
-        self.config_pty = spec.pty_size is not None
+        self._has_pty = spec.pty_size is not None
         self.deadline_exceeded = False  # killed by its Connect deadline, not by a signal from a user
         self._paused = False
         self._write_waiter: asyncio.Future[None] | None = None
@@ -239,7 +239,7 @@ class ProcessHandle:
         self._drain()
         self._close_input()
         self.end = _exit_info(status)
-        if self.config_pty:
+        if self._has_pty:
             tty_signals.forget(self.pid)
         self._publish(ProcessEvent(event=Oneof("end", self.end)))
         if self._group is not None:
