@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.harness import SHARED_TEMPLATES_DIR, link_shared_templates, make_stack, stop_and_clean  # noqa: E402
-from tier_sdk import TIMEOUT, command_true, row, run_code  # noqa: E402
+from stack.harness import SHARED_TEMPLATES_DIR  # noqa: E402
+from tier_sdk import TIMEOUT, command_true, row, run_code, tier_stack  # noqa: E402
 
-STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
 TIERS = ("ns", "gvisor")
 
 # Runs inside a sandbox as root: seconds per spawn-and-wait of each way, as JSON.
@@ -95,19 +92,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     options = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores); templates {SHARED_TEMPLATES_DIR}", flush=True)
-    templates = link_shared_templates(
-        SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"
-    )
-    stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
-    try:
-        stack.up()
-        os.environ.update(stack.sdk_env)
+    with tier_stack():
         commands = {tier: command_true(tier, options.runs)[0] for tier in TIERS}
         codes = {tier: run_code(tier, options.runs) for tier in TIERS}
         floors = {tier: floor(tier, options.runs) for tier in TIERS}
-    finally:
-        stop_and_clean(stack)
-        shutil.rmtree(templates.parent, ignore_errors=True)
     row('ns: commands.run("true") (baseline)', commands["ns"])
     row('gvisor: commands.run("true")', commands["gvisor"], "ns", commands["ns"])
     row('ns: run_code("1+1") (baseline)', codes["ns"])

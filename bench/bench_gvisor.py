@@ -38,15 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.harness import SHARED_TEMPLATES_DIR, link_shared_templates, make_stack, stop_and_clean  # noqa: E402
-from tier_sdk import command_true, create_kill, pause_resume, row, run_code  # noqa: E402
+from stack.harness import SHARED_TEMPLATES_DIR  # noqa: E402
+from tier_sdk import command_true, create_kill, pause_resume, row, run_code, tier_stack  # noqa: E402
 
 from pmoves_e2b.sandbox.backends.base import SandboxHandle, SandboxSpec  # noqa: E402
 from pmoves_e2b.sandbox.backends.gvisor import GvisorBackend, runsc  # noqa: E402
 from pmoves_e2b.sandbox.backends.ns import ENVD_ARGV, network  # noqa: E402
 from pmoves_e2b.sandbox.templates.store import load_template  # noqa: E402
 
-STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -287,13 +286,7 @@ def main() -> None:
     row("GvisorBackend.restore -> envd listens", pauses["restore"], "raw runsc", pauses["raw restore"])
     checkpoint_rows(options.pause_runs, only_busy=True)
     print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
-    templates = link_shared_templates(
-        SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"
-    )
-    stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
-    try:
-        stack.up()
-        os.environ.update(stack.sdk_env)
+    with tier_stack():
         ns_create = create_kill("ns", options.runs)
         gv_create = create_kill("gvisor", options.runs)
         ns_command, _ = command_true("ns", options.command_runs)
@@ -305,9 +298,6 @@ def main() -> None:
         ns_disk, ns_boot = pause_resume("ns", options.pause_runs, mode="filesystem")
         gv_disk, gv_boot = pause_resume("gvisor", options.pause_runs, mode="filesystem")
         snap_takes, snap_restores, snap_boots = snapshots(options.pause_runs)
-    finally:
-        stop_and_clean(stack)
-        shutil.rmtree(templates.parent, ignore_errors=True)
     row("ns: Sandbox.create() (pool off, baseline)", ns_create)
     row("gvisor: Sandbox.create() (pool off)", gv_create, "ns", ns_create)
     row("gvisor: Sandbox.create() vs raw runsc", gv_create, "raw runsc", raw)

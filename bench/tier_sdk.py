@@ -3,13 +3,37 @@ metadata key ``e2b.isolation`` on one stack, so every tier and its ns baseline s
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from measure import pct
+from stack.harness import SHARED_TEMPLATES_DIR, link_shared_templates, make_stack, stop_and_clean
 
 TIMEOUT = 600
+STACK_ENV = {"E2B_SANDBOX_MEMORY_MB": "512", "E2B_SANDBOX_CPU_LIMIT": "1", "E2B_POOL_SIZE": "0"}
+
+
+@contextlib.contextmanager
+def tier_stack() -> Iterator[None]:
+    """One stack up for every tier's rows, on its own link of the shared templates, with the SDK's
+    environment pointing at it; stopped and checked clean afterwards."""
+    templates = link_shared_templates(
+        SHARED_TEMPLATES_DIR, Path(tempfile.mkdtemp(prefix="pmoves-e2b-bench-templates-")) / "templates"
+    )
+    stack = make_stack({**STACK_ENV, "E2B_TEMPLATES_DIR": str(templates)})
+    try:
+        stack.up()
+        os.environ.update(stack.sdk_env)
+        yield
+    finally:
+        stop_and_clean(stack)
+        shutil.rmtree(templates.parent, ignore_errors=True)
 
 
 def row(name: str, values: list[float], base_name: str = "", base: list[float] | None = None) -> None:
