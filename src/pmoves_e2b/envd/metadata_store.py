@@ -1,17 +1,24 @@
-"""envd's own store of file metadata, for files whose file system refuses user xattrs.
+"""envd's own store of user xattrs, for files whose file system refuses them.
 
-One JSON file per file, named by a hash of its path, in a root-only directory on the sandbox's own
-disk, so a pause, a restart and a snapshot keep it as they keep the files. An entry is believed while
-the file at its path has the modification time it had when the map was written, to the nanosecond.
-Nothing firmer is there to be had: a program that removes a file and makes it anew gets the same inode
-number back, a restore or a snapshot's copy gives the same file another one, gVisor has no birth
-times, and a hard link (which would hold the inode) keeps a removed file's space until the sandbox
-ends in this runsc build. So a program's edit drops the map (E2B's xattrs would keep it); a program
-that replaces the file never inherits it. A stale entry is dropped when read.
+It holds every ``user.*`` name of a file (values kept as bytes, base64 in the JSON), set by envd
+(E2B's metadata is the ``user.e2b.`` subset, file_metadata.py) or by a program in the sandbox through
+the gVisor preload shim and envd's socket (program_xattrs.py), so both see the same map. One JSON file
+per file, named by a hash of its path, in a root-only directory on the sandbox's own disk, so a pause,
+a restart and a snapshot keep it as they keep the files. An entry is believed while the file at its
+path has the modification time it had when the map was written, to the nanosecond. Nothing firmer is
+there to be had: a program that removes a file and makes it anew gets the same inode number back, a
+restore or a snapshot's copy gives the same file another one, gVisor has no birth times, and a hard
+link (which would hold the inode) keeps a removed file's space until the sandbox ends in this runsc
+build. So any edit of the file's contents, a program's or envd's upload, drops its whole map, the
+names a program set itself too (Linux's xattrs would keep them); a program that replaces the file
+never inherits it. A stale entry is dropped when read. envd calls this only on its event loop's
+thread (the HTTP and RPC handlers and the xattr socket alike), so a read-modify-write needs no lock.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import hashlib
@@ -21,7 +28,8 @@ from pathlib import Path
 
 STORE = Path("/var/lib/pmoves-envd/file-metadata")
 
-Carried = list[tuple[str, dict[str, str]]]  # (path below the moved one, "" for itself; its map)
+Xattrs = dict[str, bytes]  # full name (os.fsdecode of its bytes, like os.listxattr) -> value
+Carried = list[tuple[str, Xattrs]]  # (path below the moved one, "" for itself; its map)
 
 _created = False  # by this envd; only envd makes the store, so it is looked for once otherwise
 
@@ -46,8 +54,8 @@ def _entry_file(key: str) -> Path:
     return STORE / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
 
-def read(path: str) -> dict[str, str]:
-    """The stored map of the file at ``path``; empty without one (or with a stale one, dropped)."""
+def read(path: str) -> Xattrs:
+    """The stored xattrs of the file at ``path``; empty without (or with a stale entry, dropped)."""
     if not _present():
         return {}
     key = _key(path)
@@ -55,18 +63,18 @@ def read(path: str) -> dict[str, str]:
     entry = _load(entry_file)
     if entry is None or entry.get("path") != key:
         return {}
-    metadata = _valid_metadata(entry)
-    if metadata is None:
+    xattrs = _valid_xattrs(entry)
+    if xattrs is None:
         entry_file.unlink(missing_ok=True)
         return {}
-    return metadata
+    return xattrs
 
 
-def write(path: str, metadata: dict[str, str]) -> None:
-    """Make ``metadata`` the whole stored map of the file at ``path`` (an empty map removes it)."""
+def write(path: str, xattrs: Xattrs) -> None:
+    """Make ``xattrs`` the whole stored map of the file at ``path`` (an empty map removes it)."""
     global _created
     key = _key(path)
-    if not metadata:
+    if not xattrs:
         forget(key)
         return
     st = os.lstat(key)
@@ -76,7 +84,8 @@ def write(path: str, metadata: dict[str, str]) -> None:
     mtime_ns = os.lstat(key).st_mtime_ns  # read back: a file system may keep fewer digits
     STORE.mkdir(mode=0o700, parents=True, exist_ok=True)
     _created = True
-    _save(_entry_file(key), {"path": key, "mtime_ns": mtime_ns, "metadata": metadata})
+    encoded = {name: base64.b64encode(value).decode() for name, value in xattrs.items()}
+    _save(_entry_file(key), {"path": key, "mtime_ns": mtime_ns, "xattrs": encoded})
 
 
 def forget(path: str) -> None:
@@ -96,9 +105,9 @@ def take_tree(path: str) -> Carried:
     key = _key(path)
     carried: Carried = []
     for entry_file, entry in _entries_under(key):
-        metadata = _valid_metadata(entry)
-        if metadata is not None:
-            carried.append((str(entry["path"])[len(key) :], metadata))
+        xattrs = _valid_xattrs(entry)
+        if xattrs is not None:
+            carried.append((str(entry["path"])[len(key) :], xattrs))
         entry_file.unlink(missing_ok=True)
     return carried
 
@@ -107,20 +116,23 @@ def put_tree(path: str, carried: Carried) -> None:
     """Write maps taken by ``take_tree`` for the tree now at ``path`` (replacing what it had)."""
     forget_tree(path)
     key = _key(path)
-    for below, metadata in carried:
+    for below, xattrs in carried:
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile
-            write(key + below, metadata)
+            write(key + below, xattrs)
 
 
-def _valid_metadata(entry: dict[str, object]) -> dict[str, str] | None:
-    metadata, written = entry.get("metadata"), entry.get("mtime_ns")
+def _valid_xattrs(entry: dict[str, object]) -> Xattrs | None:
+    xattrs, written = entry.get("xattrs"), entry.get("mtime_ns")
     try:
         mtime_ns = os.lstat(str(entry.get("path"))).st_mtime_ns
     except OSError:
         return None
-    if mtime_ns != written or not isinstance(metadata, dict):
+    if mtime_ns != written or not isinstance(xattrs, dict):
         return None
-    return {str(k): str(v) for k, v in metadata.items()}
+    try:
+        return {str(name): base64.b64decode(str(value), validate=True) for name, value in xattrs.items()}
+    except binascii.Error:  # not written by envd: believed as much as a missing entry
+        return None
 
 
 def _entries_under(key: str) -> list[tuple[Path, dict[str, object]]]:
