@@ -58,6 +58,7 @@ from pmoves_e2b.sandbox import tiers
 # and no warm pool (which would boot every pooled template, desktops too, in that tier).
 TIERED_MODULES = {
     "test_sdk_data_plane",
+    "test_sdk_program_xattrs",  # gvisor: the shim and envd stand in for the root's missing user xattrs
     "test_sdk_lifecycle",
     "test_tier_sdk",
     "test_sdk_pause_to_disk",

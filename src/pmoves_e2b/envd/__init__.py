@@ -8,7 +8,7 @@ It imports nothing from the rest of ``pmoves_e2b``: templates ship only this pac
 three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
 this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
 reports, its port, its host-only paths, the signed-URL helper, the launcher's setpriv variable and the
-spawn helper's and library's paths.
+spawn helper's and library's paths, the xattr socket's path.
 """
 
 from pmoves_e2b.envd.auth import signature as file_signature
@@ -30,6 +30,10 @@ SPAWN_HELPER = "/opt/pmoves/bin/pmoves-spawn"
 # And its spawn library (spawn_library.c): the same without the helper's exec, in envd's process.
 SPAWN_LIBRARY = "/opt/pmoves/lib/libpmoves-spawn.so"
 
+# envd's socket for programs' own xattr calls where the file system refuses them (xattr_socket.py);
+# the gvisor tier's preload shim asks it.
+XATTR_SOCKET = "/run/pmoves/xattr.sock"
+
 __all__ = [
     "ENVD_PORT",
     "ENVD_VERSION",
@@ -37,5 +41,6 @@ __all__ = [
     "SETPRIV_ENV",
     "SPAWN_HELPER",
     "SPAWN_LIBRARY",
+    "XATTR_SOCKET",
     "file_signature",
 ]

@@ -26,6 +26,7 @@ from .rpc import DISCONNECT_CALLBACKS, codecs
 from .state import EnvdState
 from .sudo import SudoServer, start_sudo_server
 from .users import UnknownUserError, lookup_user, username_from_basic_auth
+from .xattr_socket import XattrServer, start_xattr_server
 
 # Largest single Connect message (a SendInput chunk, a request); file bodies go over /files.
 RPC_READ_MAX_BYTES = 16 << 20
@@ -38,6 +39,7 @@ class EnvdApp:
         self.filesystem = FilesystemService(self.state)
         self._metrics = MetricsSampler()
         self._sudo: SudoServer | None = None
+        self._xattrs: XattrServer | None = None
         # gzip: accepted on requests and used for responses only when a client asks (the SDK does not).
         options: dict[str, Any] = {
             "codecs": codecs(),
@@ -127,12 +129,15 @@ class EnvdApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._sudo = start_sudo_server()  # sudo for sandbox users (sudo.py)
+                self._xattrs = start_xattr_server()  # programs' xattrs where the root refuses them
                 if self.state.restored:  # the commands of the envd that died run on untracked
                     cgroup.adopt_leftovers()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._sudo is not None:
                     self._sudo.close()
+                if self._xattrs is not None:
+                    self._xattrs.close()
                 self.processes.kill_all()
                 self.filesystem.close_all()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -1,0 +1,174 @@
+"""envd's socket for programs' own xattr calls where the file system refuses them (gVisor's root).
+
+The gvisor tier's preload shim connects to it only after the file system answered ENOTSUP (or, for a
+listing, after a probe of a ``user.`` name did), sends one SOCK_SEQPACKET message (the request of
+program_xattrs.py, the file as one SCM_RIGHTS fd, the caller's SCM_CREDENTIALS) and reads one back: a
+native int32, the call's result or -errno, then the bytes for its buffer. One request per connection,
+on envd's event loop: envd never opens, reads or follows what it is given (fstat, /proc/self/fd's link
+and an lstat of it), so no request can make it block. The socket is 0666 like sudo's: the gate is the
+caller's credentials, checked per request as Linux checks them. They come as SCM_CREDENTIALS, whose
+pid, uid and gid the kernel refuses to pass unless they are the sender's own (CAP_SYS_ADMIN, CAP_SETUID
+and CAP_SETGID aside, which root in the sandbox has anyway): this runsc's SO_PEERCRED on an accepted
+connection gives the listener's own credentials (envd's, root), not the caller's. A connection that sends nothing is closed
+after IDLE_S, at most MAX_PENDING wait at once (more are closed at once: the shim then answers the
+program's own ENOTSUP). Nothing of a request is logged, not even its name.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import struct
+import sys
+
+from . import XATTR_SOCKET
+from .program_xattrs import HEADER, NAME_MAX, SIZE_MAX, Caller, Request, XattrError, answer
+
+REPLY = struct.Struct("=i")
+RECEIVE_BYTES = HEADER.size + NAME_MAX + SIZE_MAX + 1  # the largest request, and a byte to tell more
+MAX_FDS = 4  # received (to close them all) though a request has one
+CONTROL_BYTES = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(12)  # the fds, a struct ucred
+UCRED = struct.Struct("3i")  # pid, uid, gid
+MAX_PENDING = 64
+IDLE_S = 10.0
+PROBE_NAME = "user.pmoves.probe"
+IN_ENVD_FLAG = "pmoves_xattr_in_envd"  # the shim's, see _stop_asking_itself
+
+
+class XattrServer:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an earlier envd
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 - every request is checked against SO_PEERCRED (module docstring)
+        self._sock.listen(MAX_PENDING)
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for conn in list(self._pending):
+            self._drop(conn)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # none left (EAGAIN), or EMFILE and friends: the next wake-up
+                return
+            if len(self._pending) >= MAX_PENDING:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before its request is read
+            self._pending[conn] = self._loop.call_later(IDLE_S, self._drop, conn)
+            self._loop.add_reader(conn.fileno(), self._serve, conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        timer = self._pending.pop(conn, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self._loop.remove_reader(conn.fileno())
+        conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            message, ancillary, flags, _ = conn.recvmsg(RECEIVE_BYTES, CONTROL_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        fds = _taken_fds(ancillary)
+        try:
+            if message or fds:  # else the caller hung up
+                result, data = _answered(message, flags, fds, _credentials(ancillary))
+                with contextlib.suppress(OSError):  # the caller is gone, or its buffer is full: it gets ENOTSUP
+                    conn.send(REPLY.pack(result) + data)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self._drop(conn)
+
+
+def _answered(
+    message: bytes, flags: int, fds: list[int], credentials: tuple[int, int, int] | None
+) -> tuple[int, bytes]:
+    try:
+        if flags & socket.MSG_TRUNC:
+            raise XattrError(errno.E2BIG)  # more than a 64 KiB value
+        if flags & socket.MSG_CTRUNC or len(fds) != 1:
+            raise XattrError(errno.EINVAL)
+        request = Request.parse(message)
+        if credentials is None:
+            raise XattrError(errno.EPERM)
+        return answer(request, fds[0], Caller.of_peer(*credentials))
+    except XattrError as exc:
+        return -exc.code, b""
+    except OSError as exc:  # the store's own failures (its disk full: ENOSPC), as the call's
+        return -(exc.errno or errno.EIO), b""
+    except Exception as exc:  # noqa: BLE001 - a bug here is the caller's EIO, never envd's end
+        print(f"envd: xattr request failed: {type(exc).__name__}", file=sys.stderr)
+        return -errno.EIO, b""
+
+
+def _credentials(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
+    """The sender's pid, uid and gid, as the kernel passed them."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
+            pid, uid, gid = UCRED.unpack_from(data)
+            return pid, uid, gid
+    return None
+
+
+def _taken_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(data[: len(data) - len(data) % received.itemsize])
+            fds += received
+    return fds
+
+
+def _stop_asking_itself() -> None:
+    """envd's own xattr calls go through the shim too (it is preloaded into every process); asking this
+    socket from its own event loop would wait forever, so the shim's flag for envd is set (no shim, as
+    on the ns tier or a host: nothing to set)."""
+    with contextlib.suppress(ValueError, OSError):
+        ctypes.c_int.in_dll(ctypes.CDLL(None), IN_ENVD_FLAG).value = 1
+
+
+def start_xattr_server() -> XattrServer | None:
+    """Serve where envd is root and the root file system refuses user xattrs; elsewhere programs
+    have the file system's own."""
+    if os.geteuid() != 0:
+        return None
+    _stop_asking_itself()
+    try:
+        os.getxattr("/", PROBE_NAME)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+    else:
+        return None
+    try:
+        return XattrServer(XATTR_SOCKET)
+    except OSError as exc:  # envd serves the rest; programs keep ENOTSUP
+        print(f"envd: cannot serve xattrs on {XATTR_SOCKET}: {exc}", file=sys.stderr)
+        return None
