@@ -344,3 +344,29 @@ idle.close()
     assert got["without credentials"] in ("EPERM", "EACCES")  # none, or the kernel's own
     assert sbx.files.get_info(f"{DIR}/mine").metadata == {"a": "1"}
     assert sbx.files.get_info(f"{DIR}/secret").metadata is None
+
+
+def test_xattrs_work_on_after_a_pause(running_stack: Any) -> None:
+    """gVisor's pause checkpoints the sandbox (envd's socket with it) and restores it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in running_stack.sdk_env.items():
+            patch.setenv(name, value)
+        box = Sandbox.create(timeout=300)
+        try:
+            box.files.write("/home/user/kept.txt", "k")
+            assert _run(box, 'results["set"] = call(os.setxattr, "/home/user/kept.txt", "user.e2b.a", b"1")') == {
+                "set": None
+            }
+            box.pause()
+            again = Sandbox.connect(box.sandbox_id, timeout=300)
+            got = _run(
+                again,
+                """
+results["get"] = call(os.getxattr, "/home/user/kept.txt", "user.e2b.a")
+results["set"] = call(os.setxattr, "/home/user/kept.txt", "user.e2b.b", b"2")
+""",
+            )
+            assert got == {"get": "1", "set": None}
+            assert again.files.get_info("/home/user/kept.txt").metadata == {"a": "1", "b": "2"}
+        finally:
+            Sandbox.kill(box.sandbox_id)
