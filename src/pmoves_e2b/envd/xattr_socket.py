@@ -51,7 +51,7 @@ class XattrServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - every request is checked against SO_PEERCRED (module docstring)
+        os.chmod(path, 0o666)  # noqa: S103 - each request is checked against its SCM_CREDENTIALS (module docstring)
         self._sock.listen(MAX_PENDING)
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._accept)
