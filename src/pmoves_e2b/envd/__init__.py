@@ -8,7 +8,7 @@ It imports nothing from the rest of ``pmoves_e2b``: templates ship only this pac
 three runtime dependencies (connectrpc, protobuf-py, uvicorn). The host side may import only what
 this module exports (``__all__``; tests/envd/test_boundaries.py enforces it): the version it
 reports, its port, its host-only paths, the signed-URL helper, the launcher's setpriv variable and the
-spawn helper's and library's paths, the xattr socket's path.
+spawn helper's and library's paths, the xattr socket's and store's paths.
 """
 
 from pmoves_e2b.envd.auth import signature as file_signature
@@ -33,11 +33,14 @@ SPAWN_LIBRARY = "/opt/pmoves/lib/libpmoves-spawn.so"
 # envd's socket for programs' own xattr calls where the file system refuses them (xattr_socket.py);
 # the gvisor tier's preload shim asks it.
 XATTR_SOCKET = "/run/pmoves/xattr.sock"
+# envd's store of user xattrs there (metadata_store.py): the shim asks about listings only once it exists.
+METADATA_STORE = "/var/lib/pmoves-envd/file-metadata"
 
 __all__ = [
     "ENVD_PORT",
     "ENVD_VERSION",
     "HOST_ONLY_PATHS",
+    "METADATA_STORE",
     "SETPRIV_ENV",
     "SPAWN_HELPER",
     "SPAWN_LIBRARY",

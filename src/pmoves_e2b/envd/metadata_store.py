@@ -26,7 +26,9 @@ import json
 import os
 from pathlib import Path
 
-STORE = Path("/var/lib/pmoves-envd/file-metadata")
+from . import METADATA_STORE
+
+STORE = Path(METADATA_STORE)
 
 Xattrs = dict[str, bytes]  # full name (os.fsdecode of its bytes, like os.listxattr) -> value
 Carried = list[tuple[str, Xattrs]]  # (path below the moved one, "" for itself; its map)
