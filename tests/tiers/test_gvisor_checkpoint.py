@@ -156,6 +156,31 @@ def test_memory_snapshot_makes_sandboxes_with_its_state_and_forks_run_on(gvisor_
         source.kill()
 
 
+def test_a_resumed_sandbox_can_be_snapshotted_and_the_snapshot_deleted(gvisor_stack: tuple[Any, Path]) -> None:
+    """A pause here is a checkpoint to disk, and the resumed sandbox runs on the layer that kept
+    its files: a snapshot of it (E2B's pause, resume, snapshot) copies that layer in, and its
+    sandboxes have the state; deleting the snapshot removes what it copied."""
+    _, templates = gvisor_stack
+    source = Sandbox.create(timeout=300)
+    made: list[Any] = []
+    try:
+        pid, variable = _start_state(source)
+        source.pause()
+        source = Sandbox.connect(source.sandbox_id, timeout=300)
+        layers_before = set((templates / "layers").iterdir())
+        snapshot = source.create_snapshot()
+        made.append(Sandbox.create(snapshot.snapshot_id, timeout=300))
+        _assert_state(made[0], pid, variable)
+        _assert_state(source, pid, variable)
+        made.pop().kill()
+        Sandbox.delete_snapshot(snapshot.snapshot_id)
+        assert set((templates / "layers").iterdir()) == layers_before
+    finally:
+        for sbx in made:
+            sbx.kill()
+        source.kill()
+
+
 def _get_health(address: str, close: bool) -> bytes:
     """``GET /health`` straight to envd's address (past the proxy); with ``close`` the request
     says ``Connection: close``, so envd closes as the client does: both FINs cross and both ends

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,8 @@ FORK_PREFIX = "fork-"
 MAX_FORKS = 20
 # A snapshot's layer is "snapshot-<snapshot id>-<suffix>", staged as ".tmp-<that>"; its image "<id>-<suffix>".
 FORK_LAYER = f"snapshot-{FORK_PREFIX}"
+# A layer a snapshot copied in (see _adopt_foreign_layers) is "<its own layer>.<n>".
+ADOPTED_SEPARATOR = "."
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +133,10 @@ class Snapshots:
         if image_dir is not None:
             image_dir.parent.mkdir(mode=0o700, exist_ok=True)
             image_dir.mkdir(mode=0o700)
+        adopted: list[Path] = []
         try:
             image = await self.manager.capture(sandbox_id, staging, image_dir)
-            foreign = [layer for layer in image.layers if Path(layer).parent != layers_root]
-            if foreign:
-                raise BadRequest(f"sandbox '{sandbox_id}' runs on layers outside {layers_root}: {', '.join(foreign)}")
+            below = await asyncio.to_thread(_adopt_foreign_layers, image.layers, layers_root, layer_name, adopted)
             await asyncio.to_thread(staging.rename, layers_root / layer_name)
             if image_dir is not None:
                 secret = image_dir / INIT_SECRET_FILE
@@ -142,13 +144,13 @@ class Snapshots:
                 with open(fd, "w") as out:
                     out.write(image.init_secret)
         except BaseException:
-            await asyncio.to_thread(_remove, staging, image_dir)
+            await asyncio.to_thread(_remove, staging, image_dir, *adopted)
             raise
         created = datetime.now(UTC).isoformat(timespec="seconds")
         record = {
             **image.runtime,
             "name": snapshot_id,
-            "layers": [layer_name, *(Path(layer).name for layer in image.layers)],
+            "layers": [layer_name, *below],
             "built_at": created,
             # A memory image restores only on the tier that took it; files boot on the source's.
             "isolation": image.tier if memory else image.runtime.get("isolation", ""),
@@ -242,7 +244,7 @@ def remove_snapshot_files(templates_dir: Path, record: dict[str, Any]) -> None:
     built on that nothing else names any more (that snapshot itself went with its last fork)."""
     referenced = referenced_layers(templates_dir)
     own, *below = record["layers"]
-    for layer in [own, *(name for name in below if name.startswith(FORK_LAYER))]:
+    for layer in [own, *(name for name in below if name.startswith((FORK_LAYER, own + ADOPTED_SEPARATOR)))]:
         if layer not in referenced:
             _remove_entry(layers_dir(templates_dir) / layer)
     if record.get("restore_image"):
@@ -291,7 +293,33 @@ def _remove_entry(path: Path) -> None:
         remove_tree(path)
 
 
-def _remove(layer: Path, image_dir: Path | None) -> None:
-    remove_tree(layer)
+def _remove(layer: Path, image_dir: Path | None, *adopted: Path) -> None:
+    for tree in (layer, *adopted):
+        remove_tree(tree)
     if image_dir is not None:
         remove_tree(image_dir)
+
+
+def _adopt_foreign_layers(
+    layers: tuple[str, ...], layers_root: Path, layer_name: str, adopted: list[Path]
+) -> list[str]:
+    """The names, in the templates' layers dir, of the layers a sandbox runs on: a layer from
+    elsewhere (what a pause to disk kept of its files, under the service's paused dir, which goes
+    with the sandbox) is copied in as ``<layer_name>.<n>`` (hard links where it can: layers never
+    change), appended to ``adopted`` as it is made, and goes when the snapshot is deleted."""
+    names = []
+    for number, layer in enumerate(layers, 1):
+        path = Path(layer)
+        if path.parent == layers_root:
+            names.append(path.name)
+            continue
+        copy = layers_root / f"{layer_name}{ADOPTED_SEPARATOR}{number}"
+        adopted.append(copy)
+        linked = subprocess.run(["cp", "-a", "-l", "--", str(path), str(copy)], capture_output=True)
+        if linked.returncode != 0:  # another file system
+            remove_tree(copy)
+            copied = subprocess.run(["cp", "-a", "--", str(path), str(copy)], capture_output=True, text=True)
+            if copied.returncode != 0:
+                raise OSError(f"could not copy layer {path} into {layers_root}: {copied.stderr.strip()}")
+        names.append(copy.name)
+    return names
