@@ -100,24 +100,51 @@ def test_pause_with_memory_survives_down_and_up(gvisor_stack: tuple[Any, Path]) 
         Sandbox.kill(sbx.sandbox_id)
 
 
+def test_a_code_interpreter_sandbox_is_saved_with_its_variables(gvisor_stack: tuple[Any, Path]) -> None:
+    """The code interpreter's kernels speak ipc and its server waits on TCP with poll (it vouches
+    for that where the scan looks): a snapshot with memory gives new sandboxes its variables, and a
+    pause is a checkpoint on disk that outlives the stack."""
+    stack, _ = gvisor_stack
+    sbx = CodeSandbox.create(timeout=300)
+    copies: list[Any] = []
+    try:
+        sbx.run_code("x = 41", timeout=120)
+        snapshot = sbx.create_snapshot()
+        copies = [CodeSandbox.create(snapshot.snapshot_id, timeout=300) for _ in range(2)]
+        for copy in copies:
+            assert copy.run_code("x + 1", timeout=120).text == "42"
+            copy.run_code("x = 0", timeout=120)
+        assert sbx.run_code("x", timeout=120).text == "41"  # each its own kernel
+        sbx.pause()
+        assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*"))
+        stack.down()
+        stack.up()
+        again = CodeSandbox.connect(sbx.sandbox_id, timeout=300)
+        assert again.run_code("x + 1", timeout=120).text == "42"
+    finally:
+        for sandbox in (*copies, sbx):
+            Sandbox.kill(sandbox.sandbox_id)
+
+
 def test_a_sandbox_this_gvisor_cannot_save_pauses_in_memory_and_snapshots_are_refused(
     gvisor_stack: tuple[Any, Path],
 ) -> None:
-    """The code interpreter's kernel waits on TCP sockets with epoll (libzmq): this runsc cannot
-    save those, so the pause keeps its memory in RAM (as under ns) and a memory snapshot is a 409
-    that says why; the sandbox runs on either way."""
+    """A JavaScript context's kernel (Deno) speaks TCP and waits on it with epoll: this runsc cannot
+    save that, so while it runs the pause keeps the memory in RAM (as under ns) and a memory
+    snapshot is a 409 that says why; the sandbox runs on either way."""
     stack, _ = gvisor_stack
     sbx = CodeSandbox.create(timeout=300)
     try:
-        sbx.run_code("x = 41", timeout=120)
+        js = sbx.create_code_context(language="javascript")
+        sbx.run_code("globalThis.y = 41", context=js, timeout=120)
         with pytest.raises(SandboxException, match="epoll") as caught:
             sbx.create_snapshot()
         assert "409" in str(caught.value) or "could not be saved" in str(caught.value)
-        assert sbx.run_code("x + 1", timeout=120).text == "42"
+        assert sbx.run_code("y + 1", context=js, timeout=120).text == "42"
         sbx.pause()
         assert not list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*"))
         again = CodeSandbox.connect(sbx.sandbox_id, timeout=300)
-        assert again.run_code("x + 1", timeout=120).text == "42"
+        assert again.run_code("y + 1", context=js, timeout=120).text == "42"
     finally:
         Sandbox.kill(sbx.sandbox_id)
 

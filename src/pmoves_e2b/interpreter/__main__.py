@@ -9,6 +9,7 @@ import socket
 
 import uvicorn
 
+from . import poll_only
 from .app import Settings, build_app
 
 
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         keepalive_seconds=args.keepalive_seconds,
         default_languages=tuple(filter(None, (lang.strip() for lang in args.default_languages.split(",")))),
     )
+    polling = poll_only.enable_where_asked()
     config = uvicorn.Config(
         build_app(settings),
+        loop=f"{poll_only.__name__}:new_event_loop" if polling else "auto",
         log_level=args.log_level,
         access_log=False,
         timeout_keep_alive=640,  # as E2B's server: the SDK keeps its connection across cells
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
+    poll_only.claim()
     server.run(sockets=[listening_socket(args.host, args.port)])
 
 

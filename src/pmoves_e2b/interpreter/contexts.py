@@ -10,7 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kernel import Kernel, KernelStartError
+from . import poll_only
+from .kernel import IPC_RUNTIMES, Kernel, KernelStartError, remove_ipc_dir
 from .kernelspecs import KernelCatalog, KernelChoice
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,15 @@ class ContextRegistry:
             context.restored()
 
     async def start_defaults(self, languages: list[str]) -> None:
-        """Start default contexts for the languages whose kernel is installed, all at once."""
+        """Start default contexts for the languages whose kernel is installed, all at once. Where
+        the sandbox is to be checkpointed (poll_only), a kernel that speaks TCP, which would keep
+        it from ever being saved, starts on first use instead."""
         wanted = []
         for language in languages:
             with contextlib.suppress(LookupError):
-                self.catalog.resolve(language)
+                choice = self.catalog.resolve(language)
+                if poll_only.enabled() and choice.runtime not in IPC_RUNTIMES:
+                    continue
                 wanted.append(language)
         results = await asyncio.gather(*(self.default_for(lang) for lang in wanted), return_exceptions=True)
         for language, result in zip(wanted, results, strict=True):
@@ -204,3 +209,4 @@ class ContextRegistry:
         contexts, self._contexts = list(self._contexts.values()), {}
         self._defaults.clear()
         await asyncio.gather(*(context.close() for context in contexts), return_exceptions=True)
+        remove_ipc_dir()

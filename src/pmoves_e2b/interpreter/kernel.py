@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +24,13 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
+from . import ipc_kernel, poll_only
 from .kernelspecs import KernelChoice
 
 logger = logging.getLogger(__name__)
 
 KERNEL_READY_TIMEOUT_SECONDS = 60.0
+IPC_RUNTIMES = ("python", "bash")  # their kernels are ipykernel's, which speak ipc (_speak_ipc)
 SILENT_CELL_TIMEOUT_SECONDS = 30.0
 
 Message = dict[str, Any]
@@ -97,8 +102,12 @@ class CellRun:
 
 
 class Kernel:
-    def __init__(self, manager: AsyncKernelManager, client: AsyncKernelClient, choice: KernelChoice) -> None:
+    def __init__(
+        self, manager: AsyncKernelManager, client: AsyncKernelClient, choice: KernelChoice, pipe: str | None = None
+    ) -> None:
         self.choice = choice
+        self._pipe = pipe  # its children's output pipe when it speaks ipc; None: its channels are TCP
+        self._tcp = pipe is None
         self._manager = manager
         self._client = client
         self._runs: dict[str, CellRun] = {}
@@ -110,16 +119,22 @@ class Kernel:
     @classmethod
     async def start(cls, choice: KernelChoice, cwd: str, env: dict[str, str]) -> Kernel:
         manager = AsyncKernelManager(kernel_name=choice.kernel_name)
-        # The JavaScript kernels do not work over IPC, so every kernel uses TCP on loopback.
-        manager.transport = "tcp"
-        manager.ip = "127.0.0.1"
+        tcp = False
         try:
+            pipe = _speak_ipc(manager, choice)
+            if pipe is None:  # the JavaScript, R and Java kernels do not work over ipc: TCP on loopback
+                manager.transport = "tcp"
+                manager.ip = "127.0.0.1"
+                tcp = True
+                poll_only.tcp_kernel_starting()
             await manager.start_kernel(cwd=cwd, env=env)
         except Exception as error:
+            if tcp:
+                poll_only.tcp_kernel_ended()
             raise KernelStartError(f"kernel {choice.kernel_name!r} failed to start: {error}") from error
         client = manager.client()
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)  # noqa: S604 - jupyter_client's channel flag, not a shell
-        kernel = cls(manager, client, choice)
+        kernel = cls(manager, client, choice, pipe)
         try:
             await client.wait_for_ready(timeout=KERNEL_READY_TIMEOUT_SECONDS)
         except (RuntimeError, TimeoutError) as error:
@@ -225,6 +240,12 @@ class Kernel:
             # The kernel leads its own session; take its children (bash, node...) down with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        if self._tcp:
+            self._tcp = False
+            poll_only.tcp_kernel_ended()
+        if self._pipe is not None:  # jupyter_client removes the channels' socket files, not this one
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._pipe)
 
     async def _read(self, socket: zmq.asyncio.Socket, dispatch: Callable[[Message], None]) -> None:
         session = self._client.session
@@ -258,3 +279,41 @@ class Kernel:
         run = self._runs.get(msg["parent_header"].get("msg_id", ""))
         if run is not None:
             run.handle_reply(msg)
+
+
+def _speak_ipc(manager: AsyncKernelManager, choice: KernelChoice) -> str | None:
+    """Make an ipykernel kernel (the python and bash runtimes) use Unix sockets only, in a private
+    directory: its channels over ipc, and the pipe its forked children send output through
+    (``ipc_kernel``), whose path it returns; None (nothing changed) for other kernels. No TCP port
+    of a kernel is then open to the sandbox's other users, and gVisor's checkpoint can save it
+    (see poll_only)."""
+    spec = manager.kernel_spec
+    if spec is None:
+        return None
+    argv = list(spec.argv)
+    if choice.runtime not in IPC_RUNTIMES or not os.path.basename(argv[0]).startswith("python"):
+        return None
+    # where python's own options end: "-m module" or the script
+    target = next((i for i, arg in enumerate(argv[1:], 1) if arg == "-m" or not arg.startswith("-")), None)
+    if target is None:
+        return None
+    prefix = os.path.join(_ipc_dir(), secrets.token_hex(8))
+    manager.transport = "ipc"
+    manager.ip = prefix
+    pipe = f"{prefix}-pipe"
+    spec.argv = [*argv[:target], "-m", ipc_kernel.__name__, "--pipe", pipe, *argv[target:]]
+    return pipe
+
+
+@functools.cache
+def _ipc_dir() -> str:
+    """This server's directory for its kernels' sockets (0700; hidden, so that a user's
+    ``rm -rf /tmp/*`` leaves it); ``remove_ipc_dir`` at shutdown."""
+    return tempfile.mkdtemp(prefix=".pmoves-kernels-")
+
+
+def remove_ipc_dir() -> None:
+    """Once every kernel has shut down (uvicorn ends the process by its signal: no atexit runs)."""
+    if _ipc_dir.cache_info().currsize:
+        shutil.rmtree(_ipc_dir(), ignore_errors=True)
+        _ipc_dir.cache_clear()

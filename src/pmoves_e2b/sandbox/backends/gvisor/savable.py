@@ -8,7 +8,14 @@ the process started with ``ENVD_ENV`` set (envd, which the variable then leaves:
 not inherit it), makes asyncio use ``selectors.PollSelector`` and keeps uvloop (libuv's epoll)
 away. Other programs are left alone: ``EPOLL_TCP_SCAN`` (run inside by the backend before each
 checkpoint) names the processes that hold both an epoll instance and a TCP socket, and the
-checkpoint is then refused (e.g. the code interpreter: libzmq's TCP sockets are in epoll).
+checkpoint is then refused (e.g. a program's asyncio server on its default epoll selector).
+
+A process may vouch for itself: the code interpreter's server (``interpreter/poll_only.py``) holds
+an epoll instance (libzmq's, for its kernels' Unix sockets) and TCP sockets (uvicorn's, on a poll
+loop), and writes its start time to ``CLAIM_DIR/<pid>`` while no TCP socket of it is in an epoll set.
+``install`` makes that dir (root's: only root inside can vouch), and the scan passes a process whose
+claim names its own start time (a pid taken again later has another). Its kernels speak ipc, so a
+code interpreter sandbox checkpoints; one whose JavaScript, R or Java kernel runs (TCP) does not.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ENVD_ENV = "PMOVES_GVISOR_POLL"
+CLAIM_DIR = "run/pmoves-poll-only"  # below the sandbox's root
 PTH = "usr/local/lib/python3.11/dist-packages/zz_pmoves_gvisor_poll.pth"
 # One line: site.py executes .pth lines that start with "import".
 PTH_LINE = (
@@ -52,13 +60,18 @@ BEGIN { inodes("/proc/net/tcp"); inodes("/proc/net/tcp6") }
   else if ($2 ~ /^socket:\[/ && substr($2, 9, length($2) - 9) in tcp_inode) tcp[pid] = 1
 }
 END { for (pid in epoll) if (pid in tcp) print pid }' | while read -r pid; do
+  claim=$(cat "/CLAIM_DIR/$pid" 2>/dev/null)
+  [ -n "$claim" ] && [ "$claim" = "$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f20)" ] && continue
   echo "$pid $(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -c1-80)"
 done
-"""
+""".replace("CLAIM_DIR", CLAIM_DIR)
 
 
 def install(upper: Path) -> None:
-    """Put the .pth into a sandbox's upper dir (before it starts)."""
+    """Put the .pth and the claims' dir into a sandbox's upper dir (before it starts)."""
     target = upper / PTH
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(PTH_LINE)
+    claims = upper / CLAIM_DIR
+    claims.mkdir(parents=True, exist_ok=True)
+    claims.chmod(0o755)
