@@ -43,9 +43,7 @@ def test_python_and_bash_kernels_hold_no_tcp_socket(server: InterpreterServer, s
     assert kernels
     tcp = _tcp_inodes()
     held = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in kernels if _socket_inodes(pid) & tcp}
-    assert not held, f"kernel processes with TCP sockets: {held}"
-    server_sockets = _socket_inodes(server.process.pid) & tcp
-    assert len(server_sockets) <= 2, "only its listener and the SDK's connection"  # no kernel channel
+    assert not held, f"kernel processes with TCP sockets: {held}"  # so no channel to them is TCP either
     sandbox.remove_code_context(bash)
 
 
