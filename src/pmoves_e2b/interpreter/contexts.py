@@ -58,6 +58,8 @@ class Context:
     _stale: bool = False
     # Reseeding its kernel after a restore (see restored): every use waits for it.
     _restoring: asyncio.Task[None] | None = None
+    # A default context whose kernel starts on first use (see ContextRegistry.start_defaults).
+    deferred: bool = False
 
     def as_json(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
@@ -67,14 +69,18 @@ class Context:
         return self._kernel_task
 
     async def kernel(self) -> Kernel:
-        if self._kernel_task is None:
-            raise RuntimeError(f"context {self.id} used before start()")
+        task = self._kernel_task
+        if task is None:
+            if not self.deferred:
+                raise RuntimeError(f"context {self.id} used before start()")
+            task = self.start()
         if self._restoring is not None:
             await self._restoring
         if self._stale:
             self._stale = False
             await self.restart()
-        return await self._kernel_task
+            task = self._kernel_task or task
+        return await task
 
     def restored(self) -> None:
         """Its VM was restored from a saved image (see Kernel.restored): reseed its kernel, or
@@ -143,25 +149,30 @@ class ContextRegistry:
     def all(self) -> list[Context]:
         return list(self._contexts.values())
 
-    async def create(self, language: str | None, cwd: str | None) -> Context:
-        """Start a new context; raises UnknownLanguageError, NotADirectoryError or KernelStartError."""
+    async def create(self, language: str | None, cwd: str | None, *, deferred: bool = False) -> Context:
+        """Start a new context (``deferred``: its kernel on first use); raises UnknownLanguageError,
+        NotADirectoryError or KernelStartError."""
         choice = self.catalog.resolve(language)
         directory = cwd or self.default_cwd
         if not os.path.isdir(directory):
             raise NotADirectoryError(f"cwd {directory!r} is not an existing directory")
-        context = Context(id=str(uuid.uuid4()), language=choice.language, cwd=directory, choice=choice)
-        await context.start()
+        context = Context(
+            id=str(uuid.uuid4()), language=choice.language, cwd=directory, choice=choice, deferred=deferred
+        )
+        if not deferred:
+            await context.start()
         self._contexts[context.id] = context
         return context
 
-    async def default_for(self, language: str | None) -> Context:
-        """The shared context for a language, started on first use."""
+    async def default_for(self, language: str | None, *, deferred: bool = False) -> Context:
+        """The shared context for a language, started on first use (``deferred``: made now, its
+        kernel started on its first use)."""
         choice = self.catalog.resolve(language)
         lock = self._default_locks.setdefault(choice.kernel_name, asyncio.Lock())
         async with lock:
             context = self._contexts.get(self._defaults.get(choice.kernel_name, ""))
             if context is None:
-                context = await self.create(choice.language, None)
+                context = await self.create(choice.language, None, deferred=deferred)
                 self._defaults[choice.kernel_name] = context.id
             return context
 
@@ -175,15 +186,16 @@ class ContextRegistry:
     async def start_defaults(self, languages: list[str]) -> None:
         """Start default contexts for the languages whose kernel is installed, all at once. Where
         the sandbox is to be checkpointed (poll_only), a kernel that speaks TCP, which would keep
-        it from ever being saved, starts on first use instead."""
-        wanted = []
+        it from ever being saved, starts on its context's first use instead (the context is listed
+        as E2B's are)."""
+        wanted: dict[str, bool] = {}  # language -> deferred
         for language in languages:
             with contextlib.suppress(LookupError):
                 choice = self.catalog.resolve(language)
-                if poll_only.enabled() and choice.runtime not in IPC_RUNTIMES:
-                    continue
-                wanted.append(language)
-        results = await asyncio.gather(*(self.default_for(lang) for lang in wanted), return_exceptions=True)
+                wanted[language] = poll_only.enabled() and choice.runtime not in IPC_RUNTIMES
+        results = await asyncio.gather(
+            *(self.default_for(lang, deferred=deferred) for lang, deferred in wanted.items()), return_exceptions=True
+        )
         for language, result in zip(wanted, results, strict=True):
             if isinstance(result, BaseException):
                 logger.error("default %s context failed to start: %s", language, result)
