@@ -59,6 +59,7 @@ from pmoves_e2b.sandbox import tiers
 TIERED_MODULES = {
     "test_sdk_data_plane",
     "test_sdk_program_xattrs",  # gvisor: the shim and envd stand in for the root's missing user xattrs
+    "test_sdk_sudo",  # gvisor: its SO_PEERCRED names envd itself, so the shim sends SCM_CREDENTIALS
     "test_sdk_lifecycle",
     "test_tier_sdk",
     "test_sdk_pause_to_disk",

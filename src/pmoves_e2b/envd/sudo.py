@@ -8,10 +8,12 @@ fds (pipes, files and TTYs alike, nothing relayed). The shim forwards SIGINT/SIG
 SIGQUIT/SIGWINCH as single bytes; the server answers with one JSON line: the wait status, or an
 error.
 
-Who may use it is decided per connection from the kernel-verified peer credentials
-(SO_PEERCRED), never from anything the client says: root, members of the sudo group (primary
-or supplementary, per /etc/group), and users or %groups that sudoers grants
-``ALL=(ALL[:ALL]) NOPASSWD: ALL`` (the template's ``user``). That is exactly as strong as
+Who may use it is decided per connection from the kernel-verified credentials of the caller
+(SCM_CREDENTIALS with its request, whose pid, uid and gid the kernel refuses to pass unless they are
+the sender's own; not SO_PEERCRED, which gVisor's runsc 20221219 answers on an accepted connection
+with the listener's own credentials, root, for every caller), never from anything the client says:
+root, members of the sudo group (primary or supplementary, per /etc/group), and users or %groups
+that sudoers grants ``ALL=(ALL[:ALL]) NOPASSWD: ALL`` (the template's ``user``). That is exactly as strong as
 passwordless sudo for those users; root inside stays confined by the user namespace, the
 seccomp filter and no_new_privs. The socket itself is mode 0666 because mode bits cannot
 express "this group or these sudoers users" and would freeze the policy at start-up.
@@ -59,6 +61,7 @@ HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 8 << 20
 REQUEST_TIMEOUT = 10.0
 STD_FDS = 3
+CONTROL_BYTES = socket.CMSG_SPACE(STD_FDS * 4) + socket.CMSG_SPACE(12)  # the fds, a struct ucred
 FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH})
 SUDOERS_GRANT = re.compile(r"^(%?[\w.-]+)\s+ALL\s*=\s*\(\s*ALL\s*(?::\s*ALL\s*)?\)\s*NOPASSWD\s*:\s*ALL\s*$")
 
@@ -287,8 +290,9 @@ class SudoServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by an earlier envd
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - the gate is the SO_PEERCRED check (module docstring)
+        os.chmod(path, 0o666)  # noqa: S103 - the gate is the SCM_CREDENTIALS check (module docstring)
         self._sock.listen(64)
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._accept)
@@ -328,13 +332,17 @@ class SudoServer:
                 await self._loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
 
     async def _handle(self, conn: socket.socket) -> dict[str, Any]:
-        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the request is read
         fds: list[int] = []
+        uids: list[int] = []
         try:
             try:
-                raw = await asyncio.wait_for(self._receive(conn, fds), REQUEST_TIMEOUT)
+                raw = await asyncio.wait_for(self._receive(conn, fds, uids), REQUEST_TIMEOUT)
             except TimeoutError as exc:
                 raise SudoError("timed out reading the request") from exc
+            if not uids:
+                raise SudoError("the sudo shim must pass its credentials")
+            uid = uids[0]
             if not may_sudo(uid, self.sudo_group):
                 raise SudoError(f"{_name(uid)} is not in the sudoers file")
             request = Request.parse(raw)
@@ -352,14 +360,16 @@ class SudoServer:
             return {"status": 0}
         return {"status": await self._supervise(conn, child)}
 
-    async def _receive(self, conn: socket.socket, fds: list[int]) -> bytes:
-        """One request: a 4-byte length, then JSON; the fds arrive with the first bytes. Reads
-        exactly that much: forwarded signal bytes may follow right behind."""
+    async def _receive(self, conn: socket.socket, fds: list[int], uids: list[int]) -> bytes:
+        """One request: a 4-byte length, then JSON; the fds and the sender's credentials (its uid
+        into ``uids``) arrive with the first bytes. Reads exactly that much: forwarded signal bytes
+        may follow right behind."""
         data = bytearray()
         wanted = HEADER.size
         while len(data) < wanted:
             chunk, ancillary = await self._recvmsg(conn, min(wanted - len(data), 1 << 16))
             fds += _take_fds(ancillary)
+            uids += _sender_uids(ancillary)
             if not chunk:
                 raise SudoError("connection closed inside the request")
             data += chunk
@@ -373,7 +383,7 @@ class SudoServer:
     async def _recvmsg(self, conn: socket.socket, size: int) -> tuple[bytes, list[tuple[int, int, bytes]]]:
         while True:
             try:
-                chunk, ancillary, _, _ = conn.recvmsg(size, socket.CMSG_SPACE(STD_FDS * 4))
+                chunk, ancillary, _, _ = conn.recvmsg(size, CONTROL_BYTES)
                 return chunk, ancillary
             except (BlockingIOError, InterruptedError):
                 await self._readable(conn.fileno())
@@ -418,6 +428,15 @@ class SudoServer:
         done: asyncio.Future[int] = self._loop.create_future()
         watch_exit(self._loop, child, done.set_result)
         return done
+
+
+def _sender_uids(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The uid of SCM_CREDENTIALS (pid, uid, gid) the kernel passed."""
+    return [
+        struct.unpack_from("3i", data)[1]
+        for level, kind, data in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12
+    ]
 
 
 def _take_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

@@ -163,8 +163,13 @@ def connect(argv: list[str]) -> socket.socket:
 def request(sock: socket.socket, body: dict[str, Any], fds: list[int]) -> None:
     payload = json.dumps(body).encode()
     data = struct.pack("!I", len(payload)) + payload
+    # who asks, checked by the kernel (envd's gate; this gVisor's SO_PEERCRED names envd itself)
+    credentials = struct.pack("3i", os.getpid(), os.geteuid(), os.getegid())
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, credentials)]
+    if fds:
+        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds)))
     try:
-        sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+        sent = sock.sendmsg([data], ancillary)
         if sent < len(data):
             sock.sendall(data[sent:])
     except OSError:
