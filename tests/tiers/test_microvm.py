@@ -206,7 +206,8 @@ def test_code_interpreter_sandboxes_restore_a_warm_server_each_with_its_own_rand
             assert "server_reseeded" in details["restore_s"]  # type: ignore[operator]
             # the interpreter was not started again: it has run since before this create began
             servers = sandbox.commands.run(
-                "ps -eo etimes=,args= | grep -- '-m pmoves_e2b.interpreter' | grep -v grep", request_timeout=TIMEOUT
+                "ps -eo etimes=,args= | grep -- '-m pmoves_e2b.interpreter --host' | grep -v grep",
+                request_timeout=TIMEOUT,
             ).stdout.splitlines()
             assert len(servers) == 1, servers
             assert int(servers[0].split()[0]) > create_s, (servers, create_s)
