@@ -1,5 +1,6 @@
-"""Fixtures of the compat suite: the stock npm SDKs (pinned, installed once from the npm registry
-into a cache directory), a private templates dir for template builds, a loopback OCI registry."""
+"""Fixtures of the compat suite: one sandbox per module (on each tier the module runs on), the stock
+npm SDKs (pinned, installed once from the npm registry into a cache directory), a private templates
+dir for template builds, a loopback OCI registry."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from compat.oci_registry import Registry, running_registry, tools_missing
 from compat.private_templates import private_templates_stack
+from e2b import Sandbox
 
 NPM_E2B_VERSION = "2.51.0"
 NPM_CODE_INTERPRETER_VERSION = "2.8.0"
@@ -59,3 +61,14 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
     (tmp_path / "registry").mkdir()
     with running_registry(tmp_path / "registry") as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def sbx(running_stack: Any) -> Iterator[Sandbox]:
+    """A sandbox of the stock SDK the module's tests share (module-scoped: one create per module)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in running_stack.sdk_env.items():
+            patch.setenv(name, value)
+        box = Sandbox.create(timeout=600)
+        yield box
+        box.kill()

@@ -18,16 +18,6 @@ from e2b import (
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture(scope="module")
-def sbx(running_stack):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in running_stack.sdk_env.items():
-            patch.setenv(name, value)
-        box = Sandbox.create(timeout=600)
-        yield box
-        box.kill()
-
-
 def test_commands_stdout_stderr_exit_codes_and_root(sbx: Sandbox) -> None:
     out = sbx.commands.run("echo out; echo err >&2")
     assert (out.stdout, out.stderr, out.exit_code) == ("out\n", "err\n", 0)

@@ -43,16 +43,6 @@ def _run(sbx: Sandbox, script: str, user: str = "user") -> dict[str, Any]:
     return result
 
 
-@pytest.fixture(scope="module")
-def sbx(running_stack):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in running_stack.sdk_env.items():
-            patch.setenv(name, value)
-        box = Sandbox.create(timeout=600)
-        yield box
-        box.kill()
-
-
 @pytest.fixture()
 def files(sbx: Sandbox) -> Any:
     sbx.commands.run(f"rm -rf {DIR} && mkdir {DIR}", user="root")

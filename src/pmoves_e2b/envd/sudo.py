@@ -25,7 +25,6 @@ COMMAND are set from the peer credentials, ``VAR=value`` arguments are applied l
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import glob
@@ -44,6 +43,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import unix_sockets
 from .spawn import SECURE_PATH, command_argv, watch_exit
 from .users import User
 
@@ -61,7 +61,7 @@ HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 8 << 20
 REQUEST_TIMEOUT = 10.0
 STD_FDS = 3
-CONTROL_BYTES = socket.CMSG_SPACE(STD_FDS * 4) + socket.CMSG_SPACE(12)  # the fds, a struct ucred
+CONTROL_BYTES = socket.CMSG_SPACE(STD_FDS * 4) + unix_sockets.CREDENTIALS_SPACE
 FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH})
 SUDOERS_GRANT = re.compile(r"^(%?[\w.-]+)\s+ALL\s*=\s*\(\s*ALL\s*(?::\s*ALL\s*)?\)\s*NOPASSWD\s*:\s*ALL\s*$")
 
@@ -286,22 +286,12 @@ class SudoServer:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
         self._children: set[subprocess.Popen[bytes]] = set()
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by an earlier envd
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - the gate is the SCM_CREDENTIALS check (module docstring)
-        self._sock.listen(64)
-        self._sock.setblocking(False)
+        self._sock = unix_sockets.listen(path, socket.SOCK_STREAM, 64)
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
         self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unix_sockets.close(self._sock, self.path)
         for child in list(self._children):
             _kill_group(child, signal.SIGKILL)
         for task in list(self._tasks):
@@ -315,8 +305,7 @@ class SudoServer:
                 return
             except OSError:  # EMFILE and friends: leave it for the next wake-up
                 return
-            conn.setblocking(False)
-            task = self._loop.create_task(self._serve(conn))
+            task = self._loop.create_task(self._serve(unix_sockets.accepted(conn)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -332,7 +321,6 @@ class SudoServer:
                 await self._loop.sock_sendall(conn, json.dumps(reply).encode() + b"\n")
 
     async def _handle(self, conn: socket.socket) -> dict[str, Any]:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before the request is read
         fds: list[int] = []
         uids: list[int] = []
         try:
@@ -368,8 +356,9 @@ class SudoServer:
         wanted = HEADER.size
         while len(data) < wanted:
             chunk, ancillary = await self._recvmsg(conn, min(wanted - len(data), 1 << 16))
-            fds += _take_fds(ancillary)
-            uids += _sender_uids(ancillary)
+            fds += unix_sockets.received_fds(ancillary)
+            if (credentials := unix_sockets.sender(ancillary)) is not None:
+                uids.append(credentials[1])
             if not chunk:
                 raise SudoError("connection closed inside the request")
             data += chunk
@@ -428,25 +417,6 @@ class SudoServer:
         done: asyncio.Future[int] = self._loop.create_future()
         watch_exit(self._loop, child, done.set_result)
         return done
-
-
-def _sender_uids(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    """The uid of SCM_CREDENTIALS (pid, uid, gid) the kernel passed."""
-    return [
-        struct.unpack_from("3i", data)[1]
-        for level, kind, data in ancillary
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12
-    ]
-
-
-def _take_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds += received
-    return fds
 
 
 def _kill_group(child: subprocess.Popen[bytes], sig: int) -> None:

@@ -16,7 +16,6 @@ program's own ENOTSUP). Nothing of a request is logged, not even its name.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import ctypes
@@ -26,14 +25,13 @@ import socket
 import struct
 import sys
 
-from . import XATTR_SOCKET
+from . import XATTR_SOCKET, unix_sockets
 from .program_xattrs import HEADER, NAME_MAX, SIZE_MAX, Caller, Request, XattrError, answer
 
 REPLY = struct.Struct("=i")
 RECEIVE_BYTES = HEADER.size + NAME_MAX + SIZE_MAX + 1  # the largest request, and a byte to tell more
 MAX_FDS = 4  # received (to close them all) though a request has one
-CONTROL_BYTES = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(12)  # the fds, a struct ucred
-UCRED = struct.Struct("3i")  # pid, uid, gid
+CONTROL_BYTES = socket.CMSG_SPACE(MAX_FDS * 4) + unix_sockets.CREDENTIALS_SPACE
 MAX_PENDING = 64
 IDLE_S = 10.0
 PROBE_NAME = "user.pmoves.probe"
@@ -45,22 +43,12 @@ class XattrServer:
         self.path = path
         self._loop = asyncio.get_running_loop()
         self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by an earlier envd
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - each request is checked against its SCM_CREDENTIALS (module docstring)
-        self._sock.listen(MAX_PENDING)
-        self._sock.setblocking(False)
+        self._sock = unix_sockets.listen(path, socket.SOCK_SEQPACKET, MAX_PENDING)
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
         self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        unix_sockets.close(self._sock, self.path)
         for conn in list(self._pending):
             self._drop(conn)
 
@@ -73,8 +61,7 @@ class XattrServer:
             if len(self._pending) >= MAX_PENDING:
                 conn.close()
                 continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before its request is read
+            unix_sockets.accepted(conn)
             self._pending[conn] = self._loop.call_later(IDLE_S, self._drop, conn)
             self._loop.add_reader(conn.fileno(), self._serve, conn)
 
@@ -94,10 +81,10 @@ class XattrServer:
         except OSError:
             self._drop(conn)
             return
-        fds = _taken_fds(ancillary)
+        fds = unix_sockets.received_fds(ancillary)
         try:
             if message or fds:  # else the caller hung up
-                result, data = _answered(message, flags, fds, _credentials(ancillary))
+                result, data = _answered(message, flags, fds, unix_sockets.sender(ancillary))
                 with contextlib.suppress(OSError):  # the caller is gone, or its buffer is full: it gets ENOTSUP
                     conn.send(REPLY.pack(result) + data)
         finally:
@@ -125,25 +112,6 @@ def _answered(
     except Exception as exc:  # noqa: BLE001 - a bug here is the caller's EIO, never envd's end
         print(f"envd: xattr request failed: {type(exc).__name__}", file=sys.stderr)
         return -errno.EIO, b""
-
-
-def _credentials(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
-    """The sender's pid, uid and gid, as the kernel passed them."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= UCRED.size:
-            pid, uid, gid = UCRED.unpack_from(data)
-            return pid, uid, gid
-    return None
-
-
-def _taken_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds += received
-    return fds
 
 
 def _stop_asking_itself() -> None:
