@@ -13,8 +13,10 @@ TIME_WAIT, and a refused save ends the sandbox. So before a checkpoint:
 2. ``quiet``: the host's sockets to the sandbox are reset (``ss -K``), TIME_WAITs the sandbox may
    hold for host connections are ended (RFC 1122 reopen from the same host port; also where the
    host's end waits in TIME_WAIT too: a simultaneous close), and the sandbox's other
-   connections (the host's conntrack) are waited for; then the sandbox's own view (its
-   /proc/net/tcp, through ``runsc exec``) must show no connected socket on the veth either.
+   connections (the host's conntrack) are waited for; every 4-tuple it used with the host is
+   then asked of its netstack (``linger.py``), which ends what it still holds; then the
+   sandbox's own view (its /proc/net/tcp, through ``runsc exec``) must show no connected socket
+   on the veth either.
 3. ``ungate`` once runsc checkpoint has returned, saved or not.
 
 Before 1, while the sandbox could still be reached, an in-flight connection could arrive after the
@@ -32,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from pmoves_e2b.sandbox.backends.gvisor import linger
 from pmoves_e2b.sandbox.backends.ns import network
 from pmoves_e2b.sandbox.backends.ns.network import SandboxNet
 
@@ -88,6 +91,10 @@ _TIMEOUT_OF = {
     "CLOSE": "close",
 }
 _OPEN_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "SYN_SENT2"}
+# A handshake the sandbox may hold (SYN-RCVD) answers linger's probe with a reset, as no endpoint does
+_HANDSHAKE_STATES = {"SYN_SENT", "SYN_RECV", "SYN_SENT2"}
+# How long a sweep may take when the quiet's deadline is near or past (it probes what it knows once)
+SWEEP_MIN_S = 1.0
 _TUPLE = {"src", "dst", "sport", "dport"}
 
 # Run inside the sandbox: its TCP sockets that are neither listening nor on loopback ("st local
@@ -101,8 +108,9 @@ awk 'FNR > 1 && $4 != "0A" {
 
 
 def ensure_table() -> None:
-    """The gate's table, once per host (replaced when its version changed)."""
+    """The gate's table and linger's, once per host (replaced when their version changed)."""
     network.ensure_table("inet", GATE_TABLE, GATE_RULES_VERSION, GATE_RULESET)
+    linger.ensure_table()
 
 
 def gate(net: SandboxNet) -> None:
@@ -125,7 +133,8 @@ def gated(net: SandboxNet) -> Iterator[None]:
 
 def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str]], wait_s: float) -> list[str]:
     """Under ``gate``: end the host's connections to the sandbox and wait up to ``wait_s`` until it
-    holds none on its veth (conntrack, then ``connected_inside()``, the sandbox's own view), and
+    holds none on its veth (conntrack, then its netstack's answers for each 4-tuple it used with
+    the host, ``sweep_host_pairs``, then ``connected_inside()``, the sandbox's own view), and
     then ``SETTLE_S`` more in which no packet of the sandbox moved a conntrack entry: the last
     packets sent (resets, the final ACK of a close) are then processed by its netstack too, which
     a save that came first would find mid-close (a socket no process holds any more, ending its
@@ -145,6 +154,8 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
         end_time_wait(net.address, net.host_address, since, reopened)
         busy = open_connections(net.address, net.host_address, since)
         if not busy:
+            busy = sweep_host_pairs(net, since, deadline)
+        if not busy:
             before = _entries(net.address)
             settled = time.monotonic() + SETTLE_S
             time.sleep(INSIDE_AT_S)
@@ -157,6 +168,31 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
         if time.monotonic() >= deadline:
             return busy
         time.sleep(0.25)
+
+
+def sweep_host_pairs(net: SandboxNet, since: float, deadline: float) -> list[str]:
+    """``linger.sweep`` of every 4-tuple between the host and the sandbox that linger's set or
+    conntrack knows (under the gate, after ``reset_host_connections``: the host holds none of
+    them any more, but TIME_WAITs)."""
+    timeouts = _timeouts()
+    now = time.time()
+    pairs = {
+        (int(t["dport"]), int(t["sport"])) if t["dst"] == net.address else (int(t["sport"]), int(t["dport"]))
+        for state, remaining, t in _conntrack_tcp(net.address)
+        if net.host_address in (t["src"], t["dst"]) and now - _idle_s(state, remaining, timeouts) >= since
+    }
+    try:
+        pairs |= linger.seen_pairs(net, since)
+    except network.NetworkError:
+        # its table is missing only when something deleted it (the service makes it at its start,
+        # and nothing of ours removes it): conntrack's pairs are still swept
+        pass
+    if not pairs:
+        return []
+    if any(pair[0] == net.host_address and pair[2] == net.address for pair in _host_time_wait()):
+        # they would answer the sandbox's answers to the probes (a reset from it ends them anyway)
+        _destroy_host_time_wait(net.address)
+    return linger.sweep(net, pairs, max(SWEEP_MIN_S, deadline - time.monotonic()))
 
 
 def _entries(address: str) -> dict[tuple[str, ...], tuple[str, float]]:
@@ -269,14 +305,14 @@ def _reopen(pair: tuple[str, int, str, int]) -> str:
 
 def open_connections(address: str, host_address: str, since: float = 0.0) -> list[str]:
     """TCP connections that ``address``'s end may still hold, from the host's conntrack table
-    (call after ``reset_host_connections``): open ones that saw a packet after ``since``, a
-    time.time() of the start of the sandbox's netstack (with the host too: one the host closed
-    first waits in the sandbox's accept queue, CLOSE_WAIT, until its server accepts and closes it;
-    a reset host socket's entry turns CLOSE; entries older than ``since``, in any state, were
-    another sandbox's at the same address, or of a run of this one before its last restore); and
-    closed ones whose end there may still wait in TIME_WAIT, i.e. it closed first: the other end
-    is a host socket (``host_address``) that is not in TIME_WAIT itself, or it is elsewhere and
-    the entry entered TIME_WAIT less than 60 s ago (and after ``since``)."""
+    (call after ``reset_host_connections``), but those with the host (``host_address``) past
+    their handshake: conntrack shows only its last guess of their state (a reset it saw is not
+    one the sandbox took), so ``sweep_host_pairs`` asks the sandbox's netstack about them. Open
+    ones that saw a packet after ``since``, a time.time() of the start of the sandbox's netstack
+    (entries older than that, in any state, were another sandbox's at the same address, or of a
+    run of this one before its last restore); and closed ones with a host elsewhere whose end
+    there may still wait in TIME_WAIT, i.e. the entry entered TIME_WAIT less than 60 s ago (and
+    after ``since``)."""
     timeouts = _timeouts()
     host_sockets = _host_sockets()
     now = time.time()
@@ -284,6 +320,8 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
         f"{t['src']}:{t['sport']} -> {t['dst']}:{t['dport']} {state}"
         for state, remaining, t in _conntrack_tcp(address)
         if state in _OPEN_STATES
+        # past the handshake, a connection with the host is the sweep's: it asks the sandbox
+        and (state in _HANDSHAKE_STATES or host_address not in (t["src"], t["dst"]))
         and now - _idle_s(state, remaining, timeouts) >= since
         and not (
             # A host SYN the sandbox never answered (sent while it was being restored, or the gate
@@ -295,9 +333,8 @@ def open_connections(address: str, host_address: str, since: float = 0.0) -> lis
             and _idle_s(state, remaining, timeouts) >= UNANSWERED_SYN_S
         )
     ]
-    host_waiting = _host_time_wait()
     for pair in _young_time_wait(address, since):
-        if pair not in host_waiting and (pair[2], pair[3], pair[0], pair[1]) not in host_waiting:
+        if host_address not in (pair[0], pair[2]):
             found.append(f"{pair[0]}:{pair[1]} -> {pair[2]}:{pair[3]} TIME_WAIT")
     return found
 
