@@ -56,7 +56,9 @@ Pair = tuple[int, int]  # (the sandbox's port, the host's port)
 SEEN_TABLE = "pmoves_e2b_linger"
 SEEN_RULES_VERSION = "v1"
 _VETHS = f'"{network.HOST_VETH_PREFIX}*"'
-_CONTROL = "tcp flags & (syn | fin | rst) != 0"
+# a SYN, FIN or reset of a connection whose handshake completed (conntrack's "assured"): the
+# refused ones, e.g. the service's readiness probes before envd listens, leave no endpoint behind
+_CONTROL = "ct status assured tcp flags & (syn | fin | rst) != 0"
 # A table of its own (not the gate's): a service of another version that replaces the gate's table
 # (``network.ensure_table``) takes the elements of checkpoints in progress with it.
 SEEN_RULESET = f"""

@@ -156,13 +156,13 @@ def quiet(net: SandboxNet, since: float, connected_inside: Callable[[], list[str
         if not busy:
             busy = sweep_host_pairs(net, since, deadline)
         if not busy:
-            before = _entries(net.address)
+            before = _entries(net.address, net.host_address)
             settled = time.monotonic() + SETTLE_S
             time.sleep(INSIDE_AT_S)
             busy = [f"inside: {line}" for line in connected_inside()]
             if not busy:
                 time.sleep(max(0.0, settled - time.monotonic()))
-                busy = _moved(before, _entries(net.address))
+                busy = _moved(before, _entries(net.address, net.host_address))
             if not busy:
                 return []
         if time.monotonic() >= deadline:
@@ -179,7 +179,9 @@ def sweep_host_pairs(net: SandboxNet, since: float, deadline: float) -> list[str
     pairs = {
         (int(t["dport"]), int(t["sport"])) if t["dst"] == net.address else (int(t["sport"]), int(t["dport"]))
         for state, remaining, t in _conntrack_tcp(net.address)
-        if net.host_address in (t["src"], t["dst"]) and now - _idle_s(state, remaining, timeouts) >= since
+        if net.host_address in (t["src"], t["dst"])
+        and now - _idle_s(state, remaining, timeouts) >= since
+        and t["assured"]  # a handshake completed (a refused SYN leaves no endpoint)
     }
     try:
         pairs |= linger.seen_pairs(net, since)
@@ -195,10 +197,13 @@ def sweep_host_pairs(net: SandboxNet, since: float, deadline: float) -> list[str
     return linger.sweep(net, pairs, max(SWEEP_MIN_S, deadline - time.monotonic()))
 
 
-def _entries(address: str) -> dict[tuple[str, ...], tuple[str, float]]:
+def _entries(address: str, host_address: str) -> dict[tuple[str, ...], tuple[str, float]]:
+    """conntrack's entries of ``address`` the settle watches: not those with the host past their
+    handshake, which the sweep asked the sandbox about (its probes and the answers move them)."""
     return {
         tuple(t[k] for k in ("src", "sport", "dst", "dport")): (state, left)
         for state, left, t in _conntrack_tcp(address)
+        if state in _HANDSHAKE_STATES or host_address not in (t["src"], t["dst"])
     }
 
 
@@ -370,7 +375,8 @@ def _idle_s(state: str, remaining: float, timeouts: dict[str, float]) -> float:
 
 
 def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
-    """(state, seconds left, original tuple) of conntrack's TCP entries to or from ``address``."""
+    """(state, seconds left, original tuple and "assured": "[ASSURED]" where its handshake completed,
+    else "") of conntrack's TCP entries to or from ``address``."""
     try:
         lines = CONNTRACK.read_text().splitlines()
     except FileNotFoundError:
@@ -388,6 +394,7 @@ def _conntrack_tcp(address: str) -> list[tuple[str, float, dict[str, str]]]:
             if key in _TUPLE:
                 tuples.setdefault(key, value)  # the original direction's tuple comes first
         if address in (tuples.get("src"), tuples.get("dst")):
+            tuples["assured"] = "[ASSURED]" if "[ASSURED]" in fields else ""
             found.append((fields[5], float(fields[4]), tuples))
     return found
 
