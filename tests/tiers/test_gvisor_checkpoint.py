@@ -325,6 +325,37 @@ def _address(data_dir: Path, sandbox_id: str) -> str:
     return str(json.loads(handle)["address"])
 
 
+def test_a_pause_after_a_server_the_host_used_stopped_keeps_the_sandbox(gvisor_stack: tuple[Any, Path]) -> None:
+    """A server in the sandbox answers the host and closes first (HTTP/1.0), so its end of the
+    connection waits in TIME_WAIT, and then the server stops. Nothing listens on its port any more,
+    and this runsc drops a SYN to a TIME_WAIT with no listener behind it and ignores resets there,
+    so the host cannot end it; a save then fails and used to end the sandbox. The pause keeps it,
+    with its process and memory."""
+    stack, _ = gvisor_stack
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid, variable = _start_state(sbx)
+        server = sbx.commands.run("cd /tmp && exec python3 -m http.server 8000", background=True, timeout=0)
+        address = _address(stack.data_dir, sbx.sandbox_id)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection((address, 8000), timeout=5) as conn:
+                    conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    while conn.recv(65536):  # to the server's close
+                        pass
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.2)
+        server.kill()
+        sbx.pause()
+        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
+        _assert_state(again, pid, variable)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_checkpoints_while_the_host_keeps_connecting_lose_no_sandbox(gvisor_stack: tuple[Any, Path]) -> None:
     """The race 589a189 reverted for: connections to envd arriving while runsc saves. SDK commands
     and file reads through the proxy, and a host process straight to envd's address (past the
