@@ -9,14 +9,16 @@ turned the entry to CLOSE (then forgot it after 10 s), while netstack's end sat 
 (which ignores resets, RFC 1337) for 60 s: ``runsc checkpoint`` refused it and ended the sandbox.
 
 So every 4-tuple the host and the sandbox used recently (``SEEN_SET``, kept by this module's
-table on each SYN, FIN or reset between them: conntrack's entries end too early) is probed from the
+table on each SYN, FIN or reset between them once their handshake completed: conntrack's entries
+end too early) is probed from the
 host's end of the veth (a packet socket: no socket, rule or conntrack of the host is involved) with
 one byte of data at a random sequence number, which gVisor's netstack answers as follows:
 - a reset (its sequence number from our ACK field): it holds no synchronized endpoint for it;
 - an ACK (a challenge: out of window, and data is always acknowledged, without rate limit): it
   holds one, in any state from ESTABLISHED to TIME_WAIT. A reset whose sequence number is that
   ACK's acknowledgement (the endpoint's RCV.NXT) then ends it, except in TIME_WAIT, which only a
-  new SYN from the same host port ends (RFC 1122: it becomes a handshake, which a reset ends).
+  new SYN from the same host port ends (RFC 1122: it becomes a handshake, which a reset ends;
+  with no listener left it drops the SYN, and is asked until it ends by itself, 60 s at most).
 The probe is sent again until the sandbox answers with a reset. A handshake it may hold (SYN-RCVD)
 answers a reset too, so those stay with conntrack (``quiesce.open_connections``).
 """
