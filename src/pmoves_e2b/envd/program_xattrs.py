@@ -12,7 +12,7 @@ getxattr and a program's setxattr by the SDK's get_info.
 Linux's rules (fs/xattr.c), in its order, against the caller's credentials from the kernel
 (SCM_CREDENTIALS, see xattr_socket.py, then /proc/<pid>/status for its fs ids, groups and
 capabilities): flags other than
-XATTR_CREATE/REPLACE are EINVAL; an empty name or one of 255+ bytes ERANGE, a value over 64 KiB E2BIG;
+XATTR_CREATE/REPLACE are EINVAL; an empty name or one of 256 bytes or more ERANGE, a value over 64 KiB E2BIG;
 a name that is only ``user.`` EINVAL. Only regular files and directories have user xattrs: get on
 anything else is ENODATA, set and remove EPERM, a listing empty; in a sticky directory only its owner
 (or CAP_FOWNER) sets or removes; then read permission to get, write permission to set or remove
@@ -149,7 +149,7 @@ def answer(request: Request, fd: int, caller: Caller) -> tuple[int, bytes]:
     elif request.op == GET and not caller.may(st, MAY_READ):
         raise XattrError(errno.EACCES)
     path = _path_of(fd, st)
-    stored = metadata_store.read(path) if path is not None else {}
+    stored = metadata_store.read_at(fd, path) if path is not None else {}
     name = os.fsdecode(request.name)
     if request.op == GET:
         if name not in stored:
@@ -171,7 +171,7 @@ def answer(request: Request, fd: int, caller: Caller) -> tuple[int, bytes]:
             raise XattrError(errno.ENOSPC)
     if path is None:  # removed while open (a remove found nothing before): the store keys by path
         raise XattrError(errno.ENOTSUP)
-    metadata_store.write(path, stored)
+    metadata_store.write_at(fd, path, stored)
     return 0, b""
 
 
