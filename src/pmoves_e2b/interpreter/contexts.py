@@ -70,7 +70,7 @@ class Context:
 
     async def kernel(self) -> Kernel:
         task = self._kernel_task
-        if task is None:
+        if task is None or (self.deferred and _failed(task)):  # a deferred start is tried again, as a create
             if not self.deferred:
                 raise RuntimeError(f"context {self.id} used before start()")
             task = self.start()
@@ -123,6 +123,10 @@ class Context:
         elif self.choice.runtime == "java":
             await kernel.run_silent(JAVA_SETUP_CELL)
         return kernel
+
+
+def _failed(task: asyncio.Task[Kernel]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 async def _shutdown(task: asyncio.Task[Kernel], error_name: str, error_value: str) -> None:

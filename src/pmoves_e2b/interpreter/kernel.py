@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -291,7 +292,9 @@ def _speak_ipc(manager: AsyncKernelManager, choice: KernelChoice) -> str | None:
     if spec is None:
         return None
     argv = list(spec.argv)
-    if choice.runtime not in IPC_RUNTIMES or not os.path.basename(argv[0]).startswith("python"):
+    # ipc_kernel is this package's: only a kernel on this server's own python can import it
+    same_python = os.path.dirname(os.path.abspath(argv[0])) == os.path.dirname(os.path.abspath(sys.executable))
+    if choice.runtime not in IPC_RUNTIMES or not same_python or not os.path.basename(argv[0]).startswith("python"):
         return None
     # where python's own options end: "-m module" or the script
     target = next((i for i, arg in enumerate(argv[1:], 1) if arg == "-m" or not arg.startswith("-")), None)

@@ -53,11 +53,42 @@ def tcp_kernel_starting() -> None:
 
 
 def tcp_kernel_ended() -> None:
-    """After such a kernel's sockets are closed (or it failed to start)."""
+    """After such a kernel's shutdown (or its failed start): the claim once libzmq has closed its
+    TCP sockets too, which its I/O thread does after ``stop_channels`` returned."""
     global _tcp_kernels
     _tcp_kernels = max(0, _tcp_kernels - 1)
-    if _tcp_kernels == 0:
+    if _tcp_kernels == 0 and _enabled:
+        _claim_once_closed(asyncio.get_running_loop(), CLOSE_WAIT_S)
+
+
+CLOSE_WAIT_S = 30.0  # then the claim waits for the next kernel's end (checkpoints are refused meanwhile)
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net/tcp{,6} write them
+
+
+def _claim_once_closed(loop: asyncio.AbstractEventLoop, left_s: float) -> None:
+    if _tcp_kernels:
+        return
+    if not _holds_loopback_tcp():
         claim()
+    elif left_s > 0:
+        loop.call_later(0.2, _claim_once_closed, loop, left_s - 0.2)
+
+
+def _holds_loopback_tcp() -> bool:
+    """Whether a TCP socket of this process is on loopback: a kernel's channel (uvicorn's are on
+    the sandbox's own address)."""
+    loopback: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[1].split(":")[0] in _LOOPBACK or fields[2].split(":")[0] in _LOOPBACK:
+                    loopback.add(f"socket:[{fields[9]}]")
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") in loopback:
+                return True
+    return False
 
 
 def claim() -> None:
