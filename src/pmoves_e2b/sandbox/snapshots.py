@@ -315,11 +315,10 @@ def _adopt_foreign_layers(
             continue
         copy = layers_root / f"{layer_name}{ADOPTED_SEPARATOR}{number}"
         adopted.append(copy)
-        linked = subprocess.run(["cp", "-a", "-l", "--", str(path), str(copy)], capture_output=True)
-        if linked.returncode != 0:  # another file system
-            remove_tree(copy)
-            copied = subprocess.run(["cp", "-a", "--", str(path), str(copy)], capture_output=True, text=True)
-            if copied.returncode != 0:
-                raise OSError(f"could not copy layer {path} into {layers_root}: {copied.stderr.strip()}")
+        same_file_system = path.stat().st_dev == layers_root.stat().st_dev
+        argv = ["cp", "-a", *(["-l"] if same_file_system else []), "--", str(path), str(copy)]
+        copied = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if copied.returncode != 0:
+            raise OSError(f"could not copy layer {path} into {layers_root}: {copied.stderr.strip()[-500:]}")
         names.append(copy.name)
     return names
