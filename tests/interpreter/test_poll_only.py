@@ -3,8 +3,8 @@ withdrawn before one starts, and back only once that kernel's TCP sockets are cl
 
 from __future__ import annotations
 
-import asyncio
-import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,20 +34,29 @@ def test_the_claim_names_this_process_start_and_goes_while_a_tcp_kernel_runs(cla
     assert not list(claims.iterdir())
 
 
-def test_the_claim_comes_back_only_once_the_kernels_loopback_sockets_are_closed(claims: Path) -> None:
-    async def scenario() -> tuple[bool, bool]:
-        poll_only.tcp_kernel_starting()
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            channel = socket.create_connection(server.getsockname())  # a kernel channel libzmq has not closed yet
-            peer, _ = server.accept()
-            poll_only.tcp_kernel_ended()
-            await asyncio.sleep(0.5)
-            while_open = bool(list(claims.iterdir()))
-            channel.close()
-            peer.close()
-        await asyncio.sleep(0.5)
-        return while_open, bool(list(claims.iterdir()))
+def test_the_claim_comes_back_only_once_the_kernels_loopback_sockets_are_closed(tmp_path: Path) -> None:
+    """In a process of its own, as the server is: this one holds the session's SDK connections."""
+    scenario = f"""
+import asyncio, socket
+from pathlib import Path
+from pmoves_e2b.interpreter import poll_only
+poll_only.CLAIM_DIR = Path({str(tmp_path)!r})
+assert poll_only.enable_where_asked()
 
-    while_open, after = asyncio.run(scenario())
-    assert not while_open
-    assert after
+async def main():
+    poll_only.tcp_kernel_starting()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        channel = socket.create_connection(server.getsockname())  # a kernel channel libzmq has not closed yet
+        peer, _ = server.accept()
+        poll_only.tcp_kernel_ended()
+        await asyncio.sleep(0.5)
+        print("while open:", bool(list(poll_only.CLAIM_DIR.iterdir())))
+        channel.close()
+        peer.close()
+    await asyncio.sleep(0.5)
+    print("after:", bool(list(poll_only.CLAIM_DIR.iterdir())))
+
+asyncio.run(main())
+"""
+    ran = subprocess.run([sys.executable, "-c", scenario], capture_output=True, text=True, timeout=60, check=True)
+    assert ran.stdout.split("\n")[:2] == ["while open: False", "after: True"], ran.stdout + ran.stderr
