@@ -8,7 +8,7 @@ from pathlib import Path
 
 from e2b_code_interpreter import Sandbox
 
-from .conftest import InterpreterServer, descendants
+from interpreter.conftest import InterpreterServer, descendants
 
 
 def _tcp_inodes() -> set[str]:
