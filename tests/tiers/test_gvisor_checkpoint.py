@@ -81,6 +81,13 @@ def _assert_state(sbx: Sandbox, pid: int, variable: str) -> None:
         time.sleep(0.2)
 
 
+def _assert_saved_and_back(data_dir: Path, sbx: Sandbox, pid: int, variable: str) -> None:
+    """A pause is a checkpoint on disk, and the sandbox comes back from it with its state."""
+    sbx.pause()
+    assert list((data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
+    _assert_state(Sandbox.connect(sbx.sandbox_id, timeout=300), pid, variable)
+
+
 def test_pause_with_memory_survives_down_and_up(gvisor_stack: tuple[Any, Path]) -> None:
     stack, _ = gvisor_stack
     sbx = Sandbox.create(timeout=300)
@@ -237,10 +244,7 @@ def test_a_pause_right_after_connections_both_ends_closed_saves(gvisor_stack: tu
         address = _address(stack.data_dir, sbx.sandbox_id)
         for _ in range(20):
             assert _get_health(address, close=True).startswith(b"HTTP/1.1 204")
-        sbx.pause()
-        assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
-        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
-        _assert_state(again, pid, variable)
+        _assert_saved_and_back(stack.data_dir, sbx, pid, variable)
     finally:
         Sandbox.kill(sbx.sandbox_id)
 
@@ -299,10 +303,7 @@ def test_a_time_wait_the_host_no_longer_tracks_is_ended_before_the_save(gvisor_s
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-        sbx.pause()
-        assert list((stack.data_dir / "paused" / sbx.sandbox_id).glob("memory-*/checkpoint.img"))
-        again = Sandbox.connect(sbx.sandbox_id, timeout=300)
-        _assert_state(again, pid, variable)
+        _assert_saved_and_back(stack.data_dir, sbx, pid, variable)
     finally:
         Sandbox.kill(sbx.sandbox_id)
 

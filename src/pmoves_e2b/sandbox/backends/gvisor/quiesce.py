@@ -356,10 +356,21 @@ def _young_time_wait(address: str, since: float) -> list[tuple[str, int, str, in
     return found
 
 
+TIMEOUTS_FRESH_S = 10.0
+_timeouts_read: tuple[float, dict[str, float]] | None = None  # (monotonic time of the read, the timeouts)
+
+
 def _timeouts() -> dict[str, float]:
-    """conntrack's TCP timeouts (s) by name: those of ``_TIMEOUT_OF`` and the two caps."""
-    names = {*_TIMEOUT_OF.values(), "max_retrans", "unacknowledged"}
-    return {name: float(Path(f"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_{name}").read_text()) for name in names}
+    """conntrack's TCP timeouts (s) by name: those of ``_TIMEOUT_OF`` and the two caps. Read again
+    at most every ``TIMEOUTS_FRESH_S``: a quiet's every poll asks for them several times (11 sysctl
+    files each), and an operator's change is seen within that."""
+    global _timeouts_read
+    now = time.monotonic()
+    if _timeouts_read is None or now - _timeouts_read[0] > TIMEOUTS_FRESH_S:
+        names = {*_TIMEOUT_OF.values(), "max_retrans", "unacknowledged"}
+        path = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_{}"
+        _timeouts_read = (now, {name: float(Path(path.format(name)).read_text()) for name in names})
+    return _timeouts_read[1]
 
 
 def _idle_s(state: str, remaining: float, timeouts: dict[str, float]) -> float:
