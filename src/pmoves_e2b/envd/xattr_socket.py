@@ -6,10 +6,8 @@ program_xattrs.py, the file as one SCM_RIGHTS fd, the caller's SCM_CREDENTIALS) 
 native int32, the call's result or -errno, then the bytes for its buffer. One request per connection,
 on envd's event loop: envd never opens, reads or follows what it is given (fstat, /proc/self/fd's link
 and an lstat of it), so no request can make it block. The socket is 0666 like sudo's: the gate is the
-caller's credentials, checked per request as Linux checks them. They come as SCM_CREDENTIALS, whose
-pid, uid and gid the kernel refuses to pass unless they are the sender's own (CAP_SYS_ADMIN, CAP_SETUID
-and CAP_SETGID aside, which root in the sandbox has anyway): this runsc's SO_PEERCRED on an accepted
-connection gives the listener's own credentials (envd's, root), not the caller's. A connection that sends nothing is closed
+caller's credentials (SCM_CREDENTIALS, see unix_sockets.py), checked per request as Linux checks
+them. A connection that sends nothing is closed
 after IDLE_S, at most MAX_PENDING wait at once (more are closed at once: the shim then answers the
 program's own ENOTSUP). Nothing of a request is logged, not even its name.
 """
